@@ -1,0 +1,32 @@
+"""hybrid: a retriever and a small LLM that learn your documents, with measured factuality.
+
+Library entry points (imported lazily so `import hybrid` stays light):
+
+    from hybrid import Retriever, build_index, IndexConfig
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Retriever": "retrieval.retriever",
+    "Hit": "retrieval.retriever",
+    "build_index": "retrieval.index",
+    "IndexConfig": "retrieval.index",
+    "InputError": "retrieval.errors",
+    "load_corpus": "retrieval.corpus",
+    "load_qa": "retrieval.qa",
+    "tune_embedder": "retrieval.embedder_tuning",
+    "EmbedderTuneConfig": "retrieval.embedder_tuning",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hybrid' has no attribute {name!r}")

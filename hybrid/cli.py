@@ -1,0 +1,181 @@
+"""The `hybrid` command line: thin wiring over the library functions.
+
+Every command turns bad input (`InputError`) into one line on stderr and exit
+code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from hybrid.config import build_config, default_of
+from retrieval.errors import InputError
+from retrieval.index import IndexConfig
+from retrieval.embedder_tuning import EmbedderTuneConfig
+
+app = typer.Typer(help="hybrid: make a retriever and a small LLM learn your documents, and measure how often "
+                       "the answers are made up.", no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
+tune_app = typer.Typer(help="Fine-tune a stage on your corpus.", no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
+
+
+def _offline() -> None:
+    # hybrid never downloads: make every Hugging Face library fail fast instead of trying.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # bitsandbytes warns on import about optional CPU kernels hybrid does not use.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def cli_errors(fn):
+    """Map InputError to `error: ...` + exit 2, and Ctrl-C to exit 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _offline()
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; nothing was replaced", err=True)
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _d(cls, name) -> str:
+    return f"[default: {default_of(cls, name)}]"
+
+
+@app.command("index")
+@cli_errors
+def index_cmd(
+    corpus_dir: Path = typer.Argument(..., help="Directory of .md/.txt/.jsonl(/.pdf) documents."),
+    out: Path = typer.Option(..., "--out", help="Index directory to create or update (atomically)."),
+    embedder: Optional[str] = typer.Option(None, help="Local sentence-transformers model dir [default: packaged all-MiniLM-L6-v2]."),
+    chunk_tokens: Optional[int] = typer.Option(None, help=f"Max embedder tokens per chunk {_d(IndexConfig, 'chunk_tokens')}."),
+    overlap: Optional[int] = typer.Option(None, help=f"Tokens shared by consecutive chunks {_d(IndexConfig, 'overlap')}."),
+    index_type: Optional[str] = typer.Option(None, help="auto | flat | hnsw | ivf; auto = exact below --ann-threshold chunks, HNSW above [default: auto]."),
+    ann_threshold: Optional[int] = typer.Option(None, help=f"Chunk count from which auto picks HNSW {_d(IndexConfig, 'ann_threshold')}."),
+    on_bad_file: Optional[str] = typer.Option(None, help="skip (warn and count) or fail on unreadable, non-UTF-8 or empty files [default: skip]."),
+    config: Optional[Path] = typer.Option(None, help="YAML file with any IndexConfig field (flags win)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Chunk, embed and index a corpus. Re-running embeds only new or changed documents."""
+    from retrieval.index import build_index
+
+    cfg = build_config(IndexConfig, config, embedder=embedder, chunk_tokens=chunk_tokens, overlap=overlap,
+                       index_type=index_type, ann_threshold=ann_threshold, on_bad_file=on_bad_file)
+    rep = build_index(corpus_dir, out, cfg, progress=not quiet)
+    for where, why in rep.skipped_files:
+        typer.echo(f"skipped {where}: {why}", err=True)
+    typer.echo(f"indexed {rep.documents} documents ({rep.embedded_documents} embedded, {rep.reused_documents} reused, "
+               f"{rep.deleted_documents} dropped, {len(rep.skipped_files)} files skipped) -> {rep.chunks} chunks, "
+               f"{rep.index_type} index at {out} in {rep.seconds:.1f}s")
+
+
+@app.command("search")
+@cli_errors
+def search_cmd(
+    query: str = typer.Argument(..., help="What to look for."),
+    index: Path = typer.Option(..., "--index", help="Index directory built by 'hybrid index'."),
+    k: int = typer.Option(5, "-k", help="Number of hits."),
+    group: Optional[List[str]] = typer.Option(None, "--group", help="Access group of the caller; repeat for several. Without it only public documents are searched."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"hits": [{"doc_id", "chunk_id", "score", "title", "text"}]}.'),
+):
+    """Search an index (access control applied)."""
+    from retrieval.retriever import Retriever
+
+    if k < 1:
+        raise InputError(f"-k must be a positive integer, got {k}")
+    hits = Retriever.load(index).search(query, k=k, groups=group)
+    if as_json:
+        typer.echo(json.dumps({"hits": [h.to_dict() for h in hits]}, ensure_ascii=False))
+        return
+    for i, h in enumerate(hits, 1):
+        snippet = " ".join(h.text.split())[:160]
+        typer.echo(f"{i}. [{h.score:.3f}] {h.title} ({h.chunk_id})\n   {snippet}")
+    if not hits:
+        typer.echo("no visible documents")
+
+
+@tune_app.command("embedder")
+@cli_errors
+def tune_embedder_cmd(
+    index: Path = typer.Option(..., "--index", help="Index built with the base embedder (its chunks are the corpus)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the tuned sentence-transformers model."),
+    qa: Optional[Path] = typer.Option(None, "--qa", help="QA JSONL with gold_ids; without it, inverse-cloze pairs are made from the corpus."),
+    test_fraction: Optional[float] = typer.Option(None, help=f"Held-out share {_d(EmbedderTuneConfig, 'test_fraction')}."),
+    epochs: Optional[int] = typer.Option(None, help=f"Training epochs {_d(EmbedderTuneConfig, 'epochs')}."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N steps; 0 = no limit [default: 0]."),
+    batch_size: Optional[int] = typer.Option(None, help=f"Pairs per batch (in-batch negatives) {_d(EmbedderTuneConfig, 'batch_size')}."),
+    learning_rate: Optional[float] = typer.Option(None, help=f"Peak learning rate {_d(EmbedderTuneConfig, 'learning_rate')}."),
+    num_negatives: Optional[int] = typer.Option(None, help=f"Hard negatives per pair {_d(EmbedderTuneConfig, 'num_negatives')}."),
+    relative_margin: Optional[float] = typer.Option(None, help=f"Negatives must score below (1-margin) x positive {_d(EmbedderTuneConfig, 'relative_margin')}."),
+    max_seq_length: Optional[int] = typer.Option(None, help=f"Token limit while training {_d(EmbedderTuneConfig, 'max_seq_length')}."),
+    seed: Optional[int] = typer.Option(None, help=f"Split and training seed {_d(EmbedderTuneConfig, 'seed')}."),
+    config: Optional[Path] = typer.Option(None, help="YAML file with any EmbedderTuneConfig field (flags win)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the before/after metrics as JSON."),
+):
+    """Contrastive fine-tuning of the embedder (MNRL + hard negatives mined from the index)."""
+    from hybrid.evaluation import markdown_table
+    from retrieval.embedder_tuning import tune_embedder
+
+    cfg = build_config(EmbedderTuneConfig, config, index=str(index), out=str(out), qa=str(qa) if qa else None,
+                       test_fraction=test_fraction, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                       learning_rate=learning_rate, num_negatives=num_negatives, relative_margin=relative_margin,
+                       max_seq_length=max_seq_length, seed=seed)
+    res = tune_embedder(cfg, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"\n{res['train_pairs']} training pairs ({res['pairs_source']}), {res['test_queries']} held-out queries, "
+               f"{res['seconds']}s; tuned model saved to {out}\n")
+    typer.echo(markdown_table({"base": res["base"], "tuned": res["tuned"]}))
+    typer.echo(f"rebuild the index with it: hybrid index CORPUS_DIR --out INDEX_DIR --embedder {out}")
+
+
+@app.command("eval")
+@cli_errors
+def eval_cmd(
+    qa: Path = typer.Argument(..., help="QA JSONL (id, question, answers, gold_ids?, passages?)."),
+    index: Path = typer.Option(..., "--index", help="Index directory to retrieve from."),
+    only: str = typer.Option("retrieval", "--only", help="What to evaluate: retrieval."),
+    group: Optional[List[str]] = typer.Option(None, "--group", help="Access group of the caller; repeat for several."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report directory (report.json, report.md)."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+):
+    """Evaluate on a QA file: recall@1/5/10, MRR@10, nDCG@10 at document level."""
+    from hybrid.evaluation import evaluate_retrieval, markdown_table, write_report
+
+    if only != "retrieval":
+        raise InputError(f"--only {only}: only 'retrieval' is available")
+    report = evaluate_retrieval(qa, index, groups=group)
+    if out:
+        write_report(report, out)
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(markdown_table(report["configs"]))
+        if out:
+            typer.echo(f"report written to {out}/report.json and report.md")
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

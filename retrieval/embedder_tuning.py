@@ -1,0 +1,243 @@
+"""Contrastive fine-tuning of the embedder on the user's own corpus.
+
+One workflow, top to bottom: config -> load index and base embedder -> build
+(query, positive) pairs -> mine hard negatives from the index's chunks ->
+train with MultipleNegativesRankingLoss (in-batch + hard negatives) and a
+no-duplicates batch sampler -> save a plain sentence-transformers folder ->
+score base and tuned embedder on a held-out split.
+
+Pairs come from a QA file (question -> the gold document's chunk that holds
+the answer) or, without one, from the corpus itself by inverse cloze: a
+sentence is the query and its chunk, with the sentence cut out, the positive.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retrieval.atomic import swap_dir_into_place, write_text_atomic
+from retrieval.chunking import embed_text
+from retrieval.errors import InputError
+from retrieval.metrics import retrieval_metrics
+from retrieval.qa import load_qa, split_rows
+from retrieval.retriever import Hit, Retriever
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+@dataclass
+class EmbedderTuneConfig:
+    """Settings of `hybrid tune embedder`.
+
+    Attributes:
+        index: index directory built with the base embedder.
+        out: where the tuned sentence-transformers model is written.
+        qa: QA file for (question, gold chunk) pairs; None = inverse-cloze pairs.
+        test_fraction: share of questions (or, without QA, documents) held out.
+        seed: split, sampling and training seed.
+        epochs: passes over the training pairs.
+        max_steps: stop after this many steps (0 = no limit).
+        batch_size: pairs per batch (the in-batch negatives).
+        learning_rate, warmup_ratio: AdamW schedule.
+        num_negatives: hard negatives mined per pair.
+        mine_range: negatives are drawn from the top `mine_range` chunks of the index.
+        relative_margin: a negative must score below (1 - margin) x the positive's
+            score, so near-duplicates of the positive are not taught as wrong.
+        max_seq_length: token limit while training.
+        ict_queries_per_chunk: inverse-cloze queries per chunk when no QA file is given.
+    """
+
+    index: str
+    out: str
+    qa: str | None = None
+    test_fraction: float = 0.2
+    seed: int = 13
+    epochs: int = 2
+    max_steps: int = 0
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    num_negatives: int = 1
+    mine_range: int = 20
+    relative_margin: float = 0.05
+    max_seq_length: int = 256
+    ict_queries_per_chunk: int = 1
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 < self.test_fraction < 1:
+            out.append("--test-fraction must be between 0 and 1")
+        for name in ("epochs", "batch_size", "num_negatives", "mine_range", "max_seq_length", "ict_queries_per_chunk"):
+            if getattr(self, name) < 1:
+                out.append(f"--{name.replace('_', '-')} must be >= 1")
+        if self.batch_size < 2:
+            out.append("--batch-size must be >= 2 (in-batch negatives need company)")
+        if self.max_steps < 0:
+            out.append("--max-steps must be >= 0")
+        if self.learning_rate <= 0:
+            out.append("--learning-rate must be > 0")
+        if not 0 <= self.relative_margin < 1:
+            out.append("--relative-margin must be in [0, 1)")
+        if self.mine_range <= self.num_negatives:
+            out.append("--mine-range must be larger than --num-negatives")
+        return out
+
+
+def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
+    """(train pairs, test queries, test golds) from the QA file."""
+    rows = [r for r in load_qa(cfg.qa) if r.gold_ids and r.answers]
+    if not rows:
+        raise InputError(f"--qa {cfg.qa}: no answerable rows with 'gold_ids'; add gold document ids to the questions")
+    chunks = retriever.chunks(include_restricted=True)
+    by_doc: dict[str, list[Hit]] = {}
+    for c in chunks:
+        by_doc.setdefault(c.doc_id, []).append(c)
+    missing = sorted({g for r in rows for g in r.gold_ids if g not in by_doc})
+    if missing:
+        raise InputError(f"--qa {cfg.qa}: gold_ids not in index {cfg.index}: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}; rebuild the index from the matching corpus")
+    train, test = split_rows(rows, cfg.test_fraction, cfg.seed)
+    pairs = []
+    for row in train:
+        candidates = [c for g in row.gold_ids for c in by_doc[g]]
+        # The chunk quoting the answer is the positive; failing that, the first chunk.
+        with_answer = [c for c in candidates if any(a.lower() in c.text.lower() for a in row.answers)]
+        best = (with_answer or candidates)[0]
+        pairs.append((row.question, embed_text(best.title, best.text)))
+    return pairs, [r.question for r in test], [set(r.gold_ids) for r in test]
+
+
+def ict_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
+    """Inverse-cloze pairs: sentence -> its chunk without that sentence; documents split train/test."""
+    rng = random.Random(cfg.seed)
+    chunks = retriever.chunks(include_restricted=True)
+    docs = sorted({c.doc_id for c in chunks})
+    rng.shuffle(docs)
+    n_test = max(1, int(len(docs) * cfg.test_fraction))
+    test_docs = set(docs[:n_test])
+    pairs, test_q, test_g = [], [], []
+    for c in chunks:
+        sentences = [s.strip() for s in _SENTENCE.split(c.text) if len(s.split()) >= 6]
+        for s in rng.sample(sentences, min(cfg.ict_queries_per_chunk, len(sentences))):
+            if c.doc_id in test_docs:
+                test_q.append(s)
+                test_g.append({c.doc_id})
+            else:
+                # Cutting the sentence out 90% of the time (as in ICT) teaches topic, not string match.
+                rest = c.text.replace(s, " ") if rng.random() < 0.9 else c.text
+                pairs.append((s, embed_text(c.title, rest)))
+    return pairs, test_q, test_g
+
+
+def rank_docs(model, chunks: list[Hit], queries: list[str], depth: int = 50) -> list[list[str]]:
+    """Rank chunk doc ids for queries with an exact inner-product search (owner-side eval)."""
+    from retrieval.embedder import Embedder
+
+    emb = model if isinstance(model, Embedder) else None
+    encode = emb.encode if emb else (lambda t: np.asarray(model.encode(t, batch_size=64, normalize_embeddings=True,
+                                                                        convert_to_numpy=True), dtype=np.float32))
+    corpus = encode([embed_text(c.title, c.text) for c in chunks])
+    index = faiss.IndexFlatIP(corpus.shape[1])
+    index.add(corpus)
+    _, rows = index.search(encode(queries), min(depth, len(chunks)))
+    return [[chunks[r].doc_id for r in row if r >= 0] for row in rows]
+
+
+def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
+    """Run the whole workflow; see the module docstring.
+
+    Returns:
+        {"base": metrics, "tuned": metrics, "train_pairs", "test_queries", "seconds", "out"}.
+    """
+    if problems := cfg.problems():
+        raise InputError("; ".join(problems))
+    t0 = time.perf_counter()
+    from datasets import Dataset
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments, losses, util)
+    from sentence_transformers.training_args import BatchSamplers
+
+    # --- load ------------------------------------------------------------------------------
+    retriever = Retriever.load(cfg.index)
+    base = retriever.embedder
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (out / "modules.json").exists():
+        raise InputError(f"--out {out}: exists and is not a sentence-transformers model; choose a new directory")
+
+    # --- data ------------------------------------------------------------------------------
+    pairs, test_q, test_g = qa_pairs(retriever, cfg) if cfg.qa else ict_pairs(retriever, cfg)
+    if len(pairs) < cfg.batch_size:
+        raise InputError(f"only {len(pairs)} training pairs, fewer than --batch-size {cfg.batch_size}; "
+                         f"lower --batch-size or add questions")
+    if not test_q:
+        raise InputError("the held-out split is empty; raise --test-fraction or add questions")
+    all_chunks = retriever.chunks(include_restricted=True)
+    corpus_texts = [embed_text(c.title, c.text) for c in all_chunks]
+    dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
+    # Hard negatives from the index's own chunks, scored by the base embedder.
+    mined = util.mine_hard_negatives(
+        dataset, base.model, corpus=corpus_texts, range_max=cfg.mine_range, relative_margin=cfg.relative_margin,
+        num_negatives=cfg.num_negatives, sampling_strategy="top", output_format="n-tuple", use_faiss=True,
+        batch_size=64, verbose=False)
+    if len(mined) < cfg.batch_size:  # too few survived the margin: fall back to in-batch negatives only
+        mined = dataset
+
+    # --- train -----------------------------------------------------------------------------
+    model = SentenceTransformer(str(base.path), device="cpu" if not _cuda() else None, local_files_only=True)
+    model.max_seq_length = min(cfg.max_seq_length, model.max_seq_length)
+    tmp_parent = out.parent if out.parent.exists() else Path(tempfile.gettempdir())
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=tmp_parent))
+    try:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(work / "trainer"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+            per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+            warmup_ratio=cfg.warmup_ratio, batch_sampler=BatchSamplers.NO_DUPLICATES, seed=cfg.seed,
+            save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=not progress,
+            use_cpu=not _cuda(), dataloader_drop_last=True)
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined,
+                                             loss=losses.MultipleNegativesRankingLoss(model))
+        trainer.train()
+        model.save(str(work / "model"))
+        # --- save (atomic) -----------------------------------------------------------------
+        swap_dir_into_place(work / "model", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # --- evaluate base vs tuned on the held-out split ---------------------------------------
+    base_rank = [[h.doc_id for h in hits] for hits in retriever.search_vectors(base.encode(test_q), k=50,
+                                                                               groups=_all_groups(retriever))]
+    tuned_rank = rank_docs(model, all_chunks, test_q)
+    result = {
+        "base": retrieval_metrics(base_rank, test_g),
+        "tuned": retrieval_metrics(tuned_rank, test_g),
+        "pairs_source": "qa" if cfg.qa else "inverse_cloze",
+        "train_pairs": len(pairs),
+        "train_rows_with_hard_negatives": len(mined),
+        "test_queries": len(test_q),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "out": str(out),
+        "config": asdict(cfg),
+    }
+    write_text_atomic(out / "hybrid_tuning.json", json.dumps(result, indent=2))
+    return result
+
+
+def _all_groups(retriever: Retriever) -> list[str]:
+    """Every group in the index: the owner's evaluation sees all documents."""
+    return sorted({g for gs in retriever._groups for g in gs})
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

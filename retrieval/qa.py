@@ -1,0 +1,102 @@
+"""The QA file format shared by every stage (JSONL, one question a line).
+
+    {"id": str, "question": str, "answers": [str], "gold_ids": [doc id]?,
+     "passages": [{"id": str, "title": str?, "text": str}]?}
+
+`answers: []` marks an unanswerable question (the right behaviour is to
+abstain). `gold_ids` are document ids, used for retrieval metrics and as RAFT
+oracles. `passages`, when present, is a fixed context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retrieval.errors import InputError
+
+
+@dataclass(frozen=True)
+class QARow:
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    gold_ids: tuple[str, ...] = ()
+    passages: tuple[dict, ...] | None = None
+
+    @property
+    def answerable(self) -> bool:
+        return bool(self.answers)
+
+
+def load_qa(path: str | Path) -> list[QARow]:
+    """Read and validate a QA file.
+
+    Raises:
+        InputError: naming `file:line` and the field for any malformed row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"QA file {path} does not exist; pass a JSONL file of questions")
+    rows, seen = [], {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; save the QA file as UTF-8 JSONL") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: each line must be a JSON object")
+        qid, question, answers = obj.get("id"), obj.get("question"), obj.get("answers")
+        if not isinstance(qid, (str, int)) or str(qid) == "":
+            raise InputError(f"{where}: field 'id' must be a non-empty string")
+        qid = str(qid)
+        if qid in seen:
+            raise InputError(f"{where}: duplicate id {qid!r} (first at line {seen[qid]}); ids must be unique")
+        seen[qid] = lineno
+        if not isinstance(question, str) or not question.strip():
+            raise InputError(f"{where}: field 'question' must be a non-empty string")
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise InputError(f"{where}: field 'answers' must be a list of strings ([] = unanswerable)")
+        gold = obj.get("gold_ids", [])
+        if gold is None:
+            gold = []
+        if not isinstance(gold, list) or not all(isinstance(g, str) for g in gold):
+            raise InputError(f"{where}: field 'gold_ids' must be a list of document ids")
+        passages = obj.get("passages")
+        if passages is not None:
+            if not isinstance(passages, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                                         and isinstance(p.get("id"), (str, int)) for p in passages):
+                raise InputError(f"{where}: field 'passages' must be a list of {{\"id\", \"title\"?, \"text\"}} objects")
+            passages = tuple(passages)
+        rows.append(QARow(id=qid, question=question.strip(), answers=tuple(a for a in answers if a.strip()),
+                          gold_ids=tuple(gold), passages=passages))
+    if not rows:
+        raise InputError(f"QA file {path} holds no questions")
+    return rows
+
+
+def split_rows(rows: list[QARow], test_fraction: float, seed: int) -> tuple[list[QARow], list[QARow]]:
+    """Deterministic train/test split by a seeded hash of each row's id.
+
+    The same id always lands on the same side for a given seed, whatever the
+    file order or the other rows, so adding questions never moves old ones.
+
+    Returns:
+        (train, test).
+    """
+    def bucket(row: QARow) -> float:
+        h = hashlib.sha256(f"{seed}:{row.id}".encode()).hexdigest()
+        return int(h[:12], 16) / float(1 << 48)
+
+    train = [r for r in rows if bucket(r) >= test_fraction]
+    test = [r for r in rows if bucket(r) < test_fraction]
+    return train, test

@@ -1,0 +1,186 @@
+"""Search an index directory, with access control enforced inside the search.
+
+    from retrieval import Retriever
+    r = Retriever.load("runs/index")
+    hits = r.search("how do I reset the buoy?", k=5, groups=["engineering"])
+
+A chunk with groups is visible only to callers passing one of them; a chunk
+without groups is public. The filter is a FAISS ID selector, so the top k are
+drawn from visible chunks only (k is filled whenever enough visible chunks
+exist) and restricted text is never read from the store for other callers.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retrieval.embedder import Embedder, load_embedder
+from retrieval.errors import InputError
+from retrieval.index import INDEX_FILE, STORE_FILE, read_manifest
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: a chunk and its cosine score."""
+
+    doc_id: str
+    chunk_id: str
+    score: float
+    title: str
+    text: str
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "score": round(self.score, 6),
+                "title": self.title, "text": self.text}
+
+
+class Retriever:
+    """Access-controlled dense retriever over one index directory."""
+
+    def __init__(self, index_dir: Path, manifest: dict, index: faiss.Index, con: sqlite3.Connection,
+                 embedder: Embedder):
+        self.index_dir, self.manifest, self.index, self.con, self.embedder = index_dir, manifest, index, con, embedder
+        # row -> groups; public rows have none. Kept in memory: one small tuple per chunk.
+        self._groups: list[tuple[str, ...]] = [()] * index.ntotal
+        for row, groups in con.execute("SELECT row, groups FROM chunks"):
+            self._groups[row] = tuple(json.loads(groups))
+        self._allowed_cache: dict[frozenset, np.ndarray | None] = {}
+
+    @classmethod
+    def load(cls, index_dir: str | Path, embedder: Embedder | str | None = None) -> "Retriever":
+        """Open and verify an index.
+
+        Args:
+            index_dir: directory written by `build_index`.
+            embedder: a loaded Embedder or a spec; default: the one named in the manifest.
+
+        Raises:
+            InputError: missing/corrupted index, or an embedder whose fingerprint differs.
+        """
+        index_dir = Path(index_dir)
+        manifest = read_manifest(index_dir, verify=True)
+        if not isinstance(embedder, Embedder):
+            embedder = load_embedder(embedder if embedder is not None else manifest["embedder"]["name"])
+        want = manifest["embedder"]["fingerprint"]
+        if embedder.fingerprint != want:
+            raise InputError(f"--embedder {embedder.name}: fingerprint {embedder.fingerprint[:12]} differs from the one "
+                             f"index {index_dir} was built with ({manifest['embedder']['name']}, {want[:12]}); "
+                             f"query with that embedder or rebuild with 'hybrid index ... --embedder {embedder.name}'")
+        try:
+            index = faiss.read_index(str(index_dir / INDEX_FILE))
+        except RuntimeError:
+            raise InputError(f"{index_dir / INDEX_FILE}: FAISS cannot read it; rebuild the index with 'hybrid index'") from None
+        con = sqlite3.connect(f"file:{index_dir / STORE_FILE}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        return cls(index_dir, manifest, index, con, embedder)
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def _allowed(self, groups) -> np.ndarray | None:
+        """Row ids visible to a caller with `groups`; None when every row is visible."""
+        key = frozenset(groups or ())
+        if key not in self._allowed_cache:
+            rows = [i for i, g in enumerate(self._groups) if not g or key.intersection(g)]
+            self._allowed_cache[key] = None if len(rows) == len(self._groups) else np.asarray(rows, dtype=np.int64)
+        return self._allowed_cache[key]
+
+    def _params(self, allowed: np.ndarray | None):
+        params = self.manifest["index"]
+        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        if params["type"] == "hnsw":
+            p = faiss.SearchParametersHNSW(efSearch=params["ef_search"])
+        elif params["type"] == "ivf":
+            p = faiss.SearchParametersIVF(nprobe=params["nprobe"])
+        else:
+            p = faiss.SearchParameters()
+        if sel is not None:
+            p.sel = sel
+        return p, sel  # sel must outlive the search call (FAISS keeps a raw pointer)
+
+    def search_vectors(self, queries: np.ndarray, k: int = 5, groups=None) -> list[list[Hit]]:
+        """Search with precomputed query vectors.
+
+        Args:
+            queries: float32 array (n, dim), L2-normalised.
+            k: hits per query (>= 1).
+            groups: caller's access groups.
+
+        Returns:
+            n lists of at most k hits, best first.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise InputError(f"-k must be a positive integer, got {k}")
+        allowed = self._allowed(groups)
+        n_visible = len(self) if allowed is None else len(allowed)
+        kk = min(k, n_visible)
+        if kk == 0 or len(queries) == 0:
+            return [[] for _ in range(len(queries))]
+        params, _sel = self._params(allowed)
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), kk, params=params)
+        key = frozenset(groups or ())
+        out = []
+        for srow, rrow in zip(scores, rows):
+            keep = [(float(s), int(r)) for s, r in zip(srow, rrow)
+                    if r >= 0 and (not self._groups[r] or key.intersection(self._groups[r]))]  # defence in depth
+            out.append(self._hits(keep))
+        return out
+
+    def _hits(self, scored: list[tuple[float, int]]) -> list[Hit]:
+        if not scored:
+            return []
+        rows = [r for _, r in scored]
+        marks = ",".join("?" * len(rows))
+        found = {r[0]: r[1:] for r in self.con.execute(
+            f"SELECT row, doc_id, chunk_id, title, text, source FROM chunks WHERE row IN ({marks})", rows)}
+        return [Hit(doc_id=found[r][0], chunk_id=found[r][1], score=s, title=found[r][2] or "", text=found[r][3],
+                    source=found[r][4] or "") for s, r in scored]
+
+    def search(self, query: str, k: int = 5, groups=None) -> list[Hit]:
+        """Top-k visible chunks for one query (see `search_batch`)."""
+        return self.search_batch([query], k=k, groups=groups)[0]
+
+    def search_batch(self, queries: list[str], k: int = 5, groups=None, batch_size: int = 64) -> list[list[Hit]]:
+        """Top-k visible chunks for many queries, embedded in batches.
+
+        Args:
+            queries: n query strings.
+            k: hits per query.
+            groups: caller's access groups (None = public only).
+            batch_size: embedding batch size.
+
+        Returns:
+            n lists of Hit, best first.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise InputError(f"-k must be a positive integer, got {k}")
+        return self.search_vectors(self.embedder.encode(list(queries), batch_size=batch_size), k=k, groups=groups)
+
+    def chunks(self, doc_id: str | None = None, groups=None, include_restricted: bool = False) -> list[Hit]:
+        """Chunks in store order (all, or those of one document), score 0.
+
+        Args:
+            doc_id: only this document's chunks.
+            groups: caller's access groups.
+            include_restricted: every chunk regardless of groups; for the index
+                owner's training jobs, never for serving answers.
+        """
+        allowed = None if include_restricted else self._allowed(groups)
+        visible = None if allowed is None else set(allowed.tolist())
+        sql = "SELECT row FROM chunks" + (" WHERE doc_id = ?" if doc_id else "") + " ORDER BY row"
+        rows = [r for (r,) in self.con.execute(sql, (doc_id,) if doc_id else ()) if visible is None or r in visible]
+        return self._hits([(0.0, r) for r in rows])
+
+    def vectors(self) -> np.ndarray:
+        """All stored chunk vectors, shape (n_chunks, dim), row order."""
+        dim = self.manifest["embedder"]["dim"]
+        out = np.zeros((len(self), dim), dtype=np.float32)
+        for row, blob in self.con.execute("SELECT row, vector FROM chunks"):
+            out[row] = np.frombuffer(blob, dtype=np.float32)
+        return out
