@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+
+from retrieval.embedder import load_embedder
+from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
+from retrieval.errors import InputError
+from retrieval.index import IndexConfig, build_index
+from retrieval.retriever import Retriever
+from tests.conftest import write_doc
+
+COLORS = ["red", "blue", "green", "amber", "violet", "teal", "ochre", "cyan", "lime", "rose", "jade", "plum"]
+
+
+@pytest.fixture()
+def tune_setup(tmp_path, tiny_embedder):
+    corpus = tmp_path / "corpus"
+    rows = []
+    for i, color in enumerate(COLORS):
+        write_doc(corpus, f"part-{i}.md", f"Part {i}",
+                  f"Part {i} is painted {color}. It weighs {i + 3} kilograms. Its supplier is firm number {i * 7}. "
+                  f"Spare units are kept in bay {i + 11}.", ["hr"] if i % 4 == 0 else None)
+        rows += [{"id": f"c{i}", "question": f"What colour is part {i}?", "answers": [color], "gold_ids": [f"part-{i}"]},
+                 {"id": f"w{i}", "question": f"How heavy is part {i}?", "answers": [f"{i + 3} kilograms"],
+                  "gold_ids": [f"part-{i}"]}]
+    rows.append({"id": "u1", "question": "Who founded the company?", "answers": [], "gold_ids": []})
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = tmp_path / "index"
+    build_index(corpus, index, IndexConfig(chunk_tokens=64, overlap=0), embedder=tiny_embedder)
+    return corpus, qa, index
+
+
+@pytest.mark.parametrize("use_qa", [True, False])
+def test_tuning_changes_weights_saves_model_and_reports_before_after(tune_setup, tmp_path, tiny_embedder, use_qa):
+    corpus, qa, index = tune_setup
+    out = tmp_path / "tuned"
+    cfg = EmbedderTuneConfig(index=str(index), out=str(out), qa=str(qa) if use_qa else None, batch_size=4,
+                             max_steps=3, learning_rate=1e-3, test_fraction=0.25, mine_range=5)
+    res = tune_embedder(cfg, progress=False)
+    for side in ("base", "tuned"):
+        assert {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"} <= set(res[side])
+        assert res[side]["n"] == res["test_queries"] > 0
+    assert res["pairs_source"] == ("qa" if use_qa else "inverse_cloze")
+    assert json.loads((out / "hybrid_tuning.json").read_text())["tuned"] == res["tuned"]
+    tuned = load_embedder(str(out))
+    assert tuned.fingerprint != tiny_embedder.fingerprint
+    base_w = dict(tiny_embedder.model.named_parameters())
+    changed = [n for n, p in tuned.model.named_parameters() if not np.allclose(p.detach(), base_w[n].detach())]
+    assert changed, "training did not change any weight"
+    # The old index refuses the tuned embedder; a rebuilt one accepts it.
+    with pytest.raises(InputError, match="fingerprint"):
+        Retriever.load(index, embedder=tuned)
+    build_index(corpus, tmp_path / "index2", IndexConfig(embedder=str(out), chunk_tokens=64, overlap=0))
+    assert Retriever.load(tmp_path / "index2").search("colour of part 3", k=2)
+
+
+def test_gold_ids_missing_from_index_are_named(tune_setup, tmp_path):
+    _, qa, index = tune_setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(qa.read_text() + json.dumps({"id": "z", "question": "q?", "answers": ["a"], "gold_ids": ["ghost"]}) + "\n")
+    with pytest.raises(InputError, match="gold_ids not in index.*ghost"):
+        tune_embedder(EmbedderTuneConfig(index=str(index), out=str(tmp_path / "o"), qa=str(bad), batch_size=4))
+
+
+def test_config_problems_name_flags():
+    problems = EmbedderTuneConfig(index="i", out="o", batch_size=1, test_fraction=1.5).problems()
+    assert any("--batch-size" in p for p in problems) and any("--test-fraction" in p for p in problems)

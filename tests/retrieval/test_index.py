@@ -1,0 +1,178 @@
+import json
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pytest
+
+from retrieval.errors import InputError
+from retrieval.index import IndexConfig, build_index, build_lock, make_faiss_index, read_manifest
+from retrieval.retriever import Retriever
+from tests.conftest import ROOT, write_doc
+
+
+def test_flat_topk_equals_numpy_argsort():
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(500, 24)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    queries = vecs[:10] + 0.1 * rng.normal(size=(10, 24)).astype(np.float32)
+    index, params = make_faiss_index(vecs, IndexConfig(index_type="flat"))
+    assert params["type"] == "flat"
+    scores, rows = index.search(queries, 7)
+    expect = np.argsort(-(queries @ vecs.T), axis=1)[:, :7]
+    assert (rows == expect).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vecs.T, expect, 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_ann_indexes_recall_on_clustered_vectors(kind):
+    # Approximate indexes are meant for clustered data (real embeddings), not uniform noise.
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(50, 32))
+    vecs = (centers[rng.integers(0, 50, 5000)] + 0.3 * rng.normal(size=(5000, 32))).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    queries = vecs[:100]
+    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]
+    index, params = make_faiss_index(vecs, IndexConfig(index_type=kind))
+    assert params["type"] == kind
+    if kind == "hnsw":
+        index.hnsw.efSearch = params["ef_search"]
+    else:
+        index.nprobe = params["nprobe"]
+    _, rows = index.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, exact)])
+    assert recall >= 0.9
+
+
+def test_auto_picks_hnsw_above_threshold():
+    vecs = np.eye(16, dtype=np.float32)
+    assert make_faiss_index(vecs, IndexConfig(index_type="auto", ann_threshold=10))[1]["type"] == "hnsw"
+    assert make_faiss_index(vecs, IndexConfig(index_type="auto", ann_threshold=100))[1]["type"] == "flat"
+
+
+def test_manifest_records_embedder_chunking_counts_checksums(small_index, tiny_embedder):
+    m = read_manifest(small_index)
+    assert m["embedder"]["fingerprint"] == tiny_embedder.fingerprint
+    assert m["embedder"]["dim"] == 32 and m["embedder"]["normalize"] is True
+    assert m["chunking"]["chunk_tokens"] == 64 and m["chunking"]["overlap"] == 8
+    assert m["counts"]["documents"] == 6 and m["counts"]["restricted_documents"] == 2
+    assert set(m["files"]) == {"index.faiss", "chunks.sqlite"}
+
+
+def test_retriever_scores_match_numpy_on_stored_vectors(small_index, tiny_embedder):
+    r = Retriever.load(small_index, embedder=tiny_embedder)
+    vecs = r.vectors()
+    q = tiny_embedder.encode(["battery life"])
+    hits = r.search_vectors(q, k=len(r), groups=["hr", "finance"])[0]
+    scores = vecs @ q[0]
+    assert [h.score for h in hits] == pytest.approx(sorted(scores, reverse=True), rel=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupted_index_is_refused(small_index, tiny_embedder, damage):
+    path = small_index / "index.faiss"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="checksum mismatch"):
+        Retriever.load(small_index, embedder=tiny_embedder)
+
+
+def test_other_embedder_is_refused(small_index, tmp_path, tiny_embedder_dir):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_embedder_dir, other)
+    weights = next(other.glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(InputError, match="fingerprint .* differs"):
+        Retriever.load(small_index, embedder=str(other))
+
+
+def test_reindex_embeds_only_new_or_changed_and_drops_deleted(small_corpus, small_index, tiny_embedder):
+    cfg = IndexConfig(chunk_tokens=64, overlap=8)
+    again = build_index(small_corpus, small_index, cfg, embedder=tiny_embedder)
+    assert (again.embedded_documents, again.reused_documents, again.deleted_documents) == (0, 6, 0)
+    write_doc(small_corpus, "office.md", "Office guide", "The office now opens at 9 am.")
+    (small_corpus / "support.txt").unlink()
+    write_doc(small_corpus, "new.md", "New", "A brand new page about anchors.")
+    rep = build_index(small_corpus, small_index, cfg, embedder=tiny_embedder)
+    assert (rep.embedded_documents, rep.reused_documents, rep.deleted_documents) == (2, 4, 1)
+    r = Retriever.load(small_index, embedder=tiny_embedder)
+    docs = {h.doc_id for h in r.chunks(include_restricted=True)}
+    assert "support" not in docs and "new" in docs
+    assert "9 am" in r.chunks("office")[0].text
+    # Reused vectors are identical to freshly computed ones.
+    fresh = tiny_embedder.encode([f"{h.title}\n{h.text}" for h in r.chunks(include_restricted=True)])
+    np.testing.assert_allclose(r.vectors(), fresh, atol=1e-5)
+    # Changing chunking re-embeds everything.
+    rep = build_index(small_corpus, small_index, IndexConfig(chunk_tokens=32, overlap=0), embedder=tiny_embedder)
+    assert rep.reused_documents == 0
+
+
+def test_interrupted_build_leaves_previous_index_intact(small_corpus, small_index, tiny_embedder, monkeypatch):
+    import retrieval.index as index_mod
+
+    before = Retriever.load(small_index, embedder=tiny_embedder).search("battery", k=3)
+    write_doc(small_corpus, "office.md", "Office guide", "Changed text.")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_mod, "make_faiss_index", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(small_corpus, small_index, IndexConfig(chunk_tokens=64, overlap=8), embedder=tiny_embedder)
+    assert Retriever.load(small_index, embedder=tiny_embedder).search("battery", k=3) == before
+    assert not [p for p in small_index.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_killed_build_process_leaves_previous_index_intact(small_corpus, small_index, tiny_embedder_dir, tiny_embedder):
+    before = Retriever.load(small_index, embedder=tiny_embedder).search("battery", k=3)
+    write_doc(small_corpus, "office.md", "Office guide", "Changed text.")
+    # A child process that SIGKILLs itself halfway through the build (after embedding, before the swap).
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import retrieval.index as m
+from retrieval.embedder import load_embedder
+m.make_faiss_index = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+m.build_index({str(small_corpus)!r}, {str(small_index)!r}, m.IndexConfig(chunk_tokens=64, overlap=8),
+              embedder=load_embedder({str(tiny_embedder_dir)!r}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9
+    assert Retriever.load(small_index, embedder=tiny_embedder).search("battery", k=3) == before
+    # The next build succeeds despite the dead one's leftovers and picks up the change.
+    build_index(small_corpus, small_index, IndexConfig(chunk_tokens=64, overlap=8), embedder=tiny_embedder)
+    assert "Changed" in Retriever.load(small_index, embedder=tiny_embedder).chunks("office")[0].text
+
+
+def test_concurrent_build_is_locked_out(small_corpus, small_index, tiny_embedder):
+    with build_lock(small_index):
+        with pytest.raises(InputError, match="another build is writing"):
+            build_index(small_corpus, small_index, IndexConfig(chunk_tokens=64, overlap=8), embedder=tiny_embedder)
+
+
+def test_refuses_to_overwrite_a_non_index_directory(small_corpus, tmp_path, tiny_embedder):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "thesis.txt").write_text("do not delete")
+    with pytest.raises(InputError, match="not a hybrid index"):
+        build_index(small_corpus, target, IndexConfig(), embedder=tiny_embedder)
+    assert (target / "thesis.txt").exists()
+
+
+def test_bad_config_lists_every_problem():
+    problems = IndexConfig(chunk_tokens=4, overlap=-1, index_type="tree").problems()
+    assert any("--chunk-tokens" in p for p in problems)
+    assert any("--overlap" in p for p in problems)
+    assert any("--index-type" in p for p in problems)
