@@ -201,7 +201,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         args = SentenceTransformerTrainingArguments(
             output_dir=str(work / "trainer"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
             per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-            warmup_ratio=cfg.warmup_ratio, batch_sampler=BatchSamplers.NO_DUPLICATES, seed=cfg.seed,
+            warmup_steps=cfg.warmup_ratio, batch_sampler=BatchSamplers.NO_DUPLICATES, seed=cfg.seed,
             save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=not progress,
             use_cpu=not _cuda(), dataloader_drop_last=True)
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined,
