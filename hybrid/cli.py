@@ -117,7 +117,8 @@ def tune_embedder_cmd(
     index: Path = typer.Option(..., "--index", help="Index built with the base embedder (its chunks are the corpus)."),
     out: Path = typer.Option(..., "--out", help="Directory for the tuned sentence-transformers model."),
     qa: Optional[Path] = typer.Option(None, "--qa", help="QA JSONL with gold_ids; without it, inverse-cloze pairs are made from the corpus."),
-    test_fraction: Optional[float] = typer.Option(None, help=f"Held-out share {_d(EmbedderTuneConfig, 'test_fraction')}."),
+    eval_qa: Optional[Path] = typer.Option(None, "--eval-qa", help="Separate held-out QA file: train on all of --qa, score on this."),
+    test_fraction: Optional[float] = typer.Option(None, help=f"Held-out share when no --eval-qa {_d(EmbedderTuneConfig, 'test_fraction')}."),
     epochs: Optional[int] = typer.Option(None, help=f"Training epochs {_d(EmbedderTuneConfig, 'epochs')}."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N steps; 0 = no limit [default: 0]."),
     batch_size: Optional[int] = typer.Option(None, help=f"Pairs per batch (in-batch negatives) {_d(EmbedderTuneConfig, 'batch_size')}."),
@@ -134,7 +135,7 @@ def tune_embedder_cmd(
     from retrieval.embedder_tuning import tune_embedder
 
     cfg = build_config(EmbedderTuneConfig, config, index=str(index), out=str(out), qa=str(qa) if qa else None,
-                       test_fraction=test_fraction, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                       eval_qa=str(eval_qa) if eval_qa else None, test_fraction=test_fraction, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                        learning_rate=learning_rate, num_negatives=num_negatives, relative_margin=relative_margin,
                        max_seq_length=max_seq_length, seed=seed)
     res = tune_embedder(cfg, progress=not as_json)

@@ -43,7 +43,10 @@ class EmbedderTuneConfig:
         index: index directory built with the base embedder.
         out: where the tuned sentence-transformers model is written.
         qa: QA file for (question, gold chunk) pairs; None = inverse-cloze pairs.
-        test_fraction: share of questions (or, without QA, documents) held out.
+        eval_qa: a separate held-out QA file; when given, all of `qa` trains and
+            this file alone is scored (for benchmarks with a fixed split).
+        test_fraction: share of questions (or, without QA, documents) held out
+            when no `eval_qa` is given.
         seed: split, sampling and training seed.
         epochs: passes over the training pairs.
         max_steps: stop after this many steps (0 = no limit).
@@ -60,6 +63,7 @@ class EmbedderTuneConfig:
     index: str
     out: str
     qa: str | None = None
+    eval_qa: str | None = None
     test_fraction: float = 0.2
     seed: int = 13
     epochs: int = 2
@@ -75,6 +79,8 @@ class EmbedderTuneConfig:
 
     def problems(self) -> list[str]:
         out = []
+        if self.eval_qa and not self.qa:
+            out.append("--eval-qa needs --qa (inverse-cloze pairs are split by document)")
         if not 0 < self.test_fraction < 1:
             out.append("--test-fraction must be between 0 and 1")
         for name in ("epochs", "batch_size", "num_negatives", "mine_range", "max_seq_length", "ict_queries_per_chunk"):
@@ -106,7 +112,17 @@ def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
     if missing:
         raise InputError(f"--qa {cfg.qa}: gold_ids not in index {cfg.index}: {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}; rebuild the index from the matching corpus")
-    train, test = split_rows(rows, cfg.test_fraction, cfg.seed)
+    if cfg.eval_qa:
+        train, test = rows, [r for r in load_qa(cfg.eval_qa) if r.gold_ids and r.answers]
+        leaked = {r.question for r in train} & {r.question for r in test}
+        if leaked:
+            raise InputError(f"--eval-qa {cfg.eval_qa}: {len(leaked)} questions also appear in --qa {cfg.qa}; "
+                             f"held-out questions must not be trained on")
+        missing = sorted({g for r in test for g in r.gold_ids if g not in by_doc})
+        if missing:
+            raise InputError(f"--eval-qa {cfg.eval_qa}: gold_ids not in index {cfg.index}: {', '.join(missing[:5])}")
+    else:
+        train, test = split_rows(rows, cfg.test_fraction, cfg.seed)
     pairs = []
     for row in train:
         candidates = [c for g in row.gold_ids for c in by_doc[g]]
@@ -188,13 +204,14 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     mined = util.mine_hard_negatives(
         dataset, base.model, corpus=corpus_texts, range_max=cfg.mine_range, relative_margin=cfg.relative_margin,
         num_negatives=cfg.num_negatives, sampling_strategy="top", output_format="n-tuple", use_faiss=True,
-        batch_size=64, verbose=False)
+        batch_size=64, verbose=progress)
     if len(mined) < cfg.batch_size:  # too few survived the margin: fall back to in-batch negatives only
         mined = dataset
 
     # --- train -----------------------------------------------------------------------------
     model = SentenceTransformer(str(base.path), device="cpu" if not _cuda() else None, local_files_only=True)
-    model.max_seq_length = min(cfg.max_seq_length, model.max_seq_length)
+    full_length = model.max_seq_length
+    model.max_seq_length = min(cfg.max_seq_length, full_length)  # shorter while training: speed
     tmp_parent = out.parent if out.parent.exists() else Path(tempfile.gettempdir())
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=tmp_parent))
     try:
@@ -207,6 +224,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined,
                                              loss=losses.MultipleNegativesRankingLoss(model))
         trainer.train()
+        model.max_seq_length = full_length  # the saved model reads as far as the base did
         model.save(str(work / "model"))
         # --- save (atomic) -----------------------------------------------------------------
         swap_dir_into_place(work / "model", out)

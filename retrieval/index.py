@@ -176,11 +176,13 @@ def make_faiss_index(vectors: np.ndarray, cfg: IndexConfig) -> tuple[faiss.Index
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         index.add(vectors)
+        index.nprobe = cfg.ivf_nprobe  # stored in the file too, for readers that bypass Retriever
         return index, {"type": "ivf", "nlist": nlist, "nprobe": cfg.ivf_nprobe}
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = cfg.hnsw_ef_construction
         index.add(vectors)
+        index.hnsw.efSearch = cfg.hnsw_ef_search
         return index, {"type": "hnsw", "m": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction,
                        "ef_search": cfg.hnsw_ef_search}
     index = faiss.IndexFlatIP(dim)
