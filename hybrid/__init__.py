@@ -2,7 +2,7 @@
 
 Library entry points (imported lazily so `import hybrid` stays light):
 
-    from hybrid import Retriever, build_index, IndexConfig
+    from hybrid import Retriever, build_index, IndexConfig, Pipeline
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ _EXPORTS = {
     "load_qa": "retrieval.qa",
     "tune_embedder": "retrieval.embedder_tuning",
     "EmbedderTuneConfig": "retrieval.embedder_tuning",
+    "Pipeline": "hybrid.pipeline",
+    "Answer": "hybrid.pipeline",
+    "tune_generator": "tuning.sft",
+    "GeneratorTuneConfig": "tuning.sft",
 }
 
 __all__ = sorted(_EXPORTS)

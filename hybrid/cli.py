@@ -20,11 +20,12 @@ from hybrid.config import build_config, default_of
 from retrieval.errors import InputError
 from retrieval.index import IndexConfig
 from retrieval.embedder_tuning import EmbedderTuneConfig
+from tuning.sft import GeneratorTuneConfig
 
 app = typer.Typer(help="hybrid: make a retriever and a small LLM learn your documents, and measure how often "
                        "the answers are made up.", no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False)
-tune_app = typer.Typer(help="Fine-tune a stage on your corpus.", no_args_is_help=True)
+                  add_completion=False, rich_markup_mode=None)
+tune_app = typer.Typer(help="Fine-tune a stage on your corpus.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tune_app, name="tune")
 
 
@@ -146,6 +147,102 @@ def tune_embedder_cmd(
                f"{res['seconds']}s; tuned model saved to {out}\n")
     typer.echo(markdown_table({"base": res["base"], "tuned": res["tuned"]}))
     typer.echo(f"rebuild the index with it: hybrid index CORPUS_DIR --out INDEX_DIR --embedder {out}")
+
+
+@tune_app.command("generator")
+@cli_errors
+def tune_generator_cmd(
+    index: Path = typer.Option(..., "--index", help="Index to mine oracle and distractor chunks from."),
+    qa: Path = typer.Option(..., "--qa", help="QA JSONL; answerable rows need gold_ids."),
+    out: Path = typer.Option(..., "--out", help="Adapter directory to write (atomically)."),
+    base_model: Optional[str] = typer.Option(None, help="smollm2 | gemma3-270m | a local Hugging Face model dir [default: smollm2]."),
+    strategy: Optional[str] = typer.Option(None, help="auto | full | lora | qlora; auto = QLoRA on CUDA, LoRA on CPU, whichever fits the memory plan [default: auto]."),
+    p_oracle: Optional[float] = typer.Option(None, help=f"Share of examples that include the oracle chunk {_d(GeneratorTuneConfig, 'p_oracle')}."),
+    num_distractors: Optional[int] = typer.Option(None, help=f"Hard distractor chunks per example {_d(GeneratorTuneConfig, 'num_distractors')}."),
+    no_oracle: Optional[str] = typer.Option(None, help="Target when the oracle is left out: abstain | answer [default: abstain]."),
+    answer_format: Optional[str] = typer.Option(None, help="cot (quote + answer, RAFT) | short [default: cot]."),
+    test_fraction: Optional[float] = typer.Option(None, help=f"Questions held back from training for eval {_d(GeneratorTuneConfig, 'test_fraction')}."),
+    val_fraction: Optional[float] = typer.Option(None, help=f"Share of the rest for validation loss {_d(GeneratorTuneConfig, 'val_fraction')}."),
+    lora_r: Optional[int] = typer.Option(None, help=f"LoRA rank {_d(GeneratorTuneConfig, 'lora_r')}."),
+    lora_alpha: Optional[int] = typer.Option(None, help=f"LoRA alpha {_d(GeneratorTuneConfig, 'lora_alpha')}."),
+    lora_dropout: Optional[float] = typer.Option(None, help=f"LoRA dropout {_d(GeneratorTuneConfig, 'lora_dropout')}."),
+    target_modules: Optional[str] = typer.Option(None, help="Comma-separated module names or all-linear [default: q_proj,v_proj]."),
+    max_length: Optional[int] = typer.Option(None, help=f"Max tokens of prompt + answer {_d(GeneratorTuneConfig, 'max_length')}."),
+    batch_size: Optional[int] = typer.Option(None, help=f"Sequences per micro-batch {_d(GeneratorTuneConfig, 'batch_size')}."),
+    grad_accum: Optional[int] = typer.Option(None, help=f"Gradient accumulation steps {_d(GeneratorTuneConfig, 'grad_accum')}."),
+    learning_rate: Optional[float] = typer.Option(None, help=f"Peak learning rate {_d(GeneratorTuneConfig, 'learning_rate')}."),
+    epochs: Optional[float] = typer.Option(None, help=f"Training epochs {_d(GeneratorTuneConfig, 'epochs')}."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps; 0 = no limit [default: 0]."),
+    neftune_alpha: Optional[float] = typer.Option(None, help=f"NEFTune noise alpha; 0 = off {_d(GeneratorTuneConfig, 'neftune_alpha')}."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward [default: on]."),
+    save_steps: Optional[int] = typer.Option(None, help=f"Checkpoint and validate every N steps {_d(GeneratorTuneConfig, 'save_steps')}."),
+    seed: Optional[int] = typer.Option(None, help=f"Seed {_d(GeneratorTuneConfig, 'seed')}."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.checkpoints/."),
+    merge: bool = typer.Option(False, "--merge", help="Also export a merged full model to OUT/merged."),
+    config: Optional[Path] = typer.Option(None, help="YAML file with any GeneratorTuneConfig field (flags win)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """RAFT fine-tuning of the generator (LoRA on CPU, QLoRA on CUDA) with a memory plan."""
+    from tuning.sft import tune_generator
+
+    cfg = build_config(GeneratorTuneConfig, config, index=str(index), qa=str(qa), out=str(out), base_model=base_model,
+                       strategy=strategy, p_oracle=p_oracle, num_distractors=num_distractors, no_oracle=no_oracle,
+                       answer_format=answer_format, test_fraction=test_fraction, val_fraction=val_fraction,
+                       lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                       max_length=max_length, batch_size=batch_size, grad_accum=grad_accum,
+                       learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, neftune_alpha=neftune_alpha,
+                       gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, seed=seed,
+                       resume=resume or None, merge=merge or None)
+    rec = tune_generator(cfg, progress=not quiet, log=lambda m: typer.echo(m, err=True))
+    d = rec["data"]
+    typer.echo(f"{rec['strategy']} adapter saved to {out}: {rec['steps']} steps in {rec['minutes']} min, "
+               f"{d['train']['examples']} examples ({d['train']['with_oracle']} with oracle, "
+               f"{d['train']['abstain_targets']} abstain targets), final validation loss "
+               f"{rec['final_val_loss'] if rec['final_val_loss'] is not None else '-'}; loss curve {out}/loss.png")
+
+
+def _parse_adapters(values: list[str] | None) -> dict[str, str]:
+    adapters = {}
+    for v in values or []:
+        name, _, path = v.partition("=") if "=" in v else (Path(v).name, "", v)
+        if not name or not path:
+            raise InputError(f"--adapter {v}: use DIR or NAME=DIR")
+        adapters[name] = path
+    return adapters
+
+
+@app.command("ask")
+@cli_errors
+def ask_cmd(
+    question: str = typer.Argument(..., help="The question."),
+    index: Path = typer.Option(..., "--index", help="Index directory to retrieve from."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="Adapter DIR or NAME=DIR; repeat to load several on one base model."),
+    use: Optional[str] = typer.Option(None, "--use", help="Which loaded adapter answers; 'base' = none [default: the last --adapter]."),
+    base_model: Optional[str] = typer.Option(None, help="Generator without adapters: smollm2 | gemma3-270m | model dir [default: the adapter's base, else smollm2]."),
+    group: Optional[List[str]] = typer.Option(None, "--group", help="Access group of the caller; repeat for several."),
+    k: int = typer.Option(5, "-k", help="Passages to retrieve."),
+    max_new_tokens: int = typer.Option(96, help="Generation budget."),
+    require_support: bool = typer.Option(False, "--require-support", help="Abstain when no quote verifies and the answer is not in the passages."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"answer", "abstained", "citations", "passages"}.'),
+):
+    """Retrieve, answer from the passages, and verify every quote against them."""
+    from hybrid.pipeline import Pipeline
+
+    if k < 1:
+        raise InputError(f"-k must be a positive integer, got {k}")
+    adapters = _parse_adapters(adapter)
+    chosen = None if use == "base" else (use or (list(adapters)[-1] if adapters else None))
+    pipe = Pipeline.load(index, adapters=adapters, base_model=base_model, k=k, max_new_tokens=max_new_tokens,
+                         require_support=require_support)
+    if as_json:
+        typer.echo(json.dumps(pipe.ask(question, groups=group, adapter=chosen).to_dict(), ensure_ascii=False))
+        return
+    res = pipe.ask(question, groups=group, adapter=chosen, on_token=lambda t: typer.echo(t, nl=False))
+    typer.echo("")
+    typer.echo(f"answer: {res.answer}" + ("  (abstained)" if res.abstained else ""))
+    for c in res.citations:
+        typer.echo(f"  [{'verified' if c['verified'] else 'NOT FOUND in passages'}] {c['doc_id'] or '-'}: \"{c['quote']}\"")
+    typer.echo("passages: " + ", ".join(p["chunk_id"] for p in res.passages))
 
 
 @app.command("eval")

@@ -78,3 +78,44 @@ def small_index(small_corpus, tmp_path, tiny_embedder):
     out = tmp_path / "index"
     build_index(small_corpus, out, IndexConfig(chunk_tokens=64, overlap=8), embedder=tiny_embedder)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with a 600-token BPE vocabulary trained in-process, ChatML template."""
+    import torch
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tuning.generator import CHATML_TEMPLATE
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((BUNDLED / "docs").glob("*.md"))]
+    texts.append("##Reason: ##begin_quote## ##end_quote## ##Answer: I cannot answer this from the provided documents.")
+    tk = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+                                  bos_token="<|im_start|>")
+    tok.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.bos_token_id)
+    out = tmp_path_factory.mktemp("tiny_llm")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundled_tiny_index(tmp_path_factory, tiny_embedder):
+    """The bundled corpus indexed with the tiny embedder (fast; retrieval quality is not the point)."""
+    from retrieval.index import IndexConfig, build_index
+
+    out = tmp_path_factory.mktemp("bundled") / "index"
+    build_index(BUNDLED / "docs", out, IndexConfig(chunk_tokens=96, overlap=0), embedder=tiny_embedder)
+    return out

@@ -1,0 +1,200 @@
+"""Answer questions from retrieved passages, with verified citations.
+
+    from hybrid import Pipeline
+    pipe = Pipeline.load("runs/index", adapters={"raft": "runs/adapter"})
+    result = pipe.ask("How long does the Kestrel-7 battery last?", groups=["engineering"], adapter="raft")
+    result = pipe.answer("...", passages=[{"doc_id": "a", "title": "...", "text": "..."}])  # own retriever
+
+One base model is loaded once; any number of LoRA adapters sit on it and are
+chosen per call (`adapter=None` is the base model: PEFT's adapter switch-off),
+so switching adapters never reloads the base.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from retrieval.errors import InputError
+from retrieval.retriever import Retriever
+from tuning.prompting import ABSTAIN, build_messages, parse_answer, quote_in
+
+RUN_FILE = "hybrid_run.json"
+
+
+@dataclass
+class Answer:
+    """What `ask`/`answer` return (`to_dict` is the `--json` schema)."""
+
+    answer: str
+    abstained: bool
+    citations: list[dict] = field(default_factory=list)
+    passages: list[dict] = field(default_factory=list)
+    raw: str = ""
+    latency_ms: float = 0.0
+    new_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "abstained": self.abstained, "citations": self.citations,
+                "passages": self.passages}
+
+
+def verify(parsed, passages: list[dict]) -> list[dict]:
+    """Each quote with the document it was found in (verbatim, whitespace/case aside), or unverified."""
+    cites = []
+    for q in parsed.quotes:
+        doc = next((p.get("doc_id") or str(p.get("id", "")) for p in passages if quote_in(q, p["text"])), None)
+        cites.append({"doc_id": doc, "quote": q, "verified": doc is not None})
+    return cites
+
+
+class Pipeline:
+    """Retriever (optional) + one base generator + named LoRA adapters."""
+
+    def __init__(self, retriever: Retriever | None, model, tokenizer, info, adapters: list[str],
+                 k: int = 5, max_new_tokens: int = 96, require_support: bool = False):
+        self.retriever, self.model, self.tok, self.info = retriever, model, tokenizer, info
+        self.adapters = adapters
+        self.k, self.max_new_tokens, self.require_support = k, max_new_tokens, require_support
+
+    @classmethod
+    def load(cls, index_dir: str | Path | None = None, adapters: dict[str, str] | str | None = None,
+             base_model: str | None = None, k: int = 5, max_new_tokens: int = 96,
+             require_support: bool = False, device: str | None = None) -> "Pipeline":
+        """Load retriever, base generator and adapters.
+
+        Args:
+            index_dir: index to retrieve from (None: only `answer` with your own passages).
+            adapters: {name: adapter dir} or one dir (named "default").
+            base_model: generator spec; default: the adapters' base, else the packaged SmolLM2.
+            k: passages per question.
+            max_new_tokens: generation budget.
+            require_support: abstain when the answer has no verified quote and does not occur
+                in the passages (a guard for serving; evaluation measures the raw model).
+            device: "cuda"/"cpu"/None.
+
+        Raises:
+            InputError: missing adapter, or an adapter trained on another base model.
+        """
+        from tuning.generator import load_generator
+
+        if isinstance(adapters, (str, Path)):
+            adapters = {"default": str(adapters)}
+        adapters = dict(adapters or {})
+        records = {}
+        for name, path in adapters.items():
+            run = Path(path) / RUN_FILE
+            if not (Path(path) / "adapter_config.json").exists() or not run.exists():
+                raise InputError(f"--adapter {name}={path}: not an adapter made by 'hybrid tune generator' "
+                                 f"(no adapter_config.json / {RUN_FILE})")
+            records[name] = json.loads(run.read_text())
+        if base_model is None and records:
+            base_model = next(iter(records.values()))["base_model"]["name"]
+        retriever = Retriever.load(index_dir) if index_dir else None
+        model, tok, info = load_generator(base_model, device=device)
+        for name, rec in records.items():
+            if rec["base_model"]["fingerprint"] != info.fingerprint:
+                raise InputError(f"--adapter {name}={adapters[name]}: trained on base model {rec['base_model']['name']} "
+                                 f"(fingerprint {rec['base_model']['fingerprint'][:12]}), not on {info.name} "
+                                 f"({info.fingerprint[:12]}); pass --base-model {rec['base_model']['name']} or retrain")
+        if adapters:
+            from peft import PeftModel
+
+            names = list(adapters)
+            model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                model.load_adapter(adapters[name], adapter_name=name)
+        model.eval()
+        return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
+                   require_support=require_support)
+
+    # --- generation ------------------------------------------------------------------------
+    def _select(self, adapter: str | None):
+        """Context manager that activates one adapter, or none (the base model)."""
+        import contextlib
+
+        if adapter is None:
+            return self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
+        if adapter not in self.adapters:
+            raise InputError(f"--adapter {adapter}: not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    def generate(self, messages_batch: list[list[dict]], adapter: str | None = None,
+                 on_token: Callable[[str], None] | None = None) -> list[tuple[str, int]]:
+        """Greedy generation for a batch of chat prompts (left padding); returns (text, new tokens)."""
+        import torch
+
+        self.tok.padding_side = "left"
+        texts = [self.tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_batch]
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id,
+                      eos_token_id=self.tok.eos_token_id)
+        with self._select(adapter), torch.inference_mode():
+            if on_token is not None and len(texts) == 1:
+                from transformers import TextIteratorStreamer
+
+                streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+                worker = threading.Thread(target=self.model.generate, kwargs={**enc, **kwargs, "streamer": streamer})
+                worker.start()
+                pieces = []
+                for piece in streamer:
+                    pieces.append(piece)
+                    on_token(piece)
+                worker.join()
+                text = "".join(pieces)
+                return [(text, len(self.tok(text, add_special_tokens=False)["input_ids"]))]
+            out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]
+        results = []
+        for row in new:
+            n = int((row != self.tok.pad_token_id).sum())
+            results.append((self.tok.decode(row, skip_special_tokens=True), n))
+        return results
+
+    def answer_batch(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None,
+                     on_token=None) -> list[Answer]:
+        """Answer questions from given passages (dicts with text, title?, doc_id?/id?, chunk_id?, score?)."""
+        t0 = time.perf_counter()
+        msgs = [build_messages(q, ps) for q, ps in zip(questions, passages_batch)]
+        gens = self.generate(msgs, adapter=adapter, on_token=on_token)
+        ms = (time.perf_counter() - t0) * 1000 / max(len(questions), 1)
+        results = []
+        for (raw, n_new), ps in zip(gens, passages_batch):
+            parsed = parse_answer(raw)
+            cites = verify(parsed, ps)
+            abstained = parsed.abstained
+            answer = ABSTAIN if abstained else parsed.answer
+            if not abstained and self.require_support and not any(c["verified"] for c in cites) and \
+                    not any(quote_in(parsed.answer, p["text"]) for p in ps):
+                abstained, answer = True, ABSTAIN
+            results.append(Answer(answer=answer, abstained=abstained, citations=cites,
+                                  passages=[{"doc_id": p.get("doc_id") or str(p.get("id", "")),
+                                             "chunk_id": p.get("chunk_id", ""), "score": round(p.get("score", 0.0), 6)}
+                                            for p in ps],
+                                  raw=raw, latency_ms=ms, new_tokens=n_new))
+        return results
+
+    def answer(self, question: str, passages: list[dict], adapter: str | None = None, on_token=None) -> Answer:
+        """Answer one question from your own passages."""
+        return self.answer_batch([question], [passages], adapter=adapter, on_token=on_token)[0]
+
+    def retrieve(self, questions: list[str], groups=None, k: int | None = None) -> list[list[dict]]:
+        """Passages for questions from the index (access control applied)."""
+        if self.retriever is None:
+            raise InputError("no --index given: pass one, or call answer() with your own passages")
+        hits = self.retriever.search_batch(questions, k=k or self.k, groups=groups)
+        return [[{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "text": h.text, "score": h.score}
+                 for h in hs] for hs in hits]
+
+    def ask(self, question: str, groups=None, adapter: str | None = None, k: int | None = None,
+            on_token=None) -> Answer:
+        """Retrieve, then answer; abstains without calling the model when nothing is visible."""
+        passages = self.retrieve([question], groups=groups, k=k)[0]
+        if not passages:
+            return Answer(answer=ABSTAIN, abstained=True)
+        return self.answer(question, passages, adapter=adapter, on_token=on_token)

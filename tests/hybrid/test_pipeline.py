@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from hybrid.pipeline import Pipeline, verify
+from retrieval.errors import InputError
+from tuning.prompting import ABSTAIN, parse_answer
+from tuning.sft import GeneratorTuneConfig, tune_generator
+from tests.tuning.test_sft import small_qa
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory, bundled_tiny_index, tiny_llm_dir):
+    root = tmp_path_factory.mktemp("adapters")
+    outs = {}
+    for name, lr in (("a", 1e-2), ("b", 3e-2)):
+        cfg = GeneratorTuneConfig(index=str(bundled_tiny_index), qa=str(small_qa(root)), out=str(root / name),
+                                  base_model=str(tiny_llm_dir), max_steps=2, num_distractors=1, learning_rate=lr,
+                                  grad_accum=1, val_fraction=0, seed=1 if name == "a" else 2)
+        tune_generator(cfg, progress=False, log=lambda *_: None)
+        outs[name] = str(root / name)
+    return outs
+
+
+def test_several_adapters_share_one_base_and_switch_per_call(bundled_tiny_index, two_adapters):
+    pipe = Pipeline.load(bundled_tiny_index, adapters=two_adapters, max_new_tokens=8)
+    base_id = id(pipe.model.get_base_model())
+    passages = [{"doc_id": "d", "text": "The Kestrel-7 battery lasts 14 months.", "title": "Spec"}]
+    outs = {name: pipe.generate([[{"role": "user", "content": "hi"}]], adapter=name)[0][0]
+            for name in (None, "a", "b", "a")}
+    assert id(pipe.model.get_base_model()) == base_id  # never reloaded
+    import torch
+
+    logits = {}
+    enc = pipe.tok("hello world", return_tensors="pt")
+    for name in (None, "a", "b"):
+        with pipe._select(name), torch.no_grad():
+            logits[name] = pipe.model(**enc).logits
+    assert not torch.allclose(logits[None], logits["a"]) and not torch.allclose(logits["a"], logits["b"])
+    with pipe._select("a"), torch.no_grad():
+        assert torch.allclose(pipe.model(**enc).logits, logits["a"])  # switching back is exact
+    res = pipe.answer("How long does the battery last?", passages, adapter="b")
+    assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages"}
+    with pytest.raises(InputError, match="--adapter zzz: not loaded"):
+        pipe.answer("q", passages, adapter="zzz")
+
+
+def test_adapter_for_another_base_is_refused(bundled_tiny_index, two_adapters, tmp_path):
+    run = json.loads((__import__("pathlib").Path(two_adapters["a"]) / "hybrid_run.json").read_text())
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(two_adapters["a"], bad)
+    run["base_model"]["fingerprint"] = "0" * 64
+    (bad / "hybrid_run.json").write_text(json.dumps(run))
+    with pytest.raises(InputError, match="trained on base model"):
+        Pipeline.load(bundled_tiny_index, adapters={"bad": str(bad)})
+
+
+def test_quotes_are_verified_against_the_given_passages():
+    passages = [{"doc_id": "spec", "text": "The Kestrel-7 battery lasts   14 months in cold water."},
+                {"doc_id": "other", "text": "Unrelated."}]
+    parsed = parse_answer("##Reason: ##begin_quote## the kestrel-7 battery lasts 14 months ##end_quote## "
+                          "and ##begin_quote## it lasts forever ##end_quote## ##Answer: 14 months")
+    cites = verify(parsed, passages)
+    assert cites == [{"doc_id": "spec", "quote": "the kestrel-7 battery lasts 14 months", "verified": True},
+                     {"doc_id": None, "quote": "it lasts forever", "verified": False}]
+    assert parsed.answer == "14 months" and not parsed.abstained
+
+
+@pytest.mark.parametrize("text,abstained", [
+    (f"##Reason: none. ##Answer: {ABSTAIN}", True),
+    ("The documents do not mention the CFO.", True),
+    ("##Answer: ", True),
+    ("##Answer: Lisbon", False),
+    ("Paris is the capital.", False),
+])
+def test_parser_recognises_abstentions(text, abstained):
+    assert parse_answer(text).abstained is abstained
+
+
+def test_require_support_abstains_on_unsupported_answers(bundled_tiny_index, two_adapters):
+    pipe = Pipeline.load(bundled_tiny_index, adapters=two_adapters, max_new_tokens=4, require_support=True)
+    pipe.generate = lambda msgs, adapter=None, on_token=None: [("##Answer: Atlantis", 3)] * len(msgs)
+    res = pipe.answer("Where?", [{"doc_id": "d", "text": "The office is in Tarrow."}])
+    assert res.abstained and res.answer == ABSTAIN
+    pipe.generate = lambda msgs, adapter=None, on_token=None: [("##Answer: Tarrow", 3)] * len(msgs)
+    assert not pipe.answer("Where?", [{"doc_id": "d", "text": "The office is in Tarrow."}]).abstained
+
+
+def test_ask_abstains_without_visible_passages(bundled_tiny_index, two_adapters, monkeypatch):
+    pipe = Pipeline.load(bundled_tiny_index, adapters=two_adapters, max_new_tokens=4)
+    monkeypatch.setattr(pipe, "retrieve", lambda *a, **k: [[]])
+    res = pipe.ask("anything")
+    assert res.abstained and res.answer == ABSTAIN and res.passages == []

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import torch
+
+from retrieval.errors import InputError
+from tests.conftest import BUNDLED
+from tuning.sft import GeneratorTuneConfig, tune_generator
+
+
+def small_qa(tmp_path, n=24):
+    rows = [json.loads(l) for l in (BUNDLED / "qa.jsonl").read_text().splitlines()]
+    answerable = [r for r in rows if r["answers"]][: n - 4]
+    unanswerable = [r for r in rows if not r["answers"]][:4]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in answerable + unanswerable))
+    return path
+
+
+def cfg_for(tmp_path, index, llm, **kw):
+    base = dict(index=str(index), qa=str(small_qa(tmp_path)), out=str(tmp_path / "adapter"), base_model=str(llm),
+                max_steps=3, save_steps=2, num_distractors=2, max_length=1024, grad_accum=1, learning_rate=1e-2,
+                neftune_alpha=5.0, test_fraction=0.2, val_fraction=0.2)
+    base.update(kw)
+    return GeneratorTuneConfig(**base)
+
+
+def test_lora_sft_trains_adapter_only_and_saves_plain_peft_dir(tmp_path, bundled_tiny_index, tiny_llm_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir), progress=False, log=lambda *_: None)
+    out = tmp_path / "adapter"
+    assert rec["strategy"] == "lora" and rec["steps"] == 3
+    assert (out / "adapter_config.json").exists() and (out / "loss.png").stat().st_size > 1000
+    assert rec["final_val_loss"] is not None and len(rec["train_loss"]) == 3
+    assert rec["data"]["train"]["examples"] > 0 and rec["data"]["held_out_ids"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    tuned = PeftModel.from_pretrained(base, out)
+    lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: training moved it
+    for n, p in tuned.get_base_model().named_parameters():
+        if "lora_" not in n:
+            key = n.replace(".base_layer", "")
+            assert torch.equal(p, before[key]), n  # the frozen base did not change
+    assert not (tmp_path / "adapter.checkpoints").exists()
+
+
+def test_sequence_length_smaller_than_prompt_is_refused(tmp_path, bundled_tiny_index, tiny_llm_dir):
+    with pytest.raises(InputError, match="--max-length 64 is smaller"):
+        tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_length=64), progress=False,
+                       log=lambda *_: None)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_qa_without_gold_ids_is_refused(tmp_path, bundled_tiny_index, tiny_llm_dir):
+    qa = tmp_path / "bad.jsonl"
+    qa.write_text(json.dumps({"id": "1", "question": "q?", "answers": ["x"]}) + "\n")
+    with pytest.raises(InputError, match="no 'gold_ids'"):
+        tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, qa=str(qa)), progress=False)

