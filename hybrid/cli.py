@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -35,6 +36,8 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers 5 renames (gradient_checkpointing -> activation_checkpointing) warn on every run.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     # bitsandbytes warns on import about optional CPU kernels hybrid does not use.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -248,27 +251,50 @@ def ask_cmd(
 @app.command("eval")
 @cli_errors
 def eval_cmd(
-    qa: Path = typer.Argument(..., help="QA JSONL (id, question, answers, gold_ids?, passages?)."),
-    index: Path = typer.Option(..., "--index", help="Index directory to retrieve from."),
-    only: str = typer.Option("retrieval", "--only", help="What to evaluate: retrieval."),
+    qa: Path = typer.Argument(..., help="QA JSONL (id, question, answers, gold_ids?, passages?); answers [] = unanswerable."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index to retrieve passages from (rows without 'passages')."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="NAME=DIR (or DIR): adds configuration rag+NAME; repeat for several."),
+    only: Optional[str] = typer.Option(None, "--only", help="retrieval: only recall@1/5/10, MRR@10, nDCG@10 (no generation)."),
+    closed_book: bool = typer.Option(True, "--closed-book/--no-closed-book", help="Include the closed_book configuration (no passages)."),
+    limit: int = typer.Option(0, "--limit", help="Evaluate a seeded sample of N questions; 0 = all."),
+    seed: int = typer.Option(0, "--seed", help="Sampling and bootstrap seed."),
     group: Optional[List[str]] = typer.Option(None, "--group", help="Access group of the caller; repeat for several."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report directory (report.json, report.md)."),
+    k: int = typer.Option(5, "-k", help="Passages retrieved per question."),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge) for unsupported_rate."),
+    base_model: Optional[str] = typer.Option(None, help="Generator: smollm2 | gemma3-270m | model dir [default: the adapters' base, else smollm2]."),
+    batch_size: int = typer.Option(4, help="Questions generated together (greedy, left-padded)."),
+    max_new_tokens: int = typer.Option(96, help="Generation budget per answer."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report dir: report.json, report.md, chart.png, predictions.jsonl (resumable)."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
 ):
-    """Evaluate on a QA file: recall@1/5/10, MRR@10, nDCG@10 at document level."""
-    from hybrid.evaluation import evaluate_retrieval, markdown_table, write_report
+    """Factuality benchmark: accuracy, abstention and hallucination rate per configuration, with 95 % CIs."""
+    if k < 1 or batch_size < 1 or limit < 0:
+        raise InputError("-k and --batch-size must be >= 1 and --limit >= 0")
+    if only not in (None, "retrieval"):
+        raise InputError(f"--only {only}: the only partial evaluation is 'retrieval'")
+    if only == "retrieval":
+        from hybrid.evaluation import evaluate_retrieval, markdown_table, write_report
 
-    if only != "retrieval":
-        raise InputError(f"--only {only}: only 'retrieval' is available")
-    report = evaluate_retrieval(qa, index, groups=group)
-    if out:
-        write_report(report, out)
+        if index is None:
+            raise InputError("--only retrieval needs --index")
+        report = evaluate_retrieval(qa, index, groups=group)
+        if out:
+            write_report(report, out)
+        typer.echo(json.dumps(report) if as_json else markdown_table(report["configs"]))
+        return
+    from hybrid.factuality import EvalConfig, markdown, run_eval
+
+    cfg = EvalConfig(qa=str(qa), index=str(index) if index else None, adapters=_parse_adapters(adapter),
+                     closed_book=closed_book, limit=limit, seed=seed, k=k, groups=group, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, base_model=base_model, judge=str(judge) if judge else None,
+                     out=str(out) if out else None)
+    report = run_eval(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report))
     else:
-        typer.echo(markdown_table(report["configs"]))
+        typer.echo(markdown(report))
         if out:
-            typer.echo(f"report written to {out}/report.json and report.md")
+            typer.echo(f"report: {out}/report.json, {out}/report.md, {out}/chart.png, {out}/predictions.jsonl")
 
 
 def main() -> None:  # console-script entry point

@@ -119,6 +119,18 @@ def resolve_generator(spec: str | None) -> tuple[str, Path]:
     return str(path.resolve()), path.resolve()
 
 
+def load_tokenizer(path: Path):
+    """The generator's tokenizer with a chat template and a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = "none", device: str | None = None):
     """Load tokenizer and causal LM (float32 on CPU; optionally a 4-bit NF4 base).
 
@@ -132,17 +144,13 @@ def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = 
         (model, tokenizer, GeneratorInfo).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     name, path = resolve_generator(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if not tok.chat_template:
-        tok.chat_template = CHATML_TEMPLATE
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(path)
     kwargs: dict = {"dtype": torch.float32}
     if quantize == "4bit":
         from transformers import BitsAndBytesConfig

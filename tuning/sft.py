@@ -147,7 +147,7 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     from transformers import AutoConfig
     from trl import SFTConfig, SFTTrainer
 
-    from tuning.generator import load_generator, resolve_generator
+    from tuning.generator import load_generator, load_tokenizer, resolve_generator
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / RUN_FILE).exists():
@@ -169,23 +169,24 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     if not train_ex:
         raise InputError(f"--qa {cfg.qa}: no training questions left after the held-out split")
 
-    # --- memory plan ---------------------------------------------------------------------
     device = _device()
     name, path = resolve_generator(cfg.base_model)
+    length_stats = _check_lengths(train_ex + val_ex, load_tokenizer(path), cfg.max_length)
+
+    # --- memory plan ---------------------------------------------------------------------
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(path)))
     mplan = plan(shape, cfg.strategy, cfg.max_length, cfg.batch_size, cfg.gradient_checkpointing, cfg.lora_r,
                  cfg.targets, device)
-    log(describe(mplan))
     if not mplan["fits"]:
         need = min(mplan["estimates"][s]["total"] for s in mplan["order"])
         raise InputError(f"--strategy {cfg.strategy}: needs ~{need / GiB:.1f} GiB but {mplan['budget'] / GiB:.1f} GiB is "
                          f"free; lower --max-length or --batch-size, keep --gradient-checkpointing, or use --strategy qlora")
     strategy = mplan["chosen"]
+    log(describe(mplan))
 
     # --- load --------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     model, tok, info = load_generator(cfg.base_model, quantize="4bit" if strategy == "qlora" else "none", device=device)
-    length_stats = _check_lengths(train_ex + val_ex, tok, cfg.max_length)
     cols = ["prompt", "completion"]
     train_ds = Dataset.from_list([{c: e[c] for c in cols} for e in train_ex])
     val_ds = Dataset.from_list([{c: e[c] for c in cols} for e in val_ex]) if val_ex else None

@@ -59,3 +59,35 @@ def test_qa_without_gold_ids_is_refused(tmp_path, bundled_tiny_index, tiny_llm_d
     qa.write_text(json.dumps({"id": "1", "question": "q?", "answers": ["x"]}) + "\n")
     with pytest.raises(InputError, match="no 'gold_ids'"):
         tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, qa=str(qa)), progress=False)
+
+
+def test_interrupted_run_keeps_previous_adapter_and_resumes(tmp_path, bundled_tiny_index, tiny_llm_dir, monkeypatch):
+    import transformers
+
+    cfg = cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=4, save_steps=2, val_fraction=0)
+    first = tune_generator(cfg, progress=False, log=lambda *_: None)
+    out = tmp_path / "adapter"
+    before = (out / "adapter_model.safetensors").read_bytes()
+
+    real_step = transformers.Trainer.training_step
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", flaky)
+    cfg2 = cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=4, save_steps=2, val_fraction=0,
+                   learning_rate=5e-2)
+    with pytest.raises(KeyboardInterrupt):
+        tune_generator(cfg2, progress=False, log=lambda *_: None)
+    assert (out / "adapter_model.safetensors").read_bytes() == before  # previous adapter intact
+    assert (tmp_path / "adapter.checkpoints" / "checkpoint-2").exists()
+    monkeypatch.setattr(transformers.Trainer, "training_step", real_step)
+    cfg2.resume = True
+    rec = tune_generator(cfg2, progress=False, log=lambda *_: None)
+    assert rec["steps"] == 4 and len(rec["train_loss"]) == 4  # steps 1-2 restored from the checkpoint, 3-4 run now
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+    assert first["config"]["learning_rate"] != rec["config"]["learning_rate"]

@@ -1,0 +1,61 @@
+"""`hybrid tune generator` and `hybrid ask` end to end with the tiny random Llama."""
+
+import json
+
+import pytest
+
+from tests.hybrid.test_cli import assert_clean_error, run
+from tests.tuning.test_sft import small_qa
+
+
+@pytest.fixture(scope="module")
+def cli_adapter(tmp_path_factory, bundled_tiny_index, tiny_llm_dir):
+    root = tmp_path_factory.mktemp("cli_gen")
+    res = run("tune", "generator", "--index", bundled_tiny_index, "--qa", small_qa(root), "--out", root / "adapter",
+              "--base-model", tiny_llm_dir, "--max-steps", 2, "--num-distractors", 1, "--grad-accum", 1, "-q")
+    assert res.exit_code == 0, res.output
+    assert "lora adapter saved to" in res.stdout and "memory plan (cpu" in res.stderr
+    return root / "adapter"
+
+
+def test_ask_json_schema(cli_adapter, bundled_tiny_index):
+    res = run("ask", "How long does the Kestrel-7 battery last?", "--index", bundled_tiny_index,
+              "--adapter", f"raft={cli_adapter}", "--json", "--max-new-tokens", 8, "-k", 3)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert set(out) == {"answer", "abstained", "citations", "passages"}
+    assert len(out["passages"]) == 3 and all(set(p) == {"doc_id", "chunk_id", "score"} for p in out["passages"])
+    assert isinstance(out["abstained"], bool)
+
+
+def test_ask_plain_streams_and_lists_passages(cli_adapter, bundled_tiny_index):
+    res = run("ask", "Who approves travel?", "--index", bundled_tiny_index, "--adapter", cli_adapter,
+              "--max-new-tokens", 6, "-k", 2)
+    assert res.exit_code == 0, res.output
+    assert "answer: " in res.stdout and "passages: " in res.stdout
+
+
+def test_generator_bad_inputs(tmp_path, bundled_tiny_index, tiny_llm_dir, cli_adapter, monkeypatch):
+    qa = small_qa(tmp_path)
+    assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",
+                           "--base-model", tmp_path / "nowhere"), "--base-model", "config.json")
+    assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",
+                           "--base-model", tiny_llm_dir, "--max-length", 32), "--max-length 32 is smaller")
+    bad = tmp_path / "nogold.jsonl"
+    bad.write_text(json.dumps({"id": "1", "question": "q?", "answers": ["a"]}) + "\n")
+    assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", bad, "--out", tmp_path / "o",
+                           "--base-model", tiny_llm_dir), "no 'gold_ids'")
+    ghost = tmp_path / "ghost.jsonl"
+    ghost.write_text(json.dumps({"id": "1", "question": "q?", "answers": ["a"], "gold_ids": ["ghost"]}) + "\n")
+    assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", ghost, "--out", tmp_path / "o",
+                           "--base-model", tiny_llm_dir), "gold_ids not in index", "ghost")
+    import tuning.memory_plan as mp
+
+    monkeypatch.setattr(mp, "available_bytes", lambda device: 64 * 1024 * 1024)
+    assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",
+                           "--base-model", tiny_llm_dir), "free", "--max-length")
+    monkeypatch.undo()
+    assert_clean_error(run("ask", "q", "--index", bundled_tiny_index, "--adapter", tmp_path), "not an adapter made by")
+    assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",
+                           "--strategy", "magic", "--lora-r", 0), "--strategy", "--lora-r")
+    assert not (tmp_path / "o").exists()

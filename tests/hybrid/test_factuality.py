@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from hybrid.factuality import EvalConfig, classify, run_eval, summarize, token_f1
+from tests.hybrid.test_cli import run
+from tests.hybrid.test_pipeline import two_adapters  # noqa: F401  (module fixture reused)
+
+
+@pytest.mark.parametrize("answer,abstained,golds,label", [
+    ("It lasts 14 months.", False, ["14 months"], "correct"),
+    ("The Kestrel", False, ["the kestrel"], "correct"),
+    ("12 months", False, ["14 months"], "hallucinated"),
+    ("Paris", False, [], "hallucinated"),
+    ("I cannot answer", True, [], "abstained"),
+    ("I cannot answer", True, ["14 months"], "abstained"),
+    ("Yes, it does.", False, ["yes"], "correct"),
+    ("no", False, ["yes"], "hallucinated"),
+    ("Knowing yes", False, ["yes"], "hallucinated"),
+])
+def test_classify_hand_cases(answer, abstained, golds, label):
+    assert classify(answer, abstained, golds) == label
+
+
+def test_token_f1_hand_computed():
+    assert token_f1("the battery lasts 14 months", ["14 months"]) == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
+    assert token_f1("anything", []) == 0.0
+
+
+def test_rates_sum_to_one_with_intervals():
+    preds = [{"id": str(i), "label": l, "answers": ["a"] if i % 2 else [], "citations": [], "f1": 0.0,
+              "latency_ms": 10.0, "new_tokens": 5} for i, l in enumerate(["correct", "abstained", "hallucinated"] * 5)]
+    m = summarize(preds, seed=0)
+    assert m["accuracy"] + m["abstention_rate"] + m["hallucination_rate"] == pytest.approx(1.0)
+    assert m["unsupported_rate"] is None  # no judge: absent, never guessed
+    for rate in ("accuracy", "abstention_rate", "hallucination_rate"):
+        lo, hi = m["ci"][rate]
+        assert lo <= m[rate] <= hi
+
+
+@pytest.fixture()
+def fixed_qa(tmp_path):
+    ctx = [{"id": "spec", "title": "Kestrel-7", "text": "The Kestrel-7 battery lasts 14 months."},
+           {"id": "office", "title": "Office", "text": "The office opens at 8 am."}]
+    rows = [{"id": "1", "question": "How long does the battery last?", "answers": ["14 months"], "passages": ctx},
+            {"id": "2", "question": "When does the office open?", "answers": ["8 am"], "passages": ctx},
+            {"id": "3", "question": "Who is the CFO?", "answers": [], "passages": ctx[1:]}]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_end_to_end_resumes_and_writes_reports(tmp_path, fixed_qa, two_adapters, bundled_tiny_index):
+    out = tmp_path / "rep"
+    cfg = EvalConfig(qa=str(fixed_qa), index=str(bundled_tiny_index), adapters={"a": two_adapters["a"]},
+                     max_new_tokens=6, batch_size=2, out=str(out))
+    report = run_eval(cfg, progress=False)
+    assert list(report["configs"]) == ["closed_book", "rag", "rag+a"]
+    for m in report["configs"].values():
+        assert m["n"] == 3
+        assert m["accuracy"] + m["abstention_rate"] + m["hallucination_rate"] == pytest.approx(1.0)
+    assert {(c["a"], c["b"]) for c in report["comparisons"]} == {("closed_book", "rag"), ("closed_book", "rag+a"),
+                                                                  ("rag", "rag+a")}
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 9
+    assert (out / "chart.png").stat().st_size > 5000 and "| rag+a |" in (out / "report.md").read_text()
+    # Interrupted run: drop the last 4 predictions, rerun -> only those are generated again.
+    (out / "predictions.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    again = run_eval(cfg, progress=False)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 9
+    first = [json.loads(l) for l in lines]
+    second = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    key = lambda p: (p["config"], p["id"])  # noqa: E731
+    assert sorted((key(p), p["prediction"]) for p in first) == sorted((key(p), p["prediction"]) for p in second)
+    for name, m in report["configs"].items():  # greedy decoding: same answers, same rates (latency aside)
+        assert {k: m[k] for k in ("accuracy", "abstention_rate", "hallucination_rate", "f1")} == \
+            {k: again["configs"][name][k] for k in ("accuracy", "abstention_rate", "hallucination_rate", "f1")}
+    # A different run into the same dir is refused rather than mixed.
+    cfg.limit = 2
+    with pytest.raises(Exception, match="other settings"):
+        run_eval(cfg, progress=False)
+
+
+def test_eval_cli_retrieves_when_no_passages(tmp_path, two_adapters, bundled_tiny_index):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "1", "question": "How long does the Kestrel-7 battery last?",
+                              "answers": ["14 months"], "gold_ids": ["kestrel-7-buoy-spec"]}) + "\n")
+    res = run("eval", qa, "--index", bundled_tiny_index, "--adapter", f"a={two_adapters['a']}", "--no-closed-book",
+              "--max-new-tokens", 4, "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert list(rep["configs"]) == ["rag", "rag+a"]
+    assert rep["configs"]["rag"]["recall@5"] is not None

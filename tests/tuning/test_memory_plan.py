@@ -1,0 +1,40 @@
+import pytest
+from transformers import LlamaConfig
+
+from tuning.memory_plan import GiB, ModelShape, estimate, lora_params, plan
+
+SMOL = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+
+
+def test_shape_counts_smollm2_parameters():
+    shape = ModelShape.from_config(SMOL)
+    assert abs(shape.params - 134_515_008) / 134_515_008 < 0.01  # SmolLM2-135M's published size
+    # q_proj (576->576) and v_proj (576->192) at r=8 over 30 layers
+    assert lora_params(shape, 8, ["q_proj", "v_proj"]) == 30 * 8 * ((576 + 576) + (576 + 192))
+
+
+def test_estimate_orders_strategies_and_knobs():
+    shape = ModelShape.from_config(SMOL)
+    full = estimate(shape, "full", 512, 1, False)
+    lora = estimate(shape, "lora", 512, 1, False)
+    qlora = estimate(shape, "qlora", 512, 1, False)
+    assert full.total > lora.total > qlora.total
+    assert qlora.weights < lora.weights / 2
+    assert estimate(shape, "lora", 512, 1, True).activations < lora.activations
+    assert estimate(shape, "lora", 1024, 2, False).logits == 4 * lora.logits
+
+
+def test_plan_picks_what_fits_or_refuses():
+    shape = ModelShape.from_config(SMOL)
+    roomy = plan(shape, "auto", 512, 1, True, 8, ["q_proj", "v_proj"], "cpu", available=16 * GiB)
+    assert roomy["chosen"] == "lora"
+    lora_total = roomy["estimates"]["lora"]["total"]
+    qlora_total = roomy["estimates"]["qlora"]["total"]
+    tight = plan(shape, "auto", 512, 1, True, 8, ["q_proj", "v_proj"], "cpu",
+                 available=int((lora_total + qlora_total) / 2 / 0.9))
+    assert tight["chosen"] == "qlora"
+    assert plan(shape, "auto", 512, 1, True, 8, ["q_proj", "v_proj"], "cuda", available=16 * GiB)["chosen"] == "qlora"
+    none = plan(shape, "auto", 512, 1, True, 8, ["q_proj", "v_proj"], "cpu", available=GiB // 4)
+    assert none["chosen"] is None and not none["fits"]
+    assert plan(shape, "full", 512, 1, True, 8, ["q_proj"], "cpu", available=64 * GiB)["chosen"] == "full"
