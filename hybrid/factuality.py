@@ -32,6 +32,7 @@ import numpy as np
 from hybrid.statistics import bootstrap_ci, mcnemar_exact, paired_diff_ci
 from retrieval.atomic import write_text_atomic
 from retrieval.errors import InputError
+from retrieval.index import sha256_file
 from retrieval.metrics import retrieval_metrics
 from retrieval.qa import QARow, load_qa
 from tuning.prompting import normalize
@@ -232,7 +233,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         raise InputError(f"{cfg.qa}: {len(needs_index)} rows have no 'passages' (e.g. {needs_index[0]}); pass --index to retrieve them")
     configs = (["closed_book"] if cfg.closed_book else []) + ["rag"] + [f"rag+{n}" for n in cfg.adapters]
     out = Path(cfg.out) if cfg.out else None
-    signature = hashlib.sha256(json.dumps([_file_hash(cfg.qa), cfg.index,
+    signature = hashlib.sha256(json.dumps([sha256_file(Path(cfg.qa)), cfg.index,
                                            sorted(cfg.adapters.items()), cfg.limit, cfg.seed, cfg.k, cfg.groups,
                                            cfg.max_new_tokens, cfg.base_model]).encode()).hexdigest()
     done: dict[tuple[str, str], dict] = {}
@@ -308,11 +309,3 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         write_text_atomic(out / "report.md", markdown(report))
         chart(report, out / "chart.png")
     return report
-
-
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -222,6 +222,9 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         trainer.model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         write_jsonl(tmp / "raft_train.jsonl", train_ex)
+        # The held-back questions as a QA file, so `hybrid eval OUT/held_out.jsonl` scores unseen questions.
+        write_jsonl(tmp / "held_out.jsonl", [{"id": r.id, "question": r.question, "answers": list(r.answers),
+                                              "gold_ids": list(r.gold_ids)} for r in held_out])
         if val_ex:
             write_jsonl(tmp / "raft_val.jsonl", val_ex)
         history = trainer.state.log_history

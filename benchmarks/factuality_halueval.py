@@ -1,0 +1,133 @@
+"""Factuality on HaluEval: closed_book vs rag vs rag+raft vs rag+raft_dpo, same test questions.
+
+Steps (each reruns on its own; finished steps are skipped when their output exists):
+  data    HaluEval's fixed split (hybrid.halueval: seeded shuffle of line numbers, seed 0, first
+          1000 = test). Training rows: a seeded sample of --train-questions train lines, as QA
+          rows with gold_ids into the retrieval benchmark's 10k-passage index
+          (benchmarks/retrieval_halueval.py builds it). Test rows: a seeded sample of
+          --test-questions test lines with FIXED passages: the gold knowledge plus
+          --distractors nearest other passages from the index; for half of them (seeded) the
+          gold knowledge is withheld and `answers` is [] (the right behaviour is to abstain).
+  judge   hybrid tune judge on HaluEval's train split (--judge-questions questions).
+  sft     hybrid tune generator (RAFT, LoRA) on the training rows.
+  dpo     hybrid tune dpo on top of the SFT adapter, with HaluEval's hallucinated answers as a
+          second source of rejected answers (train lines only).
+  eval    hybrid eval on the test rows with --judge: closed_book, rag, rag+raft, rag+raft_dpo.
+No test line is used by any training step.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/factuality_halueval.py    # CPU sizes below
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="benchmarks/out/factuality")
+    p.add_argument("--index", default="benchmarks/out/halueval/index")
+    p.add_argument("--train-questions", type=int, default=400)
+    p.add_argument("--test-questions", type=int, default=100)
+    p.add_argument("--distractors", type=int, default=3)
+    p.add_argument("--judge-questions", type=int, default=1500)
+    p.add_argument("--sft-steps", type=int, default=100)
+    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--dpo-questions", type=int, default=80)
+    p.add_argument("--dpo-steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", default="data,judge,sft,dpo,eval")
+    args = p.parse_args()
+    steps = set(args.steps.split(","))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
+
+    from hybrid import halueval
+    from retrieval.retriever import Retriever
+
+    lines = halueval.load_lines()
+    train_idx, test_idx = halueval.split(len(lines), 1000, args.seed)
+    t0 = time.perf_counter()
+    if "data" in steps and not (work / "test.jsonl").exists():
+        retriever = Retriever.load(args.index)
+        doc_of = {}  # knowledge text -> doc id used in the index (first line holding it)
+        for i, row in enumerate(lines):
+            doc_of.setdefault(row["knowledge"].strip(), f"h{i:05d}")
+        rng = random.Random(args.seed)
+        tr = sorted(rng.sample(train_idx, args.train_questions))
+        with open(work / "train.jsonl", "w") as fh, open(work / "wrong.jsonl", "w") as wh:
+            for i in tr:
+                r = lines[i]
+                fh.write(json.dumps({"id": f"h{i:05d}", "question": r["question"], "answers": [r["right_answer"]],
+                                     "gold_ids": [doc_of[r["knowledge"].strip()]]}) + "\n")
+                wh.write(json.dumps({"id": f"h{i:05d}", "wrong_answer": r["hallucinated_answer"]}) + "\n")
+        te = sorted(rng.sample(test_idx, args.test_questions))
+        withheld = set(rng.sample(te, len(te) // 2))
+        hits = retriever.search_batch([lines[i]["question"] for i in te], k=args.distractors + 3)
+        with open(work / "test.jsonl", "w") as fh:
+            for i, hs in zip(te, hits):
+                r = lines[i]
+                gold = doc_of[r["knowledge"].strip()]
+                distract = [{"id": h.doc_id, "text": h.text} for h in hs if h.doc_id != gold][: args.distractors]
+                if i in withheld:
+                    passages, answers = distract, []
+                else:
+                    passages = distract + [{"id": gold, "text": r["knowledge"].strip()}]
+                    random.Random(i).shuffle(passages)
+                    answers = [r["right_answer"]]
+                fh.write(json.dumps({"id": f"h{i:05d}", "question": r["question"], "answers": answers,
+                                     "gold_ids": [gold] if answers else [], "passages": passages}) + "\n")
+        timings["data_s"] = time.perf_counter() - t0
+        print(f"data: {args.train_questions} train rows, {args.test_questions} test rows ({len(withheld)} withheld)",
+              flush=True)
+
+    def stage(name, fn):
+        t = time.perf_counter()
+        fn()
+        timings[f"{name}_min"] = round((time.perf_counter() - t) / 60, 1)
+        (work / "timings.json").write_text(json.dumps(timings, indent=2))
+        print(f"{name}: {timings[f'{name}_min']} min", flush=True)
+
+    if "judge" in steps and not (work / "judge" / "hybrid_judge.json").exists():
+        from hybrid.judge import JudgeTuneConfig, tune_judge
+
+        stage("judge", lambda: print(json.dumps(tune_judge(JudgeTuneConfig(
+            out=str(work / "judge"), train_questions=args.judge_questions, seed=args.seed), progress=False))))
+    if "sft" in steps and not (work / "raft" / "hybrid_run.json").exists():
+        from tuning.sft import GeneratorTuneConfig, tune_generator
+
+        stage("sft", lambda: tune_generator(GeneratorTuneConfig(
+            index=args.index, qa=str(work / "train.jsonl"), out=str(work / "raft"), num_distractors=args.distractors,
+            test_fraction=0.0, val_fraction=0.05, max_steps=args.sft_steps, grad_accum=2, learning_rate=args.sft_lr,
+            target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=50, max_length=1024), progress=False))
+    if "dpo" in steps and not (work / "raft_dpo" / "hybrid_run.json").exists():
+        from tuning.dpo import DPOTuneConfig, tune_dpo
+
+        stage("dpo", lambda: tune_dpo(DPOTuneConfig(
+            index=args.index, qa=str(work / "train.jsonl"), adapter=str(work / "raft"), out=str(work / "raft_dpo"),
+            wrong_answers=str(work / "wrong.jsonl"), judge=str(work / "judge"), num_distractors=args.distractors,
+            max_questions=args.dpo_questions, max_steps=args.dpo_steps, test_fraction=0.0, grad_accum=2), progress=False))
+    if "eval" in steps:
+        from hybrid.factuality import EvalConfig, markdown, run_eval
+
+        def ev():
+            rep = run_eval(EvalConfig(qa=str(work / "test.jsonl"), adapters={"raft": str(work / "raft"),
+                                                                             "raft_dpo": str(work / "raft_dpo")},
+                                      judge=str(work / "judge"), seed=args.seed, batch_size=4, max_new_tokens=64,
+                                      out=str(work / "eval")), progress=False)
+            print(markdown(rep))
+        stage("eval", ev)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
