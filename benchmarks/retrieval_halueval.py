@@ -288,7 +288,7 @@ def tuning(args, work: Path, base_retriever, qvecs: np.ndarray, test: list[dict]
           ["embedder", *keys],
           [["base", *(m["base"][k] for k in keys)], ["tuned", *(m["tuned"][k] for k in keys)],
            ["gain (points)", *(f"{gain[k]:+.1f}" for k in keys)]])
-    out(f"target recall@5 gain >= +5 points: {'PASS' if gain['recall@5'] >= 5 else 'MISS'} ({gain['recall@5']:+.1f}); "
+    out(f"target recall@5 gain >= +5 points: {'PASS' if round(gain['recall@5'], 6) >= 5 else 'MISS'} ({gain['recall@5']:+.1f}); "
         f"tune_embedder (mining + training + evaluation) {tune_s / 60:.1f} min; peak RSS {peak_rss_mib():.0f} MiB")
     return {"test": m, "gain_points": gain, "target_recall@5_gain_points": 5.0, "tune_embedder_report": res,
             "tune_s": tune_s, "train_pairs_file": str(sub)}

@@ -1,19 +1,24 @@
 """Peak-memory estimate for fine-tuning, made before any weight is loaded.
 
 The estimate adds, in bytes:
-  runtime     the Python + torch process before the model (measured on this stack)
+  runtime     the Python + torch + transformers process before the model
   weights     fp32 (4 B/param); QLoRA: NF4 linear weights at 0.5 B/param plus
               double-quantised constants, other weights (embeddings, norms) in the
-              compute dtype
-  trainable   weights + gradients + AdamW moments of the trainable parameters
-              (all of them for full fine-tuning; the LoRA A/B matrices otherwise)
-  activations what backward keeps per token and layer (LLaMA block: ~10 x hidden +
-              5 x intermediate floats); with gradient checkpointing only each layer's
-              input plus one layer's activations
-  logits      batch x seq x vocab floats, times 3 (logits, log-softmax, gradient):
-              with a 49k vocabulary this is often the largest term
-and scales the activation terms by a factor fitted on this stack's measurements
-(benchmarks/memory_plan.py compares estimate and measured peak).
+              compute dtype, plus bitsandbytes' CPU dequantisation workspace
+  trainable   gradients + AdamW moments (full: 12 B/param) or the LoRA matrices with
+              theirs (16 B/param)
+  activations per token: with gradient checkpointing each layer's input plus one
+              layer's activations (~10 x hidden + 5 x intermediate floats), without it
+              every layer's; plus the input of every LoRA-wrapped projection (PEFT
+              keeps it for the adapter's backward)
+  logits      per token 5 x vocab floats: logits, log-softmax and its gradient, and
+              the entropy/accuracy metrics TRL computes (with a 49k vocabulary this is
+              the largest term)
+On CPU, bitsandbytes' 4-bit path keeps fp32 dequantised copies for backward, so the
+per-token terms of QLoRA are 1.5x LoRA's: on this CPU QLoRA uses *more* memory than
+LoRA for a 135M model, and its only saving is the weights. The constants (runtime,
+workspace, 5x logits, 1.5x) were fitted on SmolLM2-135M with TRL's SFTTrainer on this
+stack; benchmarks/memory_plan.py compares estimate and measured peak.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 GiB = 1024 ** 3
-RUNTIME_BYTES = {"cpu": int(0.55 * GiB), "cuda": int(0.6 * GiB)}
-ACTIVATION_FACTOR = 1.0
+RUNTIME_BYTES = {"cpu": int(0.68 * GiB), "cuda": int(0.6 * GiB)}
+QLORA_CPU_WORKSPACE = int(0.14 * GiB)
+QLORA_CPU_TOKEN_FACTOR = 1.5
+LOGIT_COPIES = 5
+LORA_IN_DIMS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Strategy = Literal["full", "lora", "qlora"]
 
 
@@ -55,13 +63,20 @@ class ModelShape:
                    intermediate=inter, vocab=vocab, tied=tied, kv_hidden=kv * head_dim)
 
 
+def _dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_hidden
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _targets(targets) -> list[str]:
+    return list(LORA_IN_DIMS) if targets == "all-linear" else list(targets)
+
+
 def lora_params(shape: ModelShape, r: int, targets: list[str] | str) -> int:
     """Trainable LoRA parameters: r x (in + out) per targeted projection per layer."""
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_hidden
-    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    names = list(dims) if targets == "all-linear" else list(targets)
-    return shape.layers * sum(r * sum(dims[n]) for n in names if n in dims)
+    dims = _dims(shape)
+    return shape.layers * sum(r * sum(dims[n]) for n in _targets(targets) if n in dims)
 
 
 @dataclass
@@ -97,10 +112,10 @@ def estimate(shape: ModelShape, strategy: Strategy, seq_len: int, batch: int, ch
     linear = shape.params - shape.embed_params
     if strategy == "qlora":
         weights = int(linear * (0.5 + 0.127 / 8)) + shape.embed_params * compute_bytes
+        weights += QLORA_CPU_WORKSPACE if device == "cpu" else 0
     else:
         weights = 4 * shape.params
-    trainable_params = shape.params if strategy == "full" else lora_params(shape, lora_r, list(lora_targets)
-                                                                          if lora_targets != "all-linear" else lora_targets)
+    trainable_params = shape.params if strategy == "full" else lora_params(shape, lora_r, lora_targets)
     # Full: the weights are counted above; add fp32 gradients + 2 AdamW moments (12 B/param).
     # LoRA/QLoRA: the adapter's own fp32 weights too (16 B/param).
     trainable = 12 * trainable_params if strategy == "full" else 16 * trainable_params
@@ -111,9 +126,14 @@ def estimate(shape: ModelShape, strategy: Strategy, seq_len: int, batch: int, ch
         activations = shape.layers * tokens * shape.hidden * act_bytes + per_layer
     else:
         activations = shape.layers * per_layer
-    logits = 3 * tokens * shape.vocab * 4  # the loss is computed in fp32
+    if strategy != "full":
+        dims = _dims(shape)
+        activations += shape.layers * tokens * sum(dims[n][0] for n in _targets(lora_targets) if n in dims) * act_bytes
+    logits = LOGIT_COPIES * tokens * shape.vocab * 4  # the loss is computed in fp32
+    if strategy == "qlora" and device == "cpu":
+        activations, logits = int(activations * QLORA_CPU_TOKEN_FACTOR), int(logits * QLORA_CPU_TOKEN_FACTOR)
     return Estimate(strategy=strategy, runtime=RUNTIME_BYTES[device], weights=weights, trainable=trainable,
-                    activations=int(activations * ACTIVATION_FACTOR), logits=logits)
+                    activations=int(activations), logits=logits)
 
 
 def available_bytes(device: str) -> int:
@@ -137,9 +157,8 @@ def plan(shape: ModelShape, requested: Literal["auto", "full", "lora", "qlora"],
          headroom: float = 0.9) -> dict:
     """Estimate every strategy, pick one, or explain what to change.
 
-    `auto` tries QLoRA then LoRA on CUDA, LoRA then QLoRA on CPU (4-bit saves little memory
-    there, because embeddings and activations dominate, and runs slower); full fine-tuning
-    only when asked for.
+    `auto` tries QLoRA then LoRA on CUDA, LoRA then QLoRA on CPU (there 4-bit saves only
+    the weights, costs more per token, and runs slower); full fine-tuning only when asked for.
 
     Returns:
         {"device", "available", "budget", "estimates": {strategy: {term: bytes, "total"}}, "chosen", "fits"}.
