@@ -95,3 +95,25 @@ def test_interrupted_run_keeps_previous_adapter_and_resumes(tmp_path, bundled_ti
     assert rec["steps"] == 4 and len(rec["train_loss"]) == 4  # steps 1-2 restored from the checkpoint, 3-4 run now
     assert (out / "adapter_model.safetensors").read_bytes() != before
     assert first["config"]["learning_rate"] != rec["config"]["learning_rate"]
+
+
+def test_merge_exports_a_full_model_equal_to_base_plus_adapter(tmp_path, bundled_tiny_index, tiny_llm_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=2, val_fraction=0, merge=True),
+                   progress=False, log=lambda *_: None)
+    out = tmp_path / "adapter"
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm_dir), out)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-4)
+
+
+def test_qlora_trains_a_lora_adapter_on_a_4bit_base(tmp_path, bundled_tiny_index, tiny_llm_dir):
+    pytest.importorskip("bitsandbytes")
+    rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, strategy="qlora", max_steps=1,
+                                 val_fraction=0), progress=False, log=lambda *_: None)
+    assert rec["strategy"] == "qlora" and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert rec["memory_plan"]["chosen"] == "qlora"
