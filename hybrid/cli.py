@@ -250,13 +250,15 @@ def tune_judge_cmd(
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: 16]."),
     n_test: Optional[int] = typer.Option(None, help="Size of HaluEval's held-out test split (seeded shuffle) [default: 1000]."),
     seed: Optional[int] = typer.Option(None, help="Split and training seed [default: 0]."),
+    swapped_negatives: Optional[bool] = typer.Option(None, "--swapped-negatives/--no-swapped-negatives", help="Also use another question's right answer as an unsupported example [default: on]."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Train the groundedness judge on HaluEval's train split; report accuracy and AUROC."""
     from hybrid.judge import JudgeTuneConfig, tune_judge
 
     cfg = build_config(JudgeTuneConfig, None, out=str(out), halueval=str(halueval) if halueval else None,
-                       train_questions=train_questions, epochs=epochs, batch_size=batch_size, n_test=n_test, seed=seed)
+                       train_questions=train_questions, epochs=epochs, batch_size=batch_size, n_test=n_test, seed=seed,
+                       swapped_negatives=swapped_negatives)
     rep = tune_judge(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(rep))

