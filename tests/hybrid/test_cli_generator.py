@@ -59,3 +59,14 @@ def test_generator_bad_inputs(tmp_path, bundled_tiny_index, tiny_llm_dir, cli_ad
     assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",
                            "--strategy", "magic", "--lora-r", 0), "--strategy", "--lora-r")
     assert not (tmp_path / "o").exists()
+
+
+def test_tune_dpo_cli(cli_adapter, bundled_tiny_index, tmp_path):
+    qa = small_qa(tmp_path)
+    res = run("tune", "dpo", "--index", bundled_tiny_index, "--qa", qa, "--adapter", cli_adapter,
+              "--out", tmp_path / "dpo", "--n-samples", 2, "--max-steps", 1, "--max-questions", 4,
+              "--num-distractors", 1, "-q")
+    assert res.exit_code == 0, res.output
+    assert "dpo adapter saved to" in res.stdout and (tmp_path / "dpo" / "adapter_model.safetensors").exists()
+    assert_clean_error(run("tune", "dpo", "--index", bundled_tiny_index, "--qa", qa, "--adapter", tmp_path,
+                           "--out", tmp_path / "x"), "not an adapter made by")
