@@ -74,19 +74,27 @@ def evaluate(judge: Judge, pairs: list[tuple[str, str, str, int]]) -> dict:
     return {"n": len(pairs), "accuracy": float(((probs >= THRESHOLD) == labels).mean()), "auroc": auroc(probs, labels)}
 
 
-def bundled_pairs(qa_path: Path, docs_dir: Path, seed: int = 0) -> list[tuple[str, str, str, int]]:
-    """Gold answer (supported) vs another question's answer (unsupported), over the gold document."""
+def bundled_pairs(qa_path: Path, docs_dir: Path, seed: int = 0, window: int = 600) -> list[tuple[str, str, str, int]]:
+    """Gold answer (supported) vs another question's answer (unsupported) over the gold passage.
+
+    The passage is the `window` characters of the gold document around the answer (the
+    judge reads 256 tokens; a whole 500-word document would cut the evidence off).
+    """
     from retrieval.corpus import load_corpus
     from retrieval.qa import load_qa
 
     docs = {d.id: d.text for d in load_corpus(docs_dir).documents}
-    rows = [r for r in load_qa(qa_path) if r.answers and r.gold_ids]
+    rows = [r for r in load_qa(qa_path) if r.answers and r.gold_ids and r.answers[0] in docs[r.gold_ids[0]]]
     rng = random.Random(seed)
     out = []
     for r in rows:
-        other = rng.choice([o for o in rows if o.id != r.id and o.answers[0] not in docs[r.gold_ids[0]]])
-        out.append((docs[r.gold_ids[0]], r.question, r.answers[0], 1))
-        out.append((docs[r.gold_ids[0]], r.question, other.answers[0], 0))
+        text = docs[r.gold_ids[0]]
+        at = text.index(r.answers[0])
+        start = max(0, at - window // 2)
+        passage = text[start:start + window]
+        other = rng.choice([o for o in rows if o.id != r.id and o.answers[0] not in text])
+        out.append((passage, r.question, r.answers[0], 1))
+        out.append((passage, r.question, other.answers[0], 0))
     return out
 
 
