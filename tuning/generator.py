@@ -29,8 +29,14 @@ PACKAGED = {
 }
 DEFAULT_GENERATOR = "smollm2"
 
-# Base models without a chat template (Gemma-3-270M base) get this ChatML template, the one
-# SmolLM2-Instruct already uses, so every generator sees the same prompt layout.
+# Base models without a chat template (Gemma-3-270M base) get PLAIN_TEMPLATE: the same
+# system + documents + question text, then "Answer: ", as plain text. (ChatML markers are not
+# special tokens in such a vocabulary; a base model only learns to repeat them.)
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ 'Answer: ' + message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Answer: ' }}{% endif %}"
+)
+# The ChatML layout SmolLM2-Instruct uses (tests' tiny models use it too).
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -72,8 +78,6 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
     model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if not tok.chat_template:
-        tok.chat_template = CHATML_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +129,7 @@ def load_tokenizer(path: Path):
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if not tok.chat_template:
-        tok.chat_template = CHATML_TEMPLATE
+        tok.chat_template = PLAIN_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
