@@ -45,6 +45,10 @@ def main() -> int:
     p.add_argument("--dpo-steps", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", default="data,judge,sft,dpo,eval")
+    p.add_argument("--dpo-out", default="raft_dpo", help="adapter dir name under --work for the DPO stage")
+    p.add_argument("--dpo-p-oracle", type=float, default=0.5)
+    p.add_argument("--no-answer-over-abstain", action="store_true")
+    p.add_argument("--eval-out", default="eval")
     args = p.parse_args()
     steps = set(args.steps.split(","))
     work = Path(args.work)
@@ -109,11 +113,12 @@ def main() -> int:
             index=args.index, qa=str(work / "train.jsonl"), out=str(work / "raft"), num_distractors=args.distractors,
             test_fraction=0.0, val_fraction=0.05, max_steps=args.sft_steps, grad_accum=2, learning_rate=args.sft_lr,
             target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=50, max_length=1024), progress=False))
-    if "dpo" in steps and not (work / "raft_dpo" / "hybrid_run.json").exists():
+    if "dpo" in steps and not (work / args.dpo_out / "hybrid_run.json").exists():
         from tuning.dpo import DPOTuneConfig, tune_dpo
 
         stage("dpo", lambda: tune_dpo(DPOTuneConfig(
-            index=args.index, qa=str(work / "train.jsonl"), adapter=str(work / "raft"), out=str(work / "raft_dpo"),
+            index=args.index, qa=str(work / "train.jsonl"), adapter=str(work / "raft"), out=str(work / args.dpo_out),
+            p_oracle=args.dpo_p_oracle, answer_over_abstain=not args.no_answer_over_abstain,
             wrong_answers=str(work / "wrong.jsonl"), judge=str(work / "judge"), num_distractors=args.distractors,
             max_questions=args.dpo_questions, max_steps=args.dpo_steps, test_fraction=0.0, grad_accum=2), progress=False))
     if "eval" in steps:
@@ -121,9 +126,9 @@ def main() -> int:
 
         def ev():
             rep = run_eval(EvalConfig(qa=str(work / "test.jsonl"), adapters={"raft": str(work / "raft"),
-                                                                             "raft_dpo": str(work / "raft_dpo")},
+                                                                             args.dpo_out: str(work / args.dpo_out)},
                                       judge=str(work / "judge"), seed=args.seed, batch_size=4, max_new_tokens=64,
-                                      out=str(work / "eval")), progress=False)
+                                      out=str(work / args.eval_out)), progress=False)
             print(markdown(rep))
         stage("eval", ev)
     return 0

@@ -11,7 +11,10 @@ question, +1 abstaining when the oracle is absent, -1 abstaining when it is
 present, +0.5 per verified quote, -0.5 per unverified quote, and -1 when the judge
 (if given) calls it unsupported. The best sample is preferred over the worst; ties
 are skipped. When the oracle is withheld, the abstention is preferred over a
-fabricated answer. Dataset-provided wrong answers (`--wrong-answers` JSONL of
+fabricated answer; when the oracle is present and a sample abstained, the gold-quoting
+answer is preferred over that abstention (`answer_over_abstain`; without these pairs a weak
+SFT model's best samples are abstentions and DPO learns to abstain everywhere, as measured on
+HaluEval). Dataset-provided wrong answers (`--wrong-answers` JSONL of
 `{"id", "wrong_answer"}`, e.g. HaluEval's `hallucinated_answer`) add a second source:
 the gold-quoting RAFT answer preferred over the wrong one.
 
@@ -65,6 +68,7 @@ class DPOTuneConfig:
     max_length: int = 1024
     test_fraction: float = 0.2
     max_questions: int = 0
+    answer_over_abstain: bool = True
     seed: int = 13
 
     def problems(self) -> list[str]:
@@ -125,6 +129,15 @@ def build_pairs(examples: list[dict], rows_by_id: dict, chunks: dict, model, tok
         scored = sorted(zip((score(s, row.answers, passages, ex["oracle"], u) for s, u in zip(samples, unsup)), samples),
                         key=lambda t: t[0])
         (lo, worst), (hi, best) = scored[0], scored[-1]
+        if ex["oracle"] and row.answers and cfg.answer_over_abstain:
+            abstained = [s for _, s in scored if parse_answer(s).abstained]
+            if abstained:  # the oracle is there: the gold-quoting answer beats giving up
+                oracle = next((chunks[c] for c in ex["chunk_ids"] if chunks[c].doc_id in row.gold_ids), None)
+                if oracle is not None:
+                    gold = cot_answer(quote_for(row.answers[0], row.question, oracle.text), row.answers[0])
+                    pairs.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": gold}],
+                                  "rejected": [{"role": "assistant", "content": abstained[0]}], "source": "answer"})
+                    continue
         if not ex["oracle"]:
             fabricated = [s for sc, s in scored if not parse_answer(s).abstained]
             if fabricated:  # withheld oracle: the abstention beats a made-up answer
@@ -230,7 +243,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
         record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
                   "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
                   "data": {"held_out_ids": sorted(held), "pairs": len(pairs),
-                           "by_source": {s: sum(p["source"] == s for p in pairs) for s in ("sampled", "abstain", "dataset")},
+                           "by_source": {s: sum(p["source"] == s for p in pairs) for s in ("sampled", "abstain", "answer", "dataset")},
                            "questions": len(train_rows)},
                   "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
                   "minutes": round((time.perf_counter() - t0) / 60, 2)}
