@@ -40,14 +40,17 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
 def markdown_table(configs: dict[str, dict], columns=RETRIEVAL_COLUMNS) -> str:
     """A Markdown table, one row per configuration."""
     head = "| config | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
-    body = "".join(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in columns) + " |\n" for name, m in configs.items())
+    body = "".join(f"| {name} | " + " | ".join(fmt(m.get(c)) for c in columns) + " |\n" for name, m in configs.items())
     return head + body
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
+    """A table cell: – for absent, integers as is, small reals to 3 decimals, large ones rounded."""
     if v is None:
         return "–"
-    return str(v) if isinstance(v, int) else f"{v:.3f}"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}"
 
 
 def write_report(report: dict, out_dir: str | Path) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid.evaluation import fmt
 from hybrid.statistics import bootstrap_ci, mcnemar_exact, paired_diff_ci
 from retrieval.atomic import write_text_atomic
 from retrieval.errors import InputError
@@ -157,14 +158,6 @@ def compare(by_config: dict[str, list[dict]], seed: int) -> list[dict]:
     return out
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}"
-
-
 def markdown(report: dict) -> str:
     """report.md: one row per configuration, rates with their 95 % intervals, then the paired tests."""
     lines = [f"# hybrid eval: {report['dataset']}", "",
@@ -177,10 +170,10 @@ def markdown(report: dict) -> str:
 
         def rate(key):
             lo, hi = ci.get(key, [None, None])
-            return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else _fmt(m[key])
+            return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else fmt(m[key])
 
         lines.append(f"| {name} | {m['n']} | {rate('accuracy')} | {rate('abstention_rate')} | {rate('hallucination_rate')} | "
-                     + " | ".join(_fmt(m.get(c)) for c in COLUMNS[4:]) + " |")
+                     + " | ".join(fmt(m.get(c)) for c in COLUMNS[4:]) + " |")
     if report["comparisons"]:
         lines += ["", "Paired comparisons (b − a on the same questions; McNemar exact p):", "",
                   "| a | b | Δ hallucination [95 % CI] | p | Δ accuracy [95 % CI] | p |", "|---|---|---:|---:|---:|---:|"]

@@ -156,12 +156,11 @@ def ict_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
 
 
 def rank_docs(model, chunks: list[Hit], queries: list[str], depth: int = 50) -> list[list[str]]:
-    """Rank chunk doc ids for queries with an exact inner-product search (owner-side eval)."""
-    from retrieval.embedder import Embedder
+    """Rank chunk doc ids for queries by exact inner product under a SentenceTransformer (owner-side eval)."""
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.asarray(model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True),
+                          dtype=np.float32)
 
-    emb = model if isinstance(model, Embedder) else None
-    encode = emb.encode if emb else (lambda t: np.asarray(model.encode(t, batch_size=64, normalize_embeddings=True,
-                                                                        convert_to_numpy=True), dtype=np.float32))
     corpus = encode([embed_text(c.title, c.text) for c in chunks])
     index = faiss.IndexFlatIP(corpus.shape[1])
     index.add(corpus)
@@ -233,7 +232,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
 
     # --- evaluate base vs tuned on the held-out split ---------------------------------------
     base_rank = [[h.doc_id for h in hits] for hits in retriever.search_vectors(base.encode(test_q), k=50,
-                                                                               groups=_all_groups(retriever))]
+                                                                               groups=retriever.groups)]
     tuned_rank = rank_docs(model, all_chunks, test_q)
     result = {
         "base": retrieval_metrics(base_rank, test_g),
@@ -248,11 +247,6 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     }
     write_text_atomic(out / "hybrid_tuning.json", json.dumps(result, indent=2))
     return result
-
-
-def _all_groups(retriever: Retriever) -> list[str]:
-    """Every group in the index: the owner's evaluation sees all documents."""
-    return sorted({g for gs in retriever._groups for g in gs})
 
 
 def _cuda() -> bool:

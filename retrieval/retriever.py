@@ -83,6 +83,11 @@ class Retriever:
     def __len__(self) -> int:
         return self.index.ntotal
 
+    @property
+    def groups(self) -> list[str]:
+        """Every access group used in the index (the owner's view, for training and evaluation)."""
+        return sorted({g for gs in self._groups for g in gs})
+
     def _allowed(self, groups) -> np.ndarray | None:
         """Row ids visible to a caller with `groups`; None when every row is visible."""
         key = frozenset(groups or ())

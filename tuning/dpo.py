@@ -111,7 +111,6 @@ def build_pairs(examples: list[dict], rows_by_id: dict, chunks: dict, model, tok
     import torch
 
     pairs = []
-    tok.padding_side = "left"
     for ex in examples:
         row = rows_by_id[ex["id"]]
         passages = [{"text": chunks[c].text} for c in ex["chunk_ids"]]

@@ -83,7 +83,7 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
     """
     rng = random.Random(settings.seed)
     all_chunks = retriever.chunks(include_restricted=True)
-    groups = sorted({g for gs in retriever._groups for g in gs})
+    groups = retriever.groups
     by_doc: dict[str, list[Hit]] = {}
     for c in all_chunks:
         by_doc.setdefault(c.doc_id, []).append(c)
@@ -122,10 +122,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     from retrieval.atomic import write_text_atomic
 
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def stats(examples: list[dict]) -> dict:

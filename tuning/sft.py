@@ -103,10 +103,10 @@ def _check_lengths(examples: list[dict], tok, max_length: int) -> dict:
     """Token lengths of prompt + completion; refuse when a prompt alone does not fit."""
     lengths = []
     for e in examples:
-        prompt = tok.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=True)
-        prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
-        full = len(prompt) + len(tok(e["completion"][0]["content"], add_special_tokens=False)["input_ids"]) + 2
-        lengths.append((len(prompt), full))
+        text = tok.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False)
+        prompt = len(tok(text, add_special_tokens=False)["input_ids"])
+        full = prompt + len(tok(e["completion"][0]["content"], add_special_tokens=False)["input_ids"]) + 2
+        lengths.append((prompt, full))
     too_long = [f for _, f in lengths if f > max_length]
     if too_long:
         raise InputError(f"--max-length {max_length} is smaller than {len(too_long)} of {len(lengths)} examples "
