@@ -104,7 +104,18 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, small_corpus, cli_index, tiny
 
 
 def test_help_explains_every_option():
-    for cmd in (["index"], ["search"], ["tune", "embedder"], ["eval"]):
-        res = run(*cmd, "--help")
+    import typer.main
+
+    group = typer.main.get_command(app)
+    commands = [["index"], ["search"], ["tune", "embedder"], ["tune", "generator"], ["tune", "dpo"],
+                ["tune", "judge"], ["ask"], ["eval"]]
+    for path in commands:
+        cmd = group
+        for name in path:
+            cmd = cmd.commands[name]
+        res = run(*path, "--help")
         assert res.exit_code == 0
-        assert "--help" in res.stdout
+        for param in cmd.params:
+            if param.param_type_name == "option":
+                assert param.help, f"{' '.join(path)} {param.opts[0]} has no help text"
+                assert param.opts[0] in res.stdout, (path, param.opts[0])
