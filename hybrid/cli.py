@@ -245,12 +245,13 @@ def tune_dpo_cmd(
 def tune_judge_cmd(
     out: Path = typer.Option(..., "--out", help="Judge directory to write (a sentence-transformers CrossEncoder)."),
     halueval: Optional[Path] = typer.Option(None, help="HaluEval QA JSONL [default: ../shared/data/halueval_qa/dataset_halueval_qa.jsonl]."),
-    train_questions: Optional[int] = typer.Option(None, help="HaluEval train-split questions used (2 pairs each) [default: 3000]."),
+    train_questions: Optional[int] = typer.Option(None, help="HaluEval train-split questions used (up to 5 pairs each) [default: 3000]."),
     epochs: Optional[int] = typer.Option(None, help="Epochs [default: 1]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: 16]."),
     n_test: Optional[int] = typer.Option(None, help="Size of HaluEval's held-out test split (seeded shuffle) [default: 1000]."),
     seed: Optional[int] = typer.Option(None, help="Split and training seed [default: 0]."),
     swapped_negatives: Optional[bool] = typer.Option(None, "--swapped-negatives/--no-swapped-negatives", help="Also use another question's right answer as an unsupported example [default: on]."),
+    grounding_negatives: Optional[bool] = typer.Option(None, "--grounding-negatives/--no-grounding-negatives", help="Also use answers over the most similar other passage (evidence not retrieved) as unsupported examples [default: on]."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Train the groundedness judge on HaluEval's train split; report accuracy and AUROC."""
@@ -258,12 +259,14 @@ def tune_judge_cmd(
 
     cfg = build_config(JudgeTuneConfig, None, out=str(out), halueval=str(halueval) if halueval else None,
                        train_questions=train_questions, epochs=epochs, batch_size=batch_size, n_test=n_test, seed=seed,
-                       swapped_negatives=swapped_negatives)
+                       swapped_negatives=swapped_negatives, grounding_negatives=grounding_negatives)
     rep = tune_judge(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(rep))
         return
-    for name in ("halueval_test", "bundled"):
+    for name in ("halueval_test", "grounding_test", "bundled"):
+        if name not in rep:
+            continue
         m = rep[name]
         typer.echo(f"{name}: n={m['n']} accuracy={m['accuracy']:.3f} AUROC={m['auroc']:.3f}")
     typer.echo(f"judge saved to {out} ({rep['train_pairs']} training pairs, {rep['minutes']} min)")

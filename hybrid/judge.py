@@ -5,9 +5,12 @@ HHEM and RAGTruth's detectors are fine-tuned classifiers: a sentence-transformer
 CrossEncoder on the packaged MiniLM body, trained on (passages, question +
 answer) -> supported / unsupported from HaluEval's *train* split (right answer =
 supported; hallucinated answer, and another question's right answer over this
-question's passage, = unsupported). `hybrid tune judge` reports
-accuracy and AUROC on HaluEval's test split and on the bundled corpus (gold
-answer vs another question's answer over the gold passage).
+question's passage, = unsupported; and, with grounding negatives, the right
+answer or the neighbour's answer over the most similar *other* passage). The
+judge reads one passage at a time; an answer is supported when any of its
+passages supports it. `hybrid tune judge` reports accuracy and AUROC on
+HaluEval's test split (HaluEval's own pairs, and grounding pairs) and on the
+bundled corpus (gold answer vs another question's answer over the gold passage).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.errors import InputError
@@ -61,10 +65,23 @@ class Judge:
         pairs = [(pair_text(q, a), p) for p, q, a in zip(passages, questions, answers)]
         return np.asarray(self.model.predict(pairs, batch_size=32, show_progress_bar=False), dtype=float)
 
+    def support(self, questions: list[str], answers: list[str], contexts: list[list[dict]]) -> np.ndarray:
+        """Support of each answer: the highest probability over its passages, shape (N,).
+
+        Passages are scored one at a time (the judge reads 256 tokens; joined passages
+        would cut the later ones off), and one supporting passage is enough.
+        """
+        flat = [(n, p["text"]) for n, ctx in enumerate(contexts) for p in ctx]
+        probs = self.supported_prob([t for _, t in flat], [questions[n] for n, _ in flat],
+                                    [answers[n] for n, _ in flat]) if flat else np.zeros(0)
+        best = np.zeros(len(questions))
+        for (n, _), pr in zip(flat, probs):
+            best[n] = max(best[n], pr)
+        return best
+
     def unsupported(self, questions: list[str], answers: list[str], contexts: list[list[dict]]) -> list[bool]:
-        """True where the answer is judged not supported by its passages."""
-        texts = ["\n".join(p["text"] for p in ctx) for ctx in contexts]
-        return [bool(p < THRESHOLD) for p in self.supported_prob(texts, questions, answers)]
+        """True where no passage is judged to support the answer."""
+        return [bool(p < THRESHOLD) for p in self.support(questions, answers, contexts)]
 
 
 def evaluate(judge: Judge, pairs: list[tuple[str, str, str, int]]) -> dict:
@@ -112,6 +129,7 @@ class JudgeTuneConfig:
     seed: int = 0
     n_test: int = 1000
     swapped_negatives: bool = True
+    grounding_negatives: bool = True
 
     def problems(self) -> list[str]:
         bad = [f"--{n.replace('_', '-')} must be >= 1" for n in ("train_questions", "epochs", "batch_size", "max_length")
@@ -130,13 +148,16 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
     from hybrid import halueval
-    from retrieval.embedder import resolve_embedder
+    from retrieval.embedder import load_embedder, resolve_embedder
 
     lines = halueval.load_lines(cfg.halueval)
     train_idx, test_idx = halueval.split(len(lines), cfg.n_test, cfg.seed)
     rng = random.Random(cfg.seed)
     train_idx = sorted(rng.sample(train_idx, min(cfg.train_questions, len(train_idx))))
-    train = halueval.judge_pairs(lines, train_idx, swapped=cfg.swapped_negatives, seed=cfg.seed)
+    embedder = load_embedder(None, device="cpu") if cfg.grounding_negatives else None
+    near = halueval.nearest_other(lines, train_idx, embedder) if embedder else None
+    train = halueval.judge_pairs(lines, train_idx, swapped=cfg.swapped_negatives, seed=cfg.seed, neighbours=near)
+    n_pos = sum(l for *_, l in train)
     ds = Dataset.from_dict({"sentence1": [pair_text(q, a) for _, q, a, _ in train],
                             "sentence2": [p for p, *_ in train], "label": [float(l) for *_, l in train]})
     model = CrossEncoder(str(resolve_embedder(None)[1]), num_labels=1, max_length=cfg.max_length,
@@ -149,12 +170,18 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
                                              per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                                              warmup_steps=0.1, seed=cfg.seed, save_strategy="no", report_to="none",
                                              logging_steps=20, disable_tqdm=not progress, use_cpu=True)
-        CrossEncoderTrainer(model=model, args=args, train_dataset=ds, loss=BinaryCrossEntropyLoss(model)).train()
+        # Positives are outnumbered (up to 4 negatives each); weight them so 0.5 stays the threshold.
+        loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor((len(train) - n_pos) / n_pos))
+        CrossEncoderTrainer(model=model, args=args, train_dataset=ds, loss=loss).train()
         model.save(str(work / "model"))
         judge = Judge(model)
         test = halueval.judge_pairs(lines, test_idx)
         bundled_dir = Path(__file__).resolve().parents[1] / "corpora" / "brindle"
         report = {"halueval_test": evaluate(judge, test),
+                  # the right answer vs the same answer, or the neighbour's, over the neighbour's passage
+                  **({"grounding_test": evaluate(judge, halueval.judge_pairs(
+                      lines, test_idx, hallucinated=False, neighbours=halueval.nearest_other(lines, test_idx, embedder)))}
+                     if embedder else {}),
                   "bundled": evaluate(judge, bundled_pairs(bundled_dir / "qa.jsonl", bundled_dir / "docs")),
                   "train_pairs": len(train), "config": asdict(cfg), "minutes": round((time.perf_counter() - t0) / 60, 1),
                   "split": f"HaluEval lines shuffled with random.Random({cfg.seed}); first {cfg.n_test} = test (never trained on)"}
