@@ -294,7 +294,8 @@ def ask_cmd(
     k: int = typer.Option(5, "-k", help="Passages to retrieve."),
     max_new_tokens: int = typer.Option(96, help="Generation budget."),
     require_support: bool = typer.Option(False, "--require-support", help="Abstain when no quote verifies and the answer is not in the passages."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"answer", "abstained", "citations", "passages"}.'),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge): abstain when no passage supports the answer."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "gated"}.'),
 ):
     """Retrieve, answer from the passages, and verify every quote against them."""
     from hybrid.pipeline import Pipeline
@@ -304,13 +305,15 @@ def ask_cmd(
     adapters = _parse_adapters(adapter)
     chosen = None if use == "base" else (use or (list(adapters)[-1] if adapters else None))
     pipe = Pipeline.load(index, adapters=adapters, base_model=base_model, k=k, max_new_tokens=max_new_tokens,
-                         require_support=require_support)
+                         require_support=require_support, judge=judge)
     if as_json:
         typer.echo(json.dumps(pipe.ask(question, groups=group, adapter=chosen).to_dict(), ensure_ascii=False))
         return
     res = pipe.ask(question, groups=group, adapter=chosen, on_token=lambda t: typer.echo(t, nl=False))
     typer.echo("")
-    typer.echo(f"answer: {res.answer}" + ("  (abstained)" if res.abstained else ""))
+    note = f"  (abstained: the judge found no passage supporting it, support {res.support:.2f})" if res.gated else \
+        "  (abstained)" if res.abstained else f"  (judge support {res.support:.2f})" if res.support is not None else ""
+    typer.echo(f"answer: {res.answer}{note}")
     for c in res.citations:
         typer.echo(f"  [{'verified' if c['verified'] else 'NOT FOUND in passages'}] {c['doc_id'] or '-'}: \"{c['quote']}\"")
     typer.echo("passages: " + ", ".join(p["chunk_id"] for p in res.passages))
@@ -329,6 +332,7 @@ def eval_cmd(
     group: Optional[List[str]] = typer.Option(None, "--group", help="Access group of the caller; repeat for several."),
     k: int = typer.Option(5, "-k", help="Passages retrieved per question."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge) for unsupported_rate."),
+    gate: bool = typer.Option(False, "--gate", help="With --judge: also report each passage configuration as NAME+gate, where answers the judge finds unsupported count as abstentions (what 'ask --judge' does)."),
     base_model: Optional[str] = typer.Option(None, help="Generator: smollm2 | gemma3-270m | model dir [default: the adapters' base, else smollm2]."),
     batch_size: int = typer.Option(4, help="Questions generated together (greedy, left-padded)."),
     max_new_tokens: int = typer.Option(96, help="Generation budget per answer."),
@@ -355,7 +359,7 @@ def eval_cmd(
     cfg = EvalConfig(qa=str(qa), index=str(index) if index else None, adapters=_parse_adapters(adapter),
                      closed_book=closed_book, limit=limit, seed=seed, k=k, groups=group, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, base_model=base_model, judge=str(judge) if judge else None,
-                     out=str(out) if out else None)
+                     gate=gate, out=str(out) if out else None)
     report = run_eval(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report))

@@ -3,7 +3,10 @@
 Configurations: `closed_book` (no passages), `rag` (base model + passages) and
 `rag+NAME` per adapter, all with the prompt template and parser of training and
 `ask`. Passages are the row's fixed `passages` when present (the distractor
-setting), else retrieved from the index.
+setting), else retrieved from the index. With a judge and `gate`, each passage
+configuration also appears as `NAME+gate`: the same answers, except that those no
+passage supports (judge support < 0.5) count as abstentions, as `ask --judge`
+serves them. No extra generation; the paired tests show what the gate buys.
 
 Each answer is classified exactly once:
   correct       the normalised gold answer (SQuAD/HotpotQA normalisation) equals or
@@ -36,7 +39,8 @@ from retrieval.errors import InputError
 from retrieval.index import sha256_file
 from retrieval.metrics import retrieval_metrics
 from retrieval.qa import QARow, load_qa
-from tuning.prompting import normalize
+from hybrid.judge import THRESHOLD
+from tuning.prompting import ABSTAIN, normalize
 
 RATES = ("accuracy", "abstention_rate", "hallucination_rate")
 COLUMNS = ("n", "accuracy", "abstention_rate", "hallucination_rate", "unsupported_rate", "citation_verified_rate",
@@ -90,7 +94,25 @@ class EvalConfig:
     max_new_tokens: int = 96
     base_model: str | None = None
     judge: str | None = None
+    gate: bool = False
     out: str | None = None
+
+
+def judge_fingerprint(path: str | None) -> str | None:
+    """Identity of a judge dir (its report holds the training config and time), for the resume signature."""
+    return sha256_file(Path(path) / "hybrid_judge.json") if path and (Path(path) / "hybrid_judge.json").exists() else None
+
+
+def gated(p: dict) -> dict:
+    """A prediction as the judge gate serves it: an answer no passage supports becomes the abstention.
+
+    Latency adds the judge's time, which the gate spends on every answer.
+    """
+    q = {**p, "config": f"{p['config']}+gate", "latency_ms": p["latency_ms"] + (p.get("judge_ms") or 0.0)}
+    if p.get("unsupported"):
+        q.update(prediction=ABSTAIN, abstained=True, label="abstained", f1=token_f1(ABSTAIN, p["answers"]),
+                 citations=[], unsupported=None, gated=True)
+    return q
 
 
 def select_rows(rows: list[QARow], limit: int, seed: int) -> list[QARow]:
@@ -220,6 +242,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     """
     from hybrid.pipeline import Pipeline
 
+    if cfg.gate and not cfg.judge:
+        raise InputError("--gate needs --judge DIR (the judge decides which answers are unsupported)")
     rows = select_rows(load_qa(cfg.qa), cfg.limit, cfg.seed)
     needs_index = [r.id for r in rows if r.passages is None]
     if needs_index and not cfg.index:
@@ -228,7 +252,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     out = Path(cfg.out) if cfg.out else None
     signature = hashlib.sha256(json.dumps([sha256_file(Path(cfg.qa)), cfg.index,
                                            sorted(cfg.adapters.items()), cfg.limit, cfg.seed, cfg.k, cfg.groups,
-                                           cfg.max_new_tokens, cfg.base_model]).encode()).hexdigest()
+                                           cfg.max_new_tokens, cfg.base_model,
+                                           judge_fingerprint(cfg.judge)]).encode()).hexdigest()
     done: dict[tuple[str, str], dict] = {}
     if out and (out / "predictions.jsonl").exists():
         meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
@@ -272,13 +297,17 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
                                 else retrieved[r.id] for r in batch]
                 adapter = config.split("+", 1)[1] if "+" in config else None
                 answers = pipe.answer_batch([r.question for r in batch], contexts, adapter=adapter)
-                scores = judge.unsupported([r.question for r in batch], [a.answer for a in answers], contexts) \
+                t0 = time.perf_counter()
+                support = judge.support([r.question for r in batch], [a.answer for a in answers], contexts) \
                     if judge else [None] * len(batch)
-                for r, ctx, a, uns in zip(batch, contexts, answers, scores):
+                judge_ms = (time.perf_counter() - t0) * 1000 / len(batch)
+                for r, ctx, a, sup in zip(batch, contexts, answers, support):
+                    sup = None if a.abstained or sup is None else float(sup)
                     p = {"id": r.id, "config": config, "question": r.question, "answers": list(r.answers),
                          "gold_ids": list(r.gold_ids), "prediction": a.answer, "raw": a.raw, "abstained": a.abstained,
                          "label": classify(a.answer, a.abstained, r.answers), "f1": token_f1(a.answer, r.answers),
-                         "citations": a.citations, "unsupported": None if a.abstained else uns,
+                         "citations": a.citations, "support": sup,
+                         "unsupported": None if sup is None else sup < THRESHOLD, "judge_ms": judge_ms if judge else None,
                          "retrieved_doc_ids": [c["doc_id"] for c in ctx] if (r.passages is None and ctx) else None,
                          "latency_ms": a.latency_ms, "new_tokens": a.new_tokens}
                     done[(config, r.id)] = p
@@ -292,6 +321,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
             sink.close()
 
     by_config = {c: [done[(c, r.id)] for r in rows] for c in configs}
+    if cfg.gate:
+        for c in [c for c in configs if c != "closed_book"]:
+            by_config[f"{c}+gate"] = [gated(p) for p in by_config[c]]
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
               "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
               "n_questions": len(rows), "n_unanswerable": sum(not r.answers for r in rows),

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.errors import InputError
@@ -142,6 +141,7 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
     if problems := cfg.problems():
         raise InputError("; ".join(problems))
     t0 = time.perf_counter()
+    import torch
     from datasets import Dataset
     from sentence_transformers.cross_encoder import (CrossEncoder, CrossEncoderTrainer,
                                                      CrossEncoderTrainingArguments)

@@ -37,10 +37,12 @@ class Answer:
     raw: str = ""
     latency_ms: float = 0.0
     new_tokens: int = 0
+    support: float | None = None  # the judge's support of the model's answer (None: no judge, or it abstained)
+    gated: bool = False  # the judge found the model's answer unsupported, so the pipeline abstained
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "abstained": self.abstained, "citations": self.citations,
-                "passages": self.passages}
+                "passages": self.passages, "support": self.support, "gated": self.gated}
 
 
 def verify(parsed, passages: list[dict]) -> list[dict]:
@@ -52,19 +54,39 @@ def verify(parsed, passages: list[dict]) -> list[dict]:
     return cites
 
 
+def gate(judge, questions: list[str], answers: list[Answer], passages_batch: list[list[dict]], t0: float) -> None:
+    """Score each non-abstained answer with the judge; abstain in place where no passage supports it.
+
+    `t0` is when the batch started, so latency_ms includes the judge.
+    """
+    from hybrid.judge import THRESHOLD
+
+    live = [i for i, a in enumerate(answers) if not a.abstained]
+    support = judge.support([questions[i] for i in live], [answers[i].answer for i in live],
+                            [passages_batch[i] for i in live]) if live else []
+    ms = (time.perf_counter() - t0) * 1000 / max(len(answers), 1)
+    for i, s in zip(live, support):
+        answers[i].support = float(s)
+        if s < THRESHOLD:
+            answers[i].answer, answers[i].abstained, answers[i].gated = ABSTAIN, True, True
+    for a in answers:
+        a.latency_ms = ms
+
+
 class Pipeline:
     """Retriever (optional) + one base generator + named LoRA adapters."""
 
     def __init__(self, retriever: Retriever | None, model, tokenizer, info, adapters: list[str],
-                 k: int = 5, max_new_tokens: int = 96, require_support: bool = False):
+                 k: int = 5, max_new_tokens: int = 96, require_support: bool = False, judge=None):
         self.retriever, self.model, self.tok, self.info = retriever, model, tokenizer, info
         self.adapters = adapters
         self.k, self.max_new_tokens, self.require_support = k, max_new_tokens, require_support
+        self.judge = judge
 
     @classmethod
     def load(cls, index_dir: str | Path | None = None, adapters: dict[str, str] | str | None = None,
              base_model: str | None = None, k: int = 5, max_new_tokens: int = 96,
-             require_support: bool = False, device: str | None = None) -> "Pipeline":
+             require_support: bool = False, device: str | None = None, judge: str | Path | None = None) -> "Pipeline":
         """Load retriever, base generator and adapters.
 
         Args:
@@ -76,6 +98,8 @@ class Pipeline:
             require_support: abstain when the answer has no verified quote and does not occur
                 in the passages (a guard for serving; evaluation measures the raw model).
             device: "cuda"/"cpu"/None.
+            judge: groundedness judge dir (`hybrid tune judge`): abstain when it finds no
+                passage that supports the answer (`hybrid eval --judge` reports this as NAME+gate).
 
         Raises:
             InputError: missing adapter, or an adapter trained on another base model.
@@ -109,8 +133,12 @@ class Pipeline:
             for name in names[1:]:
                 model.load_adapter(adapters[name], adapter_name=name)
         model.eval()
+        if judge is not None:
+            from hybrid.judge import Judge
+
+            judge = Judge.load(judge)
         return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
-                   require_support=require_support)
+                   require_support=require_support, judge=judge)
 
     # --- generation ------------------------------------------------------------------------
     def _select(self, adapter: str | None):
@@ -177,6 +205,8 @@ class Pipeline:
                                              "chunk_id": p.get("chunk_id", ""), "score": round(p.get("score", 0.0), 6)}
                                             for p in ps],
                                   raw=raw, latency_ms=ms, new_tokens=n_new))
+        if self.judge is not None:
+            gate(self.judge, questions, results, passages_batch, t0)
         return results
 
     def answer(self, question: str, passages: list[dict], adapter: str | None = None, on_token=None) -> Answer:

@@ -91,3 +91,50 @@ def test_eval_cli_retrieves_when_no_passages(tmp_path, two_adapters, bundled_tin
     rep = json.loads(res.stdout)
     assert list(rep["configs"]) == ["rag", "rag+a"]
     assert rep["configs"]["rag"]["recall@5"] is not None
+
+
+class CountingJudgeModel:
+    """Fake CrossEncoder: 'supports' an answer only over the passage that names the battery."""
+
+    def predict(self, pairs, **_):
+        return [0.9 if "battery" in passage else 0.2 for _, passage in pairs]
+
+
+def test_gated_prediction_hand_cases():
+    from hybrid.factuality import gated
+
+    base = {"id": "1", "config": "rag", "answers": ["14 months"], "prediction": "12 months", "abstained": False,
+            "label": "hallucinated", "f1": 0.5, "citations": [{"verified": True}], "latency_ms": 10.0, "judge_ms": 2.0}
+    g = gated({**base, "unsupported": True, "support": 0.1})
+    assert (g["config"], g["label"], g["abstained"], g["f1"], g["latency_ms"]) == ("rag+gate", "abstained", True, 0.0, 12.0)
+    kept = gated({**base, "unsupported": False, "support": 0.8})
+    assert (kept["label"], kept["prediction"], kept["latency_ms"]) == ("hallucinated", "12 months", 12.0)
+    assert gated({**base, "abstained": True, "label": "abstained", "unsupported": None})["label"] == "abstained"
+
+
+def test_eval_gate_derives_configs_from_the_same_answers(tmp_path, fixed_qa, two_adapters, monkeypatch):
+    from hybrid import judge as judge_mod
+
+    jdir = tmp_path / "judge"
+    jdir.mkdir()
+    (jdir / "hybrid_judge.json").write_text("{}")
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path: cls(CountingJudgeModel())))
+    with pytest.raises(Exception, match="--gate needs --judge"):
+        run_eval(EvalConfig(qa=str(fixed_qa), gate=True), progress=False)
+    cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": two_adapters["a"]}, closed_book=False, max_new_tokens=6,
+                     batch_size=3, judge=str(jdir), gate=True, out=str(tmp_path / "rep"))
+    report = run_eval(cfg, progress=False)
+    assert list(report["configs"]) == ["rag", "rag+a", "rag+gate", "rag+a+gate"]
+    preds = {(p["config"], p["id"]): p for p in map(json.loads, (tmp_path / "rep" / "predictions.jsonl").read_text().splitlines())}
+    assert len(preds) == 6  # the +gate configs generate nothing
+    for (config, qid), p in preds.items():
+        if p["abstained"]:
+            continue
+        # question 3's passages lack the battery passage: its answer is unsupported, the others are supported
+        assert p["support"] == (0.2 if qid == "3" else 0.9) and p["unsupported"] == (qid == "3")
+    rag, gate = report["configs"]["rag"], report["configs"]["rag+gate"]
+    q3 = preds[("rag", "3")]
+    expected_shift = 0 if q3["abstained"] else 1 / 3  # an answer to the unanswerable question 3 becomes an abstention
+    assert gate["hallucination_rate"] == pytest.approx(rag["hallucination_rate"] - expected_shift)
+    assert gate["accuracy"] == rag["accuracy"]
+    assert (tmp_path / "rep" / "report.md").read_text().count("+gate |") >= 2

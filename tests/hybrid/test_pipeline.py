@@ -40,7 +40,7 @@ def test_several_adapters_share_one_base_and_switch_per_call(bundled_tiny_index,
     with pipe._select("a"), torch.no_grad():
         assert torch.allclose(pipe.model(**enc).logits, logits["a"])  # switching back is exact
     res = pipe.answer("How long does the battery last?", passages, adapter="b")
-    assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages"}
+    assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "gated"}
     with pytest.raises(InputError, match="--adapter zzz: not loaded"):
         pipe.answer("q", passages, adapter="zzz")
 
@@ -93,3 +93,19 @@ def test_ask_abstains_without_visible_passages(bundled_tiny_index, two_adapters,
     monkeypatch.setattr(pipe, "retrieve", lambda *a, **k: [[]])
     res = pipe.ask("anything")
     assert res.abstained and res.answer == ABSTAIN and res.passages == []
+
+
+def test_judge_gate_abstains_in_place():
+    from hybrid.judge import Judge
+    from hybrid.pipeline import Answer, gate
+
+    class Model:
+        def predict(self, pairs, **_):
+            return [0.9 if q.split("Answer: ")[1] in p else 0.1 for q, p in pairs]
+
+    answers = [Answer("Oslo", False), Answer("Rome", False), Answer("I cannot answer", True)]
+    ctx = [[{"text": "Ann lives in Oslo"}]] * 3
+    gate(Judge(Model()), ["q"] * 3, answers, ctx, t0=0.0)
+    assert [(a.abstained, a.gated, a.support) for a in answers] == [(False, False, 0.9), (True, True, 0.1),
+                                                                    (True, False, None)]
+    assert answers[1].answer.startswith("I cannot answer") and answers[1].to_dict()["gated"] is True
