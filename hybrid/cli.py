@@ -131,6 +131,7 @@ def tune_embedder_cmd(
     relative_margin: Optional[float] = typer.Option(None, help=f"Negatives must score below (1-margin) x positive {_d(EmbedderTuneConfig, 'relative_margin')}."),
     max_seq_length: Optional[int] = typer.Option(None, help=f"Token limit while training {_d(EmbedderTuneConfig, 'max_seq_length')}."),
     seed: Optional[int] = typer.Option(None, help=f"Split and training seed {_d(EmbedderTuneConfig, 'seed')}."),
+    group: Optional[List[str]] = typer.Option(None, "--group", help="Also learn from chunks restricted to this access group (repeatable); the model is tagged with these groups [default: public chunks only]."),
     config: Optional[Path] = typer.Option(None, help="YAML file with any EmbedderTuneConfig field (flags win)."),
     as_json: bool = typer.Option(False, "--json", help="Print the before/after metrics as JSON."),
 ):
@@ -141,7 +142,7 @@ def tune_embedder_cmd(
     cfg = build_config(EmbedderTuneConfig, config, index=str(index), out=str(out), qa=str(qa) if qa else None,
                        eval_qa=str(eval_qa) if eval_qa else None, test_fraction=test_fraction, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                        learning_rate=learning_rate, num_negatives=num_negatives, relative_margin=relative_margin,
-                       max_seq_length=max_seq_length, seed=seed)
+                       max_seq_length=max_seq_length, seed=seed, groups=list(group) if group else None)
     res = tune_embedder(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(res))
@@ -182,6 +183,7 @@ def tune_generator_cmd(
     seed: Optional[int] = typer.Option(None, help=f"Seed {_d(GeneratorTuneConfig, 'seed')}."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.checkpoints/."),
     merge: bool = typer.Option(False, "--merge", help="Also export a merged full model to OUT/merged."),
+    group: Optional[List[str]] = typer.Option(None, "--group", help="Also learn from chunks restricted to this access group (repeatable); the adapter is then tagged with these groups and only callers holding them can load it [default: public chunks only]."),
     config: Optional[Path] = typer.Option(None, help="YAML file with any GeneratorTuneConfig field (flags win)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -195,7 +197,7 @@ def tune_generator_cmd(
                        max_length=max_length, batch_size=batch_size, grad_accum=grad_accum,
                        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, neftune_alpha=neftune_alpha,
                        gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, seed=seed,
-                       resume=resume or None, merge=merge or None)
+                       resume=resume or None, merge=merge or None, groups=list(group) if group else None)
     rec = tune_generator(cfg, progress=not quiet, log=lambda m: typer.echo(m, err=True))
     d = rec["data"]
     typer.echo(f"{rec['strategy']} adapter saved to {out}: {rec['steps']} steps in {rec['minutes']} min, "
@@ -224,6 +226,7 @@ def tune_dpo_cmd(
     max_questions: Optional[int] = typer.Option(None, help="Use at most N training questions; 0 = all [default: 0]."),
     max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt + answer [default: 1024]."),
     seed: Optional[int] = typer.Option(None, help="Seed [default: 13]."),
+    group: Optional[List[str]] = typer.Option(None, "--group", help="Also learn from chunks restricted to this access group (repeatable; must cover the SFT adapter's groups); the adapter is tagged with them [default: public chunks only]."),
     config: Optional[Path] = typer.Option(None, help="YAML file with any DPOTuneConfig field (flags win)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -234,7 +237,7 @@ def tune_dpo_cmd(
                        wrong_answers=str(wrong_answers) if wrong_answers else None, judge=str(judge) if judge else None,
                        n_samples=n_samples, temperature=temperature, p_oracle=p_oracle, num_distractors=num_distractors,
                        beta=beta, loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps,
-                       max_questions=max_questions, max_length=max_length, seed=seed)
+                       max_questions=max_questions, max_length=max_length, seed=seed, groups=list(group) if group else None)
     rec = tune_dpo(cfg, progress=not quiet, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"dpo adapter saved to {out}: {rec['data']['pairs']} pairs {rec['data']['by_source']}, "
                f"{rec['steps']} steps in {rec['minutes']} min")
@@ -305,7 +308,7 @@ def ask_cmd(
     adapters = _parse_adapters(adapter)
     chosen = None if use == "base" else (use or (list(adapters)[-1] if adapters else None))
     pipe = Pipeline.load(index, adapters=adapters, base_model=base_model, k=k, max_new_tokens=max_new_tokens,
-                         require_support=require_support, judge=judge)
+                         require_support=require_support, judge=judge, groups=group)
     if as_json:
         typer.echo(json.dumps(pipe.ask(question, groups=group, adapter=chosen).to_dict(), ensure_ascii=False))
         return

@@ -270,11 +270,11 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.judge:
         from hybrid.judge import Judge
 
-        judge = Judge.load(cfg.judge)
+        judge = Judge.load(cfg.judge, groups=cfg.groups)
 
     todo = [(c, r) for c in configs for r in rows if (c, r.id) not in done]
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
-                         max_new_tokens=cfg.max_new_tokens) if todo or not done else None
+                         max_new_tokens=cfg.max_new_tokens, groups=cfg.groups) if todo or not done else None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(configs) * len(rows), initial=len(configs) * len(rows) - len(todo), disable=not progress,

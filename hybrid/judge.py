@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval import access
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.errors import InputError
 
@@ -52,10 +53,12 @@ class Judge:
         self.model = model
 
     @classmethod
-    def load(cls, path: str | Path) -> "Judge":
+    def load(cls, path: str | Path, groups=None) -> "Judge":
+        """Load a judge dir for a caller with `groups` (refused if it learned from other groups' documents)."""
         path = Path(path)
         if not (path / "hybrid_judge.json").exists():
             raise InputError(f"--judge {path}: not a judge made by 'hybrid tune judge' (no hybrid_judge.json)")
+        access.check(path, groups, f"--judge {path}")
         from sentence_transformers import CrossEncoder
 
         return cls(CrossEncoder(str(path), local_files_only=True))
@@ -186,6 +189,7 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
                   "train_pairs": len(train), "config": asdict(cfg), "minutes": round((time.perf_counter() - t0) / 60, 1),
                   "split": f"HaluEval lines shuffled with random.Random({cfg.seed}); first {cfg.n_test} = test (never trained on)"}
         write_text_atomic(work / "model" / "hybrid_judge.json", json.dumps(report, indent=2))
+        access.write(work / "model", access.record([]))  # HaluEval only: no index chunk is ever read
         swap_dir_into_place(work / "model", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -8,6 +8,12 @@
 One base model is loaded once; any number of LoRA adapters sit on it and are
 chosen per call (`adapter=None` is the base model: PEFT's adapter switch-off),
 so switching adapters never reloads the base.
+
+Access: an adapter (or merged model, or judge) trained on restricted documents
+carries their groups (retrieval/access.py). `load` refuses any whose groups are
+not all among the caller's `groups`, and each call checks the chosen adapter
+against that call's groups, so the multi-adapter switch cannot hand a public
+caller an `hr` adapter.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from retrieval import access
 from retrieval.errors import InputError
 from retrieval.retriever import Retriever
 from tuning.prompting import ABSTAIN, build_messages, parse_answer, quote_in
@@ -77,16 +84,21 @@ class Pipeline:
     """Retriever (optional) + one base generator + named LoRA adapters."""
 
     def __init__(self, retriever: Retriever | None, model, tokenizer, info, adapters: list[str],
-                 k: int = 5, max_new_tokens: int = 96, require_support: bool = False, judge=None):
+                 k: int = 5, max_new_tokens: int = 96, require_support: bool = False, judge=None,
+                 groups=None, scopes: dict[str, list[str]] | None = None, base_scope: list[str] | None = None):
         self.retriever, self.model, self.tok, self.info = retriever, model, tokenizer, info
         self.adapters = adapters
+        self.groups = access.training_groups(groups)  # the caller's groups given at load
+        self.scopes = scopes or {}  # adapter name -> its access scope ([] = public)
+        self.base_scope = base_scope or []  # a merged model's scope
         self.k, self.max_new_tokens, self.require_support = k, max_new_tokens, require_support
         self.judge = judge
 
     @classmethod
     def load(cls, index_dir: str | Path | None = None, adapters: dict[str, str] | str | None = None,
              base_model: str | None = None, k: int = 5, max_new_tokens: int = 96,
-             require_support: bool = False, device: str | None = None, judge: str | Path | None = None) -> "Pipeline":
+             require_support: bool = False, device: str | None = None, judge: str | Path | None = None,
+             groups=None) -> "Pipeline":
         """Load retriever, base generator and adapters.
 
         Args:
@@ -99,10 +111,13 @@ class Pipeline:
                 in the passages (a guard for serving; evaluation measures the raw model).
             device: "cuda"/"cpu"/None.
             judge: groundedness judge dir (`hybrid tune judge`): abstain when it finds no
-                passage that supports the answer (`hybrid eval --judge` reports this as NAME+gate).
+                passage that supports the answer (`hybrid eval --judge DIR --gate` reports NAME+gate).
+            groups: the caller's access groups (None = public); every adapter, a merged
+                base model and the judge must have been trained within them.
 
         Raises:
-            InputError: missing adapter, or an adapter trained on another base model.
+            InputError: missing adapter, an adapter trained on another base model, or an
+                artifact trained on documents of groups the caller lacks.
         """
         from tuning.generator import load_generator
 
@@ -116,6 +131,12 @@ class Pipeline:
                 raise InputError(f"--adapter {name}={path}: not an adapter made by 'hybrid tune generator' "
                                  f"(no adapter_config.json / {RUN_FILE})")
             records[name] = json.loads(run.read_text())
+            access.check(path, groups, f"--adapter {name}={path}")
+        base_scope = []
+        if base_model is not None and ((Path(base_model) / RUN_FILE).exists() or
+                                       (Path(base_model) / access.ACCESS_FILE).exists()):
+            access.check(base_model, groups, f"--base-model {base_model}")  # a merged model keeps its tag
+            base_scope = access.scope(base_model)
         if base_model is None and records:
             base_model = next(iter(records.values()))["base_model"]["name"]
         retriever = Retriever.load(index_dir) if index_dir else None
@@ -136,9 +157,19 @@ class Pipeline:
         if judge is not None:
             from hybrid.judge import Judge
 
-            judge = Judge.load(judge)
+            judge = Judge.load(judge, groups=groups)
         return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
-                   require_support=require_support, judge=judge)
+                   require_support=require_support, judge=judge, groups=groups,
+                   scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope)
+
+    def check_access(self, adapter: str | None, groups) -> None:
+        """Refuse an adapter (or merged base) trained on groups the caller of this call lacks."""
+        caller = set(access.training_groups(groups))
+        need = set(self.base_scope) | set(self.scopes.get(adapter, []) if adapter else [])
+        if need - caller:
+            label = f"--adapter {adapter}" if adapter and set(self.scopes.get(adapter, [])) - caller else "--base-model"
+            raise InputError(f"{label}: trained on documents of access group(s) {', '.join(sorted(need))}; the caller "
+                             f"lacks {', '.join(sorted(need - caller))} (pass --group only if the caller belongs to them)")
 
     # --- generation ------------------------------------------------------------------------
     def _select(self, adapter: str | None):
@@ -185,8 +216,12 @@ class Pipeline:
         return results
 
     def answer_batch(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None,
-                     on_token=None) -> list[Answer]:
-        """Answer questions from given passages (dicts with text, title?, doc_id?/id?, chunk_id?, score?)."""
+                     on_token=None, groups=None) -> list[Answer]:
+        """Answer questions from given passages (dicts with text, title?, doc_id?/id?, chunk_id?, score?).
+
+        `groups`: the caller's access groups for this call (default: those given to `load`).
+        """
+        self.check_access(adapter, self.groups if groups is None else groups)
         t0 = time.perf_counter()
         msgs = [build_messages(q, ps) for q, ps in zip(questions, passages_batch)]
         gens = self.generate(msgs, adapter=adapter, on_token=on_token)
@@ -209,9 +244,10 @@ class Pipeline:
             gate(self.judge, questions, results, passages_batch, t0)
         return results
 
-    def answer(self, question: str, passages: list[dict], adapter: str | None = None, on_token=None) -> Answer:
+    def answer(self, question: str, passages: list[dict], adapter: str | None = None, on_token=None,
+               groups=None) -> Answer:
         """Answer one question from your own passages."""
-        return self.answer_batch([question], [passages], adapter=adapter, on_token=on_token)[0]
+        return self.answer_batch([question], [passages], adapter=adapter, on_token=on_token, groups=groups)[0]
 
     def retrieve(self, questions: list[str], groups=None, k: int | None = None) -> list[list[dict]]:
         """Passages for questions from the index (access control applied)."""
@@ -223,8 +259,12 @@ class Pipeline:
 
     def ask(self, question: str, groups=None, adapter: str | None = None, k: int | None = None,
             on_token=None) -> Answer:
-        """Retrieve, then answer; abstains without calling the model when nothing is visible."""
+        """Retrieve, then answer; abstains without calling the model when nothing is visible.
+
+        `groups` (None = public) decides both what is retrieved and which adapters may answer.
+        """
+        self.check_access(adapter, groups or [])
         passages = self.retrieve([question], groups=groups, k=k)[0]
         if not passages:
             return Answer(answer=ABSTAIN, abstained=True)
-        return self.answer(question, passages, adapter=adapter, on_token=on_token)
+        return self.answer(question, passages, adapter=adapter, on_token=on_token, groups=groups or [])

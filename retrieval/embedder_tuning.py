@@ -9,6 +9,9 @@ score base and tuned embedder on a held-out split.
 Pairs come from a QA file (question -> the gold document's chunk that holds
 the answer) or, without one, from the corpus itself by inverse cloze: a
 sentence is the query and its chunk, with the sentence cut out, the positive.
+
+Access: pairs, negatives and the held-out score use public chunks only unless
+`groups` names more; the saved model is tagged with those groups (access.py).
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from retrieval import access
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.chunking import embed_text
 from retrieval.errors import InputError
@@ -58,6 +62,7 @@ class EmbedderTuneConfig:
             score, so near-duplicates of the positive are not taught as wrong.
         max_seq_length: token limit while training.
         ict_queries_per_chunk: inverse-cloze queries per chunk when no QA file is given.
+        groups: access groups whose restricted chunks may be learned ([] = public only).
     """
 
     index: str
@@ -76,9 +81,12 @@ class EmbedderTuneConfig:
     relative_margin: float = 0.05
     max_seq_length: int = 256
     ict_queries_per_chunk: int = 1
+    groups: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         out = []
+        if not isinstance(self.groups, list) or not all(isinstance(g, str) and g for g in self.groups):
+            out.append("--group must be a non-empty group name (groups: a list of names in YAML)")
         if self.eval_qa and not self.qa:
             out.append("--eval-qa needs --qa (inverse-cloze pairs are split by document)")
         if not 0 < self.test_fraction < 1:
@@ -104,11 +112,11 @@ def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
     rows = [r for r in load_qa(cfg.qa) if r.gold_ids and r.answers]
     if not rows:
         raise InputError(f"--qa {cfg.qa}: no answerable rows with 'gold_ids'; add gold document ids to the questions")
-    chunks = retriever.chunks(include_restricted=True)
+    in_index = {c.doc_id for c in retriever.chunks(include_restricted=True)}
     by_doc: dict[str, list[Hit]] = {}
-    for c in chunks:
+    for c in retriever.chunks(groups=access.training_groups(cfg.groups)):
         by_doc.setdefault(c.doc_id, []).append(c)
-    missing = sorted({g for r in rows for g in r.gold_ids if g not in by_doc})
+    missing = sorted({g for r in rows for g in r.gold_ids if g not in in_index})
     if missing:
         raise InputError(f"--qa {cfg.qa}: gold_ids not in index {cfg.index}: {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}; rebuild the index from the matching corpus")
@@ -118,14 +126,17 @@ def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
         if leaked:
             raise InputError(f"--eval-qa {cfg.eval_qa}: {len(leaked)} questions also appear in --qa {cfg.qa}; "
                              f"held-out questions must not be trained on")
-        missing = sorted({g for r in test for g in r.gold_ids if g not in by_doc})
+        missing = sorted({g for r in test for g in r.gold_ids if g not in in_index})
         if missing:
             raise InputError(f"--eval-qa {cfg.eval_qa}: gold_ids not in index {cfg.index}: {', '.join(missing[:5])}")
     else:
         train, test = split_rows(rows, cfg.test_fraction, cfg.seed)
+    # Questions whose gold documents are restricted to groups the trainer did not name are left out.
+    train = [r for r in train if any(g in by_doc for g in r.gold_ids)]
+    test = [r for r in test if any(g in by_doc for g in r.gold_ids)]
     pairs = []
     for row in train:
-        candidates = [c for g in row.gold_ids for c in by_doc[g]]
+        candidates = [c for g in row.gold_ids for c in by_doc.get(g, [])]
         # The chunk quoting the answer is the positive; failing that, the first chunk.
         with_answer = [c for c in candidates if any(a.lower() in c.text.lower() for a in row.answers)]
         best = (with_answer or candidates)[0]
@@ -136,7 +147,7 @@ def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
 def ict_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
     """Inverse-cloze pairs: sentence -> its chunk without that sentence; documents split train/test."""
     rng = random.Random(cfg.seed)
-    chunks = retriever.chunks(include_restricted=True)
+    chunks = retriever.chunks(groups=access.training_groups(cfg.groups))
     docs = sorted({c.doc_id for c in chunks})
     rng.shuffle(docs)
     n_test = max(1, int(len(docs) * cfg.test_fraction))
@@ -196,7 +207,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
                          f"lower --batch-size or add questions")
     if not test_q:
         raise InputError("the held-out split is empty; raise --test-fraction or add questions")
-    all_chunks = retriever.chunks(include_restricted=True)
+    all_chunks = retriever.chunks(groups=access.training_groups(cfg.groups))  # negatives come from these only
     corpus_texts = [embed_text(c.title, c.text) for c in all_chunks]
     dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
     # Hard negatives from the index's own chunks, scored by the base embedder.
@@ -225,6 +236,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         trainer.train()
         model.max_seq_length = full_length  # the saved model reads as far as the base did
         model.save(str(work / "model"))
+        access.write(work / "model", access.record(cfg.groups, {g for c in all_chunks for g in c.groups}))
         # --- save (atomic) -----------------------------------------------------------------
         swap_dir_into_place(work / "model", out)
     finally:
@@ -232,7 +244,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
 
     # --- evaluate base vs tuned on the held-out split ---------------------------------------
     base_rank = [[h.doc_id for h in hits] for hits in retriever.search_vectors(base.encode(test_q), k=50,
-                                                                               groups=retriever.groups)]
+                                                                               groups=cfg.groups)]
     tuned_rank = rank_docs(model, all_chunks, test_q)
     result = {
         "base": retrieval_metrics(base_rank, test_g),
@@ -244,6 +256,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "out": str(out),
         "config": asdict(cfg),
+        "access": access.record(cfg.groups, {g for c in all_chunks for g in c.groups}),
     }
     write_text_atomic(out / "hybrid_tuning.json", json.dumps(result, indent=2))
     return result

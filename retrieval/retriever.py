@@ -20,6 +20,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retrieval import access
 from retrieval.embedder import Embedder, load_embedder
 from retrieval.errors import InputError
 from retrieval.index import INDEX_FILE, STORE_FILE, read_manifest
@@ -35,6 +36,7 @@ class Hit:
     title: str
     text: str
     source: str = ""
+    groups: tuple[str, ...] = ()  # access groups of the chunk; () = public
 
     def to_dict(self) -> dict:
         return {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "score": round(self.score, 6),
@@ -52,6 +54,10 @@ class Retriever:
         for row, groups in con.execute("SELECT row, groups FROM chunks"):
             self._groups[row] = tuple(json.loads(groups))
         self._allowed_cache: dict[frozenset, np.ndarray | None] = {}
+        # A tuned embedder may hold text of restricted chunks (access.py): searching with it is
+        # then only for callers holding its groups. Packaged and plain models are public.
+        edir = Path(embedder.path)
+        self._embedder_tuned = (edir / access.ACCESS_FILE).exists() or (edir / "hybrid_tuning.json").exists()
 
     @classmethod
     def load(cls, index_dir: str | Path, embedder: Embedder | str | None = None) -> "Retriever":
@@ -122,6 +128,8 @@ class Retriever:
         """
         if not isinstance(k, int) or k < 1:
             raise InputError(f"-k must be a positive integer, got {k}")
+        if self._embedder_tuned:
+            access.check(self.embedder.path, groups, f"embedder {self.embedder.path} of index {self.index_dir}")
         allowed = self._allowed(groups)
         n_visible = len(self) if allowed is None else len(allowed)
         kk = min(k, n_visible)
@@ -145,7 +153,7 @@ class Retriever:
         found = {r[0]: r[1:] for r in self.con.execute(
             f"SELECT row, doc_id, chunk_id, title, text, source FROM chunks WHERE row IN ({marks})", rows)}
         return [Hit(doc_id=found[r][0], chunk_id=found[r][1], score=s, title=found[r][2] or "", text=found[r][3],
-                    source=found[r][4] or "") for s, r in scored]
+                    source=found[r][4] or "", groups=self._groups[r]) for s, r in scored]
 
     def search(self, query: str, k: int = 5, groups=None) -> list[Hit]:
         """Top-k visible chunks for one query (see `search_batch`)."""

@@ -21,6 +21,10 @@ the gold-quoting RAFT answer preferred over the wrong one.
 Training continues the SFT adapter; TRL keeps a frozen copy of that adapter as
 the reference policy ("ref"), so the reference is the SFT model without a second
 copy of the base weights.
+
+Access: as in SFT, public chunks only unless `groups` names more; the SFT adapter's
+scope must be within those groups (its weights already hold that text), and the
+DPO adapter is tagged with them.
 """
 
 from __future__ import annotations
@@ -30,15 +34,16 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from retrieval import access
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.errors import InputError
 from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
 from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in
-from tuning.raft_data import RaftSettings, build_examples, check_rows, quote_for, write_jsonl
+from tuning.raft_data import RaftSettings, build_examples, check_rows, quote_for, visible_rows, write_jsonl
 
 RUN_FILE = "hybrid_run.json"
 
@@ -70,9 +75,12 @@ class DPOTuneConfig:
     max_questions: int = 0
     answer_over_abstain: bool = True
     seed: int = 13
+    groups: list[str] = field(default_factory=list)  # access groups whose restricted chunks may be learned
 
     def problems(self) -> list[str]:
         out = []
+        if not isinstance(self.groups, list) or not all(isinstance(g, str) and g for g in self.groups):
+            out.append("--group must be a non-empty group name (groups: a list of names in YAML)")
         if self.n_samples < 2:
             out.append("--n-samples must be >= 2 (a pair needs two samples)")
         if self.beta <= 0 or self.learning_rate <= 0 or self.temperature <= 0:
@@ -182,6 +190,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     if not (sft_dir / RUN_FILE).exists():
         raise InputError(f"--adapter {sft_dir}: not an adapter made by 'hybrid tune generator'")
     sft_run = json.loads((sft_dir / RUN_FILE).read_text())
+    access.check(sft_dir, cfg.groups, f"--adapter {sft_dir}")
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / RUN_FILE).exists():
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
@@ -190,6 +199,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     retriever = Retriever.load(cfg.index)
     rows = load_qa(cfg.qa)
     check_rows(rows, retriever, cfg.qa)
+    rows, dropped = visible_rows(rows, retriever, cfg.groups)
     held = set(sft_run["data"]["held_out_ids"])
     train_rows, _ = split_rows(rows, cfg.test_fraction, sft_run["config"]["seed"]) if cfg.test_fraction else (rows, [])
     train_rows = [r for r in train_rows if r.id not in held]
@@ -197,7 +207,8 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
         train_rows = random.Random(cfg.seed).sample(train_rows, min(cfg.max_questions, len(train_rows)))
     rows_by_id = {r.id: r for r in train_rows}
     examples = build_examples(train_rows, retriever, RaftSettings(p_oracle=cfg.p_oracle,
-                                                                  num_distractors=cfg.num_distractors, seed=cfg.seed))
+                                                                  num_distractors=cfg.num_distractors, seed=cfg.seed),
+                              groups=cfg.groups)
     torch.manual_seed(cfg.seed)
     base, tok, info = load_generator(sft_run["base_model"]["name"])
     if info.fingerprint != sft_run["base_model"]["fingerprint"]:
@@ -207,9 +218,9 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     if cfg.judge:
         from hybrid.judge import Judge
 
-        judge = Judge.load(cfg.judge)
+        judge = Judge.load(cfg.judge, groups=cfg.groups)
     model.eval()
-    chunks = {h.chunk_id: h for h in retriever.chunks(include_restricted=True)}
+    chunks = {h.chunk_id: h for h in retriever.chunks(groups=access.training_groups(cfg.groups))}
     pairs = build_pairs(examples, rows_by_id, chunks, model, tok, cfg, judge)
     if cfg.wrong_answers:
         wrong = {str(j["id"]): j["wrong_answer"] for j in map(json.loads, Path(cfg.wrong_answers).read_text().splitlines())
@@ -241,12 +252,14 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
         history = trainer.state.log_history
         record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
                   "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
-                  "data": {"held_out_ids": sorted(held), "pairs": len(pairs),
+                  "access": access.record(cfg.groups, sorted({g for e in examples for g in e["groups"]})),
+                  "data": {"held_out_ids": sorted(held), "pairs": len(pairs), "skipped_restricted": len(dropped),
                            "by_source": {s: sum(p["source"] == s for p in pairs) for s in ("sampled", "abstain", "answer", "dataset")},
                            "questions": len(train_rows)},
                   "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
                   "minutes": round((time.perf_counter() - t0) / 60, 2)}
         write_text_atomic(tmp / RUN_FILE, json.dumps(record, indent=2))
+        access.write(tmp, record["access"])
         swap_dir_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

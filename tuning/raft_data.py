@@ -8,9 +8,16 @@ distractor); the model then learns to abstain (`no_oracle="abstain"`, the
 default) or to answer anyway from memory (`"answer"`, the paper's setting).
 Unanswerable questions (`answers: []`) always get distractors and an abstention.
 
+Access: only chunks visible to the trainer's `groups` are used (none named = public
+only), questions whose gold documents are all out of view are dropped, and each
+example's distractors come from what its oracle's readers may see: a public
+example gets public distractors only, even when the trainer named groups. Every
+example records the access groups of the chunks it holds.
+
 Rows are written as JSONL in TRL's conversational prompt-completion form, so
 the step reruns on its own:
-    {"id", "prompt": [system, user], "completion": [assistant], "oracle": bool, "chunk_ids": [...]}
+    {"id", "prompt": [system, user], "completion": [assistant], "oracle": bool, "chunk_ids": [...],
+     "groups": [access groups of those chunks; [] = public]}
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from retrieval.access import training_groups
 from retrieval.errors import InputError
 from retrieval.qa import QARow
 from retrieval.retriever import Hit, Retriever
@@ -70,37 +78,65 @@ def check_rows(rows: list[QARow], retriever: Retriever, qa_name: str) -> None:
                          f"rebuild the index from the matching corpus")
 
 
-def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettings) -> list[dict]:
+def visible_rows(rows: list[QARow], retriever: Retriever, groups=None) -> tuple[list[QARow], list[str]]:
+    """Rows a trainer with `groups` may learn from: unanswerable ones, and those with a visible gold document.
+
+    Returns:
+        (kept rows, ids of rows dropped because every gold document is restricted to other groups).
+    """
+    docs = {h.doc_id for h in retriever.chunks(groups=training_groups(groups))}
+    kept = [r for r in rows if not r.answers or any(g in docs for g in r.gold_ids)]
+    keep_ids = {r.id for r in kept}
+    return kept, [r.id for r in rows if r.id not in keep_ids]
+
+
+def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettings, groups=None) -> list[dict]:
     """RAFT examples for QA rows (see module docstring).
 
     Args:
-        rows: QA rows (answerable ones need gold_ids present in the index).
-        retriever: index to mine oracles and distractors from (the owner's view: all groups).
+        rows: QA rows (answerable ones need a gold document visible to `groups`; see `visible_rows`).
+        retriever: index to mine oracles and distractors from.
         settings: RaftSettings.
+        groups: the trainer's access groups (None = public chunks only).
 
     Returns:
-        One dict per row: id, prompt (messages), completion (messages), oracle, chunk_ids.
+        One dict per row: id, prompt (messages), completion (messages), oracle, chunk_ids, groups.
     """
     rng = random.Random(settings.seed)
-    all_chunks = retriever.chunks(include_restricted=True)
-    groups = retriever.groups
+    train_groups = training_groups(groups)
     by_doc: dict[str, list[Hit]] = {}
-    for c in all_chunks:
+    for c in retriever.chunks(groups=train_groups):
         by_doc.setdefault(c.doc_id, []).append(c)
     k = settings.num_distractors
-    mined = retriever.search_batch([r.question for r in rows], k=min(k + 12, len(retriever)), groups=groups)
+    # The oracle decides the example's audience: its distractors are mined as that audience
+    # (the oracle's groups the trainer holds; public when there is no oracle or it is public).
+    oracles: list[Hit | None] = []
+    for row in rows:
+        candidates = [c for g in row.gold_ids for c in by_doc.get(g, [])] if row.answers else []
+        if row.answers and not candidates:
+            raise InputError(f"question {row.id}: no gold document visible to groups {train_groups or 'public'}; "
+                             f"filter rows with visible_rows() first")
+        with_answer = [c for c in candidates if any(a.lower() in c.text.lower() for a in row.answers)]
+        if with_answer or len(candidates) <= 1:
+            oracles.append((with_answer or candidates or [None])[0])
+        else:  # no chunk holds the answer verbatim: the gold chunk closest to the question
+            vecs = retriever.embedder.encode([row.question] + [c.text for c in candidates])
+            oracles.append(candidates[int((vecs[1:] @ vecs[0]).argmax())])
+    audience = [tuple(sorted(set(o.groups) & set(train_groups))) if o else () for o in oracles]
+    mined: dict[int, list[Hit]] = {}
+    for view in sorted(set(audience)):
+        idx = [i for i, a in enumerate(audience) if a == view]
+        hits = retriever.search_batch([rows[i].question for i in idx], k=min(k + 12, len(retriever)), groups=list(view))
+        mined.update(zip(idx, hits))
     examples = []
-    for row, hits in zip(rows, mined):
+    for i, row in enumerate(rows):
+        hits, best = mined[i], oracles[i]
         gold = set(row.gold_ids)
         distractors = [h for h in hits if h.doc_id not in gold][: k + 1]
         oracle: list[Hit] = []
         quote = answer = ""
-        if row.answers:
-            candidates = [c for g in row.gold_ids for c in by_doc[g]]
+        if best is not None:
             answer = row.answers[0]
-            with_answer = [c for c in candidates if any(a.lower() in c.text.lower() for a in row.answers)]
-            best = with_answer[0] if with_answer else max(
-                candidates, key=lambda c: next((h.score for h in hits if h.chunk_id == c.chunk_id), -1.0))
             oracle = [best]
             answer = next((a for a in row.answers if a.lower() in best.text.lower()), answer)
             quote = quote_for(answer, row.question, best.text)
@@ -114,8 +150,10 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
         passages = [_passage(h) for h in context]
         examples.append({"id": row.id, "prompt": build_messages(row.question, passages),
                          "completion": [{"role": "assistant", "content": target}],
-                         "oracle": include, "chunk_ids": [p["chunk_id"] for p in passages]})
+                         "oracle": include, "chunk_ids": [p["chunk_id"] for p in passages],
+                         "groups": sorted({g for h in context for g in h.groups})})
     return examples
+
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -129,4 +167,5 @@ def stats(examples: list[dict]) -> dict:
     n = len(examples)
     return {"examples": n, "with_oracle": sum(e["oracle"] for e in examples),
             "abstain_targets": sum("##Answer: I cannot answer" in e["completion"][0]["content"] for e in examples),
-            "passages_per_example": (sum(len(e["chunk_ids"]) for e in examples) / n) if n else 0.0}
+            "passages_per_example": (sum(len(e["chunk_ids"]) for e in examples) / n) if n else 0.0,
+            "groups_seen": sorted({g for e in examples for g in e.get("groups", [])})}

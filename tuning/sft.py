@@ -9,6 +9,9 @@ curve -> optionally a merged full model.
 Questions are split by a seeded hash: `test_fraction` of them are held back
 (never trained on; `hybrid eval` scores them), `val_fraction` of the rest give
 the validation loss.
+
+Access: public chunks only unless `groups` names more (retrieval/access.py); the
+adapter (and the merged model) is tagged with exactly those groups.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from retrieval import access
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.errors import InputError
 from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
 from tuning.memory_plan import GiB, ModelShape, describe, plan
-from tuning.raft_data import RaftSettings, build_examples, check_rows, stats, write_jsonl
+from tuning.raft_data import RaftSettings, build_examples, check_rows, stats, visible_rows, write_jsonl
 
 RUN_FILE = "hybrid_run.json"
 
@@ -66,9 +70,12 @@ class GeneratorTuneConfig:
     seed: int = 13
     resume: bool = False
     merge: bool = False
+    groups: list[str] = field(default_factory=list)  # access groups whose restricted chunks may be learned
 
     def problems(self) -> list[str]:
         out = []
+        if not isinstance(self.groups, list) or not all(isinstance(g, str) and g for g in self.groups):
+            out.append("--group must be a non-empty group name (groups: a list of names in YAML)")
         if not 0 <= self.p_oracle <= 1:
             out.append("--p-oracle must be in [0, 1]")
         if self.num_distractors < 0:
@@ -160,12 +167,15 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     retriever = Retriever.load(cfg.index)
     rows = load_qa(cfg.qa)
     check_rows(rows, retriever, cfg.qa)
+    # Questions about documents out of the trainer's view are dropped (the split is a per-id
+    # hash, so the remaining held-out questions are the same as with every group named).
+    rows, dropped = visible_rows(rows, retriever, cfg.groups)
     train_rows, held_out = split_rows(rows, cfg.test_fraction, cfg.seed) if cfg.test_fraction else (rows, [])
     train_rows, val_rows = split_rows(train_rows, cfg.val_fraction, cfg.seed + 1) if cfg.val_fraction else (train_rows, [])
     settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, no_oracle=cfg.no_oracle,
                             answer_format=cfg.answer_format, seed=cfg.seed)
-    train_ex = build_examples(train_rows, retriever, settings)
-    val_ex = build_examples(val_rows, retriever, settings) if val_rows else []
+    train_ex = build_examples(train_rows, retriever, settings, groups=cfg.groups)
+    val_ex = build_examples(val_rows, retriever, settings, groups=cfg.groups) if val_rows else []
     if not train_ex:
         raise InputError(f"--qa {cfg.qa}: no training questions left after the held-out split")
 
@@ -183,6 +193,9 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
                          f"free; lower --max-length or --batch-size, keep --gradient-checkpointing, or use --strategy qlora")
     strategy = mplan["chosen"]
     log(describe(mplan))
+    if dropped:
+        log(f"access: {len(dropped)} questions skipped, their gold documents are restricted to groups not named "
+            f"with --group (e.g. {', '.join(dropped[:3])})")
 
     # --- load --------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -233,7 +246,8 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
             "kind": "hybrid-generator-adapter", "strategy": strategy,
             "base_model": {"name": info.name, "fingerprint": info.fingerprint},
             "config": asdict(cfg), "raft": asdict(settings),
-            "data": {"train": stats(train_ex), "val": stats(val_ex), **length_stats,
+            "access": access.record(cfg.groups, stats(train_ex + val_ex)["groups_seen"]),
+            "data": {"train": stats(train_ex), "val": stats(val_ex), **length_stats, "skipped_restricted": len(dropped),
                      "held_out_ids": [r.id for r in held_out], "qa": cfg.qa, "index": cfg.index},
             "memory_plan": mplan, "device": device,
             "train_loss": [h for h in history if "loss" in h], "val_loss": [h for h in history if "eval_loss" in h],
@@ -241,10 +255,12 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
             "minutes": round((time.perf_counter() - t0) / 60, 2),
         }
         write_text_atomic(tmp / RUN_FILE, json.dumps(record, indent=2))
+        access.write(tmp, record["access"])
         if cfg.merge:
             merged = trainer.model.merge_and_unload() if strategy != "full" else trainer.model
             merged.save_pretrained(str(tmp / "merged"))
             tok.save_pretrained(str(tmp / "merged"))
+            access.write(tmp / "merged", record["access"])  # the merged weights hold the same text
         swap_dir_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -118,7 +118,7 @@ def test_eval_gate_derives_configs_from_the_same_answers(tmp_path, fixed_qa, two
     jdir = tmp_path / "judge"
     jdir.mkdir()
     (jdir / "hybrid_judge.json").write_text("{}")
-    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path: cls(CountingJudgeModel())))
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None: cls(CountingJudgeModel())))
     with pytest.raises(Exception, match="--gate needs --judge"):
         run_eval(EvalConfig(qa=str(fixed_qa), gate=True), progress=False)
     cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": two_adapters["a"]}, closed_book=False, max_new_tokens=6,

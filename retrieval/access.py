@@ -1,0 +1,75 @@
+"""Access scope of trained artifacts: what a model learned from, and who may use it.
+
+Retrieval keeps a restricted chunk away from callers outside its groups; a model
+fine-tuned on that chunk holds the text in its weights, so the rule has to follow
+the text into every artifact. Each training job (RAFT SFT, DPO, embedder tuning)
+sees public chunks only, unless its caller names groups (`--group hr`); the
+artifact it writes (adapter dir, merged model, tuned embedder, judge) carries
+`hybrid_access.json`:
+
+    {"scope": "public"}                       learned from public chunks only
+    {"scope": ["hr"], "groups_seen": ["hr"]}  may hold text of these groups' documents
+
+The scope is exactly the groups the trainer named; `groups_seen` is the subset
+whose chunks actually entered a training example. Loading an artifact for a
+caller whose groups do not include every scope group is refused; an artifact
+without the file is refused too (its scope is unknown).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from retrieval.atomic import write_text_atomic
+from retrieval.errors import InputError
+
+ACCESS_FILE = "hybrid_access.json"
+
+
+def training_groups(groups) -> list[str]:
+    """The trainer's groups as a sorted list without repeats ([] = public only)."""
+    return sorted({str(g) for g in groups or ()})
+
+
+def record(groups, seen=()) -> dict:
+    """The hybrid_access.json content for an artifact trained with `groups` (see module docstring)."""
+    groups = training_groups(groups)
+    if not groups:
+        return {"scope": "public"}
+    return {"scope": groups, "groups_seen": training_groups(seen)}
+
+
+def write(path: str | Path, rec: dict) -> None:
+    """Write the access record into an artifact dir (atomic)."""
+    write_text_atomic(Path(path) / ACCESS_FILE, json.dumps(rec, indent=2))
+
+
+def scope(path: str | Path) -> list[str] | None:
+    """The artifact's scope groups ([] = public), or None when it has no access record."""
+    f = Path(path) / ACCESS_FILE
+    if not f.exists():
+        return None
+    s = json.loads(f.read_text(encoding="utf-8"))["scope"]
+    return [] if s == "public" else list(s)
+
+
+def check(path: str | Path, caller_groups, label: str) -> None:
+    """Refuse an artifact the caller may not use.
+
+    Args:
+        path: artifact dir.
+        caller_groups: the caller's access groups (None = public).
+        label: how the user named it, e.g. "--adapter hr=runs/hr" (goes into the error).
+
+    Raises:
+        InputError: no access record, or scope groups missing from the caller's groups.
+    """
+    s = scope(path)
+    if s is None:
+        raise InputError(f"{label}: no {ACCESS_FILE}, so what it learned from is unknown; retrain it with this "
+                         f"version of hybrid (artifacts record the access groups of their training data)")
+    missing = sorted(set(s) - set(training_groups(caller_groups)))
+    if missing:
+        raise InputError(f"{label}: trained on documents of access group(s) {', '.join(s)}; the caller lacks "
+                         f"{', '.join(missing)} (pass --group {' --group '.join(missing)} only if the caller belongs to them)")
