@@ -60,7 +60,11 @@ def write_doc(root: Path, name: str, title: str, body: str, groups: list[str] | 
 @pytest.fixture()
 def small_corpus(tmp_path) -> Path:
     """Six documents: four public, one for `hr`, one for `finance` + `security`."""
-    root = tmp_path / "corpus"
+    return make_small_corpus(tmp_path / "corpus")
+
+
+def make_small_corpus(root: Path) -> Path:
+    """The `small_corpus` documents under root (SECRET-HR / SECRET-FIN mark the restricted text)."""
     filler = " ".join(f"Sentence {i} about routine operations and the weekly schedule." for i in range(40))
     write_doc(root, "buoys/kestrel.md", "Kestrel buoy", "The Kestrel buoy battery lasts 14 months. " + filler)
     write_doc(root, "buoys/osprey.md", "Osprey buoy", "The Osprey buoy battery lasts 9 months. " + filler)

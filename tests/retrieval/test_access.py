@@ -1,0 +1,25 @@
+import pytest
+
+from retrieval import access
+from retrieval.errors import InputError
+
+
+def test_record_scope_roundtrip(tmp_path):
+    assert access.record(None) == {"scope": "public"} and access.record([]) == {"scope": "public"}
+    assert access.record(["hr", "finance", "hr"], {"hr"}) == {"scope": ["finance", "hr"], "groups_seen": ["hr"]}
+    assert access.scope(tmp_path) is None
+    access.write(tmp_path, access.record(["hr"], ["hr"]))
+    assert access.scope(tmp_path) == ["hr"]
+    access.write(tmp_path, access.record([]))
+    assert access.scope(tmp_path) == []
+
+
+def test_check_refuses_missing_groups_and_unknown_scope(tmp_path):
+    with pytest.raises(InputError, match="no hybrid_access.json"):
+        access.check(tmp_path, ["hr"], "--adapter x")
+    access.write(tmp_path, access.record(["hr", "finance"]))
+    with pytest.raises(InputError, match=r"--adapter x: .* lacks finance, hr"):
+        access.check(tmp_path, None, "--adapter x")
+    with pytest.raises(InputError, match="lacks finance$|lacks finance "):
+        access.check(tmp_path, ["hr"], "--adapter x")
+    access.check(tmp_path, ["finance", "hr", "ops"], "--adapter x")  # holds every scope group: allowed
