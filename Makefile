@@ -35,10 +35,10 @@ demo: $(VENV)/.installed
 	$(HYBRID) index $(CORPUS)/docs --out $(RUNS)/index --chunk-tokens 128 --overlap 16 -q
 	$(HYBRID) search "How long does the Kestrel-7 battery pack last?" --index $(RUNS)/index -k 3 $(GROUPS)
 	$(HYBRID) eval $(CORPUS)/qa.jsonl --index $(RUNS)/index --only retrieval $(GROUPS)
-	$(HYBRID) tune embedder --index $(RUNS)/index --qa $(CORPUS)/qa.jsonl --out $(RUNS)/embedder --epochs 1
+	$(HYBRID) tune embedder --index $(RUNS)/index --qa $(CORPUS)/qa.jsonl --out $(RUNS)/embedder --epochs 1 $(GROUPS)
 	$(HYBRID) tune generator --index $(RUNS)/index --qa $(CORPUS)/qa.jsonl --out $(RUNS)/raft -q \
 	  --num-distractors 2 --max-steps 40 --grad-accum 2 --learning-rate 1e-3 \
-	  --target-modules all-linear --lora-r 16 --lora-alpha 32
+	  --target-modules all-linear --lora-r 16 --lora-alpha 32 $(GROUPS)
 	@for q in "$(Q1)" "$(Q2)"; do for use in base raft; do \
 	  printf '\n== %s: %s\n' "$$use" "$$q"; $(HYBRID) ask "$$q" --index $(RUNS)/index -k 3 --adapter raft=$(RUNS)/raft --use $$use $(GROUPS); \
 	done; done
