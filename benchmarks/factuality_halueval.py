@@ -49,6 +49,11 @@ def main() -> int:
     p.add_argument("--dpo-p-oracle", type=float, default=0.5)
     p.add_argument("--no-answer-over-abstain", action="store_true")
     p.add_argument("--eval-out", default="eval")
+    p.add_argument("--judge-name", default="judge", help="judge dir name under --work (trained by the judge step "
+                   "when it is 'judge'; otherwise made by 'hybrid tune judge --out WORK/NAME')")
+    p.add_argument("--eval-adapters", default=None, help="comma-separated adapter dir names under --work to "
+                   "evaluate [default: raft and --dpo-out]")
+    p.add_argument("--gate", action="store_true", help="also report each passage configuration with the judge as a gate")
     args = p.parse_args()
     steps = set(args.steps.split(","))
     work = Path(args.work)
@@ -125,10 +130,10 @@ def main() -> int:
         from hybrid.factuality import EvalConfig, markdown, run_eval
 
         def ev():
-            rep = run_eval(EvalConfig(qa=str(work / "test.jsonl"), adapters={"raft": str(work / "raft"),
-                                                                             args.dpo_out: str(work / args.dpo_out)},
-                                      judge=str(work / "judge"), seed=args.seed, batch_size=4, max_new_tokens=64,
-                                      out=str(work / args.eval_out)), progress=False)
+            names = args.eval_adapters.split(",") if args.eval_adapters else ["raft", args.dpo_out]
+            rep = run_eval(EvalConfig(qa=str(work / "test.jsonl"), adapters={n: str(work / n) for n in names},
+                                      judge=str(work / args.judge_name), gate=args.gate, seed=args.seed, batch_size=4,
+                                      max_new_tokens=64, out=str(work / args.eval_out)), progress=False)
             print(markdown(rep))
         stage("eval", ev)
     return 0
