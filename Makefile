@@ -42,6 +42,7 @@ demo: $(VENV)/.installed
 	@for q in "$(Q1)" "$(Q2)"; do for use in base raft; do \
 	  printf '\n== %s: %s\n' "$$use" "$$q"; $(HYBRID) ask "$$q" --index $(RUNS)/index -k 3 --adapter raft=$(RUNS)/raft --use $$use $(GROUPS); \
 	done; done
+	rm -rf $(RUNS)/eval  # the adapter was just retrained: earlier predictions are stale
 	$(HYBRID) eval $(RUNS)/raft/held_out.jsonl --index $(RUNS)/index -k 3 --adapter raft=$(RUNS)/raft \
 	  $(GROUPS) --out $(RUNS)/eval
 

@@ -103,6 +103,12 @@ def judge_fingerprint(path: str | None) -> str | None:
     return sha256_file(Path(path) / "hybrid_judge.json") if path and (Path(path) / "hybrid_judge.json").exists() else None
 
 
+def adapter_fingerprints(adapters: dict[str, str]) -> dict[str, str | None]:
+    """Identity of each adapter's training run, so a retrained adapter at the same path is not mixed up."""
+    return {n: sha256_file(Path(d) / "hybrid_run.json") if (Path(d) / "hybrid_run.json").exists() else None
+            for n, d in sorted(adapters.items())}
+
+
 def gated(p: dict) -> dict:
     """A prediction as the judge gate serves it: an answer no passage supports becomes the abstention.
 
@@ -251,7 +257,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     configs = (["closed_book"] if cfg.closed_book else []) + ["rag"] + [f"rag+{n}" for n in cfg.adapters]
     out = Path(cfg.out) if cfg.out else None
     signature = hashlib.sha256(json.dumps([sha256_file(Path(cfg.qa)), cfg.index,
-                                           sorted(cfg.adapters.items()), cfg.limit, cfg.seed, cfg.k, cfg.groups,
+                                           sorted(cfg.adapters.items()), adapter_fingerprints(cfg.adapters),
+                                           cfg.limit, cfg.seed, cfg.k, cfg.groups,
                                            cfg.max_new_tokens, cfg.base_model,
                                            judge_fingerprint(cfg.judge)]).encode()).hexdigest()
     done: dict[tuple[str, str], dict] = {}

@@ -138,3 +138,18 @@ def test_eval_gate_derives_configs_from_the_same_answers(tmp_path, fixed_qa, two
     assert gate["hallucination_rate"] == pytest.approx(rag["hallucination_rate"] - expected_shift)
     assert gate["accuracy"] == rag["accuracy"]
     assert (tmp_path / "rep" / "report.md").read_text().count("+gate |") >= 2
+
+
+def test_eval_refuses_to_mix_predictions_of_a_retrained_adapter(tmp_path, fixed_qa, two_adapters):
+    import shutil
+
+    adapter = tmp_path / "a"
+    shutil.copytree(two_adapters["a"], adapter)
+    cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": str(adapter)}, closed_book=False, max_new_tokens=2,
+                     batch_size=3, out=str(tmp_path / "rep"))
+    run_eval(cfg, progress=False)
+    run_eval(cfg, progress=False)  # unchanged: resumes (nothing to do)
+    run = adapter / "hybrid_run.json"
+    run.write_text(run.read_text().replace("{", '{"retrained": true, ', 1))  # same path, another training run
+    with pytest.raises(Exception, match="other settings"):
+        run_eval(cfg, progress=False)
