@@ -1,9 +1,12 @@
-"""Does the groundedness judge read the passage? Scores a trained judge on three test sets.
+"""Does the groundedness judge read the passage? Scores trained judges on four test sets.
 
   halueval_test  HaluEval test split: right vs HaluEval's hallucinated answer (what it was trained for)
   swapped        HaluEval test split (first --swapped-questions lines): right answer vs *another test
                  question's* right answer over this question's knowledge (same style, wrong only given
                  the passage)
+  grounding      HaluEval test split: right answer over its knowledge vs the same right answer, and
+                 the neighbour's own right answer, over the most similar *other* knowledge (the
+                 evidence was not retrieved; hybrid.halueval.nearest_other with the packaged embedder)
   bundled        bundled corpus: gold answer vs another question's answer, over the 600 characters of
                  the gold document around the answer
 
@@ -35,7 +38,11 @@ def main() -> int:
     subset = test[: args.swapped_questions]
     swapped = [t for t in halueval.judge_pairs(lines, subset, swapped=True, seed=1)
                if t[3] == 1 or t[2] not in hallucinated]
+    from retrieval.embedder import load_embedder
+
+    near = halueval.nearest_other(lines, test, load_embedder(None, device="cpu"))
     sets = {"halueval_test": halueval.judge_pairs(lines, test), "swapped": swapped,
+            "grounding": halueval.judge_pairs(lines, test, hallucinated=False, neighbours=near),
             "bundled": bundled_pairs(ROOT / "corpora/brindle/qa.jsonl", ROOT / "corpora/brindle/docs")}
     print("| judge | test set | n | accuracy | AUROC |\n|---|---|---:|---:|---:|")
     out = {}
