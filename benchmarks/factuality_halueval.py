@@ -124,7 +124,7 @@ def main() -> int:
         stage("dpo", lambda: tune_dpo(DPOTuneConfig(
             index=args.index, qa=str(work / "train.jsonl"), adapter=str(work / "raft"), out=str(work / args.dpo_out),
             p_oracle=args.dpo_p_oracle, answer_over_abstain=not args.no_answer_over_abstain,
-            wrong_answers=str(work / "wrong.jsonl"), judge=str(work / "judge"), num_distractors=args.distractors,
+            wrong_answers=str(work / "wrong.jsonl"), judge=str(work / args.judge_name), num_distractors=args.distractors,
             max_questions=args.dpo_questions, max_steps=args.dpo_steps, test_fraction=0.0, grad_accum=2), progress=False))
     if "eval" in steps:
         from hybrid.factuality import EvalConfig, markdown, run_eval
