@@ -255,6 +255,7 @@ def tune_judge_cmd(
     seed: Optional[int] = typer.Option(None, help="Split and training seed [default: 0]."),
     swapped_negatives: Optional[bool] = typer.Option(None, "--swapped-negatives/--no-swapped-negatives", help="Also use another question's right answer as an unsupported example [default: on]."),
     grounding_negatives: Optional[bool] = typer.Option(None, "--grounding-negatives/--no-grounding-negatives", help="Also use answers over the most similar other passage (evidence not retrieved) as unsupported examples [default: on]."),
+    answerability_pairs: Optional[bool] = typer.Option(None, "--answerability-pairs/--no-answerability-pairs", help="Also teach 'does this passage answer the question' (question with an empty answer over its own vs the most similar other passage), what the eval/ask gate asks [default: on]."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Train the groundedness judge on HaluEval's train split; report accuracy and AUROC."""
@@ -262,12 +263,13 @@ def tune_judge_cmd(
 
     cfg = build_config(JudgeTuneConfig, None, out=str(out), halueval=str(halueval) if halueval else None,
                        train_questions=train_questions, epochs=epochs, batch_size=batch_size, n_test=n_test, seed=seed,
-                       swapped_negatives=swapped_negatives, grounding_negatives=grounding_negatives)
+                       swapped_negatives=swapped_negatives, grounding_negatives=grounding_negatives,
+                       answerability_pairs=answerability_pairs)
     rep = tune_judge(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(rep))
         return
-    for name in ("halueval_test", "grounding_test", "bundled"):
+    for name in ("halueval_test", "grounding_test", "answerability_test", "bundled"):
         if name not in rep:
             continue
         m = rep[name]

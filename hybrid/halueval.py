@@ -33,7 +33,8 @@ def split(n: int, n_test: int = 1000, seed: int = 0) -> tuple[list[int], list[in
 
 
 def judge_pairs(lines: list[dict], idx: list[int], swapped: bool = False, seed: int = 0,
-                hallucinated: bool = True, neighbours: dict[int, int] | None = None) -> list[tuple[str, str, str, int]]:
+                hallucinated: bool = True, neighbours: dict[int, int] | None = None,
+                answerability: bool = False) -> list[tuple[str, str, str, int]]:
     """(passage, question, answer, label) with label 1 = supported (right), 0 = unsupported.
 
     Negatives are HaluEval's hallucinated answers (unless `hallucinated` is False); with `swapped`, also the right answer of
@@ -47,6 +48,10 @@ def judge_pairs(lines: list[dict], idx: list[int], swapped: bool = False, seed: 
     knowledge (the evidence was not retrieved), and the neighbour's own right answer over
     the neighbour's knowledge (a span that is in the passage but answers another question,
     what a small RAG model writes when the evidence is missing).
+
+    With `answerability` (and `neighbours`), also the question with an empty answer over its
+    own knowledge (1) and over the neighbour's (0): "does this passage answer the question?",
+    which the judge gate asks without looking at the model's wording.
     """
     rng = random.Random(seed)
     out = []
@@ -65,6 +70,9 @@ def judge_pairs(lines: list[dict], idx: list[int], swapped: bool = False, seed: 
                 out.append((near["knowledge"], row["question"], row["right_answer"], 0))
             if near["right_answer"].lower() != row["right_answer"].lower():
                 out.append((near["knowledge"], row["question"], near["right_answer"], 0))
+            if answerability:
+                out.append((row["knowledge"], row["question"], "", 1))
+                out.append((near["knowledge"], row["question"], "", 0))
     return out
 
 

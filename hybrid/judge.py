@@ -81,6 +81,14 @@ class Judge:
             best[n] = max(best[n], pr)
         return best
 
+    def answerable(self, questions: list[str], contexts: list[list[dict]]) -> np.ndarray:
+        """Does any passage answer the question? The best passage's probability, shape (N,).
+
+        The judge scores the question with an empty answer (trained with answerability pairs),
+        so the verdict does not depend on how the model words its answer.
+        """
+        return self.support(questions, [""] * len(questions), contexts)
+
     def unsupported(self, questions: list[str], answers: list[str], contexts: list[list[dict]]) -> list[bool]:
         """True where no passage is judged to support the answer."""
         return [bool(p < THRESHOLD) for p in self.support(questions, answers, contexts)]
@@ -132,6 +140,7 @@ class JudgeTuneConfig:
     n_test: int = 1000
     swapped_negatives: bool = True
     grounding_negatives: bool = True
+    answerability_pairs: bool = True
 
     def problems(self) -> list[str]:
         bad = [f"--{n.replace('_', '-')} must be >= 1" for n in ("train_questions", "epochs", "batch_size", "max_length")
@@ -159,7 +168,8 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
     train_idx = sorted(rng.sample(train_idx, min(cfg.train_questions, len(train_idx))))
     embedder = load_embedder(None, device="cpu") if cfg.grounding_negatives else None
     near = halueval.nearest_other(lines, train_idx, embedder) if embedder else None
-    train = halueval.judge_pairs(lines, train_idx, swapped=cfg.swapped_negatives, seed=cfg.seed, neighbours=near)
+    train = halueval.judge_pairs(lines, train_idx, swapped=cfg.swapped_negatives, seed=cfg.seed, neighbours=near,
+                                 answerability=cfg.answerability_pairs)
     n_pos = sum(l for *_, l in train)
     ds = Dataset.from_dict({"sentence1": [pair_text(q, a) for _, q, a, _ in train],
                             "sentence2": [p for p, *_ in train], "label": [float(l) for *_, l in train]})
@@ -179,12 +189,16 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
         model.save(str(work / "model"))
         judge = Judge(model)
         test = halueval.judge_pairs(lines, test_idx)
+        test_near = halueval.nearest_other(lines, test_idx, embedder) if embedder else None
         bundled_dir = Path(__file__).resolve().parents[1] / "corpora" / "brindle"
         report = {"halueval_test": evaluate(judge, test),
                   # the right answer vs the same answer, or the neighbour's, over the neighbour's passage
                   **({"grounding_test": evaluate(judge, halueval.judge_pairs(
-                      lines, test_idx, hallucinated=False, neighbours=halueval.nearest_other(lines, test_idx, embedder)))}
-                     if embedder else {}),
+                      lines, test_idx, hallucinated=False, neighbours=test_near))} if embedder else {}),
+                  # the question alone (empty answer) over its own vs the neighbour's passage
+                  **({"answerability_test": evaluate(judge, [t for t in halueval.judge_pairs(
+                      lines, test_idx, hallucinated=False, neighbours=test_near, answerability=True)
+                      if not t[2]])} if embedder and cfg.answerability_pairs else {}),
                   "bundled": evaluate(judge, bundled_pairs(bundled_dir / "qa.jsonl", bundled_dir / "docs")),
                   "train_pairs": len(train), "config": asdict(cfg), "minutes": round((time.perf_counter() - t0) / 60, 1),
                   "split": f"HaluEval lines shuffled with random.Random({cfg.seed}); first {cfg.n_test} = test (never trained on)"}
