@@ -299,8 +299,8 @@ def ask_cmd(
     k: int = typer.Option(5, "-k", help="Passages to retrieve."),
     max_new_tokens: int = typer.Option(96, help="Generation budget."),
     require_support: bool = typer.Option(False, "--require-support", help="Abstain when no quote verifies and the answer is not in the passages."),
-    judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge): abstain when no passage supports the answer."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "gated"}.'),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge): abstain when it finds no passage that answers the question."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", "gated"}.'),
 ):
     """Retrieve, answer from the passages, and verify every quote against them."""
     from hybrid.pipeline import Pipeline
@@ -316,7 +316,7 @@ def ask_cmd(
         return
     res = pipe.ask(question, groups=group, adapter=chosen, on_token=lambda t: typer.echo(t, nl=False))
     typer.echo("")
-    note = f"  (abstained: the judge found no passage supporting it, support {res.support:.2f})" if res.gated else \
+    note = f"  (abstained: the judge found no passage answering it, answerability {res.answerable:.2f})" if res.gated else \
         "  (abstained)" if res.abstained else f"  (judge support {res.support:.2f})" if res.support is not None else ""
     typer.echo(f"answer: {res.answer}{note}")
     for c in res.citations:
@@ -337,7 +337,7 @@ def eval_cmd(
     group: Optional[List[str]] = typer.Option(None, "--group", help="Access group of the caller; repeat for several."),
     k: int = typer.Option(5, "-k", help="Passages retrieved per question."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge) for unsupported_rate."),
-    gate: bool = typer.Option(False, "--gate", help="With --judge: also report each passage configuration as NAME+gate, where answers the judge finds unsupported count as abstentions (what 'ask --judge' does)."),
+    gate: bool = typer.Option(False, "--gate", help="With --judge: also report each passage configuration as NAME+gate, where answers to questions the judge finds none of the passages answering count as abstentions (what 'ask --judge' does)."),
     base_model: Optional[str] = typer.Option(None, help="Generator: smollm2 | gemma3-270m | model dir [default: the adapters' base, else smollm2]."),
     batch_size: int = typer.Option(4, help="Questions generated together (greedy, left-padded)."),
     max_new_tokens: int = typer.Option(96, help="Generation budget per answer."),

@@ -3,10 +3,13 @@
 Configurations: `closed_book` (no passages), `rag` (base model + passages) and
 `rag+NAME` per adapter, all with the prompt template and parser of training and
 `ask`. Passages are the row's fixed `passages` when present (the distractor
-setting), else retrieved from the index. With a judge and `gate`, each passage
-configuration also appears as `NAME+gate`: the same answers, except that those no
-passage supports (judge support < 0.5) count as abstentions, as `ask --judge`
-serves them. No extra generation; the paired tests show what the gate buys.
+setting), else retrieved from the index. With a judge, every answer gets its
+`support` and every question its `answerable` score (added after generation, and
+redone when the judge changes, without generating again). With `gate`, each passage
+configuration also appears as `NAME+gate`: the same answers, except that where the
+judge finds none of the passages answering the question (answerable < 0.5) the
+answer counts as an abstention, as `ask --judge` serves it. The paired tests show
+what the gate buys.
 
 Each answer is classified exactly once:
   correct       the normalised gold answer (SQuAD/HotpotQA normalisation) equals or
@@ -39,6 +42,7 @@ from retrieval.errors import InputError
 from retrieval.index import sha256_file
 from retrieval.metrics import retrieval_metrics
 from retrieval.qa import QARow, load_qa
+from retrieval.retriever import Retriever
 from hybrid.judge import THRESHOLD
 from tuning.prompting import ABSTAIN, normalize
 
@@ -110,12 +114,14 @@ def adapter_fingerprints(adapters: dict[str, str]) -> dict[str, str | None]:
 
 
 def gated(p: dict) -> dict:
-    """A prediction as the judge gate serves it: an answer no passage supports becomes the abstention.
+    """A prediction as the judge gate serves it: when none of the passages answers the question
+    (judge answerability < 0.5), the answer becomes the abstention.
 
-    Latency adds the judge's time, which the gate spends on every answer.
+    The gate asks about the passages, not the answer's wording, so it does not punish a right
+    answer written as a long sentence. Latency adds the judge's time, spent on every answer.
     """
     q = {**p, "config": f"{p['config']}+gate", "latency_ms": p["latency_ms"] + (p.get("judge_ms") or 0.0)}
-    if p.get("unsupported"):
+    if not p["abstained"] and p.get("answerable") is not None and p["answerable"] < THRESHOLD:
         q.update(prediction=ABSTAIN, abstained=True, label="abstained", f1=token_f1(ABSTAIN, p["answers"]),
                  citations=[], unsupported=None, gated=True)
     return q
@@ -249,18 +255,19 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     from hybrid.pipeline import Pipeline
 
     if cfg.gate and not cfg.judge:
-        raise InputError("--gate needs --judge DIR (the judge decides which answers are unsupported)")
+        raise InputError("--gate needs --judge DIR (the judge decides which questions its passages answer)")
     rows = select_rows(load_qa(cfg.qa), cfg.limit, cfg.seed)
     needs_index = [r.id for r in rows if r.passages is None]
     if needs_index and not cfg.index:
         raise InputError(f"{cfg.qa}: {len(needs_index)} rows have no 'passages' (e.g. {needs_index[0]}); pass --index to retrieve them")
     configs = (["closed_book"] if cfg.closed_book else []) + ["rag"] + [f"rag+{n}" for n in cfg.adapters]
     out = Path(cfg.out) if cfg.out else None
+    # What the answers depend on. The judge is not part of it: its scores are added afterwards
+    # and redone when the judge changes, without generating again.
     signature = hashlib.sha256(json.dumps([sha256_file(Path(cfg.qa)), cfg.index,
                                            sorted(cfg.adapters.items()), adapter_fingerprints(cfg.adapters),
                                            cfg.limit, cfg.seed, cfg.k, cfg.groups,
-                                           cfg.max_new_tokens, cfg.base_model,
-                                           judge_fingerprint(cfg.judge)]).encode()).hexdigest()
+                                           cfg.max_new_tokens, cfg.base_model]).encode()).hexdigest()
     done: dict[tuple[str, str], dict] = {}
     if out and (out / "predictions.jsonl").exists():
         meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
@@ -282,39 +289,25 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     todo = [(c, r) for c in configs for r in rows if (c, r.id) not in done]
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, groups=cfg.groups) if todo or not done else None
+    contexts = row_contexts(rows, cfg, pipe)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(configs) * len(rows), initial=len(configs) * len(rows) - len(todo), disable=not progress,
                desc="eval", unit="answer")
     sink = open(out / "predictions.jsonl", "a", encoding="utf-8") if out else None
     try:
-        retrieved: dict[str, list[dict]] = {}
         for config in configs:
             pending = [r for r in rows if (config, r.id) not in done]
             for start in range(0, len(pending), cfg.batch_size):
                 batch = pending[start:start + cfg.batch_size]
-                if config == "closed_book":
-                    contexts = [[] for _ in batch]
-                else:
-                    missing = [r for r in batch if r.passages is None and r.id not in retrieved]
-                    if missing:
-                        for r, ps in zip(missing, pipe.retrieve([r.question for r in missing], groups=cfg.groups)):
-                            retrieved[r.id] = ps
-                    contexts = [[{"doc_id": str(p.get("id", "")), **p} for p in r.passages] if r.passages is not None
-                                else retrieved[r.id] for r in batch]
+                ctxs = [[] if config == "closed_book" else contexts[r.id] for r in batch]
                 adapter = config.split("+", 1)[1] if "+" in config else None
-                answers = pipe.answer_batch([r.question for r in batch], contexts, adapter=adapter)
-                t0 = time.perf_counter()
-                support = judge.support([r.question for r in batch], [a.answer for a in answers], contexts) \
-                    if judge else [None] * len(batch)
-                judge_ms = (time.perf_counter() - t0) * 1000 / len(batch)
-                for r, ctx, a, sup in zip(batch, contexts, answers, support):
-                    sup = None if a.abstained or sup is None else float(sup)
+                answers = pipe.answer_batch([r.question for r in batch], ctxs, adapter=adapter)
+                for r, ctx, a in zip(batch, ctxs, answers):
                     p = {"id": r.id, "config": config, "question": r.question, "answers": list(r.answers),
                          "gold_ids": list(r.gold_ids), "prediction": a.answer, "raw": a.raw, "abstained": a.abstained,
                          "label": classify(a.answer, a.abstained, r.answers), "f1": token_f1(a.answer, r.answers),
-                         "citations": a.citations, "support": sup,
-                         "unsupported": None if sup is None else sup < THRESHOLD, "judge_ms": judge_ms if judge else None,
+                         "citations": a.citations, "support": None, "unsupported": None,
                          "retrieved_doc_ids": [c["doc_id"] for c in ctx] if (r.passages is None and ctx) else None,
                          "latency_ms": a.latency_ms, "new_tokens": a.new_tokens}
                     done[(config, r.id)] = p
@@ -327,6 +320,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         if sink:
             sink.close()
 
+    if judge and judge_all(judge, judge_fingerprint(cfg.judge), done, rows, contexts) and out:
+        write_text_atomic(out / "predictions.jsonl", "".join(
+            json.dumps(done[(c, r.id)], ensure_ascii=False) + "\n" for c in configs for r in rows))
     by_config = {c: [done[(c, r.id)] for r in rows] for c in configs}
     if cfg.gate:
         for c in [c for c in configs if c != "closed_book"]:
@@ -341,3 +337,47 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         write_text_atomic(out / "report.md", markdown(report))
         chart(report, out / "chart.png")
     return report
+
+
+def row_contexts(rows: list[QARow], cfg: EvalConfig, pipe) -> dict[str, list[dict]]:
+    """Each row's passages: its fixed `passages`, else the top -k retrieved for the caller's groups
+    (retrieval is deterministic, so a resumed or re-judged run sees the same passages)."""
+    out = {r.id: [{"doc_id": str(p.get("id", "")), **p} for p in r.passages] for r in rows if r.passages is not None}
+    need = [r for r in rows if r.passages is None]
+    if need:
+        from hybrid.pipeline import passages_for
+
+        retriever = pipe.retriever if pipe is not None else Retriever.load(cfg.index)
+        out.update(zip([r.id for r in need], passages_for(retriever, [r.question for r in need], cfg.k, cfg.groups)))
+    return out
+
+
+def judge_all(judge, fingerprint: str, done: dict, rows: list[QARow], contexts: dict[str, list[dict]]) -> bool:
+    """Add the judge's scores to every prediction it has not scored yet (in place).
+
+    Each prediction gets `support` (best-passage probability that the passages support its
+    answer; None when it abstained or had no passages), `unsupported`, and `answerable` (does any
+    of its passages answer the question; the gate's signal), plus `judge_ms` per answer.
+
+    Returns:
+        Whether any prediction changed.
+    """
+    stale = [p for p in done.values() if p.get("judge") != fingerprint]
+    if not stale:
+        return False
+    by_id = {r.id: r for r in rows}
+    t0 = time.perf_counter()
+    rag = [p for p in stale if p["config"] != "closed_book"]
+    ask = sorted({p["id"] for p in rag})
+    answerable = dict(zip(ask, judge.answerable([by_id[i].question for i in ask], [contexts[i] for i in ask])))
+    live = [p for p in rag if not p["abstained"]]
+    support = judge.support([p["question"] for p in live], [p["prediction"] for p in live],
+                            [contexts[p["id"]] for p in live]) if live else []
+    per = (time.perf_counter() - t0) * 1000 / len(stale)
+    for p in stale:
+        p.update(support=None, unsupported=None, answerable=None, judge=fingerprint, judge_ms=per)
+        if p["config"] != "closed_book":
+            p["answerable"] = float(answerable[p["id"]])
+    for p, sup in zip(live, support):
+        p["support"], p["unsupported"] = float(sup), bool(sup < THRESHOLD)
+    return True

@@ -44,12 +44,14 @@ class Answer:
     raw: str = ""
     latency_ms: float = 0.0
     new_tokens: int = 0
-    support: float | None = None  # the judge's support of the model's answer (None: no judge, or it abstained)
-    gated: bool = False  # the judge found the model's answer unsupported, so the pipeline abstained
+    support: float | None = None  # judge: does a passage back this answer (None: no judge, or it abstained)
+    answerable: float | None = None  # judge: does any passage answer the question (the gate's signal)
+    gated: bool = False  # the judge found no passage answering the question, so the pipeline abstained
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "abstained": self.abstained, "citations": self.citations,
-                "passages": self.passages, "support": self.support, "gated": self.gated}
+                "passages": self.passages, "support": self.support, "answerable": self.answerable,
+                "gated": self.gated}
 
 
 def verify(parsed, passages: list[dict]) -> list[dict]:
@@ -61,20 +63,30 @@ def verify(parsed, passages: list[dict]) -> list[dict]:
     return cites
 
 
-def gate(judge, questions: list[str], answers: list[Answer], passages_batch: list[list[dict]], t0: float) -> None:
-    """Score each non-abstained answer with the judge; abstain in place where no passage supports it.
+def passages_for(retriever: Retriever, questions: list[str], k: int, groups=None) -> list[list[dict]]:
+    """Top-k visible chunks per question as passage dicts (doc_id, chunk_id, title, text, score)."""
+    hits = retriever.search_batch(questions, k=k, groups=groups)
+    return [[{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "text": h.text, "score": h.score}
+             for h in hs] for hs in hits]
 
-    `t0` is when the batch started, so latency_ms includes the judge.
+
+def gate(judge, questions: list[str], answers: list[Answer], passages_batch: list[list[dict]], t0: float) -> None:
+    """Abstain in place where the judge finds that none of the passages answers the question.
+
+    The gate asks about the passages (judge answerability), not the answer's wording, so a
+    right answer written as a long sentence is not punished; `support` (does a passage back
+    this answer) is recorded too. `t0` is when the batch started, so latency_ms includes the judge.
     """
     from hybrid.judge import THRESHOLD
 
+    answerable = judge.answerable(questions, passages_batch)
     live = [i for i, a in enumerate(answers) if not a.abstained]
     support = judge.support([questions[i] for i in live], [answers[i].answer for i in live],
                             [passages_batch[i] for i in live]) if live else []
     ms = (time.perf_counter() - t0) * 1000 / max(len(answers), 1)
     for i, s in zip(live, support):
-        answers[i].support = float(s)
-        if s < THRESHOLD:
+        answers[i].support, answers[i].answerable = float(s), float(answerable[i])
+        if answerable[i] < THRESHOLD:
             answers[i].answer, answers[i].abstained, answers[i].gated = ABSTAIN, True, True
     for a in answers:
         a.latency_ms = ms
@@ -111,7 +123,7 @@ class Pipeline:
                 in the passages (a guard for serving; evaluation measures the raw model).
             device: "cuda"/"cpu"/None.
             judge: groundedness judge dir (`hybrid tune judge`): abstain when it finds no
-                passage that supports the answer (`hybrid eval --judge DIR --gate` reports NAME+gate).
+                passage that answers the question (`hybrid eval --judge DIR --gate` reports NAME+gate).
             groups: the caller's access groups (None = public); every adapter, a merged
                 base model and the judge must have been trained within them.
 
@@ -253,9 +265,7 @@ class Pipeline:
         """Passages for questions from the index (access control applied)."""
         if self.retriever is None:
             raise InputError("no --index given: pass one, or call answer() with your own passages")
-        hits = self.retriever.search_batch(questions, k=k or self.k, groups=groups)
-        return [[{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "text": h.text, "score": h.score}
-                 for h in hs] for hs in hits]
+        return passages_for(self.retriever, questions, k=k or self.k, groups=groups)
 
     def ask(self, question: str, groups=None, adapter: str | None = None, k: int | None = None,
             on_token=None) -> Answer:

@@ -105,39 +105,48 @@ def test_gated_prediction_hand_cases():
 
     base = {"id": "1", "config": "rag", "answers": ["14 months"], "prediction": "12 months", "abstained": False,
             "label": "hallucinated", "f1": 0.5, "citations": [{"verified": True}], "latency_ms": 10.0, "judge_ms": 2.0}
-    g = gated({**base, "unsupported": True, "support": 0.1})
+    g = gated({**base, "answerable": 0.1})
     assert (g["config"], g["label"], g["abstained"], g["f1"], g["latency_ms"]) == ("rag+gate", "abstained", True, 0.0, 12.0)
-    kept = gated({**base, "unsupported": False, "support": 0.8})
+    kept = gated({**base, "answerable": 0.8})
     assert (kept["label"], kept["prediction"], kept["latency_ms"]) == ("hallucinated", "12 months", 12.0)
-    assert gated({**base, "abstained": True, "label": "abstained", "unsupported": None})["label"] == "abstained"
+    assert gated({**base, "abstained": True, "label": "abstained", "answerable": 0.1})["label"] == "abstained"
 
 
-def test_eval_gate_derives_configs_from_the_same_answers(tmp_path, fixed_qa, two_adapters, monkeypatch):
+def test_eval_gate_derives_configs_and_rejudges_without_generating(tmp_path, fixed_qa, two_adapters, monkeypatch):
     from hybrid import judge as judge_mod
 
-    jdir = tmp_path / "judge"
-    jdir.mkdir()
-    (jdir / "hybrid_judge.json").write_text("{}")
+    jdirs = [tmp_path / "judge1", tmp_path / "judge2"]
+    for n, d in enumerate(jdirs):
+        d.mkdir()
+        (d / "hybrid_judge.json").write_text(json.dumps({"run": n}))
     monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None: cls(CountingJudgeModel())))
     with pytest.raises(Exception, match="--gate needs --judge"):
         run_eval(EvalConfig(qa=str(fixed_qa), gate=True), progress=False)
     cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": two_adapters["a"]}, closed_book=False, max_new_tokens=6,
-                     batch_size=3, judge=str(jdir), gate=True, out=str(tmp_path / "rep"))
+                     batch_size=3, judge=str(jdirs[0]), gate=True, out=str(tmp_path / "rep"))
     report = run_eval(cfg, progress=False)
     assert list(report["configs"]) == ["rag", "rag+a", "rag+gate", "rag+a+gate"]
-    preds = {(p["config"], p["id"]): p for p in map(json.loads, (tmp_path / "rep" / "predictions.jsonl").read_text().splitlines())}
+    path = tmp_path / "rep" / "predictions.jsonl"
+    preds = {(p["config"], p["id"]): p for p in map(json.loads, path.read_text().splitlines())}
     assert len(preds) == 6  # the +gate configs generate nothing
     for (config, qid), p in preds.items():
-        if p["abstained"]:
-            continue
-        # question 3's passages lack the battery passage: its answer is unsupported, the others are supported
-        assert p["support"] == (0.2 if qid == "3" else 0.9) and p["unsupported"] == (qid == "3")
+        # question 3's passages lack the battery passage: not answerable there; the others are
+        assert p["answerable"] == (0.2 if qid == "3" else 0.9)
+        if not p["abstained"]:
+            assert p["support"] == p["answerable"] and p["unsupported"] == (qid == "3")
     rag, gate = report["configs"]["rag"], report["configs"]["rag+gate"]
-    q3 = preds[("rag", "3")]
-    expected_shift = 0 if q3["abstained"] else 1 / 3  # an answer to the unanswerable question 3 becomes an abstention
+    expected_shift = 0 if preds[("rag", "3")]["abstained"] else 1 / 3  # the unanswerable q3's answer is gated
     assert gate["hallucination_rate"] == pytest.approx(rag["hallucination_rate"] - expected_shift)
     assert gate["accuracy"] == rag["accuracy"]
     assert (tmp_path / "rep" / "report.md").read_text().count("+gate |") >= 2
+    # Another judge: scores are redone from the stored answers, nothing is generated again.
+    monkeypatch.setattr("hybrid.pipeline.Pipeline.load", lambda *a, **k: pytest.fail("generated again"))
+    cfg.judge = str(jdirs[1])
+    again = run_eval(cfg, progress=False)
+    rejudged = [json.loads(l) for l in path.read_text().splitlines()]
+    assert len(rejudged) == 6 and len({p["judge"] for p in rejudged}) == 1
+    assert {p["judge"] for p in rejudged} != {p["judge"] for p in preds.values()}
+    assert again["configs"]["rag+gate"]["hallucination_rate"] == gate["hallucination_rate"]
 
 
 def test_eval_refuses_to_mix_predictions_of_a_retrained_adapter(tmp_path, fixed_qa, two_adapters):

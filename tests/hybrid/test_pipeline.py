@@ -40,7 +40,7 @@ def test_several_adapters_share_one_base_and_switch_per_call(bundled_tiny_index,
     with pipe._select("a"), torch.no_grad():
         assert torch.allclose(pipe.model(**enc).logits, logits["a"])  # switching back is exact
     res = pipe.answer("How long does the battery last?", passages, adapter="b")
-    assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "gated"}
+    assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated"}
     with pytest.raises(InputError, match="--adapter zzz: not loaded"):
         pipe.answer("q", passages, adapter="zzz")
 
@@ -99,13 +99,18 @@ def test_judge_gate_abstains_in_place():
     from hybrid.judge import Judge
     from hybrid.pipeline import Answer, gate
 
-    class Model:
+    class Model:  # answerable: the passage names Ann; supported: the answer is in the passage
         def predict(self, pairs, **_):
-            return [0.9 if q.split("Answer: ")[1] in p else 0.1 for q, p in pairs]
+            return [(0.9 if "Ann" in p else 0.1) if not q.split("Answer: ")[1] else
+                    (0.9 if q.split("Answer: ")[1] in p else 0.1) for q, p in pairs]
 
-    answers = [Answer("Oslo", False), Answer("Rome", False), Answer("I cannot answer", True)]
-    ctx = [[{"text": "Ann lives in Oslo"}]] * 3
-    gate(Judge(Model()), ["q"] * 3, answers, ctx, t0=0.0)
-    assert [(a.abstained, a.gated, a.support) for a in answers] == [(False, False, 0.9), (True, True, 0.1),
-                                                                    (True, False, None)]
+    answers = [Answer("Oslo", False), Answer("Rome", False), Answer("Bergen", False), Answer("I cannot answer", True)]
+    ctx = [[{"text": "Ann lives in Oslo"}], [{"text": "Bob lives in Rome"}], [{"text": "Ann lives in Oslo"}],
+           [{"text": "Ann lives in Oslo"}]]
+    gate(Judge(Model()), ["Where does Ann live?"] * 4, answers, ctx, t0=0.0)
+    assert [(a.abstained, a.gated, a.support, a.answerable) for a in answers] == [
+        (False, False, 0.9, 0.9),   # answerable and supported
+        (True, True, 0.9, 0.1),     # "Rome" is in the passage, but the passage does not answer the question
+        (False, False, 0.1, 0.9),   # answerable passage, unsupported answer: kept (the gate asks about passages)
+        (True, False, None, None)]  # the model abstained itself
     assert answers[1].answer.startswith("I cannot answer") and answers[1].to_dict()["gated"] is True
