@@ -12,6 +12,9 @@ Steps (each reruns on its own; finished steps are skipped when their output exis
   sft     hybrid tune generator (RAFT, LoRA) on the training rows.
   dpo     hybrid tune dpo on top of the SFT adapter, with HaluEval's hallucinated answers as a
           second source of rejected answers (train lines only).
+  calibrate  the judge gate's threshold, chosen on TRAIN rows built like the test rows (gold +
+          distractors, half withheld): the answerability cut that maximises TPR - FPR
+          (Youden's J). Written to WORK/calibration_JUDGE.json; --gate uses it.
   eval    hybrid eval on the test rows with --judge: closed_book, rag, rag+raft, rag+raft_dpo.
 No test line is used by any training step.
 
@@ -126,6 +129,31 @@ def main() -> int:
             p_oracle=args.dpo_p_oracle, answer_over_abstain=not args.no_answer_over_abstain,
             wrong_answers=str(work / "wrong.jsonl"), judge=str(work / args.judge_name), num_distractors=args.distractors,
             max_questions=args.dpo_questions, max_steps=args.dpo_steps, test_fraction=0.0, grad_accum=2), progress=False))
+    calibration = work / f"calibration_{args.judge_name}.json"
+    if "calibrate" in steps:
+        import numpy as np
+
+        from hybrid.judge import Judge, auroc
+        from retrieval.qa import load_qa
+
+        retriever = Retriever.load(args.index)
+        rows = load_qa(work / "train.jsonl")
+        rng = random.Random(args.seed + 1)
+        withheld = set(rng.sample([r.id for r in rows], len(rows) // 2))
+        text = {r.id: lines[int(r.id[1:])]["knowledge"].strip() for r in rows}
+        hits = retriever.search_batch([r.question for r in rows], k=args.distractors + 3)
+        contexts = []
+        for r, hs in zip(rows, hits):
+            ctx = [{"text": h.text} for h in hs if h.doc_id not in r.gold_ids][: args.distractors]
+            contexts.append(ctx if r.id in withheld else ctx + [{"text": text[r.id]}])
+        scores = Judge.load(work / args.judge_name).answerable([r.question for r in rows], contexts)
+        labels = np.array([r.id not in withheld for r in rows])
+        best = max(sorted(set(scores.tolist())), key=lambda t: (scores[labels] >= t).mean() - (scores[~labels] >= t).mean())
+        cal = {"threshold": best, "auroc": auroc(scores, labels), "n": len(rows),
+               "tpr": float((scores[labels] >= best).mean()), "fpr": float((scores[~labels] >= best).mean()),
+               "rows": "train.jsonl (HaluEval train split), gold + distractors, half withheld (seed + 1)"}
+        calibration.write_text(json.dumps(cal, indent=2))
+        print(f"calibrate: {json.dumps(cal)}", flush=True)
     if "eval" in steps:
         from hybrid.factuality import EvalConfig, markdown, run_eval
 
@@ -133,6 +161,8 @@ def main() -> int:
             names = args.eval_adapters.split(",") if args.eval_adapters else ["raft", args.dpo_out]
             rep = run_eval(EvalConfig(qa=str(work / "test.jsonl"), adapters={n: str(work / n) for n in names},
                                       judge=str(work / args.judge_name), gate=args.gate, seed=args.seed, batch_size=4,
+                                      gate_threshold=json.loads(calibration.read_text())["threshold"]
+                                      if args.gate and calibration.exists() else 0.5,
                                       max_new_tokens=64, out=str(work / args.eval_out)), progress=False)
             print(markdown(rep))
         stage("eval", ev)

@@ -300,6 +300,7 @@ def ask_cmd(
     max_new_tokens: int = typer.Option(96, help="Generation budget."),
     require_support: bool = typer.Option(False, "--require-support", help="Abstain when no quote verifies and the answer is not in the passages."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge): abstain when it finds no passage that answers the question."),
+    gate_threshold: float = typer.Option(0.5, "--gate-threshold", help="With --judge: abstain when the best passage's answerability is below this."),
     as_json: bool = typer.Option(False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", "gated"}.'),
 ):
     """Retrieve, answer from the passages, and verify every quote against them."""
@@ -307,10 +308,12 @@ def ask_cmd(
 
     if k < 1:
         raise InputError(f"-k must be a positive integer, got {k}")
+    if not 0 <= gate_threshold <= 1:
+        raise InputError(f"--gate-threshold {gate_threshold}: must be in [0, 1]")
     adapters = _parse_adapters(adapter)
     chosen = None if use == "base" else (use or (list(adapters)[-1] if adapters else None))
     pipe = Pipeline.load(index, adapters=adapters, base_model=base_model, k=k, max_new_tokens=max_new_tokens,
-                         require_support=require_support, judge=judge, groups=group)
+                         require_support=require_support, judge=judge, groups=group, gate_threshold=gate_threshold)
     if as_json:
         typer.echo(json.dumps(pipe.ask(question, groups=group, adapter=chosen).to_dict(), ensure_ascii=False))
         return
@@ -337,6 +340,7 @@ def eval_cmd(
     group: Optional[List[str]] = typer.Option(None, "--group", help="Access group of the caller; repeat for several."),
     k: int = typer.Option(5, "-k", help="Passages retrieved per question."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge) for unsupported_rate."),
+    gate_threshold: float = typer.Option(0.5, "--gate-threshold", help="With --gate: the answerability below which an answer counts as an abstention."),
     gate: bool = typer.Option(False, "--gate", help="With --judge: also report each passage configuration as NAME+gate, where answers to questions the judge finds none of the passages answering count as abstentions (what 'ask --judge' does)."),
     base_model: Optional[str] = typer.Option(None, help="Generator: smollm2 | gemma3-270m | model dir [default: the adapters' base, else smollm2]."),
     batch_size: int = typer.Option(4, help="Questions generated together (greedy, left-padded)."),
@@ -364,7 +368,7 @@ def eval_cmd(
     cfg = EvalConfig(qa=str(qa), index=str(index) if index else None, adapters=_parse_adapters(adapter),
                      closed_book=closed_book, limit=limit, seed=seed, k=k, groups=group, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, base_model=base_model, judge=str(judge) if judge else None,
-                     gate=gate, out=str(out) if out else None)
+                     gate=gate, gate_threshold=gate_threshold, out=str(out) if out else None)
     report = run_eval(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report))

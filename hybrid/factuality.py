@@ -7,7 +7,7 @@ setting), else retrieved from the index. With a judge, every answer gets its
 `support` and every question its `answerable` score (added after generation, and
 redone when the judge changes, without generating again). With `gate`, each passage
 configuration also appears as `NAME+gate`: the same answers, except that where the
-judge finds none of the passages answering the question (answerable < 0.5) the
+judge finds none of the passages answering the question (answerable < `gate_threshold`) the
 answer counts as an abstention, as `ask --judge` serves it. The paired tests show
 what the gate buys.
 
@@ -99,6 +99,7 @@ class EvalConfig:
     base_model: str | None = None
     judge: str | None = None
     gate: bool = False
+    gate_threshold: float = THRESHOLD
     out: str | None = None
 
 
@@ -113,15 +114,15 @@ def adapter_fingerprints(adapters: dict[str, str]) -> dict[str, str | None]:
             for n, d in sorted(adapters.items())}
 
 
-def gated(p: dict) -> dict:
+def gated(p: dict, threshold: float = THRESHOLD) -> dict:
     """A prediction as the judge gate serves it: when none of the passages answers the question
-    (judge answerability < 0.5), the answer becomes the abstention.
+    (judge answerability < `threshold`), the answer becomes the abstention.
 
     The gate asks about the passages, not the answer's wording, so it does not punish a right
     answer written as a long sentence. Latency adds the judge's time, spent on every answer.
     """
     q = {**p, "config": f"{p['config']}+gate", "latency_ms": p["latency_ms"] + (p.get("judge_ms") or 0.0)}
-    if not p["abstained"] and p.get("answerable") is not None and p["answerable"] < THRESHOLD:
+    if not p["abstained"] and p.get("answerable") is not None and p["answerable"] < threshold:
         q.update(prediction=ABSTAIN, abstained=True, label="abstained", f1=token_f1(ABSTAIN, p["answers"]),
                  citations=[], unsupported=None, gated=True)
     return q
@@ -256,6 +257,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
 
     if cfg.gate and not cfg.judge:
         raise InputError("--gate needs --judge DIR (the judge decides which questions its passages answer)")
+    if not 0 <= cfg.gate_threshold <= 1:
+        raise InputError(f"--gate-threshold {cfg.gate_threshold}: must be in [0, 1]")
     rows = select_rows(load_qa(cfg.qa), cfg.limit, cfg.seed)
     needs_index = [r.id for r in rows if r.passages is None]
     if needs_index and not cfg.index:
@@ -326,12 +329,13 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     by_config = {c: [done[(c, r.id)] for r in rows] for c in configs}
     if cfg.gate:
         for c in [c for c in configs if c != "closed_book"]:
-            by_config[f"{c}+gate"] = [gated(p) for p in by_config[c]]
+            by_config[f"{c}+gate"] = [gated(p, cfg.gate_threshold) for p in by_config[c]]
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
               "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
               "n_questions": len(rows), "n_unanswerable": sum(not r.answers for r in rows),
               "models": {"base": pipe.info.name if pipe else cfg.base_model or "smollm2", "adapters": cfg.adapters,
-                         "judge": cfg.judge, "index": cfg.index}}
+                         "judge": cfg.judge, "index": cfg.index},
+              **({"gate_threshold": cfg.gate_threshold} if cfg.gate else {})}
     if out:
         write_text_atomic(out / "report.json", json.dumps(report, indent=2))
         write_text_atomic(out / "report.md", markdown(report))

@@ -70,15 +70,18 @@ def passages_for(retriever: Retriever, questions: list[str], k: int, groups=None
              for h in hs] for hs in hits]
 
 
-def gate(judge, questions: list[str], answers: list[Answer], passages_batch: list[list[dict]], t0: float) -> None:
+def gate(judge, questions: list[str], answers: list[Answer], passages_batch: list[list[dict]], t0: float,
+         threshold: float | None = None) -> None:
     """Abstain in place where the judge finds that none of the passages answers the question.
 
     The gate asks about the passages (judge answerability), not the answer's wording, so a
     right answer written as a long sentence is not punished; `support` (does a passage back
     this answer) is recorded too. `t0` is when the batch started, so latency_ms includes the judge.
+    `threshold` defaults to the judge's 0.5.
     """
     from hybrid.judge import THRESHOLD
 
+    threshold = THRESHOLD if threshold is None else threshold
     answerable = judge.answerable(questions, passages_batch)
     live = [i for i, a in enumerate(answers) if not a.abstained]
     support = judge.support([questions[i] for i in live], [answers[i].answer for i in live],
@@ -86,7 +89,7 @@ def gate(judge, questions: list[str], answers: list[Answer], passages_batch: lis
     ms = (time.perf_counter() - t0) * 1000 / max(len(answers), 1)
     for i, s in zip(live, support):
         answers[i].support, answers[i].answerable = float(s), float(answerable[i])
-        if answerable[i] < THRESHOLD:
+        if answerable[i] < threshold:
             answers[i].answer, answers[i].abstained, answers[i].gated = ABSTAIN, True, True
     for a in answers:
         a.latency_ms = ms
@@ -97,12 +100,14 @@ class Pipeline:
 
     def __init__(self, retriever: Retriever | None, model, tokenizer, info, adapters: list[str],
                  k: int = 5, max_new_tokens: int = 96, require_support: bool = False, judge=None,
-                 groups=None, scopes: dict[str, list[str]] | None = None, base_scope: list[str] | None = None):
+                 groups=None, scopes: dict[str, list[str]] | None = None, base_scope: list[str] | None = None,
+                 gate_threshold: float | None = None):
         self.retriever, self.model, self.tok, self.info = retriever, model, tokenizer, info
         self.adapters = adapters
         self.groups = access.training_groups(groups)  # the caller's groups given at load
         self.scopes = scopes or {}  # adapter name -> its access scope ([] = public)
         self.base_scope = base_scope or []  # a merged model's scope
+        self.gate_threshold = gate_threshold
         self.k, self.max_new_tokens, self.require_support = k, max_new_tokens, require_support
         self.judge = judge
 
@@ -110,7 +115,7 @@ class Pipeline:
     def load(cls, index_dir: str | Path | None = None, adapters: dict[str, str] | str | None = None,
              base_model: str | None = None, k: int = 5, max_new_tokens: int = 96,
              require_support: bool = False, device: str | None = None, judge: str | Path | None = None,
-             groups=None) -> "Pipeline":
+             groups=None, gate_threshold: float | None = None) -> "Pipeline":
         """Load retriever, base generator and adapters.
 
         Args:
@@ -124,6 +129,7 @@ class Pipeline:
             device: "cuda"/"cpu"/None.
             judge: groundedness judge dir (`hybrid tune judge`): abstain when it finds no
                 passage that answers the question (`hybrid eval --judge DIR --gate` reports NAME+gate).
+            gate_threshold: answerability below which the judge gate abstains [default: 0.5].
             groups: the caller's access groups (None = public); every adapter, a merged
                 base model and the judge must have been trained within them.
 
@@ -172,7 +178,8 @@ class Pipeline:
             judge = Judge.load(judge, groups=groups)
         return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
                    require_support=require_support, judge=judge, groups=groups,
-                   scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope)
+                   scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope,
+                   gate_threshold=gate_threshold)
 
     def check_access(self, adapter: str | None, groups) -> None:
         """Refuse an adapter (or merged base) trained on groups the caller of this call lacks."""
@@ -253,7 +260,7 @@ class Pipeline:
                                             for p in ps],
                                   raw=raw, latency_ms=ms, new_tokens=n_new))
         if self.judge is not None:
-            gate(self.judge, questions, results, passages_batch, t0)
+            gate(self.judge, questions, results, passages_batch, t0, self.gate_threshold)
         return results
 
     def answer(self, question: str, passages: list[dict], adapter: str | None = None, on_token=None,
