@@ -110,6 +110,9 @@ def test_gated_prediction_hand_cases():
     kept = gated({**base, "answerable": 0.8})
     assert (kept["label"], kept["prediction"], kept["latency_ms"]) == ("hallucinated", "12 months", 12.0)
     assert gated({**base, "abstained": True, "label": "abstained", "answerable": 0.1})["label"] == "abstained"
+    assert gated({**base, "answerable": 0.8}, threshold=0.85)["label"] == "abstained"  # a stricter calibrated cut
+    with pytest.raises(Exception, match="--gate-threshold 1.5"):
+        run_eval(EvalConfig(qa="unused.jsonl", judge="j", gate=True, gate_threshold=1.5), progress=False)
 
 
 def test_eval_gate_derives_configs_and_rejudges_without_generating(tmp_path, fixed_qa, two_adapters, monkeypatch):
