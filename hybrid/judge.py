@@ -6,11 +6,13 @@ CrossEncoder on the packaged MiniLM body, trained on (passages, question +
 answer) -> supported / unsupported from HaluEval's *train* split (right answer =
 supported; hallucinated answer, and another question's right answer over this
 question's passage, = unsupported; and, with grounding negatives, the right
-answer or the neighbour's answer over the most similar *other* passage). The
-judge reads one passage at a time; an answer is supported when any of its
-passages supports it. `hybrid tune judge` reports accuracy and AUROC on
-HaluEval's test split (HaluEval's own pairs, and grounding pairs) and on the
-bundled corpus (gold answer vs another question's answer over the gold passage).
+answer or the neighbour's answer over the most similar *other* passage; and, with
+answerability pairs, the question with an empty answer over its own passage vs
+that neighbour, which `answerable` asks and the gate uses). The judge reads one
+passage at a time; an answer is supported when any of its passages supports it.
+`hybrid tune judge` reports accuracy and AUROC on HaluEval's test split
+(HaluEval's own pairs, grounding pairs, answerability pairs) and on the bundled
+corpus (gold answer vs another question's answer over the gold passage).
 """
 
 from __future__ import annotations
