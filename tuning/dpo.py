@@ -109,7 +109,7 @@ def score(text: str, golds, passages: list[dict], oracle: bool, unsupported: boo
 
 def build_pairs(examples: list[dict], rows_by_id: dict, chunks: dict, model, tok, cfg: DPOTuneConfig,
                 judge=None) -> list[dict]:
-    """Sample, score and pair; returns DPO rows {id, prompt, chosen, rejected, source}.
+    """Sample, score and pair; returns DPO rows {id, prompt, chosen, rejected, source, groups}.
 
     Args:
         examples: RAFT examples (prompt, oracle, chunk_ids).
@@ -143,17 +143,17 @@ def build_pairs(examples: list[dict], rows_by_id: dict, chunks: dict, model, tok
                 if oracle is not None:
                     gold = cot_answer(quote_for(row.answers[0], row.question, oracle.text), row.answers[0])
                     pairs.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": gold}],
-                                  "rejected": [{"role": "assistant", "content": abstained[0]}], "source": "answer"})
+                                  "rejected": [{"role": "assistant", "content": abstained[0]}], "source": "answer", "groups": ex["groups"]})
                     continue
         if not ex["oracle"]:
             fabricated = [s for sc, s in scored if not parse_answer(s).abstained]
             if fabricated:  # withheld oracle: the abstention beats a made-up answer
                 pairs.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": abstain_answer()}],
-                              "rejected": [{"role": "assistant", "content": fabricated[0]}], "source": "abstain"})
+                              "rejected": [{"role": "assistant", "content": fabricated[0]}], "source": "abstain", "groups": ex["groups"]})
                 continue
         if hi > lo and best != worst:
             pairs.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": best}],
-                          "rejected": [{"role": "assistant", "content": worst}], "source": "sampled"})
+                          "rejected": [{"role": "assistant", "content": worst}], "source": "sampled", "groups": ex["groups"]})
     return pairs
 
 
@@ -170,7 +170,7 @@ def dataset_pairs(examples: list[dict], rows_by_id: dict, wrong: dict[str, str],
                     "chosen": [{"role": "assistant", "content": cot_answer(quote, row.answers[0])}],
                     "rejected": [{"role": "assistant", "content": f"##Reason: The documents say the answer is "
                                                                   f"{wrong[ex['id']]}. ##Answer: {wrong[ex['id']]}"}],
-                    "source": "dataset"})
+                    "source": "dataset", "groups": ex["groups"]})
     return out
 
 

@@ -124,6 +124,9 @@ def test_dpo_default_is_public_and_named_groups_tag_it(acl, tmp_path):
     assert rec["access"] == {"scope": "public"} and CANARY not in artifact_text(tmp_path / "dpo_public")
     rec = dpo(acl["hr"], "dpo_hr", wrong_answers=str(wrong), groups=["hr"])
     assert rec["access"]["scope"] == ["hr"] and CANARY in (tmp_path / "dpo_hr" / "dpo_pairs.jsonl").read_text()
+    pairs = [json.loads(l) for l in (tmp_path / "dpo_hr" / "dpo_pairs.jsonl").read_text().splitlines()]
+    assert {p["id"]: p["groups"] for p in pairs}["hr1"] == ["hr"]  # each pair records its chunks' groups
+    assert all(p["groups"] == [] for p in pairs if p["id"] != "hr1")
 
 
 def test_tuned_embedder_is_tagged_and_its_index_refuses_public_callers(acl, tmp_path, tiny_embedder):
