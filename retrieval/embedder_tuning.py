@@ -108,7 +108,7 @@ class EmbedderTuneConfig:
 
 
 def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
-    """(train pairs, test queries, test golds) from the QA file."""
+    """(train pairs (query, positive text, positive chunk), test queries, test golds) from the QA file."""
     rows = [r for r in load_qa(cfg.qa) if r.gold_ids and r.answers]
     if not rows:
         raise InputError(f"--qa {cfg.qa}: no answerable rows with 'gold_ids'; add gold document ids to the questions")
@@ -140,12 +140,12 @@ def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
         # The chunk quoting the answer is the positive; failing that, the first chunk.
         with_answer = [c for c in candidates if any(a.lower() in c.text.lower() for a in row.answers)]
         best = (with_answer or candidates)[0]
-        pairs.append((row.question, embed_text(best.title, best.text)))
+        pairs.append((row.question, embed_text(best.title, best.text), best))
     return pairs, [r.question for r in test], [set(r.gold_ids) for r in test]
 
 
 def ict_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
-    """Inverse-cloze pairs: sentence -> its chunk without that sentence; documents split train/test."""
+    """Inverse-cloze pairs (sentence, its chunk without that sentence, chunk); documents split train/test."""
     rng = random.Random(cfg.seed)
     chunks = retriever.chunks(groups=access.training_groups(cfg.groups))
     docs = sorted({c.doc_id for c in chunks})
@@ -162,7 +162,7 @@ def ict_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
             else:
                 # Cutting the sentence out 90% of the time (as in ICT) teaches topic, not string match.
                 rest = c.text.replace(s, " ") if rng.random() < 0.9 else c.text
-                pairs.append((s, embed_text(c.title, rest)))
+                pairs.append((s, embed_text(c.title, rest), c))
     return pairs, test_q, test_g
 
 
@@ -209,7 +209,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         raise InputError("the held-out split is empty; raise --test-fraction or add questions")
     all_chunks = retriever.chunks(groups=access.training_groups(cfg.groups))  # negatives come from these only
     corpus_texts = [embed_text(c.title, c.text) for c in all_chunks]
-    dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
+    dataset = Dataset.from_dict({"anchor": [q for q, _, _ in pairs], "positive": [p for _, p, _ in pairs]})
     # Hard negatives from the index's own chunks, scored by the base embedder.
     mined = util.mine_hard_negatives(
         dataset, base.model, corpus=corpus_texts, range_max=cfg.mine_range, relative_margin=cfg.relative_margin,
@@ -237,6 +237,10 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         model.max_seq_length = full_length  # the saved model reads as far as the base did
         model.save(str(work / "model"))
         access.write(work / "model", access.record(cfg.groups, {g for c in all_chunks for g in c.groups}))
+        # The training pairs beside the model, each with its positive chunk's groups (as RAFT does).
+        write_text_atomic(work / "model" / "train_pairs.jsonl", "".join(
+            json.dumps({"query": q, "positive": t, "chunk_id": c.chunk_id, "groups": list(c.groups)},
+                       ensure_ascii=False) + "\n" for q, t, c in pairs))
         # --- save (atomic) -----------------------------------------------------------------
         swap_dir_into_place(work / "model", out)
     finally:

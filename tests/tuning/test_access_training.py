@@ -138,8 +138,11 @@ def test_tuned_embedder_is_tagged_and_its_index_refuses_public_callers(acl, tmp_
     base = dict(index=str(acl["index"]), qa=str(acl["qa"]), test_fraction=0.3, batch_size=2, max_steps=1, mine_range=3)
     res = tune_embedder(EmbedderTuneConfig(out=str(tmp_path / "emb_pub"), **base), progress=False)
     assert res["access"] == {"scope": "public"} and CANARY not in artifact_text(tmp_path / "emb_pub")
+    assert (tmp_path / "emb_pub" / "train_pairs.jsonl").read_text()  # the checked text includes the pairs
     res = tune_embedder(EmbedderTuneConfig(out=str(tmp_path / "emb_hr"), groups=["hr"], **base), progress=False)
     assert res["access"]["scope"] == ["hr"]
+    pairs = [json.loads(l) for l in (tmp_path / "emb_hr" / "train_pairs.jsonl").read_text().splitlines()]
+    assert all(p["groups"] == (["hr"] if p["chunk_id"].startswith("salaries#") else []) for p in pairs)
     build_index(acl["root"] / "corpus", tmp_path / "idx", IndexConfig(chunk_tokens=64, overlap=8),
                 embedder=load_embedder(str(tmp_path / "emb_hr")))
     r = Retriever.load(tmp_path / "idx")
