@@ -54,6 +54,22 @@ def scope(path: str | Path) -> list[str] | None:
     return [] if s == "public" else list(s)
 
 
+def group_problems(groups) -> list[str]:
+    """Validation of a config's `groups` field (for the workflows' `problems()`)."""
+    if isinstance(groups, list) and all(isinstance(g, str) and g for g in groups):
+        return []
+    return ["--group must be a non-empty group name (groups: a list of names in YAML)"]
+
+
+def require(scope_groups: list[str], caller_groups, label: str) -> None:
+    """Raise InputError naming `label` and the missing groups unless the caller holds every scope group."""
+    missing = sorted(set(scope_groups) - set(training_groups(caller_groups)))
+    if missing:
+        raise InputError(f"{label}: trained on documents of access group(s) {', '.join(sorted(scope_groups))}; the caller "
+                         f"lacks {', '.join(missing)} (pass --group {' --group '.join(missing)} only if the caller "
+                         f"belongs to them)")
+
+
 def check(path: str | Path, caller_groups, label: str) -> None:
     """Refuse an artifact the caller may not use.
 
@@ -69,7 +85,4 @@ def check(path: str | Path, caller_groups, label: str) -> None:
     if s is None:
         raise InputError(f"{label}: no {ACCESS_FILE}, so what it learned from is unknown; retrain it with this "
                          f"version of hybrid (artifacts record the access groups of their training data)")
-    missing = sorted(set(s) - set(training_groups(caller_groups)))
-    if missing:
-        raise InputError(f"{label}: trained on documents of access group(s) {', '.join(s)}; the caller lacks "
-                         f"{', '.join(missing)} (pass --group {' --group '.join(missing)} only if the caller belongs to them)")
+    require(s, caller_groups, label)

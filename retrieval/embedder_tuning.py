@@ -84,9 +84,7 @@ class EmbedderTuneConfig:
     groups: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
-        out = []
-        if not isinstance(self.groups, list) or not all(isinstance(g, str) and g for g in self.groups):
-            out.append("--group must be a non-empty group name (groups: a list of names in YAML)")
+        out = access.group_problems(self.groups)
         if self.eval_qa and not self.qa:
             out.append("--eval-qa needs --qa (inverse-cloze pairs are split by document)")
         if not 0 < self.test_fraction < 1:
@@ -208,6 +206,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     if not test_q:
         raise InputError("the held-out split is empty; raise --test-fraction or add questions")
     all_chunks = retriever.chunks(groups=access.training_groups(cfg.groups))  # negatives come from these only
+    scope = access.record(cfg.groups, {g for c in all_chunks for g in c.groups})
     corpus_texts = [embed_text(c.title, c.text) for c in all_chunks]
     dataset = Dataset.from_dict({"anchor": [q for q, _, _ in pairs], "positive": [p for _, p, _ in pairs]})
     # Hard negatives from the index's own chunks, scored by the base embedder.
@@ -236,7 +235,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         trainer.train()
         model.max_seq_length = full_length  # the saved model reads as far as the base did
         model.save(str(work / "model"))
-        access.write(work / "model", access.record(cfg.groups, {g for c in all_chunks for g in c.groups}))
+        access.write(work / "model", scope)
         # The training pairs beside the model, each with its positive chunk's groups (as RAFT does).
         write_text_atomic(work / "model" / "train_pairs.jsonl", "".join(
             json.dumps({"query": q, "positive": t, "chunk_id": c.chunk_id, "groups": list(c.groups)},
@@ -260,7 +259,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "out": str(out),
         "config": asdict(cfg),
-        "access": access.record(cfg.groups, {g for c in all_chunks for g in c.groups}),
+        "access": scope,
     }
     write_text_atomic(out / "hybrid_tuning.json", json.dumps(result, indent=2))
     return result

@@ -57,7 +57,11 @@ class Retriever:
         # A tuned embedder may hold text of restricted chunks (access.py): searching with it is
         # then only for callers holding its groups. Packaged and plain models are public.
         edir = Path(embedder.path)
-        self._embedder_tuned = (edir / access.ACCESS_FILE).exists() or (edir / "hybrid_tuning.json").exists()
+        tuned = (edir / access.ACCESS_FILE).exists() or (edir / "hybrid_tuning.json").exists()
+        self._embedder_scope = access.scope(edir) if tuned else []
+        if self._embedder_scope is None:
+            raise InputError(f"embedder {edir}: tuned without {access.ACCESS_FILE}, so what it learned from is "
+                             f"unknown; retune it with this version of hybrid ('hybrid tune embedder')")
 
     @classmethod
     def load(cls, index_dir: str | Path, embedder: Embedder | str | None = None) -> "Retriever":
@@ -88,11 +92,6 @@ class Retriever:
 
     def __len__(self) -> int:
         return self.index.ntotal
-
-    @property
-    def groups(self) -> list[str]:
-        """Every access group used in the index (the owner's view, for training and evaluation)."""
-        return sorted({g for gs in self._groups for g in gs})
 
     def _allowed(self, groups) -> np.ndarray | None:
         """Row ids visible to a caller with `groups`; None when every row is visible."""
@@ -128,8 +127,7 @@ class Retriever:
         """
         if not isinstance(k, int) or k < 1:
             raise InputError(f"-k must be a positive integer, got {k}")
-        if self._embedder_tuned:
-            access.check(self.embedder.path, groups, f"embedder {self.embedder.path} of index {self.index_dir}")
+        access.require(self._embedder_scope, groups, f"embedder {self.embedder.path} of index {self.index_dir}")
         allowed = self._allowed(groups)
         n_visible = len(self) if allowed is None else len(allowed)
         kk = min(k, n_visible)

@@ -78,9 +78,7 @@ class DPOTuneConfig:
     groups: list[str] = field(default_factory=list)  # access groups whose restricted chunks may be learned
 
     def problems(self) -> list[str]:
-        out = []
-        if not isinstance(self.groups, list) or not all(isinstance(g, str) and g for g in self.groups):
-            out.append("--group must be a non-empty group name (groups: a list of names in YAML)")
+        out = access.group_problems(self.groups)
         if self.n_samples < 2:
             out.append("--n-samples must be >= 2 (a pair needs two samples)")
         if self.beta <= 0 or self.learning_rate <= 0 or self.temperature <= 0:

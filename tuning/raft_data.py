@@ -155,7 +155,6 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
     return examples
 
 
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     from retrieval.atomic import write_text_atomic
 

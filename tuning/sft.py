@@ -73,9 +73,7 @@ class GeneratorTuneConfig:
     groups: list[str] = field(default_factory=list)  # access groups whose restricted chunks may be learned
 
     def problems(self) -> list[str]:
-        out = []
-        if not isinstance(self.groups, list) or not all(isinstance(g, str) and g for g in self.groups):
-            out.append("--group must be a non-empty group name (groups: a list of names in YAML)")
+        out = access.group_problems(self.groups)
         if not 0 <= self.p_oracle <= 1:
             out.append("--p-oracle must be in [0, 1]")
         if self.num_distractors < 0:
