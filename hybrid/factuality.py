@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from hybrid.evaluation import fmt
+from hybrid.judge import THRESHOLD
 from hybrid.statistics import bootstrap_ci, mcnemar_exact, paired_diff_ci
 from retrieval.atomic import write_text_atomic
 from retrieval.errors import InputError
@@ -43,7 +44,6 @@ from retrieval.index import sha256_file
 from retrieval.metrics import retrieval_metrics
 from retrieval.qa import QARow, load_qa
 from retrieval.retriever import Retriever
-from hybrid.judge import THRESHOLD
 from tuning.prompting import ABSTAIN, normalize
 
 RATES = ("accuracy", "abstention_rate", "hallucination_rate")
@@ -288,11 +288,15 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         from hybrid.judge import Judge
 
         judge = Judge.load(cfg.judge, groups=cfg.groups)
+        if cfg.gate:
+            judge.check_can_gate()  # before generating anything
 
     todo = [(c, r) for c in configs for r in rows if (c, r.id) not in done]
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, groups=cfg.groups) if todo or not done else None
-    contexts = row_contexts(rows, cfg, pipe)
+    judge_fp = judge_fingerprint(cfg.judge)
+    rejudge = judge is not None and (bool(todo) or any(p.get("judge") != judge_fp for p in done.values()))
+    contexts = row_contexts(rows, cfg, pipe) if todo or rejudge else {}  # a finished run needs no retrieval
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(configs) * len(rows), initial=len(configs) * len(rows) - len(todo), disable=not progress,
@@ -323,7 +327,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         if sink:
             sink.close()
 
-    if judge and judge_all(judge, judge_fingerprint(cfg.judge), done, rows, contexts) and out:
+    if rejudge and judge_all(judge, judge_fp, done, rows, contexts) and out:
         write_text_atomic(out / "predictions.jsonl", "".join(
             json.dumps(done[(c, r.id)], ensure_ascii=False) + "\n" for c in configs for r in rows))
     by_config = {c: [done[(c, r.id)] for r in rows] for c in configs}
@@ -361,7 +365,8 @@ def judge_all(judge, fingerprint: str, done: dict, rows: list[QARow], contexts: 
 
     Each prediction gets `support` (best-passage probability that the passages support its
     answer; None when it abstained or had no passages), `unsupported`, and `answerable` (does any
-    of its passages answer the question; the gate's signal), plus `judge_ms` per answer.
+    of its passages answer the question; the gate's signal; None for a judge trained without
+    answerability pairs), plus `judge_ms` per answer.
 
     Returns:
         Whether any prediction changed.
@@ -372,15 +377,16 @@ def judge_all(judge, fingerprint: str, done: dict, rows: list[QARow], contexts: 
     by_id = {r.id: r for r in rows}
     t0 = time.perf_counter()
     rag = [p for p in stale if p["config"] != "closed_book"]
-    ask = sorted({p["id"] for p in rag})
-    answerable = dict(zip(ask, judge.answerable([by_id[i].question for i in ask], [contexts[i] for i in ask])))
+    ask = sorted({p["id"] for p in rag}) if judge.answerability else []
+    answerable = dict(zip(ask, judge.answerable([by_id[i].question for i in ask], [contexts[i] for i in ask]))) \
+        if ask else {}
     live = [p for p in rag if not p["abstained"]]
     support = judge.support([p["question"] for p in live], [p["prediction"] for p in live],
                             [contexts[p["id"]] for p in live]) if live else []
     per = (time.perf_counter() - t0) * 1000 / len(stale)
     for p in stale:
         p.update(support=None, unsupported=None, answerable=None, judge=fingerprint, judge_ms=per)
-        if p["config"] != "closed_book":
+        if p["id"] in answerable and p["config"] != "closed_book":
             p["answerable"] = float(answerable[p["id"]])
     for p, sup in zip(live, support):
         p["support"], p["unsupported"] = float(sup), bool(sup < THRESHOLD)

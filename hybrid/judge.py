@@ -49,10 +49,13 @@ def auroc(scores, labels) -> float:
 
 
 class Judge:
-    """A trained CrossEncoder; `supported_prob` in [0, 1]."""
+    """A trained CrossEncoder; `supported_prob` in [0, 1].
 
-    def __init__(self, model):
-        self.model = model
+    `answerability`: trained with answerability pairs, so `answerable` (the gate's question) means something.
+    """
+
+    def __init__(self, model, answerability: bool = True):
+        self.model, self.answerability = model, answerability
 
     @classmethod
     def load(cls, path: str | Path, groups=None) -> "Judge":
@@ -63,7 +66,9 @@ class Judge:
         access.check(path, groups, f"--judge {path}")
         from sentence_transformers import CrossEncoder
 
-        return cls(CrossEncoder(str(path), local_files_only=True))
+        config = json.loads((path / "hybrid_judge.json").read_text()).get("config", {})
+        return cls(CrossEncoder(str(path), local_files_only=True),
+                   answerability=bool(config.get("answerability_pairs") and config.get("grounding_negatives")))
 
     def supported_prob(self, passages: list[str], questions: list[str], answers: list[str]) -> np.ndarray:
         pairs = [(pair_text(q, a), p) for p, q, a in zip(passages, questions, answers)]
@@ -88,8 +93,18 @@ class Judge:
 
         The judge scores the question with an empty answer (trained with answerability pairs),
         so the verdict does not depend on how the model words its answer.
+
+        Raises:
+            InputError: the judge was trained without answerability pairs.
         """
+        self.check_can_gate()
         return self.support(questions, [""] * len(questions), contexts)
+
+    def check_can_gate(self) -> None:
+        """Refuse a judge trained without answerability pairs (its `answerable` would be noise)."""
+        if not self.answerability:
+            raise InputError("--judge: trained without answerability pairs, so it cannot tell whether a passage answers "
+                             "the question (the gate); retrain it with 'hybrid tune judge' (they are on by default)")
 
     def unsupported(self, questions: list[str], answers: list[str], contexts: list[list[dict]]) -> list[bool]:
         """True where no passage is judged to support the answer."""
@@ -147,7 +162,11 @@ class JudgeTuneConfig:
     def problems(self) -> list[str]:
         bad = [f"--{n.replace('_', '-')} must be >= 1" for n in ("train_questions", "epochs", "batch_size", "max_length")
                if getattr(self, n) < 1]
-        return bad + (["--learning-rate must be > 0"] if self.learning_rate <= 0 else [])
+        bad += ["--learning-rate must be > 0"] if self.learning_rate <= 0 else []
+        if self.answerability_pairs and not self.grounding_negatives:
+            bad.append("--answerability-pairs needs --grounding-negatives (its unanswerable side is the neighbour's "
+                       "passage); add --no-answerability-pairs or drop --no-grounding-negatives")
+        return bad
 
 
 def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:

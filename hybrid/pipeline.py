@@ -176,6 +176,7 @@ class Pipeline:
             from hybrid.judge import Judge
 
             judge = Judge.load(judge, groups=groups)
+            judge.check_can_gate()
         return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
                    require_support=require_support, judge=judge, groups=groups,
                    scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope,
@@ -183,12 +184,9 @@ class Pipeline:
 
     def check_access(self, adapter: str | None, groups) -> None:
         """Refuse an adapter (or merged base) trained on groups the caller of this call lacks."""
-        caller = set(access.training_groups(groups))
-        need = set(self.base_scope) | set(self.scopes.get(adapter, []) if adapter else [])
-        if need - caller:
-            label = f"--adapter {adapter}" if adapter and set(self.scopes.get(adapter, [])) - caller else "--base-model"
-            raise InputError(f"{label}: trained on documents of access group(s) {', '.join(sorted(need))}; the caller "
-                             f"lacks {', '.join(sorted(need - caller))} (pass --group only if the caller belongs to them)")
+        access.require(self.base_scope, groups, "--base-model")
+        if adapter:
+            access.require(self.scopes.get(adapter, []), groups, f"--adapter {adapter}")
 
     # --- generation ------------------------------------------------------------------------
     def _select(self, adapter: str | None):

@@ -165,3 +165,23 @@ def test_eval_refuses_to_mix_predictions_of_a_retrained_adapter(tmp_path, fixed_
     run.write_text(run.read_text().replace("{", '{"retrained": true, ', 1))  # same path, another training run
     with pytest.raises(Exception, match="other settings"):
         run_eval(cfg, progress=False)
+
+
+def test_gate_refuses_a_judge_without_answerability_pairs(tmp_path, fixed_qa, two_adapters, monkeypatch):
+    from hybrid import judge as judge_mod
+
+    jdir = tmp_path / "judge"
+    jdir.mkdir()
+    (jdir / "hybrid_judge.json").write_text("{}")
+    monkeypatch.setattr(judge_mod.Judge, "load",
+                        classmethod(lambda cls, path, groups=None: cls(CountingJudgeModel(), answerability=False)))
+    cfg = EvalConfig(qa=str(fixed_qa), closed_book=False, max_new_tokens=2, judge=str(jdir), gate=True,
+                     out=str(tmp_path / "rep"))
+    with pytest.raises(Exception, match="without answerability pairs"):
+        run_eval(cfg, progress=False)
+    assert not (tmp_path / "rep" / "predictions.jsonl").exists()  # refused before generating
+    cfg.gate = False  # support is still scored; answerability stays absent, never guessed
+    run_eval(cfg, progress=False)
+    preds = [json.loads(l) for l in (tmp_path / "rep" / "predictions.jsonl").read_text().splitlines()]
+    assert all(p["answerable"] is None for p in preds)
+    assert all(p["support"] is not None for p in preds if not p["abstained"])

@@ -70,3 +70,9 @@ def test_support_is_the_best_passage():
     ctx = [[{"text": "nothing here"}, {"text": "Oslo is a city"}], [{"text": "nothing"}], []]
     assert judge.support(["q"] * 3, ["Oslo"] * 3, ctx).tolist() == [0.9, 0.1, 0.0]
     assert judge.unsupported(["q"] * 3, ["Oslo"] * 3, ctx) == [False, True, True]
+
+
+def test_answerability_pairs_need_grounding_negatives(tmp_path):
+    res = run("tune", "judge", "--out", tmp_path / "j", "--no-grounding-negatives")
+    assert res.exit_code == 2 and "--answerability-pairs needs --grounding-negatives" in res.stderr
+    assert not (tmp_path / "j").exists()
