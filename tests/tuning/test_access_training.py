@@ -84,8 +84,10 @@ def test_refusals_in_library_api_multi_adapter_and_merge(acl):
         Pipeline.load(acl["index"], base_model=str(acl["hr"] / "merged"), max_new_tokens=4)
     pipe = Pipeline.load(acl["index"], adapters={"pub": str(acl["public"]), "hr": str(acl["hr"])}, groups=["hr"],
                          max_new_tokens=4)
-    assert pipe.ask("When does the office open?", groups=["hr"], adapter="hr").answer is not None
-    assert pipe.ask("When does the office open?", adapter="pub").answer is not None  # public adapter: anyone
+    # Allowed calls go through retrieval and generation (the hr caller also sees the hr chunk).
+    hits = pipe.ask("What does salary band L3 pay?", groups=["hr"], adapter="hr", k=50).passages  # all it may see
+    assert "salaries" in {p["doc_id"] for p in hits} and "budget" not in {p["doc_id"] for p in hits}
+    assert pipe.ask("When does the office open?", adapter="pub").raw  # public adapter, public caller
     with pytest.raises(InputError, match="--adapter hr: .*lacks hr"):
         pipe.ask("When does the office open?", adapter="hr")  # a public call through the switch
     with pytest.raises(InputError, match="lacks hr"):
