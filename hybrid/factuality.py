@@ -287,9 +287,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.judge:
         from hybrid.judge import Judge
 
-        judge = Judge.load(cfg.judge, groups=cfg.groups)
-        if cfg.gate:
-            judge.check_can_gate()  # before generating anything
+        judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate)  # a judge that cannot gate: refused now
 
     todo = [(c, r) for c in configs for r in rows if (c, r.id) not in done]
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,

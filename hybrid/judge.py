@@ -54,21 +54,26 @@ class Judge:
     `answerability`: trained with answerability pairs, so `answerable` (the gate's question) means something.
     """
 
-    def __init__(self, model, answerability: bool = True):
-        self.model, self.answerability = model, answerability
+    def __init__(self, model, answerability: bool = True, path: str | Path = "DIR"):
+        self.model, self.answerability, self.path = model, answerability, path
 
     @classmethod
-    def load(cls, path: str | Path, groups=None) -> "Judge":
-        """Load a judge dir for a caller with `groups` (refused if it learned from other groups' documents)."""
+    def load(cls, path: str | Path, groups=None, gate: bool = False) -> "Judge":
+        """Load a judge dir for a caller with `groups` (refused if it learned from other groups' documents);
+        with `gate`, also refused unless it can answer the gate's question (before loading weights)."""
         path = Path(path)
         if not (path / "hybrid_judge.json").exists():
             raise InputError(f"--judge {path}: not a judge made by 'hybrid tune judge' (no hybrid_judge.json)")
         access.check(path, groups, f"--judge {path}")
+        config = json.loads((path / "hybrid_judge.json").read_text()).get("config", {})
+        judge = cls(None, answerability=bool(config.get("answerability_pairs") and config.get("grounding_negatives")),
+                    path=path)
+        if gate:
+            judge.check_can_gate()
         from sentence_transformers import CrossEncoder
 
-        config = json.loads((path / "hybrid_judge.json").read_text()).get("config", {})
-        return cls(CrossEncoder(str(path), local_files_only=True),
-                   answerability=bool(config.get("answerability_pairs") and config.get("grounding_negatives")))
+        judge.model = CrossEncoder(str(path), local_files_only=True)
+        return judge
 
     def supported_prob(self, passages: list[str], questions: list[str], answers: list[str]) -> np.ndarray:
         pairs = [(pair_text(q, a), p) for p, q, a in zip(passages, questions, answers)]
@@ -103,8 +108,9 @@ class Judge:
     def check_can_gate(self) -> None:
         """Refuse a judge trained without answerability pairs (its `answerable` would be noise)."""
         if not self.answerability:
-            raise InputError("--judge: trained without answerability pairs, so it cannot tell whether a passage answers "
-                             "the question (the gate); retrain it with 'hybrid tune judge' (they are on by default)")
+            raise InputError(f"--judge {self.path}: trained without answerability pairs, so it cannot tell whether a "
+                             f"passage answers the question (the gate); retrain it with 'hybrid tune judge' (they are "
+                             f"on by default)")
 
     def unsupported(self, questions: list[str], answers: list[str], contexts: list[list[dict]]) -> list[bool]:
         """True where no passage is judged to support the answer."""

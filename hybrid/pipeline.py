@@ -175,8 +175,7 @@ class Pipeline:
         if judge is not None:
             from hybrid.judge import Judge
 
-            judge = Judge.load(judge, groups=groups)
-            judge.check_can_gate()
+            judge = Judge.load(judge, groups=groups, gate=True)
         return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
                    require_support=require_support, judge=judge, groups=groups,
                    scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope,

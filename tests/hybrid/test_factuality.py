@@ -122,7 +122,7 @@ def test_eval_gate_derives_configs_and_rejudges_without_generating(tmp_path, fix
     for n, d in enumerate(jdirs):
         d.mkdir()
         (d / "hybrid_judge.json").write_text(json.dumps({"run": n}))
-    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None: cls(CountingJudgeModel())))
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False: cls(CountingJudgeModel())))
     with pytest.raises(Exception, match="--gate needs --judge"):
         run_eval(EvalConfig(qa=str(fixed_qa), gate=True), progress=False)
     cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": two_adapters["a"]}, closed_book=False, max_new_tokens=6,
@@ -170,17 +170,19 @@ def test_eval_refuses_to_mix_predictions_of_a_retrained_adapter(tmp_path, fixed_
 def test_gate_refuses_a_judge_without_answerability_pairs(tmp_path, fixed_qa, two_adapters, monkeypatch):
     from hybrid import judge as judge_mod
 
-    jdir = tmp_path / "judge"
+    jdir = tmp_path / "judge"  # a judge made before answerability pairs existed (no weights needed to refuse it)
     jdir.mkdir()
-    (jdir / "hybrid_judge.json").write_text("{}")
-    monkeypatch.setattr(judge_mod.Judge, "load",
-                        classmethod(lambda cls, path, groups=None: cls(CountingJudgeModel(), answerability=False)))
+    (jdir / "hybrid_judge.json").write_text(json.dumps({"config": {"grounding_negatives": False}}))
+    (jdir / "hybrid_access.json").write_text('{"scope": "public"}')
     cfg = EvalConfig(qa=str(fixed_qa), closed_book=False, max_new_tokens=2, judge=str(jdir), gate=True,
                      out=str(tmp_path / "rep"))
-    with pytest.raises(Exception, match="without answerability pairs"):
+    with pytest.raises(Exception, match=f"--judge {jdir}: trained without answerability pairs"):
         run_eval(cfg, progress=False)
     assert not (tmp_path / "rep" / "predictions.jsonl").exists()  # refused before generating
-    cfg.gate = False  # support is still scored; answerability stays absent, never guessed
+    # Without --gate it still scores support; answerability stays absent, never guessed.
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(
+        lambda cls, path, groups=None, gate=False: cls(CountingJudgeModel(), answerability=False)))
+    cfg.gate = False
     run_eval(cfg, progress=False)
     preds = [json.loads(l) for l in (tmp_path / "rep" / "predictions.jsonl").read_text().splitlines()]
     assert all(p["answerable"] is None for p in preds)
