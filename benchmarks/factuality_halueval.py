@@ -48,7 +48,12 @@ def main() -> int:
     p.add_argument("--dpo-steps", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", default="data,judge,sft,dpo,eval")
+    p.add_argument("--sft-out", default="raft", help="adapter dir name under --work for the SFT stage")
+    p.add_argument("--sft-no-oracle", default="abstain", choices=["abstain", "answer", "both"])
     p.add_argument("--dpo-out", default="raft_dpo", help="adapter dir name under --work for the DPO stage")
+    p.add_argument("--dpo-sft", default="raft", help="SFT adapter dir name under --work that DPO starts from")
+    p.add_argument("--dpo-pairs", default="sampled", choices=["sampled", "contrastive"])
+    p.add_argument("--no-wrong-answers", action="store_true", help="DPO without HaluEval's hallucinated answers")
     p.add_argument("--dpo-p-oracle", type=float, default=0.5)
     p.add_argument("--no-answer-over-abstain", action="store_true")
     p.add_argument("--eval-out", default="eval")
@@ -114,20 +119,21 @@ def main() -> int:
 
         stage("judge", lambda: print(json.dumps(tune_judge(JudgeTuneConfig(
             out=str(work / "judge"), train_questions=args.judge_questions, seed=args.seed), progress=False))))
-    if "sft" in steps and not (work / "raft" / "hybrid_run.json").exists():
+    if "sft" in steps and not (work / args.sft_out / "hybrid_run.json").exists():
         from tuning.sft import GeneratorTuneConfig, tune_generator
 
         stage("sft", lambda: tune_generator(GeneratorTuneConfig(
-            index=args.index, qa=str(work / "train.jsonl"), out=str(work / "raft"), num_distractors=args.distractors,
+            index=args.index, qa=str(work / "train.jsonl"), out=str(work / args.sft_out), num_distractors=args.distractors,
+            no_oracle=args.sft_no_oracle,
             test_fraction=0.0, val_fraction=0.05, max_steps=args.sft_steps, grad_accum=2, learning_rate=args.sft_lr,
             target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=50, max_length=1024), progress=False))
     if "dpo" in steps and not (work / args.dpo_out / "hybrid_run.json").exists():
         from tuning.dpo import DPOTuneConfig, tune_dpo
 
         stage("dpo", lambda: tune_dpo(DPOTuneConfig(
-            index=args.index, qa=str(work / "train.jsonl"), adapter=str(work / "raft"), out=str(work / args.dpo_out),
-            p_oracle=args.dpo_p_oracle, answer_over_abstain=not args.no_answer_over_abstain,
-            wrong_answers=str(work / "wrong.jsonl"), judge=str(work / args.judge_name), num_distractors=args.distractors,
+            index=args.index, qa=str(work / "train.jsonl"), adapter=str(work / args.dpo_sft), out=str(work / args.dpo_out),
+            p_oracle=args.dpo_p_oracle, answer_over_abstain=not args.no_answer_over_abstain, pairs=args.dpo_pairs,
+            wrong_answers=None if args.no_wrong_answers else str(work / "wrong.jsonl"), judge=str(work / args.judge_name), num_distractors=args.distractors,
             max_questions=args.dpo_questions, max_steps=args.dpo_steps, test_fraction=0.0, grad_accum=2), progress=False))
     calibration = work / f"calibration_{args.judge_name}.json"
     if "calibrate" in steps:

@@ -163,7 +163,7 @@ def tune_generator_cmd(
     strategy: Optional[str] = typer.Option(None, help="auto | full | lora | qlora; auto = QLoRA on CUDA, LoRA on CPU, whichever fits the memory plan [default: auto]."),
     p_oracle: Optional[float] = typer.Option(None, help=f"Share of examples that include the oracle chunk {_d(GeneratorTuneConfig, 'p_oracle')}."),
     num_distractors: Optional[int] = typer.Option(None, help=f"Hard distractor chunks per example {_d(GeneratorTuneConfig, 'num_distractors')}."),
-    no_oracle: Optional[str] = typer.Option(None, help="Target when the oracle is left out: abstain | answer [default: abstain]."),
+    no_oracle: Optional[str] = typer.Option(None, help="Target when the oracle is left out: abstain | answer | both (every question with and without its oracle; --p-oracle ignored) [default: abstain]."),
     answer_format: Optional[str] = typer.Option(None, help="cot (quote + answer, RAFT) | short [default: cot]."),
     test_fraction: Optional[float] = typer.Option(None, help=f"Questions held back from training for eval {_d(GeneratorTuneConfig, 'test_fraction')}."),
     val_fraction: Optional[float] = typer.Option(None, help=f"Share of the rest for validation loss {_d(GeneratorTuneConfig, 'val_fraction')}."),
@@ -217,7 +217,8 @@ def tune_dpo_cmd(
     judge: Optional[Path] = typer.Option(None, help="Groundedness judge dir; unsupported samples score lower."),
     n_samples: Optional[int] = typer.Option(None, help="Samples per question at --temperature [default: 4]."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature [default: 1.0]."),
-    p_oracle: Optional[float] = typer.Option(None, help="Share of prompts with the oracle [default: 0.5]."),
+    pairs: Optional[str] = typer.Option(None, help="sampled (FactTune: the SFT model's samples, scored) | contrastive (each question with and without its oracle, the same answer and abstention flipped; no sampling) [default: sampled]."),
+    p_oracle: Optional[float] = typer.Option(None, help="Share of prompts with the oracle, sampled pairs [default: 0.5]."),
     num_distractors: Optional[int] = typer.Option(None, help="Distractor chunks per prompt [default: 4]."),
     beta: Optional[float] = typer.Option(None, help="DPO beta [default: 0.1]."),
     loss_type: Optional[str] = typer.Option(None, help="sigmoid | ipo | hinge | robust [default: sigmoid]."),
@@ -236,7 +237,7 @@ def tune_dpo_cmd(
     cfg = build_config(DPOTuneConfig, config, index=str(index), qa=str(qa), adapter=str(adapter), out=str(out),
                        wrong_answers=str(wrong_answers) if wrong_answers else None, judge=str(judge) if judge else None,
                        n_samples=n_samples, temperature=temperature, p_oracle=p_oracle, num_distractors=num_distractors,
-                       beta=beta, loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps,
+                       pairs=pairs, beta=beta, loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps,
                        max_questions=max_questions, max_length=max_length, seed=seed, groups=list(group) if group else None)
     rec = tune_dpo(cfg, progress=not quiet, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"dpo adapter saved to {out}: {rec['data']['pairs']} pairs {rec['data']['by_source']}, "

@@ -18,6 +18,14 @@ HaluEval). Dataset-provided wrong answers (`--wrong-answers` JSONL of
 `{"id", "wrong_answer"}`, e.g. HaluEval's `hallucinated_answer`) add a second source:
 the gold-quoting RAFT answer preferred over the wrong one.
 
+`pairs="contrastive"` samples nothing: every answerable training question appears twice,
+with its oracle (the gold-quoting answer preferred over the abstention) and with the oracle
+replaced by one more distractor (the abstention preferred over that same answer, now made
+up). The two pairs hold the same two completions with the preference flipped, so a global
+lean towards answering or abstaining cancels out and only the evidence decides. (The
+sampled pairs set that lean by their mix: on HaluEval they taught abstaining everywhere, or
+almost never.)
+
 Training continues the SFT adapter; TRL keeps a frozen copy of that adapter as
 the reference policy ("ref"), so the reference is the SFT model without a second
 copy of the base weights.
@@ -36,6 +44,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from retrieval import access
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
@@ -74,6 +83,7 @@ class DPOTuneConfig:
     test_fraction: float = 0.2
     max_questions: int = 0
     answer_over_abstain: bool = True
+    pairs: Literal["sampled", "contrastive"] = "sampled"
     seed: int = 13
     groups: list[str] = field(default_factory=list)  # access groups whose restricted chunks may be learned
 
@@ -83,6 +93,8 @@ class DPOTuneConfig:
             out.append("--n-samples must be >= 2 (a pair needs two samples)")
         if self.beta <= 0 or self.learning_rate <= 0 or self.temperature <= 0:
             out.append("--beta, --learning-rate and --temperature must be > 0")
+        if self.pairs not in ("sampled", "contrastive"):
+            out.append("--pairs must be sampled or contrastive")
         if self.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
             out.append("--loss-type must be one of sigmoid, ipo, hinge, robust")
         for n in ("max_new_tokens", "batch_size", "grad_accum", "max_length"):
@@ -155,6 +167,34 @@ def build_pairs(examples: list[dict], rows_by_id: dict, chunks: dict, model, tok
     return pairs
 
 
+def contrastive_pairs(examples: list[dict], rows_by_id: dict, chunks: dict) -> list[dict]:
+    """Per answerable question: answer > abstain with the oracle, abstain > the same answer without it.
+
+    Args:
+        examples: RAFT examples built with `no_oracle="both"` (each answerable question twice).
+
+    Returns:
+        DPO rows {id, prompt, chosen, rejected, source ("answer" | "abstain"), groups}.
+    """
+    golds = {}  # id -> the gold-quoting answer, written from the oracle the with-oracle prompt holds
+    for ex in examples:
+        row = rows_by_id[ex["id"]]
+        if ex["oracle"] and row.answers:
+            oracle = next(chunks[c] for c in ex["chunk_ids"] if chunks[c].doc_id in row.gold_ids)
+            answer = next((a for a in row.answers if a.lower() in oracle.text.lower()), row.answers[0])
+            golds[ex["id"]] = cot_answer(quote_for(answer, row.question, oracle.text), answer)
+    out = []
+    for ex in examples:
+        if ex["id"] not in golds:  # unanswerable rows: no answer to reject
+            continue
+        answer, abstain = golds[ex["id"]], abstain_answer()
+        chosen, rejected = (answer, abstain) if ex["oracle"] else (abstain, answer)
+        out.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "source": "answer" if ex["oracle"] else "abstain", "groups": ex["groups"]})
+    return out
+
+
 def dataset_pairs(examples: list[dict], rows_by_id: dict, wrong: dict[str, str], chunks: dict) -> list[dict]:
     """Gold-quoting answer preferred over a dataset-provided wrong answer (oracle present only)."""
     out = []
@@ -204,9 +244,9 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     if cfg.max_questions:
         train_rows = random.Random(cfg.seed).sample(train_rows, min(cfg.max_questions, len(train_rows)))
     rows_by_id = {r.id: r for r in train_rows}
-    examples = build_examples(train_rows, retriever, RaftSettings(p_oracle=cfg.p_oracle,
-                                                                  num_distractors=cfg.num_distractors, seed=cfg.seed),
-                              groups=cfg.groups)
+    settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, seed=cfg.seed,
+                            no_oracle="both" if cfg.pairs == "contrastive" else "abstain")
+    examples = build_examples(train_rows, retriever, settings, groups=cfg.groups)
     torch.manual_seed(cfg.seed)
     base, tok, info = load_generator(sft_run["base_model"]["name"])
     if info.fingerprint != sft_run["base_model"]["fingerprint"]:
@@ -219,7 +259,10 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
         judge = Judge.load(cfg.judge, groups=cfg.groups)
     model.eval()
     chunks = {h.chunk_id: h for h in retriever.chunks(groups=access.training_groups(cfg.groups))}
-    pairs = build_pairs(examples, rows_by_id, chunks, model, tok, cfg, judge)
+    if cfg.pairs == "contrastive":
+        pairs = contrastive_pairs(examples, rows_by_id, chunks)
+    else:
+        pairs = build_pairs(examples, rows_by_id, chunks, model, tok, cfg, judge)
     if cfg.wrong_answers:
         wrong = {str(j["id"]): j["wrong_answer"] for j in map(json.loads, Path(cfg.wrong_answers).read_text().splitlines())
                  if j.get("wrong_answer")}

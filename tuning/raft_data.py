@@ -6,6 +6,9 @@ from a gold document (hard distractors, unlike gorilla/raft's random ones).
 With probability 1 - `p_oracle` the oracle is left out (replaced by one more
 distractor); the model then learns to abstain (`no_oracle="abstain"`, the
 default) or to answer anyway from memory (`"answer"`, the paper's setting).
+`no_oracle="both"` ignores `p_oracle` and writes every answerable question twice, with its
+oracle (target: the answer) and without it (target: the abstention), so that the only thing
+telling the two targets apart is the evidence, not the question.
 Unanswerable questions (`answers: []`) always get distractors and an abstention.
 
 Access: only chunks visible to the trainer's `groups` are used (none named = public
@@ -44,7 +47,7 @@ class RaftSettings:
 
     p_oracle: float = 0.8
     num_distractors: int = 4
-    no_oracle: Literal["abstain", "answer"] = "abstain"
+    no_oracle: Literal["abstain", "answer", "both"] = "abstain"
     answer_format: Literal["cot", "short"] = "cot"
     seed: int = 13
 
@@ -100,7 +103,8 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
         groups: the trainer's access groups (None = public chunks only).
 
     Returns:
-        One dict per row: id, prompt (messages), completion (messages), oracle, chunk_ids, groups.
+        One dict per row (two per answerable row with `no_oracle="both"`): id, prompt (messages),
+        completion (messages), oracle, chunk_ids, groups.
     """
     rng = random.Random(settings.seed)
     train_groups = training_groups(groups)
@@ -140,18 +144,22 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
             oracle = [best]
             answer = next((a for a in row.answers if a.lower() in best.text.lower()), answer)
             quote = quote_for(answer, row.question, best.text)
-        include = bool(oracle) and rng.random() < settings.p_oracle
-        context = oracle + distractors[:k] if include else distractors[: k + (1 if oracle else 0)]
-        rng.shuffle(context)
-        if include or (oracle and settings.no_oracle == "answer"):
-            target = cot_answer(quote, answer) if settings.answer_format == "cot" else f"##Answer: {answer}"
+        if oracle and settings.no_oracle == "both":
+            variants = [True, False]  # the same question with and without its evidence
         else:
-            target = abstain_answer()
-        passages = [_passage(h) for h in context]
-        examples.append({"id": row.id, "prompt": build_messages(row.question, passages),
-                         "completion": [{"role": "assistant", "content": target}],
-                         "oracle": include, "chunk_ids": [p["chunk_id"] for p in passages],
-                         "groups": sorted({g for h in context for g in h.groups})})
+            variants = [bool(oracle) and rng.random() < settings.p_oracle]
+        for include in variants:
+            context = oracle + distractors[:k] if include else distractors[: k + (1 if oracle else 0)]
+            rng.shuffle(context)
+            if include or (oracle and settings.no_oracle == "answer"):
+                target = cot_answer(quote, answer) if settings.answer_format == "cot" else f"##Answer: {answer}"
+            else:
+                target = abstain_answer()
+            passages = [_passage(h) for h in context]
+            examples.append({"id": row.id, "prompt": build_messages(row.question, passages),
+                             "completion": [{"role": "assistant", "content": target}],
+                             "oracle": include, "chunk_ids": [p["chunk_id"] for p in passages],
+                             "groups": sorted({g for h in context for g in h.groups})})
     return examples
 
 

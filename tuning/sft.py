@@ -47,7 +47,7 @@ class GeneratorTuneConfig:
     # RAFT data
     p_oracle: float = 0.8
     num_distractors: int = 4
-    no_oracle: Literal["abstain", "answer"] = "abstain"
+    no_oracle: Literal["abstain", "answer", "both"] = "abstain"
     answer_format: Literal["cot", "short"] = "cot"
     test_fraction: float = 0.2
     val_fraction: float = 0.1
@@ -78,7 +78,7 @@ class GeneratorTuneConfig:
             out.append("--p-oracle must be in [0, 1]")
         if self.num_distractors < 0:
             out.append("--num-distractors must be >= 0")
-        for name, allowed in (("strategy", ("auto", "full", "lora", "qlora")), ("no_oracle", ("abstain", "answer")),
+        for name, allowed in (("strategy", ("auto", "full", "lora", "qlora")), ("no_oracle", ("abstain", "answer", "both")),
                               ("answer_format", ("cot", "short"))):
             if getattr(self, name) not in allowed:
                 out.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")

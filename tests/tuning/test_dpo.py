@@ -45,3 +45,22 @@ def test_dpo_continues_sft_adapter_and_saves_loadable_adapter(tmp_path, bundled_
     changed = [n for n, p in dpo.named_parameters() if "lora_" in n and not torch.allclose(p, sft_w[n])]
     assert changed  # DPO moved the adapter away from the SFT one
     assert not any("ref" in n for n, _ in dpo.named_parameters())  # the reference copy is not saved
+
+
+def test_contrastive_dpo_trains_on_flipped_pairs_without_sampling(tmp_path, bundled_tiny_index, tiny_llm_dir):
+    tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0), progress=False,
+                   log=lambda *_: None)
+    cfg = DPOTuneConfig(index=str(bundled_tiny_index), qa=str(small_qa(tmp_path)), adapter=str(tmp_path / "adapter"),
+                        out=str(tmp_path / "dpo"), pairs="contrastive", num_distractors=1, max_steps=1, grad_accum=1,
+                        max_questions=6)
+    rec = tune_dpo(cfg, progress=False, log=lambda *_: None)
+    by_source = rec["data"]["by_source"]
+    assert by_source["answer"] == by_source["abstain"] >= 1 and by_source["sampled"] == 0
+    pairs = [json.loads(l) for l in (tmp_path / "dpo" / "dpo_pairs.jsonl").read_text().splitlines()]
+    assert {p["id"] for p in pairs if p["source"] == "answer"} == {p["id"] for p in pairs if p["source"] == "abstain"}
+
+
+def test_unknown_pair_mode_is_refused(tmp_path):
+    cfg = DPOTuneConfig(index="i", qa="q", adapter="a", out=str(tmp_path / "o"), pairs="mixed")
+    with pytest.raises(Exception, match="--pairs"):
+        tune_dpo(cfg, progress=False)

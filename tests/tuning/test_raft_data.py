@@ -1,0 +1,53 @@
+from retrieval.qa import load_qa
+from retrieval.retriever import Retriever
+from tests.tuning.test_sft import small_qa
+from tuning.dpo import contrastive_pairs
+from tuning.prompting import ABSTAIN, abstain_answer
+from tuning.raft_data import RaftSettings, build_examples, visible_rows
+
+
+def _examples(tmp_path, index, **kw):
+    retriever = Retriever.load(index)
+    rows, _ = visible_rows(load_qa(small_qa(tmp_path)), retriever)  # public chunks only
+    chunks = {h.chunk_id: h for h in retriever.chunks()}
+    return rows, chunks, build_examples(rows, retriever, RaftSettings(num_distractors=2, **kw))
+
+
+def test_both_writes_each_answerable_question_with_and_without_its_oracle(tmp_path, bundled_tiny_index):
+    rows, chunks, examples = _examples(tmp_path, bundled_tiny_index, no_oracle="both", p_oracle=0.0)
+    by_id = {}
+    for ex in examples:
+        by_id.setdefault(ex["id"], []).append(ex)
+    for row in rows:
+        exs = by_id[row.id]
+        gold_in = [any(chunks[c].doc_id in row.gold_ids for c in ex["chunk_ids"]) for ex in exs]
+        targets = [ex["completion"][0]["content"] for ex in exs]
+        if not row.answers:  # unanswerable: one abstention, no second copy
+            assert len(exs) == 1 and targets == [abstain_answer()] and not exs[0]["oracle"]
+            continue
+        # p_oracle=0 is ignored: one copy holds the oracle and answers, the other neither
+        assert [ex["oracle"] for ex in exs] == [True, False] and gold_in == [True, False]
+        assert row.answers[0].lower() in targets[0].lower() and ABSTAIN not in targets[0]
+        assert targets[1] == abstain_answer()
+        assert len(exs[0]["chunk_ids"]) == len(exs[1]["chunk_ids"]) == 3  # the oracle's slot gets a distractor
+
+
+def test_default_setting_still_samples_one_example_per_question(tmp_path, bundled_tiny_index):
+    rows, _, examples = _examples(tmp_path, bundled_tiny_index, p_oracle=0.5)
+    assert [ex["id"] for ex in examples] == [r.id for r in rows]
+    assert 0 < sum(ex["oracle"] for ex in examples) < sum(bool(r.answers) for r in rows)
+
+
+def test_contrastive_pairs_flip_the_same_two_answers_on_the_evidence(tmp_path, bundled_tiny_index):
+    rows, chunks, examples = _examples(tmp_path, bundled_tiny_index, no_oracle="both")
+    pairs = contrastive_pairs(examples, {r.id: r for r in rows}, chunks)
+    answerable = [r for r in rows if r.answers]
+    assert len(pairs) == 2 * len(answerable)  # unanswerable rows have no answer to reject
+    for row in answerable:
+        with_oracle, without = [p for p in pairs if p["id"] == row.id]
+        assert (with_oracle["source"], without["source"]) == ("answer", "abstain")
+        answer = with_oracle["chosen"][0]["content"]
+        assert with_oracle["rejected"][0]["content"] == without["chosen"][0]["content"] == abstain_answer()
+        assert without["rejected"][0]["content"] == answer
+        assert any(a.lower() in answer.lower() for a in row.answers)
+        assert with_oracle["prompt"] != without["prompt"]  # only the evidence differs
