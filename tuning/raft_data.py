@@ -38,7 +38,10 @@ from retrieval.qa import QARow
 from retrieval.retriever import Hit, Retriever
 from tuning.prompting import abstain_answer, build_messages, cot_answer
 
-_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
+# Sentence ends: punctuation + space, a newline, or punctuation glued to the next sentence's
+# capital ("...Caremark.Longs Drugs is...": concatenated paragraphs, as in HaluEval's knowledge);
+# the letter before the stop must be lower case or a digit, so "U.S.A." stays whole.
+_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+|(?<=[a-z0-9)][.!?])(?=[A-Z])")
 
 
 @dataclass

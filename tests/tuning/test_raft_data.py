@@ -51,3 +51,14 @@ def test_contrastive_pairs_flip_the_same_two_answers_on_the_evidence(tmp_path, b
         assert without["rejected"][0]["content"] == answer
         assert any(a.lower() in answer.lower() for a in row.answers)
         assert with_oracle["prompt"] != without["prompt"]  # only the evidence differs
+
+
+def test_quote_is_the_shortest_sentence_holding_the_answer_even_in_glued_paragraphs():
+    from tuning.raft_data import quote_for
+
+    text = ("Longs Drugs was bought by CVS in 2008.Longs Drugs is an American chain of drug stores "
+            "located in Hawaii. It was founded in 1938 by the U.S.A. brothers Longs.")
+    assert quote_for("Hawaii", "Where are the stores?", text) == \
+        "Longs Drugs is an American chain of drug stores located in Hawaii."
+    # no sentence holds the answer: the one sharing most words with question + answer
+    assert quote_for("Joe and Tom Long", "Who founded Longs in 1938?", text).startswith("It was founded in 1938")
