@@ -278,6 +278,23 @@ def tune_judge_cmd(
     typer.echo(f"judge saved to {out} ({rep['train_pairs']} training pairs, {rep['minutes']} min)")
 
 
+@tune_app.command("calibrate")
+@cli_errors
+def tune_calibrate_cmd(
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter dir from 'hybrid tune generator' or 'hybrid tune dpo'; the threshold is written into it."),
+    qa: Path = typer.Option(..., "--qa", help="Labelled QA JSONL that no training used, with answerable and unanswerable (answers: []) rows."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index to retrieve passages from, for rows without 'passages'."),
+    k: Optional[int] = typer.Option(None, "-k", help="Passages per question when retrieving [default: 5]."),
+    group: Optional[List[str]] = typer.Option(None, "--group", help="Caller access group (repeatable) [default: public]."),
+):
+    """Choose the adapter's abstention threshold on held-out rows; ask and eval then abstain at or above it."""
+    from tuning.abstention import CalibrateConfig, calibrate
+
+    cfg = build_config(CalibrateConfig, None, adapter=str(adapter), qa=str(qa), index=str(index) if index else None,
+                       k=k, groups=list(group) if group else None)
+    calibrate(cfg, log=typer.echo)
+
+
 def _parse_adapters(values: list[str] | None) -> dict[str, str]:
     adapters = {}
     for v in values or []:

@@ -9,7 +9,9 @@ redone when the judge changes, without generating again). With `gate`, each pass
 configuration also appears as `NAME+gate`: the same answers, except that where the
 judge finds none of the passages answering the question (answerable < `gate_threshold`) the
 answer counts as an abstention, as `ask --judge` serves it. The paired tests show
-what the gate buys.
+what the gate buys. Each adapter calibrated with `hybrid tune calibrate` also appears as
+`rag+NAME+cal`: the same answers, abstaining where the adapter's own abstention score
+reaches its threshold (scores added after generation, like the judge's).
 
 Each answer is classified exactly once:
   correct       the normalised gold answer (SQuAD/HotpotQA normalisation) equals or
@@ -125,6 +127,16 @@ def gated(p: dict, threshold: float = THRESHOLD) -> dict:
     if not p["abstained"] and p.get("answerable") is not None and p["answerable"] < threshold:
         q.update(prediction=ABSTAIN, abstained=True, label="abstained", f1=token_f1(ABSTAIN, p["answers"]),
                  citations=[], unsupported=None, gated=True)
+    return q
+
+
+def calibrated(p: dict, threshold: float) -> dict:
+    """A prediction as a calibrated adapter serves it: abstain when its own abstention score
+    (tuning/abstention.py) reaches the adapter's threshold."""
+    q = {**p, "config": f"{p['config']}+cal"}
+    if not p["abstained"] and p.get("abstain_score") is not None and p["abstain_score"] >= threshold:
+        q.update(prediction=ABSTAIN, abstained=True, label="abstained", f1=token_f1(ABSTAIN, p["answers"]),
+                 citations=[], unsupported=None, calibrated_abstain=True)
     return q
 
 
@@ -289,12 +301,18 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
 
         judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate)  # a judge that cannot gate: refused now
 
+    from tuning.abstention import load_threshold
+
+    thresholds = {f"rag+{n}": t for n, d in cfg.adapters.items() if (t := load_threshold(d)) is not None}
     todo = [(c, r) for c in configs for r in rows if (c, r.id) not in done]
+    unscored = [p for p in done.values() if p["config"] in thresholds and "abstain_score" not in p]
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
-                         max_new_tokens=cfg.max_new_tokens, groups=cfg.groups) if todo or not done else None
+                         max_new_tokens=cfg.max_new_tokens, groups=cfg.groups, calibrated=False) \
+        if todo or unscored or not done else None
     judge_fp = judge_fingerprint(cfg.judge)
     rejudge = judge is not None and (bool(todo) or any(p.get("judge") != judge_fp for p in done.values()))
-    contexts = row_contexts(rows, cfg, pipe) if todo or rejudge else {}  # a finished run needs no retrieval
+    # a finished run needs no retrieval
+    contexts = row_contexts(rows, cfg, pipe) if todo or rejudge or unscored else {}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(configs) * len(rows), initial=len(configs) * len(rows) - len(todo), disable=not progress,
@@ -308,13 +326,18 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
                 ctxs = [[] if config == "closed_book" else contexts[r.id] for r in batch]
                 adapter = config.split("+", 1)[1] if "+" in config else None
                 answers = pipe.answer_batch([r.question for r in batch], ctxs, adapter=adapter)
+                if config in thresholds:
+                    scores = pipe.abstain_scores([r.question for r in batch], ctxs, adapter=adapter)
+                    for a, s in zip(answers, scores):
+                        a.abstain_score = float(s)
                 for r, ctx, a in zip(batch, ctxs, answers):
                     p = {"id": r.id, "config": config, "question": r.question, "answers": list(r.answers),
                          "gold_ids": list(r.gold_ids), "prediction": a.answer, "raw": a.raw, "abstained": a.abstained,
                          "label": classify(a.answer, a.abstained, r.answers), "f1": token_f1(a.answer, r.answers),
                          "citations": a.citations, "support": None, "unsupported": None,
                          "retrieved_doc_ids": [c["doc_id"] for c in ctx] if (r.passages is None and ctx) else None,
-                         "latency_ms": a.latency_ms, "new_tokens": a.new_tokens}
+                         "latency_ms": a.latency_ms, "new_tokens": a.new_tokens,
+                         **({"abstain_score": a.abstain_score} if config in thresholds else {})}
                     done[(config, r.id)] = p
                     if sink:
                         sink.write(json.dumps(p, ensure_ascii=False) + "\n")
@@ -325,19 +348,26 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         if sink:
             sink.close()
 
-    if rejudge and judge_all(judge, judge_fp, done, rows, contexts) and out:
+    for p in unscored:  # calibrated after these answers were written
+        p["abstain_score"] = float(pipe.abstain_scores([p["question"]], [contexts[p["id"]]],
+                                                       adapter=p["config"].split("+", 1)[1])[0])
+    rejudged = judge_all(judge, judge_fp, done, rows, contexts) if rejudge else False
+    if (rejudged or unscored) and out:
         write_text_atomic(out / "predictions.jsonl", "".join(
             json.dumps(done[(c, r.id)], ensure_ascii=False) + "\n" for c in configs for r in rows))
     by_config = {c: [done[(c, r.id)] for r in rows] for c in configs}
     if cfg.gate:
         for c in [c for c in configs if c != "closed_book"]:
             by_config[f"{c}+gate"] = [gated(p, cfg.gate_threshold) for p in by_config[c]]
+    for c, t in thresholds.items():
+        by_config[f"{c}+cal"] = [calibrated(p, t) for p in by_config[c]]
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
               "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
               "n_questions": len(rows), "n_unanswerable": sum(not r.answers for r in rows),
               "models": {"base": pipe.info.name if pipe else cfg.base_model or "smollm2", "adapters": cfg.adapters,
                          "judge": cfg.judge, "index": cfg.index},
-              **({"gate_threshold": cfg.gate_threshold} if cfg.gate else {})}
+              **({"gate_threshold": cfg.gate_threshold} if cfg.gate else {}),
+              **({"abstain_thresholds": thresholds} if thresholds else {})}
     if out:
         write_text_atomic(out / "report.json", json.dumps(report, indent=2))
         write_text_atomic(out / "report.md", markdown(report))

@@ -14,6 +14,10 @@ carries their groups (retrieval/access.py). `load` refuses any whose groups are
 not all among the caller's `groups`, and each call checks the chosen adapter
 against that call's groups, so the multi-adapter switch cannot hand a public
 caller an `hr` adapter.
+
+Calibrated abstention: an adapter calibrated with `hybrid tune calibrate` carries a
+threshold on its own abstention score (tuning/abstention.py); the pipeline abstains
+when a prompt scores at or above it (`calibrated=False` serves the greedy answer as is).
 """
 
 from __future__ import annotations
@@ -47,11 +51,14 @@ class Answer:
     support: float | None = None  # judge: does a passage back this answer (None: no judge, or it abstained)
     answerable: float | None = None  # judge: does any passage answer the question (the gate's signal)
     gated: bool = False  # the judge found no passage answering the question, so the pipeline abstained
+    abstain_score: float | None = None  # the adapter's own abstention score (calibrated adapters only)
+    calibrated_abstain: bool = False  # the score reached the adapter's threshold: the pipeline abstains
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "abstained": self.abstained, "citations": self.citations,
                 "passages": self.passages, "support": self.support, "answerable": self.answerable,
-                "gated": self.gated}
+                "gated": self.gated, "abstain_score": self.abstain_score,
+                "calibrated_abstain": self.calibrated_abstain}
 
 
 def verify(parsed, passages: list[dict]) -> list[dict]:
@@ -101,7 +108,8 @@ class Pipeline:
     def __init__(self, retriever: Retriever | None, model, tokenizer, info, adapters: list[str],
                  k: int = 5, max_new_tokens: int = 96, require_support: bool = False, judge=None,
                  groups=None, scopes: dict[str, list[str]] | None = None, base_scope: list[str] | None = None,
-                 gate_threshold: float | None = None):
+                 gate_threshold: float | None = None, thresholds: dict[str, float | None] | None = None,
+                 calibrated: bool = True):
         self.retriever, self.model, self.tok, self.info = retriever, model, tokenizer, info
         self.adapters = adapters
         self.groups = access.training_groups(groups)  # the caller's groups given at load
@@ -110,12 +118,14 @@ class Pipeline:
         self.gate_threshold = gate_threshold
         self.k, self.max_new_tokens, self.require_support = k, max_new_tokens, require_support
         self.judge = judge
+        self.thresholds = thresholds or {}  # adapter name -> calibrated abstention threshold (or None)
+        self.calibrated = calibrated
 
     @classmethod
     def load(cls, index_dir: str | Path | None = None, adapters: dict[str, str] | str | None = None,
              base_model: str | None = None, k: int = 5, max_new_tokens: int = 96,
              require_support: bool = False, device: str | None = None, judge: str | Path | None = None,
-             groups=None, gate_threshold: float | None = None) -> "Pipeline":
+             groups=None, gate_threshold: float | None = None, calibrated: bool = True) -> "Pipeline":
         """Load retriever, base generator and adapters.
 
         Args:
@@ -132,11 +142,14 @@ class Pipeline:
             gate_threshold: answerability below which the judge gate abstains [default: 0.5].
             groups: the caller's access groups (None = public); every adapter, a merged
                 base model and the judge must have been trained within them.
+            calibrated: abstain where a calibrated adapter's own abstention score reaches its
+                threshold (`hybrid tune calibrate`); False serves the greedy answers as they are.
 
         Raises:
             InputError: missing adapter, an adapter trained on another base model, or an
                 artifact trained on documents of groups the caller lacks.
         """
+        from tuning.abstention import load_threshold
         from tuning.generator import load_generator
 
         if isinstance(adapters, (str, Path)):
@@ -179,7 +192,8 @@ class Pipeline:
         return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
                    require_support=require_support, judge=judge, groups=groups,
                    scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope,
-                   gate_threshold=gate_threshold)
+                   gate_threshold=gate_threshold, thresholds={n: load_threshold(p) for n, p in adapters.items()},
+                   calibrated=calibrated)
 
     def check_access(self, adapter: str | None, groups) -> None:
         """Refuse an adapter (or merged base) trained on groups the caller of this call lacks."""
@@ -256,9 +270,23 @@ class Pipeline:
                                              "chunk_id": p.get("chunk_id", ""), "score": round(p.get("score", 0.0), 6)}
                                             for p in ps],
                                   raw=raw, latency_ms=ms, new_tokens=n_new))
+        threshold = self.thresholds.get(adapter) if adapter else None
+        if self.calibrated and threshold is not None:
+            scores = self.abstain_scores(questions, passages_batch, adapter=adapter)
+            for a, s in zip(results, scores):
+                a.abstain_score = float(s)
+                if s >= threshold:
+                    a.answer, a.abstained, a.citations, a.calibrated_abstain = ABSTAIN, True, [], True
         if self.judge is not None:
             gate(self.judge, questions, results, passages_batch, t0, self.gate_threshold)
         return results
+
+    def abstain_scores(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None):
+        """The adapter's own abstention score per question (tuning/abstention.py); shape (N,)."""
+        from tuning.abstention import abstain_scores
+
+        with self._select(adapter):
+            return abstain_scores(self.model, self.tok, questions, passages_batch)
 
     def answer(self, question: str, passages: list[dict], adapter: str | None = None, on_token=None,
                groups=None) -> Answer:
