@@ -8,6 +8,8 @@ Steps (each reruns on its own; finished steps are skipped when their output exis
           --test-questions test lines with FIXED passages: the gold knowledge plus
           --distractors nearest other passages from the index; for half of them (seeded) the
           gold knowledge is withheld and `answers` is [] (the right behaviour is to abstain).
+  dev     WORK/dev.jsonl: 200 more train-split lines (none in train.jsonl), built like the test
+          rows (gold + distractors, half withheld; seed 7), for `hybrid tune calibrate`.
   judge   hybrid tune judge on HaluEval's train split (--judge-questions questions).
   sft     hybrid tune generator (RAFT, LoRA) on the training rows.
   dpo     hybrid tune dpo on top of the SFT adapter, with HaluEval's hallucinated answers as a
@@ -32,6 +34,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def write_fixed_rows(path: Path, idx: list[int], withheld: set[int], lines: list[dict], doc_of: dict[str, str],
+                     retriever, distractors: int) -> None:
+    """QA rows with FIXED passages: the gold knowledge plus the nearest other passages, or, for the
+    withheld lines, the distractors alone with `answers: []`."""
+    hits = retriever.search_batch([lines[i]["question"] for i in idx], k=distractors + 3)
+    with open(path, "w") as fh:
+        for i, hs in zip(idx, hits):
+            r = lines[i]
+            gold = doc_of[r["knowledge"].strip()]
+            distract = [{"id": h.doc_id, "text": h.text} for h in hs if h.doc_id != gold][:distractors]
+            if i in withheld:
+                passages, answers = distract, []
+            else:
+                passages = distract + [{"id": gold, "text": r["knowledge"].strip()}]
+                random.Random(i).shuffle(passages)
+                answers = [r["right_answer"]]
+            fh.write(json.dumps({"id": f"h{i:05d}", "question": r["question"], "answers": answers,
+                                 "gold_ids": [gold] if answers else [], "passages": passages}) + "\n")
 
 
 def main() -> int:
@@ -73,12 +95,12 @@ def main() -> int:
 
     lines = halueval.load_lines()
     train_idx, test_idx = halueval.split(len(lines), 1000, args.seed)
+    doc_of = {}  # knowledge text -> doc id used in the index (first line holding it)
+    for i, row in enumerate(lines):
+        doc_of.setdefault(row["knowledge"].strip(), f"h{i:05d}")
     t0 = time.perf_counter()
     if "data" in steps and not (work / "test.jsonl").exists():
         retriever = Retriever.load(args.index)
-        doc_of = {}  # knowledge text -> doc id used in the index (first line holding it)
-        for i, row in enumerate(lines):
-            doc_of.setdefault(row["knowledge"].strip(), f"h{i:05d}")
         rng = random.Random(args.seed)
         tr = sorted(rng.sample(train_idx, args.train_questions))
         with open(work / "train.jsonl", "w") as fh, open(work / "wrong.jsonl", "w") as wh:
@@ -89,23 +111,19 @@ def main() -> int:
                 wh.write(json.dumps({"id": f"h{i:05d}", "wrong_answer": r["hallucinated_answer"]}) + "\n")
         te = sorted(rng.sample(test_idx, args.test_questions))
         withheld = set(rng.sample(te, len(te) // 2))
-        hits = retriever.search_batch([lines[i]["question"] for i in te], k=args.distractors + 3)
-        with open(work / "test.jsonl", "w") as fh:
-            for i, hs in zip(te, hits):
-                r = lines[i]
-                gold = doc_of[r["knowledge"].strip()]
-                distract = [{"id": h.doc_id, "text": h.text} for h in hs if h.doc_id != gold][: args.distractors]
-                if i in withheld:
-                    passages, answers = distract, []
-                else:
-                    passages = distract + [{"id": gold, "text": r["knowledge"].strip()}]
-                    random.Random(i).shuffle(passages)
-                    answers = [r["right_answer"]]
-                fh.write(json.dumps({"id": f"h{i:05d}", "question": r["question"], "answers": answers,
-                                     "gold_ids": [gold] if answers else [], "passages": passages}) + "\n")
+        write_fixed_rows(work / "test.jsonl", te, withheld, lines, doc_of, retriever, args.distractors)
         timings["data_s"] = time.perf_counter() - t0
         print(f"data: {args.train_questions} train rows, {args.test_questions} test rows ({len(withheld)} withheld)",
               flush=True)
+
+    if "dev" in steps and not (work / "dev.jsonl").exists():
+        retriever = Retriever.load(args.index)
+        used = {int(json.loads(line)["id"][1:]) for line in open(work / "train.jsonl")}
+        rng = random.Random(7)
+        dev = sorted(rng.sample([i for i in train_idx if i not in used], 200))
+        withheld = set(rng.sample(dev, 100))
+        write_fixed_rows(work / "dev.jsonl", dev, withheld, lines, doc_of, retriever, args.distractors)
+        print("dev: 200 rows (100 withheld)", flush=True)
 
     def stage(name, fn):
         t = time.perf_counter()
