@@ -23,7 +23,9 @@ def test_ask_json_schema(cli_adapter, bundled_tiny_index):
               "--adapter", f"raft={cli_adapter}", "--json", "--max-new-tokens", 8, "-k", 3)
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert set(out) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated"}
+    assert set(out) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated",
+                        "abstain_score", "calibrated_abstain"}
+    assert out["abstain_score"] is None and out["calibrated_abstain"] is False  # not calibrated
     assert len(out["passages"]) == 3 and all(set(p) == {"doc_id", "chunk_id", "score"} for p in out["passages"])
     assert isinstance(out["abstained"], bool)
 

@@ -40,7 +40,8 @@ def test_several_adapters_share_one_base_and_switch_per_call(bundled_tiny_index,
     with pipe._select("a"), torch.no_grad():
         assert torch.allclose(pipe.model(**enc).logits, logits["a"])  # switching back is exact
     res = pipe.answer("How long does the battery last?", passages, adapter="b")
-    assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated"}
+    assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated",
+                                  "abstain_score", "calibrated_abstain"}
     with pytest.raises(InputError, match="--adapter zzz: not loaded"):
         pipe.answer("q", passages, adapter="zzz")
 
