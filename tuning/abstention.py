@@ -1,12 +1,12 @@
 """`hybrid tune calibrate`: the generator's own abstention score and a threshold chosen for it.
 
 The score of a prompt is the mean per-token log-probability the generator gives the
-abstention completion (`abstain_answer()`) after it: one forward pass, no sampling. A
-RAFT adapter trained with every question shown with and without its oracle
-(`--no-oracle both`) ranks prompts whose passages do not answer the question higher
-(HaluEval dev rows: AUROC 0.79; the untuned model 0.55), yet its greedy decision can lean
-one way: DPO pushed one such adapter to answer every question. Like a classifier's cut,
-the threshold is chosen on labelled rows that no training step used: the score that
+abstention completion (`abstain_answer()`) after it: one forward pass, no sampling. A RAFT
+adapter trained with every question shown with and without its oracle (`--no-oracle both`)
+ranks prompts whose passages do not answer the question higher (HaluEval dev rows: AUROC
+0.79; an adapter trained with the oracle sampled per question, 0.42), yet its greedy decision
+can lean one way: DPO pushed one such adapter to answer every question. Like a classifier's
+cut, the threshold is chosen on labelled rows that no training step used: the score that
 maximises TPR - FPR (Youden's J) between answerable and unanswerable rows. It is written
 beside the adapter as `hybrid_abstain.json`; `ask` abstains when a prompt scores at or
 above it, and `eval` reports the adapter both ways (`rag+NAME`, `rag+NAME+cal`).
