@@ -40,8 +40,9 @@ from tuning.prompting import abstain_answer, build_messages, cot_answer
 
 # Sentence ends: punctuation + space, a newline, or punctuation glued to the next sentence's
 # capital ("...Caremark.Longs Drugs is...": concatenated paragraphs, as in HaluEval's knowledge);
-# the letter before the stop must be lower case or a digit, so "U.S.A." stays whole.
-_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+|(?<=[a-z0-9)][.!?])(?=[A-Z])")
+# two lower-case letters or digits before the stop and a capitalised word after it, so "U.S.A."
+# and version strings like "rc.N" stay whole.
+_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+|(?<=[a-z0-9)]{2}[.!?])(?=[A-Z][a-z])")
 
 
 @dataclass

@@ -60,5 +60,7 @@ def test_quote_is_the_shortest_sentence_holding_the_answer_even_in_glued_paragra
             "located in Hawaii. It was founded in 1938 by the U.S.A. brothers Longs.")
     assert quote_for("Hawaii", "Where are the stores?", text) == \
         "Longs Drugs is an American chain of drug stores located in Hawaii."
+    assert quote_for("rc.N", "Tag form?", "Tags have the form `gw-4.3.0-rc.N` for Gullwing.") == \
+        "Tags have the form `gw-4.3.0-rc.N` for Gullwing."  # a version string is not a sentence end
     # no sentence holds the answer: the one sharing most words with question + answer
     assert quote_for("Joe and Tom Long", "Who founded Longs in 1938?", text).startswith("It was founded in 1938")
