@@ -112,8 +112,9 @@ def judge_fingerprint(path: str | None) -> str | None:
 
 def adapter_fingerprints(adapters: dict[str, str]) -> dict[str, str | None]:
     """Identity of each adapter's training run, so a retrained adapter at the same path is not mixed up."""
-    return {n: sha256_file(Path(d) / "hybrid_run.json") if (Path(d) / "hybrid_run.json").exists() else None
-            for n, d in sorted(adapters.items())}
+    from tuning.abstention import run_fingerprint
+
+    return {n: run_fingerprint(d) for n, d in sorted(adapters.items())}
 
 
 def gated(p: dict, threshold: float = THRESHOLD) -> dict:
@@ -125,9 +126,14 @@ def gated(p: dict, threshold: float = THRESHOLD) -> dict:
     """
     q = {**p, "config": f"{p['config']}+gate", "latency_ms": p["latency_ms"] + (p.get("judge_ms") or 0.0)}
     if not p["abstained"] and p.get("answerable") is not None and p["answerable"] < threshold:
-        q.update(prediction=ABSTAIN, abstained=True, label="abstained", f1=token_f1(ABSTAIN, p["answers"]),
-                 citations=[], unsupported=None, gated=True)
+        as_abstention(q, gated=True)
     return q
+
+
+def as_abstention(q: dict, **flag) -> None:
+    """Turn a derived prediction into the abstention (in place), marking what caused it."""
+    q.update(prediction=ABSTAIN, abstained=True, label="abstained", f1=token_f1(ABSTAIN, q["answers"]),
+             citations=[], unsupported=None, **flag)
 
 
 def calibrated(p: dict, threshold: float) -> dict:
@@ -135,8 +141,7 @@ def calibrated(p: dict, threshold: float) -> dict:
     (tuning/abstention.py) reaches the adapter's threshold."""
     q = {**p, "config": f"{p['config']}+cal"}
     if not p["abstained"] and p.get("abstain_score") is not None and p["abstain_score"] >= threshold:
-        q.update(prediction=ABSTAIN, abstained=True, label="abstained", f1=token_f1(ABSTAIN, p["answers"]),
-                 citations=[], unsupported=None, calibrated_abstain=True)
+        as_abstention(q, calibrated_abstain=True)
     return q
 
 

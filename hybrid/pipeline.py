@@ -192,8 +192,8 @@ class Pipeline:
         return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
                    require_support=require_support, judge=judge, groups=groups,
                    scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope,
-                   gate_threshold=gate_threshold, thresholds={n: load_threshold(p) for n, p in adapters.items()},
-                   calibrated=calibrated)
+                   gate_threshold=gate_threshold, calibrated=calibrated,
+                   thresholds={n: load_threshold(p) for n, p in adapters.items()} if calibrated else {})
 
     def check_access(self, adapter: str | None, groups) -> None:
         """Refuse an adapter (or merged base) trained on groups the caller of this call lacks."""
@@ -284,6 +284,8 @@ class Pipeline:
     def abstain_scores(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None):
         """The adapter's own abstention score per question (tuning/abstention.py); shape (N,)."""
         from tuning.abstention import abstain_scores
+
+        self.check_access(adapter, self.groups)
 
         with self._select(adapter):
             return abstain_scores(self.model, self.tok, questions, passages_batch)

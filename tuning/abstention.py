@@ -107,7 +107,7 @@ def load_threshold(adapter_dir: str | Path) -> float | None:
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    if record.get("adapter_run") != calibration_source(adapter_dir):
+    if record.get("adapter_run") != run_fingerprint(adapter_dir):
         raise InputError(f"--adapter {adapter_dir}: {CAL_FILE} was calibrated for another training run; "
                          f"rerun 'hybrid tune calibrate --adapter {adapter_dir} --qa QA.jsonl' or delete it")
     return float(record["threshold"])
@@ -132,14 +132,17 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     if labels.all() or not labels.any():
         raise InputError(f"--qa {cfg.qa}: needs answerable rows and unanswerable rows (answers: []) to set a "
                          f"threshold between them; it has {int(labels.sum())} and {int((~labels).sum())}")
-    if any(r.passages is None for r in rows) and not cfg.index:
+    if any(r.passages is None for r in rows) and not cfg.index:  # checked before any model loads
         raise InputError(f"--qa {cfg.qa}: rows without 'passages' need --index to retrieve them")
-    pipe = Pipeline.load(cfg.index, {"adapter": cfg.adapter}, k=cfg.k, groups=cfg.groups)
+    needs_index = any(r.passages is None for r in rows)
+    # calibrated=False: a stale threshold beside the adapter must not block the recalibration
+    pipe = Pipeline.load(cfg.index if needs_index else None, {"adapter": cfg.adapter}, k=cfg.k, groups=cfg.groups,
+                         calibrated=False)
     contexts = row_contexts(rows, EvalConfig(qa=cfg.qa, index=cfg.index, k=cfg.k, groups=cfg.groups), pipe)
     scores = pipe.abstain_scores([r.question for r in rows], [contexts[r.id] for r in rows], adapter="adapter")
     record = {**youden_threshold(scores, labels), "auroc": auroc(-scores, labels), "n": len(rows),
               "n_unanswerable": int((~labels).sum()), "qa": cfg.qa, "qa_sha256": sha256_file(Path(cfg.qa)),
-              "adapter_run": calibration_source(cfg.adapter), "score": "mean log-prob per token of the abstention",
+              "adapter_run": run_fingerprint(cfg.adapter), "score": "mean log-prob per token of the abstention",
               "minutes": round((time.perf_counter() - t0) / 60, 2)}
     write_text_atomic(Path(cfg.adapter) / CAL_FILE, json.dumps(record, indent=2))
     log(f"calibrated {cfg.adapter}: threshold {record['threshold']:.4f}, AUROC {record['auroc']:.3f}, "
@@ -147,7 +150,7 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     return record
 
 
-def calibration_source(adapter_dir: str | Path) -> str | None:
-    """The adapter's training run the threshold was chosen for (a retrained adapter needs a new one)."""
+def run_fingerprint(adapter_dir: str | Path) -> str | None:
+    """Identity of an adapter's training run (sha256 of its hybrid_run.json), None without one."""
     run = Path(adapter_dir) / "hybrid_run.json"
     return sha256_file(run) if run.exists() else None

@@ -254,7 +254,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
         raise InputError(f"--adapter {sft_dir}: trained on another base model than {info.name}; retrain it")
     model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
     judge = None
-    if cfg.judge:
+    if cfg.judge and cfg.pairs == "sampled":  # contrastive pairs score nothing
         from hybrid.judge import Judge
 
         judge = Judge.load(cfg.judge, groups=cfg.groups)

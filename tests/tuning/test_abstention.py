@@ -80,6 +80,9 @@ def test_calibration_of_another_training_run_is_refused(tmp_path, two_adapters, 
     (adapter / CAL_FILE).write_text(json.dumps({"threshold": -1.0, "adapter_run": "0" * 64}))
     with pytest.raises(InputError, match="another training run"):
         Pipeline.load(None, adapters={"a": str(adapter)})
+    # the fix the error names works: recalibrating replaces the stale file
+    assert run("tune", "calibrate", "--adapter", adapter, "--qa", fixed_qa).exit_code == 0
+    assert Pipeline.load(None, adapters={"a": str(adapter)}).thresholds["a"] is not None
 
 
 def test_calibrate_needs_both_kinds_of_rows(tmp_path, two_adapters):
