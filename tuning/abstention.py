@@ -126,6 +126,9 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     from hybrid.pipeline import Pipeline
     from retrieval.qa import load_qa
 
+    if run_fingerprint(cfg.adapter) is None:
+        raise InputError(f"--adapter {cfg.adapter}: not an adapter made by 'hybrid tune generator' or "
+                         f"'hybrid tune dpo' (no hybrid_run.json); pass such a directory")
     t0 = time.perf_counter()
     rows = load_qa(cfg.qa)
     labels = np.array([bool(r.answers) for r in rows])
