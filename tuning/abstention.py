@@ -5,7 +5,7 @@ abstention completion (`abstain_answer()`) after it: one forward pass, no sampli
 adapter trained with every question shown with and without its oracle (`--no-oracle both`)
 ranks prompts whose passages do not answer the question higher (HaluEval dev rows: AUROC
 0.79; an adapter trained with the oracle sampled per question, 0.42), yet its greedy decision
-can lean one way: DPO pushed one such adapter to answer every question. Like a classifier's
+can lean one way: DPO pushed one such adapter to answer almost every question. Like a classifier's
 cut, the threshold is chosen on labelled rows that no training step used: the score that
 maximises TPR - FPR (Youden's J) between answerable and unanswerable rows. It is written
 beside the adapter as `hybrid_abstain.json`; `ask` abstains when a prompt scores at or
@@ -135,9 +135,9 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     if labels.all() or not labels.any():
         raise InputError(f"--qa {cfg.qa}: needs answerable rows and unanswerable rows (answers: []) to set a "
                          f"threshold between them; it has {int(labels.sum())} and {int((~labels).sum())}")
-    if any(r.passages is None for r in rows) and not cfg.index:  # checked before any model loads
-        raise InputError(f"--qa {cfg.qa}: rows without 'passages' need --index to retrieve them")
     needs_index = any(r.passages is None for r in rows)
+    if needs_index and not cfg.index:  # checked before any model loads
+        raise InputError(f"--qa {cfg.qa}: rows without 'passages' need --index to retrieve them")
     # calibrated=False: a stale threshold beside the adapter must not block the recalibration
     pipe = Pipeline.load(cfg.index if needs_index else None, {"adapter": cfg.adapter}, k=cfg.k, groups=cfg.groups,
                          calibrated=False)
