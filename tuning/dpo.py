@@ -118,6 +118,16 @@ def score(text: str, golds, passages: list[dict], oracle: bool, unsupported: boo
     return s
 
 
+def gold_answer(ex: dict, row, chunks: dict) -> str | None:
+    """The RAFT target for an example that holds its oracle: the oracle sentence quoted, then the
+    gold answer (one the oracle contains, when there is one); None without an oracle chunk."""
+    oracle = next((chunks[c] for c in ex["chunk_ids"] if chunks[c].doc_id in row.gold_ids), None)
+    if oracle is None or not row.answers:
+        return None
+    answer = next((a for a in row.answers if a.lower() in oracle.text.lower()), row.answers[0])
+    return cot_answer(quote_for(answer, row.question, oracle.text), answer)
+
+
 def build_pairs(examples: list[dict], rows_by_id: dict, chunks: dict, model, tok, cfg: DPOTuneConfig,
                 judge=None) -> list[dict]:
     """Sample, score and pair; returns DPO rows {id, prompt, chosen, rejected, source, groups}.
@@ -150,9 +160,8 @@ def build_pairs(examples: list[dict], rows_by_id: dict, chunks: dict, model, tok
         if ex["oracle"] and row.answers and cfg.answer_over_abstain:
             abstained = [s for _, s in scored if parse_answer(s).abstained]
             if abstained:  # the oracle is there: the gold-quoting answer beats giving up
-                oracle = next((chunks[c] for c in ex["chunk_ids"] if chunks[c].doc_id in row.gold_ids), None)
-                if oracle is not None:
-                    gold = cot_answer(quote_for(row.answers[0], row.question, oracle.text), row.answers[0])
+                gold = gold_answer(ex, row, chunks)
+                if gold is not None:
                     pairs.append({"id": ex["id"], "prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": gold}],
                                   "rejected": [{"role": "assistant", "content": abstained[0]}], "source": "answer", "groups": ex["groups"]})
                     continue
@@ -179,11 +188,8 @@ def contrastive_pairs(examples: list[dict], rows_by_id: dict, chunks: dict) -> l
     """
     golds = {}  # id -> the gold-quoting answer, written from the oracle the with-oracle prompt holds
     for ex in examples:
-        row = rows_by_id[ex["id"]]
-        if ex["oracle"] and row.answers:
-            oracle = next(chunks[c] for c in ex["chunk_ids"] if chunks[c].doc_id in row.gold_ids)
-            answer = next((a for a in row.answers if a.lower() in oracle.text.lower()), row.answers[0])
-            golds[ex["id"]] = cot_answer(quote_for(answer, row.question, oracle.text), answer)
+        if ex["oracle"] and (gold := gold_answer(ex, rows_by_id[ex["id"]], chunks)) is not None:
+            golds[ex["id"]] = gold
     out = []
     for ex in examples:
         if ex["id"] not in golds:  # unanswerable rows: no answer to reject
@@ -203,10 +209,11 @@ def dataset_pairs(examples: list[dict], rows_by_id: dict, wrong: dict[str, str],
         row = rows_by_id[ex["id"]]
         if ex["id"] not in wrong or not ex["oracle"] or not row.answers:
             continue
-        oracle = next(chunks[c] for c in ex["chunk_ids"] if chunks[c].doc_id in row.gold_ids)
-        quote = quote_for(row.answers[0], row.question, oracle.text)
+        gold = gold_answer(ex, row, chunks)
+        if gold is None:
+            continue
         out.append({"id": ex["id"], "prompt": ex["prompt"],
-                    "chosen": [{"role": "assistant", "content": cot_answer(quote, row.answers[0])}],
+                    "chosen": [{"role": "assistant", "content": gold}],
                     "rejected": [{"role": "assistant", "content": f"##Reason: The documents say the answer is "
                                                                   f"{wrong[ex['id']]}. ##Answer: {wrong[ex['id']]}"}],
                     "source": "dataset", "groups": ex["groups"]})
