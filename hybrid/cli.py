@@ -63,6 +63,11 @@ def _d(cls, name) -> str:
     return f"[default: {default_of(cls, name)}]"
 
 
+def _opt(path: Optional[Path]) -> Optional[str]:
+    """An optional path flag as the config's string (None = not given: YAML or the default decides)."""
+    return str(path) if path is not None else None
+
+
 @app.command("index")
 @cli_errors
 def index_cmd(
@@ -156,9 +161,10 @@ def tune_embedder_cmd(
 @tune_app.command("generator")
 @cli_errors
 def tune_generator_cmd(
-    index: Path = typer.Option(..., "--index", help="Index to mine oracle and distractor chunks from."),
-    qa: Path = typer.Option(..., "--qa", help="QA JSONL; answerable rows need gold_ids."),
     out: Path = typer.Option(..., "--out", help="Adapter directory to write (atomically)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index to mine oracle and distractor chunks from (with --qa)."),
+    qa: Optional[Path] = typer.Option(None, "--qa", help="QA JSONL; answerable rows need gold_ids."),
+    examples: Optional[Path] = typer.Option(None, "--examples", help="Train on prepared RAFT examples instead of --index/--qa (an adapter's raft_train.jsonl, or a file of that form; no index needed)."),
     base_model: Optional[str] = typer.Option(None, help="smollm2 | gemma3-270m | a local Hugging Face model dir [default: smollm2]."),
     strategy: Optional[str] = typer.Option(None, help="auto | full | lora | qlora; auto = QLoRA on CUDA, LoRA on CPU, whichever fits the memory plan [default: auto]."),
     p_oracle: Optional[float] = typer.Option(None, help=f"Share of examples that include the oracle chunk {_d(GeneratorTuneConfig, 'p_oracle')}."),
@@ -180,6 +186,7 @@ def tune_generator_cmd(
     neftune_alpha: Optional[float] = typer.Option(None, help=f"NEFTune noise alpha; 0 = off {_d(GeneratorTuneConfig, 'neftune_alpha')}."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward [default: on]."),
     save_steps: Optional[int] = typer.Option(None, help=f"Checkpoint and validate every N steps {_d(GeneratorTuneConfig, 'save_steps')}."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop at the first step past N minutes of training and save; 0 = no limit [default: 0]."),
     seed: Optional[int] = typer.Option(None, help=f"Seed {_d(GeneratorTuneConfig, 'seed')}."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.checkpoints/."),
     merge: bool = typer.Option(False, "--merge", help="Also export a merged full model to OUT/merged."),
@@ -190,7 +197,8 @@ def tune_generator_cmd(
     """RAFT fine-tuning of the generator (LoRA on CPU, QLoRA on CUDA) with a memory plan."""
     from tuning.sft import tune_generator
 
-    cfg = build_config(GeneratorTuneConfig, config, index=str(index), qa=str(qa), out=str(out), base_model=base_model,
+    cfg = build_config(GeneratorTuneConfig, config, index=_opt(index), qa=_opt(qa), examples=_opt(examples), out=str(out),
+                       base_model=base_model, max_minutes=max_minutes,
                        strategy=strategy, p_oracle=p_oracle, num_distractors=num_distractors, no_oracle=no_oracle,
                        answer_format=answer_format, test_fraction=test_fraction, val_fraction=val_fraction,
                        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
@@ -209,10 +217,11 @@ def tune_generator_cmd(
 @tune_app.command("dpo")
 @cli_errors
 def tune_dpo_cmd(
-    index: Path = typer.Option(..., "--index", help="Index the SFT adapter was trained with."),
-    qa: Path = typer.Option(..., "--qa", help="QA JSONL (the SFT run's held-out questions are excluded)."),
     adapter: Path = typer.Option(..., "--adapter", help="SFT adapter dir from 'hybrid tune generator'."),
     out: Path = typer.Option(..., "--out", help="Adapter directory to write (atomically)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index the SFT adapter was trained with (with --qa)."),
+    qa: Optional[Path] = typer.Option(None, "--qa", help="QA JSONL (the SFT run's held-out questions are excluded)."),
+    pairs_file: Optional[Path] = typer.Option(None, "--pairs-file", help="Train on prepared preference pairs instead of building them from --index/--qa (an earlier run's dpo_pairs.jsonl, or a file of that form)."),
     wrong_answers: Optional[Path] = typer.Option(None, help='JSONL of {"id", "wrong_answer"}: dataset-provided wrong answers as extra rejected answers.'),
     judge: Optional[Path] = typer.Option(None, help="Groundedness judge dir; unsupported samples score lower."),
     n_samples: Optional[int] = typer.Option(None, help="Samples per question at --temperature [default: 4]."),
@@ -225,6 +234,7 @@ def tune_dpo_cmd(
     learning_rate: Optional[float] = typer.Option(None, help="Learning rate [default: 5e-5]."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N steps; 0 = no limit [default: 0]."),
     max_questions: Optional[int] = typer.Option(None, help="Use at most N training questions; 0 = all [default: 0]."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop at the first step past N minutes of training and save; 0 = no limit [default: 0]."),
     max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt + answer [default: 1024]."),
     seed: Optional[int] = typer.Option(None, help="Seed [default: 13]."),
     group: Optional[List[str]] = typer.Option(None, "--group", help="Also learn from chunks restricted to this access group (repeatable; must cover the SFT adapter's groups); the adapter is tagged with them [default: public chunks only]."),
@@ -234,7 +244,8 @@ def tune_dpo_cmd(
     """DPO for factuality: grounded answers preferred over made-up ones, on top of a RAFT adapter."""
     from tuning.dpo import DPOTuneConfig, tune_dpo
 
-    cfg = build_config(DPOTuneConfig, config, index=str(index), qa=str(qa), adapter=str(adapter), out=str(out),
+    cfg = build_config(DPOTuneConfig, config, index=_opt(index), qa=_opt(qa), pairs_file=_opt(pairs_file),
+                       adapter=str(adapter), out=str(out), max_minutes=max_minutes,
                        wrong_answers=str(wrong_answers) if wrong_answers else None, judge=str(judge) if judge else None,
                        n_samples=n_samples, temperature=temperature, p_oracle=p_oracle, num_distractors=num_distractors,
                        pairs=pairs, beta=beta, loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps,

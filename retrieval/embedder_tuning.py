@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from retrieval import access
@@ -169,6 +168,8 @@ def rank_docs(model, chunks: list[Hit], queries: list[str], depth: int = 50) -> 
     def encode(texts: list[str]) -> np.ndarray:
         return np.asarray(model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True),
                           dtype=np.float32)
+
+    import faiss  # imported on use, as in retrieval.index
 
     corpus = encode([embed_text(c.title, c.text) for c in chunks])
     index = faiss.IndexFlatIP(corpus.shape[1])

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-import faiss
 import numpy as np
 
 from retrieval.atomic import swap_dir_into_place
@@ -159,12 +158,14 @@ def build_lock(out_dir: Path) -> Iterator[None]:
         fh.close()
 
 
-def make_faiss_index(vectors: np.ndarray, cfg: IndexConfig) -> tuple[faiss.Index, dict]:
+def make_faiss_index(vectors: np.ndarray, cfg: IndexConfig) -> tuple["faiss.Index", dict]:
     """Build the FAISS index for (n, d) float32 unit vectors; row i gets id i.
 
     Returns:
         (index, parameters recorded in the manifest: type and search knobs).
     """
+    import faiss  # imported on use: stages that read only JSONL need no FAISS
+
     n, dim = vectors.shape
     kind = cfg.index_type
     if kind == "auto":
@@ -280,6 +281,8 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
             con.commit()
             con.close()
             index, params = make_faiss_index(matrix, cfg)
+            import faiss
+
             faiss.write_index(index, str(tmp / INDEX_FILE))
             manifest = {
                 "format_version": FORMAT_VERSION,

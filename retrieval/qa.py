@@ -93,10 +93,12 @@ def split_rows(rows: list[QARow], test_fraction: float, seed: int) -> tuple[list
     Returns:
         (train, test).
     """
-    def bucket(row: QARow) -> float:
-        h = hashlib.sha256(f"{seed}:{row.id}".encode()).hexdigest()
-        return int(h[:12], 16) / float(1 << 48)
-
-    train = [r for r in rows if bucket(r) >= test_fraction]
-    test = [r for r in rows if bucket(r) < test_fraction]
+    train = [r for r in rows if id_bucket(r.id, seed) >= test_fraction]
+    test = [r for r in rows if id_bucket(r.id, seed) < test_fraction]
     return train, test
+
+
+def id_bucket(row_id: str, seed: int) -> float:
+    """A question id's place in [0, 1) under `seed` (the split's seeded hash)."""
+    h = hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
+    return int(h[:12], 16) / float(1 << 48)

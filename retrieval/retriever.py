@@ -17,7 +17,6 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from retrieval import access
@@ -84,6 +83,8 @@ class Retriever:
                              f"index {index_dir} was built with ({manifest['embedder']['name']}, {want[:12]}); "
                              f"query with that embedder or rebuild with 'hybrid index ... --embedder {embedder.name}'")
         try:
+            import faiss  # imported on use: stages that read only JSONL need no FAISS
+
             index = faiss.read_index(str(index_dir / INDEX_FILE))
         except RuntimeError:
             raise InputError(f"{index_dir / INDEX_FILE}: FAISS cannot read it; rebuild the index with 'hybrid index'") from None
@@ -103,6 +104,8 @@ class Retriever:
 
     def _params(self, allowed: np.ndarray | None):
         params = self.manifest["index"]
+        import faiss
+
         sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
         if params["type"] == "hnsw":
             p = faiss.SearchParametersHNSW(efSearch=params["ef_search"])

@@ -54,6 +54,7 @@ from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
 from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in
 from tuning.raft_data import RaftSettings, build_examples, check_rows, quote_for, visible_rows, write_jsonl
+from tuning.time_budget import TimeBudget
 
 RUN_FILE = "hybrid_run.json"
 
@@ -62,10 +63,11 @@ RUN_FILE = "hybrid_run.json"
 class DPOTuneConfig:
     """Settings of `hybrid tune dpo`."""
 
-    index: str
-    qa: str
     adapter: str
     out: str
+    index: str = ""  # with qa: build pairs from the SFT run's training questions ...
+    qa: str = ""
+    pairs_file: str = ""  # ... or train on prepared pairs (an earlier run's dpo_pairs.jsonl), no index needed
     wrong_answers: str | None = None
     judge: str | None = None
     n_samples: int = 4
@@ -85,6 +87,7 @@ class DPOTuneConfig:
     max_questions: int = 0
     answer_over_abstain: bool = True
     pairs: Literal["sampled", "contrastive"] = "sampled"
+    max_minutes: float = 0.0  # stop at the first step past this wall time and save; 0 = no limit
     seed: int = 13
     groups: list[str] = field(default_factory=list)  # access groups whose restricted chunks may be learned
 
@@ -94,6 +97,12 @@ class DPOTuneConfig:
             out.append("--n-samples must be >= 2 (a pair needs two samples)")
         if self.beta <= 0 or self.learning_rate <= 0 or self.temperature <= 0:
             out.append("--beta, --learning-rate and --temperature must be > 0")
+        if self.pairs_file and (self.index or self.qa or self.wrong_answers):
+            out.append("--pairs-file replaces --index, --qa and --wrong-answers; give one or the other")
+        elif not self.pairs_file and not (self.index and self.qa):
+            out.append("--index and --qa are required (or --pairs-file with prepared preference pairs)")
+        if self.max_minutes < 0:
+            out.append("--max-minutes must be >= 0")
         if self.pairs not in ("sampled", "contrastive"):
             out.append("--pairs must be sampled or contrastive")
         if self.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
@@ -220,6 +229,89 @@ def dataset_pairs(examples: list[dict], rows_by_id: dict, wrong: dict[str, str],
     return out
 
 
+def _qa_pairs(cfg: DPOTuneConfig, held: set[str], sft_run: dict, model, tok) -> tuple[list[dict], list[str]]:
+    """Pairs for the SFT run's training questions in --qa, mined from --index.
+
+    Returns:
+        (pairs, ids of questions skipped because their gold documents are out of the trainer's view).
+    """
+    retriever = Retriever.load(cfg.index)
+    rows = load_qa(cfg.qa)
+    check_rows(rows, retriever, cfg.qa)
+    rows, dropped = visible_rows(rows, retriever, cfg.groups)
+    train_rows, _ = split_rows(rows, cfg.test_fraction, sft_run["config"]["seed"]) if cfg.test_fraction else (rows, [])
+    train_rows = [r for r in train_rows if r.id not in held]
+    if cfg.max_questions:
+        train_rows = random.Random(cfg.seed).sample(train_rows, min(cfg.max_questions, len(train_rows)))
+    rows_by_id = {r.id: r for r in train_rows}
+    settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, seed=cfg.seed,
+                            no_oracle="both" if cfg.pairs == "contrastive" else "abstain")
+    examples = build_examples(train_rows, retriever, settings, groups=cfg.groups)
+    chunks = {h.chunk_id: h for h in retriever.chunks(groups=access.training_groups(cfg.groups))}
+    if cfg.pairs == "contrastive":  # contrastive pairs score nothing: no judge
+        pairs = contrastive_pairs(examples, rows_by_id, chunks)
+    else:
+        judge = None
+        if cfg.judge:
+            from hybrid.judge import Judge
+
+            judge = Judge.load(cfg.judge, groups=cfg.groups)
+        pairs = build_pairs(examples, rows_by_id, chunks, model, tok, cfg, judge)
+    if cfg.wrong_answers:
+        wrong = {str(j["id"]): j["wrong_answer"] for j in map(json.loads, Path(cfg.wrong_answers).read_text().splitlines())
+                 if j.get("wrong_answer")}
+        pairs += dataset_pairs(examples, rows_by_id, wrong, chunks)
+    return pairs, dropped
+
+
+def load_pairs(path: str | Path, held: set[str], groups) -> list[dict]:
+    """Prepared preference pairs (a dpo_pairs.jsonl this step wrote, or any JSONL of that form).
+
+    Args:
+        path: JSONL of {"id", "prompt": [messages], "chosen": [assistant message], "rejected": [...],
+            "groups": [...] (optional, [] = public)}.
+        held: question ids the SFT run held out; pairs about them are refused (they stay unseen).
+        groups: the trainer's access groups; pairs holding other restricted text are refused.
+
+    Returns:
+        The pairs, each with "source" and "groups" filled in when absent.
+    """
+    p = Path(path)
+    try:
+        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--pairs-file {p}: cannot read it ({exc.__class__.__name__}); pass a JSONL of preference pairs") from None
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        try:
+            pair = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"--pairs-file {p}:{n}: not valid JSON") from None
+        if not (isinstance(pair, dict) and isinstance(pair.get("id"), str)
+                and all(isinstance(pair.get(k), list) and pair[k] for k in ("prompt", "chosen", "rejected"))):
+            raise InputError(f"--pairs-file {p}:{n}: needs 'id', 'prompt', 'chosen' and 'rejected' (chat messages), "
+                             f"as hybrid tune dpo writes dpo_pairs.jsonl")
+        pair.setdefault("source", "file")
+        pair.setdefault("groups", [])
+        pairs.append(pair)
+    if not pairs:
+        raise InputError(f"--pairs-file {p}: no pairs in it")
+    unseen = sorted({q["id"] for q in pairs} & held)
+    if unseen:
+        raise InputError(f"--pairs-file {p}: {len(unseen)} pairs are about questions the SFT adapter held out "
+                         f"(e.g. {', '.join(unseen[:3])}); drop them so they stay unseen")
+    outside = sorted({g for q in pairs for g in q["groups"]} - set(access.training_groups(groups)))
+    if outside:
+        raise InputError(f"--pairs-file {p}: pairs hold chunks restricted to group(s) {', '.join(outside)}; "
+                         f"name them with --group or drop those pairs")
+    return pairs
+
+
+def _sources(pairs: list[dict]) -> list[str]:
+    known = ["sampled", "abstain", "answer", "dataset"]
+    return known + sorted({p["source"] for p in pairs} - set(known))
+
+
 def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     """Run the workflow; returns the run record written to OUT/hybrid_run.json."""
     if problems := cfg.problems():
@@ -241,42 +333,23 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     if out.exists() and any(out.iterdir()) and not (out / RUN_FILE).exists():
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
 
-    # --- data: the SFT run's training questions only (its held-out questions stay unseen) ----
-    retriever = Retriever.load(cfg.index)
-    rows = load_qa(cfg.qa)
-    check_rows(rows, retriever, cfg.qa)
-    rows, dropped = visible_rows(rows, retriever, cfg.groups)
-    held = set(sft_run["data"]["held_out_ids"])
-    train_rows, _ = split_rows(rows, cfg.test_fraction, sft_run["config"]["seed"]) if cfg.test_fraction else (rows, [])
-    train_rows = [r for r in train_rows if r.id not in held]
-    if cfg.max_questions:
-        train_rows = random.Random(cfg.seed).sample(train_rows, min(cfg.max_questions, len(train_rows)))
-    rows_by_id = {r.id: r for r in train_rows}
-    settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, seed=cfg.seed,
-                            no_oracle="both" if cfg.pairs == "contrastive" else "abstain")
-    examples = build_examples(train_rows, retriever, settings, groups=cfg.groups)
+    # --- load: base + the SFT adapter, trainable ---------------------------------------------
     torch.manual_seed(cfg.seed)
     base, tok, info = load_generator(sft_run["base_model"]["name"])
     if info.fingerprint != sft_run["base_model"]["fingerprint"]:
         raise InputError(f"--adapter {sft_dir}: trained on another base model than {info.name}; retrain it")
     model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
-    judge = None
-    if cfg.judge and cfg.pairs == "sampled":  # contrastive pairs score nothing
-        from hybrid.judge import Judge
-
-        judge = Judge.load(cfg.judge, groups=cfg.groups)
     model.eval()
-    chunks = {h.chunk_id: h for h in retriever.chunks(groups=access.training_groups(cfg.groups))}
-    if cfg.pairs == "contrastive":
-        pairs = contrastive_pairs(examples, rows_by_id, chunks)
+
+    # --- data: the SFT run's training questions only (its held-out questions stay unseen) ----
+    held = set(sft_run["data"]["held_out_ids"])
+    if cfg.pairs_file:
+        pairs, dropped = load_pairs(cfg.pairs_file, held, cfg.groups), []
     else:
-        pairs = build_pairs(examples, rows_by_id, chunks, model, tok, cfg, judge)
-    if cfg.wrong_answers:
-        wrong = {str(j["id"]): j["wrong_answer"] for j in map(json.loads, Path(cfg.wrong_answers).read_text().splitlines())
-                 if j.get("wrong_answer")}
-        pairs += dataset_pairs(examples, rows_by_id, wrong, chunks)
+        pairs, dropped = _qa_pairs(cfg, held, sft_run, model, tok)
     if not pairs:
         raise InputError("no preference pairs: every question's samples tied; raise --n-samples or --temperature")
+    questions = len({p["id"] for p in pairs})
 
     # --- train -----------------------------------------------------------------------------
     model.train()
@@ -288,7 +361,8 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
                      use_cpu=cpu, bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
                      report_to="none", seed=cfg.seed, disable_tqdm=not progress, warmup_steps=0.1)
     ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok)
+    budget = TimeBudget(cfg.max_minutes)
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok, callbacks=[budget])
     trainer.train()
 
     # --- save (atomic) -----------------------------------------------------------------------
@@ -301,11 +375,12 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
         history = trainer.state.log_history
         record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
                   "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
-                  "access": access.record(cfg.groups, sorted({g for e in examples for g in e["groups"]})),
+                  "access": access.record(cfg.groups, sorted({g for p in pairs for g in p["groups"]})),
                   "data": {"held_out_ids": sorted(held), "pairs": len(pairs), "skipped_restricted": len(dropped),
-                           "by_source": {s: sum(p["source"] == s for p in pairs) for s in ("sampled", "abstain", "answer", "dataset")},
-                           "questions": len(train_rows)},
+                           "by_source": {s: sum(p["source"] == s for p in pairs) for s in _sources(pairs)},
+                           "questions": questions, "pairs_file": cfg.pairs_file},
                   "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
+                  "stopped_early": budget.stopped_early,
                   "minutes": round((time.perf_counter() - t0) / 60, 2)}
         write_text_atomic(tmp / RUN_FILE, json.dumps(record, indent=2))
         access.write(tmp, record["access"])

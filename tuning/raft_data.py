@@ -180,3 +180,46 @@ def stats(examples: list[dict]) -> dict:
             "abstain_targets": sum("##Answer: I cannot answer" in e["completion"][0]["content"] for e in examples),
             "passages_per_example": (sum(len(e["chunk_ids"]) for e in examples) / n) if n else 0.0,
             "groups_seen": sorted({g for e in examples for g in e.get("groups", [])})}
+
+
+def load_examples(path: str | Path, flag: str = "--examples") -> list[dict]:
+    """Read RAFT examples written by `write_jsonl` (an adapter's raft_train.jsonl, or a benchmark's
+    prepared file), so training reruns without the index that mined them.
+
+    Args:
+        path: JSONL of {"id", "prompt": [messages], "completion": [one assistant message], "oracle",
+            "chunk_ids", "groups"}.
+        flag: the option named in error messages.
+
+    Returns:
+        The examples, in file order.
+
+    Raises:
+        InputError: unreadable file or a row that lacks a field (the first bad line is named).
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{flag} {p}: cannot read it ({exc.__class__.__name__}); pass a RAFT examples JSONL") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{flag} {p}:{n}: not valid JSON") from None
+        ok = (isinstance(ex, dict) and isinstance(ex.get("id"), str) and isinstance(ex.get("prompt"), list)
+              and isinstance(ex.get("completion"), list) and len(ex["completion"]) == 1
+              and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in ex["prompt"] + ex["completion"]))
+        if not ok:
+            raise InputError(f"{flag} {p}:{n}: needs 'id', 'prompt' (chat messages) and 'completion' (one assistant "
+                             f"message), as hybrid tune generator writes raft_train.jsonl")
+        ex.setdefault("oracle", False)
+        ex.setdefault("chunk_ids", [])
+        ex.setdefault("groups", [])
+        out.append(ex)
+    if not out:
+        raise InputError(f"{flag} {p}: no examples in it")
+    return out

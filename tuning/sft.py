@@ -30,7 +30,8 @@ from retrieval.errors import InputError
 from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
 from tuning.memory_plan import GiB, ModelShape, describe, plan
-from tuning.raft_data import RaftSettings, build_examples, check_rows, stats, visible_rows, write_jsonl
+from tuning.raft_data import RaftSettings, build_examples, check_rows, load_examples, stats, visible_rows, write_jsonl
+from tuning.time_budget import TimeBudget
 
 RUN_FILE = "hybrid_run.json"
 
@@ -39,9 +40,10 @@ RUN_FILE = "hybrid_run.json"
 class GeneratorTuneConfig:
     """Settings of `hybrid tune generator` (YAML keys = field names)."""
 
-    index: str
-    qa: str
     out: str
+    index: str = ""  # with qa: mine RAFT examples from this index ...
+    qa: str = ""
+    examples: str = ""  # ... or train on prepared RAFT examples (JSONL), no index needed
     base_model: str | None = None
     strategy: Literal["auto", "full", "lora", "qlora"] = "auto"
     # RAFT data
@@ -67,6 +69,7 @@ class GeneratorTuneConfig:
     neftune_alpha: float = 5.0
     gradient_checkpointing: bool = True
     save_steps: int = 25
+    max_minutes: float = 0.0  # stop at the first step past this wall time and save; 0 = no limit
     seed: int = 13
     resume: bool = False
     merge: bool = False
@@ -74,6 +77,10 @@ class GeneratorTuneConfig:
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)
+        if self.examples and (self.index or self.qa):
+            out.append("--examples replaces --index and --qa; give one or the other")
+        elif not self.examples and not (self.index and self.qa):
+            out.append("--index and --qa are required (or --examples with prepared RAFT examples)")
         if not 0 <= self.p_oracle <= 1:
             out.append("--p-oracle must be in [0, 1]")
         if self.num_distractors < 0:
@@ -89,8 +96,8 @@ class GeneratorTuneConfig:
                 out.append(f"--{name.replace('_', '-')} must be >= 1")
         if not 0 <= self.lora_dropout < 1:
             out.append("--lora-dropout must be in [0, 1)")
-        if self.learning_rate <= 0 or self.epochs <= 0 or self.max_steps < 0 or self.neftune_alpha < 0:
-            out.append("--learning-rate and --epochs must be > 0, --max-steps and --neftune-alpha >= 0")
+        if self.learning_rate <= 0 or self.epochs <= 0 or self.max_steps < 0 or self.neftune_alpha < 0 or self.max_minutes < 0:
+            out.append("--learning-rate and --epochs must be > 0, --max-steps, --max-minutes and --neftune-alpha >= 0")
         return out
 
     @property
@@ -117,6 +124,26 @@ def _check_lengths(examples: list[dict], tok, max_length: int) -> dict:
         raise InputError(f"--max-length {max_length} is smaller than {len(too_long)} of {len(lengths)} examples "
                          f"(longest prompt + answer: {max(too_long)} tokens); raise --max-length or lower --num-distractors")
     return {"max_tokens": max(f for _, f in lengths), "mean_tokens": sum(f for _, f in lengths) / len(lengths)}
+
+
+def _prepared_examples(cfg: GeneratorTuneConfig) -> tuple[list[dict], list[dict], list, list[str]]:
+    """Examples from --examples, split like QA rows: by a seeded hash of the question id, so both
+    examples of a question (`no_oracle="both"`) land on the same side.
+
+    Returns:
+        (train examples, validation examples, held-out question ids (not trained on), dropped ids: none).
+    """
+    from retrieval.qa import id_bucket
+
+    examples = load_examples(cfg.examples)
+    allowed = set(access.training_groups(cfg.groups))
+    outside = sorted({g for e in examples for g in e["groups"]} - allowed)
+    if outside:  # the adapter's tag must cover every text its weights may hold
+        raise InputError(f"--examples {cfg.examples}: examples hold chunks restricted to group(s) {', '.join(outside)}; "
+                         f"name them with --group or drop those examples")
+    held = {e["id"] for e in examples if id_bucket(e["id"], cfg.seed) < cfg.test_fraction}
+    val = {e["id"] for e in examples if e["id"] not in held and id_bucket(e["id"], cfg.seed + 1) < cfg.val_fraction}
+    return ([e for e in examples if e["id"] not in held | val], [e for e in examples if e["id"] in val], sorted(held), [])
 
 
 def _loss_plot(history: list[dict], path: Path) -> None:
@@ -162,20 +189,25 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         shutil.rmtree(ckpt_dir)
 
     # --- data --------------------------------------------------------------------------
-    retriever = Retriever.load(cfg.index)
-    rows = load_qa(cfg.qa)
-    check_rows(rows, retriever, cfg.qa)
-    # Questions about documents out of the trainer's view are dropped (the split is a per-id
-    # hash, so the remaining held-out questions are the same as with every group named).
-    rows, dropped = visible_rows(rows, retriever, cfg.groups)
-    train_rows, held_out = split_rows(rows, cfg.test_fraction, cfg.seed) if cfg.test_fraction else (rows, [])
-    train_rows, val_rows = split_rows(train_rows, cfg.val_fraction, cfg.seed + 1) if cfg.val_fraction else (train_rows, [])
     settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, no_oracle=cfg.no_oracle,
                             answer_format=cfg.answer_format, seed=cfg.seed)
-    train_ex = build_examples(train_rows, retriever, settings, groups=cfg.groups)
-    val_ex = build_examples(val_rows, retriever, settings, groups=cfg.groups) if val_rows else []
+    if cfg.examples:
+        train_ex, val_ex, held_ids, dropped = _prepared_examples(cfg)
+    else:
+        retriever = Retriever.load(cfg.index)
+        rows = load_qa(cfg.qa)
+        check_rows(rows, retriever, cfg.qa)
+        # Questions about documents out of the trainer's view are dropped (the split is a per-id
+        # hash, so the remaining held-out questions are the same as with every group named).
+        rows, dropped = visible_rows(rows, retriever, cfg.groups)
+        train_rows, held_out = split_rows(rows, cfg.test_fraction, cfg.seed) if cfg.test_fraction else (rows, [])
+        train_rows, val_rows = split_rows(train_rows, cfg.val_fraction, cfg.seed + 1) if cfg.val_fraction else (train_rows, [])
+        held_ids = [r.id for r in held_out]
+        train_ex = build_examples(train_rows, retriever, settings, groups=cfg.groups)
+        val_ex = build_examples(val_rows, retriever, settings, groups=cfg.groups) if val_rows else []
     if not train_ex:
-        raise InputError(f"--qa {cfg.qa}: no training questions left after the held-out split")
+        raise InputError(f"--{'examples' if cfg.examples else 'qa'} {cfg.examples or cfg.qa}: no training questions "
+                         f"left after the held-out split")
 
     device = _device()
     name, path = resolve_generator(cfg.base_model)
@@ -218,8 +250,9 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=1,
         seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=not progress,
         dataloader_num_workers=0, remove_unused_columns=True)
+    budget = TimeBudget(cfg.max_minutes)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tok, peft_config=peft_config)
+                         processing_class=tok, peft_config=peft_config, callbacks=[budget])
     resume = cfg.resume and any(ckpt_dir.glob("checkpoint-*"))
     if cfg.resume and not resume:
         log(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
@@ -234,8 +267,9 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         tok.save_pretrained(str(tmp))
         write_jsonl(tmp / "raft_train.jsonl", train_ex)
         # The held-back questions as a QA file, so `hybrid eval OUT/held_out.jsonl` scores unseen questions.
-        write_jsonl(tmp / "held_out.jsonl", [{"id": r.id, "question": r.question, "answers": list(r.answers),
-                                              "gold_ids": list(r.gold_ids)} for r in held_out])
+        if not cfg.examples:
+            write_jsonl(tmp / "held_out.jsonl", [{"id": r.id, "question": r.question, "answers": list(r.answers),
+                                                  "gold_ids": list(r.gold_ids)} for r in held_out])
         if val_ex:
             write_jsonl(tmp / "raft_val.jsonl", val_ex)
         history = trainer.state.log_history
@@ -246,10 +280,12 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
             "config": asdict(cfg), "raft": asdict(settings),
             "access": access.record(cfg.groups, stats(train_ex + val_ex)["groups_seen"]),
             "data": {"train": stats(train_ex), "val": stats(val_ex), **length_stats, "skipped_restricted": len(dropped),
-                     "held_out_ids": [r.id for r in held_out], "qa": cfg.qa, "index": cfg.index},
+                     "held_out_ids": held_ids, "qa": cfg.qa, "index": cfg.index,
+                     "examples": cfg.examples},
             "memory_plan": mplan, "device": device,
             "train_loss": [h for h in history if "loss" in h], "val_loss": [h for h in history if "eval_loss" in h],
             "final_val_loss": final_eval.get("eval_loss"), "steps": trainer.state.global_step,
+            "stopped_early": budget.stopped_early,
             "minutes": round((time.perf_counter() - t0) / 60, 2),
         }
         write_text_atomic(tmp / RUN_FILE, json.dumps(record, indent=2))
