@@ -150,7 +150,7 @@ def run(args) -> None:
         out=str(work / "raft"), examples=str(work / "sft_examples.jsonl"), test_fraction=0.0, val_fraction=0.02,
         max_steps=args.sft_steps, max_minutes=args.sft_minutes, batch_size=args.batch_size, grad_accum=1,
         learning_rate=args.sft_lr, target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=10**6,
-        max_length=1024, strategy=args.strategy), progress=False))
+        max_length=1536, strategy=args.strategy), progress=False))
     (out / "sft_run.json").write_text(json.dumps({k: v for k, v in sft.items() if k != "train_loss"}, indent=2))
     dpo = stage("dpo", lambda: tune_dpo(DPOTuneConfig(
         adapter=str(work / "raft"), out=str(work / "raft_dpo"), pairs_file=str(work / "dpo_pairs.jsonl"),

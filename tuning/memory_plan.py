@@ -157,11 +157,15 @@ def plan(shape: ModelShape, requested: Literal["auto", "full", "lora", "qlora"],
          headroom: float = 0.9) -> dict:
     """Estimate every strategy, pick one, or explain what to change.
 
+    `seq_len` is the longest padded sequence a micro-batch can hold: training pads each batch to
+    its longest example, so callers pass min(max_length, longest example).
+
     `auto` tries QLoRA then LoRA on CUDA, LoRA then QLoRA on CPU (there 4-bit saves only
     the weights, costs more per token, and runs slower); full fine-tuning only when asked for.
 
     Returns:
-        {"device", "available", "budget", "estimates": {strategy: {term: bytes, "total"}}, "chosen", "fits"}.
+        {"device", "available", "budget", "estimates": {strategy: {term: bytes, "total"}}, "chosen", "fits",
+         "seq_len", "batch"}.
     """
     available = available_bytes(device) if available is None else available
     budget = int(available * headroom)
@@ -171,12 +175,14 @@ def plan(shape: ModelShape, requested: Literal["auto", "full", "lora", "qlora"],
     chosen = next((s for s in order if ests[s].total <= budget), None)
     return {"device": device, "available": available, "budget": budget,
             "estimates": {s: {**asdict(e), "total": e.total} for s, e in ests.items()},
-            "requested": requested, "chosen": chosen, "fits": chosen is not None, "order": order}
+            "requested": requested, "chosen": chosen, "fits": chosen is not None, "order": order,
+            "seq_len": seq_len, "batch": batch}
 
 
 def describe(p: dict) -> str:
     """A small printed table of the plan."""
-    lines = [f"memory plan ({p['device']}, {p['available'] / GiB:.1f} GiB available, budget {p['budget'] / GiB:.1f} GiB):",
+    lines = [f"memory plan ({p['device']}, {p['available'] / GiB:.1f} GiB available, budget {p['budget'] / GiB:.1f} GiB, "
+             f"{p.get('batch', '?')} x {p.get('seq_len', '?')} tokens):",
              "  strategy   weights  trainable  activations  logits   total"]
     for s, e in p["estimates"].items():
         mark = " <- chosen" if s == p["chosen"] else ""

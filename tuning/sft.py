@@ -215,7 +215,10 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
 
     # --- memory plan ---------------------------------------------------------------------
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(path)))
-    mplan = plan(shape, cfg.strategy, cfg.max_length, cfg.batch_size, cfg.gradient_checkpointing, cfg.lora_r,
+    # Batches are padded to their longest sequence, so the longest example (not --max-length)
+    # bounds the per-token terms.
+    seq_len = min(cfg.max_length, length_stats["max_tokens"])
+    mplan = plan(shape, cfg.strategy, seq_len, cfg.batch_size, cfg.gradient_checkpointing, cfg.lora_r,
                  cfg.targets, device)
     if not mplan["fits"]:
         need = min(mplan["estimates"][s]["total"] for s in mplan["order"])

@@ -35,6 +35,8 @@ def test_lora_sft_trains_adapter_only_and_saves_plain_peft_dir(tmp_path, bundled
     assert (out / "adapter_config.json").exists() and (out / "loss.png").stat().st_size > 1000
     assert rec["final_val_loss"] is not None and len(rec["train_loss"]) == 3
     assert rec["data"]["train"]["examples"] > 0 and rec["data"]["held_out_ids"]
+    # the plan is sized for the longest example (batches pad to it), not for --max-length 1024
+    assert rec["memory_plan"]["seq_len"] == rec["data"]["max_tokens"] < 1024
     held = [json.loads(l)["id"] for l in (out / "held_out.jsonl").read_text().splitlines()]
     assert held == rec["data"]["held_out_ids"]
     trained = {json.loads(l)["id"] for l in (out / "raft_train.jsonl").read_text().splitlines()}
