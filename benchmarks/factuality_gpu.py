@@ -146,22 +146,28 @@ def run(args) -> None:
         print(f"{name}: {timings[f'{name}_min']} min; total {(time.perf_counter() - t_all) / 60:.1f} min", flush=True)
         return result
 
-    sft = stage("sft", lambda: tune_generator(GeneratorTuneConfig(
-        out=str(work / "raft"), examples=str(work / "sft_examples.jsonl"), test_fraction=0.0, val_fraction=0.02,
-        max_steps=args.sft_steps, max_minutes=args.sft_minutes, batch_size=args.batch_size, grad_accum=1,
-        learning_rate=args.sft_lr, target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=10**6,
-        max_length=1536, strategy=args.strategy), progress=False))
-    (out / "sft_run.json").write_text(json.dumps({k: v for k, v in sft.items() if k != "train_loss"}, indent=2))
-    dpo = stage("dpo", lambda: tune_dpo(DPOTuneConfig(
-        adapter=str(work / "raft"), out=str(work / "raft_dpo"), pairs_file=str(work / "dpo_pairs.jsonl"),
-        max_steps=args.dpo_steps, max_minutes=args.dpo_minutes, batch_size=args.batch_size // 2, grad_accum=1,
-        test_fraction=0.0), progress=False))
-    (out / "dpo_run.json").write_text(json.dumps({k: v for k, v in dpo.items() if k != "train_log"}, indent=2))
+    stages = set(args.stages.split(","))
     adapters = {"raft": str(work / "raft"), "raft_dpo": str(work / "raft_dpo")}
-    for name, path in adapters.items():
+    if "sft" in stages:
+        sft = stage("sft", lambda: tune_generator(GeneratorTuneConfig(
+            out=str(work / "raft"), examples=str(work / "sft_examples.jsonl"), test_fraction=0.0, val_fraction=0.02,
+            max_steps=args.sft_steps, max_minutes=args.sft_minutes, batch_size=args.batch_size, grad_accum=1,
+            learning_rate=args.sft_lr, target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=10**6,
+            max_length=1536, strategy=args.strategy), progress=False))
+        (out / "sft_run.json").write_text(json.dumps({k: v for k, v in sft.items() if k != "train_loss"}, indent=2))
+    if "dpo" in stages:
+        dpo = stage("dpo", lambda: tune_dpo(DPOTuneConfig(
+            adapter=str(work / "raft"), out=str(work / "raft_dpo"), pairs_file=str(work / "dpo_pairs.jsonl"),
+            max_steps=args.dpo_steps, max_minutes=args.dpo_minutes, batch_size=args.batch_size // 2, grad_accum=1,
+            test_fraction=0.0), progress=False))
+        (out / "dpo_run.json").write_text(json.dumps({k: v for k, v in dpo.items() if k != "train_log"}, indent=2))
+    for name, path in adapters.items() if "calibrate" in stages else ():
         cal = stage(f"calibrate_{name}", lambda p=path: calibrate(CalibrateConfig(adapter=p, qa=str(work / "dev.jsonl"))))
         timings[f"calibration_{name}"] = cal
     for split, qa, configs, closed in (("test", "test.jsonl", adapters, True), ("dev", "dev.jsonl", adapters, False)):
+        if f"eval_{split}" not in stages:
+            continue
+        # an interrupted eval resumes from OUT/eval_SPLIT/predictions.jsonl (batch size is not part of its signature)
         rep = stage(f"eval_{split}", lambda qa=qa, configs=configs, closed=closed, split=split: run_eval(EvalConfig(
             qa=str(work / qa), adapters=configs, closed_book=closed, batch_size=args.eval_batch, max_new_tokens=64,
             seed=0, out=str(out / f"eval_{split}")), progress=False))
@@ -186,6 +192,7 @@ def main() -> int:
     p.add_argument("--dpo-steps", type=int, default=0, help="0 = one epoch")
     p.add_argument("--dpo-minutes", type=float, default=1.0)
     p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--stages", default="sft,dpo,calibrate,eval_test,eval_dev", help="run: which stages, in this order")
     p.add_argument("--pack-dir", default=".gpu", help="pack: ignored folder the device call carries")
     p.add_argument("--part-a-mib", type=int, default=60, help="pack: MiB of the GGUF in the first transfer")
     args = p.parse_args()
