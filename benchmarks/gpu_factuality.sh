@@ -11,6 +11,10 @@
 # a second call on the still-warm machine finishes the evals (they resume from predictions.jsonl):
 #   PYTHONPATH=/tmp/site:$PWD HYBRID_CACHE=/tmp/hcache HF_HUB_OFFLINE=1 python3 benchmarks/factuality_gpu.py \
 #     run --work /tmp/work --out /tmp/res --stages eval_test,eval_dev --eval-batch 128
+# The two device calls as run (part a travels first, alone, because both halves together exceed
+# one transfer):
+#   carry .gpu/a:  mkdir -p /tmp/g && cp .gpu/a/gguf.part-aa /tmp/g/
+#   carry .gpu/b:  OUT=$OUT bash benchmarks/gpu_factuality.sh
 set -uo pipefail
 CARRY=${CARRY:-.gpu/b}
 GGUF_PARTS=${GGUF_PARTS:-"/tmp/g/gguf.part-* $CARRY/gguf.part-*"}
