@@ -1,6 +1,7 @@
 """`hybrid tune generator`: RAFT supervised fine-tuning with LoRA or QLoRA.
 
-One workflow, top to bottom: config -> QA split and RAFT data (JSONL) -> memory
+One workflow, top to bottom: config -> QA split and RAFT data (JSONL; or a prepared
+RAFT JSONL, `--examples`, which needs no index) -> memory
 plan -> load base (fp32, or 4-bit NF4 for QLoRA) -> TRL SFTTrainer + PEFT LoRA,
 completion-only loss, NEFTune, gradient accumulation/checkpointing, validation
 loss, checkpoints -> save the adapter atomically with its run record and loss
@@ -280,7 +281,7 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         record = {
             "kind": "hybrid-generator-adapter", "strategy": strategy,
             "base_model": {"name": info.name, "fingerprint": info.fingerprint},
-            "config": asdict(cfg), "raft": asdict(settings),
+            "config": asdict(cfg), "raft": asdict(settings) if not cfg.examples else {"examples": cfg.examples},
             "access": access.record(cfg.groups, stats(train_ex + val_ex)["groups_seen"]),
             "data": {"train": stats(train_ex), "val": stats(val_ex), **length_stats, "skipped_restricted": len(dropped),
                      "held_out_ids": held_ids, "qa": cfg.qa, "index": cfg.index,
