@@ -72,3 +72,23 @@ def test_tune_dpo_cli(cli_adapter, bundled_tiny_index, tmp_path):
     assert "dpo adapter saved to" in res.stdout and (tmp_path / "dpo" / "adapter_model.safetensors").exists()
     assert_clean_error(run("tune", "dpo", "--index", bundled_tiny_index, "--qa", qa, "--adapter", tmp_path,
                            "--out", tmp_path / "x"), "not an adapter made by")
+
+
+def test_generator_and_dpo_from_prepared_files(tmp_path, cli_adapter, tiny_llm_dir):
+    res = run("tune", "generator", "--examples", cli_adapter / "raft_train.jsonl", "--out", tmp_path / "again",
+              "--base-model", tiny_llm_dir, "--max-steps", 1, "--grad-accum", 1, "--test-fraction", 0, "-q")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "again" / "hybrid_run.json").read_text())["raft"] == {
+        "examples": str(cli_adapter / "raft_train.jsonl")}
+    ex = json.loads((cli_adapter / "raft_train.jsonl").read_text().splitlines()[0])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": ex["id"], "prompt": ex["prompt"], "chosen": ex["completion"],
+                                 "rejected": [{"role": "assistant", "content": "##Answer: forty goats"}]}) + "\n")
+    res = run("tune", "dpo", "--pairs-file", pairs, "--adapter", tmp_path / "again", "--out", tmp_path / "dpo",
+              "--max-steps", 1, "-q")
+    assert res.exit_code == 0, res.output
+    assert "dpo adapter saved to" in res.stdout and "'file': 1" in res.stdout
+    assert_clean_error(run("tune", "generator", "--out", tmp_path / "x", "--base-model", tiny_llm_dir),
+                       "--index and --qa are required (or --examples")
+    assert_clean_error(run("tune", "dpo", "--adapter", cli_adapter, "--out", tmp_path / "y", "--pairs-file", pairs,
+                           "--qa", pairs), "--pairs-file replaces --index, --qa and --wrong-answers")

@@ -99,3 +99,22 @@ def test_max_minutes_stops_training_early_and_saves(tmp_path, bundled_tiny_index
     full = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, out=str(tmp_path / "full"), max_steps=2,
                                   val_fraction=0), progress=False, log=_quiet)
     assert full["steps"] == 2 and full["stopped_early"] is False
+
+
+def test_load_pairs_names_the_bad_line_and_refuses_restricted_text(tmp_path):
+    from tuning.dpo import load_pairs
+
+    msg = lambda role, text: [{"role": role, "content": text}]
+    good = {"id": "q1", "prompt": msg("user", "q"), "chosen": msg("assistant", "a"), "rejected": msg("assistant", "b")}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": []}) + "\n")
+    with pytest.raises(InputError, match=f"--pairs-file {path}:2: needs 'id', 'prompt', 'chosen' and 'rejected'"):
+        load_pairs(path, set(), None)
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(InputError, match=f"--pairs-file {path}:2: not valid JSON"):
+        load_pairs(path, set(), None)
+    path.write_text(json.dumps({**good, "groups": ["hr"]}) + "\n")
+    with pytest.raises(InputError, match="restricted to group\\(s\\) hr; name them with --group"):
+        load_pairs(path, set(), None)
+    pairs = load_pairs(path, set(), ["hr"])
+    assert pairs[0]["source"] == "file" and pairs[0]["groups"] == ["hr"]
