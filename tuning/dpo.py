@@ -333,6 +333,9 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     if out.exists() and any(out.iterdir()) and not (out / RUN_FILE).exists():
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
 
+    held = set(sft_run["data"]["held_out_ids"])
+    prepared = load_pairs(cfg.pairs_file, held, cfg.groups) if cfg.pairs_file else None  # checked before any load
+
     # --- load: base + the SFT adapter, trainable ---------------------------------------------
     torch.manual_seed(cfg.seed)
     base, tok, info = load_generator(sft_run["base_model"]["name"])
@@ -342,9 +345,8 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     model.eval()
 
     # --- data: the SFT run's training questions only (its held-out questions stay unseen) ----
-    held = set(sft_run["data"]["held_out_ids"])
-    if cfg.pairs_file:
-        pairs, dropped = load_pairs(cfg.pairs_file, held, cfg.groups), []
+    if prepared is not None:
+        pairs, dropped = prepared, []
     else:
         pairs, dropped = _qa_pairs(cfg, held, sft_run, model, tok)
     if not pairs:
