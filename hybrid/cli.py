@@ -144,8 +144,8 @@ def tune_embedder_cmd(
     from hybrid.evaluation import markdown_table
     from retrieval.embedder_tuning import tune_embedder
 
-    cfg = build_config(EmbedderTuneConfig, config, index=str(index), out=str(out), qa=str(qa) if qa else None,
-                       eval_qa=str(eval_qa) if eval_qa else None, test_fraction=test_fraction, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+    cfg = build_config(EmbedderTuneConfig, config, index=str(index), out=str(out), qa=_opt(qa),
+                       eval_qa=_opt(eval_qa), test_fraction=test_fraction, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                        learning_rate=learning_rate, num_negatives=num_negatives, relative_margin=relative_margin,
                        max_seq_length=max_seq_length, seed=seed, groups=list(group) if group else None)
     res = tune_embedder(cfg, progress=not as_json)
@@ -246,7 +246,7 @@ def tune_dpo_cmd(
 
     cfg = build_config(DPOTuneConfig, config, index=_opt(index), qa=_opt(qa), pairs_file=_opt(pairs_file),
                        adapter=str(adapter), out=str(out), max_minutes=max_minutes,
-                       wrong_answers=str(wrong_answers) if wrong_answers else None, judge=str(judge) if judge else None,
+                       wrong_answers=_opt(wrong_answers), judge=_opt(judge),
                        n_samples=n_samples, temperature=temperature, p_oracle=p_oracle, num_distractors=num_distractors,
                        pairs=pairs, beta=beta, loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps,
                        max_questions=max_questions, max_length=max_length, seed=seed, groups=list(group) if group else None)
@@ -273,7 +273,7 @@ def tune_judge_cmd(
     """Train the groundedness judge on HaluEval's train split; report accuracy and AUROC."""
     from hybrid.judge import JudgeTuneConfig, tune_judge
 
-    cfg = build_config(JudgeTuneConfig, None, out=str(out), halueval=str(halueval) if halueval else None,
+    cfg = build_config(JudgeTuneConfig, None, out=str(out), halueval=_opt(halueval),
                        train_questions=train_questions, epochs=epochs, batch_size=batch_size, n_test=n_test, seed=seed,
                        swapped_negatives=swapped_negatives, grounding_negatives=grounding_negatives,
                        answerability_pairs=answerability_pairs)
@@ -301,7 +301,7 @@ def tune_calibrate_cmd(
     """Choose the adapter's abstention threshold on held-out rows; ask and eval then abstain at or above it."""
     from tuning.abstention import CalibrateConfig, calibrate
 
-    cfg = build_config(CalibrateConfig, None, adapter=str(adapter), qa=str(qa), index=str(index) if index else None,
+    cfg = build_config(CalibrateConfig, None, adapter=str(adapter), qa=str(qa), index=_opt(index),
                        k=k, groups=list(group) if group else None)
     calibrate(cfg, log=typer.echo)
 
@@ -394,10 +394,10 @@ def eval_cmd(
         return
     from hybrid.factuality import EvalConfig, markdown, run_eval
 
-    cfg = EvalConfig(qa=str(qa), index=str(index) if index else None, adapters=_parse_adapters(adapter),
+    cfg = EvalConfig(qa=str(qa), index=_opt(index), adapters=_parse_adapters(adapter),
                      closed_book=closed_book, limit=limit, seed=seed, k=k, groups=group, batch_size=batch_size,
-                     max_new_tokens=max_new_tokens, base_model=base_model, judge=str(judge) if judge else None,
-                     gate=gate, gate_threshold=gate_threshold, out=str(out) if out else None)
+                     max_new_tokens=max_new_tokens, base_model=base_model, judge=_opt(judge),
+                     gate=gate, gate_threshold=gate_threshold, out=_opt(out))
     report = run_eval(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report))

@@ -286,7 +286,6 @@ class Pipeline:
         from tuning.abstention import abstain_scores
 
         self.check_access(adapter, self.groups)
-
         with self._select(adapter):
             return abstain_scores(self.model, self.tok, questions, passages_batch)
 

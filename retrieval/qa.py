@@ -102,3 +102,33 @@ def id_bucket(row_id: str, seed: int) -> float:
     """A question id's place in [0, 1) under `seed` (the split's seeded hash)."""
     h = hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
     return int(h[:12], 16) / float(1 << 48)
+
+
+def read_jsonl(path: str | Path, flag: str, what: str) -> list[tuple[int, dict]]:
+    """The JSON objects of a JSONL file, with their line numbers (blank lines skipped).
+
+    Args:
+        path: the file.
+        flag: the option that named it, for error messages (e.g. "--examples").
+        what: what the file should hold, for the fix in error messages (e.g. "RAFT examples").
+
+    Raises:
+        InputError: unreadable file, a line that is not a JSON object (named as FILE:LINE), or no objects.
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{flag} {p}: cannot read it ({exc.__class__.__name__}); pass a UTF-8 JSONL of {what}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{flag} {p}:{n}: not valid JSON; each line must be one JSON object") from None
+        out.append((n, obj))
+    if not out:
+        raise InputError(f"{flag} {p}: no {what} in it")
+    return out

@@ -50,7 +50,7 @@ from typing import Literal
 from retrieval import access
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.errors import InputError
-from retrieval.qa import load_qa, split_rows
+from retrieval.qa import load_qa, read_jsonl, split_rows
 from retrieval.retriever import Retriever
 from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in
 from tuning.raft_data import RaftSettings, build_examples, check_rows, quote_for, visible_rows, write_jsonl
@@ -276,33 +276,20 @@ def load_pairs(path: str | Path, held: set[str], groups) -> list[dict]:
     Returns:
         The pairs, each with "source" and "groups" filled in when absent.
     """
-    p = Path(path)
-    try:
-        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--pairs-file {p}: cannot read it ({exc.__class__.__name__}); pass a JSONL of preference pairs") from None
     pairs = []
-    for n, line in enumerate(lines, 1):
-        try:
-            pair = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"--pairs-file {p}:{n}: not valid JSON") from None
+    for n, pair in read_jsonl(path, "--pairs-file", "preference pairs"):
         if not (isinstance(pair, dict) and isinstance(pair.get("id"), str)
                 and all(isinstance(pair.get(k), list) and pair[k] for k in ("prompt", "chosen", "rejected"))):
-            raise InputError(f"--pairs-file {p}:{n}: needs 'id', 'prompt', 'chosen' and 'rejected' (chat messages), "
+            raise InputError(f"--pairs-file {path}:{n}: needs 'id', 'prompt', 'chosen' and 'rejected' (chat messages), "
                              f"as hybrid tune dpo writes dpo_pairs.jsonl")
-        pair.setdefault("source", "file")
-        pair.setdefault("groups", [])
-        pairs.append(pair)
-    if not pairs:
-        raise InputError(f"--pairs-file {p}: no pairs in it")
+        pairs.append({"source": "file", "groups": [], **pair})
     unseen = sorted({q["id"] for q in pairs} & held)
     if unseen:
-        raise InputError(f"--pairs-file {p}: {len(unseen)} pairs are about questions the SFT adapter held out "
+        raise InputError(f"--pairs-file {path}: {len(unseen)} pairs are about questions the SFT adapter held out "
                          f"(e.g. {', '.join(unseen[:3])}); drop them so they stay unseen")
     outside = sorted({g for q in pairs for g in q["groups"]} - set(access.training_groups(groups)))
     if outside:
-        raise InputError(f"--pairs-file {p}: pairs hold chunks restricted to group(s) {', '.join(outside)}; "
+        raise InputError(f"--pairs-file {path}: pairs hold chunks restricted to group(s) {', '.join(outside)}; "
                          f"name them with --group or drop those pairs")
     return pairs
 

@@ -34,7 +34,7 @@ from typing import Literal
 
 from retrieval.access import training_groups
 from retrieval.errors import InputError
-from retrieval.qa import QARow
+from retrieval.qa import QARow, read_jsonl
 from retrieval.retriever import Hit, Retriever
 from tuning.prompting import abstain_answer, build_messages, cot_answer
 
@@ -182,14 +182,13 @@ def stats(examples: list[dict]) -> dict:
             "groups_seen": sorted({g for e in examples for g in e.get("groups", [])})}
 
 
-def load_examples(path: str | Path, flag: str = "--examples") -> list[dict]:
+def load_examples(path: str | Path) -> list[dict]:
     """Read RAFT examples written by `write_jsonl` (an adapter's raft_train.jsonl, or a benchmark's
     prepared file), so training reruns without the index that mined them.
 
     Args:
         path: JSONL of {"id", "prompt": [messages], "completion": [one assistant message], "oracle",
             "chunk_ids", "groups"}.
-        flag: the option named in error messages.
 
     Returns:
         The examples, in file order.
@@ -197,29 +196,13 @@ def load_examples(path: str | Path, flag: str = "--examples") -> list[dict]:
     Raises:
         InputError: unreadable file or a row that lacks a field (the first bad line is named).
     """
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{flag} {p}: cannot read it ({exc.__class__.__name__}); pass a RAFT examples JSONL") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{flag} {p}:{n}: not valid JSON") from None
+    for n, ex in read_jsonl(path, "--examples", "RAFT examples"):
         ok = (isinstance(ex, dict) and isinstance(ex.get("id"), str) and isinstance(ex.get("prompt"), list)
               and isinstance(ex.get("completion"), list) and len(ex["completion"]) == 1
               and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in ex["prompt"] + ex["completion"]))
         if not ok:
-            raise InputError(f"{flag} {p}:{n}: needs 'id', 'prompt' (chat messages) and 'completion' (one assistant "
-                             f"message), as hybrid tune generator writes raft_train.jsonl")
-        ex.setdefault("oracle", False)
-        ex.setdefault("chunk_ids", [])
-        ex.setdefault("groups", [])
-        out.append(ex)
-    if not out:
-        raise InputError(f"{flag} {p}: no examples in it")
+            raise InputError(f"--examples {path}:{n}: needs 'id', 'prompt' (chat messages) and 'completion' (one "
+                             f"assistant message), as hybrid tune generator writes raft_train.jsonl")
+        out.append({"oracle": False, "chunk_ids": [], "groups": [], **ex})
     return out
