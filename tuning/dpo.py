@@ -53,7 +53,7 @@ from retrieval.errors import InputError
 from retrieval.qa import load_qa, read_jsonl, split_rows
 from retrieval.retriever import Retriever
 from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in
-from tuning.raft_data import RaftSettings, build_examples, check_rows, quote_for, visible_rows, write_jsonl
+from tuning.raft_data import RaftSettings, build_examples, check_rows, oracle_answer, visible_rows, write_jsonl
 from tuning.time_budget import TimeBudget
 
 RUN_FILE = "hybrid_run.json"
@@ -133,8 +133,8 @@ def gold_answer(ex: dict, row, chunks: dict) -> str | None:
     oracle = next((chunks[c] for c in ex["chunk_ids"] if chunks[c].doc_id in row.gold_ids), None)
     if oracle is None or not row.answers:
         return None
-    answer = next((a for a in row.answers if a.lower() in oracle.text.lower()), row.answers[0])
-    return cot_answer(quote_for(answer, row.question, oracle.text), answer)
+    answer, quote = oracle_answer(row, oracle.text)
+    return cot_answer(quote, answer)
 
 
 def build_pairs(examples: list[dict], rows_by_id: dict, chunks: dict, model, tok, cfg: DPOTuneConfig,

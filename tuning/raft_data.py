@@ -68,6 +68,13 @@ def quote_for(answer: str, question: str, text: str) -> str:
     return max(sentences, key=lambda s: len(words & set(re.findall(r"\w+", s.lower()))))
 
 
+def oracle_answer(row: QARow, oracle_text: str) -> tuple[str, str]:
+    """(answer, quote) for an answerable row: the first gold answer the oracle contains (else the
+    first gold answer) and the oracle sentence quoted for it."""
+    answer = next((a for a in row.answers if a.lower() in oracle_text.lower()), row.answers[0])
+    return answer, quote_for(answer, row.question, oracle_text)
+
+
 def _passage(h: Hit) -> dict:
     return {"title": h.title, "text": h.text, "doc_id": h.doc_id, "chunk_id": h.chunk_id}
 
@@ -144,10 +151,8 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
         oracle: list[Hit] = []
         quote = answer = ""
         if best is not None:
-            answer = row.answers[0]
             oracle = [best]
-            answer = next((a for a in row.answers if a.lower() in best.text.lower()), answer)
-            quote = quote_for(answer, row.question, best.text)
+            answer, quote = oracle_answer(row, best.text)
         if oracle and settings.no_oracle == "both":
             variants = [True, False]  # the same question with and without its evidence
         else:
