@@ -54,7 +54,6 @@ from retrieval.qa import load_qa, read_jsonl, split_rows
 from retrieval.retriever import Retriever
 from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in
 from tuning.raft_data import RaftSettings, build_examples, check_rows, oracle_answer, visible_rows, write_jsonl
-from tuning.time_budget import TimeBudget
 
 RUN_FILE = "hybrid_run.json"
 
@@ -310,6 +309,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from tuning.generator import load_generator
+    from tuning.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
 
     sft_dir = Path(cfg.adapter)
     if not (sft_dir / RUN_FILE).exists():

@@ -32,7 +32,6 @@ from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
 from tuning.memory_plan import GiB, ModelShape, describe, plan
 from tuning.raft_data import RaftSettings, build_examples, check_rows, load_examples, stats, visible_rows, write_jsonl
-from tuning.time_budget import TimeBudget
 
 RUN_FILE = "hybrid_run.json"
 
@@ -181,6 +180,7 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     from trl import SFTConfig, SFTTrainer
 
     from tuning.generator import load_generator, load_tokenizer, resolve_generator
+    from tuning.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / RUN_FILE).exists():

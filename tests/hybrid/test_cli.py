@@ -119,3 +119,13 @@ def test_help_explains_every_option():
             if param.param_type_name == "option":
                 assert param.help, f"{' '.join(path)} {param.opts[0]} has no help text"
                 assert param.opts[0] in res.stdout, (path, param.opts[0])
+
+
+def test_cli_start_up_loads_no_ml_stack():
+    """`hybrid --help` and every bad-flag error stay instant: torch, transformers and FAISS load on use."""
+    import subprocess
+    import sys
+
+    code = "import sys, hybrid.cli; print(sorted(m for m in ('torch', 'transformers', 'faiss', 'trl') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
