@@ -22,24 +22,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
 from hybrid.judge import auroc
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def load(path: str, config: str, baseline: str) -> tuple[dict, dict]:
     """Predictions of `config` and `baseline`, by question id, on the questions both answered."""
     by: dict[str, dict[str, dict]] = {config: {}, baseline: {}}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        fail(f"{path}: cannot read ({e.strerror}); pass the predictions.jsonl of a `hybrid eval --out` dir")
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
                 p = json.loads(line)
                 if p["config"] in by:
                     by[p["config"]][p["id"]] = p
+            except (ValueError, KeyError, TypeError):
+                fail(f"{path}:{n}: not a hybrid eval prediction (JSON with config and id)")
     ids = sorted(set(by[config]) & set(by[baseline]))
     if not ids:
-        raise SystemExit(f"error: {path}: no question answered by both --config {config} and --baseline {baseline}")
+        fail(f"{path}: no question answered by both --config {config} and --baseline {baseline}; "
+             "pick configurations the eval ran")
     return {i: by[config][i] for i in ids}, {i: by[baseline][i] for i in ids}
 
 
@@ -91,8 +105,8 @@ def main() -> None:
         z = [(s - s.mean()) / s.std() for s in signals.values()]
         signals["sum of both (z-scored)"] = z[0] + z[1]
     if not signals:
-        raise SystemExit(f"error: {args.predictions}: {args.config} has neither abstain_score (calibrate the adapter) "
-                         "nor answerable (eval --judge); nothing to sweep")
+        fail(f"{args.predictions}: {args.config} has neither abstain_score (calibrate the adapter) "
+             "nor answerable (eval --judge); nothing to sweep")
     n = len(preds)
     acc0, hall0 = rates(np.ones(n, bool), correct, abstained, answerable)
     print(f"{n} questions ({int(answerable.sum())} answerable). {args.baseline}: accuracy on answerable {base_acc:.3f}, "
