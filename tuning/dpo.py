@@ -309,7 +309,8 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from tuning.generator import load_generator
-    from tuning.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
+    from tuning.peak_memory import PeakMemory  # these two import transformers: kept out of CLI start-up
+    from tuning.time_budget import TimeBudget
 
     sft_dir = Path(cfg.adapter)
     if not (sft_dir / RUN_FILE).exists():
@@ -350,9 +351,12 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
                      use_cpu=cpu, bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
                      report_to="none", seed=cfg.seed, disable_tqdm=not progress, warmup_steps=0.1)
     ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    budget = TimeBudget(cfg.max_minutes)
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok, callbacks=[budget])
+    budget, peak = TimeBudget(cfg.max_minutes), PeakMemory("cpu" if cpu else "cuda")
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
+                         callbacks=[budget, peak])
     trainer.train()
+    measured = peak.record(None)  # DPO has no memory plan: this is its only memory number
+    log(f"memory: measured peak {measured['peak_bytes'] / 2**30:.2f} GiB ({measured['what']})")
 
     # --- save (atomic) -----------------------------------------------------------------------
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -369,7 +373,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
                            "by_source": {s: sum(p["source"] == s for p in pairs) for s in _sources(pairs)},
                            "questions": questions, "pairs_file": cfg.pairs_file},
                   "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
-                  "stopped_early": budget.stopped_early,
+                  "stopped_early": budget.stopped_early, "memory_measured": measured,
                   "minutes": round((time.perf_counter() - t0) / 60, 2)}
         write_text_atomic(tmp / RUN_FILE, json.dumps(record, indent=2))
         access.write(tmp, record["access"])

@@ -180,7 +180,8 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     from trl import SFTConfig, SFTTrainer
 
     from tuning.generator import load_generator, load_tokenizer, resolve_generator
-    from tuning.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
+    from tuning.peak_memory import PeakMemory  # these two import transformers: kept out of CLI start-up
+    from tuning.time_budget import TimeBudget
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / RUN_FILE).exists():
@@ -255,14 +256,17 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=1,
         seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=not progress,
         dataloader_num_workers=0, remove_unused_columns=True)
-    budget = TimeBudget(cfg.max_minutes)
+    budget, peak = TimeBudget(cfg.max_minutes), PeakMemory(device)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tok, peft_config=peft_config, callbacks=[budget])
+                         processing_class=tok, peft_config=peft_config, callbacks=[budget, peak])
     resume = cfg.resume and any(ckpt_dir.glob("checkpoint-*"))
     if cfg.resume and not resume:
         log(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
     trainer.train(resume_from_checkpoint=True if resume else None)
     final_eval = trainer.evaluate() if val_ds is not None else {}
+    measured = peak.record(mplan["estimates"][strategy]["total"])
+    log(f"memory: planned {mplan['estimates'][strategy]['total'] / GiB:.2f} GiB, measured peak "
+        f"{measured['peak_bytes'] / GiB:.2f} GiB ({measured['what']})")
 
     # --- save (atomic: the previous adapter stays until the new one is complete) ---------
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +291,7 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
             "data": {"train": stats(train_ex), "val": stats(val_ex), **length_stats, "skipped_restricted": len(dropped),
                      "held_out_ids": held_ids, "qa": cfg.qa, "index": cfg.index,
                      "examples": cfg.examples},
-            "memory_plan": mplan, "device": device,
+            "memory_plan": mplan, "memory_measured": measured, "device": device,
             "train_loss": [h for h in history if "loss" in h], "val_loss": [h for h in history if "eval_loss" in h],
             "final_val_loss": final_eval.get("eval_loss"), "steps": trainer.state.global_step,
             "stopped_early": budget.stopped_early,

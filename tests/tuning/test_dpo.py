@@ -35,6 +35,8 @@ def test_dpo_continues_sft_adapter_and_saves_loadable_adapter(tmp_path, bundled_
                         num_distractors=1, max_steps=2, grad_accum=1, learning_rate=1e-2, max_questions=6)
     rec = tune_dpo(cfg, progress=False, log=lambda *_: None)
     assert rec["steps"] == 2 and rec["data"]["pairs"] >= 1 and rec["data"]["by_source"]["dataset"] >= 1
+    m = rec["memory_measured"]  # DPO has no plan, but its peak is recorded
+    assert m["steps"] == 2 and m["peak_bytes"] > 100 * 2**20 and m["planned_bytes"] is None
     held = set(rec["data"]["held_out_ids"])
     pairs = [json.loads(l) for l in (tmp_path / "dpo" / "dpo_pairs.jsonl").read_text().splitlines()]
     assert not held & {p["id"] for p in pairs}  # held-out questions never become training pairs

@@ -5,6 +5,7 @@ import torch
 
 from retrieval.errors import InputError
 from tests.conftest import BUNDLED
+from tuning.peak_memory import process_peak_rss
 from tuning.sft import GeneratorTuneConfig, tune_generator
 
 
@@ -37,6 +38,11 @@ def test_lora_sft_trains_adapter_only_and_saves_plain_peft_dir(tmp_path, bundled
     assert rec["data"]["train"]["examples"] > 0 and rec["data"]["held_out_ids"]
     # the plan is sized for the longest example (batches pad to it), not for --max-length 1024
     assert rec["memory_plan"]["seq_len"] == rec["data"]["max_tokens"] < 1024
+    # the plan is checked against the run itself: peak RSS after the steps, beside the plan's total
+    m = rec["memory_measured"]
+    assert m["device"] == "cpu" and m["steps"] == 3 and m["planned_bytes"] == rec["memory_plan"]["estimates"]["lora"]["total"]
+    assert 100 * 2**20 < m["peak_bytes"] <= process_peak_rss()  # torch alone is over 100 MiB; ru_maxrss only grows
+    assert m["planned_over_measured"] == round(m["planned_bytes"] / m["peak_bytes"], 3)
     held = [json.loads(l)["id"] for l in (out / "held_out.jsonl").read_text().splitlines()]
     assert held == rec["data"]["held_out_ids"]
     trained = {json.loads(l)["id"] for l in (out / "raft_train.jsonl").read_text().splitlines()}
