@@ -162,28 +162,39 @@ def plan(shape: ModelShape, requested: Literal["auto", "full", "lora", "qlora"],
 
     `auto` tries QLoRA then LoRA on CUDA, LoRA then QLoRA on CPU (there 4-bit saves only
     the weights, costs more per token, and runs slower); full fine-tuning only when asked for.
+    When no strategy fits `batch` sequences at once, the micro-batch is split: the largest
+    divisor of `batch` that fits, with gradient accumulation multiplied by `batch / micro-batch`,
+    so an optimizer step still sees the same sequences (the update is the same up to numerics).
 
     Returns:
-        {"device", "available", "budget", "estimates": {strategy: {term: bytes, "total"}}, "chosen", "fits",
-         "seq_len", "batch"}.
+        {"device", "available", "budget", "estimates": {strategy: {term: bytes, "total"}} (at the
+         micro-batch chosen), "chosen", "fits", "seq_len", "batch" (micro-batch to run),
+         "requested_batch", "accum_factor" (multiply gradient accumulation by it)}.
     """
     available = available_bytes(device) if available is None else available
     budget = int(available * headroom)
-    ests = {s: estimate(shape, s, seq_len, batch, checkpointing, lora_r, lora_targets, device)
-            for s in ("full", "lora", "qlora")}
     order = {"auto": ["qlora", "lora"] if device == "cuda" else ["lora", "qlora"]}.get(requested, [requested])
-    chosen = next((s for s in order if ests[s].total <= budget), None)
+    for micro in [b for b in range(batch, 0, -1) if batch % b == 0]:
+        ests = {s: estimate(shape, s, seq_len, micro, checkpointing, lora_r, lora_targets, device)
+                for s in ("full", "lora", "qlora")}
+        chosen = next((s for s in order if ests[s].total <= budget), None)
+        if chosen:
+            break
+    # (when nothing fits, the loop ends at one sequence: the estimates say what that needs)
     return {"device": device, "available": available, "budget": budget,
             "estimates": {s: {**asdict(e), "total": e.total} for s, e in ests.items()},
             "requested": requested, "chosen": chosen, "fits": chosen is not None, "order": order,
-            "seq_len": seq_len, "batch": batch}
+            "seq_len": seq_len, "batch": micro, "requested_batch": batch, "accum_factor": batch // micro}
 
 
 def describe(p: dict) -> str:
     """A small printed table of the plan."""
     lines = [f"memory plan ({p['device']}, {p['available'] / GiB:.1f} GiB available, budget {p['budget'] / GiB:.1f} GiB, "
-             f"{p.get('batch', '?')} x {p.get('seq_len', '?')} tokens):",
-             "  strategy   weights  trainable  activations  logits   total"]
+             f"{p.get('batch', '?')} x {p.get('seq_len', '?')} tokens):"]
+    if p.get("accum_factor", 1) > 1:
+        lines.append(f"  {p['requested_batch']} sequences at once do not fit: micro-batch {p['batch']}, gradient "
+                     f"accumulation x{p['accum_factor']} (same sequences per optimizer step)")
+    lines.append("  strategy   weights  trainable  activations  logits   total")
     for s, e in p["estimates"].items():
         mark = " <- chosen" if s == p["chosen"] else ""
         lines.append(f"  {s:<8} {e['weights'] / GiB:8.2f} {e['trainable'] / GiB:10.2f} {e['activations'] / GiB:12.2f} "

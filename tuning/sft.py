@@ -225,8 +225,9 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
                  cfg.targets, device)
     if not mplan["fits"]:
         need = min(mplan["estimates"][s]["total"] for s in mplan["order"])
-        raise InputError(f"--strategy {cfg.strategy}: needs ~{need / GiB:.1f} GiB but {mplan['budget'] / GiB:.1f} GiB is "
-                         f"free; lower --max-length or --batch-size, keep --gradient-checkpointing, or use --strategy qlora")
+        raise InputError(f"--strategy {cfg.strategy}: needs ~{need / GiB:.1f} GiB for one sequence of {seq_len} tokens but "
+                         f"{mplan['budget'] / GiB:.1f} GiB is free; lower --max-length, keep --gradient-checkpointing, "
+                         f"or use --strategy qlora")
     strategy = mplan["chosen"]
     log(describe(mplan))
     if dropped:
@@ -246,8 +247,9 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     # --- train -------------------------------------------------------------------------
     args = SFTConfig(
         output_dir=str(ckpt_dir), max_length=cfg.max_length, completion_only_loss=True, packing=False,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        # the plan may split the micro-batch; accumulation keeps the sequences per optimizer step
+        per_device_train_batch_size=mplan["batch"], per_device_eval_batch_size=mplan["batch"],
+        gradient_accumulation_steps=cfg.grad_accum * mplan["accum_factor"], learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         neftune_noise_alpha=cfg.neftune_alpha or None, gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,

@@ -1,7 +1,7 @@
 import pytest
 from transformers import LlamaConfig
 
-from tuning.memory_plan import GiB, ModelShape, estimate, lora_params, plan
+from tuning.memory_plan import GiB, ModelShape, describe, estimate, lora_params, plan
 
 SMOL = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
@@ -44,3 +44,19 @@ def test_plan_picks_what_fits_or_refuses():
     none = plan(shape, "auto", 512, 1, True, 8, ["q_proj", "v_proj"], "cpu", available=GiB // 4)
     assert none["chosen"] is None and not none["fits"]
     assert plan(shape, "full", 512, 1, True, 8, ["q_proj"], "cpu", available=64 * GiB)["chosen"] == "full"
+
+
+def test_plan_splits_a_batch_that_does_not_fit_into_accumulated_micro_batches():
+    shape = ModelShape.from_config(SMOL)
+    at = lambda b: estimate(shape, "lora", 1024, b, True, 8, ["q_proj", "v_proj"]).total  # noqa: E731
+    # room for 4 sequences at once but not 5: 12 asked -> micro-batch 4 (largest divisor of 12 that fits), x3
+    p = plan(shape, "lora", 1024, 12, True, 8, ["q_proj", "v_proj"], "cpu", available=int((at(4) + at(5)) / 2 / 0.9))
+    assert (p["chosen"], p["batch"], p["requested_batch"], p["accum_factor"]) == ("lora", 4, 12, 3)
+    assert p["estimates"]["lora"]["total"] == at(4)  # the estimate is for what will run
+    assert "micro-batch 4, gradient accumulation x3" in describe(p)
+    # a batch that fits is left alone
+    roomy = plan(shape, "lora", 1024, 12, True, 8, ["q_proj", "v_proj"], "cpu", available=64 * GiB)
+    assert (roomy["batch"], roomy["accum_factor"]) == (12, 1) and "micro-batch" not in describe(roomy)
+    # not even one sequence: refused, and the estimates say what one sequence needs
+    none = plan(shape, "lora", 1024, 12, True, 8, ["q_proj", "v_proj"], "cpu", available=int(at(1) / 0.9) - 1)
+    assert not none["fits"] and none["estimates"]["lora"]["total"] == at(1)

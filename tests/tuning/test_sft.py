@@ -125,3 +125,21 @@ def test_qlora_trains_a_lora_adapter_on_a_4bit_base(tmp_path, bundled_tiny_index
                                  val_fraction=0), progress=False, log=lambda *_: None)
     assert rec["strategy"] == "qlora" and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert rec["memory_plan"]["chosen"] == "qlora"
+
+
+def test_a_batch_the_plan_cannot_hold_is_split_into_accumulated_micro_batches(tmp_path, bundled_tiny_index,
+                                                                              tiny_llm_dir, monkeypatch):
+    import tuning.memory_plan as mp
+
+    log = lambda *_: None  # noqa: E731
+    whole = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, out=str(tmp_path / "whole"), batch_size=2,
+                                   max_steps=2, val_fraction=0), progress=False, log=log)
+    assert (whole["memory_plan"]["batch"], whole["memory_plan"]["accum_factor"]) == (2, 1)
+    one = whole["memory_plan"]["estimates"]["lora"]["total"]  # two sequences' worth; one sequence needs less
+    monkeypatch.setattr(mp, "available_bytes", lambda device: int(one / 0.9) - 1)
+    split = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, out=str(tmp_path / "split"), batch_size=2,
+                                   max_steps=2, val_fraction=0), progress=False, log=log)
+    assert (split["memory_plan"]["batch"], split["memory_plan"]["accum_factor"]) == (1, 2)
+    # the same sequences per optimizer step: the tokens counted at each step match the unsplit run
+    tokens = lambda rec: [h["num_tokens"] for h in rec["train_loss"]]  # noqa: E731
+    assert tokens(split) == tokens(whole) and len(tokens(whole)) == 2
