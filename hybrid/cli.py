@@ -178,7 +178,7 @@ def tune_generator_cmd(
     lora_dropout: Optional[float] = typer.Option(None, help=f"LoRA dropout {_d(GeneratorTuneConfig, 'lora_dropout')}."),
     target_modules: Optional[str] = typer.Option(None, help="Comma-separated module names or all-linear [default: q_proj,v_proj]."),
     max_length: Optional[int] = typer.Option(None, help=f"Max tokens of prompt + answer {_d(GeneratorTuneConfig, 'max_length')}."),
-    batch_size: Optional[int] = typer.Option(None, help=f"Sequences per micro-batch {_d(GeneratorTuneConfig, 'batch_size')}."),
+    batch_size: Optional[int] = typer.Option(None, help=f"Sequences per micro-batch {_d(GeneratorTuneConfig, 'batch_size')}; the memory plan splits it (raising accumulation) if it does not fit."),
     grad_accum: Optional[int] = typer.Option(None, help=f"Gradient accumulation steps {_d(GeneratorTuneConfig, 'grad_accum')}."),
     learning_rate: Optional[float] = typer.Option(None, help=f"Peak learning rate {_d(GeneratorTuneConfig, 'learning_rate')}."),
     epochs: Optional[float] = typer.Option(None, help=f"Training epochs {_d(GeneratorTuneConfig, 'epochs')}."),
