@@ -52,7 +52,8 @@ from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.errors import InputError
 from retrieval.qa import load_qa, read_jsonl, split_rows
 from retrieval.retriever import Retriever
-from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in
+from tuning.memory_plan import GiB, ModelShape, describe, plan
+from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in, sequence_tokens
 from tuning.raft_data import RaftSettings, build_examples, check_rows, oracle_answer, visible_rows, write_jsonl
 
 RUN_FILE = "hybrid_run.json"
@@ -341,12 +342,29 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
         raise InputError("no preference pairs: every question's samples tied; raise --n-samples or --temperature")
     questions = len({p["id"] for p in pairs})
 
+    # --- memory plan: a pair is two sequences (chosen, rejected) in one batch; it is planned as
+    # one sequence of twice the length, since every per-token term scales with the token count.
+    # The base is in float (LoRA, no checkpointing), whatever the SFT run used.
+    cpu = not torch.cuda.is_available()
+    longest = min(cfg.max_length, max(sequence_tokens(tok, p["prompt"], p[k][0]["content"])[1]
+                                      for p in pairs for k in ("chosen", "rejected")))
+    sft_cfg = sft_run["config"]
+    targets = "all-linear" if sft_cfg["target_modules"] == "all-linear" else sft_cfg["target_modules"].split(",")
+    mplan = plan(ModelShape.from_config(base.config), "lora", 2 * longest, cfg.batch_size, False, sft_cfg["lora_r"],
+                 targets, "cpu" if cpu else "cuda")
+    if not mplan["fits"]:
+        raise InputError(f"--max-length {cfg.max_length}: one pair of {longest}-token sequences needs "
+                         f"~{mplan['estimates']['lora']['total'] / GiB:.1f} GiB but {mplan['budget'] / GiB:.1f} GiB "
+                         f"is free; lower --max-length (longer pairs are truncated)")
+    log(describe(mplan).replace(" tokens):", " tokens, a pair = 2 sequences):", 1))
+
     # --- train -----------------------------------------------------------------------------
     model.train()
-    cpu = not torch.cuda.is_available()
     ckpt_dir = out.parent / f"{out.name}.checkpoints"
     args = DPOConfig(output_dir=str(ckpt_dir), beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length,
-                     per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                     # the plan may split the micro-batch; accumulation keeps the pairs per optimizer step
+                     per_device_train_batch_size=mplan["batch"],
+                     gradient_accumulation_steps=cfg.grad_accum * mplan["accum_factor"],
                      learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
                      use_cpu=cpu, bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
                      report_to="none", seed=cfg.seed, disable_tqdm=not progress, warmup_steps=0.1)
@@ -355,8 +373,9 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          callbacks=[budget, peak])
     trainer.train()
-    measured = peak.record(None)  # DPO has no memory plan: this is its only memory number
-    log(f"memory: measured peak {measured['peak_bytes'] / 2**30:.2f} GiB ({measured['what']})")
+    measured = peak.record(mplan["estimates"]["lora"]["total"])
+    log(f"memory: planned {measured['planned_bytes'] / GiB:.2f} GiB, measured peak {measured['peak_bytes'] / GiB:.2f} "
+        f"GiB ({measured['what']})")
 
     # --- save (atomic) -----------------------------------------------------------------------
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +392,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
                            "by_source": {s: sum(p["source"] == s for p in pairs) for s in _sources(pairs)},
                            "questions": questions, "pairs_file": cfg.pairs_file},
                   "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
-                  "stopped_early": budget.stopped_early, "memory_measured": measured,
+                  "stopped_early": budget.stopped_early, "memory_plan": mplan, "memory_measured": measured,
                   "minutes": round((time.perf_counter() - t0) / 60, 2)}
         write_text_atomic(tmp / RUN_FILE, json.dumps(record, indent=2))
         access.write(tmp, record["access"])

@@ -43,6 +43,21 @@ def build_messages(question: str, passages: list[dict]) -> list[dict]:
             {"role": "user", "content": f"Documents:\n{docs}\n\nQuestion: {question.strip()}"}]
 
 
+def sequence_tokens(tok, prompt: list[dict], completion: str) -> tuple[int, int]:
+    """Tokens of the chat-templated prompt and of prompt + completion as training sees them.
+
+    Args:
+        tok: the generator's tokenizer (with its chat template); prompt: chat messages;
+        completion: the assistant's text.
+
+    Returns:
+        (prompt tokens, prompt + completion tokens; the 2 are the end-of-turn markers).
+    """
+    text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    n_prompt = len(tok(text, add_special_tokens=False)["input_ids"])
+    return n_prompt, n_prompt + len(tok(completion, add_special_tokens=False)["input_ids"]) + 2
+
+
 def cot_answer(quote: str, answer: str) -> str:
     """The extractive RAFT target: quote the supporting sentence, then answer."""
     return f"##Reason: The documents say ##begin_quote## {quote.strip()} ##end_quote## ##Answer: {answer.strip()}"

@@ -31,6 +31,7 @@ from retrieval.errors import InputError
 from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
 from tuning.memory_plan import GiB, ModelShape, describe, plan
+from tuning.prompting import sequence_tokens
 from tuning.raft_data import RaftSettings, build_examples, check_rows, load_examples, stats, visible_rows, write_jsonl
 
 RUN_FILE = "hybrid_run.json"
@@ -113,12 +114,7 @@ def _device() -> str:
 
 def _check_lengths(examples: list[dict], tok, max_length: int) -> dict:
     """Token lengths of prompt + completion; refuse when a prompt alone does not fit."""
-    lengths = []
-    for e in examples:
-        text = tok.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False)
-        prompt = len(tok(text, add_special_tokens=False)["input_ids"])
-        full = prompt + len(tok(e["completion"][0]["content"], add_special_tokens=False)["input_ids"]) + 2
-        lengths.append((prompt, full))
+    lengths = [sequence_tokens(tok, e["prompt"], e["completion"][0]["content"]) for e in examples]
     too_long = [f for _, f in lengths if f > max_length]
     if too_long:
         raise InputError(f"--max-length {max_length} is smaller than {len(too_long)} of {len(lengths)} examples "

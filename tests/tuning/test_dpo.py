@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from retrieval.errors import InputError
 from tests.tuning.test_sft import cfg_for, small_qa
 from tuning.dpo import DPOTuneConfig, score, tune_dpo
 from tuning.prompting import ABSTAIN
@@ -35,8 +36,8 @@ def test_dpo_continues_sft_adapter_and_saves_loadable_adapter(tmp_path, bundled_
                         num_distractors=1, max_steps=2, grad_accum=1, learning_rate=1e-2, max_questions=6)
     rec = tune_dpo(cfg, progress=False, log=lambda *_: None)
     assert rec["steps"] == 2 and rec["data"]["pairs"] >= 1 and rec["data"]["by_source"]["dataset"] >= 1
-    m = rec["memory_measured"]  # DPO has no plan, but its peak is recorded
-    assert m["steps"] == 2 and m["peak_bytes"] > 100 * 2**20 and m["planned_bytes"] is None
+    m = rec["memory_measured"]  # planned (a pair = two sequences) and measured
+    assert m["steps"] == 2 and m["peak_bytes"] > 100 * 2**20 and m["planned_bytes"] == rec["memory_plan"]["estimates"]["lora"]["total"]
     held = set(rec["data"]["held_out_ids"])
     pairs = [json.loads(l) for l in (tmp_path / "dpo" / "dpo_pairs.jsonl").read_text().splitlines()]
     assert not held & {p["id"] for p in pairs}  # held-out questions never become training pairs
@@ -66,3 +67,30 @@ def test_unknown_pair_mode_is_refused(tmp_path):
     cfg = DPOTuneConfig(index="i", qa="q", adapter="a", out=str(tmp_path / "o"), pairs="mixed")
     with pytest.raises(Exception, match="--pairs"):
         tune_dpo(cfg, progress=False)
+
+
+def test_dpo_plans_pairs_as_double_length_sequences_and_splits_what_does_not_fit(tmp_path, bundled_tiny_index,
+                                                                                 tiny_llm_dir, monkeypatch):
+    import tuning.memory_plan as mp
+
+    quiet = lambda *_: None  # noqa: E731
+    tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0), progress=False,
+                   log=quiet)
+    common = dict(index=str(bundled_tiny_index), qa=str(small_qa(tmp_path)), adapter=str(tmp_path / "adapter"),
+                  pairs="contrastive", num_distractors=1, max_steps=2, grad_accum=1, max_questions=6, batch_size=2)
+    whole = tune_dpo(DPOTuneConfig(out=str(tmp_path / "whole"), **common), progress=False, log=quiet)
+    p = whole["memory_plan"]
+    pairs = [json.loads(l) for l in (tmp_path / "whole" / "dpo_pairs.jsonl").read_text().splitlines()]
+    assert p["seq_len"] % 2 == 0 and p["seq_len"] // 2 >= max(len(x["chosen"][0]["content"].split()) for x in pairs)
+    assert (p["batch"], p["accum_factor"]) == (2, 1) and whole["memory_measured"]["planned_bytes"] == p["estimates"]["lora"]["total"]
+    monkeypatch.setattr(mp, "available_bytes", lambda device: int(p["estimates"]["lora"]["total"] / 0.9) - 1)
+    split = tune_dpo(DPOTuneConfig(out=str(tmp_path / "split"), **common), progress=False, log=quiet)
+    assert (split["memory_plan"]["batch"], split["memory_plan"]["accum_factor"]) == (1, 2) and split["steps"] == 2
+    # the same pairs reach each optimizer step: same tokens and log-probs per step, the same gradient
+    for a, b in zip(whole["train_log"], split["train_log"], strict=True):
+        assert a["num_tokens"] == b["num_tokens"] and a["logps/chosen"] == pytest.approx(b["logps/chosen"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    monkeypatch.setattr(mp, "available_bytes", lambda device: 1)
+    with pytest.raises(InputError, match="--max-length 1024: one pair of"):
+        tune_dpo(DPOTuneConfig(out=str(tmp_path / "none"), **common), progress=False, log=quiet)
+    assert not (tmp_path / "none").exists()
