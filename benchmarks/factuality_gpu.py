@@ -17,6 +17,10 @@ The GPU machine needs no index, embedder or FAISS: every stage after `prepare` r
       fits one lease; the run records say whether a budget cut a stage short.
 No test line is used by any training step; dev lines are neither trained on nor tested.
 
+  fresh (here): WORK/fresh.jsonl, --fresh-questions train-split lines that neither the SFT/DPO
+      data, the dev rows nor the judge's training used, built like test.jsonl (seed 11): a
+      confirmation set for a rule found by looking at the test split's predictions.
+
   pack (here): what the GPU machine lacks, in two folders that each fit one transfer (64 MiB):
       .gpu/a: the first part of the packaged GGUF; .gpu/b: the rest of it, wheels (pip download for
       CPython 3.12 x86-64), bitsandbytes with its CUDA 13 library only, data.tar.xz.
@@ -37,6 +41,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def fresh(args) -> None:
+    """A confirmation set no step has touched: train-split questions used by neither the SFT/DPO data,
+    nor the dev rows, nor the judge's training (`hybrid tune judge --train-questions 1000`, seed 0),
+    built like the test rows (gold + 3 distractors, half withheld). For checking a rule that was
+    found by looking at the test split's predictions."""
+    from benchmarks.factuality_halueval import write_fixed_rows
+    from hybrid import halueval
+    from retrieval.retriever import Retriever
+
+    lines = halueval.load_lines()
+    train_idx, _ = halueval.split(len(lines), 1000, 0)
+    doc_of: dict[str, str] = {}
+    for i, row in enumerate(lines):
+        doc_of.setdefault(row["knowledge"].strip(), f"h{i:05d}")
+    used = set(random.Random(0).sample(train_idx, args.train_questions))  # SFT (and DPO, a subset of it)
+    used |= set(random.Random(7).sample([i for i in train_idx if i not in used], args.dev_questions))  # dev
+    used |= set(random.Random(0).sample(train_idx, args.judge_questions))  # the judge (hybrid/judge.py, seed 0)
+    rows = sorted(random.Random(11).sample([i for i in train_idx if i not in used], args.fresh_questions))
+    work = Path(args.work)
+    write_fixed_rows(work / "fresh.jsonl", rows, set(random.Random(11).sample(rows, len(rows) // 2)), lines, doc_of,
+                     Retriever.load(args.index), 3)
+    print(f"fresh: {len(rows)} rows from {len(train_idx) - len(used)} untouched train-split questions -> "
+          f"{work / 'fresh.jsonl'}", flush=True)
 
 
 def prepare(args) -> None:
@@ -177,13 +206,15 @@ def run(args) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["prepare", "pack", "run"])
+    p.add_argument("step", choices=["prepare", "pack", "run", "fresh"])
     p.add_argument("--work", default="benchmarks/out/factuality_gpu")
     p.add_argument("--out", default="benchmarks/out/factuality_gpu/results", help="run: reports and records")
     p.add_argument("--index", default="benchmarks/out/halueval/index")
     p.add_argument("--train-questions", type=int, default=4000)
     p.add_argument("--dpo-questions", type=int, default=1000)
     p.add_argument("--dev-questions", type=int, default=500)
+    p.add_argument("--judge-questions", type=int, default=1000, help="fresh: the judge's --train-questions")
+    p.add_argument("--fresh-questions", type=int, default=400, help="fresh: rows to write")
     p.add_argument("--strategy", default="auto", help="run: auto = QLoRA on CUDA")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sft-steps", type=int, default=0, help="0 = one epoch")
@@ -196,7 +227,7 @@ def main() -> int:
     p.add_argument("--pack-dir", default=".gpu", help="pack: ignored folder the device call carries")
     p.add_argument("--part-a-mib", type=int, default=60, help="pack: MiB of the GGUF in the first transfer")
     args = p.parse_args()
-    {"prepare": prepare, "pack": pack, "run": run}[args.step](args)
+    {"prepare": prepare, "pack": pack, "run": run, "fresh": fresh}[args.step](args)
     return 0
 
 
