@@ -371,6 +371,7 @@ def eval_cmd(
     judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge) for unsupported_rate."),
     gate_threshold: float = typer.Option(0.5, "--gate-threshold", help="With --gate: the answerability below which an answer counts as an abstention."),
     gate: bool = typer.Option(False, "--gate", help="With --judge: also report each passage configuration as NAME+gate, where answers to questions the judge finds none of the passages answering count as abstentions (what 'ask --judge' does)."),
+    select: Optional[List[str]] = typer.Option(None, "--select", help="NAME (repeat, two or more; with --judge): also report rag+A|B, each question answered by the adapter whose answer the judge finds best supported (+cal: abstaining where the best-calibrated one would)."),
     base_model: Optional[str] = typer.Option(None, help="Generator: smollm2 | gemma3-270m | model dir [default: the adapters' base, else smollm2]."),
     batch_size: int = typer.Option(4, help="Questions generated together (greedy, left-padded)."),
     max_new_tokens: int = typer.Option(96, help="Generation budget per answer."),
@@ -397,7 +398,7 @@ def eval_cmd(
     cfg = EvalConfig(qa=str(qa), index=_opt(index), adapters=_parse_adapters(adapter),
                      closed_book=closed_book, limit=limit, seed=seed, k=k, groups=group, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, base_model=base_model, judge=_opt(judge),
-                     gate=gate, gate_threshold=gate_threshold, out=_opt(out))
+                     gate=gate, gate_threshold=gate_threshold, select=list(select or []), out=_opt(out))
     report = run_eval(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report))

@@ -11,7 +11,12 @@ judge finds none of the passages answering the question (answerable < `gate_thre
 answer counts as an abstention, as `ask --judge` serves it. The paired tests show
 what the gate buys. Each adapter calibrated with `hybrid tune calibrate` also appears as
 `rag+NAME+cal`: the same answers, abstaining where the adapter's own abstention score
-reaches its threshold (scores added after generation, like the judge's).
+reaches its threshold (scores added after generation, like the judge's). With `select`
+(two or more adapter names, and a judge), `rag+A|B` answers each question with the candidate
+the judge finds best supported by the passages among those adapters' non-abstaining answers
+(ties: the first listed; all abstained: the abstention), and `rag+A|B+cal` abstains on top where
+the best-calibrated of them (highest calibration AUROC) reaches its threshold. Both are derived
+from answers already generated.
 
 Each answer is classified exactly once:
   correct       the normalised gold answer (SQuAD/HotpotQA normalisation) equals or
@@ -102,6 +107,7 @@ class EvalConfig:
     judge: str | None = None
     gate: bool = False
     gate_threshold: float = THRESHOLD
+    select: list[str] = field(default_factory=list)
     out: str | None = None
 
 
@@ -143,6 +149,25 @@ def calibrated(p: dict, threshold: float) -> dict:
     if not p["abstained"] and p.get("abstain_score") is not None and p["abstain_score"] >= threshold:
         as_abstention(q, calibrated_abstain=True)
     return q
+
+
+def selected(candidates: list[dict], name: str) -> dict:
+    """One question's prediction chosen among several configurations' predictions of it.
+
+    Args:
+        candidates: the same question's predictions, one per configuration, in `--select` order.
+        name: the derived configuration's name.
+
+    Returns:
+        The non-abstaining candidate with the highest judge `support` (ties: the first; all
+        abstained: the first), renamed, with `selected_from` and the summed latency and tokens
+        (every candidate had to be generated).
+    """
+    live = [p for p in candidates if not p["abstained"]]
+    best = max(live, key=lambda p: -1.0 if p["support"] is None else p["support"]) if live else candidates[0]
+    return {**best, "config": name, "selected_from": best["config"],
+            "latency_ms": sum(p["latency_ms"] + (p.get("judge_ms") or 0.0) for p in candidates),
+            "new_tokens": sum(p["new_tokens"] for p in candidates)}
 
 
 def select_rows(rows: list[QARow], limit: int, seed: int) -> list[QARow]:
@@ -276,6 +301,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         raise InputError("--gate needs --judge DIR (the judge decides which questions its passages answer)")
     if not 0 <= cfg.gate_threshold <= 1:
         raise InputError(f"--gate-threshold {cfg.gate_threshold}: must be in [0, 1]")
+    if cfg.select and (not cfg.judge or len(set(cfg.select)) < 2 or set(cfg.select) - set(cfg.adapters)):
+        raise InputError(f"--select {' '.join(cfg.select)}: needs --judge DIR (it picks the best-supported answer) and "
+                         f"two or more distinct names given with --adapter NAME=DIR")
     rows = select_rows(load_qa(cfg.qa), cfg.limit, cfg.seed)
     needs_index = [r.id for r in rows if r.passages is None]
     if needs_index and not cfg.index:
@@ -306,9 +334,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
 
         judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate)  # a judge that cannot gate: refused now
 
-    from tuning.abstention import load_threshold
+    from tuning.abstention import load_calibration
 
-    thresholds = {f"rag+{n}": t for n, d in cfg.adapters.items() if (t := load_threshold(d)) is not None}
+    calibrations = {n: c for n, d in cfg.adapters.items() if (c := load_calibration(d)) is not None}
+    thresholds = {f"rag+{n}": float(c["threshold"]) for n, c in calibrations.items()}
     todo = [(c, r) for c in configs for r in rows if (c, r.id) not in done]
     unscored = [p for p in done.values() if p["config"] in thresholds and "abstain_score" not in p]
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
@@ -366,13 +395,23 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
             by_config[f"{c}+gate"] = [gated(p, cfg.gate_threshold) for p in by_config[c]]
     for c, t in thresholds.items():
         by_config[f"{c}+cal"] = [calibrated(p, t) for p in by_config[c]]
+    decider = None
+    if cfg.select:
+        name = "rag+" + "|".join(cfg.select)
+        by_config[name] = [selected(list(ps), name) for ps in zip(*(by_config[f"rag+{n}"] for n in cfg.select))]
+        if cal := [n for n in cfg.select if n in calibrations]:
+            # whether to answer is decided by the abstention score that separated the calibration rows best
+            decider = max(cal, key=lambda n: calibrations[n].get("auroc") or 0.0)
+            by_config[f"{name}+cal"] = [calibrated({**q, "abstain_score": d["abstain_score"]}, thresholds[f"rag+{decider}"])
+                                        for q, d in zip(by_config[name], by_config[f"rag+{decider}"])]
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
               "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
               "n_questions": len(rows), "n_unanswerable": sum(not r.answers for r in rows),
               "models": {"base": pipe.info.name if pipe else cfg.base_model or "smollm2", "adapters": cfg.adapters,
                          "judge": cfg.judge, "index": cfg.index},
               **({"gate_threshold": cfg.gate_threshold} if cfg.gate else {}),
-              **({"abstain_thresholds": thresholds} if thresholds else {})}
+              **({"abstain_thresholds": thresholds} if thresholds else {}),
+              **({"select": {"adapters": cfg.select, "abstention_by": decider}} if cfg.select else {})}
     if out:
         write_text_atomic(out / "report.json", json.dumps(report, indent=2))
         write_text_atomic(out / "report.md", markdown(report))

@@ -98,8 +98,8 @@ def youden_threshold(scores: np.ndarray, answerable: np.ndarray) -> dict:
             "fpr": float((scores[~answerable] < best).mean())}
 
 
-def load_threshold(adapter_dir: str | Path) -> float | None:
-    """The calibrated threshold beside an adapter, or None when it was never calibrated.
+def load_calibration(adapter_dir: str | Path) -> dict | None:
+    """The calibration record beside an adapter (threshold, AUROC, ...), or None when it was never calibrated.
 
     Raises:
         InputError: the threshold was chosen for another training run of this adapter.
@@ -111,7 +111,13 @@ def load_threshold(adapter_dir: str | Path) -> float | None:
     if record.get("adapter_run") != run_fingerprint(adapter_dir):
         raise InputError(f"--adapter {adapter_dir}: {CAL_FILE} was calibrated for another training run; "
                          f"rerun 'hybrid tune calibrate --adapter {adapter_dir} --qa QA.jsonl' or delete it")
-    return float(record["threshold"])
+    return record
+
+
+def load_threshold(adapter_dir: str | Path) -> float | None:
+    """The calibrated threshold beside an adapter, or None when it was never calibrated (see load_calibration)."""
+    record = load_calibration(adapter_dir)
+    return None if record is None else float(record["threshold"])
 
 
 def calibrate(cfg: CalibrateConfig, log=print) -> dict:

@@ -187,3 +187,89 @@ def test_gate_refuses_a_judge_without_answerability_pairs(tmp_path, fixed_qa, tw
     preds = [json.loads(l) for l in (tmp_path / "rep" / "predictions.jsonl").read_text().splitlines()]
     assert all(p["answerable"] is None for p in preds)
     assert all(p["support"] is not None for p in preds if not p["abstained"])
+
+
+def test_selected_prediction_hand_cases():
+    from hybrid.factuality import selected
+
+    def p(config, support, abstained=False, latency=10.0):
+        return {"id": "1", "config": config, "support": support, "abstained": abstained, "latency_ms": latency,
+                "judge_ms": 1.0, "new_tokens": 5, "label": "abstained" if abstained else "correct"}
+
+    s = selected([p("rag+a", 0.4), p("rag+b", 0.7)], "rag+a|b")
+    assert (s["config"], s["selected_from"], s["support"]) == ("rag+a|b", "rag+b", 0.7)
+    assert (s["latency_ms"], s["new_tokens"]) == (22.0, 10)  # both were generated and judged
+    assert selected([p("rag+a", 0.5), p("rag+b", 0.5)], "x")["selected_from"] == "rag+a"  # ties: the first listed
+    assert selected([p("rag+a", None, abstained=True), p("rag+b", 0.1)], "x")["selected_from"] == "rag+b"
+    both = selected([p("rag+a", None, abstained=True), p("rag+b", None, abstained=True)], "x")
+    assert both["abstained"] and both["selected_from"] == "rag+a"
+
+
+class AnswerJudgeModel:
+    """Fake CrossEncoder whose support depends on the answer text (so candidates differ)."""
+
+    def predict(self, pairs, **_):
+        return [(sum(map(ord, query)) % 97) / 97 for query, _ in pairs]
+
+
+def test_eval_select_picks_the_best_supported_answer_and_lets_the_best_calibrated_adapter_abstain(
+        tmp_path, fixed_qa, two_adapters, monkeypatch):
+    import shutil
+
+    from hybrid import judge as judge_mod
+    from hybrid.factuality import classify
+    from tuning.abstention import CAL_FILE
+
+    jdir = tmp_path / "judge"
+    jdir.mkdir()
+    (jdir / "hybrid_judge.json").write_text("{}")
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False: cls(AnswerJudgeModel())))
+    adapters = {n: str(tmp_path / n) for n in ("a", "b")}
+    for n in adapters:
+        shutil.copytree(two_adapters[n], adapters[n])
+    for bad in (dict(select=["a", "b"]), dict(select=["a"], judge=str(jdir)), dict(select=["a", "zz"], judge=str(jdir))):
+        with pytest.raises(Exception, match="--select .*needs --judge DIR .* two or more distinct names"):
+            run_eval(EvalConfig(qa=str(fixed_qa), adapters=adapters, **bad), progress=False)
+    cfg = EvalConfig(qa=str(fixed_qa), adapters=adapters, closed_book=False, max_new_tokens=6, batch_size=3,
+                     out=str(tmp_path / "rep"))
+    run_eval(cfg, progress=False)
+    # The tiny adapters abstain on everything; give them answers that differ, as real adapters' do.
+    path = tmp_path / "rep" / "predictions.jsonl"
+    scripted = {("rag+a", "1"): "14 months", ("rag+b", "1"): "It lasts 12 months", ("rag+a", "2"): None,
+                ("rag+b", "2"): "Tuesday", ("rag+a", "3"): "Blue", ("rag+b", "3"): "Green ones"}
+    rows = []
+    for p in map(json.loads, path.read_text().splitlines()):
+        if (key := (p["config"], p["id"])) in scripted and scripted[key]:
+            p.update(prediction=scripted[key], abstained=False, label=classify(scripted[key], False, p["answers"]))
+        rows.append(p)
+    path.write_text("".join(json.dumps(p) + "\n" for p in rows))
+    monkeypatch.setattr("hybrid.pipeline.Pipeline.load", lambda *a, **k: pytest.fail("generated again"))
+    cfg.judge, cfg.select = str(jdir), ["a", "b"]
+    report = run_eval(cfg, progress=False)
+    assert list(report["configs"]) == ["rag", "rag+a", "rag+b", "rag+a|b"] and report["select"]["abstention_by"] is None
+    preds = {(p["config"], p["id"]): p for p in map(json.loads, path.read_text().splitlines())}
+    ids = sorted({i for _, i in preds})
+    chosen = {}
+    for i in ids:
+        live = [preds[(c, i)] for c in ("rag+a", "rag+b") if not preds[(c, i)]["abstained"]]
+        chosen[i] = max(live, key=lambda p: p["support"])["config"] if live else "rag+a"
+    assert set(chosen.values()) == {"rag+a", "rag+b"} and chosen["2"] == "rag+b"  # a abstained on 2: b's answer
+    labels = [preds[(chosen[i], i)]["label"] for i in ids]
+    assert report["configs"]["rag+a|b"]["accuracy"] == pytest.approx(labels.count("correct") / len(ids))
+    assert report["configs"]["rag+a|b"]["hallucination_rate"] == pytest.approx(labels.count("hallucinated") / len(ids))
+    # Calibrate both (b separates its rows better): b's score decides whether the selected answer is served.
+    monkeypatch.undo()
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False: cls(AnswerJudgeModel())))
+    for n, auroc in (("a", 0.6), ("b", 0.9)):
+        res = run("tune", "calibrate", "--adapter", adapters[n], "--qa", fixed_qa)
+        assert res.exit_code == 0, res.output
+        rec = json.loads((tmp_path / n / CAL_FILE).read_text())
+        (tmp_path / n / CAL_FILE).write_text(json.dumps({**rec, "auroc": auroc}))
+    again = run_eval(cfg, progress=False)  # scores added to the stored answers; nothing generated again
+    preds = {(p["config"], p["id"]): p for p in map(json.loads, path.read_text().splitlines())}
+    t = json.loads((tmp_path / "b" / CAL_FILE).read_text())["threshold"]
+    assert again["select"]["abstention_by"] == "b" and "rag+a|b+cal" in again["configs"]
+    served = [("abstained" if preds[(chosen[i], i)]["abstained"] or preds[("rag+b", i)]["abstain_score"] >= t
+               else preds[(chosen[i], i)]["label"]) for i in ids]
+    assert again["configs"]["rag+a|b+cal"]["abstention_rate"] == pytest.approx(served.count("abstained") / len(ids))
+    assert again["configs"]["rag+a|b+cal"]["accuracy"] == pytest.approx(served.count("correct") / len(ids))
