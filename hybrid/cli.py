@@ -330,7 +330,8 @@ def ask_cmd(
     require_support: bool = typer.Option(False, "--require-support", help="Abstain when no quote verifies and the answer is not in the passages."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="Groundedness judge dir (hybrid tune judge): abstain when it finds no passage that answers the question."),
     gate_threshold: float = typer.Option(0.5, "--gate-threshold", help="With --judge: abstain when the best passage's answerability is below this."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", "gated"}.'),
+    select: Optional[List[str]] = typer.Option(None, "--select", help="NAME (repeat, two or more loaded adapters; with --judge): each answers, the judge picks the best-supported answer and the best-calibrated adapter decides whether to abstain (eval's rag+A|B+cal); the judge picks instead of gating."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", "gated", "abstain_score", "calibrated_abstain", "selected_from"}.'),
 ):
     """Retrieve, answer from the passages, and verify every quote against them."""
     from hybrid.pipeline import Pipeline
@@ -340,14 +341,21 @@ def ask_cmd(
     if not 0 <= gate_threshold <= 1:
         raise InputError(f"--gate-threshold {gate_threshold}: must be in [0, 1]")
     adapters = _parse_adapters(adapter)
+    if select and (judge is None or len(set(select)) < 2 or set(select) - set(adapters)):
+        raise InputError(f"--select {' '.join(select)}: needs --judge DIR and two or more distinct names loaded with "
+                         f"--adapter NAME=DIR")
     chosen = None if use == "base" else (use or (list(adapters)[-1] if adapters else None))
     pipe = Pipeline.load(index, adapters=adapters, base_model=base_model, k=k, max_new_tokens=max_new_tokens,
                          require_support=require_support, judge=judge, groups=group, gate_threshold=gate_threshold)
-    if as_json:
-        typer.echo(json.dumps(pipe.ask(question, groups=group, adapter=chosen).to_dict(), ensure_ascii=False))
-        return
-    res = pipe.ask(question, groups=group, adapter=chosen, on_token=lambda t: typer.echo(t, nl=False))
-    typer.echo("")
+    if as_json or select:
+        res = pipe.ask(question, groups=group, adapter=chosen, select=list(select or []) or None)
+        if as_json:
+            typer.echo(json.dumps(res.to_dict(), ensure_ascii=False))
+            return
+        typer.echo(f"(answered by {res.selected_from}, the judge's pick)")
+    else:
+        res = pipe.ask(question, groups=group, adapter=chosen, on_token=lambda t: typer.echo(t, nl=False))
+        typer.echo("")
     note = f"  (abstained: the judge found no passage answering it, answerability {res.answerable:.2f})" if res.gated else \
         "  (abstained)" if res.abstained else f"  (judge support {res.support:.2f})" if res.support is not None else ""
     typer.echo(f"answer: {res.answer}{note}")

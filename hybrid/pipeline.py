@@ -53,12 +53,13 @@ class Answer:
     gated: bool = False  # the judge found no passage answering the question, so the pipeline abstained
     abstain_score: float | None = None  # the adapter's own abstention score (calibrated adapters only)
     calibrated_abstain: bool = False  # the score reached the adapter's threshold: the pipeline abstains
+    selected_from: str | None = None  # with select: the adapter whose answer the judge supported most
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "abstained": self.abstained, "citations": self.citations,
                 "passages": self.passages, "support": self.support, "answerable": self.answerable,
                 "gated": self.gated, "abstain_score": self.abstain_score,
-                "calibrated_abstain": self.calibrated_abstain}
+                "calibrated_abstain": self.calibrated_abstain, "selected_from": self.selected_from}
 
 
 def verify(parsed, passages: list[dict]) -> list[dict]:
@@ -109,7 +110,7 @@ class Pipeline:
                  k: int = 5, max_new_tokens: int = 96, require_support: bool = False, judge=None,
                  groups=None, scopes: dict[str, list[str]] | None = None, base_scope: list[str] | None = None,
                  gate_threshold: float | None = None, thresholds: dict[str, float | None] | None = None,
-                 calibrated: bool = True):
+                 calibrated: bool = True, aurocs: dict[str, float] | None = None):
         self.retriever, self.model, self.tok, self.info = retriever, model, tokenizer, info
         self.adapters = adapters
         self.groups = access.training_groups(groups)  # the caller's groups given at load
@@ -119,6 +120,7 @@ class Pipeline:
         self.k, self.max_new_tokens, self.require_support = k, max_new_tokens, require_support
         self.judge = judge
         self.thresholds = thresholds or {}  # adapter name -> calibrated abstention threshold (or None)
+        self.aurocs = aurocs or {}  # adapter name -> its calibration AUROC (which one decides under select)
         self.calibrated = calibrated
 
     @classmethod
@@ -149,7 +151,7 @@ class Pipeline:
             InputError: missing adapter, an adapter trained on another base model, or an
                 artifact trained on documents of groups the caller lacks.
         """
-        from tuning.abstention import load_threshold
+        from tuning.abstention import load_calibration
         from tuning.generator import load_generator
 
         if isinstance(adapters, (str, Path)):
@@ -185,6 +187,7 @@ class Pipeline:
             for name in names[1:]:
                 model.load_adapter(adapters[name], adapter_name=name)
         model.eval()
+        cals = {n: load_calibration(p) for n, p in adapters.items()} if calibrated else {}
         if judge is not None:
             from hybrid.judge import Judge
 
@@ -193,7 +196,8 @@ class Pipeline:
                    require_support=require_support, judge=judge, groups=groups,
                    scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope,
                    gate_threshold=gate_threshold, calibrated=calibrated,
-                   thresholds={n: load_threshold(p) for n, p in adapters.items()} if calibrated else {})
+                   thresholds={n: c and float(c["threshold"]) for n, c in cals.items()},
+                   aurocs={n: float(c.get("auroc") or 0.0) for n, c in cals.items() if c})
 
     def check_access(self, adapter: str | None, groups) -> None:
         """Refuse an adapter (or merged base) trained on groups the caller of this call lacks."""
@@ -251,6 +255,65 @@ class Pipeline:
 
         `groups`: the caller's access groups for this call (default: those given to `load`).
         """
+        t0 = time.perf_counter()
+        results = self._generated(questions, passages_batch, adapter, on_token, groups)
+        threshold = self.thresholds.get(adapter) if adapter else None
+        if self.calibrated and threshold is not None:
+            self._calibrate(questions, passages_batch, results, adapter)
+        if self.judge is not None:
+            gate(self.judge, questions, results, passages_batch, t0, self.gate_threshold)
+        return results
+
+    def _calibrate(self, questions: list[str], passages_batch: list[list[dict]], answers: list[Answer],
+                   adapter: str) -> None:
+        """Abstain in place where `adapter`'s own abstention score reaches its threshold."""
+        scores = self.abstain_scores(questions, passages_batch, adapter=adapter)
+        for a, s in zip(answers, scores):
+            a.abstain_score = float(s)
+            if s >= self.thresholds[adapter]:
+                a.answer, a.abstained, a.citations, a.calibrated_abstain = ABSTAIN, True, [], True
+
+    def answer_selected(self, questions: list[str], passages_batch: list[list[dict]], adapters: list[str],
+                        groups=None) -> list[Answer]:
+        """Answer with several adapters and serve, per question, the one the judge supports most
+        (`hybrid eval --select`, configuration rag+A|B+cal).
+
+        Each adapter answers greedily; among the answers that are not abstentions the highest
+        judge support wins (ties: the first adapter listed; all abstained: the abstention). Then
+        the best-calibrated of the adapters (highest calibration AUROC), if any is calibrated,
+        decides whether to answer at all. The judge picks here; it does not gate.
+
+        Returns:
+            One Answer per question, `selected_from` naming the adapter; latency covers every
+            adapter's generation and the judge.
+        """
+        if self.judge is None or len(set(adapters)) < 2:
+            raise InputError("--select needs --judge DIR and two or more loaded adapters")
+        t0 = time.perf_counter()
+        per = [self._generated(questions, passages_batch, a, None, groups) for a in adapters]
+        for name, answers in zip(adapters, per):
+            for a in answers:
+                a.selected_from = name
+            live = [i for i, a in enumerate(answers) if not a.abstained]
+            sup = self.judge.support([questions[i] for i in live], [answers[i].answer for i in live],
+                                     [passages_batch[i] for i in live]) if live else []
+            for i, s in zip(live, sup):
+                answers[i].support = float(s)
+        chosen = []
+        for i in range(len(questions)):
+            live = [answers[i] for answers in per if not answers[i].abstained]
+            chosen.append(max(live, key=lambda a: a.support) if live else per[0][i])
+        cal = [a for a in adapters if self.calibrated and self.thresholds.get(a) is not None]
+        if cal:
+            self._calibrate(questions, passages_batch, chosen, max(cal, key=lambda a: self.aurocs.get(a, 0.0)))
+        ms = (time.perf_counter() - t0) * 1000 / max(len(questions), 1)
+        for a in chosen:
+            a.latency_ms = ms
+        return chosen
+
+    def _generated(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None, on_token,
+                   groups) -> list[Answer]:
+        """Greedy answers as the model writes them: parsed, quotes verified, `require_support` applied."""
         self.check_access(adapter, self.groups if groups is None else groups)
         t0 = time.perf_counter()
         msgs = [build_messages(q, ps) for q, ps in zip(questions, passages_batch)]
@@ -270,15 +333,6 @@ class Pipeline:
                                              "chunk_id": p.get("chunk_id", ""), "score": round(p.get("score", 0.0), 6)}
                                             for p in ps],
                                   raw=raw, latency_ms=ms, new_tokens=n_new))
-        threshold = self.thresholds.get(adapter) if adapter else None
-        if self.calibrated and threshold is not None:
-            scores = self.abstain_scores(questions, passages_batch, adapter=adapter)
-            for a, s in zip(results, scores):
-                a.abstain_score = float(s)
-                if s >= threshold:
-                    a.answer, a.abstained, a.citations, a.calibrated_abstain = ABSTAIN, True, [], True
-        if self.judge is not None:
-            gate(self.judge, questions, results, passages_batch, t0, self.gate_threshold)
         return results
 
     def abstain_scores(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None):
@@ -301,13 +355,17 @@ class Pipeline:
         return passages_for(self.retriever, questions, k=k or self.k, groups=groups)
 
     def ask(self, question: str, groups=None, adapter: str | None = None, k: int | None = None,
-            on_token=None) -> Answer:
+            on_token=None, select: list[str] | None = None) -> Answer:
         """Retrieve, then answer; abstains without calling the model when nothing is visible.
 
         `groups` (None = public) decides both what is retrieved and which adapters may answer.
+        `select`: answer with these adapters and serve the best-supported answer (answer_selected).
         """
-        self.check_access(adapter, groups or [])
+        for a in select or [adapter]:
+            self.check_access(a, groups or [])
         passages = self.retrieve([question], groups=groups, k=k)[0]
         if not passages:
             return Answer(answer=ABSTAIN, abstained=True)
+        if select:
+            return self.answer_selected([question], [passages], select, groups=groups or [])[0]
         return self.answer(question, passages, adapter=adapter, on_token=on_token, groups=groups or [])

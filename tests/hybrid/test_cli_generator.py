@@ -24,7 +24,7 @@ def test_ask_json_schema(cli_adapter, bundled_tiny_index):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert set(out) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated",
-                        "abstain_score", "calibrated_abstain"}
+                        "abstain_score", "calibrated_abstain", "selected_from"}
     assert out["abstain_score"] is None and out["calibrated_abstain"] is False  # not calibrated
     assert len(out["passages"]) == 3 and all(set(p) == {"doc_id", "chunk_id", "score"} for p in out["passages"])
     assert isinstance(out["abstained"], bool)
@@ -92,3 +92,12 @@ def test_generator_and_dpo_from_prepared_files(tmp_path, cli_adapter, tiny_llm_d
                        "--index and --qa are required (or --examples")
     assert_clean_error(run("tune", "dpo", "--adapter", cli_adapter, "--out", tmp_path / "y", "--pairs-file", pairs,
                            "--qa", pairs), "--pairs-file replaces --index, --qa and --wrong-answers")
+
+
+def test_ask_select_needs_a_judge_and_two_loaded_adapters(cli_adapter, bundled_tiny_index, tmp_path):
+    q = "How long does the Kestrel-7 battery last?"
+    two = ["--adapter", f"a={cli_adapter}", "--adapter", f"b={cli_adapter}"]
+    assert_clean_error(run("ask", q, "--index", bundled_tiny_index, *two, "--select", "a", "--select", "b"),
+                       "--select a b", "needs --judge DIR")
+    assert_clean_error(run("ask", q, "--index", bundled_tiny_index, *two, "--select", "a", "--select", "c",
+                           "--judge", tmp_path), "--select a c", "two or more distinct names")

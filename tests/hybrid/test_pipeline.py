@@ -41,7 +41,7 @@ def test_several_adapters_share_one_base_and_switch_per_call(bundled_tiny_index,
         assert torch.allclose(pipe.model(**enc).logits, logits["a"])  # switching back is exact
     res = pipe.answer("How long does the battery last?", passages, adapter="b")
     assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated",
-                                  "abstain_score", "calibrated_abstain"}
+                                  "abstain_score", "calibrated_abstain", "selected_from"}
     with pytest.raises(InputError, match="--adapter zzz: not loaded"):
         pipe.answer("q", passages, adapter="zzz")
 
@@ -115,3 +115,37 @@ def test_judge_gate_abstains_in_place():
         (False, False, 0.1, 0.9),   # answerable passage, unsupported answer: kept (the gate asks about passages)
         (True, False, None, None)]  # the model abstained itself
     assert answers[1].answer.startswith("I cannot answer") and answers[1].to_dict()["gated"] is True
+
+
+def test_answer_selected_serves_the_best_supported_answer_and_the_best_calibrated_adapter_abstains(
+        two_adapters, monkeypatch):
+    from hybrid.judge import Judge
+    from hybrid.pipeline import Answer
+
+    class Model:  # support: the answer is in the passage (0.9), else 0.1; "14" is supported more than "Oslo"
+        def predict(self, pairs, **_):
+            return [(0.95 if "14" in q else 0.9) if q.split("Answer: ")[1] in p else 0.1 for q, p in pairs]
+
+    pipe = Pipeline.load(None, adapters=two_adapters, max_new_tokens=4)
+    with pytest.raises(InputError, match="--select needs --judge"):
+        pipe.answer_selected(["q"], [[{"text": "t"}]], ["a", "b"])
+    pipe.judge = Judge(Model())
+    scripted = {"a": [Answer("Bergen", False), Answer(ABSTAIN, True), Answer("14 months", False), Answer(ABSTAIN, True)],
+                "b": [Answer("Oslo", False), Answer("Rome", False), Answer("Oslo", False), Answer(ABSTAIN, True)]}
+    monkeypatch.setattr(pipe, "_generated", lambda qs, ps, adapter, on_token, groups: [
+        Answer(a.answer, a.abstained) for a in scripted[adapter]])  # fresh copies per call
+    ctx = [[{"text": "Ann lives in Oslo, 14 months a year"}]] * 4
+    got = pipe.answer_selected(["Where does Ann live?"] * 4, ctx, ["a", "b"])
+    assert [(g.answer, g.selected_from) for g in got] == [
+        ("Oslo", "b"),          # a's "Bergen" is not in the passage (0.1), b's "Oslo" is (0.9)
+        ("Rome", "b"),          # a abstained: b's answer, even unsupported
+        ("14 months", "a"),     # both supported: the higher support wins
+        (ABSTAIN, "a")]         # both abstained: the abstention
+    # b is calibrated with the better AUROC: b's score decides; a's threshold is ignored
+    pipe.thresholds, pipe.aurocs = {"a": -100.0, "b": -1.0}, {"a": 0.7, "b": 0.9}
+    monkeypatch.setattr(pipe, "abstain_scores", lambda qs, ps, adapter=None: (
+        [-2.0, -0.5, -2.0, -2.0] if adapter == "b" else pytest.fail("a decided")))
+    got = pipe.answer_selected(["Where does Ann live?"] * 4, ctx, ["a", "b"])
+    assert [(g.abstained, g.calibrated_abstain) for g in got] == [(False, False), (True, True), (False, False),
+                                                                  (True, False)]
+    assert got[1].answer == ABSTAIN and got[0].abstain_score == -2.0
