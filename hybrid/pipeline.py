@@ -18,6 +18,10 @@ caller an `hr` adapter.
 Calibrated abstention: an adapter calibrated with `hybrid tune calibrate` carries a
 threshold on its own abstention score (tuning/abstention.py); the pipeline abstains
 when a prompt scores at or above it (`calibrated=False` serves the greedy answer as is).
+
+Selection (`ask(select=[...])`, with a judge): several adapters answer, the answer the judge
+finds best supported by the passages is served, and the best-calibrated of them decides whether
+to abstain: what `hybrid eval --select` reports as rag+A|B+cal.
 """
 
 from __future__ import annotations

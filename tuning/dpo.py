@@ -1,7 +1,7 @@
 """`hybrid tune dpo`: DPO for factuality on top of a RAFT adapter (Tian et al. 2023, FactTune).
 
-One workflow, top to bottom: config -> preference pairs (JSONL) -> load base + SFT
-adapter -> TRL DPOTrainer -> save the adapter atomically.
+One workflow, top to bottom: config -> load base + SFT adapter -> preference pairs (JSONL)
+-> memory plan (a pair = two sequences) -> TRL DPOTrainer -> save the adapter atomically.
 
 Pairs are built offline, FactTune-style. For each training question the SFT model
 samples `n_samples` answers (temperature 1.0) to its RAFT prompt (oracle present
