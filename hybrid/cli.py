@@ -334,16 +334,14 @@ def ask_cmd(
     as_json: bool = typer.Option(False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", "gated", "abstain_score", "calibrated_abstain", "selected_from"}.'),
 ):
     """Retrieve, answer from the passages, and verify every quote against them."""
-    from hybrid.pipeline import Pipeline
+    from hybrid.pipeline import Pipeline, check_select
 
     if k < 1:
         raise InputError(f"-k must be a positive integer, got {k}")
     if not 0 <= gate_threshold <= 1:
         raise InputError(f"--gate-threshold {gate_threshold}: must be in [0, 1]")
     adapters = _parse_adapters(adapter)
-    if select and (judge is None or len(set(select)) < 2 or set(select) - set(adapters)):
-        raise InputError(f"--select {' '.join(select)}: needs --judge DIR and two or more distinct names loaded with "
-                         f"--adapter NAME=DIR")
+    check_select(list(select or []), adapters, judge)  # before any model loads
     chosen = None if use == "base" else (use or (list(adapters)[-1] if adapters else None))
     pipe = Pipeline.load(index, adapters=adapters, base_model=base_model, k=k, max_new_tokens=max_new_tokens,
                          require_support=require_support, judge=judge, groups=group, gate_threshold=gate_threshold)

@@ -44,6 +44,7 @@ import numpy as np
 
 from hybrid.evaluation import fmt
 from hybrid.judge import THRESHOLD
+from hybrid.pipeline import best_supported, check_select, deciding_adapter
 from hybrid.statistics import bootstrap_ci, mcnemar_exact, paired_diff_ci
 from retrieval.atomic import write_text_atomic
 from retrieval.errors import InputError
@@ -163,8 +164,7 @@ def selected(candidates: list[dict], name: str) -> dict:
         abstained: the first), renamed, with `selected_from` and the summed latency and tokens
         (every candidate had to be generated).
     """
-    live = [p for p in candidates if not p["abstained"]]
-    best = max(live, key=lambda p: -1.0 if p["support"] is None else p["support"]) if live else candidates[0]
+    best = candidates[best_supported([p["abstained"] for p in candidates], [p["support"] for p in candidates])]
     return {**best, "config": name, "selected_from": best["config"],
             "latency_ms": sum(p["latency_ms"] + (p.get("judge_ms") or 0.0) for p in candidates),
             "new_tokens": sum(p["new_tokens"] for p in candidates)}
@@ -301,9 +301,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         raise InputError("--gate needs --judge DIR (the judge decides which questions its passages answer)")
     if not 0 <= cfg.gate_threshold <= 1:
         raise InputError(f"--gate-threshold {cfg.gate_threshold}: must be in [0, 1]")
-    if cfg.select and (not cfg.judge or len(set(cfg.select)) < 2 or set(cfg.select) - set(cfg.adapters)):
-        raise InputError(f"--select {' '.join(cfg.select)}: needs --judge DIR (it picks the best-supported answer) and "
-                         f"two or more distinct names given with --adapter NAME=DIR")
+    check_select(cfg.select, cfg.adapters, cfg.judge)
     rows = select_rows(load_qa(cfg.qa), cfg.limit, cfg.seed)
     needs_index = [r.id for r in rows if r.passages is None]
     if needs_index and not cfg.index:
@@ -399,9 +397,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.select:
         name = "rag+" + "|".join(cfg.select)
         by_config[name] = [selected(list(ps), name) for ps in zip(*(by_config[f"rag+{n}"] for n in cfg.select))]
-        if cal := [n for n in cfg.select if n in calibrations]:
-            # whether to answer is decided by the abstention score that separated the calibration rows best
-            decider = max(cal, key=lambda n: calibrations[n].get("auroc") or 0.0)
+        if decider := deciding_adapter(cfg.select, {n: c.get("auroc") or 0.0 for n, c in calibrations.items()}):
             by_config[f"{name}+cal"] = [calibrated({**q, "abstain_score": d["abstain_score"]}, thresholds[f"rag+{decider}"])
                                         for q, d in zip(by_config[name], by_config[f"rag+{decider}"])]
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},

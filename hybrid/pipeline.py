@@ -107,6 +107,27 @@ def gate(judge, questions: list[str], answers: list[Answer], passages_batch: lis
         a.latency_ms = ms
 
 
+def check_select(select: list[str], adapters, judge) -> None:
+    """`--select` needs a judge and two or more distinct adapter names among those given (one-line error)."""
+    if select and (not judge or len(set(select)) < 2 or set(select) - set(adapters)):
+        raise InputError(f"--select {' '.join(select)}: needs --judge DIR (it picks the best-supported answer) and "
+                         f"two or more distinct names given with --adapter NAME=DIR")
+
+
+def best_supported(abstained: list[bool], supports: list[float | None]) -> int:
+    """Which candidate answer to serve under `--select`: the non-abstaining one with the highest
+    judge support (ties: the first listed); the first when all abstained."""
+    live = [i for i, a in enumerate(abstained) if not a]
+    return max(live, key=lambda i: -1.0 if supports[i] is None else supports[i]) if live else 0
+
+
+def deciding_adapter(select: list[str], aurocs: dict[str, float]) -> str | None:
+    """Under `--select`, whose calibrated abstention decides: the calibrated adapter whose score
+    separated its calibration rows best (highest AUROC); None when none is calibrated."""
+    calibrated = [n for n in select if n in aurocs]
+    return max(calibrated, key=lambda n: aurocs[n]) if calibrated else None
+
+
 class Pipeline:
     """Retriever (optional) + one base generator + named LoRA adapters."""
 
@@ -291,8 +312,7 @@ class Pipeline:
             One Answer per question, `selected_from` naming the adapter; latency covers every
             adapter's generation and the judge.
         """
-        if self.judge is None or len(set(adapters)) < 2:
-            raise InputError("--select needs --judge DIR and two or more loaded adapters")
+        check_select(adapters, self.adapters, self.judge)
         t0 = time.perf_counter()
         per = [self._generated(questions, passages_batch, a, None, groups) for a in adapters]
         for name, answers in zip(adapters, per):
@@ -303,13 +323,10 @@ class Pipeline:
                                      [passages_batch[i] for i in live]) if live else []
             for i, s in zip(live, sup):
                 answers[i].support = float(s)
-        chosen = []
-        for i in range(len(questions)):
-            live = [answers[i] for answers in per if not answers[i].abstained]
-            chosen.append(max(live, key=lambda a: a.support) if live else per[0][i])
-        cal = [a for a in adapters if self.calibrated and self.thresholds.get(a) is not None]
-        if cal:
-            self._calibrate(questions, passages_batch, chosen, max(cal, key=lambda a: self.aurocs.get(a, 0.0)))
+        chosen = [cands[best_supported([a.abstained for a in cands], [a.support for a in cands])]
+                  for cands in zip(*per)]
+        if self.calibrated and (decider := deciding_adapter(adapters, self.aurocs)):
+            self._calibrate(questions, passages_batch, chosen, decider)
         ms = (time.perf_counter() - t0) * 1000 / max(len(questions), 1)
         for a in chosen:
             a.latency_ms = ms

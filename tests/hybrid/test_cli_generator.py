@@ -98,6 +98,6 @@ def test_ask_select_needs_a_judge_and_two_loaded_adapters(cli_adapter, bundled_t
     q = "How long does the Kestrel-7 battery last?"
     two = ["--adapter", f"a={cli_adapter}", "--adapter", f"b={cli_adapter}"]
     assert_clean_error(run("ask", q, "--index", bundled_tiny_index, *two, "--select", "a", "--select", "b"),
-                       "--select a b", "needs --judge DIR")
+                       "--select a b", "needs --judge DIR (it picks")
     assert_clean_error(run("ask", q, "--index", bundled_tiny_index, *two, "--select", "a", "--select", "c",
                            "--judge", tmp_path), "--select a c", "two or more distinct names")

@@ -127,7 +127,7 @@ def test_answer_selected_serves_the_best_supported_answer_and_the_best_calibrate
             return [(0.95 if "14" in q else 0.9) if q.split("Answer: ")[1] in p else 0.1 for q, p in pairs]
 
     pipe = Pipeline.load(None, adapters=two_adapters, max_new_tokens=4)
-    with pytest.raises(InputError, match="--select needs --judge"):
+    with pytest.raises(InputError, match="--select a b: needs --judge DIR"):
         pipe.answer_selected(["q"], [[{"text": "t"}]], ["a", "b"])
     pipe.judge = Judge(Model())
     scripted = {"a": [Answer("Bergen", False), Answer(ABSTAIN, True), Answer("14 months", False), Answer(ABSTAIN, True)],
