@@ -9,6 +9,9 @@ What is measured, per device:
         read after every optimizer step (the training steps, not model loading or saving);
   cpu   the process's peak resident set size (ru_maxrss) after every step: a high-water mark
         since the process started, model loading included, as the plan's `total` counts it.
+transformers' own tracker (`skip_memory_metrics=False`) reports deltas from the start of
+training, without the weights and runtime the plan counts, and samples RSS in a thread; the
+plan needs absolute peaks, which these two counters give for free.
 """
 
 from __future__ import annotations
