@@ -54,14 +54,13 @@ def fresh(args) -> None:
 
     lines = halueval.load_lines()
     train_idx, _ = halueval.split(len(lines), 1000, 0)
-    doc_of: dict[str, str] = {}
-    for i, row in enumerate(lines):
-        doc_of.setdefault(row["knowledge"].strip(), f"h{i:05d}")
+    doc_of = halueval.doc_ids(lines)  # knowledge text -> its document id in the index
     used = set(random.Random(0).sample(train_idx, args.train_questions))  # SFT (and DPO, a subset of it)
     used |= set(random.Random(7).sample([i for i in train_idx if i not in used], args.dev_questions))  # dev
     used |= set(random.Random(0).sample(train_idx, args.judge_questions))  # the judge (hybrid/judge.py, seed 0)
     rows = sorted(random.Random(11).sample([i for i in train_idx if i not in used], args.fresh_questions))
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     write_fixed_rows(work / "fresh.jsonl", rows, set(random.Random(11).sample(rows, len(rows) // 2)), lines, doc_of,
                      Retriever.load(args.index), 3)
     print(f"fresh: {len(rows)} rows from {len(train_idx) - len(used)} untouched train-split questions -> "
@@ -80,9 +79,7 @@ def prepare(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     lines = halueval.load_lines()
     train_idx, test_idx = halueval.split(len(lines), 1000, 0)
-    doc_of: dict[str, str] = {}
-    for i, row in enumerate(lines):
-        doc_of.setdefault(row["knowledge"].strip(), f"h{i:05d}")
+    doc_of = halueval.doc_ids(lines)  # knowledge text -> its document id in the index
     retriever = Retriever.load(args.index)
     tr = sorted(random.Random(0).sample(train_idx, args.train_questions))
     rows = [QARow(id=f"h{i:05d}", question=lines[i]["question"], answers=(lines[i]["right_answer"],),

@@ -95,9 +95,7 @@ def main() -> int:
 
     lines = halueval.load_lines()
     train_idx, test_idx = halueval.split(len(lines), 1000, args.seed)
-    doc_of = {}  # knowledge text -> doc id used in the index (first line holding it)
-    for i, row in enumerate(lines):
-        doc_of.setdefault(row["knowledge"].strip(), f"h{i:05d}")
+    doc_of = halueval.doc_ids(lines)  # knowledge text -> its document id in the index
     t0 = time.perf_counter()
     if "data" in steps and not (work / "test.jsonl").exists():
         retriever = Retriever.load(args.index)

@@ -25,6 +25,15 @@ def load_lines(path: str | Path | None = None) -> list[dict]:
     return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
 
 
+def doc_ids(lines: list[dict]) -> dict[str, str]:
+    """Knowledge text (stripped) -> the document id the HaluEval index gives it: `h{line:05d}` of
+    the first line holding it (benchmarks/retrieval_halueval.py builds the index that way)."""
+    out: dict[str, str] = {}
+    for i, row in enumerate(lines):
+        out.setdefault(row["knowledge"].strip(), f"h{i:05d}")
+    return out
+
+
 def split(n: int, n_test: int = 1000, seed: int = 0) -> tuple[list[int], list[int]]:
     """(train line numbers, test line numbers), both sorted."""
     order = list(range(n))
