@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -31,3 +34,48 @@ def swap_dir_into_place(new: Path, dest: Path) -> None:
         os.rename(dest, old)
     os.rename(new, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_stages(dest: Path) -> list[Path]:
+    """Delete `.NAME.tmp-PID-*` / `.NAME.old-PID` leftovers of `dest` whose process is gone.
+
+    A build killed by SIGKILL cannot clean up after itself; the next one does, but never touches
+    a directory whose writer is still running (its PID is in the name)."""
+    removed = []
+    for p in dest.parent.glob(f".{dest.name}.*"):
+        m = re.fullmatch(rf"\.{re.escape(dest.name)}\.(?:tmp|old)-(\d+)(?:-.*)?", p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextmanager
+def staged_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty directory beside `dest`; when the block succeeds it replaces `dest`.
+
+    The one home of "write into a temporary directory, then swap": an exception (or Ctrl-C)
+    inside the block leaves the previous `dest` untouched and removes the stage.
+
+    >>> with staged_dir(tmp_path / "model") as stage:   # doctest: +SKIP
+    ...     (stage / "weights.bin").write_bytes(b"...")
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_stages(dest)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+    try:
+        yield stage
+        swap_dir_into_place(stage, dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
