@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from hybrid.judge import auroc
+from tuning.judge import auroc
 
 
 def fail(message: str) -> None:

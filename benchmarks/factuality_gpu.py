@@ -49,7 +49,7 @@ def fresh(args) -> None:
     built like the test rows (gold + 3 distractors, half withheld). For checking a rule that was
     found by looking at the test split's predictions."""
     from benchmarks.factuality_halueval import write_fixed_rows
-    from hybrid import halueval
+    from benchmarks import halueval
     from retrieval.retriever import Retriever
 
     lines = halueval.load_lines()
@@ -69,11 +69,12 @@ def fresh(args) -> None:
 
 def prepare(args) -> None:
     from benchmarks.factuality_halueval import write_fixed_rows
-    from hybrid import halueval
+    from benchmarks import halueval
     from retrieval.qa import QARow
     from retrieval.retriever import Retriever
     from tuning.dpo import contrastive_pairs
-    from tuning.raft_data import RaftSettings, build_examples, write_jsonl
+    from retrieval.jsonl import write_jsonl
+    from tuning.raft_data import RaftSettings, build_examples
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Factuality on HaluEval: closed_book vs rag vs rag+raft vs rag+raft_dpo, same test questions.
 
 Steps (each reruns on its own; finished steps are skipped when their output exists):
-  data    HaluEval's fixed split (hybrid.halueval: seeded shuffle of line numbers, seed 0, first
+  data    HaluEval's fixed split (benchmarks/halueval.py: seeded shuffle of line numbers, seed 0, first
           1000 = test). Training rows: a seeded sample of --train-questions train lines, as QA
           rows with gold_ids into the retrieval benchmark's 10k-passage index
           (benchmarks/retrieval_halueval.py builds it). Test rows: a seeded sample of
@@ -10,7 +10,7 @@ Steps (each reruns on its own; finished steps are skipped when their output exis
           gold knowledge is withheld and `answers` is [] (the right behaviour is to abstain).
   dev     WORK/dev.jsonl: 200 more train-split lines (none in train.jsonl), built like the test
           rows (gold + distractors, half withheld; seed 7), for `hybrid tune calibrate`.
-  judge   hybrid tune judge on HaluEval's train split (--judge-questions questions).
+  judge   benchmarks/judge_halueval.py (hybrid tune judge on pairs from HaluEval's train split) (--judge-questions questions).
   sft     hybrid tune generator (RAFT, LoRA) on the training rows.
   dpo     hybrid tune dpo on top of the SFT adapter, with HaluEval's hallucinated answers as a
           second source of rejected answers (train lines only).
@@ -90,7 +90,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
 
-    from hybrid import halueval
+    from benchmarks import halueval
     from retrieval.retriever import Retriever
 
     lines = halueval.load_lines()
@@ -131,10 +131,11 @@ def main() -> int:
         print(f"{name}: {timings[f'{name}_min']} min", flush=True)
 
     if "judge" in steps and not (work / "judge" / "hybrid_judge.json").exists():
-        from hybrid.judge import JudgeTuneConfig, tune_judge
+        import subprocess
 
-        stage("judge", lambda: print(json.dumps(tune_judge(JudgeTuneConfig(
-            out=str(work / "judge"), train_questions=args.judge_questions, seed=args.seed), progress=False))))
+        stage("judge", lambda: subprocess.run([sys.executable, str(Path(__file__).parent / "judge_halueval.py"), "--out",
+                                               str(work / "judge"), "--train-questions", str(args.judge_questions),
+                                               "--seed", str(args.seed)], check=True))
     if "sft" in steps and not (work / args.sft_out / "hybrid_run.json").exists():
         from tuning.sft import GeneratorTuneConfig, tune_generator
 
@@ -155,7 +156,7 @@ def main() -> int:
     if "calibrate" in steps:
         import numpy as np
 
-        from hybrid.judge import Judge, auroc
+        from tuning.judge import Judge, auroc
         from retrieval.qa import load_qa
 
         retriever = Retriever.load(args.index)

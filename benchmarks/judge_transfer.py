@@ -29,8 +29,8 @@ def main() -> int:
     p.add_argument("judges", nargs="+", help="judge directories from 'hybrid tune judge'")
     p.add_argument("--swapped-questions", type=int, default=300)
     args = p.parse_args()
-    from hybrid import halueval
-    from hybrid.judge import Judge, bundled_pairs, evaluate
+    from benchmarks import halueval
+    from tuning.judge import Judge, bundled_pairs, evaluate
 
     lines = halueval.load_lines()
     _, test = halueval.split(len(lines))

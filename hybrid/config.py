@@ -1,11 +1,32 @@
-"""YAML -> workflow dataclass, with unknown keys rejected and every problem collected."""
+"""One typed dataclass per workflow is the single source of truth: YAML loads into it, and its
+fields are the command's flags.
+
+A field's `metadata` carries its `help` (every field has one), optionally its `flag` (e.g.
+`"--group"` for `groups`, `"-k"`), `argument=True` for a positional argument, `parse` (flag
+values -> field value, e.g. `NAME=DIR` pairs -> a dict) and `default_help` (how to show a None
+default). A field whose type is itself a dataclass (`train: TrainSettings`) is flattened: its
+fields are flags of their own and, in YAML, a nested mapping (`train: {learning_rate: ...}`).
+
+    @tune_app.command("generator")
+    @cli_errors
+    @from_config(GeneratorTuneConfig)
+    def tune_generator_cmd(cfg: GeneratorTuneConfig, quiet: bool = typer.Option(False, "-q")): ...
+
+Every flag defaults to None ("not given"), so YAML and then the dataclass default decide, and
+the help shows the dataclass's real default. `build_config` rejects unknown keys and wrong
+types and collects every problem, each naming its key or flag.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, List, Literal, Optional, TypeVar, Union
 
+import typer
 import yaml
 
 from retrieval.errors import InputError
@@ -13,48 +34,126 @@ from retrieval.errors import InputError
 T = TypeVar("T")
 
 
-def build_config(cls: type[T], yaml_path: str | Path | None = None, **overrides: Any) -> T:
-    """Make a workflow config from an optional YAML file plus CLI flags.
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, getattr(__import__("types"), "UnionType")) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else Union[tuple(rest)]), True
+    return tp, False
+
+
+# --- YAML / overrides -> dataclass --------------------------------------------------------------
+
+def _type_problem(where: str, tp: Any, value: Any) -> str | None:
+    """Why `value` is not a `tp` (None when it is)."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        return None if optional else f"{where}: expected a value, got null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        return None if value in allowed else f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}"
+    if tp is bool:
+        return None if isinstance(value, bool) else f"{where}: expected true/false, got {value!r}"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else \
+            f"{where}: expected an integer, got {value!r}"
+    if tp is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else \
+            f"{where}: expected a number, got {value!r}"
+    if tp is str:
+        return None if isinstance(value, str) else f"{where}: expected a string, got {value!r}"
+    if origin is list:
+        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else \
+            f"{where}: expected a list of strings, got {value!r}"
+    if origin is dict:
+        return None if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in value.items()) else \
+            f"{where}: expected a mapping of strings to strings, got {value!r}"
+    return None
+
+
+def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: list[str]) -> dict[str, Any]:
+    """Constructor kwargs for `cls` from a YAML mapping and flag overrides (both may nest)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    unknown = sorted(set(loaded) - set(fields))
+    if unknown:
+        problems.append(f"--config: unknown key(s) {', '.join(prefix + u for u in unknown)}; "
+                        f"known: {', '.join(prefix + n for n in fields)}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            sub = loaded.get(name, {})
+            if not isinstance(sub, dict):
+                problems.append(f"--config: {prefix}{name} must be a mapping of {', '.join(x.name for x in dataclasses.fields(tp))}")
+                sub = {}
+            base = dataclasses.asdict(_default(f)) if _default(f) is not dataclasses.MISSING else {}
+            kwargs = {**base, **_collect(tp, sub, overrides.get(name, {}), f"{prefix}{name}.", problems)}
+            values[name] = tp(**kwargs)
+            continue
+        if name in overrides and overrides[name] is not None:
+            values[name] = overrides[name]
+            where = f.metadata.get("flag", flag_name(name))
+        elif name in loaded:
+            values[name] = loaded[name]
+            where = f"--config key {prefix}{name}"
+        else:
+            continue
+        if problem := _type_problem(where, tp, values[name]):
+            problems.append(problem)
+    missing = [n for n, f in fields.items() if n not in values and _default(f) is dataclasses.MISSING]
+    problems += [f"{fields[n].metadata.get('flag', flag_name(n))} is required" for n in missing]
+    return values
+
+
+def load_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file (InputError when unreadable, invalid or not a mapping)."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--config {path}: cannot read it ({exc.__class__.__name__}); pass a UTF-8 YAML file") from None
+    except yaml.YAMLError:
+        raise InputError(f"--config {path}: not valid YAML; fix its syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+        raise InputError(f"--config {path}: must be a YAML mapping of settings (field: value)")
+    return loaded
+
+
+def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: dict | None = None) -> T:
+    """Make a workflow config from an optional YAML file plus flag values.
 
     Args:
         cls: the workflow's dataclass (it has a `problems()` method).
-        yaml_path: YAML mapping whose keys are the dataclass's fields.
-        overrides: flag values; None means "not given on the command line".
-
-    Returns:
-        The validated config.
+        yaml_path: YAML mapping whose keys are the dataclass's fields (nested for nested dataclasses).
+        overrides: flag values, nested like the dataclass; None means "not given on the command line".
 
     Raises:
-        InputError: unknown YAML keys, wrong types, or any invalid value (all listed).
+        InputError: unknown keys, wrong types, missing required values or any invalid value (all listed).
     """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
+    loaded = load_yaml(yaml_path) if yaml_path is not None else {}
     problems: list[str] = []
-    if yaml_path is not None:
-        path = Path(yaml_path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"--config {path}: cannot read it ({exc.__class__.__name__}); pass a YAML file") from None
-        except yaml.YAMLError:
-            raise InputError(f"--config {path}: not valid YAML; fix its syntax") from None
-        if not isinstance(loaded, dict):
-            raise InputError(f"--config {path}: must be a YAML mapping of settings")
-        unknown = sorted(set(loaded) - set(fields))
-        if unknown:
-            problems.append(f"--config {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-        values.update({k: v for k, v in loaded.items() if k in fields})
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    problems += [f"--{n.replace('_', '-')} is required" for n in missing]
-    for name, value in values.items():
-        default = fields[name].default
-        if isinstance(default, bool) and not isinstance(value, bool):
-            problems.append(f"{name}: expected true/false, got {value!r}")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
-            problems.append(f"{name}: expected a number, got {value!r}")
+    values = _collect(cls, loaded, overrides or {}, "", problems)
     if problems:
         raise InputError("; ".join(problems))
     cfg = cls(**values)
@@ -63,6 +162,99 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, **overrides:
     return cfg
 
 
-def default_of(cls: type, name: str) -> Any:
-    """A field's default, for `--help` texts that show it while the flag itself defaults to None."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+# --- dataclass -> command-line flags ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Flag:
+    path: tuple[str, ...]  # ("train", "learning_rate")
+    param: str  # the Python parameter name of the generated command
+    annotation: Any
+    info: Any  # typer.Option / typer.Argument
+    parse: Any = None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, dict)) and not value:
+        return "none"
+    return str(value)
+
+
+def flags_of(cls: type, path: tuple[str, ...] = (), defaults: Any = None) -> list[_Flag]:
+    """One flag per field of `cls`, nested dataclasses flattened (their defaults: the parent's instance)."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, meta = hints[f.name], f.metadata
+        default = _default(f) if defaults is None else getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            out += flags_of(tp, path + (f.name,), default)
+            continue
+        if "help" not in meta:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help in its metadata")
+        required = default is dataclasses.MISSING
+        shown = meta.get("default_help") or ("" if required or default is None else _show(default))
+        help_text = meta["help"] + (f" [default: {shown}]" if shown else "")
+        base, _ = _strip_optional(tp)
+        decls = [meta["flag"]] if "flag" in meta else [flag_name(f.name)]
+        if meta.get("argument"):
+            annotation, info = base, typer.Argument(..., help=help_text, show_default=False)
+        elif base is bool:
+            annotation = Optional[bool]
+            info = typer.Option(None, f"{decls[0]}/--no-{decls[0][2:]}", help=help_text, show_default=False)
+        else:
+            if typing.get_origin(base) in (list, dict):
+                annotation = Optional[List[str]]
+            elif typing.get_origin(base) is Literal:
+                annotation = Optional[base]
+            else:
+                annotation = Optional[base]
+            info = typer.Option(None if not required else ..., *decls, help=help_text, show_default=False)
+        out.append(_Flag(path + (f.name,), "_".join(path + (f.name,)), annotation, info, meta.get("parse")))
+    return out
+
+
+def from_config(cls: type):
+    """Decorator: a command `fn(cfg, **own)` whose options are `cls`'s fields plus `--config`.
+
+    `fn`'s own parameters (e.g. `--quiet`, `--json`, a positional CORPUS_DIR) are kept as they are.
+    """
+    specs = flags_of(cls)
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "cfg"]
+        hints = typing.get_type_hints(fn)
+        config_param = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                         default=typer.Option(None, "--config", help=f"YAML file with any "
+                                                              f"{cls.__name__} field (flags win)."))
+        generated = [inspect.Parameter(s.param, inspect.Parameter.KEYWORD_ONLY, default=s.info,
+                                       annotation=s.annotation) for s in specs]
+        positional = [p for p in generated if isinstance(p.default, typer.models.ArgumentInfo)]
+        params = ([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + positional +
+                  [p for p in generated if p not in positional] + [config_param])
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            config = kwargs.pop("config")
+            own_values = {p.name: kwargs.pop(p.name) for p in own}
+            overrides: dict = {}
+            for s in specs:
+                value = kwargs.pop(s.param)
+                if value is not None and s.parse is not None:
+                    value = s.parse(value)
+                elif isinstance(value, (list, tuple)):
+                    value = list(value) or None  # an empty repeatable flag = not given
+                node = overrides
+                for key in s.path[:-1]:
+                    node = node.setdefault(key, {})
+                node[s.path[-1]] = value
+            return fn(build_config(cls, config, overrides), **own_values)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {**{p.name: hints.get(p.name, p.annotation) for p in own},
+                                   **{p.name: p.annotation for p in generated}, "config": Optional[Path]}
+        del command.__wrapped__  # typer must read the generated signature, not fn's
+        return command
+
+    return decorate

@@ -36,95 +36,90 @@ import hashlib
 import json
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from hybrid.evaluation import fmt
-from hybrid.judge import THRESHOLD
-from hybrid.pipeline import best_supported, check_select, deciding_adapter
+from hybrid.pipeline import Pipeline, best_supported, check_select, deciding_adapter, parse_adapters, passages_for
 from hybrid.statistics import bootstrap_ci, mcnemar_exact, paired_diff_ci
+from retrieval import access
 from retrieval.atomic import write_text_atomic
 from retrieval.errors import InputError
 from retrieval.index import sha256_file
 from retrieval.metrics import retrieval_metrics
 from retrieval.qa import QARow, load_qa
 from retrieval.retriever import Retriever
-from tuning.prompting import ABSTAIN, normalize
+from tuning import run_record
+from tuning.abstention import calibration_abstains, load_calibration
+from tuning.grading import classify, token_f1
+from tuning.judge import THRESHOLD, Judge, gate_abstains
+from tuning.judge import fingerprint as judge_fingerprint
+from tuning.prompting import ABSTAIN
 
 RATES = ("accuracy", "abstention_rate", "hallucination_rate")
 COLUMNS = ("n", "accuracy", "abstention_rate", "hallucination_rate", "unsupported_rate", "citation_verified_rate",
            "f1", "recall@5", "mrr@10", "latency_ms_p50", "latency_ms_p95", "tokens_per_s")
 
 
-def classify(answer: str, abstained: bool, golds: list[str] | tuple[str, ...]) -> str:
-    """correct | abstained | hallucinated (see module docstring)."""
-    if abstained:
-        return "abstained"
-    if not golds:
-        return "hallucinated"
-    pred = normalize(answer)
-    for g in golds:
-        ng = normalize(g)
-        if ng in ("yes", "no"):
-            if pred.split()[:1] == [ng]:
-                return "correct"
-        elif ng and ng in pred:
-            return "correct"
-    return "hallucinated"
-
-
-def token_f1(answer: str, golds) -> float:
-    """SQuAD token F1 against the best gold (0 for unanswerable questions)."""
-    best = 0.0
-    pred = normalize(answer).split()
-    for g in golds:
-        gold = normalize(g).split()
-        common = Counter(pred) & Counter(gold)
-        same = sum(common.values())
-        if same:
-            p, r = same / len(pred), same / len(gold)
-            best = max(best, 2 * p * r / (p + r))
-    return best
-
-
 @dataclass
 class EvalConfig:
-    """Settings of `hybrid eval` (generation)."""
+    """Settings of `hybrid eval` (YAML keys = field names)."""
 
-    qa: str
-    index: str | None = None
-    adapters: dict[str, str] = field(default_factory=dict)
-    closed_book: bool = True
-    limit: int = 0
-    seed: int = 0
-    k: int = 5
-    groups: list[str] | None = None
-    batch_size: int = 4
-    max_new_tokens: int = 96
-    base_model: str | None = None
-    judge: str | None = None
-    gate: bool = False
-    gate_threshold: float = THRESHOLD
-    select: list[str] = field(default_factory=list)
-    out: str | None = None
+    qa: str = field(metadata={"argument": True, "help": "QA JSONL (id, question, answers, gold_ids?, passages?); "
+                                                        "answers [] = unanswerable."})
+    index: str | None = field(default=None, metadata={"help": "Index to retrieve passages from (rows without 'passages')."})
+    adapters: dict[str, str] = field(default_factory=dict, metadata={
+        "flag": "--adapter", "parse": parse_adapters,
+        "help": "NAME=DIR (or DIR): adds configuration rag+NAME; repeat for several."})
+    only: Literal["retrieval"] | None = field(default=None, metadata={
+        "help": "retrieval: only recall@1/5/10, MRR@10, nDCG@10 of --index on the rows with gold_ids (no generation).",
+        "default_help": "everything"})
+    closed_book: bool = field(default=True, metadata={"help": "Include the closed_book configuration (no passages)."})
+    limit: int = field(default=0, metadata={"help": "Evaluate a seeded sample of N questions; 0 = all."})
+    seed: int = field(default=0, metadata={"help": "Sampling and bootstrap seed."})
+    k: int = field(default=5, metadata={"flag": "-k", "help": "Passages retrieved per question."})
+    groups: list[str] = field(default_factory=list, metadata={
+        "flag": "--group", "help": "Access group of the caller (repeatable). Without it: public documents only."})
+    batch_size: int = field(default=4, metadata={"help": "Questions generated together (greedy, left-padded)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Generation budget per answer."})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Generator: smollm2 | gemma3-270m | model dir.", "default_help": "the adapters' base, else smollm2"})
+    judge: str | None = field(default=None, metadata={
+        "help": "Groundedness judge dir (hybrid tune judge): support of every answer, answerability of every question."})
+    gate: bool = field(default=False, metadata={
+        "help": "With --judge: also report each passage configuration as NAME+gate, where answers to questions the "
+                "judge finds none of the passages answering count as abstentions (what 'ask --judge' does)."})
+    gate_threshold: float = field(default=THRESHOLD, metadata={
+        "help": "With --gate: the answerability below which an answer counts as an abstention."})
+    select: list[str] = field(default_factory=list, metadata={
+        "help": "NAME (repeat, two or more; with --judge): also report rag+A|B, each question answered by the adapter "
+                "whose answer the judge finds best supported (+cal: abstaining where the best-calibrated one would)."})
+    out: str | None = field(default=None, metadata={
+        "help": "Report dir: report.json, report.md, chart.png, predictions.jsonl (resumable)."})
+
+    def problems(self) -> list[str]:
+        out = access.group_problems(self.groups)
+        if self.k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            out.append("-k, --batch-size and --max-new-tokens must be >= 1")
+        if self.limit < 0:
+            out.append("--limit must be >= 0")
+        if self.only == "retrieval" and not self.index:
+            out.append("--only retrieval needs --index")
+        if self.gate and not self.judge:
+            out.append("--gate needs --judge DIR (the judge decides which questions its passages answer)")
+        if not 0 <= self.gate_threshold <= 1:
+            out.append(f"--gate-threshold {self.gate_threshold}: must be in [0, 1]")
+        try:
+            check_select(self.select, self.adapters, self.judge)
+        except InputError as exc:
+            out.append(str(exc))
+        return out
 
 
-def judge_fingerprint(path: str | None) -> str | None:
-    """Identity of a judge dir (its report holds the training config and time), for the resume signature."""
-    return sha256_file(Path(path) / "hybrid_judge.json") if path and (Path(path) / "hybrid_judge.json").exists() else None
-
-
-def adapter_fingerprints(adapters: dict[str, str]) -> dict[str, str | None]:
-    """Identity of each adapter's training run, so a retrained adapter at the same path is not mixed up."""
-    from tuning.abstention import run_fingerprint
-
-    return {n: run_fingerprint(d) for n, d in sorted(adapters.items())}
-
-
-def gated(p: dict, threshold: float = THRESHOLD) -> dict:
+def with_gate(p: dict, threshold: float = THRESHOLD) -> dict:
     """A prediction as the judge gate serves it: when none of the passages answers the question
     (judge answerability < `threshold`), the answer becomes the abstention.
 
@@ -132,7 +127,7 @@ def gated(p: dict, threshold: float = THRESHOLD) -> dict:
     answer written as a long sentence. Latency adds the judge's time, spent on every answer.
     """
     q = {**p, "config": f"{p['config']}+gate", "latency_ms": p["latency_ms"] + (p.get("judge_ms") or 0.0)}
-    if not p["abstained"] and p.get("answerable") is not None and p["answerable"] < threshold:
+    if not p["abstained"] and gate_abstains(p.get("answerable"), threshold):
         as_abstention(q, gated=True)
     return q
 
@@ -143,16 +138,16 @@ def as_abstention(q: dict, **flag) -> None:
              citations=[], unsupported=None, **flag)
 
 
-def calibrated(p: dict, threshold: float) -> dict:
+def with_calibration(p: dict, threshold: float) -> dict:
     """A prediction as a calibrated adapter serves it: abstain when its own abstention score
     (tuning/abstention.py) reaches the adapter's threshold."""
     q = {**p, "config": f"{p['config']}+cal"}
-    if not p["abstained"] and p.get("abstain_score") is not None and p["abstain_score"] >= threshold:
+    if not p["abstained"] and calibration_abstains(p.get("abstain_score"), threshold):
         as_abstention(q, calibrated_abstain=True)
     return q
 
 
-def selected(candidates: list[dict], name: str) -> dict:
+def picked_by_judge(candidates: list[dict], name: str) -> dict:
     """One question's prediction chosen among several configurations' predictions of it.
 
     Args:
@@ -170,7 +165,7 @@ def selected(candidates: list[dict], name: str) -> dict:
             "new_tokens": sum(p["new_tokens"] for p in candidates)}
 
 
-def select_rows(rows: list[QARow], limit: int, seed: int) -> list[QARow]:
+def sample_rows(rows: list[QARow], limit: int, seed: int) -> list[QARow]:
     """A seeded sample of `limit` rows (all rows when limit is 0), in file order."""
     if not limit or limit >= len(rows):
         return rows
@@ -295,14 +290,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     Returns:
         The report (also written to OUT/report.json with report.md, chart.png, predictions.jsonl).
     """
-    from hybrid.pipeline import Pipeline
-
-    if cfg.gate and not cfg.judge:
-        raise InputError("--gate needs --judge DIR (the judge decides which questions its passages answer)")
-    if not 0 <= cfg.gate_threshold <= 1:
-        raise InputError(f"--gate-threshold {cfg.gate_threshold}: must be in [0, 1]")
-    check_select(cfg.select, cfg.adapters, cfg.judge)
-    rows = select_rows(load_qa(cfg.qa), cfg.limit, cfg.seed)
+    if problems := cfg.problems():
+        raise InputError("; ".join(problems))
+    rows = sample_rows(load_qa(cfg.qa), cfg.limit, cfg.seed)
     needs_index = [r.id for r in rows if r.passages is None]
     if needs_index and not cfg.index:
         raise InputError(f"{cfg.qa}: {len(needs_index)} rows have no 'passages' (e.g. {needs_index[0]}); pass --index to retrieve them")
@@ -311,8 +301,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     # What the answers depend on. The judge is not part of it: its scores are added afterwards
     # and redone when the judge changes, without generating again.
     signature = hashlib.sha256(json.dumps([sha256_file(Path(cfg.qa)), cfg.index,
-                                           sorted(cfg.adapters.items()), adapter_fingerprints(cfg.adapters),
-                                           cfg.limit, cfg.seed, cfg.k, cfg.groups,
+                                           sorted(cfg.adapters.items()), {n: run_record.fingerprint(d) for n, d in sorted(cfg.adapters.items())},
+                                           cfg.limit, cfg.seed, cfg.k, cfg.groups or None,
                                            cfg.max_new_tokens, cfg.base_model]).encode()).hexdigest()
     done: dict[tuple[str, str], dict] = {}
     if out and (out / "predictions.jsonl").exists():
@@ -328,11 +318,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         write_text_atomic(out / "run.json", json.dumps({"signature": signature, "configs": configs}))
     judge = None
     if cfg.judge:
-        from hybrid.judge import Judge
-
         judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate)  # a judge that cannot gate: refused now
-
-    from tuning.abstention import load_calibration
 
     calibrations = {n: c for n, d in cfg.adapters.items() if (c := load_calibration(d)) is not None}
     thresholds = {f"rag+{n}": float(c["threshold"]) for n, c in calibrations.items()}
@@ -390,15 +376,15 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     by_config = {c: [done[(c, r.id)] for r in rows] for c in configs}
     if cfg.gate:
         for c in [c for c in configs if c != "closed_book"]:
-            by_config[f"{c}+gate"] = [gated(p, cfg.gate_threshold) for p in by_config[c]]
+            by_config[f"{c}+gate"] = [with_gate(p, cfg.gate_threshold) for p in by_config[c]]
     for c, t in thresholds.items():
-        by_config[f"{c}+cal"] = [calibrated(p, t) for p in by_config[c]]
+        by_config[f"{c}+cal"] = [with_calibration(p, t) for p in by_config[c]]
     decider = None
     if cfg.select:
         name = "rag+" + "|".join(cfg.select)
-        by_config[name] = [selected(list(ps), name) for ps in zip(*(by_config[f"rag+{n}"] for n in cfg.select))]
+        by_config[name] = [picked_by_judge(list(ps), name) for ps in zip(*(by_config[f"rag+{n}"] for n in cfg.select))]
         if decider := deciding_adapter(cfg.select, {n: c.get("auroc") or 0.0 for n, c in calibrations.items()}):
-            by_config[f"{name}+cal"] = [calibrated({**q, "abstain_score": d["abstain_score"]}, thresholds[f"rag+{decider}"])
+            by_config[f"{name}+cal"] = [with_calibration({**q, "abstain_score": d["abstain_score"]}, thresholds[f"rag+{decider}"])
                                         for q, d in zip(by_config[name], by_config[f"rag+{decider}"])]
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
               "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
@@ -421,8 +407,6 @@ def row_contexts(rows: list[QARow], cfg: EvalConfig, pipe) -> dict[str, list[dic
     out = {r.id: [{"doc_id": str(p.get("id", "")), **p} for p in r.passages] for r in rows if r.passages is not None}
     need = [r for r in rows if r.passages is None]
     if need:
-        from hybrid.pipeline import passages_for
-
         retriever = pipe.retriever if pipe is not None else Retriever.load(cfg.index)
         out.update(zip([r.id for r in need], passages_for(retriever, [r.question for r in need], cfg.k, cfg.groups)))
     return out

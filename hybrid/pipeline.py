@@ -26,7 +26,6 @@ to abstain: what `hybrid eval --select` reports as rag+A|B+cal.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,9 +35,11 @@ from typing import Callable, Iterator
 from retrieval import access
 from retrieval.errors import InputError
 from retrieval.retriever import Retriever
+from tuning import abstention, run_record
+from tuning.abstention import calibration_abstains, load_calibration
+from tuning.generator import load_generator
+from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.prompting import ABSTAIN, build_messages, parse_answer, quote_in
-
-RUN_FILE = "hybrid_run.json"
 
 
 @dataclass
@@ -66,6 +67,70 @@ class Answer:
                 "calibrated_abstain": self.calibrated_abstain, "selected_from": self.selected_from}
 
 
+@dataclass
+class AskConfig:
+    """Settings of `hybrid ask` (YAML keys = field names)."""
+
+    question: str = field(metadata={"argument": True, "help": "The question."})
+    index: str = field(metadata={"help": "Index directory to retrieve from."})
+    adapters: dict[str, str] = field(default_factory=dict, metadata={
+        "flag": "--adapter", "parse": lambda values: parse_adapters(values),
+        "help": "Adapter DIR or NAME=DIR; repeat to load several on one base model."})
+    use: str | None = field(default=None, metadata={
+        "help": "Which loaded adapter answers; 'base' = none.", "default_help": "the last --adapter"})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Generator: smollm2 | gemma3-270m | model dir.", "default_help": "the adapter's base, else smollm2"})
+    groups: list[str] = field(default_factory=list, metadata={
+        "flag": "--group", "help": "Access group of the caller (repeatable). Without it: public documents only."})
+    k: int = field(default=5, metadata={"flag": "-k", "help": "Passages to retrieve."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Generation budget."})
+    require_support: bool = field(default=False, metadata={
+        "help": "Abstain when no quote verifies and the answer is not in the passages (nothing is streamed: the "
+                "decision needs the whole answer)."})
+    judge: str | None = field(default=None, metadata={
+        "help": "Groundedness judge dir (hybrid tune judge): abstain when it finds no passage that answers the question."})
+    gate_threshold: float = field(default=THRESHOLD, metadata={
+        "help": "With --judge: abstain when the best passage's answerability is below this."})
+    select: list[str] = field(default_factory=list, metadata={
+        "help": "NAME (repeat, two or more loaded adapters; with --judge): each answers, the judge picks the "
+                "best-supported answer and the best-calibrated adapter decides whether to abstain (eval's "
+                "rag+A|B+cal); the judge picks instead of gating."})
+
+    def problems(self) -> list[str]:
+        out = access.group_problems(self.groups)
+        if not self.question.strip():
+            out.append("QUESTION is empty; pass the question to answer")
+        if self.k < 1 or self.max_new_tokens < 1:
+            out.append("-k and --max-new-tokens must be >= 1")
+        if not 0 <= self.gate_threshold <= 1:
+            out.append(f"--gate-threshold {self.gate_threshold}: must be in [0, 1]")
+        if self.use not in (None, "base") and self.use not in self.adapters:
+            out.append(f"--use {self.use}: not among the --adapter names ({', '.join(self.adapters) or 'none'}) or 'base'")
+        try:
+            check_select(self.select, self.adapters, self.judge)
+        except InputError as exc:
+            out.append(str(exc))
+        return out
+
+    @property
+    def answering_adapter(self) -> str | None:
+        """The adapter `--use` names (None: the base model); the last `--adapter` by default."""
+        if self.use == "base":
+            return None
+        return self.use or (list(self.adapters)[-1] if self.adapters else None)
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """`--adapter` values (`NAME=DIR`, or `DIR` named after its last component) as {name: dir}."""
+    adapters = {}
+    for v in values:
+        name, _, path = v.partition("=") if "=" in v else (Path(v).name, "", v)
+        if not name or not path:
+            raise InputError(f"--adapter {v}: use DIR or NAME=DIR")
+        adapters[name] = path
+    return adapters
+
+
 def verify(parsed, passages: list[dict]) -> list[dict]:
     """Each quote with the document it was found in (verbatim, whitespace/case aside), or unverified."""
     cites = []
@@ -82,29 +147,10 @@ def passages_for(retriever: Retriever, questions: list[str], k: int, groups=None
              for h in hs] for hs in hits]
 
 
-def gate(judge, questions: list[str], answers: list[Answer], passages_batch: list[list[dict]], t0: float,
-         threshold: float | None = None) -> None:
-    """Abstain in place where the judge finds that none of the passages answers the question.
-
-    The gate asks about the passages (judge answerability), not the answer's wording, so a
-    right answer written as a long sentence is not punished; `support` (does a passage back
-    this answer) is recorded too. `t0` is when the batch started, so latency_ms includes the judge.
-    `threshold` defaults to the judge's 0.5.
-    """
-    from hybrid.judge import THRESHOLD
-
-    threshold = THRESHOLD if threshold is None else threshold
-    answerable = judge.answerable(questions, passages_batch)
-    live = [i for i, a in enumerate(answers) if not a.abstained]
-    support = judge.support([questions[i] for i in live], [answers[i].answer for i in live],
-                            [passages_batch[i] for i in live]) if live else []
-    ms = (time.perf_counter() - t0) * 1000 / max(len(answers), 1)
-    for i, s in zip(live, support):
-        answers[i].support, answers[i].answerable = float(s), float(answerable[i])
-        if answerable[i] < threshold:
-            answers[i].answer, answers[i].abstained, answers[i].gated = ABSTAIN, True, True
-    for a in answers:
-        a.latency_ms = ms
+def passage_refs(passages: list[dict]) -> list[dict]:
+    """What an Answer says of its passages: document, chunk and retrieval score (no text)."""
+    return [{"doc_id": p.get("doc_id") or str(p.get("id", "")), "chunk_id": p.get("chunk_id", ""),
+             "score": round(p.get("score", 0.0), 6)} for p in passages]
 
 
 def check_select(select: list[str], adapters, judge) -> None:
@@ -176,22 +222,18 @@ class Pipeline:
             InputError: missing adapter, an adapter trained on another base model, or an
                 artifact trained on documents of groups the caller lacks.
         """
-        from tuning.abstention import load_calibration
-        from tuning.generator import load_generator
-
         if isinstance(adapters, (str, Path)):
             adapters = {"default": str(adapters)}
         adapters = dict(adapters or {})
         records = {}
         for name, path in adapters.items():
-            run = Path(path) / RUN_FILE
-            if not (Path(path) / "adapter_config.json").exists() or not run.exists():
-                raise InputError(f"--adapter {name}={path}: not an adapter made by 'hybrid tune generator' "
-                                 f"(no adapter_config.json / {RUN_FILE})")
-            records[name] = json.loads(run.read_text())
+            records[name] = run_record.read(path, f"--adapter {name}={path}")
+            if not (Path(path) / "adapter_config.json").exists():
+                raise InputError(f"--adapter {name}={path}: not a LoRA adapter (no adapter_config.json); pass a "
+                                 f"directory made by 'hybrid tune generator' or 'hybrid tune dpo'")
             access.check(path, groups, f"--adapter {name}={path}")
         base_scope = []
-        if base_model is not None and ((Path(base_model) / RUN_FILE).exists() or
+        if base_model is not None and (run_record.exists(base_model) or
                                        (Path(base_model) / access.ACCESS_FILE).exists()):
             access.check(base_model, groups, f"--base-model {base_model}")  # a merged model keeps its tag
             base_scope = access.scope(base_model)
@@ -214,8 +256,6 @@ class Pipeline:
         model.eval()
         cals = {n: load_calibration(p) for n, p in adapters.items()} if calibrated else {}
         if judge is not None:
-            from hybrid.judge import Judge
-
             judge = Judge.load(judge, groups=groups, gate=True)
         return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
                    require_support=require_support, judge=judge, groups=groups,
@@ -231,7 +271,7 @@ class Pipeline:
             access.require(self.scopes.get(adapter, []), groups, f"--adapter {adapter}")
 
     # --- generation ------------------------------------------------------------------------
-    def _select(self, adapter: str | None):
+    def _active_adapter(self, adapter: str | None):
         """Context manager that activates one adapter, or none (the base model)."""
         import contextlib
 
@@ -252,7 +292,7 @@ class Pipeline:
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id,
                       eos_token_id=self.tok.eos_token_id)
-        with self._select(adapter), torch.inference_mode():
+        with self._active_adapter(adapter), torch.inference_mode():
             if on_token is not None and len(texts) == 1:
                 from transformers import TextIteratorStreamer
 
@@ -278,15 +318,41 @@ class Pipeline:
                      on_token=None, groups=None) -> list[Answer]:
         """Answer questions from given passages (dicts with text, title?, doc_id?/id?, chunk_id?, score?).
 
+        What needs only the question and its passages is decided before generating: the judge gate
+        (no passage answers the question) and a calibrated adapter's abstention score. A question
+        either abstains is never generated, so `on_token` streams only answers that will be served.
+        `require_support` needs the answer itself, so with it nothing is streamed.
         `groups`: the caller's access groups for this call (default: those given to `load`).
         """
+        self.check_access(adapter, self.groups if groups is None else groups)
         t0 = time.perf_counter()
-        results = self._generated(questions, passages_batch, adapter, on_token, groups)
-        threshold = self.thresholds.get(adapter) if adapter else None
-        if self.calibrated and threshold is not None:
-            self._calibrate(questions, passages_batch, results, adapter)
-        if self.judge is not None:
-            gate(self.judge, questions, results, passages_batch, t0, self.gate_threshold)
+        n = len(questions)
+        threshold = self.thresholds.get(adapter) if adapter and self.calibrated else None
+        scores = self.abstain_scores(questions, passages_batch, adapter=adapter) if threshold is not None else [None] * n
+        answerable = self.judge.answerable(questions, passages_batch) if self.judge is not None else [None] * n
+        gate_at = THRESHOLD if self.gate_threshold is None else self.gate_threshold
+        results: list[Answer | None] = [None] * n
+        for i in range(n):
+            cal, gated = calibration_abstains(scores[i], threshold), gate_abstains(answerable[i], gate_at)
+            if cal or gated:
+                results[i] = Answer(answer=ABSTAIN, abstained=True, passages=passage_refs(passages_batch[i]),
+                                    gated=gated, calibrated_abstain=cal)
+        todo = [i for i in range(n) if results[i] is None]
+        generated = self._generated([questions[i] for i in todo], [passages_batch[i] for i in todo], adapter,
+                                    None if self.require_support else on_token, groups) if todo else []
+        for i, a in zip(todo, generated):
+            results[i] = a
+        live = [i for i in todo if not results[i].abstained]
+        if self.judge is not None and live:
+            support = self.judge.support([questions[i] for i in live], [results[i].answer for i in live],
+                                         [passages_batch[i] for i in live])
+            for i, sup in zip(live, support):
+                results[i].support = float(sup)
+        ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
+        for a, score, ans in zip(results, scores, answerable):
+            a.latency_ms = ms
+            a.abstain_score = None if score is None else float(score)
+            a.answerable = None if ans is None else float(ans)
         return results
 
     def _calibrate(self, questions: list[str], passages_batch: list[list[dict]], answers: list[Answer],
@@ -295,7 +361,7 @@ class Pipeline:
         scores = self.abstain_scores(questions, passages_batch, adapter=adapter)
         for a, s in zip(answers, scores):
             a.abstain_score = float(s)
-            if s >= self.thresholds[adapter]:
+            if calibration_abstains(float(s), self.thresholds[adapter]):
                 a.answer, a.abstained, a.citations, a.calibrated_abstain = ABSTAIN, True, [], True
 
     def answer_selected(self, questions: list[str], passages_batch: list[list[dict]], adapters: list[str],
@@ -349,20 +415,15 @@ class Pipeline:
             if not abstained and self.require_support and not any(c["verified"] for c in cites) and \
                     not any(quote_in(parsed.answer, p["text"]) for p in ps):
                 abstained, answer = True, ABSTAIN
-            results.append(Answer(answer=answer, abstained=abstained, citations=cites,
-                                  passages=[{"doc_id": p.get("doc_id") or str(p.get("id", "")),
-                                             "chunk_id": p.get("chunk_id", ""), "score": round(p.get("score", 0.0), 6)}
-                                            for p in ps],
+            results.append(Answer(answer=answer, abstained=abstained, citations=cites, passages=passage_refs(ps),
                                   raw=raw, latency_ms=ms, new_tokens=n_new))
         return results
 
     def abstain_scores(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None):
         """The adapter's own abstention score per question (tuning/abstention.py); shape (N,)."""
-        from tuning.abstention import abstain_scores
-
         self.check_access(adapter, self.groups)
-        with self._select(adapter):
-            return abstain_scores(self.model, self.tok, questions, passages_batch)
+        with self._active_adapter(adapter):
+            return abstention.abstain_scores(self.model, self.tok, questions, passages_batch)
 
     def answer(self, question: str, passages: list[dict], adapter: str | None = None, on_token=None,
                groups=None) -> Answer:
@@ -382,6 +443,8 @@ class Pipeline:
         `groups` (None = public) decides both what is retrieved and which adapters may answer.
         `select`: answer with these adapters and serve the best-supported answer (answer_selected).
         """
+        if not question.strip():
+            raise InputError("the question is empty; pass the question to answer")
         for a in select or [adapter]:
             self.check_access(a, groups or [])
         passages = self.retrieve([question], groups=groups, k=k)[0]

@@ -10,7 +10,6 @@ Every rate in a report is a mean of 0/1 outcomes over the same questions, so:
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import binomtest
 
 
 def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
@@ -44,6 +43,8 @@ def mcnemar_exact(a, b) -> dict:
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
     n = a_only + b_only
+    from scipy.stats import binomtest  # scipy.stats takes ~1 s to import: kept out of CLI start-up
+
     p = 1.0 if n == 0 else float(binomtest(a_only, n, 0.5, alternative="two-sided").pvalue)
     return {"a_only": a_only, "b_only": b_only, "p_value": p}
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,75 +27,53 @@ from pathlib import Path
 import numpy as np
 
 from retrieval import access
-from retrieval.atomic import swap_dir_into_place, write_text_atomic
+from retrieval.atomic import staged_dir, write_text_atomic
 from retrieval.chunking import embed_text
 from retrieval.errors import InputError
+from retrieval.jsonl import write_jsonl
 from retrieval.metrics import retrieval_metrics
 from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Hit, Retriever
+from retrieval.train_settings import TrainSettings
+from retrieval.trainer_output import drop_step_printer
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 @dataclass
 class EmbedderTuneConfig:
-    """Settings of `hybrid tune embedder`.
+    """Settings of `hybrid tune embedder` (YAML keys = field names; `train:` nests TrainSettings)."""
 
-    Attributes:
-        index: index directory built with the base embedder.
-        out: where the tuned sentence-transformers model is written.
-        qa: QA file for (question, gold chunk) pairs; None = inverse-cloze pairs.
-        eval_qa: a separate held-out QA file; when given, all of `qa` trains and
-            this file alone is scored (for benchmarks with a fixed split).
-        test_fraction: share of questions (or, without QA, documents) held out
-            when no `eval_qa` is given.
-        seed: split, sampling and training seed.
-        epochs: passes over the training pairs.
-        max_steps: stop after this many steps (0 = no limit).
-        batch_size: pairs per batch (the in-batch negatives).
-        learning_rate, warmup_ratio: AdamW schedule.
-        num_negatives: hard negatives mined per pair.
-        mine_range: negatives are drawn from the top `mine_range` chunks of the index.
-        relative_margin: a negative must score below (1 - margin) x the positive's
-            score, so near-duplicates of the positive are not taught as wrong.
-        max_seq_length: token limit while training.
-        ict_queries_per_chunk: inverse-cloze queries per chunk when no QA file is given.
-        groups: access groups whose restricted chunks may be learned ([] = public only).
-    """
-
-    index: str
-    out: str
-    qa: str | None = None
-    eval_qa: str | None = None
-    test_fraction: float = 0.2
-    seed: int = 13
-    epochs: int = 2
-    max_steps: int = 0
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    warmup_ratio: float = 0.1
-    num_negatives: int = 1
-    mine_range: int = 20
-    relative_margin: float = 0.05
-    max_seq_length: int = 256
-    ict_queries_per_chunk: int = 1
-    groups: list[str] = field(default_factory=list)
+    index: str = field(metadata={"help": "Index built with the base embedder (its chunks are the corpus)."})
+    out: str = field(metadata={"help": "Directory for the tuned sentence-transformers model (written atomically)."})
+    qa: str | None = field(default=None, metadata={
+        "help": "QA JSONL with gold_ids for (question, gold chunk) pairs; without it, inverse-cloze pairs are made "
+                "from the corpus.", "default_help": "inverse-cloze pairs"})
+    eval_qa: str | None = field(default=None, metadata={
+        "help": "Separate held-out QA file: train on all of --qa, score on this (for a fixed benchmark split)."})
+    test_fraction: float = field(default=0.2, metadata={
+        "help": "Share of questions (or, without --qa, documents) held out when no --eval-qa is given."})
+    num_negatives: int = field(default=1, metadata={"help": "Hard negatives mined per pair."})
+    mine_range: int = field(default=20, metadata={"help": "Negatives are drawn from the top N chunks of the index."})
+    relative_margin: float = field(default=0.05, metadata={
+        "help": "A negative must score below (1 - margin) x the positive's score, so near-duplicates of the "
+                "positive are not taught as wrong."})
+    ict_queries_per_chunk: int = field(default=1, metadata={
+        "help": "Inverse-cloze queries per chunk when no --qa is given."})
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(
+        learning_rate=5e-5, batch_size=32, epochs=2, max_length=256), metadata={"help": "training settings"})
 
     def problems(self) -> list[str]:
-        out = access.group_problems(self.groups)
+        out = self.train.problems()
         if self.eval_qa and not self.qa:
             out.append("--eval-qa needs --qa (inverse-cloze pairs are split by document)")
         if not 0 < self.test_fraction < 1:
             out.append("--test-fraction must be between 0 and 1")
-        for name in ("epochs", "batch_size", "num_negatives", "mine_range", "max_seq_length", "ict_queries_per_chunk"):
+        for name in ("num_negatives", "mine_range", "ict_queries_per_chunk"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1")
-        if self.batch_size < 2:
+        if self.train.batch_size < 2:
             out.append("--batch-size must be >= 2 (in-batch negatives need company)")
-        if self.max_steps < 0:
-            out.append("--max-steps must be >= 0")
-        if self.learning_rate <= 0:
-            out.append("--learning-rate must be > 0")
         if not 0 <= self.relative_margin < 1:
             out.append("--relative-margin must be in [0, 1)")
         if self.mine_range <= self.num_negatives:
@@ -111,7 +88,7 @@ def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
         raise InputError(f"--qa {cfg.qa}: no answerable rows with 'gold_ids'; add gold document ids to the questions")
     in_index = {c.doc_id for c in retriever.chunks(include_restricted=True)}
     by_doc: dict[str, list[Hit]] = {}
-    for c in retriever.chunks(groups=access.training_groups(cfg.groups)):
+    for c in retriever.chunks(groups=access.training_groups(cfg.train.groups)):
         by_doc.setdefault(c.doc_id, []).append(c)
     missing = sorted({g for r in rows for g in r.gold_ids if g not in in_index})
     if missing:
@@ -127,7 +104,7 @@ def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
         if missing:
             raise InputError(f"--eval-qa {cfg.eval_qa}: gold_ids not in index {cfg.index}: {', '.join(missing[:5])}")
     else:
-        train, test = split_rows(rows, cfg.test_fraction, cfg.seed)
+        train, test = split_rows(rows, cfg.test_fraction, cfg.train.seed)
     # Questions whose gold documents are restricted to groups the trainer did not name are left out.
     train = [r for r in train if any(g in by_doc for g in r.gold_ids)]
     test = [r for r in test if any(g in by_doc for g in r.gold_ids)]
@@ -143,8 +120,8 @@ def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
 
 def ict_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
     """Inverse-cloze pairs (sentence, its chunk without that sentence, chunk); documents split train/test."""
-    rng = random.Random(cfg.seed)
-    chunks = retriever.chunks(groups=access.training_groups(cfg.groups))
+    rng = random.Random(cfg.train.seed)
+    chunks = retriever.chunks(groups=access.training_groups(cfg.train.groups))
     docs = sorted({c.doc_id for c in chunks})
     rng.shuffle(docs)
     n_test = max(1, int(len(docs) * cfg.test_fraction))
@@ -192,6 +169,8 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
                                        SentenceTransformerTrainingArguments, losses, util)
     from sentence_transformers.training_args import BatchSamplers
 
+    from retrieval.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
+
     # --- load ------------------------------------------------------------------------------
     retriever = Retriever.load(cfg.index)
     base = retriever.embedder
@@ -201,13 +180,13 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
 
     # --- data ------------------------------------------------------------------------------
     pairs, test_q, test_g = qa_pairs(retriever, cfg) if cfg.qa else ict_pairs(retriever, cfg)
-    if len(pairs) < cfg.batch_size:
-        raise InputError(f"only {len(pairs)} training pairs, fewer than --batch-size {cfg.batch_size}; "
+    if len(pairs) < cfg.train.batch_size:
+        raise InputError(f"only {len(pairs)} training pairs, fewer than --batch-size {cfg.train.batch_size}; "
                          f"lower --batch-size or add questions")
     if not test_q:
         raise InputError("the held-out split is empty; raise --test-fraction or add questions")
-    all_chunks = retriever.chunks(groups=access.training_groups(cfg.groups))  # negatives come from these only
-    scope = access.record(cfg.groups, {g for c in all_chunks for g in c.groups})
+    all_chunks = retriever.chunks(groups=access.training_groups(cfg.train.groups))  # negatives come from these only
+    scope = access.record(cfg.train.groups, {g for c in all_chunks for g in c.groups})
     corpus_texts = [embed_text(c.title, c.text) for c in all_chunks]
     dataset = Dataset.from_dict({"anchor": [q for q, _, _ in pairs], "positive": [p for _, p, _ in pairs]})
     # Hard negatives from the index's own chunks, scored by the base embedder.
@@ -215,40 +194,32 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         dataset, base.model, corpus=corpus_texts, range_max=cfg.mine_range, relative_margin=cfg.relative_margin,
         num_negatives=cfg.num_negatives, sampling_strategy="top", output_format="n-tuple", use_faiss=True,
         batch_size=64, verbose=progress)
-    if len(mined) < cfg.batch_size:  # too few survived the margin: fall back to in-batch negatives only
+    if len(mined) < cfg.train.batch_size:  # too few survived the margin: fall back to in-batch negatives only
         mined = dataset
 
     # --- train -----------------------------------------------------------------------------
     model = SentenceTransformer(str(base.path), device="cpu" if not _cuda() else None, local_files_only=True)
     full_length = model.max_seq_length
-    model.max_seq_length = min(cfg.max_seq_length, full_length)  # shorter while training: speed
-    tmp_parent = out.parent if out.parent.exists() else Path(tempfile.gettempdir())
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=tmp_parent))
-    try:
-        args = SentenceTransformerTrainingArguments(
-            output_dir=str(work / "trainer"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-            per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-            warmup_steps=cfg.warmup_ratio, batch_sampler=BatchSamplers.NO_DUPLICATES, seed=cfg.seed,
-            save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=not progress,
-            use_cpu=not _cuda(), dataloader_drop_last=True)
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined,
-                                             loss=losses.MultipleNegativesRankingLoss(model))
+    model.max_seq_length = min(cfg.train.max_length, full_length)  # shorter while training: speed
+    t = cfg.train
+    scratch = tempfile.TemporaryDirectory(prefix="hybrid-embedder-")  # the trainer's output dir; nothing kept
+    args = SentenceTransformerTrainingArguments(
+        output_dir=scratch.name, num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, seed=t.seed, save_strategy="no", report_to="none",
+        logging_steps=10, disable_tqdm=not progress, use_cpu=not _cuda(), dataloader_drop_last=True)
+    budget = TimeBudget(t.max_minutes)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined,
+                                         loss=losses.MultipleNegativesRankingLoss(model), callbacks=[budget])
+    drop_step_printer(trainer, progress)
+    with scratch:
         trainer.train()
-        model.max_seq_length = full_length  # the saved model reads as far as the base did
-        model.save(str(work / "model"))
-        access.write(work / "model", scope)
-        # The training pairs beside the model, each with its positive chunk's groups (as RAFT does).
-        write_text_atomic(work / "model" / "train_pairs.jsonl", "".join(
-            json.dumps({"query": q, "positive": t, "chunk_id": c.chunk_id, "groups": list(c.groups)},
-                       ensure_ascii=False) + "\n" for q, t, c in pairs))
-        # --- save (atomic) -----------------------------------------------------------------
-        swap_dir_into_place(work / "model", out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    model.max_seq_length = full_length  # the saved model reads as far as the base did
 
     # --- evaluate base vs tuned on the held-out split ---------------------------------------
     base_rank = [[h.doc_id for h in hits] for hits in retriever.search_vectors(base.encode(test_q), k=50,
-                                                                               groups=cfg.groups)]
+                                                                               groups=t.groups)]
     tuned_rank = rank_docs(model, all_chunks, test_q)
     result = {
         "base": retrieval_metrics(base_rank, test_g),
@@ -256,13 +227,23 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         "pairs_source": "qa" if cfg.qa else "inverse_cloze",
         "train_pairs": len(pairs),
         "train_rows_with_hard_negatives": len(mined),
+        "hard_negative_columns": [c for c in mined.column_names if c.startswith("negative")],
         "test_queries": len(test_q),
+        "stopped_early": budget.stopped_early,
         "seconds": round(time.perf_counter() - t0, 1),
         "out": str(out),
         "config": asdict(cfg),
         "access": scope,
     }
-    write_text_atomic(out / "hybrid_tuning.json", json.dumps(result, indent=2))
+
+    # --- save (atomic: the previous model stays until this one is complete) -----------------
+    with staged_dir(out) as stage:
+        model.save(str(stage))
+        access.write(stage, scope)
+        # The training pairs beside the model, each with its positive chunk's groups (as RAFT does).
+        write_jsonl(stage / "train_pairs.jsonl", [{"query": q, "positive": p, "chunk_id": c.chunk_id,
+                                                    "groups": list(c.groups)} for q, p, c in pairs])
+        write_text_atomic(stage / "hybrid_tuning.json", json.dumps(result, indent=2))
     return result
 
 

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import os
-import shutil
+import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -31,9 +31,9 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from retrieval.atomic import swap_dir_into_place
+from retrieval.atomic import staged_dir
 from retrieval.chunking import Chunk, chunk_document
-from retrieval.corpus import load_corpus
+from retrieval.corpus import DEFAULT_MAX_DOCUMENT_MB, load_corpus
 from retrieval.embedder import Embedder, load_embedder
 from retrieval.errors import InputError
 
@@ -56,21 +56,29 @@ class IndexConfig:
         hnsw_m, hnsw_ef_construction, hnsw_ef_search: HNSW graph parameters.
         ivf_nlist: IVF cells (0 = 4*sqrt(n)); ivf_nprobe: cells searched.
         batch_size: embedding batch size.
-        on_bad_file: `skip` (warn, count) or `fail` on unreadable/non-UTF-8/empty files.
+        on_bad_file: `skip` (warn, count, never index) or `fail` on a file that cannot be read
+            safely: unreadable, non-UTF-8, malformed front matter/JSONL/groups, too big, empty.
+        max_document_mb: largest document read, in MB (flag --max-document-mb); a bigger one is a
+            bad file (chunking is linear, but a 1 GB file is more likely a mistake than a document).
     """
 
-    embedder: str | None = None
-    chunk_tokens: int = 200
-    overlap: int = 32
-    index_type: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
-    ann_threshold: int = 50_000
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 64
-    ivf_nlist: int = 0
-    ivf_nprobe: int = 8
-    batch_size: int = 64
-    on_bad_file: Literal["skip", "fail"] = "skip"
+    embedder: str | None = field(default=None, metadata={
+        "help": "Local sentence-transformers model dir.", "default_help": "packaged all-MiniLM-L6-v2"})
+    chunk_tokens: int = field(default=200, metadata={"help": "Max embedder tokens per chunk (the title is added on top)."})
+    overlap: int = field(default=32, metadata={"help": "Tokens shared by consecutive chunks."})
+    index_type: Literal["auto", "flat", "hnsw", "ivf"] = field(default="auto", metadata={
+        "help": "auto = exact (flat) below --ann-threshold chunks, HNSW above."})
+    ann_threshold: int = field(default=50_000, metadata={"help": "Chunk count from which auto picks HNSW."})
+    hnsw_m: int = field(default=32, metadata={"help": "HNSW graph degree."})
+    hnsw_ef_construction: int = field(default=200, metadata={"help": "HNSW candidate list while building."})
+    hnsw_ef_search: int = field(default=64, metadata={"help": "HNSW candidate list while searching."})
+    ivf_nlist: int = field(default=0, metadata={"help": "IVF cells; 0 = 4 x sqrt(chunks)."})
+    ivf_nprobe: int = field(default=8, metadata={"help": "IVF cells searched per query."})
+    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+    on_bad_file: Literal["skip", "fail"] = field(default="skip", metadata={
+        "help": "skip (warn and count) or fail on unreadable, non-UTF-8, empty or malformed files."})
+    max_document_mb: float = field(default=DEFAULT_MAX_DOCUMENT_MB, metadata={
+        "help": "Largest document read, in MB; a bigger file is refused (or skipped with --on-bad-file skip)."})
 
     def problems(self) -> list[str]:
         """Every invalid setting, each naming its flag."""
@@ -88,6 +96,8 @@ class IndexConfig:
             out.append("--ivf-nlist must be >= 0 (0 = automatic)")
         if self.on_bad_file not in ("skip", "fail"):
             out.append("--on-bad-file must be skip or fail")
+        if not (isinstance(self.max_document_mb, (int, float)) and self.max_document_mb > 0):
+            out.append("--max-document-mb must be a number of MB above 0")
         return out
 
 
@@ -106,6 +116,9 @@ class BuildReport:
     seconds: float = 0.0
 
 
+_READ_ATTEMPTS = 20
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -114,30 +127,198 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(index_dir: Path, verify: bool = True) -> dict:
-    """Read and (by default) verify an index directory.
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_REBUILD = "rebuild the index with 'hybrid index'"
+
+
+def _count(v, lo: int = 0) -> bool:
+    return type(v) is int and v >= lo  # type(): True is an int to isinstance, not a count
+
+
+def validate_manifest(m: object, where: str) -> dict:
+    """Check a parsed manifest as a schema, before anything it names is read.
+
+    Every field the build writes is required with its type; `files` must list exactly the FAISS
+    index and the chunk store with sha256 digests, so integrity checking cannot be skipped by a
+    manifest that lists nothing.
 
     Raises:
-        InputError: missing directory or files, unknown format, checksum mismatch.
+        InputError: naming the manifest and the first bad field.
     """
-    index_dir = Path(index_dir)
-    mpath = index_dir / MANIFEST_FILE
-    if not mpath.exists():
-        raise InputError(f"--index {index_dir}: no {MANIFEST_FILE} there; build one with 'hybrid index CORPUS_DIR --out {index_dir}'")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{mpath}: corrupted manifest (not JSON); rebuild the index with 'hybrid index'") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{mpath}: index format {manifest.get('format_version')!r} is not {FORMAT_VERSION}; rebuild it with 'hybrid index'")
-    if verify:
-        for name, expected in manifest["files"].items():
-            path = index_dir / name
-            if not path.exists():
-                raise InputError(f"{path}: missing index file; rebuild the index with 'hybrid index'")
-            if sha256_file(path) != expected:
-                raise InputError(f"{path}: checksum mismatch (corrupted or truncated); rebuild the index with 'hybrid index'")
-    return manifest
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise InputError(f"{where}: {what}; the manifest is damaged or not hybrid's, {_REBUILD}")
+
+    need(isinstance(m, dict), "not a JSON object")
+    if type(m.get("format_version")) is not int or m["format_version"] != FORMAT_VERSION:
+        raise InputError(f"{where}: index format {m.get('format_version')!r} is not {FORMAT_VERSION}; {_REBUILD}")
+    for key in ("embedder", "chunking", "index", "counts", "files", "config"):
+        need(isinstance(m.get(key), dict), f"field '{key}' is missing or not an object")
+    for key in ("corpus", "created_at"):
+        need(isinstance(m.get(key), str), f"field '{key}' is missing or not a string")
+    e, c, ix, n, files = m["embedder"], m["chunking"], m["index"], m["counts"], m["files"]
+    need(isinstance(e.get("name"), str) and bool(e["name"]), "'embedder.name' must be a non-empty string")
+    need(isinstance(e.get("fingerprint"), str) and bool(_HEX64.fullmatch(e["fingerprint"])),
+         "'embedder.fingerprint' must be a sha256 hex digest")
+    need(_count(e.get("dim"), 1), "'embedder.dim' must be a positive integer")
+    need(e.get("normalize") is True, "'embedder.normalize' must be true")
+    need(e.get("max_seq_length") is None or _count(e["max_seq_length"], 1), "'embedder.max_seq_length' must be a positive integer")
+    need(_count(c.get("chunk_tokens"), 1) and _count(c.get("overlap")), "'chunking.chunk_tokens'/'overlap' must be integers")
+    need(isinstance(c.get("tokenizer"), str), "'chunking.tokenizer' must be a string")
+    need(ix.get("type") in ("flat", "hnsw", "ivf"), "'index.type' must be flat, hnsw or ivf")
+    if ix["type"] == "hnsw":
+        need(all(_count(ix.get(k), 1) for k in ("m", "ef_construction", "ef_search")),
+             "'index.m'/'ef_construction'/'ef_search' must be positive integers")
+    if ix["type"] == "ivf":
+        need(_count(ix.get("nlist"), 1) and _count(ix.get("nprobe"), 1), "'index.nlist'/'nprobe' must be positive integers")
+    need(all(_count(n.get(k)) for k in ("documents", "chunks", "restricted_documents", "skipped_files")),
+         "'counts' must hold documents, chunks, restricted_documents and skipped_files as integers")
+    need(set(files) == {INDEX_FILE, STORE_FILE}, f"'files' must list exactly {INDEX_FILE} and {STORE_FILE}")
+    need(all(isinstance(v, str) and _HEX64.fullmatch(v) for v in files.values()),
+         "'files' values must be sha256 hex digests")
+    return m
+
+
+class IndexMoved(Exception):
+    """The index path was swapped to another build while it was being read (retry the read)."""
+
+
+class IndexSnapshot:
+    """One index directory read through a directory descriptor: a consistent view of one build.
+
+    A build swaps a new directory into place (retrieval.atomic); files opened through the
+    descriptor all come from the directory that was there when the snapshot was taken, so a
+    reader never mixes the manifest of one build with the files of another. A file that cannot
+    be read is an InputError, or IndexMoved when the path meanwhile names another directory.
+    """
+
+    def __init__(self, index_dir: str | Path):
+        self.dir = Path(index_dir)
+        self.mpath = self.dir / MANIFEST_FILE
+        try:
+            self.fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            # A fallback swap (two renames) is under way: between them `.NAME.old-*` exists, after them the path.
+            if self.dir.is_dir() or any(self.dir.parent.glob(f".{self.dir.name}.old-*")):
+                raise IndexMoved() from None
+            raise InputError(f"--index {self.dir}: no {MANIFEST_FILE} there; build one with "
+                             f"'hybrid index CORPUS_DIR --out {self.dir}'") from None
+        try:
+            self.manifest = validate_manifest(self._parse_manifest(), str(self.mpath))
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __enter__(self) -> "IndexSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def moved(self) -> bool:
+        """True when the path no longer names the directory this snapshot reads."""
+        try:
+            now, mine = os.stat(self.dir), os.fstat(self.fd)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
+
+    def _fail(self, message: str) -> None:
+        if self.moved():
+            raise IndexMoved()
+        raise InputError(message)
+
+    def _open(self, name: str) -> int | None:
+        try:
+            return os.open(name, os.O_RDONLY, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+
+    def _parse_manifest(self) -> object:
+        fd = self._open(MANIFEST_FILE)
+        if fd is None:
+            self._fail(f"--index {self.dir}: no {MANIFEST_FILE} there; build one with "
+                       f"'hybrid index CORPUS_DIR --out {self.dir}'")
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read()
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, absurd numbers or nesting
+            raise InputError(f"{self.mpath}: corrupted manifest (not JSON); {_REBUILD}") from None
+
+    def verified(self, name: str, keep_bytes: bool = False) -> tuple[int, bytes | None]:
+        """(open descriptor, its bytes if asked) of a file whose sha256 matches the manifest.
+
+        The digest is taken over what is read through the returned descriptor, so the file
+        checked is the file used. The caller closes the descriptor."""
+        fd = self._open(name)
+        if fd is None:
+            self._fail(f"{self.dir / name}: missing index file; {_REBUILD}")
+        digest, blocks = hashlib.sha256(), []
+        try:
+            while block := os.read(fd, 1 << 20):
+                digest.update(block)
+                if keep_bytes:
+                    blocks.append(block)
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        if digest.hexdigest() != self.manifest["files"][name]:
+            os.close(fd)
+            self._fail(f"{self.dir / name}: checksum mismatch (corrupted or truncated); {_REBUILD}")
+        return fd, (b"".join(blocks) if keep_bytes else None)
+
+    def connect_store(self) -> sqlite3.Connection:
+        """Read-only connection to the verified chunk store of this snapshot.
+
+        SQLite opens by path: /proc/self/fd/N resolves to wherever the verified file is now (its
+        directory may have been swapped out to a stage name), by the index path elsewhere. A
+        path that no longer leads to it fails to open, or `moved()` shows the swap: IndexMoved."""
+        fd, _ = self.verified(STORE_FILE)
+        try:
+            if os.path.exists(f"/proc/self/fd/{fd}"):
+                uri = f"file:/proc/self/fd/{fd}?mode=ro&immutable=1"
+            else:
+                uri = f"{(self.dir / STORE_FILE).resolve().as_uri()}?mode=ro&immutable=1"
+            con = None
+            try:
+                con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                con.execute("SELECT 1 FROM chunks LIMIT 1").fetchall()  # opens the file while fd pins it
+            except sqlite3.Error:
+                if con is not None:
+                    con.close()
+                self._fail(f"{self.dir / STORE_FILE}: cannot be opened as a hybrid chunk store; {_REBUILD}")
+            if self.moved():
+                con.close()
+                raise IndexMoved()
+            return con
+        finally:
+            os.close(fd)
+
+
+def read_manifest(index_dir: Path, verify: bool = True) -> dict:
+    """Read, validate and (by default) verify an index directory: the one loader of manifest.json.
+
+    Raises:
+        InputError: missing directory or files, not a valid manifest (see `validate_manifest`),
+            unknown format, checksum mismatch.
+    """
+    for _ in range(_READ_ATTEMPTS):
+        try:
+            with IndexSnapshot(index_dir) as snap:
+                if verify:
+                    for name in snap.manifest["files"]:
+                        os.close(snap.verified(name)[0])
+                return snap.manifest
+        except IndexMoved:
+            time.sleep(0.01)
+    raise InputError(f"--index {index_dir}: kept changing while being read (a build is replacing it); try again")
 
 
 @contextmanager
@@ -194,15 +375,17 @@ def make_faiss_index(vectors: np.ndarray, cfg: IndexConfig) -> tuple["faiss.Inde
 def _old_rows(out_dir: Path, manifest_expect: dict) -> tuple[dict[str, str], sqlite3.Connection | None]:
     """Content hashes of the previous index's documents, if its vectors can be reused."""
     try:
-        old = read_manifest(out_dir, verify=True)
-    except InputError as exc:
+        with IndexSnapshot(out_dir) as snap:
+            old = snap.manifest
+            if old["embedder"]["fingerprint"] != manifest_expect["fingerprint"] or old["chunking"] != manifest_expect["chunking"]:
+                return {}, None
+            os.close(snap.verified(INDEX_FILE)[0])
+            con = snap.connect_store()
+        return dict(con.execute("SELECT doc_id, content_hash FROM docs")), con
+    except (InputError, IndexMoved, sqlite3.Error) as exc:  # the build holds the lock: nothing moves it
         if (out_dir / MANIFEST_FILE).exists():
             log.warning("previous index not reusable (%s); embedding everything", exc)
         return {}, None
-    if old["embedder"]["fingerprint"] != manifest_expect["fingerprint"] or old["chunking"] != manifest_expect["chunking"]:
-        return {}, None
-    con = sqlite3.connect(f"file:{out_dir / STORE_FILE}?mode=ro&immutable=1", uri=True)
-    return dict(con.execute("SELECT doc_id, content_hash FROM docs")), con
 
 
 _SCHEMA = """
@@ -234,7 +417,7 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
         raise InputError("; ".join(problems))
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    corpus = load_corpus(corpus_dir, on_bad_file=cfg.on_bad_file)
+    corpus = load_corpus(corpus_dir, on_bad_file=cfg.on_bad_file, max_document_mb=cfg.max_document_mb)
     if out_dir.exists() and (not out_dir.is_dir() or (not (out_dir / MANIFEST_FILE).exists() and any(out_dir.iterdir()))):
         raise InputError(f"--out {out_dir}: exists and is not a hybrid index; choose an empty or new directory")
     emb = embedder or load_embedder(cfg.embedder)
@@ -242,10 +425,8 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
                 "title_in_embedding": True}
     with build_lock(out_dir):
         old_hashes, old_con = _old_rows(out_dir, {"fingerprint": emb.fingerprint, "chunking": chunking})
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        # staged_dir: build beside out_dir, swap on success; removes stages of killed builds.
+        with staged_dir(out_dir) as tmp:
             con = sqlite3.connect(tmp / STORE_FILE)
             con.executescript(_SCHEMA)
             reused = [d for d in corpus.documents if old_hashes.get(d.id) == d.content_hash]
@@ -299,10 +480,6 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-            swap_dir_into_place(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     deleted = len(set(old_hashes) - {d.id for d in corpus.documents})
     return BuildReport(index_dir=str(out_dir), documents=len(corpus.documents), chunks=len(rows),
                        embedded_documents=len(fresh), reused_documents=len(reused), deleted_documents=deleted,

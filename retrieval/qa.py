@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval.errors import InputError
+from retrieval.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,13 @@ def load_qa(path: str | Path) -> list[QARow]:
         raise InputError(f"QA file {path} does not exist; pass a JSONL file of questions")
     rows, seen = [], {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a BOM from an editor is not part of line 1
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text; save the QA file as UTF-8 JSONL") from None
-    for lineno, line in enumerate(lines, 1):
+    except OSError as exc:
+        raise InputError(f"QA file {path}: cannot read it ({exc.strerror}); pass a readable JSONL file") from None
+    # Lines end at "\n" only: splitlines() would also cut at U+2028/U+0085, which JSON strings may hold raw.
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -53,10 +57,13 @@ def load_qa(path: str | Path) -> list[QARow]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        except (ValueError, RecursionError):  # a number over Python's digit limit, absurd nesting
+            raise InputError(f"{where}: not valid JSON (a number too long or nesting too deep); each line must "
+                             f"be one JSON object") from None
         if not isinstance(obj, dict):
             raise InputError(f"{where}: each line must be a JSON object")
         qid, question, answers = obj.get("id"), obj.get("question"), obj.get("answers")
-        if not isinstance(qid, (str, int)) or str(qid) == "":
+        if not isinstance(qid, (str, int)) or isinstance(qid, bool) or str(qid) == "":
             raise InputError(f"{where}: field 'id' must be a non-empty string")
         qid = str(qid)
         if qid in seen:
@@ -102,33 +109,3 @@ def id_bucket(row_id: str, seed: int) -> float:
     """A question id's place in [0, 1) under `seed` (the split's seeded hash)."""
     h = hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
     return int(h[:12], 16) / float(1 << 48)
-
-
-def read_jsonl(path: str | Path, flag: str, what: str) -> list[tuple[int, dict]]:
-    """The JSON objects of a JSONL file, with their line numbers (blank lines skipped).
-
-    Args:
-        path: the file.
-        flag: the option that named it, for error messages (e.g. "--examples").
-        what: what the file should hold, for the fix in error messages (e.g. "RAFT examples").
-
-    Raises:
-        InputError: unreadable file, a line that is not a JSON object (named as FILE:LINE), or no objects.
-    """
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{flag} {p}: cannot read it ({exc.__class__.__name__}); pass a UTF-8 JSONL of {what}") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{flag} {p}:{n}: not valid JSON; each line must be one JSON object") from None
-        out.append((n, obj))
-    if not out:
-        raise InputError(f"{flag} {p}: no {what} in it")
-    return out

@@ -123,3 +123,17 @@ def bundled_tiny_index(tmp_path_factory, tiny_embedder):
     out = tmp_path_factory.mktemp("bundled") / "index"
     build_index(BUNDLED / "docs", out, IndexConfig(chunk_tokens=96, overlap=0), embedder=tiny_embedder)
     return out
+
+
+def config(cls, **kwargs):
+    """A workflow config from flat keyword arguments: the training settings (learning_rate, max_steps,
+    groups, ...) go into its `train`, whose other defaults are the workflow's own."""
+    import dataclasses
+
+    from retrieval.train_settings import TrainSettings
+
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    train = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    cfg = cls(**kwargs)
+    cfg.train = dataclasses.replace(cfg.train, **train)
+    return cfg

@@ -1,53 +1,36 @@
-"""`hybrid tune calibrate`: the generator's own abstention score and a threshold chosen for it.
+"""The generator's own abstention score, the threshold chosen for it, and the rule that applies it.
 
 The score of a prompt is the mean per-token log-probability the generator gives the
 abstention completion (`abstain_answer()`) after it: one forward pass, no sampling. A RAFT
 adapter trained with every question shown with and without its oracle (`--no-oracle both`)
 ranks prompts whose passages do not answer the question higher (HaluEval dev rows: AUROC
 0.88 on CPU after 200 steps, 0.89 at full size on a GPU; an adapter trained with the oracle
-sampled per question, 0.42), yet its greedy decision
-can lean one way: DPO pushed one such adapter to answer almost every question. Like a classifier's
-cut, the threshold is chosen on labelled rows that no training step used: the score that
-maximises TPR - FPR (Youden's J) between answerable and unanswerable rows. It is written
-beside the adapter as `hybrid_abstain.json`; `ask` abstains when a prompt scores at or
-above it, and `eval` reports the adapter both ways (`rag+NAME`, `rag+NAME+cal`).
-
-One workflow, top to bottom: config -> rows and passages -> scores -> threshold -> write.
+sampled per question, 0.42), yet its greedy decision can lean one way: DPO pushed one such
+adapter to answer almost every question. Like a classifier's cut, the threshold is chosen on
+labelled rows that no training step used (`hybrid tune calibrate`, hybrid/calibration.py): the
+score that maximises TPR - FPR (Youden's J). It is written beside the adapter as
+`hybrid_abstain.json`; `ask` abstains when a prompt scores at or above it, and `eval` reports
+the adapter both ways (`rag+NAME`, `rag+NAME+cal`).
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from retrieval import access
-from retrieval.atomic import write_text_atomic
 from retrieval.errors import InputError
-from retrieval.index import sha256_file
+from tuning import run_record
 from tuning.prompting import abstain_answer, build_messages
 
 CAL_FILE = "hybrid_abstain.json"
 
 
-@dataclass
-class CalibrateConfig:
-    """Settings of `hybrid tune calibrate`."""
-
-    adapter: str
-    qa: str
-    index: str | None = None
-    k: int = 5
-    groups: list[str] = field(default_factory=list)
-
-    def problems(self) -> list[str]:
-        out = access.group_problems(self.groups)
-        if self.k < 1:
-            out.append("-k must be >= 1")
-        return out
+def calibration_abstains(score: float | None, threshold: float | None) -> bool:
+    """The calibrated-abstention rule, for `ask` and `eval` alike: abstain when the adapter's own
+    abstention score reaches its threshold (no score or no threshold: no verdict)."""
+    return score is not None and threshold is not None and bool(score >= threshold)
 
 
 def abstain_scores(model, tok, questions: list[str], passages_batch: list[list[dict]]) -> np.ndarray:
@@ -99,68 +82,23 @@ def youden_threshold(scores: np.ndarray, answerable: np.ndarray) -> dict:
 
 
 def load_calibration(adapter_dir: str | Path) -> dict | None:
-    """The calibration record beside an adapter (threshold, AUROC, ...), or None when it was never calibrated.
+    """The validated calibration record beside an adapter, or None when it was never calibrated.
 
     Raises:
-        InputError: the threshold was chosen for another training run of this adapter.
+        InputError: unreadable, lacking a numeric `threshold`, or chosen for another training run
+            of this adapter.
     """
     path = Path(adapter_dir) / CAL_FILE
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
-    if record.get("adapter_run") != run_fingerprint(adapter_dir):
-        raise InputError(f"--adapter {adapter_dir}: {CAL_FILE} was calibrated for another training run; "
-                         f"rerun 'hybrid tune calibrate --adapter {adapter_dir} --qa QA.jsonl' or delete it")
+    fix = f"rerun 'hybrid tune calibrate --adapter {adapter_dir} --qa QA.jsonl' or delete it"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"--adapter {adapter_dir}: {CAL_FILE} is unreadable ({exc.__class__.__name__}); {fix}") from None
+    if not isinstance(record, dict) or isinstance(record.get("threshold"), bool) or \
+            not isinstance(record.get("threshold"), (int, float)):
+        raise InputError(f"--adapter {adapter_dir}: {CAL_FILE} lacks a numeric threshold; {fix}")
+    if record.get("adapter_run") != run_record.fingerprint(adapter_dir):
+        raise InputError(f"--adapter {adapter_dir}: {CAL_FILE} was calibrated for another training run; {fix}")
     return record
-
-
-def load_threshold(adapter_dir: str | Path) -> float | None:
-    """The calibrated threshold beside an adapter, or None when it was never calibrated (see load_calibration)."""
-    record = load_calibration(adapter_dir)
-    return None if record is None else float(record["threshold"])
-
-
-def calibrate(cfg: CalibrateConfig, log=print) -> dict:
-    """Score labelled rows with the adapter, choose the threshold, write ADAPTER/hybrid_abstain.json.
-
-    Rows with `answers: []` are the unanswerable ones; rows use their fixed `passages`, else
-    the top -k retrieved from `index` for the caller's groups.
-    """
-    if problems := cfg.problems():
-        raise InputError("; ".join(problems))
-    from hybrid.factuality import EvalConfig, row_contexts
-    from hybrid.judge import auroc
-    from hybrid.pipeline import Pipeline
-    from retrieval.qa import load_qa
-
-    if run_fingerprint(cfg.adapter) is None:
-        raise InputError(f"--adapter {cfg.adapter}: not an adapter made by 'hybrid tune generator' or "
-                         f"'hybrid tune dpo' (no hybrid_run.json); pass such a directory")
-    t0 = time.perf_counter()
-    rows = load_qa(cfg.qa)
-    labels = np.array([bool(r.answers) for r in rows])
-    if labels.all() or not labels.any():
-        raise InputError(f"--qa {cfg.qa}: needs answerable rows and unanswerable rows (answers: []) to set a "
-                         f"threshold between them; it has {int(labels.sum())} and {int((~labels).sum())}")
-    needs_index = any(r.passages is None for r in rows)
-    if needs_index and not cfg.index:  # checked before any model loads
-        raise InputError(f"--qa {cfg.qa}: rows without 'passages' need --index to retrieve them")
-    # calibrated=False: a stale threshold beside the adapter must not block the recalibration
-    pipe = Pipeline.load(cfg.index if needs_index else None, {"adapter": cfg.adapter}, k=cfg.k, groups=cfg.groups,
-                         calibrated=False)
-    contexts = row_contexts(rows, EvalConfig(qa=cfg.qa, index=cfg.index, k=cfg.k, groups=cfg.groups), pipe)
-    scores = pipe.abstain_scores([r.question for r in rows], [contexts[r.id] for r in rows], adapter="adapter")
-    record = {**youden_threshold(scores, labels), "auroc": auroc(-scores, labels), "n": len(rows),
-              "n_unanswerable": int((~labels).sum()), "qa": cfg.qa, "qa_sha256": sha256_file(Path(cfg.qa)),
-              "adapter_run": run_fingerprint(cfg.adapter), "score": "mean log-prob per token of the abstention",
-              "minutes": round((time.perf_counter() - t0) / 60, 2)}
-    write_text_atomic(Path(cfg.adapter) / CAL_FILE, json.dumps(record, indent=2))
-    log(f"calibrated {cfg.adapter}: threshold {record['threshold']:.4f}, AUROC {record['auroc']:.3f}, "
-        f"answerable kept {record['tpr']:.2f}, unanswerable answered {record['fpr']:.2f} ({len(rows)} rows)")
-    return record
-
-
-def run_fingerprint(adapter_dir: str | Path) -> str | None:
-    """Identity of an adapter's training run (sha256 of its hybrid_run.json), None without one."""
-    run = Path(adapter_dir) / "hybrid_run.json"
-    return sha256_file(run) if run.exists() else None

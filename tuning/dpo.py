@@ -38,85 +38,81 @@ DPO adapter is tagged with them.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from retrieval import access
-from retrieval.atomic import swap_dir_into_place, write_text_atomic
+from retrieval.atomic import staged_dir
 from retrieval.errors import InputError
-from retrieval.qa import load_qa, read_jsonl, split_rows
+from retrieval.jsonl import read_jsonl, write_jsonl
+from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
+from retrieval.train_settings import TrainSettings, literal_problems
+from tuning import run_record
+from tuning.grading import classify
+from tuning.judge import Judge
+from retrieval.trainer_output import drop_step_printer, no_dataset_bars
 from tuning.memory_plan import GiB, ModelShape, describe, plan
 from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in, sequence_tokens
-from tuning.raft_data import RaftSettings, build_examples, check_rows, oracle_answer, visible_rows, write_jsonl
-
-RUN_FILE = "hybrid_run.json"
-
+from tuning.raft_data import RaftSettings, build_examples, check_rows, oracle_answer, visible_rows
 
 @dataclass
 class DPOTuneConfig:
-    """Settings of `hybrid tune dpo`."""
+    """Settings of `hybrid tune dpo` (YAML keys = field names; `train:` nests TrainSettings)."""
 
-    adapter: str
-    out: str
-    index: str = ""  # with qa: build pairs from the SFT run's training questions ...
-    qa: str = ""
-    pairs_file: str = ""  # ... or train on prepared pairs (an earlier run's dpo_pairs.jsonl), no index needed
-    wrong_answers: str | None = None
-    judge: str | None = None
-    n_samples: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    p_oracle: float = 0.5
-    num_distractors: int = 4
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    learning_rate: float = 5e-5
-    max_steps: int = 0
-    epochs: float = 1.0
-    batch_size: int = 1
-    grad_accum: int = 4
-    max_length: int = 1024
-    test_fraction: float = 0.2
-    max_questions: int = 0
-    answer_over_abstain: bool = True
-    pairs: Literal["sampled", "contrastive"] = "sampled"
-    max_minutes: float = 0.0  # stop at the first step past this wall time and save; 0 = no limit
-    seed: int = 13
-    groups: list[str] = field(default_factory=list)  # access groups whose restricted chunks may be learned
+    adapter: str = field(metadata={"help": "SFT adapter dir from 'hybrid tune generator'."})
+    out: str = field(metadata={"help": "Adapter directory to write (atomically)."})
+    index: str = field(default="", metadata={"help": "Index the SFT adapter was trained with (with --qa)."})
+    qa: str = field(default="", metadata={"help": "QA JSONL (the SFT run's held-out questions are excluded)."})
+    pairs_file: str = field(default="", metadata={
+        "help": "Train on prepared preference pairs instead of building them from --index/--qa (an earlier run's "
+                "dpo_pairs.jsonl, or a file of that form; no index needed)."})
+    wrong_answers: str | None = field(default=None, metadata={
+        "help": 'JSONL of {"id", "wrong_answer"}: dataset-provided wrong answers as extra rejected answers.'})
+    judge: str | None = field(default=None, metadata={"help": "Groundedness judge dir; unsupported samples score lower."})
+    pairs: Literal["sampled", "contrastive"] = field(default="sampled", metadata={
+        "help": "sampled = FactTune: the SFT model's samples, scored; contrastive = each question with and without "
+                "its oracle, the same answer and abstention flipped (no sampling)."})
+    n_samples: int = field(default=4, metadata={"help": "Samples per question at --temperature (sampled pairs)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (sampled pairs)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens per sample (sampled pairs)."})
+    p_oracle: float = field(default=0.5, metadata={"help": "Share of prompts with the oracle (sampled pairs)."})
+    num_distractors: int = field(default=4, metadata={"help": "Distractor chunks per prompt."})
+    answer_over_abstain: bool = field(default=True, metadata={
+        "help": "With the oracle present and a sample abstaining, prefer the gold-quoting answer over the abstention."})
+    test_fraction: float = field(default=0.2, metadata={
+        "help": "Questions held back, split as the SFT run split them (its held-out ids are excluded as well)."})
+    max_questions: int = field(default=0, metadata={"help": "Use at most N training questions; 0 = all."})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta (strength of the pull away from the reference)."})
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = field(default="sigmoid", metadata={"help": "DPO loss."})
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-5, batch_size=1, grad_accum=4),
+                                 metadata={"help": "training settings"})
 
     def problems(self) -> list[str]:
-        out = access.group_problems(self.groups)
+        out = self.train.problems() + literal_problems(self)
         if self.n_samples < 2:
             out.append("--n-samples must be >= 2 (a pair needs two samples)")
-        if self.beta <= 0 or self.learning_rate <= 0 or self.temperature <= 0:
-            out.append("--beta, --learning-rate and --temperature must be > 0")
+        if self.beta <= 0 or self.temperature <= 0:
+            out.append("--beta and --temperature must be > 0")
         if self.pairs_file and (self.index or self.qa or self.wrong_answers):
             out.append("--pairs-file replaces --index, --qa and --wrong-answers; give one or the other")
         elif not self.pairs_file and not (self.index and self.qa):
             out.append("--index and --qa are required (or --pairs-file with prepared preference pairs)")
-        if self.max_minutes < 0:
-            out.append("--max-minutes must be >= 0")
-        if self.pairs not in ("sampled", "contrastive"):
-            out.append("--pairs must be sampled or contrastive")
-        if self.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
-            out.append("--loss-type must be one of sigmoid, ipo, hinge, robust")
-        for n in ("max_new_tokens", "batch_size", "grad_accum", "max_length"):
-            if getattr(self, n) < 1:
-                out.append(f"--{n.replace('_', '-')} must be >= 1")
+        if self.max_new_tokens < 1:
+            out.append("--max-new-tokens must be >= 1")
+        if not 0 <= self.p_oracle <= 1 or not 0 <= self.test_fraction < 1:
+            out.append("--p-oracle must be in [0, 1] and --test-fraction in [0, 1)")
+        if self.num_distractors < 0 or self.max_questions < 0:
+            out.append("--num-distractors and --max-questions must be >= 0")
         return out
 
 
 def score(text: str, golds, passages: list[dict], oracle: bool, unsupported: bool | None) -> float:
     """FactTune-style factuality score of one sampled completion (see module docstring)."""
-    from hybrid.factuality import classify
-
     parsed = parse_answer(text)
     label = classify(parsed.answer, parsed.abstained, golds if oracle else [])
     s = {"correct": 2.0, "hallucinated": -2.0}.get(label, 1.0 if not oracle or not golds else -1.0)
@@ -238,30 +234,37 @@ def _qa_pairs(cfg: DPOTuneConfig, held: set[str], sft_run: dict, model, tok) -> 
     retriever = Retriever.load(cfg.index)
     rows = load_qa(cfg.qa)
     check_rows(rows, retriever, cfg.qa)
-    rows, dropped = visible_rows(rows, retriever, cfg.groups)
-    train_rows, _ = split_rows(rows, cfg.test_fraction, sft_run["config"]["seed"]) if cfg.test_fraction else (rows, [])
+    rows, dropped = visible_rows(rows, retriever, cfg.train.groups)
+    sft_seed = run_record.train_settings(sft_run)["seed"]
+    train_rows, _ = split_rows(rows, cfg.test_fraction, sft_seed) if cfg.test_fraction else (rows, [])
     train_rows = [r for r in train_rows if r.id not in held]
     if cfg.max_questions:
-        train_rows = random.Random(cfg.seed).sample(train_rows, min(cfg.max_questions, len(train_rows)))
+        train_rows = random.Random(cfg.train.seed).sample(train_rows, min(cfg.max_questions, len(train_rows)))
     rows_by_id = {r.id: r for r in train_rows}
-    settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, seed=cfg.seed,
+    settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, seed=cfg.train.seed,
                             no_oracle="both" if cfg.pairs == "contrastive" else "abstain")
-    examples = build_examples(train_rows, retriever, settings, groups=cfg.groups)
-    chunks = {h.chunk_id: h for h in retriever.chunks(groups=access.training_groups(cfg.groups))}
+    examples = build_examples(train_rows, retriever, settings, groups=cfg.train.groups)
+    chunks = {h.chunk_id: h for h in retriever.chunks(groups=access.training_groups(cfg.train.groups))}
     if cfg.pairs == "contrastive":  # contrastive pairs score nothing: no judge
         pairs = contrastive_pairs(examples, rows_by_id, chunks)
     else:
-        judge = None
-        if cfg.judge:
-            from hybrid.judge import Judge
-
-            judge = Judge.load(cfg.judge, groups=cfg.groups)
+        judge = Judge.load(cfg.judge, groups=cfg.train.groups) if cfg.judge else None
         pairs = build_pairs(examples, rows_by_id, chunks, model, tok, cfg, judge)
     if cfg.wrong_answers:
-        wrong = {str(j["id"]): j["wrong_answer"] for j in map(json.loads, Path(cfg.wrong_answers).read_text().splitlines())
-                 if j.get("wrong_answer")}
-        pairs += dataset_pairs(examples, rows_by_id, wrong, chunks)
+        pairs += dataset_pairs(examples, rows_by_id, read_wrong_answers(cfg.wrong_answers), chunks)
     return pairs, dropped
+
+
+def read_wrong_answers(path: str | Path) -> dict[str, str]:
+    """{question id: wrong answer} from a JSONL of {"id", "wrong_answer"} (empty answers skipped)."""
+    out = {}
+    for n, j in read_jsonl(path, "--wrong-answers", 'wrong answers ({"id", "wrong_answer"})'):
+        if not isinstance(j, dict) or not isinstance(j.get("id"), (str, int)) or isinstance(j.get("id"), bool) \
+                or not isinstance(j.get("wrong_answer"), str):
+            raise InputError(f'--wrong-answers {path}:{n}: each line must be {{"id": str, "wrong_answer": str}}')
+        if j["wrong_answer"]:
+            out[str(j["id"])] = j["wrong_answer"]
+    return out
 
 
 def load_pairs(path: str | Path, held: set[str], groups) -> list[dict]:
@@ -311,22 +314,20 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
 
     from tuning.generator import load_generator
     from tuning.peak_memory import PeakMemory  # these two import transformers: kept out of CLI start-up
-    from tuning.time_budget import TimeBudget
+    from retrieval.time_budget import TimeBudget
 
     sft_dir = Path(cfg.adapter)
-    if not (sft_dir / RUN_FILE).exists():
-        raise InputError(f"--adapter {sft_dir}: not an adapter made by 'hybrid tune generator'")
-    sft_run = json.loads((sft_dir / RUN_FILE).read_text())
-    access.check(sft_dir, cfg.groups, f"--adapter {sft_dir}")
+    sft_run = run_record.read(sft_dir, f"--adapter {sft_dir}")
+    access.check(sft_dir, cfg.train.groups, f"--adapter {sft_dir}")
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not (out / RUN_FILE).exists():
+    if out.exists() and any(out.iterdir()) and not run_record.exists(out):
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
 
     held = set(sft_run["data"]["held_out_ids"])
-    prepared = load_pairs(cfg.pairs_file, held, cfg.groups) if cfg.pairs_file else None  # checked before any load
+    prepared = load_pairs(cfg.pairs_file, held, cfg.train.groups) if cfg.pairs_file else None  # checked before any load
 
     # --- load: base + the SFT adapter, trainable ---------------------------------------------
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     base, tok, info = load_generator(sft_run["base_model"]["name"])
     if info.fingerprint != sft_run["base_model"]["fingerprint"]:
         raise InputError(f"--adapter {sft_dir}: trained on another base model than {info.name}; retrain it")
@@ -346,14 +347,14 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     # one sequence of twice the length, since every per-token term scales with the token count.
     # The base is in float (LoRA, no checkpointing), whatever the SFT run used.
     cpu = not torch.cuda.is_available()
-    longest = min(cfg.max_length, max(sequence_tokens(tok, p["prompt"], p[k][0]["content"])[1]
+    longest = min(cfg.train.max_length, max(sequence_tokens(tok, p["prompt"], p[k][0]["content"])[1]
                                       for p in pairs for k in ("chosen", "rejected")))
     sft_cfg = sft_run["config"]
     targets = "all-linear" if sft_cfg["target_modules"] == "all-linear" else sft_cfg["target_modules"].split(",")
-    mplan = plan(ModelShape.from_config(base.config), "lora", 2 * longest, cfg.batch_size, False, sft_cfg["lora_r"],
+    mplan = plan(ModelShape.from_config(base.config), "lora", 2 * longest, cfg.train.batch_size, False, sft_cfg["lora_r"],
                  targets, "cpu" if cpu else "cuda")
     if not mplan["fits"]:
-        raise InputError(f"--max-length {cfg.max_length}: one pair of {longest}-token sequences needs "
+        raise InputError(f"--max-length {cfg.train.max_length}: one pair of {longest}-token sequences needs "
                          f"~{mplan['estimates']['lora']['total'] / GiB:.1f} GiB but {mplan['budget'] / GiB:.1f} GiB "
                          f"is free; lower --max-length (longer pairs are truncated)")
     log(describe(mplan).replace(" tokens):", " tokens, a pair = 2 sequences):", 1))
@@ -361,44 +362,40 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     # --- train -----------------------------------------------------------------------------
     model.train()
     ckpt_dir = out.parent / f"{out.name}.checkpoints"
-    args = DPOConfig(output_dir=str(ckpt_dir), beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length,
+    args = DPOConfig(output_dir=str(ckpt_dir), beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.train.max_length,
                      # the plan may split the micro-batch; accumulation keeps the pairs per optimizer step
                      per_device_train_batch_size=mplan["batch"],
-                     gradient_accumulation_steps=cfg.grad_accum * mplan["accum_factor"],
-                     learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+                     gradient_accumulation_steps=cfg.train.grad_accum * mplan["accum_factor"],
+                     learning_rate=cfg.train.learning_rate, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or -1,
                      use_cpu=cpu, bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
-                     report_to="none", seed=cfg.seed, disable_tqdm=not progress, warmup_steps=0.1)
+                     report_to="none", seed=cfg.train.seed, disable_tqdm=not progress, warmup_steps=cfg.train.warmup_ratio)
     ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    budget, peak = TimeBudget(cfg.max_minutes), PeakMemory("cpu" if cpu else "cuda")
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
-                         callbacks=[budget, peak])
-    trainer.train()
+    budget, peak = TimeBudget(cfg.train.max_minutes), PeakMemory("cpu" if cpu else "cuda")
+    with no_dataset_bars():
+        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[budget, peak])
+        drop_step_printer(trainer, progress)
+        trainer.train()
     measured = peak.record(mplan["estimates"]["lora"]["total"])
     log(f"memory: planned {measured['planned_bytes'] / GiB:.2f} GiB, measured peak {measured['peak_bytes'] / GiB:.2f} "
         f"GiB ({measured['what']})")
 
     # --- save (atomic) -----------------------------------------------------------------------
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
         tok.save_pretrained(str(tmp))
         write_jsonl(tmp / "dpo_pairs.jsonl", pairs)
         history = trainer.state.log_history
         record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
                   "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
-                  "access": access.record(cfg.groups, sorted({g for p in pairs for g in p["groups"]})),
+                  "access": access.record(cfg.train.groups, sorted({g for p in pairs for g in p["groups"]})),
                   "data": {"held_out_ids": sorted(held), "pairs": len(pairs), "skipped_restricted": len(dropped),
                            "by_source": {s: sum(p["source"] == s for p in pairs) for s in _sources(pairs)},
                            "questions": questions, "pairs_file": cfg.pairs_file},
                   "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
                   "stopped_early": budget.stopped_early, "memory_plan": mplan, "memory_measured": measured,
                   "minutes": round((time.perf_counter() - t0) / 60, 2)}
-        write_text_atomic(tmp / RUN_FILE, json.dumps(record, indent=2))
+        run_record.write(tmp, record)
         access.write(tmp, record["access"])
-        swap_dir_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return record

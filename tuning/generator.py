@@ -11,12 +11,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from retrieval.atomic import staged_dir
 from retrieval.embedder import fingerprint_dir
 from retrieval.errors import InputError
 
@@ -80,15 +79,9 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
         del model.config.quantization_config
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with staged_dir(dest) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_generator(spec: str | None) -> tuple[str, Path]:

@@ -34,7 +34,8 @@ from typing import Literal
 
 from retrieval.access import training_groups
 from retrieval.errors import InputError
-from retrieval.qa import QARow, read_jsonl
+from retrieval.jsonl import read_jsonl, write_jsonl
+from retrieval.qa import QARow
 from retrieval.retriever import Hit, Retriever
 from tuning.prompting import abstain_answer, build_messages, cot_answer
 
@@ -170,12 +171,6 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
                              "oracle": include, "chunk_ids": [p["chunk_id"] for p in passages],
                              "groups": sorted({g for h in context for g in h.groups})})
     return examples
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from retrieval.atomic import write_text_atomic
-
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def stats(examples: list[dict]) -> dict:

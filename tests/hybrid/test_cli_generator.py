@@ -14,7 +14,9 @@ def cli_adapter(tmp_path_factory, bundled_tiny_index, tiny_llm_dir):
     res = run("tune", "generator", "--index", bundled_tiny_index, "--qa", small_qa(root), "--out", root / "adapter",
               "--base-model", tiny_llm_dir, "--max-steps", 2, "--num-distractors", 1, "--grad-accum", 1, "-q")
     assert res.exit_code == 0, res.output
-    assert "lora adapter saved to" in res.stdout and "memory plan (cpu" in res.stderr
+    assert "lora adapter saved to" in res.stdout
+    # -q: the summary only; no memory plan, no per-step loss dicts, no datasets progress bars
+    assert "memory plan" not in res.stderr and "'loss'" not in res.output and "dataset" not in res.stderr
     return root / "adapter"
 
 
@@ -59,7 +61,9 @@ def test_generator_bad_inputs(tmp_path, bundled_tiny_index, tiny_llm_dir, cli_ad
     monkeypatch.undo()
     assert_clean_error(run("ask", "q", "--index", bundled_tiny_index, "--adapter", tmp_path), "not an adapter made by")
     assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",
-                           "--strategy", "magic", "--lora-r", 0), "--strategy", "--lora-r")
+                           "--strategy", "magic"), "--strategy", "'magic' is not one of")
+    assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",
+                           "--lora-r", 0, "--learning-rate", 0), "--lora-r must be >= 1", "--learning-rate must be > 0")
     assert not (tmp_path / "o").exists()
 
 
@@ -67,9 +71,10 @@ def test_tune_dpo_cli(cli_adapter, bundled_tiny_index, tmp_path):
     qa = small_qa(tmp_path)
     res = run("tune", "dpo", "--index", bundled_tiny_index, "--qa", qa, "--adapter", cli_adapter,
               "--out", tmp_path / "dpo", "--n-samples", 2, "--max-steps", 1, "--max-questions", 4,
-              "--num-distractors", 1, "-q")
+              "--num-distractors", 1)
     assert res.exit_code == 0, res.output
     assert "dpo adapter saved to" in res.stdout and (tmp_path / "dpo" / "adapter_model.safetensors").exists()
+    assert "memory plan (cpu" in res.stderr and "dataset" not in res.stderr  # the default: plan, no library bars
     assert_clean_error(run("tune", "dpo", "--index", bundled_tiny_index, "--qa", qa, "--adapter", tmp_path,
                            "--out", tmp_path / "x"), "not an adapter made by")
 

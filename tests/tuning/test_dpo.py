@@ -1,3 +1,4 @@
+from tests.conftest import config
 import json
 
 import pytest
@@ -31,7 +32,7 @@ def test_dpo_continues_sft_adapter_and_saves_loadable_adapter(tmp_path, bundled_
     rows = [json.loads(l) for l in qa.read_text().splitlines()]
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text("".join(json.dumps({"id": r["id"], "wrong_answer": "forty goats"}) + "\n" for r in rows if r["answers"]))
-    cfg = DPOTuneConfig(index=str(bundled_tiny_index), qa=str(qa), adapter=str(tmp_path / "adapter"),
+    cfg = config(DPOTuneConfig, index=str(bundled_tiny_index), qa=str(qa), adapter=str(tmp_path / "adapter"),
                         out=str(tmp_path / "dpo"), wrong_answers=str(wrong), n_samples=2, max_new_tokens=6,
                         num_distractors=1, max_steps=2, grad_accum=1, learning_rate=1e-2, max_questions=6)
     rec = tune_dpo(cfg, progress=False, log=lambda *_: None)
@@ -53,7 +54,7 @@ def test_dpo_continues_sft_adapter_and_saves_loadable_adapter(tmp_path, bundled_
 def test_contrastive_dpo_trains_on_flipped_pairs_without_sampling(tmp_path, bundled_tiny_index, tiny_llm_dir):
     tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0), progress=False,
                    log=lambda *_: None)
-    cfg = DPOTuneConfig(index=str(bundled_tiny_index), qa=str(small_qa(tmp_path)), adapter=str(tmp_path / "adapter"),
+    cfg = config(DPOTuneConfig, index=str(bundled_tiny_index), qa=str(small_qa(tmp_path)), adapter=str(tmp_path / "adapter"),
                         out=str(tmp_path / "dpo"), pairs="contrastive", num_distractors=1, max_steps=1, grad_accum=1,
                         max_questions=6)
     rec = tune_dpo(cfg, progress=False, log=lambda *_: None)
@@ -64,7 +65,7 @@ def test_contrastive_dpo_trains_on_flipped_pairs_without_sampling(tmp_path, bund
 
 
 def test_unknown_pair_mode_is_refused(tmp_path):
-    cfg = DPOTuneConfig(index="i", qa="q", adapter="a", out=str(tmp_path / "o"), pairs="mixed")
+    cfg = config(DPOTuneConfig, index="i", qa="q", adapter="a", out=str(tmp_path / "o"), pairs="mixed")
     with pytest.raises(Exception, match="--pairs"):
         tune_dpo(cfg, progress=False)
 
@@ -78,13 +79,13 @@ def test_dpo_plans_pairs_as_double_length_sequences_and_splits_what_does_not_fit
                    log=quiet)
     common = dict(index=str(bundled_tiny_index), qa=str(small_qa(tmp_path)), adapter=str(tmp_path / "adapter"),
                   pairs="contrastive", num_distractors=1, max_steps=2, grad_accum=1, max_questions=6, batch_size=2)
-    whole = tune_dpo(DPOTuneConfig(out=str(tmp_path / "whole"), **common), progress=False, log=quiet)
+    whole = tune_dpo(config(DPOTuneConfig, out=str(tmp_path / "whole"), **common), progress=False, log=quiet)
     p = whole["memory_plan"]
     pairs = [json.loads(l) for l in (tmp_path / "whole" / "dpo_pairs.jsonl").read_text().splitlines()]
     assert p["seq_len"] % 2 == 0 and p["seq_len"] // 2 >= max(len(x["chosen"][0]["content"].split()) for x in pairs)
     assert (p["batch"], p["accum_factor"]) == (2, 1) and whole["memory_measured"]["planned_bytes"] == p["estimates"]["lora"]["total"]
     monkeypatch.setattr(mp, "available_bytes", lambda device: int(p["estimates"]["lora"]["total"] / 0.9) - 1)
-    split = tune_dpo(DPOTuneConfig(out=str(tmp_path / "split"), **common), progress=False, log=quiet)
+    split = tune_dpo(config(DPOTuneConfig, out=str(tmp_path / "split"), **common), progress=False, log=quiet)
     assert (split["memory_plan"]["batch"], split["memory_plan"]["accum_factor"]) == (1, 2) and split["steps"] == 2
     # the same pairs reach each optimizer step: same tokens and log-probs per step, the same gradient
     for a, b in zip(whole["train_log"], split["train_log"], strict=True):
@@ -92,5 +93,5 @@ def test_dpo_plans_pairs_as_double_length_sequences_and_splits_what_does_not_fit
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     monkeypatch.setattr(mp, "available_bytes", lambda device: 1)
     with pytest.raises(InputError, match="--max-length 1024: one pair of"):
-        tune_dpo(DPOTuneConfig(out=str(tmp_path / "none"), **common), progress=False, log=quiet)
+        tune_dpo(config(DPOTuneConfig, out=str(tmp_path / "none"), **common), progress=False, log=quiet)
     assert not (tmp_path / "none").exists()

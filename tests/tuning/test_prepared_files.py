@@ -1,5 +1,6 @@
 """Training from prepared JSONL (no index): RAFT examples for SFT, preference pairs for DPO; --max-minutes."""
 
+from tests.conftest import config
 import json
 import sys
 
@@ -27,7 +28,7 @@ def test_sft_from_examples_needs_no_index_and_keeps_question_pairs_together(tmp_
                                                                              monkeypatch):
     adapter, _ = first_run
     monkeypatch.setitem(sys.modules, "faiss", None)  # a prepared file needs no FAISS (as on a bare GPU machine)
-    cfg = GeneratorTuneConfig(out=str(tmp_path / "again"), examples=str(adapter / "raft_train.jsonl"),
+    cfg = config(GeneratorTuneConfig, out=str(tmp_path / "again"), examples=str(adapter / "raft_train.jsonl"),
                               base_model=str(tiny_llm_dir), max_steps=2, save_steps=1, grad_accum=1, learning_rate=1e-2,
                               test_fraction=0.3, val_fraction=0.3, max_length=1024)
     rec = tune_generator(cfg, progress=False, log=_quiet)
@@ -48,36 +49,36 @@ def test_examples_with_restricted_groups_need_those_groups(tmp_path, first_run, 
     rows[0]["groups"] = ["finance"]
     path = tmp_path / "restricted.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = GeneratorTuneConfig(out=str(tmp_path / "o"), examples=str(path), base_model=str(tiny_llm_dir), max_steps=1)
+    cfg = config(GeneratorTuneConfig, out=str(tmp_path / "o"), examples=str(path), base_model=str(tiny_llm_dir), max_steps=1)
     with pytest.raises(InputError, match="restricted to group\\(s\\) finance; name them with --group"):
         tune_generator(cfg, progress=False, log=_quiet)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "q1", "prompt": "not messages"}) + "\n")
     with pytest.raises(InputError, match=f"--examples {bad}:1: needs 'id', 'prompt'"):
-        tune_generator(GeneratorTuneConfig(out=str(tmp_path / "o"), examples=str(bad), base_model=str(tiny_llm_dir)),
+        tune_generator(config(GeneratorTuneConfig, out=str(tmp_path / "o"), examples=str(bad), base_model=str(tiny_llm_dir)),
                        progress=False, log=_quiet)
     assert not (tmp_path / "o").exists()
 
 
 def test_examples_and_index_are_exclusive_and_one_is_needed(tmp_path):
-    both = GeneratorTuneConfig(out="o", examples="e.jsonl", index="i", qa="q")
+    both = config(GeneratorTuneConfig, out="o", examples="e.jsonl", index="i", qa="q")
     assert any("--examples replaces --index and --qa" in p for p in both.problems())
-    neither = GeneratorTuneConfig(out="o")
+    neither = config(GeneratorTuneConfig, out="o")
     assert any("--index and --qa are required" in p for p in neither.problems())
-    assert any("--pairs-file replaces" in p for p in DPOTuneConfig(adapter="a", out="o", pairs_file="p", qa="q").problems())
-    assert any("--max-minutes" in p for p in DPOTuneConfig(adapter="a", out="o", pairs_file="p", max_minutes=-1).problems())
+    assert any("--pairs-file replaces" in p for p in config(DPOTuneConfig, adapter="a", out="o", pairs_file="p", qa="q").problems())
+    assert any("--max-minutes" in p for p in config(DPOTuneConfig, adapter="a", out="o", pairs_file="p", max_minutes=-1).problems())
 
 
 def test_dpo_from_pairs_file_refuses_held_out_questions_and_trains_otherwise(tmp_path, first_run, bundled_tiny_index,
                                                                             monkeypatch):
     adapter, sft = first_run
-    cfg = DPOTuneConfig(index=str(bundled_tiny_index), qa=str(tmp_path / "qa.jsonl"), adapter=str(adapter),
+    cfg = config(DPOTuneConfig, index=str(bundled_tiny_index), qa=str(tmp_path / "qa.jsonl"), adapter=str(adapter),
                         out=str(tmp_path / "dpo"), pairs="contrastive", num_distractors=1, max_steps=1, grad_accum=1,
                         max_questions=4)
     first = tune_dpo(cfg, progress=False, log=_quiet)
     pairs_path = tmp_path / "dpo" / "dpo_pairs.jsonl"
     monkeypatch.setitem(sys.modules, "faiss", None)
-    again = tune_dpo(DPOTuneConfig(adapter=str(adapter), out=str(tmp_path / "dpo2"), pairs_file=str(pairs_path),
+    again = tune_dpo(config(DPOTuneConfig, adapter=str(adapter), out=str(tmp_path / "dpo2"), pairs_file=str(pairs_path),
                                    max_steps=2, grad_accum=1), progress=False, log=_quiet)
     assert again["steps"] == 2 and again["data"]["pairs"] == first["data"]["pairs"]
     assert again["data"]["by_source"] == first["data"]["by_source"] and again["data"]["pairs_file"] == str(pairs_path)
@@ -87,7 +88,7 @@ def test_dpo_from_pairs_file_refuses_held_out_questions_and_trains_otherwise(tmp
                                                           "chosen": [{"role": "assistant", "content": "a"}],
                                                           "rejected": [{"role": "assistant", "content": "b"}]}) + "\n")
     with pytest.raises(InputError, match="1 pairs are about questions the SFT adapter held out"):
-        tune_dpo(DPOTuneConfig(adapter=str(adapter), out=str(tmp_path / "dpo3"), pairs_file=str(leaky)), progress=False)
+        tune_dpo(config(DPOTuneConfig, adapter=str(adapter), out=str(tmp_path / "dpo3"), pairs_file=str(leaky)), progress=False)
     assert not (tmp_path / "dpo3").exists()
 
 

@@ -1,3 +1,4 @@
+from tests.conftest import config
 import json
 
 import pytest
@@ -23,7 +24,7 @@ def cfg_for(tmp_path, index, llm, **kw):
                 max_steps=3, save_steps=2, num_distractors=2, max_length=1024, grad_accum=1, learning_rate=1e-2,
                 neftune_alpha=5.0, test_fraction=0.2, val_fraction=0.2)
     base.update(kw)
-    return GeneratorTuneConfig(**base)
+    return config(GeneratorTuneConfig, **base)
 
 
 def test_lora_sft_trains_adapter_only_and_saves_plain_peft_dir(tmp_path, bundled_tiny_index, tiny_llm_dir):
@@ -102,7 +103,7 @@ def test_interrupted_run_keeps_previous_adapter_and_resumes(tmp_path, bundled_ti
     rec = tune_generator(cfg2, progress=False, log=lambda *_: None)
     assert rec["steps"] == 4 and len(rec["train_loss"]) == 4  # steps 1-2 restored from the checkpoint, 3-4 run now
     assert (out / "adapter_model.safetensors").read_bytes() != before
-    assert first["config"]["learning_rate"] != rec["config"]["learning_rate"]
+    assert first["config"]["train"]["learning_rate"] != rec["config"]["train"]["learning_rate"]
 
 
 def test_merge_exports_a_full_model_equal_to_base_plus_adapter(tmp_path, bundled_tiny_index, tiny_llm_dir):

@@ -1,0 +1,69 @@
+"""The run record, `hybrid_run.json`: what a generator training run was, written beside its adapter.
+
+One home for the record: the file name, writing it, reading it back validated, and its
+fingerprint (the identity of a training run: an adapter retrained at the same path has another
+one, so stale predictions or a stale calibration are never mixed with the new weights).
+
+    >>> write(out_dir, {"workflow": "sft", "base_model": {"name": "smollm2", "fingerprint": "ab12"}})  # doctest: +SKIP
+    >>> read(out_dir, "--adapter runs/raft")["base_model"]["name"]                                                # doctest: +SKIP
+    'smollm2'
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from retrieval.atomic import write_text_atomic
+from retrieval.errors import InputError
+from retrieval.index import sha256_file
+
+RUN_FILE = "hybrid_run.json"
+
+
+def write(directory: str | Path, record: dict) -> None:
+    """Write DIR/hybrid_run.json atomically."""
+    write_text_atomic(Path(directory) / RUN_FILE, json.dumps(record, indent=2))
+
+
+def exists(directory: str | Path) -> bool:
+    return (Path(directory) / RUN_FILE).is_file()
+
+
+def read(directory: str | Path, label: str) -> dict:
+    """The validated run record of an adapter (or merged model) directory.
+
+    Args:
+        directory: the adapter directory.
+        label: how the user named it, for the one-line error (e.g. "--adapter raft=runs/raft").
+
+    Raises:
+        InputError: no record, not JSON (e.g. truncated), not an object, or `base_model` lacking
+            a string `name` and `fingerprint`.
+    """
+    path = Path(directory) / RUN_FILE
+    fix = "retrain it with 'hybrid tune generator' or 'hybrid tune dpo'"
+    if not path.is_file():
+        raise InputError(f"{label}: not an adapter made by 'hybrid tune generator' or 'hybrid tune dpo' "
+                         f"(no {RUN_FILE}); pass such a directory")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{label}: {RUN_FILE} is unreadable ({exc.__class__.__name__}); {fix}") from None
+    base = record.get("base_model") if isinstance(record, dict) else None
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), str) and base.get(k) for k in ("name", "fingerprint")):
+        raise InputError(f"{label}: {RUN_FILE} lacks base_model.name / base_model.fingerprint; {fix}")
+    return record
+
+
+def fingerprint(directory: str | Path) -> str | None:
+    """Identity of an adapter's training run (sha256 of its run record); None without one."""
+    path = Path(directory) / RUN_FILE
+    return sha256_file(path) if path.is_file() else None
+
+
+def train_settings(record: dict) -> dict:
+    """The training settings a run used (`config.train`; records written before TrainSettings existed
+    hold them at the top of `config`)."""
+    config = record.get("config", {})
+    return config.get("train", config)
