@@ -151,7 +151,8 @@ def run(args) -> None:
     import torch
 
     from hybrid.factuality import EvalConfig, markdown, run_eval
-    from tuning.abstention import CalibrateConfig, calibrate
+    from hybrid.calibration import CalibrateConfig, calibrate
+    from hybrid.config import build_config
     from tuning.dpo import DPOTuneConfig, tune_dpo
     from tuning.sft import GeneratorTuneConfig, tune_generator
 
@@ -176,17 +177,17 @@ def run(args) -> None:
     stages = set(args.stages.split(","))
     adapters = {"raft": str(work / "raft"), "raft_dpo": str(work / "raft_dpo")}
     if "sft" in stages:
-        sft = stage("sft", lambda: tune_generator(GeneratorTuneConfig(
+        sft = stage("sft", lambda: tune_generator(build_config(GeneratorTuneConfig, overrides=dict(
             out=str(work / "raft"), examples=str(work / "sft_examples.jsonl"), test_fraction=0.0, val_fraction=0.02,
-            max_steps=args.sft_steps, max_minutes=args.sft_minutes, batch_size=args.batch_size, grad_accum=1,
-            learning_rate=args.sft_lr, target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=10**6,
-            max_length=1536, strategy=args.strategy), progress=False))
+            target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=10**6, strategy=args.strategy,
+            train=dict(max_steps=args.sft_steps, max_minutes=args.sft_minutes, batch_size=args.batch_size, grad_accum=1,
+                       learning_rate=args.sft_lr, max_length=1536))), progress=False))
         (out / "sft_run.json").write_text(json.dumps({k: v for k, v in sft.items() if k != "train_loss"}, indent=2))
     if "dpo" in stages:
-        dpo = stage("dpo", lambda: tune_dpo(DPOTuneConfig(
+        dpo = stage("dpo", lambda: tune_dpo(build_config(DPOTuneConfig, overrides=dict(
             adapter=str(work / "raft"), out=str(work / "raft_dpo"), pairs_file=str(work / "dpo_pairs.jsonl"),
-            max_steps=args.dpo_steps, max_minutes=args.dpo_minutes, batch_size=args.batch_size // 2, grad_accum=1,
-            test_fraction=0.0), progress=False))
+            test_fraction=0.0, train=dict(max_steps=args.dpo_steps, max_minutes=args.dpo_minutes,
+                                          batch_size=args.batch_size // 2, grad_accum=1))), progress=False))
         (out / "dpo_run.json").write_text(json.dumps({k: v for k, v in dpo.items() if k != "train_log"}, indent=2))
     for name, path in adapters.items() if "calibrate" in stages else ():
         cal = stage(f"calibrate_{name}", lambda p=path: calibrate(CalibrateConfig(adapter=p, qa=str(work / "dev.jsonl"))))

@@ -137,21 +137,25 @@ def main() -> int:
                                                str(work / "judge"), "--train-questions", str(args.judge_questions),
                                                "--seed", str(args.seed)], check=True))
     if "sft" in steps and not (work / args.sft_out / "hybrid_run.json").exists():
+        from hybrid.config import build_config
         from tuning.sft import GeneratorTuneConfig, tune_generator
 
-        stage("sft", lambda: tune_generator(GeneratorTuneConfig(
+        stage("sft", lambda: tune_generator(build_config(GeneratorTuneConfig, overrides=dict(
             index=args.index, qa=str(work / "train.jsonl"), out=str(work / args.sft_out), num_distractors=args.distractors,
-            no_oracle=args.sft_no_oracle,
-            test_fraction=0.0, val_fraction=0.05, max_steps=args.sft_steps, grad_accum=2, learning_rate=args.sft_lr,
-            target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=50, max_length=1024), progress=False))
+            no_oracle=args.sft_no_oracle, test_fraction=0.0, val_fraction=0.05, target_modules="all-linear", lora_r=16,
+            lora_alpha=32, save_steps=50,
+            train=dict(max_steps=args.sft_steps, grad_accum=2, learning_rate=args.sft_lr, max_length=1024))),
+            progress=False))
     if "dpo" in steps and not (work / args.dpo_out / "hybrid_run.json").exists():
+        from hybrid.config import build_config
         from tuning.dpo import DPOTuneConfig, tune_dpo
 
-        stage("dpo", lambda: tune_dpo(DPOTuneConfig(
+        stage("dpo", lambda: tune_dpo(build_config(DPOTuneConfig, overrides=dict(
             index=args.index, qa=str(work / "train.jsonl"), adapter=str(work / args.dpo_sft), out=str(work / args.dpo_out),
             p_oracle=args.dpo_p_oracle, answer_over_abstain=not args.no_answer_over_abstain, pairs=args.dpo_pairs,
-            wrong_answers=None if args.no_wrong_answers else str(work / "wrong.jsonl"), judge=str(work / args.judge_name), num_distractors=args.distractors,
-            max_questions=args.dpo_questions, max_steps=args.dpo_steps, test_fraction=0.0, grad_accum=2), progress=False))
+            wrong_answers=None if args.no_wrong_answers else str(work / "wrong.jsonl"), judge=str(work / args.judge_name),
+            num_distractors=args.distractors, max_questions=args.dpo_questions, test_fraction=0.0,
+            train=dict(max_steps=args.dpo_steps, grad_accum=2))), progress=False))
     calibration = work / f"calibration_{args.judge_name}.json"
     if "calibrate" in steps:
         import numpy as np

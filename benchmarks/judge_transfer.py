@@ -30,7 +30,7 @@ def main() -> int:
     p.add_argument("--swapped-questions", type=int, default=300)
     args = p.parse_args()
     from benchmarks import halueval
-    from tuning.judge import Judge, bundled_pairs, evaluate
+    from tuning.judge import Judge, evaluate, qa_pairs
 
     lines = halueval.load_lines()
     _, test = halueval.split(len(lines))
@@ -43,7 +43,7 @@ def main() -> int:
     near = halueval.nearest_other(lines, test, load_embedder(None, device="cpu"))
     sets = {"halueval_test": halueval.judge_pairs(lines, test), "swapped": swapped,
             "grounding": halueval.judge_pairs(lines, test, hallucinated=False, neighbours=near),
-            "bundled": bundled_pairs(ROOT / "corpora/brindle/qa.jsonl", ROOT / "corpora/brindle/docs")}
+            "bundled": qa_pairs(ROOT / "corpora/brindle/qa.jsonl", ROOT / "corpora/brindle/docs")}
     print("| judge | test set | n | accuracy | AUROC |\n|---|---|---:|---:|---:|")
     out = {}
     for d in args.judges:

@@ -67,6 +67,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from retrieval import jsonl  # noqa: E402
+from retrieval.jsonl import write_jsonl  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2] / "shared/data/halueval_qa/dataset_halueval_qa.jsonl"
 SPLIT_RULE = "order = list(range(n_lines)); random.Random(seed).shuffle(order); test = order[:n_test]; train = rest"
 
@@ -86,13 +89,8 @@ def table(title: str, headers: list[str], rows: list[list]) -> None:
     out()
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [obj for _, obj in jsonl.read_jsonl(path, "--work", "rows")]
 
 
 def pct(values, q) -> float:
@@ -263,6 +261,7 @@ def ann(retriever, qvecs: np.ndarray, golds: list[set[str]], n_single: int = 200
 
 def tuning(args, work: Path, base_retriever, qvecs: np.ndarray, test: list[dict]) -> dict:
     """Tune on a subsample of qa_train; tune_embedder scores base and tuned on qa_test (--eval-qa)."""
+    from hybrid.config import build_config
     from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
 
     test_questions = {r["question"] for r in test}
@@ -274,9 +273,10 @@ def tuning(args, work: Path, base_retriever, qvecs: np.ndarray, test: list[dict]
     assert not {r["id"] for r in test} & {r["id"] for r in train}, "a test question leaked into the tuning data"
     sub = work / "qa_train_sub.jsonl"
     write_jsonl(sub, train)
-    cfg = EmbedderTuneConfig(index=str(work / "index"), qa=str(sub), eval_qa=str(work / "qa_test.jsonl"),
-                             out=str(work / "embedder"), seed=args.seed, epochs=args.epochs,
-                             max_steps=args.max_steps, batch_size=args.batch_size, max_seq_length=args.max_seq_length)
+    cfg = build_config(EmbedderTuneConfig, overrides=dict(
+        index=str(work / "index"), qa=str(sub), eval_qa=str(work / "qa_test.jsonl"), out=str(work / "embedder"),
+        train=dict(seed=args.seed, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                   max_length=args.max_seq_length)))
     t0 = time.perf_counter()
     res = tune_embedder(cfg, progress=False)
     tune_s = time.perf_counter() - t0

@@ -110,7 +110,7 @@ AS_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 @from_config(IndexConfig)
 def index_cmd(
     cfg: IndexConfig,
-    corpus_dir: Path = typer.Argument(..., help="Directory of .md/.txt/.jsonl(/.pdf) documents."),
+    corpus_dir: Path = typer.Argument(..., metavar="CORPUS_DIR", help="Directory of .md/.txt/.jsonl(/.pdf) documents."),
     out: Path = typer.Option(..., "--out", help="Index directory to create or update (atomically)."),
     quiet: bool = QUIET,
 ):
@@ -128,7 +128,7 @@ def index_cmd(
 @app.command("search")
 @cli_errors
 def search_cmd(
-    query: str = typer.Argument(..., help="What to look for."),
+    query: str = typer.Argument(..., metavar="QUERY", help="What to look for."),
     index: Path = typer.Option(..., "--index", help="Index directory built by 'hybrid index'."),
     k: int = typer.Option(5, "-k", help="Number of hits."),
     group: Optional[List[str]] = typer.Option(None, "--group", help="Access group of the caller; repeat for several. "

@@ -199,7 +199,7 @@ def flags_of(cls: type, path: tuple[str, ...] = (), defaults: Any = None) -> lis
         base, _ = _strip_optional(tp)
         decls = [meta["flag"]] if "flag" in meta else [flag_name(f.name)]
         if meta.get("argument"):
-            annotation, info = base, typer.Argument(..., help=help_text, show_default=False)
+            annotation, info = base, typer.Argument(..., metavar=f.name.upper(), help=help_text, show_default=False)
         elif base is bool:
             annotation = Optional[bool]
             info = typer.Option(None, f"{decls[0]}/--no-{decls[0][2:]}", help=help_text, show_default=False)

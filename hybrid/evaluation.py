@@ -1,15 +1,17 @@
-"""`hybrid eval`: score configurations on a QA file and write report.json / report.md.
-
-Today it scores retrieval (`--only retrieval`): document-level recall@1/5/10,
-MRR@10 and nDCG@10 over questions with gold document ids.
+"""`hybrid eval --only retrieval`: document-level recall@1/5/10, MRR@10 and nDCG@10 of an index
+over the questions with gold document ids; report.json / report.md (the factuality eval is
+hybrid/factuality.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+from retrieval import access
 from retrieval.atomic import write_text_atomic
+from retrieval.errors import InputError
 from retrieval.metrics import retrieval_metrics
 from retrieval.qa import load_qa
 from retrieval.retriever import Retriever
@@ -30,8 +32,20 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
         {"configs": {"retrieval": metrics}, "dataset": path, "index": path, "embedder": name}.
     """
     rows = [r for r in load_qa(qa_path) if r.gold_ids]
+    if not rows:
+        raise InputError(f"{qa_path}: no row has 'gold_ids', so there is nothing to score retrieval against; add "
+                         f"the ids of each question's gold documents")
     retriever = Retriever.load(index_dir)
-    hits = retriever.search_batch([r.question for r in rows], k=depth, groups=groups) if rows else []
+    # Absent and restricted look the same here: the caller learns nothing about documents it cannot see.
+    visible = {c.doc_id for c in retriever.chunks(groups=access.training_groups(groups))}
+    unseen = sorted({g for r in rows for g in r.gold_ids} - visible)
+    if len(unseen) == len({g for r in rows for g in r.gold_ids}):
+        raise InputError(f"{qa_path}: none of its gold_ids is among the documents index {index_dir} shows this caller "
+                         f"(e.g. {', '.join(unseen[:3])}); is it the index of this corpus, or do the questions need --group?")
+    if unseen:
+        logging.warning(f"{len(unseen)} gold documents are not among those the index shows this caller (absent, or "
+                        f"restricted to groups not given with --group); questions about them count as misses")
+    hits = retriever.search_batch([r.question for r in rows], k=depth, groups=groups)
     metrics = retrieval_metrics([[h.doc_id for h in hs] for hs in hits], [set(r.gold_ids) for r in rows])
     return {"configs": {"retrieval": metrics}, "dataset": str(qa_path), "index": str(index_dir),
             "embedder": retriever.manifest["embedder"]["name"], "groups": sorted(groups or [])}

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +41,13 @@ from typing import Literal
 
 import numpy as np
 
-from hybrid.evaluation import fmt
+from hybrid.report import chart, compare, markdown, summarize
 from hybrid.pipeline import Pipeline, best_supported, check_select, deciding_adapter, parse_adapters, passages_for
-from hybrid.statistics import bootstrap_ci, mcnemar_exact, paired_diff_ci
 from retrieval import access
-from retrieval.atomic import write_text_atomic
+from retrieval.atomic import check_writable, write_text_atomic
 from retrieval.errors import InputError
 from retrieval.index import sha256_file
-from retrieval.metrics import retrieval_metrics
+from retrieval.jsonl import read_jsonl
 from retrieval.qa import QARow, load_qa
 from retrieval.retriever import Retriever
 from tuning import run_record
@@ -58,11 +56,6 @@ from tuning.grading import classify, token_f1
 from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.judge import fingerprint as judge_fingerprint
 from tuning.prompting import ABSTAIN
-
-RATES = ("accuracy", "abstention_rate", "hallucination_rate")
-COLUMNS = ("n", "accuracy", "abstention_rate", "hallucination_rate", "unsupported_rate", "citation_verified_rate",
-           "f1", "recall@5", "mrr@10", "latency_ms_p50", "latency_ms_p95", "tokens_per_s")
-
 
 @dataclass
 class EvalConfig:
@@ -173,199 +166,40 @@ def sample_rows(rows: list[QARow], limit: int, seed: int) -> list[QARow]:
     return [r for i, r in enumerate(rows) if i in keep]
 
 
-def summarize(preds: list[dict], seed: int) -> dict:
-    """Metrics of one configuration from its prediction lines."""
-    n = len(preds)
-    labels = [p["label"] for p in preds]
-    out: dict = {"n": n}
-    indicators = {"accuracy": [l == "correct" for l in labels], "abstention_rate": [l == "abstained" for l in labels],
-                  "hallucination_rate": [l == "hallucinated" for l in labels]}
-    for name, ind in indicators.items():
-        out[name] = float(np.mean(ind)) if n else float("nan")
-    judged = [p["unsupported"] for p in preds if p.get("unsupported") is not None and p["label"] != "abstained"]
-    out["unsupported_rate"] = float(np.mean(judged)) if judged else None
-    cites = [c["verified"] for p in preds for c in p["citations"]]
-    out["citation_verified_rate"] = float(np.mean(cites)) if cites else None
-    out["f1"] = float(np.mean([p["f1"] for p in preds])) if n else float("nan")
-    answerable = [p for p in preds if p["answers"]]
-    out["accuracy_answerable"] = float(np.mean([p["label"] == "correct" for p in answerable])) if answerable else None
-    unans = [p for p in preds if not p["answers"]]
-    out["abstention_unanswerable"] = float(np.mean([p["label"] == "abstained" for p in unans])) if unans else None
-    ranked = [p for p in preds if p.get("retrieved_doc_ids") is not None and p.get("gold_ids")]
-    if ranked:
-        m = retrieval_metrics([p["retrieved_doc_ids"] for p in ranked], [set(p["gold_ids"]) for p in ranked])
-        out["recall@5"], out["mrr@10"] = m["recall@5"], m["mrr@10"]
-    else:
-        out["recall@5"] = out["mrr@10"] = None
-    lat = [p["latency_ms"] for p in preds]
-    out["latency_ms_p50"] = float(np.percentile(lat, 50)) if lat else None
-    out["latency_ms_p95"] = float(np.percentile(lat, 95)) if lat else None
-    secs = sum(lat) / 1000
-    out["tokens_per_s"] = sum(p["new_tokens"] for p in preds) / secs if secs else None
-    out["ci"] = {name: list(bootstrap_ci(ind, seed=seed)) for name, ind in indicators.items()}
-    if answerable:
-        out["ci"]["accuracy_answerable"] = list(bootstrap_ci([p["label"] == "correct" for p in answerable], seed=seed))
-    return out
-
-
-def compare(by_config: dict[str, list[dict]], seed: int) -> list[dict]:
-    """Paired tests between every pair of configurations on their common questions."""
-    names = list(by_config)
-    out = []
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            pa = {p["id"]: p for p in by_config[a]}
-            pb = {p["id"]: p for p in by_config[b]}
-            ids = sorted(set(pa) & set(pb))
-            row = {"a": a, "b": b, "n": len(ids)}
-            for rate, label in (("hallucination_rate", "hallucinated"), ("accuracy", "correct"),
-                                ("abstention_rate", "abstained")):
-                xa = [pa[q]["label"] == label for q in ids]
-                xb = [pb[q]["label"] == label for q in ids]
-                diff, low, high = paired_diff_ci(xa, xb, seed=seed)
-                test = mcnemar_exact(xa, xb)
-                row[rate] = {"diff_b_minus_a": diff, "ci": [low, high], "mcnemar_p": test["p_value"],
-                             "significant": test["p_value"] < 0.05}
-            out.append(row)
-    return out
-
-
-def markdown(report: dict) -> str:
-    """report.md: one row per configuration, rates with their 95 % intervals, then the paired tests."""
-    lines = [f"# hybrid eval: {report['dataset']}", "",
-             f"{report['n_questions']} questions ({report['n_unanswerable']} unanswerable), seed {report['seed']}, "
-             f"models: {json.dumps(report['models'])}", "",
-             "| config | n | accuracy | abstention | hallucination | unsupported | citations verified | F1 | "
-             "recall@5 | MRR@10 | p50 ms | p95 ms | tok/s |", "|---|" + "---:|" * 12]
-    for name, m in report["configs"].items():
-        ci = m.get("ci", {})
-
-        def rate(key):
-            lo, hi = ci.get(key, [None, None])
-            return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else fmt(m[key])
-
-        lines.append(f"| {name} | {m['n']} | {rate('accuracy')} | {rate('abstention_rate')} | {rate('hallucination_rate')} | "
-                     + " | ".join(fmt(m.get(c)) for c in COLUMNS[4:]) + " |")
-    if report["comparisons"]:
-        lines += ["", "Paired comparisons (b − a on the same questions; McNemar exact p):", "",
-                  "| a | b | Δ hallucination [95 % CI] | p | Δ accuracy [95 % CI] | p |", "|---|---|---:|---:|---:|---:|"]
-        for c in report["comparisons"]:
-            h, a = c["hallucination_rate"], c["accuracy"]
-            lines.append(f"| {c['a']} | {c['b']} | {h['diff_b_minus_a']:+.3f} [{h['ci'][0]:+.3f}, {h['ci'][1]:+.3f}] | "
-                         f"{h['mcnemar_p']:.3g}{' *' if h['significant'] else ''} | {a['diff_b_minus_a']:+.3f} "
-                         f"[{a['ci'][0]:+.3f}, {a['ci'][1]:+.3f}] | {a['mcnemar_p']:.3g}{' *' if a['significant'] else ''} |")
-    return "\n".join(lines) + "\n"
-
-
-def chart(report: dict, path: Path) -> None:
-    """PNG: accuracy, abstention and hallucination per configuration with 95 % intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["configs"])
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) + 2), 3.8))
-    width = 0.26
-    colors = {"accuracy": "#2a9d8f", "abstention_rate": "#8d99ae", "hallucination_rate": "#e63946"}
-    for j, rate in enumerate(RATES):
-        vals = [report["configs"][n][rate] for n in names]
-        cis = [report["configs"][n]["ci"][rate] for n in names]
-        err = np.array([[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]])
-        ax.bar(np.arange(len(names)) + (j - 1) * width, vals, width, yerr=err, capsize=3, color=colors[rate],
-               label=rate.replace("_", " "))
-    ax.set_xticks(np.arange(len(names)), names)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share of questions")
-    ax.set_title(f"hybrid eval: {Path(report['dataset']).name} (n={report['n_questions']}, 95 % CI)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     """Evaluate every configuration; see the module docstring.
+
+    Stages, in order: plan and resume -> generate -> score (calibration, judge) -> derive
+    (gate, cal, judge-picked) -> report.
 
     Returns:
         The report (also written to OUT/report.json with report.md, chart.png, predictions.jsonl).
     """
     if problems := cfg.problems():
         raise InputError("; ".join(problems))
+    out = Path(cfg.out) if cfg.out else None
+    if out:
+        check_writable(out, "--out")  # before any work, not after an hour of generating
     rows = sample_rows(load_qa(cfg.qa), cfg.limit, cfg.seed)
     needs_index = [r.id for r in rows if r.passages is None]
     if needs_index and not cfg.index:
-        raise InputError(f"{cfg.qa}: {len(needs_index)} rows have no 'passages' (e.g. {needs_index[0]}); pass --index to retrieve them")
+        raise InputError(f"{cfg.qa}: {len(needs_index)} rows have no 'passages' (e.g. {needs_index[0]}); "
+                         f"pass --index to retrieve them")
     configs = (["closed_book"] if cfg.closed_book else []) + ["rag"] + [f"rag+{n}" for n in cfg.adapters]
-    out = Path(cfg.out) if cfg.out else None
-    # What the answers depend on. The judge is not part of it: its scores are added afterwards
-    # and redone when the judge changes, without generating again.
-    signature = hashlib.sha256(json.dumps([sha256_file(Path(cfg.qa)), cfg.index,
-                                           sorted(cfg.adapters.items()), {n: run_record.fingerprint(d) for n, d in sorted(cfg.adapters.items())},
-                                           cfg.limit, cfg.seed, cfg.k, cfg.groups or None,
-                                           cfg.max_new_tokens, cfg.base_model]).encode()).hexdigest()
-    done: dict[tuple[str, str], dict] = {}
-    if out and (out / "predictions.jsonl").exists():
-        meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-        if meta.get("signature") != signature:
-            raise InputError(f"--out {out}: holds predictions of a run with other settings; use another --out or delete it")
-        for line in (out / "predictions.jsonl").read_text().splitlines():
-            if line.strip():
-                p = json.loads(line)
-                done[(p["config"], p["id"])] = p
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "run.json", json.dumps({"signature": signature, "configs": configs}))
-    judge = None
-    if cfg.judge:
-        judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate)  # a judge that cannot gate: refused now
-
+    done = resume(cfg, configs)
+    judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate) if cfg.judge else None  # refused now, not later
     calibrations = {n: c for n, d in cfg.adapters.items() if (c := load_calibration(d)) is not None}
     thresholds = {f"rag+{n}": float(c["threshold"]) for n, c in calibrations.items()}
     todo = [(c, r) for c in configs for r in rows if (c, r.id) not in done]
     unscored = [p for p in done.values() if p["config"] in thresholds and "abstain_score" not in p]
+    judge_fp = judge_fingerprint(cfg.judge)
+    rejudge = judge is not None and (bool(todo) or any(p.get("judge") != judge_fp for p in done.values()))
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, groups=cfg.groups, calibrated=False) \
         if todo or unscored or not done else None
-    judge_fp = judge_fingerprint(cfg.judge)
-    rejudge = judge is not None and (bool(todo) or any(p.get("judge") != judge_fp for p in done.values()))
-    # a finished run needs no retrieval
-    contexts = row_contexts(rows, cfg, pipe) if todo or rejudge or unscored else {}
-    from tqdm.auto import tqdm
+    contexts = row_contexts(rows, cfg, pipe) if todo or rejudge or unscored else {}  # a finished run needs no retrieval
 
-    bar = tqdm(total=len(configs) * len(rows), initial=len(configs) * len(rows) - len(todo), disable=not progress,
-               desc="eval", unit="answer")
-    sink = open(out / "predictions.jsonl", "a", encoding="utf-8") if out else None
-    try:
-        for config in configs:
-            pending = [r for r in rows if (config, r.id) not in done]
-            for start in range(0, len(pending), cfg.batch_size):
-                batch = pending[start:start + cfg.batch_size]
-                ctxs = [[] if config == "closed_book" else contexts[r.id] for r in batch]
-                adapter = config.split("+", 1)[1] if "+" in config else None
-                answers = pipe.answer_batch([r.question for r in batch], ctxs, adapter=adapter)
-                if config in thresholds:
-                    scores = pipe.abstain_scores([r.question for r in batch], ctxs, adapter=adapter)
-                    for a, s in zip(answers, scores):
-                        a.abstain_score = float(s)
-                for r, ctx, a in zip(batch, ctxs, answers):
-                    p = {"id": r.id, "config": config, "question": r.question, "answers": list(r.answers),
-                         "gold_ids": list(r.gold_ids), "prediction": a.answer, "raw": a.raw, "abstained": a.abstained,
-                         "label": classify(a.answer, a.abstained, r.answers), "f1": token_f1(a.answer, r.answers),
-                         "citations": a.citations, "support": None, "unsupported": None,
-                         "retrieved_doc_ids": [c["doc_id"] for c in ctx] if (r.passages is None and ctx) else None,
-                         "latency_ms": a.latency_ms, "new_tokens": a.new_tokens,
-                         **({"abstain_score": a.abstain_score} if config in thresholds else {})}
-                    done[(config, r.id)] = p
-                    if sink:
-                        sink.write(json.dumps(p, ensure_ascii=False) + "\n")
-                        sink.flush()
-                bar.update(len(batch))
-    finally:
-        bar.close()
-        if sink:
-            sink.close()
-
+    generate(cfg, pipe, rows, configs, contexts, thresholds, done, progress)
     for p in unscored:  # calibrated after these answers were written
         p["abstain_score"] = float(pipe.abstain_scores([p["question"]], [contexts[p["id"]]],
                                                        adapter=p["config"].split("+", 1)[1])[0])
@@ -373,19 +207,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     if (rejudged or unscored) and out:
         write_text_atomic(out / "predictions.jsonl", "".join(
             json.dumps(done[(c, r.id)], ensure_ascii=False) + "\n" for c in configs for r in rows))
-    by_config = {c: [done[(c, r.id)] for r in rows] for c in configs}
-    if cfg.gate:
-        for c in [c for c in configs if c != "closed_book"]:
-            by_config[f"{c}+gate"] = [with_gate(p, cfg.gate_threshold) for p in by_config[c]]
-    for c, t in thresholds.items():
-        by_config[f"{c}+cal"] = [with_calibration(p, t) for p in by_config[c]]
-    decider = None
-    if cfg.select:
-        name = "rag+" + "|".join(cfg.select)
-        by_config[name] = [picked_by_judge(list(ps), name) for ps in zip(*(by_config[f"rag+{n}"] for n in cfg.select))]
-        if decider := deciding_adapter(cfg.select, {n: c.get("auroc") or 0.0 for n, c in calibrations.items()}):
-            by_config[f"{name}+cal"] = [with_calibration({**q, "abstain_score": d["abstain_score"]}, thresholds[f"rag+{decider}"])
-                                        for q, d in zip(by_config[name], by_config[f"rag+{decider}"])]
+    by_config, decider = derive(cfg, {c: [done[(c, r.id)] for r in rows] for c in configs}, calibrations)
+
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
               "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
               "n_questions": len(rows), "n_unanswerable": sum(not r.answers for r in rows),
@@ -399,6 +222,103 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         write_text_atomic(out / "report.md", markdown(report))
         chart(report, out / "chart.png")
     return report
+
+
+def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
+    """Plan stage: the predictions an earlier run with the same settings already wrote to --out.
+
+    Raises:
+        InputError: --out holds predictions of a run with other settings.
+    """
+    out = Path(cfg.out) if cfg.out else None
+    # What the answers depend on. The judge is not part of it: its scores are added afterwards
+    # and redone when the judge changes, without generating again.
+    signature = hashlib.sha256(json.dumps([
+        sha256_file(Path(cfg.qa)), cfg.index, sorted(cfg.adapters.items()),
+        {n: run_record.fingerprint(d) for n, d in sorted(cfg.adapters.items())}, cfg.limit, cfg.seed, cfg.k,
+        cfg.groups or None, cfg.max_new_tokens, cfg.base_model]).encode()).hexdigest()
+    done: dict[tuple[str, str], dict] = {}
+    if out and (out / "predictions.jsonl").exists() and (out / "predictions.jsonl").stat().st_size:
+        try:
+            meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        if not isinstance(meta, dict) or meta.get("signature") != signature:
+            raise InputError(f"--out {out}: holds predictions of a run with other settings; use another --out or "
+                             f"delete it")
+        for n, p in read_jsonl(out / "predictions.jsonl", "--out", "predictions"):
+            if not isinstance(p, dict) or not {"config", "id"} <= set(p):
+                raise InputError(f"--out {out}/predictions.jsonl:{n}: not a prediction line; delete the file to start over")
+            done[(p["config"], p["id"])] = p
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "run.json", json.dumps({"signature": signature, "configs": configs}))
+    return done
+
+
+def generate(cfg: EvalConfig, pipe, rows: list[QARow], configs: list[str], contexts: dict[str, list[dict]],
+             thresholds: dict[str, float], done: dict, progress: bool) -> None:
+    """Generate stage: answer every (configuration, question) not done yet; each prediction line is
+    appended to predictions.jsonl as soon as it is known, so an interrupted eval resumes there."""
+    from tqdm.auto import tqdm
+
+    total = len(configs) * len(rows)
+    pending_all = sum((c, r.id) not in done for c in configs for r in rows)
+    bar = tqdm(total=total, initial=total - pending_all, disable=not progress, desc="eval", unit="answer")
+    sink = open(Path(cfg.out) / "predictions.jsonl", "a", encoding="utf-8") if cfg.out and pending_all else None
+    try:
+        for config in configs:
+            pending = [r for r in rows if (config, r.id) not in done]
+            adapter = config.split("+", 1)[1] if "+" in config else None
+            for start in range(0, len(pending), cfg.batch_size):
+                batch = pending[start:start + cfg.batch_size]
+                ctxs = [[] if config == "closed_book" else contexts[r.id] for r in batch]
+                answers = pipe.answer_batch([r.question for r in batch], ctxs, adapter=adapter)
+                scores = pipe.abstain_scores([r.question for r in batch], ctxs, adapter=adapter) \
+                    if config in thresholds else [None] * len(batch)
+                for r, ctx, a, score in zip(batch, ctxs, answers, scores):
+                    p = prediction(config, r, ctx, a)
+                    if config in thresholds:
+                        p["abstain_score"] = float(score)
+                    done[(config, r.id)] = p
+                    if sink:
+                        sink.write(json.dumps(p, ensure_ascii=False) + "\n")
+                        sink.flush()
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        if sink:
+            sink.close()
+
+
+def prediction(config: str, r: QARow, ctx: list[dict], a) -> dict:
+    """One line of predictions.jsonl: the answer as served, graded once."""
+    return {"id": r.id, "config": config, "question": r.question, "answers": list(r.answers),
+            "gold_ids": list(r.gold_ids), "prediction": a.answer, "raw": a.raw, "abstained": a.abstained,
+            "label": classify(a.answer, a.abstained, r.answers), "f1": token_f1(a.answer, r.answers),
+            "citations": a.citations, "support": None, "unsupported": None,
+            "retrieved_doc_ids": [c["doc_id"] for c in ctx] if (r.passages is None and ctx) else None,
+            "latency_ms": a.latency_ms, "new_tokens": a.new_tokens}
+
+
+def derive(cfg: EvalConfig, by_config: dict[str, list[dict]], calibrations: dict[str, dict]):
+    """Derive stage: NAME+gate, rag+NAME+cal and the judge-picked rag+A|B(+cal) from the answers as
+    generated (no generation). Returns (every configuration's predictions, the deciding adapter)."""
+    thresholds = {f"rag+{n}": float(c["threshold"]) for n, c in calibrations.items()}
+    if cfg.gate:
+        for c in [c for c in list(by_config) if c != "closed_book"]:
+            by_config[f"{c}+gate"] = [with_gate(p, cfg.gate_threshold) for p in by_config[c]]
+    for c, t in thresholds.items():
+        by_config[f"{c}+cal"] = [with_calibration(p, t) for p in by_config[c]]
+    decider = None
+    if cfg.select:
+        name = "rag+" + "|".join(cfg.select)
+        by_config[name] = [picked_by_judge(list(ps), name) for ps in zip(*(by_config[f"rag+{n}"] for n in cfg.select))]
+        if decider := deciding_adapter(cfg.select, {n: c.get("auroc") or 0.0 for n, c in calibrations.items()}):
+            by_config[f"{name}+cal"] = [with_calibration({**q, "abstain_score": d["abstain_score"]},
+                                                         thresholds[f"rag+{decider}"])
+                                        for q, d in zip(by_config[name], by_config[f"rag+{decider}"])]
+    return by_config, decider
 
 
 def row_contexts(rows: list[QARow], cfg: EvalConfig, pipe) -> dict[str, list[dict]]:

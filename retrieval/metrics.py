@@ -1,13 +1,12 @@
-"""Document-level retrieval metrics and the retrieval evaluator.
-
-The evaluator follows the sentence-transformers shape: it takes plain data and
-returns `dict[str, float]`.
+"""Document-level retrieval metrics: plain rankings and gold sets in, `dict[str, float]` out
+(the sentence-transformers evaluator shape). `hybrid eval --only retrieval` runs them on an index
+(hybrid/evaluation.py).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 
 def distinct_docs(doc_ids: Sequence[str]) -> list[str]:
@@ -60,11 +59,3 @@ def retrieval_metrics(rankings: Sequence[Sequence[str]], golds: Sequence[set[str
     out["mrr@10"] = sum(mrr_at_k(r, g, 10) for r, g in pairs) / n if n else 0.0
     out["ndcg@10"] = sum(ndcg_at_k(r, g, 10) for r, g in pairs) / n if n else 0.0
     return out
-
-
-def evaluate_retriever(search: Callable[[list[str]], list[list[str]]], questions: Sequence[str],
-                       golds: Sequence[set[str]], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Run `search` (queries -> ranked doc ids) on questions with gold docs and score it."""
-    keep = [(q, g) for q, g in zip(questions, golds) if g]
-    rankings = search([q for q, _ in keep]) if keep else []
-    return retrieval_metrics(rankings, [g for _, g in keep], ks)

@@ -1,1 +1,2 @@
-"""Generator tuning (RAFT data, LoRA/QLoRA SFT, DPO): arrives with the generator half."""
+"""The generator half: packaged models, the prompt template and parser, RAFT data, LoRA/QLoRA SFT,
+DPO, the groundedness judge, abstention scores and the memory plan."""

@@ -5,8 +5,16 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from hybrid.calibration import CalibrateConfig
 from hybrid.cli import app
+from hybrid.factuality import EvalConfig
+from hybrid.pipeline import AskConfig
+from retrieval.embedder_tuning import EmbedderTuneConfig
+from retrieval.index import IndexConfig
 from tests.conftest import write_doc
+from tuning.dpo import DPOTuneConfig
+from tuning.judge import JudgeTuneConfig
+from tuning.sft import GeneratorTuneConfig
 
 runner = CliRunner()
 
@@ -88,7 +96,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, small_corpus, cli_index, tiny
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.jsonl").write_text('{"id": "a", "text": "t"}\n{oops\n')
-    assert_clean_error(run("index", bad, "--out", tmp_path / "o", "--embedder", tiny_embedder_dir), "x.jsonl:2")
+    assert_clean_error(run("index", bad, "--out", tmp_path / "o", "--embedder", tiny_embedder_dir, "--on-bad-file", "fail"),
+                       "x.jsonl:2")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("chunk_tokens: 64\nchunk_size: 3\n")
     assert_clean_error(run("index", small_corpus, "--out", tmp_path / "o", "--config", cfg), "unknown key(s) chunk_size")
@@ -108,7 +117,7 @@ def test_help_explains_every_option():
 
     group = typer.main.get_command(app)
     commands = [["index"], ["search"], ["tune", "embedder"], ["tune", "generator"], ["tune", "dpo"],
-                ["tune", "judge"], ["ask"], ["eval"]]
+                ["tune", "judge"], ["tune", "calibrate"], ["ask"], ["eval"]]
     for path in commands:
         cmd = group
         for name in path:
@@ -129,3 +138,92 @@ def test_cli_start_up_loads_no_ml_stack():
     code = "import sys, hybrid.cli; print(sorted(m for m in ('torch', 'transformers', 'faiss', 'trl') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_yaml_config_is_applied_and_flags_win(tmp_path, small_corpus, tiny_embedder_dir):
+    from hybrid.config import build_config
+    from tuning.sft import GeneratorTuneConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("chunk_tokens: 48\noverlap: 4\n")
+    res = run("index", small_corpus, "--out", tmp_path / "i", "--embedder", tiny_embedder_dir, "--config", cfg_file,
+              "--overlap", 6, "-q")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "i" / "manifest.json").read_text())
+    assert (manifest["config"]["chunk_tokens"], manifest["config"]["overlap"]) == (48, 6)  # YAML, then the flag
+    gen = tmp_path / "g.yaml"
+    gen.write_text("lora_r: 4\ntrain:\n  learning_rate: 0.001\n  max_steps: 7\n")
+    cfg = build_config(GeneratorTuneConfig, gen, {"out": "o", "examples": "e.jsonl", "train": {"max_steps": 9}})
+    assert (cfg.lora_r, cfg.train.learning_rate, cfg.train.max_steps) == (4, 0.001, 9)
+    assert cfg.train.grad_accum == 4  # the workflow's own default for a key YAML left out
+
+
+def test_wrong_yaml_types_are_named_before_any_work(tmp_path, small_corpus):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora_r: 8.5\nqa: [a, b]\ntrain:\n  learning_rate: fast\n  batch: 2\n")
+    res = run("tune", "generator", "--out", tmp_path / "o", "--index", tmp_path, "--config", cfg)
+    assert_clean_error(res, "lora_r: expected an integer, got 8.5", "qa: expected a string",
+                       "train.learning_rate: expected a number", "unknown key(s) train.batch")
+    cfg.write_text("- just\n- a list\n")
+    assert_clean_error(run("index", small_corpus, "--out", tmp_path / "o", "--config", cfg), "must be a YAML mapping")
+    assert not (tmp_path / "o").exists()
+
+
+def test_usage_errors_are_one_line(tmp_path, cli_index):
+    assert_clean_error(run("search", "x", "--index", cli_index, "-k", "many"), "Invalid value for '-k'")
+    assert_clean_error(run("search", "x", "--index", cli_index, "--no-such-flag"), "No such option: --no-such-flag")
+    assert_clean_error(run("index", "--out", tmp_path / "o"), "CORPUS_DIR")
+    assert_clean_error(run("eval", "q.jsonl", "--only", "everything"), "--only", "'everything' is not one of")
+
+
+def test_empty_query_question_and_gold_less_retrieval_eval_are_refused(tmp_path, cli_index):
+    assert_clean_error(run("search", "  ", "--index", cli_index), "QUERY is empty")
+    assert_clean_error(run("ask", " ", "--index", cli_index), "QUESTION is empty")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "1", "question": "q", "answers": ["a"]}) + "\n")
+    assert_clean_error(run("eval", qa, "--index", cli_index, "--only", "retrieval"), "no row has 'gold_ids'")
+    qa.write_text(json.dumps({"id": "1", "question": "q", "answers": ["a"], "gold_ids": ["elsewhere/doc"]}) + "\n")
+    assert_clean_error(run("eval", qa, "--index", cli_index, "--only", "retrieval"), "none of its gold_ids",
+                       "elsewhere/doc")
+    # a restricted gold document reads exactly like an absent one to a caller outside its group
+    qa.write_text(json.dumps({"id": "1", "question": "q", "answers": ["a"], "gold_ids": ["salaries"]}) + "\n")
+    assert_clean_error(run("eval", qa, "--index", cli_index, "--only", "retrieval"), "none of its gold_ids")
+    assert run("eval", qa, "--index", cli_index, "--only", "retrieval", "--group", "hr").exit_code == 0
+
+
+def test_eval_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "1", "question": "q", "answers": ["a"], "passages": [{"text": "t"}]}) + "\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    import hybrid.pipeline
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(hybrid.pipeline.Pipeline, "load", must_not_load)
+    assert_clean_error(run("eval", qa, "--out", blocker / "rep"), "--out", "cannot write there")
+
+
+def test_every_config_field_is_a_flag_with_its_real_default():
+    import dataclasses
+
+    import typer.main
+
+    from hybrid.config import flags_of
+
+    group = typer.main.get_command(app)
+    for path, cls in [(["index"], IndexConfig), (["tune", "generator"], GeneratorTuneConfig),
+                      (["tune", "dpo"], DPOTuneConfig), (["tune", "embedder"], EmbedderTuneConfig),
+                      (["tune", "judge"], JudgeTuneConfig), (["tune", "calibrate"], CalibrateConfig),
+                      (["ask"], AskConfig), (["eval"], EvalConfig)]:
+        cmd = group
+        for name in path:
+            cmd = cmd.commands[name]
+        names = {p.name for p in cmd.params}
+        for flag in flags_of(cls):
+            assert flag.param in names, (path, flag.path)
+        train = next((f for f in dataclasses.fields(cls) if f.name == "train"), None)
+        if train is not None:  # the help shows this workflow's default, not TrainSettings' own
+            lr = next(p for p in cmd.params if p.name == "train_learning_rate")
+            assert f"[default: {train.default_factory().learning_rate}]" in lr.help, (path, lr.help)

@@ -1,0 +1,130 @@
+"""The report stage of `hybrid eval`: metrics per configuration with 95 % intervals, paired tests,
+report.md and chart.png, all from prediction lines (plain dicts), so a report can be redone from
+predictions.jsonl without generating.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hybrid.evaluation import fmt
+from hybrid.statistics import bootstrap_ci, mcnemar_exact, paired_diff_ci
+from retrieval.metrics import retrieval_metrics
+
+RATES = ("accuracy", "abstention_rate", "hallucination_rate")
+COLUMNS = ("n", "accuracy", "abstention_rate", "hallucination_rate", "unsupported_rate", "citation_verified_rate",
+           "f1", "recall@5", "mrr@10", "latency_ms_p50", "latency_ms_p95", "tokens_per_s")
+
+
+def summarize(preds: list[dict], seed: int) -> dict:
+    """Metrics of one configuration from its prediction lines."""
+    n = len(preds)
+    labels = [p["label"] for p in preds]
+    out: dict = {"n": n}
+    indicators = {"accuracy": [l == "correct" for l in labels], "abstention_rate": [l == "abstained" for l in labels],
+                  "hallucination_rate": [l == "hallucinated" for l in labels]}
+    for name, ind in indicators.items():
+        out[name] = float(np.mean(ind)) if n else float("nan")
+    judged = [p["unsupported"] for p in preds if p.get("unsupported") is not None and p["label"] != "abstained"]
+    out["unsupported_rate"] = float(np.mean(judged)) if judged else None
+    cites = [c["verified"] for p in preds for c in p["citations"]]
+    out["citation_verified_rate"] = float(np.mean(cites)) if cites else None
+    out["f1"] = float(np.mean([p["f1"] for p in preds])) if n else float("nan")
+    answerable = [p for p in preds if p["answers"]]
+    out["accuracy_answerable"] = float(np.mean([p["label"] == "correct" for p in answerable])) if answerable else None
+    unans = [p for p in preds if not p["answers"]]
+    out["abstention_unanswerable"] = float(np.mean([p["label"] == "abstained" for p in unans])) if unans else None
+    ranked = [p for p in preds if p.get("retrieved_doc_ids") is not None and p.get("gold_ids")]
+    if ranked:
+        m = retrieval_metrics([p["retrieved_doc_ids"] for p in ranked], [set(p["gold_ids"]) for p in ranked])
+        out["recall@5"], out["mrr@10"] = m["recall@5"], m["mrr@10"]
+    else:
+        out["recall@5"] = out["mrr@10"] = None
+    lat = [p["latency_ms"] for p in preds]
+    out["latency_ms_p50"] = float(np.percentile(lat, 50)) if lat else None
+    out["latency_ms_p95"] = float(np.percentile(lat, 95)) if lat else None
+    secs = sum(lat) / 1000
+    out["tokens_per_s"] = sum(p["new_tokens"] for p in preds) / secs if secs else None
+    out["ci"] = {name: list(bootstrap_ci(ind, seed=seed)) for name, ind in indicators.items()}
+    if answerable:
+        out["ci"]["accuracy_answerable"] = list(bootstrap_ci([p["label"] == "correct" for p in answerable], seed=seed))
+    return out
+
+
+def compare(by_config: dict[str, list[dict]], seed: int) -> list[dict]:
+    """Paired tests between every pair of configurations on their common questions."""
+    names = list(by_config)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pa = {p["id"]: p for p in by_config[a]}
+            pb = {p["id"]: p for p in by_config[b]}
+            ids = sorted(set(pa) & set(pb))
+            row = {"a": a, "b": b, "n": len(ids)}
+            for rate, label in (("hallucination_rate", "hallucinated"), ("accuracy", "correct"),
+                                ("abstention_rate", "abstained")):
+                xa = [pa[q]["label"] == label for q in ids]
+                xb = [pb[q]["label"] == label for q in ids]
+                diff, low, high = paired_diff_ci(xa, xb, seed=seed)
+                test = mcnemar_exact(xa, xb)
+                row[rate] = {"diff_b_minus_a": diff, "ci": [low, high], "mcnemar_p": test["p_value"],
+                             "significant": test["p_value"] < 0.05}
+            out.append(row)
+    return out
+
+
+def markdown(report: dict) -> str:
+    """report.md: one row per configuration, rates with their 95 % intervals, then the paired tests."""
+    lines = [f"# hybrid eval: {report['dataset']}", "",
+             f"{report['n_questions']} questions ({report['n_unanswerable']} unanswerable), seed {report['seed']}, "
+             f"models: {json.dumps(report['models'])}", "",
+             "| config | n | accuracy | abstention | hallucination | unsupported | citations verified | F1 | "
+             "recall@5 | MRR@10 | p50 ms | p95 ms | tok/s |", "|---|" + "---:|" * 12]
+    for name, m in report["configs"].items():
+        ci = m.get("ci", {})
+
+        def rate(key):
+            lo, hi = ci.get(key, [None, None])
+            return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else fmt(m[key])
+
+        lines.append(f"| {name} | {m['n']} | {rate('accuracy')} | {rate('abstention_rate')} | {rate('hallucination_rate')} | "
+                     + " | ".join(fmt(m.get(c)) for c in COLUMNS[4:]) + " |")
+    if report["comparisons"]:
+        lines += ["", "Paired comparisons (b − a on the same questions; McNemar exact p):", "",
+                  "| a | b | Δ hallucination [95 % CI] | p | Δ accuracy [95 % CI] | p |", "|---|---|---:|---:|---:|---:|"]
+        for c in report["comparisons"]:
+            h, a = c["hallucination_rate"], c["accuracy"]
+            lines.append(f"| {c['a']} | {c['b']} | {h['diff_b_minus_a']:+.3f} [{h['ci'][0]:+.3f}, {h['ci'][1]:+.3f}] | "
+                         f"{h['mcnemar_p']:.3g}{' *' if h['significant'] else ''} | {a['diff_b_minus_a']:+.3f} "
+                         f"[{a['ci'][0]:+.3f}, {a['ci'][1]:+.3f}] | {a['mcnemar_p']:.3g}{' *' if a['significant'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> None:
+    """PNG: accuracy, abstention and hallucination per configuration with 95 % intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["configs"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) + 2), 3.8))
+    width = 0.26
+    colors = {"accuracy": "#2a9d8f", "abstention_rate": "#8d99ae", "hallucination_rate": "#e63946"}
+    for j, rate in enumerate(RATES):
+        vals = [report["configs"][n][rate] for n in names]
+        cis = [report["configs"][n]["ci"][rate] for n in names]
+        err = np.array([[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]])
+        ax.bar(np.arange(len(names)) + (j - 1) * width, vals, width, yerr=err, capsize=3, color=colors[rate],
+               label=rate.replace("_", " "))
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of questions")
+    ax.set_title(f"hybrid eval: {Path(report['dataset']).name} (n={report['n_questions']}, 95 % CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
