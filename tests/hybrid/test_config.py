@@ -1,0 +1,53 @@
+"""YAML -> workflow dataclass: any YAML text in, a config or one InputError out, never another exception."""
+
+import string
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hybrid.config import build_config
+from retrieval.errors import InputError
+from tuning.dpo import DPOTuneConfig
+from tuning.sft import GeneratorTuneConfig
+
+import dataclasses
+
+from retrieval.train_settings import TrainSettings
+
+TOP = [f.name for f in dataclasses.fields(DPOTuneConfig) if f.name != "train"] + ["Groups", "x"]
+TRAIN = [f.name for f in dataclasses.fields(TrainSettings)] + ["batch", "Learning_rate"]
+scalars = st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                      st.dictionaries(st.text(max_size=4), inner, max_size=2), max_leaves=6)
+mappings = st.builds(lambda top, train, nest: {**top, **({"train": train} if nest else {})},
+                     st.dictionaries(st.sampled_from(TOP), values, max_size=4),
+                     st.dictionaries(st.sampled_from(TRAIN), values, max_size=4) | values, st.booleans())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=200) | st.text(alphabet=string.printable, max_size=200))
+def test_any_bytes_as_yaml_give_a_config_or_input_error(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    try:
+        cfg = build_config(GeneratorTuneConfig, path, {"out": "o", "examples": "e.jsonl"})
+    except InputError:
+        return
+    assert isinstance(cfg.train.learning_rate, (int, float)) and isinstance(cfg.lora_r, int)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mappings)
+def test_any_yaml_mapping_gives_a_typed_config_or_input_error(tmp_path, mapping):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    try:
+        cfg = build_config(DPOTuneConfig, path, {"adapter": "a", "out": "o", "pairs_file": "p.jsonl"})
+    except InputError:
+        return
+    # whatever got through has the declared types: nothing reaches a trainer as the wrong kind of value
+    assert isinstance(cfg.train.max_steps, int) and not isinstance(cfg.train.max_steps, bool)
+    assert isinstance(cfg.train.groups, list) and all(isinstance(g, str) and g for g in cfg.train.groups)
+    assert cfg.pairs in ("sampled", "contrastive")
