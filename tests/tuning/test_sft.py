@@ -74,35 +74,65 @@ def test_qa_without_gold_ids_is_refused(tmp_path, bundled_tiny_index, tiny_llm_d
         tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, qa=str(qa)), progress=False)
 
 
-def test_interrupted_run_keeps_previous_adapter_and_resumes(tmp_path, bundled_tiny_index, tiny_llm_dir, monkeypatch):
+def _adapter_tensors(d):
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "adapter_model.safetensors"))
+
+
+def test_interrupted_run_keeps_previous_adapter_and_resume_continues_from_the_checkpoint(
+        tmp_path, bundled_tiny_index, tiny_llm_dir, monkeypatch):
     import transformers
 
-    cfg = cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=4, save_steps=2, val_fraction=0)
-    first = tune_generator(cfg, progress=False, log=lambda *_: None)
+    quiet = lambda *_: None  # noqa: E731
     out = tmp_path / "adapter"
+    first = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0),
+                           progress=False, log=quiet)
     before = (out / "adapter_model.safetensors").read_bytes()
+    common = dict(max_steps=4, save_steps=2, val_fraction=0, learning_rate=5e-2)
+    # the reference: the same seed, data and max_steps, never interrupted
+    straight = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, out=str(tmp_path / "straight"),
+                                      **common), progress=False, log=quiet)
 
     real_step = transformers.Trainer.training_step
-    calls = {"n": 0}
+    started_at: list[int] = []  # the optimizer step reached when each micro-batch starts (grad_accum 1)
+    stop = {"at": 2}
 
-    def flaky(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # after the step-2 checkpoint
+    def recording(self, *a, **k):
+        if self.state.global_step == stop["at"]:  # after the step-2 checkpoint
             raise KeyboardInterrupt
+        started_at.append(self.state.global_step)
         return real_step(self, *a, **k)
 
-    monkeypatch.setattr(transformers.Trainer, "training_step", flaky)
-    cfg2 = cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=4, save_steps=2, val_fraction=0,
-                   learning_rate=5e-2)
+    monkeypatch.setattr(transformers.Trainer, "training_step", recording)
+    cfg2 = cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, **common)
     with pytest.raises(KeyboardInterrupt):
-        tune_generator(cfg2, progress=False, log=lambda *_: None)
+        tune_generator(cfg2, progress=False, log=quiet)
+    assert started_at == [0, 1]
     assert (out / "adapter_model.safetensors").read_bytes() == before  # previous adapter intact
-    assert (tmp_path / "adapter.checkpoints" / "checkpoint-2").exists()
-    monkeypatch.setattr(transformers.Trainer, "training_step", real_step)
+    ckpt = tmp_path / "adapter.checkpoints" / "checkpoint-2"
+    ckpt_log = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in ckpt_log if "loss" in h] == [1, 2]
+
+    started_at.clear()
+    stop["at"] = None
     cfg2.resume = True
-    rec = tune_generator(cfg2, progress=False, log=lambda *_: None)
-    assert rec["steps"] == 4 and len(rec["train_loss"]) == 4  # steps 1-2 restored from the checkpoint, 3-4 run now
-    assert (out / "adapter_model.safetensors").read_bytes() != before
+    rec = tune_generator(cfg2, progress=False, log=quiet)
+    # it continued from the checkpoint: only steps 3 and 4 ran now (ignoring --resume would run 0-3)
+    assert started_at == [2, 3]
+    assert rec["steps"] == 4 and [h["step"] for h in rec["train_loss"]] == [1, 2, 3, 4]
+    assert rec["train_loss"][:2] == [h for h in ckpt_log if "loss" in h]  # steps 1-2 restored, not rerun
+    # ... and ended where the uninterrupted run did: same losses, same adapter tensors
+    assert [h["loss"] for h in rec["train_loss"]] == pytest.approx([h["loss"] for h in straight["train_loss"]],
+                                                                   rel=1e-5)
+    resumed, ref = _adapter_tensors(out), _adapter_tensors(tmp_path / "straight")
+    assert resumed.keys() == ref.keys() and resumed
+    for name in ref:
+        assert torch.allclose(resumed[name], ref[name], rtol=1e-5, atol=1e-7), name
+    from safetensors.torch import load
+
+    previous = load(before)  # and it replaced the previous adapter
+    assert any(not torch.equal(resumed[n], previous[n]) for n in ref if "lora_B" in n)
     assert first["config"]["train"]["learning_rate"] != rec["config"]["train"]["learning_rate"]
 
 
