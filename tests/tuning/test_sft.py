@@ -150,12 +150,70 @@ def test_merge_exports_a_full_model_equal_to_base_plus_adapter(tmp_path, bundled
         assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-4)
 
 
-def test_qlora_trains_a_lora_adapter_on_a_4bit_base(tmp_path, bundled_tiny_index, tiny_llm_dir):
-    pytest.importorskip("bitsandbytes")
-    rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, strategy="qlora", max_steps=1,
+def _on_first_step(monkeypatch, inspect):
+    """Call `inspect(trainer, model)` once, at the first micro-batch of the next training run."""
+    import transformers
+
+    real_step = transformers.Trainer.training_step
+    seen = []
+
+    def first_step(self, model, *a, **k):
+        if not seen:
+            seen.append(inspect(self, model))
+        return real_step(self, model, *a, **k)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", first_step)
+    return seen
+
+
+def test_qlora_trains_only_the_adapter_on_an_nf4_double_quantised_4bit_base(tmp_path, bundled_tiny_index,
+                                                                            tiny_llm_dir, monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (4-bit NF4 runs on CPU from 0.43)")
+
+    def snapshot(trainer, model):
+        quant = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        return {"model": model, "quant": quant,
+                "packed": {n: m.weight.data.clone() for n, m in quant.items()},
+                "absmax": {n: m.weight.quant_state.absmax.clone() for n, m in quant.items()},
+                "lora": {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
+                "float": {n: p.detach().clone() for n, p in model.named_parameters()
+                          if "lora_" not in n and p.dtype.is_floating_point}}
+
+    seen = _on_first_step(monkeypatch, snapshot)
+    # two steps: the first one's learning rate is 0 (linear warmup starts at 0)
+    rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, strategy="qlora", max_steps=2,
                                  val_fraction=0), progress=False, log=lambda *_: None)
-    assert rec["strategy"] == "qlora" and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    assert rec["memory_plan"]["chosen"] == "qlora"
+    assert rec["strategy"] == "qlora" == rec["memory_plan"]["chosen"] and rec["steps"] == 2
+    (s,) = seen
+    # every linear layer of the two decoder blocks is a bitsandbytes 4-bit layer: NF4, double
+    # quantisation (the absmax statistics are quantised again), float32 compute on CPU
+    quant = s["quant"]
+    per_block = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {n.split(".")[-2] if n.endswith("base_layer") else n.split(".")[-1] for n in quant} == per_block
+    assert len(quant) == 2 * len(per_block)
+    for n, m in quant.items():
+        w = m.weight
+        assert isinstance(w, bnb.nn.Params4bit) and w.dtype == torch.uint8, n
+        assert w.quant_type == "nf4" and w.compress_statistics and w.quant_state.nested, n
+        assert m.compute_dtype == torch.float32, n
+    # LoRA sits on the 4-bit q_proj / v_proj
+    lora_bases = [n for n in quant if n.endswith("base_layer")]
+    assert sorted(n.split(".")[-2] for n in lora_bases) == ["q_proj", "q_proj", "v_proj", "v_proj"]
+    # training moved the adapter only: LoRA B left zero, the packed 4-bit weights, their
+    # statistics and the float parameters (embeddings, norms) did not change
+    model = s["model"]
+    now = dict(model.named_parameters())
+    assert s["lora"] and all(not p.any() for n, p in s["lora"].items() if "lora_B" in n)
+    assert any(now[n].detach().abs().sum() > 0 for n in s["lora"] if "lora_B" in n)
+    for n, m in quant.items():
+        assert torch.equal(m.weight.data, s["packed"][n]) and torch.equal(m.weight.quant_state.absmax, s["absmax"][n]), n
+    for n, p in s["float"].items():
+        assert torch.equal(now[n].detach(), p), n
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)  # the adapter file holds LoRA weights only
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
 
 
 def test_a_batch_the_plan_cannot_hold_is_split_into_accumulated_micro_batches(tmp_path, bundled_tiny_index,
