@@ -151,18 +151,19 @@ def test_merge_exports_a_full_model_equal_to_base_plus_adapter(tmp_path, bundled
 
 
 def _on_first_step(monkeypatch, inspect):
-    """Call `inspect(trainer, model)` once, at the first micro-batch of the next training run."""
-    import transformers
+    """Call `inspect(trainer, model)` once, at the first loss of the next SFT run (inside the training
+    step, the model in training mode, before its forward pass)."""
+    import trl
 
-    real_step = transformers.Trainer.training_step
+    real_loss = trl.SFTTrainer.compute_loss
     seen = []
 
-    def first_step(self, model, *a, **k):
+    def first_loss(self, model, *a, **k):
         if not seen:
             seen.append(inspect(self, model))
-        return real_step(self, model, *a, **k)
+        return real_loss(self, model, *a, **k)
 
-    monkeypatch.setattr(transformers.Trainer, "training_step", first_step)
+    monkeypatch.setattr(trl.SFTTrainer, "compute_loss", first_loss)
     return seen
 
 
@@ -214,6 +215,49 @@ def test_qlora_trains_only_the_adapter_on_an_nf4_double_quantised_4bit_base(tmp_
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert saved and all("lora_" in k for k in saved)  # the adapter file holds LoRA weights only
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["neftune5-checkpointing", "neftune0-no-checkpointing"])
+def test_neftune_noise_and_gradient_checkpointing_are_on_during_training_exactly_when_asked(
+        tmp_path, bundled_tiny_index, tiny_llm_dir, monkeypatch, on):
+    import torch.nn.functional as F
+
+    calls = {"checkpointed": 0}
+
+    def inspect(trainer, model):
+        base = model.get_base_model()
+        emb = base.get_input_embeddings()
+        hooks = [h for h in emb._forward_hooks.values() if getattr(h, "__name__", "") == "neftune_post_forward_hook"]
+        ids = torch.arange(12).reshape(1, 12)
+        with torch.no_grad():
+            noisy = emb(ids) - F.embedding(ids, emb.weight)  # the hook adds uniform noise in training mode
+        layers = list(base.model.layers)
+        for layer in layers:  # count the decoder layers that really run through the checkpoint function
+            real = getattr(layer, "_gradient_checkpointing_func", None)
+            if real is not None:
+                def counted(*a, _real=real, **k):
+                    calls["checkpointed"] += 1
+                    return _real(*a, **k)
+                layer._gradient_checkpointing_func = counted
+        return {"training": emb.training, "hooks": len(hooks), "alpha": getattr(emb, "neftune_noise_alpha", None),
+                "noise": noisy.abs().max().item(), "bound": 5.0 / (12 * emb.weight.shape[1]) ** 0.5,
+                "checkpointing": base.is_activation_checkpointing,
+                "layers_checkpointed": [layer.gradient_checkpointing for layer in layers]}
+
+    seen = _on_first_step(monkeypatch, inspect)
+    kw = {} if on else {"neftune_alpha": 0.0, "gradient_checkpointing": False}
+    rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0, **kw),
+                         progress=False, log=lambda *_: None)
+    (s,) = seen
+    assert s["training"] and rec["steps"] == 1 and len(s["layers_checkpointed"]) == 2
+    if on:  # cfg_for's default --neftune-alpha 5, --gradient-checkpointing on (the CLI default)
+        assert s["hooks"] == 1 and s["alpha"] == 5.0
+        assert 0 < s["noise"] <= s["bound"] + 1e-6  # alpha / sqrt(seq_len * hidden), NEFTune's scale
+        assert s["checkpointing"] and s["layers_checkpointed"] == [True, True]
+        assert calls["checkpointed"] >= 2  # both layers went through the checkpoint function in the forward
+    else:
+        assert s["hooks"] == 0 and s["noise"] == 0.0
+        assert not s["checkpointing"] and s["layers_checkpointed"] == [False, False] and calls["checkpointed"] == 0
 
 
 def test_a_batch_the_plan_cannot_hold_is_split_into_accumulated_micro_batches(tmp_path, bundled_tiny_index,
