@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -45,19 +47,19 @@ def test_non_utf8_and_empty_files_are_skipped_and_counted_or_fail(tmp_path):
         load_corpus(tmp_path, on_bad_file="fail")
 
 
-@pytest.mark.parametrize("setup,pattern", [
-    (lambda p: None, "holds no .md"),
-    (lambda p: (p / "x.jsonl").write_text('{"id": "a", "text": "t"}\n{not json\n'), r"x.jsonl:2: not valid JSON"),
-    (lambda p: (p / "x.jsonl").write_text('{"text": "t"}\n'), r"x.jsonl:1: field 'id'"),
-    (lambda p: (p / "x.md").write_text("---\ntitle: [unclosed\n---\nbody"), r"x.md.*front matter is not valid YAML"),
-    (lambda p: (p / "x.md").write_text("---\ngroups: 5\n---\nbody"), r"x.md: 'groups' must be a list"),
+@pytest.mark.parametrize("setup,pattern,mode", [
+    (lambda p: None, "holds no .md", "skip"),
+    (lambda p: (p / "x.jsonl").write_text('{"id": "a", "text": "t"}\n{not json\n'), r"x.jsonl:2: not valid JSON", "fail"),
+    (lambda p: (p / "x.jsonl").write_text('{"text": "t"}\n'), r"x.jsonl:1: field 'id'", "fail"),
+    (lambda p: (p / "x.md").write_text("---\ntitle: [unclosed\n---\nbody"), r"x.md.*front matter is not valid YAML", "fail"),
+    (lambda p: (p / "x.md").write_text("---\ngroups: 5\n---\nbody"), r"x.md: 'groups' must be a list", "fail"),
     (lambda p: ((p / "a.md").write_text("x"), (p / "a.jsonl").write_text('{"id": "a", "text": "t"}\n')),
-     "duplicate document id 'a'"),
+     "duplicate document id 'a'", "skip"),
 ])
-def test_bad_corpora_raise_one_clear_error(tmp_path, setup, pattern):
+def test_bad_corpora_raise_one_clear_error(tmp_path, setup, pattern, mode):
     setup(tmp_path)
     with pytest.raises(InputError, match=pattern):
-        load_corpus(tmp_path)
+        load_corpus(tmp_path, on_bad_file=mode)
 
 
 def test_missing_directory(tmp_path):
@@ -69,3 +71,153 @@ def test_front_matter_optional():
     assert parse_front_matter("no front matter", "f") == ({}, "no front matter")
     meta, body = parse_front_matter("---\ntitle: T\n---\nbody\n", "f")
     assert meta == {"title": "T"} and body == "body\n"
+
+
+# --- front matter: recognised with its groups, or the file is refused; never public -----------------
+
+FM = "---\ntitle: T\ngroups: [hr]\n---\nSECRET body\n"
+
+
+@pytest.mark.parametrize("name,data", [
+    ("bom.md", b"\xef\xbb\xbf" + FM.encode()),
+    ("crlf.md", FM.replace("\n", "\r\n").encode()),
+    ("cr.md", FM.replace("\n", "\r").encode()),
+    ("blank_lines.md", b"\n \n\t\n" + FM.encode()),
+    ("indented.md", b"   " + FM.encode()),
+    ("bom_crlf.txt", b"\xef\xbb\xbf" + FM.replace("\n", "\r\n").encode()),
+    ("trailing_spaces.md", b"---  \ngroups: [hr]\n--- \t\nSECRET body\n"),
+    ("single_string.md", b"---\ngroups: hr\n---\nSECRET body\n"),
+    ("merge_key.md", b"---\n<<: {groups: [hr]}\n---\nSECRET body\n"),
+])
+def test_front_matter_variants_are_recognised(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    corpus = load_corpus(tmp_path, on_bad_file="fail")
+    [doc] = corpus.documents
+    assert doc.groups == ("hr",) and doc.text == "SECRET body" and "groups" not in doc.text
+
+
+REFUSED = [
+    ("unclosed.md", b"---\ntitle: T\ngroups: [hr]\nSECRET body\n", "never closes"),
+    ("unclosed_bom.md", b"\xef\xbb\xbf---\ngroups: [hr]\nSECRET body\n", "never closes"),
+    ("only_opener.md", b"---", "never closes"),
+    ("indented_closer.md", b"---\nnote: |\n  ---\ngroups: [hr]\nSECRET body\n", "never closes"),
+    ("empty_value.md", b"---\ngroups:\n---\nSECRET body\n", "'groups' is empty"),
+    ("null.md", b"---\ngroups: ~\n---\nSECRET body\n", "'groups' is empty"),
+    ("empty_list.md", b"---\ngroups: []\n---\nSECRET body\n", "'groups' is empty"),
+    ("empty_string.md", b"---\ngroups: ''\n---\nSECRET body\n", "'groups' is empty"),
+    ("blank_names.md", b"---\ngroups: ['', ' ']\n---\nSECRET body\n", "'groups' is empty"),
+    ("Capital.md", b"---\nGroups: [hr]\n---\nSECRET body\n", "'Groups' is not 'groups'"),
+    ("upper.md", b"---\nGROUPS: [hr]\n---\nSECRET body\n", "'GROUPS' is not 'groups'"),
+    ("singular.md", b"---\ngroup: hr\n---\nSECRET body\n", "'group' is not 'groups'"),
+    ("title_case.md", b"---\nTitle: T\n---\nSECRET body\n", "'Title' is not 'title'"),
+    ("ints.md", b"---\ngroups: [2027]\n---\nSECRET body\n", "'groups' must be a list of non-empty strings"),
+    ("bools.md", b"---\ngroups: [yes]\n---\nSECRET body\n", "'groups' must be a list of non-empty strings"),
+    ("mapping.md", b"---\ngroups: {hr: 1}\n---\nSECRET body\n", "'groups' must be a list"),
+    ("comma.md", b"---\ngroups: hr, finance\n---\nSECRET body\n", "single string"),
+    ("not_mapping.md", b"---\n- groups\n- hr\n---\nSECRET body\n", "must be a YAML mapping"),
+    ("scalar.md", b"---\njust text\n---\nSECRET body\n", "must be a YAML mapping"),
+    ("invalid_yaml.md", b"---\ngroups: [hr\n---\nSECRET body\n", "not valid YAML"),
+    ("bad_date.md", b"---\ndate: 2023-02-30\ngroups: [hr]\n---\nSECRET body\n", "not valid YAML"),
+    ("duplicate.md", b"---\ngroups: [hr]\ngroups: []\n---\nSECRET body\n", "duplicate key 'groups'"),
+    ("dashes.md", b"----\ngroups: [hr]\n----\nSECRET body\n", "starts with '---'"),
+    ("toml.md", b"+++\ngroups = ['hr']\n+++\nSECRET body\n", "TOML"),
+    ("line_separators.md", "---\u2028groups: [hr]\u2028---\u2028SECRET body".encode(), "starts with '---'"),
+    ("utf16.md", FM.encode("utf-16"), "UTF-16"),
+    ("utf16le_no_bom.md", FM.encode("utf-16-le"), "NUL"),
+    ("utf32.md", FM.encode("utf-32"), "UTF-16/UTF-32"),
+]
+
+
+@pytest.mark.parametrize("name,data,reason", REFUSED, ids=[r[0] for r in REFUSED])
+def test_ambiguous_front_matter_is_refused_never_public(tmp_path, name, data, reason):
+    write_doc(tmp_path, "ok.md", "OK", "public text")
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(InputError, match=f"{name}.*{reason}.*--on-bad-file skip"):
+        load_corpus(tmp_path, on_bad_file="fail")
+    corpus = load_corpus(tmp_path, on_bad_file="skip")  # skipped with its reason, never indexed as public
+    assert [d.id for d in corpus.documents] == ["ok"]
+    [(where, why)] = corpus.skipped
+    assert name in where and re.search(reason, why)
+
+
+JSONL_REFUSED = [
+    ('{"id": "a", "text": "SECRET", "groups": null}', "'groups' is empty"),
+    ('{"id": "a", "text": "SECRET", "groups": []}', "'groups' is empty"),
+    ('{"id": "a", "text": "SECRET", "groups": 5}', "'groups' must be a list"),
+    ('{"id": "a", "text": "SECRET", "groups": {"hr": true}}', "'groups' must be a list"),
+    ('{"id": "a", "text": "SECRET", "groups": [1]}', "'groups' must be a list of non-empty strings"),
+    ('{"id": "a", "text": "SECRET", "groups": "hr,fin"}', "single string"),
+    ('{"id": "a", "text": "SECRET", "Groups": ["hr"]}', "'Groups' is not 'groups'"),
+    ('{"id": "a", "text": "SECRET", "GROUPS": ["hr"]}', "'GROUPS' is not 'groups'"),
+    ('{"id": "a", "text": "SECRET", "group": "hr"}', "'group' is not 'groups'"),
+    ('{"id": "a", "Text": "SECRET"}', "'Text' is not 'text'"),
+    ('{"id": "a", "text": "SECRET", "groups": ["hr"], "groups": null}', "duplicate key 'groups'"),
+    ('{"id": "a", "text": "SECRET", "title": 5}', "'title' must be a string"),
+    ('[' * 100_000, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("line,reason", JSONL_REFUSED)
+def test_jsonl_lines_with_ambiguous_groups_are_refused_alone(tmp_path, line, reason):
+    ok = json.dumps({"id": "ok", "text": "public", "groups": ["x"]})
+    (tmp_path / "d.jsonl").write_text(ok + "\n" + line + "\n" + ok.replace('"ok"', '"ok2"') + "\n")
+    with pytest.raises(InputError, match=f"d.jsonl:2: .*{reason}"):
+        load_corpus(tmp_path, on_bad_file="fail")
+    corpus = load_corpus(tmp_path)
+    assert [(d.id, d.groups) for d in corpus.documents] == [("ok", ("x",)), ("ok2", ("x",))]
+    assert [w for w, _ in corpus.skipped] == [f"{tmp_path / 'd.jsonl'}:2"]
+
+
+def test_jsonl_bom_crlf_and_raw_line_separators(tmp_path):
+    rows = [{"id": "a", "text": "one\u2028two\u0085three", "groups": ["hr"]}, {"id": "b", "text": "x"}]
+    body = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    docs = load_corpus(tmp_path, on_bad_file="fail").documents
+    assert [(d.id, d.groups, d.text) for d in docs] == [("a", ("hr",), rows[0]["text"]), ("b", (), "x")]
+    (tmp_path / "d.jsonl").write_bytes(body.encode("utf-16"))
+    with pytest.raises(InputError, match="d.jsonl: UTF-16"):
+        load_corpus(tmp_path, on_bad_file="fail")
+
+
+# --- symbolic links -----------------------------------------------------------------------------------
+
+def test_symlinks_leaving_the_corpus_are_skipped_with_a_warning(tmp_path, caplog):
+    corpus_dir, outside = tmp_path / "corpus", tmp_path / "outside"
+    write_doc(corpus_dir, "real.md", "Real", "inside text")
+    write_doc(corpus_dir, "sub/deep.md", "Deep", "deep text")
+    write_doc(outside, "secret.md", "Secret", "OUTSIDE text")
+    (corpus_dir / "host.md").symlink_to(outside / "secret.md")
+    (corpus_dir / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (corpus_dir / "dotdot.md").symlink_to(Path("..") / "outside" / "secret.md")
+    (corpus_dir / "inside.md").symlink_to(corpus_dir / "real.md")  # links within the root are fine
+    (corpus_dir / "alias").symlink_to(Path("sub"), target_is_directory=True)
+    (corpus_dir / "sub" / "loop").symlink_to(corpus_dir, target_is_directory=True)  # must not recurse forever
+    with caplog.at_level("WARNING", logger="retrieval.corpus"):
+        corpus = load_corpus(corpus_dir, on_bad_file="fail")  # not a bad file: a policy skip, even under fail
+    docs = {d.id: d.text for d in corpus.documents}
+    assert docs == {"real": "inside text", "inside": "inside text", "sub/deep": "deep text", "alias/deep": "deep text"}
+    assert not any("OUTSIDE" in t for t in docs.values())
+    skipped = {Path(w).name: why for w, why in corpus.skipped}
+    assert set(skipped) == {"host.md", "linked_dir", "dotdot.md"}
+    assert all("outside the corpus directory" in why for why in skipped.values())
+    assert sum("outside the corpus directory" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_corpus_dir_itself_may_be_a_symlink(tmp_path):
+    write_doc(tmp_path / "real", "a.md", "A", "text")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    assert [d.id for d in load_corpus(tmp_path / "link").documents] == ["a"]
+
+
+# --- size guard -----------------------------------------------------------------------------------------
+
+def test_documents_over_max_document_mb_are_refused(tmp_path):
+    write_doc(tmp_path, "small.md", "S", "small")
+    write_doc(tmp_path, "big.md", "B", "x" * 30_000)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "j", "text": "y" * 30_000}) + "\n")
+    with pytest.raises(InputError, match=r"big.md: document is 0.03 MB, over --max-document-mb 0.02"):
+        load_corpus(tmp_path, on_bad_file="fail", max_document_mb=0.02)
+    corpus = load_corpus(tmp_path, max_document_mb=0.02)
+    assert [d.id for d in corpus.documents] == ["small"]
+    assert sorted(Path(w).name for w, _ in corpus.skipped) == ["big.md", "d.jsonl:1"]
+    assert len(load_corpus(tmp_path).documents) == 3  # the default (64 MB) takes them
