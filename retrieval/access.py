@@ -27,9 +27,29 @@ from retrieval.errors import InputError
 ACCESS_FILE = "hybrid_access.json"
 
 
+def caller_groups(groups) -> frozenset[str]:
+    """A caller's (or trainer's) access groups as a set; None or () = public only.
+
+    A lone string is one group: iterated, "hr" would become the groups "h" and "r".
+
+    Raises:
+        InputError: groups that are not a collection of strings.
+    """
+    if groups is None:
+        return frozenset()
+    if isinstance(groups, str):
+        groups = [groups]
+    if isinstance(groups, (bytes, dict)) or not hasattr(groups, "__iter__"):
+        raise InputError(f"groups must be a list of group names, got {type(groups).__name__}")
+    groups = list(groups)
+    if not all(isinstance(g, str) for g in groups):
+        raise InputError("groups must be a list of group names (strings)")
+    return frozenset(groups)
+
+
 def training_groups(groups) -> list[str]:
     """The trainer's groups as a sorted list without repeats ([] = public only)."""
-    return sorted({str(g) for g in groups or ()})
+    return sorted(caller_groups(groups))
 
 
 def record(groups, seen=()) -> dict:
@@ -50,8 +70,17 @@ def scope(path: str | Path) -> list[str] | None:
     f = Path(path) / ACCESS_FILE
     if not f.exists():
         return None
-    s = json.loads(f.read_text(encoding="utf-8"))["scope"]
-    return [] if s == "public" else list(s)
+    try:
+        s = json.loads(f.read_text(encoding="utf-8")).get("scope")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        s = None
+    if s == "public":
+        return []
+    # Anything else must be a list of names: a string "hr" read as a list would be the groups h, r.
+    if not (isinstance(s, list) and s and all(isinstance(g, str) and g for g in s)):
+        raise InputError(f"{f}: 'scope' must be \"public\" or a list of group names; the access record is "
+                         f"damaged, so retrain the artifact (what it learned from is unknown)")
+    return list(s)
 
 
 def group_problems(groups) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 import shutil
@@ -27,11 +29,46 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            _renameat2 = fn
+        except (AttributeError, OSError):  # not Linux, or a libc without it (glibc < 2.28)
+            _renameat2 = False
+    if _renameat2 is False:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # this filesystem cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_renameat2 = None
+
+
 def swap_dir_into_place(new: Path, dest: Path) -> None:
-    """Replace directory `dest` by `new` (same filesystem); the old one is deleted only afterwards."""
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    """Replace directory `dest` by `new` (same filesystem); the old one is deleted only afterwards.
+
+    Where the kernel and filesystem allow, one atomic exchange: a reader opening `dest` at any
+    moment finds the old directory or the new one. Elsewhere two renames, with a moment in
+    which `dest` is missing (`.NAME.old-PID-*` then exists; IndexSnapshot waits for it)."""
+    new, dest = Path(new), Path(dest)
+    if dest.exists() and _exchange(new, dest):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now names the old directory
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{os.getpid()}-", dir=dest.parent))
     if dest.exists():
-        os.rename(dest, old)
+        os.replace(dest, old)  # onto the empty placeholder: a unique name, never a stale one
     os.rename(new, dest)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -79,3 +116,18 @@ def staged_dir(dest: str | Path) -> Iterator[Path]:
         swap_dir_into_place(stage, dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_writable(directory: str | Path, flag: str) -> None:
+    """Refuse, before any work, a directory the caller cannot create or write into (one line naming `flag`)."""
+    from retrieval.errors import InputError
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".hybrid-write-check-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{flag} {directory}: cannot write there ({exc.strerror or exc.__class__.__name__}); "
+                         f"choose a directory you can write to") from None

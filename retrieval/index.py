@@ -198,9 +198,12 @@ class IndexSnapshot:
         try:
             self.fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         except (FileNotFoundError, NotADirectoryError):
-            # A fallback swap (two renames) is under way: between them `.NAME.old-*` exists, after them the path.
-            if self.dir.is_dir() or any(self.dir.parent.glob(f".{self.dir.name}.old-*")):
-                raise IndexMoved() from None
+            # A fallback swap (two renames) may be under way: between them `.NAME.old-*` exists, after
+            # them the path. Looked at a few times, .old first: one look can fall between two swaps.
+            for _ in range(3):
+                if any(self.dir.parent.glob(f".{self.dir.name}.old-*")) or self.dir.is_dir():
+                    raise IndexMoved() from None
+                time.sleep(0.001)
             raise InputError(f"--index {self.dir}: no {MANIFEST_FILE} there; build one with "
                              f"'hybrid index CORPUS_DIR --out {self.dir}'") from None
         try:

@@ -13,7 +13,9 @@ exist) and restricted text is never read from the store for other callers.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,9 @@ import numpy as np
 from retrieval import access
 from retrieval.embedder import Embedder, load_embedder
 from retrieval.errors import InputError
-from retrieval.index import INDEX_FILE, STORE_FILE, read_manifest
+from retrieval.index import INDEX_FILE, STORE_FILE, IndexMoved, IndexSnapshot
+
+_LOAD_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,20 @@ class Hit:
                 "title": self.title, "text": self.text}
 
 
+def _stored_groups(raw: str) -> tuple[str, ...]:
+    """A chunk's groups from the store; anything but a JSON list of names is refused (a string
+    "hr" read as a sequence would grant the groups "h" and "r")."""
+    groups = json.loads(raw)
+    if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+        raise ValueError(f"bad groups {raw[:40]!r}")
+    return tuple(groups)
+
+
+def _check_k(k) -> None:
+    if type(k) is not int or k < 1:  # type(): True is not a k
+        raise InputError(f"-k must be a positive integer, got {k}")
+
+
 class Retriever:
     """Access-controlled dense retriever over one index directory."""
 
@@ -51,7 +69,7 @@ class Retriever:
         # row -> groups; public rows have none. Kept in memory: one small tuple per chunk.
         self._groups: list[tuple[str, ...]] = [()] * index.ntotal
         for row, groups in con.execute("SELECT row, groups FROM chunks"):
-            self._groups[row] = tuple(json.loads(groups))
+            self._groups[row] = _stored_groups(groups)
         self._allowed_cache: dict[frozenset, np.ndarray | None] = {}
         # A tuned embedder may hold text of restricted chunks (access.py): searching with it is
         # then only for callers holding its groups. Packaged and plain models are public.
@@ -66,6 +84,9 @@ class Retriever:
     def load(cls, index_dir: str | Path, embedder: Embedder | str | None = None) -> "Retriever":
         """Open and verify an index.
 
+        Everything is read from one snapshot of the directory (IndexSnapshot), so a build that
+        swaps in a new index meanwhile makes this see the old index or the new one, whole.
+
         Args:
             index_dir: directory written by `build_index`.
             embedder: a loaded Embedder or a spec; default: the one named in the manifest.
@@ -74,7 +95,18 @@ class Retriever:
             InputError: missing/corrupted index, or an embedder whose fingerprint differs.
         """
         index_dir = Path(index_dir)
-        manifest = read_manifest(index_dir, verify=True)
+        for attempt in range(_LOAD_ATTEMPTS):
+            try:
+                with IndexSnapshot(index_dir) as snap:
+                    return cls._from_snapshot(snap, embedder)
+            except IndexMoved:
+                time.sleep(0.005 * attempt)
+        raise InputError(f"--index {index_dir}: kept changing while being opened (a build is replacing it); "
+                         f"try again")
+
+    @classmethod
+    def _from_snapshot(cls, snap: IndexSnapshot, embedder: Embedder | str | None) -> "Retriever":
+        index_dir, manifest = snap.dir, snap.manifest
         if not isinstance(embedder, Embedder):
             embedder = load_embedder(embedder if embedder is not None else manifest["embedder"]["name"])
         want = manifest["embedder"]["fingerprint"]
@@ -82,21 +114,39 @@ class Retriever:
             raise InputError(f"--embedder {embedder.name}: fingerprint {embedder.fingerprint[:12]} differs from the one "
                              f"index {index_dir} was built with ({manifest['embedder']['name']}, {want[:12]}); "
                              f"query with that embedder or rebuild with 'hybrid index ... --embedder {embedder.name}'")
+        fd, data = snap.verified(INDEX_FILE, keep_bytes=True)
+        os.close(fd)
         try:
             import faiss  # imported on use: stages that read only JSONL need no FAISS
 
-            index = faiss.read_index(str(index_dir / INDEX_FILE))
+            # From the verified bytes, not the path: the checked file is the loaded file.
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError:
             raise InputError(f"{index_dir / INDEX_FILE}: FAISS cannot read it; rebuild the index with 'hybrid index'") from None
-        con = sqlite3.connect(f"file:{index_dir / STORE_FILE}?mode=ro&immutable=1", uri=True, check_same_thread=False)
-        return cls(index_dir, manifest, index, con, embedder)
+        del data
+        con = snap.connect_store()
+        try:
+            n, lo, hi = con.execute("SELECT COUNT(*), MIN(row), MAX(row) FROM chunks").fetchone()
+            # Every FAISS row needs its store row (with its groups), and the manifest must agree.
+            consistent = (index.ntotal == n == manifest["counts"]["chunks"] and index.d == manifest["embedder"]["dim"]
+                          and (n == 0 or (lo, hi) == (0, n - 1)))
+            if not consistent:
+                raise InputError(f"{index_dir}: index.faiss, chunks.sqlite and manifest.json disagree on the chunks; "
+                                 f"rebuild the index with 'hybrid index'")
+            return cls(index_dir, manifest, index, con, embedder)
+        except (sqlite3.Error, ValueError, TypeError, IndexError):
+            con.close()
+            raise InputError(f"{index_dir / STORE_FILE}: not a hybrid chunk store; rebuild the index with 'hybrid index'") from None
+        except BaseException:
+            con.close()
+            raise
 
     def __len__(self) -> int:
         return self.index.ntotal
 
     def _allowed(self, groups) -> np.ndarray | None:
         """Row ids visible to a caller with `groups`; None when every row is visible."""
-        key = frozenset(groups or ())
+        key = access.caller_groups(groups)
         if key not in self._allowed_cache:
             rows = [i for i, g in enumerate(self._groups) if not g or key.intersection(g)]
             self._allowed_cache[key] = None if len(rows) == len(self._groups) else np.asarray(rows, dtype=np.int64)
@@ -128,8 +178,10 @@ class Retriever:
         Returns:
             n lists of at most k hits, best first.
         """
-        if not isinstance(k, int) or k < 1:
-            raise InputError(f"-k must be a positive integer, got {k}")
+        _check_k(k)
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or (len(queries) and queries.shape[1] != self.index.d):
+            raise ValueError(f"query vectors must have shape (n, {self.index.d}), got {queries.shape}")
         access.require(self._embedder_scope, groups, f"embedder {self.embedder.path} of index {self.index_dir}")
         allowed = self._allowed(groups)
         n_visible = len(self) if allowed is None else len(allowed)
@@ -138,7 +190,7 @@ class Retriever:
             return [[] for _ in range(len(queries))]
         params, _sel = self._params(allowed)
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), kk, params=params)
-        key = frozenset(groups or ())
+        key = access.caller_groups(groups)
         out = []
         for srow, rrow in zip(scores, rows):
             keep = [(float(s), int(r)) for s, r in zip(srow, rrow)
@@ -158,6 +210,8 @@ class Retriever:
 
     def search(self, query: str, k: int = 5, groups=None) -> list[Hit]:
         """Top-k visible chunks for one query (see `search_batch`)."""
+        if not isinstance(query, str):
+            raise InputError(f"the query must be a string, got {type(query).__name__}")
         return self.search_batch([query], k=k, groups=groups)[0]
 
     def search_batch(self, queries: list[str], k: int = 5, groups=None, batch_size: int = 64) -> list[list[Hit]]:
@@ -171,10 +225,23 @@ class Retriever:
 
         Returns:
             n lists of Hit, best first.
+
+        Raises:
+            InputError: an empty or whitespace-only query (pass a non-empty query), a query that is
+                not a string, `queries` given as one string, or a bad k.
         """
-        if not isinstance(k, int) or k < 1:
-            raise InputError(f"-k must be a positive integer, got {k}")
-        return self.search_vectors(self.embedder.encode(list(queries), batch_size=batch_size), k=k, groups=groups)
+        _check_k(k)
+        if isinstance(queries, (str, bytes)):
+            raise InputError("search_batch takes a list of queries, not one string; use search() for one query")
+        queries = list(queries)
+        for i, q in enumerate(queries):
+            if not isinstance(q, str):
+                raise InputError(f"query {i + 1}: must be a string, got {type(q).__name__}")
+            if not q.strip():
+                raise InputError(f"query {i + 1} is empty; pass a non-empty query")
+        if not queries:
+            return []
+        return self.search_vectors(self.embedder.encode(queries, batch_size=batch_size), k=k, groups=groups)
 
     def chunks(self, doc_id: str | None = None, groups=None, include_restricted: bool = False) -> list[Hit]:
         """Chunks in store order (all, or those of one document), score 0.

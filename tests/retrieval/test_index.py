@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -151,9 +152,12 @@ m.build_index({str(small_corpus)!r}, {str(small_index)!r}, m.IndexConfig(chunk_t
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == -9
     assert Retriever.load(small_index, embedder=tiny_embedder).search("battery", k=3) == before
-    # The next build succeeds despite the dead one's leftovers and picks up the change.
+    leftovers = [p for p in small_index.parent.iterdir() if p.name.startswith(".index.tmp-")]
+    assert leftovers  # what SIGKILL leaves behind...
+    # The next build succeeds despite the dead one's leftovers, removes them and picks up the change.
     build_index(small_corpus, small_index, IndexConfig(chunk_tokens=64, overlap=8), embedder=tiny_embedder)
     assert "Changed" in Retriever.load(small_index, embedder=tiny_embedder).chunks("office")[0].text
+    assert not any(p.exists() for p in leftovers)
 
 
 def test_concurrent_build_is_locked_out(small_corpus, small_index, tiny_embedder):
@@ -176,3 +180,107 @@ def test_bad_config_lists_every_problem():
     assert any("--chunk-tokens" in p for p in problems)
     assert any("--overlap" in p for p in problems)
     assert any("--index-type" in p for p in problems)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_build_removes_stale_stages_of_dead_builds_only(small_corpus, small_index, tiny_embedder):
+    import os
+
+    dead, parent = _dead_pid(), small_index.parent
+    stale = [parent / f".index.tmp-{dead}-abc", parent / f".index.tmp-{dead}", parent / f".index.old-{dead}-x"]
+    live = parent / f".index.tmp-{os.getpid()}-busy"  # a running writer's stage (this process)
+    other = parent / f".other.tmp-{dead}-abc"  # another artifact's: not ours to judge
+    for d in stale + [live, other]:
+        d.mkdir()
+        (d / "index.faiss").write_bytes(b"half")
+    build_index(small_corpus, small_index, IndexConfig(chunk_tokens=64, overlap=8), embedder=tiny_embedder)
+    assert not any(d.exists() for d in stale)
+    assert live.exists() and other.exists()
+    assert [p.name for p in parent.iterdir() if p.name.startswith(".index.") and p.is_dir()] == [live.name]
+
+
+# --- the manifest is a schema, checked before anything it names is read ---------------------------
+
+def _set(m, path, value):
+    *head, last = path.split(".")
+    for k in head:
+        m = m[k]
+    if value is KeyError:
+        del m[last]
+    else:
+        m[last] = value
+
+
+@pytest.mark.parametrize("path,value,pattern", [
+    ("files", {}, "'files' must list exactly index.faiss and chunks.sqlite"),
+    ("files.chunks.sqlite", KeyError, "'files' must list exactly"),
+    ("files", {"index.faiss": "0" * 64, "chunks.sqlite": "0" * 64, "../../etc/hostname": "0" * 64}, "'files' must list exactly"),
+    ("files", KeyError, "field 'files' is missing"),
+    ("files", [], "field 'files' is missing or not an object"),
+    ("files.index.faiss", 5, "sha256 hex digests"),
+    ("embedder", KeyError, "field 'embedder' is missing"),
+    ("embedder.dim", "32", "'embedder.dim' must be a positive integer"),
+    ("embedder.dim", True, "'embedder.dim' must be a positive integer"),
+    ("embedder.fingerprint", None, "'embedder.fingerprint'"),
+    ("embedder.normalize", False, "'embedder.normalize' must be true"),
+    ("index.type", "tree", "'index.type'"),
+    ("index", {"type": "hnsw"}, "'index.m'"),
+    ("index", {"type": "ivf", "nlist": 4}, "'index.nlist'/'nprobe'"),
+    ("counts.chunks", -1, "'counts'"),
+    ("chunking", None, "field 'chunking'"),
+    ("format_version", True, "index format True is not 1"),
+    ("format_version", 2, "index format 2 is not 1"),
+    ("corpus", 3, "field 'corpus'"),
+])
+def test_invalid_manifest_is_refused_before_any_file_is_read(small_index, tiny_embedder, path, value, pattern):
+    mpath = small_index / "manifest.json"
+    m = json.loads(mpath.read_text())
+    if path.startswith("files."):  # file names contain a dot
+        name = path.removeprefix("files.")
+        m["files"].pop(name) if value is KeyError else m["files"].__setitem__(name, value)
+    else:
+        _set(m, path, value)
+    mpath.write_text(json.dumps(m))
+    (small_index / "chunks.sqlite").write_bytes(b"not a database")  # would be opened if the check were skipped
+    for load in (lambda: read_manifest(small_index), lambda: read_manifest(small_index, verify=False),
+                 lambda: Retriever.load(small_index, embedder=tiny_embedder)):
+        with pytest.raises(InputError, match=f"manifest.json: .*{re.escape(pattern)}" if "format" not in pattern
+                           else re.escape(pattern)):
+            load()
+
+
+@pytest.mark.parametrize("text", ["[]", '"manifest"', "null", "3", "{", "\u00ff", "[" * 100_000, "1" * 5000, "{}"])
+def test_manifest_that_is_not_an_object_is_an_input_error(small_index, tiny_embedder, text):
+    (small_index / "manifest.json").write_text(text)
+    with pytest.raises(InputError, match="manifest"):
+        read_manifest(small_index)
+    with pytest.raises(InputError, match="manifest"):
+        Retriever.load(small_index, embedder=tiny_embedder)
+
+
+def test_files_that_disagree_with_the_manifest_are_refused(small_index, tiny_embedder):
+    # Consistent checksums but a manifest claiming other counts: refused, not half-trusted.
+    mpath = small_index / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["counts"]["chunks"] += 1
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(InputError, match="disagree on the chunks"):
+        Retriever.load(small_index, embedder=tiny_embedder)
+
+
+def test_chunk_store_that_is_not_sqlite_is_an_input_error(small_index, tiny_embedder):
+    from retrieval.index import sha256_file
+
+    store = small_index / "chunks.sqlite"
+    store.write_bytes(b"garbage" * 100)
+    mpath = small_index / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["files"]["chunks.sqlite"] = sha256_file(store)  # checksum matches the garbage
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(InputError, match="chunks.sqlite: cannot be opened as a hybrid chunk store"):
+        Retriever.load(small_index, embedder=tiny_embedder)

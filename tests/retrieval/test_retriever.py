@@ -64,3 +64,31 @@ def test_hits_are_sorted_and_carry_metadata(retriever):
     for h in hits:
         assert h.chunk_id.startswith(h.doc_id + "#") and h.title and h.text
         assert set(h.to_dict()) == {"doc_id", "chunk_id", "score", "title", "text"}
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\n\t"])
+def test_empty_query_is_an_input_error(retriever, query):
+    with pytest.raises(InputError, match="pass a non-empty query"):
+        retriever.search(query)
+    with pytest.raises(InputError, match="query 2 is empty; pass a non-empty query"):
+        retriever.search_batch(["battery", query])
+
+
+def test_queries_must_be_strings_in_a_list(retriever):
+    with pytest.raises(InputError, match="not one string"):
+        retriever.search_batch("battery")
+    with pytest.raises(InputError, match="query 1: must be a string"):
+        retriever.search_batch([None])
+    with pytest.raises(InputError, match="must be a string"):
+        retriever.search(b"battery")
+    with pytest.raises(InputError, match="-k must be a positive integer"):
+        retriever.search("x", k=True)
+    assert retriever.search_batch([]) == []
+
+
+def test_groups_given_as_one_string_mean_that_group(retriever):
+    # Iterated, "hr" would be the groups "h" and "r": a chunk of group "h" would become visible.
+    retriever._groups = [("h",) if g == ("hr",) else g for g in retriever._groups]
+    retriever._allowed_cache.clear()
+    assert not {h.doc_id for h in retriever.search("x", k=len(retriever), groups="hr")} & {"salaries"}
+    assert "salaries" in {h.doc_id for h in retriever.search("x", k=len(retriever), groups=["h"])}
