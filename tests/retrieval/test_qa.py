@@ -45,3 +45,37 @@ def test_split_is_deterministic_disjoint_and_stable_under_additions():
     train2, test2 = split_rows(rows + [QARow(id="new", question="q", answers=())], 0.25, seed=3)
     assert {r.id for r in test} <= {r.id for r in test2}
     assert split_rows(rows, 0.25, seed=4)[1] != test
+
+
+def test_bom_raw_line_separators_and_crlf(tmp_path):
+    p = tmp_path / "qa.jsonl"
+    rows = [{"id": "a", "question": "one\u2028two\u0085three?", "answers": ["x\u2029y"]}, {"id": "b", "question": "R?", "answers": []}]
+    p.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
+    got = load_qa(p)
+    assert [(r.id, r.question, r.answers) for r in got] == [("a", rows[0]["question"], ("x\u2029y",)), ("b", "R?", ())]
+
+
+@pytest.mark.parametrize("line,pattern", [
+    ("[" * 100_000, "qa.jsonl:1: not valid JSON"),
+    ('{"id": ' + "1" * 5000 + ', "question": "q", "answers": []}', "qa.jsonl:1: not valid JSON"),
+    ('{"id": true, "question": "q", "answers": []}', "qa.jsonl:1: field 'id'"),
+])
+def test_pathological_lines_are_input_errors(tmp_path, line, pattern):
+    p = tmp_path / "qa.jsonl"
+    p.write_text(line + "\n")
+    with pytest.raises(InputError, match=pattern):
+        load_qa(p)
+
+
+def test_unreadable_qa_file_is_an_input_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    p = tmp_path / "qa.jsonl"
+    p.write_text('{"id": "a", "question": "q", "answers": []}\n')
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 0 does not stop root
+    with pytest.raises(InputError, match="cannot read it \\(Permission denied\\)"):
+        load_qa(p)

@@ -1,0 +1,201 @@
+"""Property-based tests: the readers of user files end in data or InputError, never another exception,
+and front matter groups are never lost."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")  # dev extra; skip rather than break a bare install
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from retrieval.corpus import Corpus, load_corpus  # noqa: E402
+from retrieval.errors import InputError  # noqa: E402
+from retrieval.qa import load_qa  # noqa: E402
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                         HealthCheck.too_slow])
+
+# Lines that make front matter and JSONL interesting, mixed with arbitrary text.
+FRAGMENTS = ["---", "--- ", "----", "+++", "...", "groups: [hr]", "groups:", "groups: []", "Groups: [hr]",
+             "group: hr", "groups: hr, fin", "  - hr", "groups:\n  - hr", "title: T", "title: [x]", "- a", "{", "}",
+             "[", "&a x", "*a", "<<: {groups: [hr]}", "date: 2023-02-30", "!!binary x", "? [a]", ": b", "# h", "",
+             " ", "\t", "\ufeff", "\u2028", "\x00", "\x85"]
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+
+
+@st.composite
+def file_bytes(draw):
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=400))
+    lines = draw(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=20), max_size=12))
+    text = draw(st.sampled_from(["\n", "\r\n", "\r"])).join(lines)
+    return text.encode(draw(st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le"])), errors="replace")
+
+
+def _load(files: dict[str, bytes], **kw) -> Corpus | InputError:
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            (Path(d) / name).write_bytes(data)
+        try:
+            return load_corpus(d, **kw)
+        except InputError as exc:
+            return exc
+
+
+@FAST
+@given(data=file_bytes(), suffix=st.sampled_from([".md", ".txt", ".markdown", ".jsonl"]),
+       mode=st.sampled_from(["skip", "fail"]))
+def test_any_file_is_documents_or_input_error(data, suffix, mode):
+    out = _load({"f" + suffix: data}, on_bad_file=mode)
+    if isinstance(out, Corpus):
+        assert out.documents and all(d.text for d in out.documents)
+
+
+GROUP_VALUES = JSON | st.lists(st.text(max_size=6), max_size=3) | st.text(max_size=6)
+
+
+@st.composite
+def jsonl_lines(draw):
+    """Rows that are mostly documents, with any value under `groups` or a near-miss key."""
+    rows = []
+    for i in range(draw(st.integers(1, 5))):
+        if draw(st.integers(0, 9)) == 0:
+            rows.append(draw(JSON))
+            continue
+        row = {"id": f"d{i}", "text": draw(st.text(max_size=10))}
+        for key in draw(st.lists(st.sampled_from(["groups", "Groups", "GROUPS", "group", " groups", "title", "x"]),
+                                 max_size=2, unique=True)):
+            row[key] = draw(GROUP_VALUES)
+        rows.append(row)
+    return rows
+
+
+@FAST
+@given(rows=jsonl_lines())
+def test_jsonl_groups_are_kept_or_the_line_is_refused(rows):
+    lines = [json.dumps(r) for r in rows]
+    out = _load({"d.jsonl": "\n".join(lines).encode()})
+    if isinstance(out, InputError):
+        return
+    by_line = {int(d.source.rsplit(":", 1)[1]): d for d in out.documents}
+    for n, doc in by_line.items():
+        row = rows[n - 1]
+        assert isinstance(row, dict) and not {"Groups", "GROUPS", "group", " groups"} & set(row)
+        if "groups" in row:
+            want = row["groups"] if isinstance(row["groups"], list) else [row["groups"]]
+            assert doc.groups and set(doc.groups) == {g.strip() for g in want}
+        else:
+            assert doc.groups == ()
+
+
+NAMES = st.text(st.characters(whitelist_categories=("Ll", "Lu", "Nd")), min_size=1, max_size=6).filter(
+    lambda s: s.lower() not in ("yes", "no", "on", "off", "true", "false", "null", "y", "n") and not s.isdigit())
+
+
+@st.composite
+def restricted_file(draw):
+    groups = draw(st.lists(NAMES, min_size=1, max_size=3, unique=True))
+    if draw(st.booleans()):
+        gline = "groups: [" + ", ".join(groups) + "]"
+    else:
+        gline = "groups:\n" + "\n".join(f"  - {g}" for g in groups)
+    meta = [gline] + draw(st.lists(st.sampled_from(["title: T", "date: 2024-01-01", "tags: [a, b]", "# note"]),
+                                   max_size=3, unique=True))
+    meta = draw(st.permutations(meta))
+    opener = draw(st.sampled_from(["---", "--- ", "---\t"]))
+    closer = draw(st.sampled_from(["---", "---  "]))
+    lead = draw(st.sampled_from(["", "\n", "\n \n", "  ", "\ufeff"]))
+    body = draw(st.text(max_size=80))
+    nl = draw(st.sampled_from(["\n", "\r\n", "\r"]))
+    text = lead + nl.join([opener, *meta, closer]) + nl + body
+    raw = text.encode("utf-8")
+    if draw(st.booleans()):
+        raw = b"\xef\xbb\xbf" + raw
+    return raw, set(groups), draw(st.sampled_from([".md", ".txt"])), body
+
+
+@FAST
+@given(case=restricted_file())
+def test_front_matter_groups_are_never_lost(case):
+    raw, groups, suffix, body = case
+    out = _load({"doc" + suffix: raw})
+    if not body.strip() or "\x00" in body:  # nothing to index, or refused as binary: never public either way
+        assert isinstance(out, InputError) and "no non-empty documents" in str(out)
+        return
+    assert isinstance(out, Corpus), out  # well-formed front matter is read, not refused
+    [doc] = out.documents
+    assert set(doc.groups) == groups
+
+
+@FAST
+@given(data=st.one_of(st.binary(max_size=300), st.lists(JSON, min_size=1, max_size=4).map(
+    lambda rows: "\n".join(json.dumps(r) for r in rows).encode()), st.lists(st.fixed_dictionaries(
+        {"id": JSON, "question": JSON, "answers": JSON}, optional={"gold_ids": JSON, "passages": JSON}),
+        min_size=1, max_size=4).map(lambda rows: "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())))
+def test_qa_reader_gives_rows_or_input_error(tmp_path, data):
+    p = tmp_path / "qa.jsonl"
+    p.write_bytes(data)
+    try:
+        rows = load_qa(p)
+    except InputError:
+        return
+    assert rows and all(r.question.strip() and isinstance(r.answers, tuple) for r in rows)
+
+
+@pytest.fixture(scope="module")
+def index_for_properties(tmp_path_factory, tiny_embedder):
+    from retrieval.index import IndexConfig, build_index
+    from tests.conftest import make_small_corpus
+
+    root = tmp_path_factory.mktemp("prop")
+    out = root / "index"
+    build_index(make_small_corpus(root / "corpus"), out, IndexConfig(chunk_tokens=64, overlap=8), embedder=tiny_embedder)
+    return out
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, prefix + (k,))
+
+
+@FAST
+@given(data=st.data())
+def test_manifest_loader_gives_a_valid_manifest_or_input_error(index_for_properties, tiny_embedder, data):
+    from retrieval.index import read_manifest, validate_manifest
+    from retrieval.retriever import Retriever
+
+    mpath = index_for_properties / "manifest.json"
+    original = mpath.read_text()
+    manifest = json.loads(original)
+    if data.draw(st.booleans()):
+        new = data.draw(JSON)
+    else:  # one field of the real manifest replaced (or dropped)
+        path = data.draw(st.sampled_from(list(_paths(manifest))[1:]))
+        new, node = manifest, manifest
+        for k in path[:-1]:
+            node = node[k]
+        if data.draw(st.booleans()):
+            del node[path[-1]]
+        else:
+            node[path[-1]] = data.draw(JSON)
+    try:
+        mpath.write_text(json.dumps(new))
+        try:
+            got = read_manifest(index_for_properties)
+        except InputError:
+            return
+        assert validate_manifest(got, "m") is got
+        try:
+            r = Retriever.load(index_for_properties, embedder=tiny_embedder)
+        except InputError:
+            return
+        assert len(r) == got["counts"]["chunks"]
+        r.search("battery", k=3)
+    finally:
+        mpath.write_text(original)
