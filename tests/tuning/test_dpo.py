@@ -51,6 +51,65 @@ def test_dpo_continues_sft_adapter_and_saves_loadable_adapter(tmp_path, bundled_
     assert not any("ref" in n for n, _ in dpo.named_parameters())  # the reference copy is not saved
 
 
+def _completion_logps(model, batch) -> list[float]:
+    """Summed log-probs of each row's completion tokens (the rows are [chosen, rejected])."""
+    ids, mask = batch["input_ids"], batch["completion_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    token = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token * mask[:, 1:]).sum(1).tolist()
+
+
+def test_dpo_reference_is_the_frozen_sft_adapter_not_the_base_model(tmp_path, bundled_tiny_index, tiny_llm_dir,
+                                                                    monkeypatch):
+    import math
+
+    import trl
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    quiet = lambda *_: None  # noqa: E731
+    tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0), progress=False,
+                   log=quiet)
+    # make the SFT adapter clearly differ from the base: LoRA B is random, not (near) zero
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors, gen = load_file(str(weights)), torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=gen) * 0.5 if "lora_B" in k else v for k, v in tensors.items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+    real_loss, steps = trl.DPOTrainer._compute_loss, []
+
+    def recording(self, model, inputs, return_outputs):
+        out = real_loss(self, model, inputs, return_outputs)
+        m = self._metrics["train"]
+        steps.append({"batch": {k: inputs[k].detach().clone() for k in ("input_ids", "attention_mask", "completion_mask")},
+                      **{k: m[k][-1] for k in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected")}})
+        return out
+
+    monkeypatch.setattr(trl.DPOTrainer, "_compute_loss", recording)
+    cfg = config(DPOTuneConfig, index=str(bundled_tiny_index), qa=str(small_qa(tmp_path)),
+                 adapter=str(tmp_path / "adapter"), out=str(tmp_path / "dpo"), pairs="contrastive", num_distractors=1,
+                 max_steps=2, warmup_ratio=0, grad_accum=1, batch_size=1, learning_rate=5e-2, max_questions=3, beta=0.5)
+    rec = tune_dpo(cfg, progress=False, log=quiet)
+    assert rec["steps"] == 2 and len(steps) == 2
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm_dir), tmp_path / "adapter").eval()
+    for n, st in enumerate(steps):
+        # the reference log-probs the trainer used: logps - rewards / beta (rewards = beta * (policy - reference))
+        used = [st["logps/chosen"] - st["rewards/chosen"] / cfg.beta, st["logps/rejected"] - st["rewards/rejected"] / cfg.beta]
+        with_sft, with_base = _completion_logps(sft, st["batch"]), _completion_logps(base, st["batch"])
+        assert min(abs(a - b) for a, b in zip(with_sft, with_base)) > 1.0, n  # base and SFT clearly differ
+        assert used == pytest.approx(with_sft, abs=1e-3), n  # the reference is the SFT adapter, at every step
+        assert all(abs(u - b) > 0.5 for u, b in zip(used, with_base)), n
+    # at step 1 the policy is the SFT adapter itself: zero rewards, loss log 2
+    assert [steps[0]["logps/chosen"], steps[0]["logps/rejected"]] == pytest.approx(
+        _completion_logps(sft, steps[0]["batch"]), abs=1e-3)
+    assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5) and steps[0]["rewards/rejected"] == pytest.approx(0, abs=1e-5)
+    assert rec["train_log"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert any(abs(st["rewards/chosen"]) > 1e-3 for st in steps[1:])  # step 2: the policy moved, the reference did not
+
+
 def test_contrastive_dpo_trains_on_flipped_pairs_without_sampling(tmp_path, bundled_tiny_index, tiny_llm_dir):
     tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0), progress=False,
                    log=lambda *_: None)
