@@ -84,7 +84,8 @@ def cli_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _offline()
-        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+        # force: each command writes to the stderr of its own invocation (CliRunner swaps it per run)
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", force=True)
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
@@ -117,6 +118,8 @@ def index_cmd(
     """Chunk, embed and index a corpus. Re-running embeds only new or changed documents."""
     from retrieval.index import build_index
 
+    if not quiet:  # progress through long documents is logged at INFO
+        logging.getLogger("retrieval").setLevel(logging.INFO)
     rep = build_index(corpus_dir, out, cfg, progress=not quiet)
     for where, why in rep.skipped_files:
         typer.echo(f"skipped {where}: {why}", err=True)

@@ -26,7 +26,9 @@ def read_jsonl(path: str | Path, flag: str, what: str) -> list[tuple[int, dict]]
     """
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        # "\n" alone ends a line: str.splitlines would also split on U+2028 and U+0085, which
+        # write_jsonl leaves raw inside strings.
+        lines = p.read_text(encoding="utf-8").removeprefix("\ufeff").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{flag} {p}: cannot read it ({exc.__class__.__name__}); pass a UTF-8 JSONL of {what}") from None
     out = []
@@ -35,8 +37,10 @@ def read_jsonl(path: str | Path, flag: str, what: str) -> list[tuple[int, dict]]
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, over-long integers, deep nesting
             raise InputError(f"{flag} {p}:{n}: not valid JSON; each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{flag} {p}:{n}: each line must be one JSON object ({{...}}) of {what}")
         out.append((n, obj))
     if not out:
         raise InputError(f"{flag} {p}: no {what} in it")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval.errors import InputError
-from retrieval.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
