@@ -1,3 +1,7 @@
+import dataclasses
+
+import pytest
+
 from retrieval.qa import load_qa
 from retrieval.retriever import Retriever
 from tests.tuning.test_sft import small_qa
@@ -35,7 +39,34 @@ def test_both_writes_each_answerable_question_with_and_without_its_oracle(tmp_pa
 def test_default_setting_still_samples_one_example_per_question(tmp_path, bundled_tiny_index):
     rows, _, examples = _examples(tmp_path, bundled_tiny_index, p_oracle=0.5)
     assert [ex["id"] for ex in examples] == [r.id for r in rows]
-    assert 0 < sum(ex["oracle"] for ex in examples) < sum(bool(r.answers) for r in rows)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.8])
+def test_oracle_share_over_many_draws_lies_in_the_binomial_interval_of_p_oracle(tmp_path, bundled_tiny_index, p):
+    from scipy.stats import binom
+
+    retriever = Retriever.load(bundled_tiny_index)
+    rows, _ = visible_rows(load_qa(small_qa(tmp_path)), retriever)
+    chunks = {h.chunk_id: h for h in retriever.chunks()}
+    by_doc = {}
+    for h in chunks.values():
+        by_doc.setdefault(h.doc_id, []).append(h.text.lower())
+    # answerable questions whose gold chunk quotes the answer (no per-question embedding to pick the oracle),
+    # 25 draws each; the unanswerable ones once
+    quoted = [r for r in rows if r.answers and any(a.lower() in t for g in r.gold_ids for t in by_doc.get(g, [])
+                                                   for a in r.answers)]
+    many = [dataclasses.replace(r, id=f"{r.id}-{i}") for i in range(25) for r in quoted]
+    many += [r for r in rows if not r.answers]
+    examples = build_examples(many, retriever, RaftSettings(num_distractors=2, p_oracle=p, seed=7))
+    assert [ex["id"] for ex in examples] == [r.id for r in many]
+    drawn = [(ex, r) for ex, r in zip(examples, many) if r.answers]  # unanswerable rows draw nothing
+    # the flag tells the truth: a gold chunk is in the prompt exactly when "oracle" says so
+    for ex, r in zip(examples, many):
+        assert ex["oracle"] == any(chunks[c].doc_id in r.gold_ids for c in ex["chunk_ids"]), ex["id"]
+    n, k = len(drawn), sum(ex["oracle"] for ex, _ in drawn)
+    lo, hi = binom.interval(0.999, n, p)  # 99.9 %: a correct sampler fails this about once in 1000 seeds
+    assert n >= 400 and lo <= k <= hi, (k, n, lo, hi)
+    assert not any(ex["oracle"] for ex, r in zip(examples, many) if not r.answers)
 
 
 def test_contrastive_pairs_flip_the_same_two_answers_on_the_evidence(tmp_path, bundled_tiny_index):
