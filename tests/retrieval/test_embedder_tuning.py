@@ -57,6 +57,48 @@ def test_tuning_changes_weights_saves_model_and_reports_before_after(tune_setup,
     assert Retriever.load(tmp_path / "index2").search("colour of part 3", k=2)
 
 
+def test_hard_negatives_are_mined_from_the_index_and_reach_the_loss(tune_setup, tmp_path, monkeypatch):
+    import sentence_transformers
+    from sentence_transformers import losses
+
+    from retrieval.chunking import embed_text
+
+    _, qa, index = tune_setup
+    seen = {"datasets": [], "loss_inputs": []}
+
+    class Capturing(sentence_transformers.SentenceTransformerTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen["datasets"].append(self.train_dataset)
+
+    real_forward = losses.MultipleNegativesRankingLoss.forward
+
+    def forward(self, sentence_features, labels):
+        seen["loss_inputs"].append([len(f["input_ids"]) for f in sentence_features])
+        return real_forward(self, sentence_features, labels)
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformerTrainer", Capturing)
+    monkeypatch.setattr(losses.MultipleNegativesRankingLoss, "forward", forward)
+    out = tmp_path / "tuned"
+    # margin 0: the random tiny embedder scores every chunk alike, so the default 5 % margin drops all
+    # negatives; batch 2: the no-duplicates sampler must find batches among few rows
+    cfg = config(EmbedderTuneConfig, index=str(index), out=str(out), qa=str(qa), batch_size=2, max_steps=2,
+                 learning_rate=1e-3, test_fraction=0.25, mine_range=5, relative_margin=0.0)
+    res = tune_embedder(cfg, progress=False)
+    (ds,) = seen["datasets"]
+    assert ds.column_names == ["anchor", "positive", "negative_1"] and res["hard_negative_columns"] == ["negative_1"]
+    assert len(ds) == res["train_rows_with_hard_negatives"] >= cfg.train.batch_size
+    # the negatives are the index's own chunks (public ones: the trainer named no group), never the positive
+    retriever = Retriever.load(index)
+    public = {embed_text(c.title, c.text) for c in retriever.chunks()}
+    pairs = {json.loads(l)["query"]: json.loads(l)["positive"] for l in (out / "train_pairs.jsonl").read_text().splitlines()}
+    for row in ds:
+        assert row["negative_1"] in public and row["negative_1"] != row["positive"]
+        assert pairs[row["anchor"]] == row["positive"]  # a training pair, with its own positive
+    # both steps' losses got anchors, positives and one hard negative per anchor
+    assert seen["loss_inputs"] == [[2, 2, 2]] * 2
+
+
 def test_gold_ids_missing_from_index_are_named(tune_setup, tmp_path):
     _, qa, index = tune_setup
     bad = tmp_path / "bad.jsonl"
