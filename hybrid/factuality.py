@@ -18,13 +18,8 @@ the judge finds best supported by the passages among those adapters' non-abstain
 the best-calibrated of them (highest calibration AUROC) reaches its threshold. Both are derived
 from answers already generated.
 
-Each answer is classified exactly once:
-  correct       the normalised gold answer (SQuAD/HotpotQA normalisation) equals or
-                is contained in the normalised final answer; a yes/no gold must equal
-                the answer's first word
-  abstained     the abstention sentence or a recognised refusal
-  hallucinated  anything else: a wrong answer, or any answer to an unanswerable question
-so accuracy + abstention_rate + hallucination_rate = 1.
+Each answer is classified exactly once, correct | abstained | hallucinated, by the rule
+training uses too (tuning/grading.py), so accuracy + abstention_rate + hallucination_rate = 1.
 
 predictions.jsonl gets one line per (question, configuration) as soon as it is
 known, so an interrupted eval resumes where it stopped.

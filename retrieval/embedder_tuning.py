@@ -215,6 +215,9 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     drop_step_printer(trainer, progress)
     with scratch:
         trainer.train()
+    if trainer.state.global_step == 0:  # the no-duplicates sampler found no full batch: nothing was learnt
+        raise InputError(f"no training step ran: {len(mined)} training rows gave no full batch of --batch-size "
+                         f"{t.batch_size} without duplicate texts; lower --batch-size or add questions (nothing was saved)")
     model.max_seq_length = full_length  # the saved model reads as far as the base did
 
     # --- evaluate base vs tuned on the held-out split ---------------------------------------
@@ -226,7 +229,8 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         "tuned": retrieval_metrics(tuned_rank, test_g),
         "pairs_source": "qa" if cfg.qa else "inverse_cloze",
         "train_pairs": len(pairs),
-        "train_rows_with_hard_negatives": len(mined),
+        "train_rows_with_hard_negatives": len(mined) if mined is not dataset else 0,
+        "train_steps": trainer.state.global_step,
         "hard_negative_columns": [c for c in mined.column_names if c.startswith("negative")],
         "test_queries": len(test_q),
         "stopped_early": budget.stopped_early,

@@ -189,10 +189,10 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     if ckpt_dir.exists() and not cfg.resume:
         shutil.rmtree(ckpt_dir)
     data = raft_data(cfg)
+    mplan, lengths = memory_plan(cfg, data)  # refuses a bad model or a plan that does not fit, before warning
     if data.dropped:
         logging.warning(f"access: {len(data.dropped)} questions skipped, their gold documents are restricted to groups "
                         f"not named with --group (e.g. {', '.join(data.dropped[:3])})")
-    mplan, lengths = memory_plan(cfg, data)
     log(describe(mplan))
     with no_dataset_bars():
         trainer, model_info, budget, peak = load_trainer(cfg, data, mplan, ckpt_dir, progress)

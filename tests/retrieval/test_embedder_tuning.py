@@ -110,3 +110,21 @@ def test_gold_ids_missing_from_index_are_named(tune_setup, tmp_path):
 def test_config_problems_name_flags():
     problems = config(EmbedderTuneConfig, index="i", out="o", batch_size=1, test_fraction=1.5).problems()
     assert any("--batch-size" in p for p in problems) and any("--test-fraction" in p for p in problems)
+
+
+def test_a_run_that_forms_no_batch_is_refused_not_saved_as_tuned(tune_setup, tmp_path):
+    """The no-duplicates sampler can form no full batch of a few mined rows: that run trained nothing."""
+    corpus, qa, index = tune_setup
+    cfg = config(EmbedderTuneConfig, index=str(index), out=str(tmp_path / "none"), qa=str(qa), batch_size=4,
+                 max_steps=2, test_fraction=0.25, mine_range=5, relative_margin=0.0)
+    with pytest.raises(InputError, match="no training step ran"):
+        tune_embedder(cfg, progress=False)
+    assert not (tmp_path / "none").exists()
+
+
+def test_the_fallback_to_in_batch_negatives_reports_no_hard_negative_rows(tune_setup, tmp_path):
+    corpus, qa, index = tune_setup  # the random tiny embedder's margin drops every mined negative
+    res = tune_embedder(config(EmbedderTuneConfig, index=str(index), out=str(tmp_path / "t"), qa=str(qa), batch_size=4,
+                               max_steps=2, test_fraction=0.25, mine_range=5), progress=False)
+    assert res["hard_negative_columns"] == [] and res["train_rows_with_hard_negatives"] == 0
+    assert res["train_steps"] == 2
