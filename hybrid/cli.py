@@ -94,6 +94,11 @@ def cli_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted; nothing was replaced", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # the file system said no (disk full, a path through a file, permissions)
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"error: {where}{exc.strerror or exc}; check the path and free space, then rerun "
+                       f"(nothing was replaced)", err=True)
+            raise typer.Exit(2) from None
     return wrapper
 
 

@@ -31,7 +31,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from retrieval.atomic import staged_dir
+from retrieval.atomic import check_writable, staged_dir
 from retrieval.chunking import Chunk, chunk_document
 from retrieval.corpus import DEFAULT_MAX_DOCUMENT_MB, load_corpus
 from retrieval.embedder import Embedder, load_embedder
@@ -420,6 +420,7 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
         raise InputError("; ".join(problems))
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    check_writable(out_dir.parent, "--out")  # before reading the corpus, not after embedding it
     corpus = load_corpus(corpus_dir, on_bad_file=cfg.on_bad_file, max_document_mb=cfg.max_document_mb)
     if out_dir.exists() and (not out_dir.is_dir() or (not (out_dir / MANIFEST_FILE).exists() and any(out_dir.iterdir()))):
         raise InputError(f"--out {out_dir}: exists and is not a hybrid index; choose an empty or new directory")

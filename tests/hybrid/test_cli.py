@@ -227,3 +227,16 @@ def test_every_config_field_is_a_flag_with_its_real_default():
         if train is not None:  # the help shows this workflow's default, not TrainSettings' own
             lr = next(p for p in cmd.params if p.name == "train_learning_rate")
             assert f"[default: {train.default_factory().learning_rate}]" in lr.help, (path, lr.help)
+
+
+def test_an_out_path_through_a_file_is_one_line_for_index_and_any_os_error(tmp_path, small_corpus, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert_clean_error(run("index", small_corpus, "--out", blocker / "idx"), "--out", "cannot write there")
+    import retrieval.retriever
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "idx"))
+
+    monkeypatch.setattr(retrieval.retriever.Retriever, "load", disk_full)
+    assert_clean_error(run("search", "x", "--index", tmp_path / "idx"), "No space left on device", str(tmp_path))
