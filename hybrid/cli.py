@@ -22,17 +22,18 @@ from typer import _click
 from typer.core import TyperGroup
 from typer.exceptions import Abort
 
-from hybrid.calibration import CalibrateConfig
+from hybrid.calibration import CalibrateConfig, calibrate
 from hybrid.config import from_config
-from hybrid.factuality import EvalConfig
-from hybrid.pipeline import AskConfig
-from retrieval.embedder_tuning import EmbedderTuneConfig
+from hybrid.evaluation import evaluate_retrieval, markdown_table, write_report
+from hybrid.factuality import EvalConfig, markdown, run_eval
+from hybrid.pipeline import AskConfig, Pipeline
+from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
 from retrieval.errors import InputError
-from retrieval.index import IndexConfig
-from tuning.dpo import DPOTuneConfig
-from tuning.judge import JudgeTuneConfig
-from tuning.sft import GeneratorTuneConfig
-
+from retrieval.index import IndexConfig, build_index
+from retrieval.retriever import Retriever
+from tuning.dpo import DPOTuneConfig, tune_dpo
+from tuning.judge import JudgeTuneConfig, tune_judge
+from tuning.sft import GeneratorTuneConfig, tune_generator
 
 class OneLineErrors(TyperGroup):
     """Usage errors (an unknown flag, a non-integer -k, a missing argument) as one `error:` line, exit 2."""
@@ -121,8 +122,6 @@ def index_cmd(
     quiet: bool = QUIET,
 ):
     """Chunk, embed and index a corpus. Re-running embeds only new or changed documents."""
-    from retrieval.index import build_index
-
     if not quiet:  # progress through long documents is logged at INFO
         logging.getLogger("retrieval").setLevel(logging.INFO)
     rep = build_index(corpus_dir, out, cfg, progress=not quiet)
@@ -145,8 +144,6 @@ def search_cmd(
                                  '"text"}]}.'),
 ):
     """Search an index (access control applied)."""
-    from retrieval.retriever import Retriever
-
     if k < 1:
         raise InputError(f"-k must be a positive integer, got {k}")
     if not query.strip():
@@ -167,9 +164,6 @@ def search_cmd(
 @from_config(EmbedderTuneConfig)
 def tune_embedder_cmd(cfg: EmbedderTuneConfig, as_json: bool = AS_JSON):
     """Contrastive fine-tuning of the embedder (MNRL + hard negatives mined from the index)."""
-    from hybrid.evaluation import markdown_table
-    from retrieval.embedder_tuning import tune_embedder
-
     res = tune_embedder(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(res))
@@ -185,8 +179,6 @@ def tune_embedder_cmd(cfg: EmbedderTuneConfig, as_json: bool = AS_JSON):
 @from_config(GeneratorTuneConfig)
 def tune_generator_cmd(cfg: GeneratorTuneConfig, quiet: bool = QUIET):
     """RAFT fine-tuning of the generator (LoRA on CPU, QLoRA on CUDA) with a memory plan."""
-    from tuning.sft import tune_generator
-
     rec = tune_generator(cfg, progress=not quiet, log=_stderr(quiet))
     d = rec["data"]
     typer.echo(f"{rec['strategy']} adapter saved to {cfg.out}: {rec['steps']} steps in {rec['minutes']} min, "
@@ -200,8 +192,6 @@ def tune_generator_cmd(cfg: GeneratorTuneConfig, quiet: bool = QUIET):
 @from_config(DPOTuneConfig)
 def tune_dpo_cmd(cfg: DPOTuneConfig, quiet: bool = QUIET):
     """DPO for factuality: grounded answers preferred over made-up ones, on top of a RAFT adapter."""
-    from tuning.dpo import tune_dpo
-
     rec = tune_dpo(cfg, progress=not quiet, log=_stderr(quiet))
     typer.echo(f"dpo adapter saved to {cfg.out}: {rec['data']['pairs']} pairs {rec['data']['by_source']}, "
                f"{rec['steps']} steps in {rec['minutes']} min")
@@ -212,8 +202,6 @@ def tune_dpo_cmd(cfg: DPOTuneConfig, quiet: bool = QUIET):
 @from_config(JudgeTuneConfig)
 def tune_judge_cmd(cfg: JudgeTuneConfig, as_json: bool = AS_JSON):
     """Train the groundedness judge on labelled pairs; report accuracy and AUROC on --test-pairs."""
-    from tuning.judge import tune_judge
-
     rep = tune_judge(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(rep))
@@ -229,8 +217,6 @@ def tune_judge_cmd(cfg: JudgeTuneConfig, as_json: bool = AS_JSON):
 @from_config(CalibrateConfig)
 def tune_calibrate_cmd(cfg: CalibrateConfig):
     """Choose the adapter's abstention threshold on held-out rows; ask and eval then abstain at or above it."""
-    from hybrid.calibration import calibrate
-
     calibrate(cfg, log=typer.echo)
 
 
@@ -241,8 +227,6 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
         False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", '
                               '"gated", "abstain_score", "calibrated_abstain", "selected_from"}.')):
     """Retrieve, answer from the passages, and verify every quote against them."""
-    from hybrid.pipeline import Pipeline
-
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support, judge=cfg.judge,
                          groups=cfg.groups, gate_threshold=cfg.gate_threshold)
@@ -274,15 +258,11 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
 def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout.")):
     """Factuality benchmark: accuracy, abstention and hallucination rate per configuration, with 95 % CIs."""
     if cfg.only == "retrieval":
-        from hybrid.evaluation import evaluate_retrieval, markdown_table, write_report
-
         report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups)
         if cfg.out:
             write_report(report, cfg.out)
         typer.echo(json.dumps(report) if as_json else markdown_table(report["configs"]))
         return
-    from hybrid.factuality import markdown, run_eval
-
     report = run_eval(cfg, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report))

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from retrieval.errors import InputError
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` via a temp file in the same directory and a rename."""
@@ -120,8 +122,6 @@ def staged_dir(dest: str | Path) -> Iterator[Path]:
 
 def check_writable(directory: str | Path, flag: str) -> None:
     """Refuse, before any work, a directory the caller cannot create or write into (one line naming `flag`)."""
-    from retrieval.errors import InputError
-
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval import packaged
 from retrieval.errors import InputError
 
 PACKAGED = "packaged:all-MiniLM-L6-v2"
@@ -34,9 +35,7 @@ def resolve_embedder(spec: str | os.PathLike | None) -> tuple[str, Path]:
         (name recorded in manifests, resolved directory).
     """
     if str(spec) == "mpnet":
-        from retrieval.packaged import mpnet_dir
-
-        return "mpnet", mpnet_dir()
+        return "mpnet", packaged.mpnet_dir()
     if spec is None or str(spec) in (PACKAGED, "all-MiniLM-L6-v2", "default", "minilm"):
         found = importlib.util.find_spec(_PACKAGE)
         if found is None or not found.origin:

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrieval.atomic import staged_dir
 from retrieval.errors import InputError
 
 CHUNK = 8 << 20  # bytes hashed and copied at a time
@@ -202,8 +203,6 @@ def mpnet_dir() -> Path:
     folder the zip lacks (the Normalize module has no files), so an empty one is added.
     """
     import zipfile
-
-    from retrieval.atomic import staged_dir
 
     size, sha = MPNET_WEIGHTS
     dest = cache_root() / "models" / f"mpnet-{sha[:16]}"

@@ -53,6 +53,7 @@ from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
 from retrieval.train_settings import TrainSettings, literal_problems
 from tuning import run_record
+from tuning.generator import load_generator
 from tuning.grading import classify
 from tuning.judge import Judge
 from retrieval.trainer_output import drop_step_printer, no_dataset_bars
@@ -312,9 +313,8 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    from tuning.generator import load_generator
-    from tuning.peak_memory import PeakMemory  # these two import transformers: kept out of CLI start-up
-    from retrieval.time_budget import TimeBudget
+    from retrieval.time_budget import TimeBudget  # these two import transformers: kept out of CLI start-up
+    from tuning.peak_memory import PeakMemory
 
     sft_dir = Path(cfg.adapter)
     sft_run = run_record.read(sft_dir, f"--adapter {sft_dir}")

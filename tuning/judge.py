@@ -31,8 +31,12 @@ import numpy as np
 
 from retrieval import access
 from retrieval.atomic import staged_dir, write_text_atomic
+from retrieval.corpus import load_corpus
+from retrieval.embedder import resolve_embedder
 from retrieval.errors import InputError
+from retrieval.index import sha256_file
 from retrieval.jsonl import read_jsonl, write_jsonl
+from retrieval.qa import load_qa
 from retrieval.train_settings import TrainSettings
 from retrieval.trainer_output import drop_step_printer
 
@@ -149,8 +153,6 @@ def read_record(path: str | Path) -> dict:
 
 def fingerprint(path: str | Path | None) -> str | None:
     """Identity of a judge dir (its record holds the training config and time); None without one."""
-    from retrieval.index import sha256_file
-
     file = Path(path) / JUDGE_FILE if path else None
     return sha256_file(file) if file and file.is_file() else None
 
@@ -169,9 +171,6 @@ def qa_pairs(qa_path: str | Path, docs_dir: str | Path, seed: int = 0, window: i
     The passage is the `window` characters of the gold document around the answer (the
     judge reads 256 tokens; a whole 500-word document would cut the evidence off).
     """
-    from retrieval.corpus import load_corpus
-    from retrieval.qa import load_qa
-
     docs = {d.id: d.text for d in load_corpus(docs_dir).documents}
     rows = [r for r in load_qa(qa_path) if r.answers and r.gold_ids and r.gold_ids[0] in docs
             and r.answers[0] in docs[r.gold_ids[0]]]
@@ -258,7 +257,6 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
                                                      CrossEncoderTrainingArguments)
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-    from retrieval.embedder import resolve_embedder
     from retrieval.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
 
     # --- load ----------------------------------------------------------------------------------

@@ -28,14 +28,15 @@ from typing import Literal
 from retrieval import access
 from retrieval.atomic import staged_dir
 from retrieval.errors import InputError
-from retrieval.qa import load_qa, split_rows
+from retrieval.jsonl import write_jsonl
+from retrieval.qa import id_bucket, load_qa, split_rows
 from retrieval.retriever import Retriever
 from retrieval.train_settings import TrainSettings, literal_problems
-from tuning import run_record
 from retrieval.trainer_output import drop_step_printer, no_dataset_bars
+from tuning import run_record
+from tuning.generator import load_generator, load_tokenizer, resolve_generator
 from tuning.memory_plan import GiB, ModelShape, describe, plan
 from tuning.prompting import sequence_tokens
-from retrieval.jsonl import write_jsonl
 from tuning.raft_data import RaftSettings, build_examples, check_rows, load_examples, stats, visible_rows
 
 @dataclass
@@ -127,8 +128,6 @@ def _prepared_examples(cfg: GeneratorTuneConfig) -> tuple[list[dict], list[dict]
     Returns:
         (train examples, validation examples, held-out question ids (not trained on)).
     """
-    from retrieval.qa import id_bucket
-
     examples = load_examples(cfg.examples)
     allowed = set(access.training_groups(cfg.train.groups))
     outside = sorted({g for e in examples for g in e["groups"]} - allowed)
@@ -254,8 +253,6 @@ def memory_plan(cfg: GeneratorTuneConfig, data: RaftData) -> tuple[dict, dict]:
     """
     from transformers import AutoConfig
 
-    from tuning.generator import load_tokenizer, resolve_generator
-
     if not data.train:
         raise InputError(f"--examples {cfg.examples}: no training examples left after the held-out split")
     _, path = resolve_generator(cfg.base_model)
@@ -286,8 +283,7 @@ def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from retrieval.time_budget import TimeBudget  # these import transformers: kept out of CLI start-up
-    from tuning.generator import load_generator
+    from retrieval.time_budget import TimeBudget  # these two import transformers: kept out of CLI start-up
     from tuning.peak_memory import PeakMemory
 
     t, strategy, device = cfg.train, mplan["chosen"], mplan["device"]
