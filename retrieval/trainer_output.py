@@ -26,8 +26,12 @@ def no_dataset_bars() -> Iterator[None]:
 
 
 def drop_step_printer(trainer, progress: bool) -> None:
-    """Without the progress bar a Trainer prints each step's loss dict; a quiet run prints nothing."""
-    from transformers.trainer_callback import PrinterCallback
+    """A Trainer prints each step's loss dict (beside its progress bar, or instead of it without one):
+    the bar stays, the dicts go (the losses are kept in the run record and the loss curve)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     if not progress:
         trainer.remove_callback(PrinterCallback)
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, ProgressCallback):
+            cb.on_log = lambda *args, **kwargs: None

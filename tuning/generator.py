@@ -107,7 +107,9 @@ def packaged_gguf(name: str) -> tuple[Path, dict]:
 def _convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path, source: dict) -> None:
     """Dequantise a GGUF model to float32 safetensors in `dest` (atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one warning line says what happens; no per-tensor bars
     log.warning("converting %s to safetensors once (about 30 s); cached at %s", gguf_file, dest)
     tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_file)

@@ -75,6 +75,7 @@ def test_tune_dpo_cli(cli_adapter, bundled_tiny_index, tmp_path):
     assert res.exit_code == 0, res.output
     assert "dpo adapter saved to" in res.stdout and (tmp_path / "dpo" / "adapter_model.safetensors").exists()
     assert "memory plan (cpu" in res.stderr and "dataset" not in res.stderr  # the default: plan, no library bars
+    assert "'loss'" not in res.output  # the progress bar, not a loss dict per step
     assert_clean_error(run("tune", "dpo", "--index", bundled_tiny_index, "--qa", qa, "--adapter", tmp_path,
                            "--out", tmp_path / "x"), "not an adapter made by")
 
