@@ -91,6 +91,7 @@ def main() -> int:
     timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
 
     from benchmarks import halueval
+    from hybrid.config import build_config
     from retrieval.retriever import Retriever
 
     lines = halueval.load_lines()
@@ -137,7 +138,6 @@ def main() -> int:
                                                str(work / "judge"), "--train-questions", str(args.judge_questions),
                                                "--seed", str(args.seed)], check=True))
     if "sft" in steps and not (work / args.sft_out / "hybrid_run.json").exists():
-        from hybrid.config import build_config
         from tuning.sft import GeneratorTuneConfig, tune_generator
 
         stage("sft", lambda: tune_generator(build_config(GeneratorTuneConfig, overrides=dict(
@@ -147,7 +147,6 @@ def main() -> int:
             train=dict(max_steps=args.sft_steps, grad_accum=2, learning_rate=args.sft_lr, max_length=1024))),
             progress=False))
     if "dpo" in steps and not (work / args.dpo_out / "hybrid_run.json").exists():
-        from hybrid.config import build_config
         from tuning.dpo import DPOTuneConfig, tune_dpo
 
         stage("dpo", lambda: tune_dpo(build_config(DPOTuneConfig, overrides=dict(

@@ -25,7 +25,6 @@ the step reruns on its own:
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Literal
 
 from retrieval.access import training_groups
 from retrieval.errors import InputError
-from retrieval.jsonl import read_jsonl, write_jsonl
+from retrieval.jsonl import read_jsonl
 from retrieval.qa import QARow
 from retrieval.retriever import Hit, Retriever
 from tuning.prompting import abstain_answer, build_messages, cot_answer

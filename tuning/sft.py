@@ -17,7 +17,6 @@ adapter (and the merged model) is tagged with exactly those groups.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
