@@ -34,6 +34,7 @@ from retrieval.retriever import Retriever
 from tuning.dpo import DPOTuneConfig, tune_dpo
 from tuning.judge import JudgeTuneConfig, tune_judge
 from tuning.sft import GeneratorTuneConfig, tune_generator
+from tuning.synth import SynthConfig, synthesize
 
 class OneLineErrors(TyperGroup):
     """Usage errors (an unknown flag, a non-integer -k, a missing argument) as one `error:` line, exit 2."""
@@ -157,6 +158,15 @@ def search_cmd(
         typer.echo(f"{i}. [{h.score:.3f}] {h.title} ({h.chunk_id})\n   {snippet}")
     if not hits:
         typer.echo("no visible documents")
+
+
+@app.command("synth")
+@cli_errors
+@from_config(SynthConfig)
+def synth_cmd(cfg: SynthConfig, quiet: bool = QUIET):
+    """Write training questions from the index's own chunks with a local teacher, each checked against the
+    documents (span, round trip, consistency, duplicates); resumes an interrupted run."""
+    synthesize(cfg, progress=not quiet, log=typer.echo)
 
 
 @tune_app.command("embedder")

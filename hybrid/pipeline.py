@@ -37,7 +37,7 @@ from retrieval.errors import InputError
 from retrieval.retriever import Retriever
 from tuning import abstention, run_record
 from tuning.abstention import calibration_abstains, load_calibration
-from tuning.generator import load_generator
+from tuning.generator import generate_batch, load_generator
 from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.prompting import ABSTAIN, build_messages, parse_answer, quote_in
 
@@ -285,34 +285,28 @@ class Pipeline:
     def generate(self, messages_batch: list[list[dict]], adapter: str | None = None,
                  on_token: Callable[[str], None] | None = None) -> list[tuple[str, int]]:
         """Greedy generation for a batch of chat prompts (left padding); returns (text, new tokens)."""
+        if on_token is None or len(messages_batch) != 1:
+            with self._active_adapter(adapter):
+                return generate_batch(self.model, self.tok, messages_batch, self.max_new_tokens)
         import torch
+        from transformers import TextIteratorStreamer
 
         self.tok.padding_side = "left"
-        texts = [self.tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_batch]
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        text = self.tok.apply_chat_template(messages_batch[0], add_generation_prompt=True, tokenize=False)
+        enc = self.tok([text], return_tensors="pt", add_special_tokens=False).to(self.model.device)
         kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id,
                       eos_token_id=self.tok.eos_token_id)
         with self._active_adapter(adapter), torch.inference_mode():
-            if on_token is not None and len(texts) == 1:
-                from transformers import TextIteratorStreamer
-
-                streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-                worker = threading.Thread(target=self.model.generate, kwargs={**enc, **kwargs, "streamer": streamer})
-                worker.start()
-                pieces = []
-                for piece in streamer:
-                    pieces.append(piece)
-                    on_token(piece)
-                worker.join()
-                text = "".join(pieces)
-                return [(text, len(self.tok(text, add_special_tokens=False)["input_ids"]))]
-            out = self.model.generate(**enc, **kwargs)
-        new = out[:, enc["input_ids"].shape[1]:]
-        results = []
-        for row in new:
-            n = int((row != self.tok.pad_token_id).sum())
-            results.append((self.tok.decode(row, skip_special_tokens=True), n))
-        return results
+            streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+            worker = threading.Thread(target=self.model.generate, kwargs={**enc, **kwargs, "streamer": streamer})
+            worker.start()
+            pieces = []
+            for piece in streamer:
+                pieces.append(piece)
+                on_token(piece)
+            worker.join()
+        text = "".join(pieces)
+        return [(text, len(self.tok(text, add_special_tokens=False)["input_ids"]))]
 
     def answer_batch(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None,
                      on_token=None, groups=None) -> list[Answer]:

@@ -52,6 +52,13 @@ def training_groups(groups) -> list[str]:
     return sorted(caller_groups(groups))
 
 
+def may_learn(text_groups, trainer_groups) -> bool:
+    """Whether a trainer with `trainer_groups` may learn from text of `text_groups` (() = public):
+    only when it holds every one of them, the rule retrieval applies to a restricted chunk's readers
+    applied to the text a question was written from."""
+    return set(text_groups) <= caller_groups(trainer_groups)
+
+
 def record(groups, seen=()) -> dict:
     """The hybrid_access.json content for an artifact trained with `groups` (see module docstring)."""
     groups = training_groups(groups)

@@ -83,7 +83,8 @@ class EmbedderTuneConfig:
 
 def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
     """(train pairs (query, positive text, positive chunk), test queries, test golds) from the QA file."""
-    rows = [r for r in load_qa(cfg.qa) if r.gold_ids and r.answers]
+    # a question written from restricted text (hybrid synth's `groups`) is that text: skipped outside them
+    rows = [r for r in load_qa(cfg.qa) if r.gold_ids and r.answers and access.may_learn(r.groups, cfg.train.groups)]
     if not rows:
         raise InputError(f"--qa {cfg.qa}: no answerable rows with 'gold_ids'; add gold document ids to the questions")
     in_index = {c.doc_id for c in retriever.chunks(include_restricted=True)}

@@ -1,11 +1,14 @@
 """The QA file format shared by every stage (JSONL, one question a line).
 
     {"id": str, "question": str, "answers": [str], "gold_ids": [doc id]?,
-     "passages": [{"id": str, "title": str?, "text": str}]?}
+     "passages": [{"id": str, "title": str?, "text": str}]?, "groups": [group]?, "reason": str?}
 
 `answers: []` marks an unanswerable question (the right behaviour is to
 abstain). `gold_ids` are document ids, used for retrieval metrics and as RAFT
-oracles. `passages`, when present, is a fixed context.
+oracles. `passages`, when present, is a fixed context. `groups` are the access groups of the
+text a question was written from (`hybrid synth` sets them; a trainer without those groups skips
+the row). `reason`, when present, is a teacher's chain of thought quoting the gold chunk, which
+RAFT's chain-of-thought target uses instead of the extracted sentence.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class QARow:
     answers: tuple[str, ...]
     gold_ids: tuple[str, ...] = ()
     passages: tuple[dict, ...] | None = None
+    groups: tuple[str, ...] = ()
+    reason: str = ""
 
     @property
     def answerable(self) -> bool:
@@ -83,8 +88,14 @@ def load_qa(path: str | Path) -> list[QARow]:
                                                          and isinstance(p.get("id"), (str, int)) for p in passages):
                 raise InputError(f"{where}: field 'passages' must be a list of {{\"id\", \"title\"?, \"text\"}} objects")
             passages = tuple(passages)
+        groups = obj.get("groups") or []
+        if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+            raise InputError(f"{where}: field 'groups' must be a list of access group names ([] = public)")
+        reason = obj.get("reason") or ""
+        if not isinstance(reason, str):
+            raise InputError(f"{where}: field 'reason' must be a string")
         rows.append(QARow(id=qid, question=question.strip(), answers=tuple(a for a in answers if a.strip()),
-                          gold_ids=tuple(gold), passages=passages))
+                          gold_ids=tuple(gold), passages=passages, groups=tuple(groups), reason=reason.strip()))
     if not rows:
         raise InputError(f"QA file {path} holds no questions")
     return rows

@@ -101,6 +101,9 @@ class DPOTuneConfig:
             out.append("--beta and --temperature must be > 0")
         if self.pairs_file and (self.index or self.qa or self.wrong_answers):
             out.append("--pairs-file replaces --index, --qa and --wrong-answers; give one or the other")
+        elif not self.pairs_file and self.index and not self.qa:
+            out.append("--qa is required with --index; without hand-written questions, write them from the documents "
+                       "first: hybrid synth --index INDEX --out QA.jsonl")
         elif not self.pairs_file and not (self.index and self.qa):
             out.append("--index and --qa are required (or --pairs-file with prepared preference pairs)")
         if self.max_new_tokens < 1:

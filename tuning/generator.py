@@ -206,3 +206,24 @@ def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = 
         model.to(device)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok, GeneratorInfo(name=name, path=str(path), fingerprint=fingerprint_dir(path))
+
+
+def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens: int) -> list[tuple[str, int]]:
+    """Greedy generation for a batch of chat prompts (left padding).
+
+    Returns:
+        (decoded completion, new tokens) per prompt, in order.
+    """
+    import torch
+
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_batch]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+    results = []
+    for row in out[:, enc["input_ids"].shape[1]:]:
+        n = int((row != tok.pad_token_id).sum())
+        results.append((tok.decode(row, skip_special_tokens=True), n))
+    return results

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from retrieval.access import training_groups
+from retrieval.access import may_learn, training_groups
 from retrieval.errors import InputError
 from retrieval.jsonl import read_jsonl
 from retrieval.qa import QARow
 from retrieval.retriever import Hit, Retriever
-from tuning.prompting import abstain_answer, build_messages, cot_answer
+from tuning.prompting import abstain_answer, build_messages, cot_answer, quote_in
 
 # Sentence ends: punctuation + space, a newline, or punctuation glued to the next sentence's
 # capital ("...Caremark.Longs Drugs is...": concatenated paragraphs, as in HaluEval's knowledge);
@@ -75,6 +75,16 @@ def oracle_answer(row: QARow, oracle_text: str) -> tuple[str, str]:
     return answer, quote_for(answer, row.question, oracle_text)
 
 
+def reasoned_answer(row: QARow, oracle_text: str, answer: str) -> str | None:
+    """The chain-of-thought target from the row's teacher-written `reason`, when it quotes the
+    oracle verbatim (every ##begin_quote## span found in it); None otherwise."""
+    quotes = re.findall(r"##begin_quote##(.*?)##end_quote##", row.reason, re.DOTALL)
+    if not quotes or not all(quote_in(q, oracle_text) for q in quotes):
+        return None
+    reason = row.reason if row.reason.startswith("##Reason:") else f"##Reason: {row.reason}"
+    return f"{reason.strip()} ##Answer: {answer.strip()}"
+
+
 def _passage(h: Hit) -> dict:
     return {"title": h.title, "text": h.text, "doc_id": h.doc_id, "chunk_id": h.chunk_id}
 
@@ -93,13 +103,16 @@ def check_rows(rows: list[QARow], retriever: Retriever, qa_name: str) -> None:
 
 
 def visible_rows(rows: list[QARow], retriever: Retriever, groups=None) -> tuple[list[QARow], list[str]]:
-    """Rows a trainer with `groups` may learn from: unanswerable ones, and those with a visible gold document.
+    """Rows a trainer with `groups` may learn from: unanswerable ones, and those with a visible gold
+    document; either way only when the trainer holds the row's own `groups` (a synthesised question
+    is text of the chunk it was written from, even when it is unanswerable).
 
     Returns:
-        (kept rows, ids of rows dropped because every gold document is restricted to other groups).
+        (kept rows, ids of rows dropped because their text or every gold document is restricted to other groups).
     """
     docs = {h.doc_id for h in retriever.chunks(groups=training_groups(groups))}
-    kept = [r for r in rows if not r.answers or any(g in docs for g in r.gold_ids)]
+    kept = [r for r in rows if may_learn(r.groups, groups)
+            and (not r.answers or any(g in docs for g in r.gold_ids))]
     keep_ids = {r.id for r in kept}
     return kept, [r.id for r in rows if r.id not in keep_ids]
 
@@ -161,7 +174,10 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
             context = oracle + distractors[:k] if include else distractors[: k + (1 if oracle else 0)]
             rng.shuffle(context)
             if include or (oracle and settings.no_oracle == "answer"):
-                target = cot_answer(quote, answer) if settings.answer_format == "cot" else f"##Answer: {answer}"
+                if settings.answer_format == "cot":
+                    target = (row.reason and reasoned_answer(row, best.text, answer)) or cot_answer(quote, answer)
+                else:
+                    target = f"##Answer: {answer}"
             else:
                 target = abstain_answer()
             passages = [_passage(h) for h in context]

@@ -82,6 +82,9 @@ class GeneratorTuneConfig:
         out = self.train.problems() + literal_problems(self)
         if self.examples and (self.index or self.qa):
             out.append("--examples replaces --index and --qa; give one or the other")
+        elif not self.examples and self.index and not self.qa:
+            out.append("--qa is required with --index; without hand-written questions, write them from the documents "
+                       "first: hybrid synth --index INDEX --out QA.jsonl")
         elif not self.examples and not (self.index and self.qa):
             out.append("--index and --qa are required (or --examples with prepared RAFT examples)")
         if not 0 <= self.p_oracle <= 1:

@@ -107,3 +107,23 @@ def test_ask_select_needs_a_judge_and_two_loaded_adapters(cli_adapter, bundled_t
                        "--select a b", "needs --judge DIR (it picks")
     assert_clean_error(run("ask", q, "--index", bundled_tiny_index, *two, "--select", "a", "--select", "c",
                            "--judge", tmp_path), "--select a c", "two or more distinct names")
+
+
+def test_synth_cli_writes_a_qa_file_and_its_report(tmp_path, bundled_tiny_index, tiny_llm_dir):
+    out = tmp_path / "synth" / "qa.jsonl"
+    out.parent.mkdir()
+    res = run("synth", "--index", bundled_tiny_index, "--out", out, "--teacher", tiny_llm_dir, "--max-chunks", 2,
+              "--max-new-tokens", 8, "--unanswerable", 1.0, "-q")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out.parent / "synth_report.json").read_text())
+    c = rep["counts"]
+    assert c["chunks"] == 2 and len(rep["chunks_done"]) == 2 and rep["teacher"] == str(tiny_llm_dir.resolve())
+    # every offered question is either kept or counted under exactly one filter
+    assert c["offered"] == c["kept"] + sum(c["dropped"].values())
+    assert c["unanswerable_offered"] == 2 == c["unanswerable_kept"] + sum(c["unanswerable_dropped"].values())
+    assert f"over 2 chunks -> {out}" in res.stdout
+    assert_clean_error(run("synth", "--index", bundled_tiny_index, "--out", out, "--per-chunk", 0), "--per-chunk")
+    assert_clean_error(run("synth", "--index", bundled_tiny_index, "--out", tmp_path / "nowhere" / "qa.jsonl"),
+                       "does not exist")
+    assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--out", tmp_path / "a"),
+                       "hybrid synth --index")

@@ -1,0 +1,112 @@
+"""What `hybrid synth` asks its teacher, and how the replies are read (tuning/synth.py runs it).
+
+Answer spans are picked from the chunk by pattern (numbers with units first, then codes and dates,
+then names): the kinds of answer hybrid's QA files hold, short enough to check verbatim.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from retrieval.retriever import Hit
+from tuning.prompting import normalize
+
+MAX_ANSWER_WORDS = 8
+
+_WRITER = "You write exam questions about company documents. Reply with exactly what is asked, nothing else."
+_STOP = {"and", "or", "the", "a", "an", "of", "to", "in", "on", "at", "for", "by", "is", "are", "was", "with", "per",
+         "from", "as", "be", "it", "that", "this", "than", "after", "before", "each", "every", "if", "not", "no"}
+_UNIT = r"(?:%|°C|[A-Za-z][A-Za-z/.-]{0,14})"
+_SPANS = [  # (pattern, priority): numbers with units first, then codes and dates, then names
+    (re.compile(r"(?<![-\w.])\d(?:[\d,.:]*\d)?(?:\s?" + _UNIT + r"(?:\s(?:per|a|an)\s[a-z]+)?)?"), 0),
+    (re.compile(r"\b[A-Z][A-Za-z]*-\d[\w-]*\b|\b[A-Z]{2,}\d[\w-]*\b|\b[A-Z]{2,}-[\w-]+\b"), 1),
+    (re.compile(r"\b\d{1,2} (?:January|February|March|April|May|June|July|August|September|October|November|"
+                r"December)(?: \d{4})?\b|\b(?:19|20)\d\d\b"), 1),
+    (re.compile(r"(?<=[a-z,] )(?:[A-Z][a-z]+ ){1,3}[A-Z][a-z]+\b"), 2),
+]
+
+
+def candidate_spans(text: str, title: str = "") -> list[tuple[str, int]]:
+    """Answer spans worth asking about, with their priority (0 best), in text order.
+
+    >>> [s for s, _ in candidate_spans("The battery lasts 14 months and the Kestrel-7 weighs 38 kg.")]
+    ['14 months', '38 kg', 'Kestrel-7']
+    """
+    seen, out = set(), []
+    for pattern, prio in _SPANS:
+        for m in pattern.finditer(text):
+            span = m.group(0).strip(" .,;:")
+            words = span.split()
+            while words and words[-1].lower() in _STOP:  # "3 and" is a number, not a quantity
+                words.pop()
+            span = " ".join(words)
+            key = normalize(span)
+            if re.fullmatch(r"\d", key):  # a lone digit is a list number or a count too vague to ask for
+                continue
+            if not key or key in seen or len(words) > MAX_ANSWER_WORDS or key in normalize(title):
+                continue
+            seen.add(key)
+            out.append((span, prio))
+    return out
+
+
+def pick_spans(text: str, title: str, n: int, rng: random.Random) -> list[str]:
+    """Up to n spans, best priority first, shuffled within a priority."""
+    spans = candidate_spans(text, title)
+    rng.shuffle(spans)
+    return [s for s, _ in sorted(spans, key=lambda sp: sp[1])[:n]]
+
+
+def _passage(chunk: Hit) -> str:
+    return f"Document: {chunk.title}\n{chunk.text.strip()}" if chunk.title else chunk.text.strip()
+
+
+def answer_first_prompt(chunk: Hit, span: str) -> list[dict]:
+    return [{"role": "system", "content": _WRITER},
+            {"role": "user", "content": f"{_passage(chunk)}\n\nWrite one question whose answer is exactly \"{span}\", "
+                                        f"answerable from this passage. Name what it is about (a reader will not see "
+                                        f"the passage) and do not use the words \"{span}\" in it. Reply with the "
+                                        f"question only."}]
+
+
+def question_first_prompt(chunk: Hit, n: int) -> list[dict]:
+    return [{"role": "system", "content": _WRITER},
+            {"role": "user", "content": f"{_passage(chunk)}\n\nWrite {n} question{'s' if n > 1 else ''} a reader of "
+                                        f"this passage can answer with a short phrase copied from it (a number, name "
+                                        f"or date). Name what each is about (the reader will not see the passage). "
+                                        f"Reply with lines \"Question: ...\" and \"Answer: ...\" only."}]
+
+
+def unanswerable_prompt(chunk: Hit) -> list[dict]:
+    return [{"role": "system", "content": _WRITER},
+            {"role": "user", "content": f"{_passage(chunk)}\n\nWrite one question about the subject of this passage "
+                                        f"that the passage does NOT answer: ask for a detail of the same kind that it "
+                                        f"never states. Name what it is about. Reply with the question only."}]
+
+
+def parse_question(text: str) -> str:
+    """The first line that reads as a question ("Question:" prefix, quotes and numbering removed)."""
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:\d+[.)]\s*|[-*]\s*)?(?:\*\*)?(?:question\s*\d*:)?(?:\*\*)?\s*", "", line, flags=re.I)
+        line = line.strip().strip('"“”').strip()
+        if line.endswith("?") and 3 <= len(line.split()) <= 40:
+            return line
+    return ""
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """("Question: ...", "Answer: ...") line pairs from a question-first reply."""
+    pairs, question = [], ""
+    for line in text.splitlines():
+        m = re.match(r"^\s*(?:\d+[.)]\s*)?(?:\*\*)?(question|answer)\s*\d*:(?:\*\*)?\s*(.*)$", line, flags=re.I)
+        if not m:
+            continue
+        if m.group(1).lower() == "question":
+            question = parse_question(m.group(2))
+        elif question:
+            pairs.append((question, m.group(2).strip().strip('"“”.').strip()))
+            question = ""
+    return pairs
+
+
