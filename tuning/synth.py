@@ -34,8 +34,10 @@ Rows (hybrid's QA format, retrieval/qa.py, plus provenance):
 Access: only chunks visible to `--group` (none = public) are read, and each row carries its chunk's
 groups, so a trainer without them skips the row (retrieval/access.py: may_learn).
 
-Resume: rows are appended (fsync'd) as they pass and the report (beside the output,
-`synth_report.json`) lists the chunks done; a rerun with the same settings continues after them.
+Beside the output: `synth_report.json` (every count, the settings, the chunks done) and
+`synth_dropped.jsonl` (each dropped offer with its filter and the teacher's checking reply; same
+access scope as the output). Resume: rows are appended (fsync'd) as they pass; a rerun with the
+same settings continues after the chunks the report lists.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from tuning.synth_prompts import (MAX_ANSWER_WORDS, answer_first_prompt, parse_p
                                   question_first_prompt, unanswerable_prompt)
 
 REPORT_FILE = "synth_report.json"
+DROPPED_FILE = "synth_dropped.jsonl"  # every offer a filter dropped, with the filter: read it to see why
 FILTERS = ("unparsed", "not_a_span", "answer_in_question", "round_trip", "inconsistent", "closed_book", "duplicate")
 UNANSWERABLE_FILTERS = ("unparsed", "answered_by_index", "duplicate")
 # Settings that change which rows a run writes: a resumed run must use the same ones.
@@ -171,6 +174,16 @@ def unanswerable_turn(chunk_id: str, share: float, seed: int) -> bool:
 
 # --- the output file and its report --------------------------------------------------------------
 
+def cut_torn_tail(path: Path) -> bytes:
+    """A JSONL file's bytes without a torn last line (an append interrupted mid-line), cut from the file too."""
+    raw = path.read_bytes() if path.exists() else b""
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        with open(path, "r+b") as fh:
+            fh.truncate(len(raw))
+    return raw
+
+
 def read_output(out: Path) -> list[dict]:
     """Rows of an existing synth file; a torn last line (an interrupted append) is cut off.
 
@@ -179,11 +192,7 @@ def read_output(out: Path) -> list[dict]:
     """
     if not out.exists():
         return []
-    raw = out.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # the append was interrupted mid-line: that row never passed
-        raw = raw[: raw.rfind(b"\n") + 1]
-        with open(out, "r+b") as fh:
-            fh.truncate(len(raw))
+    raw = cut_torn_tail(out)
     rows = []
     for n, line in enumerate(raw.decode("utf-8", errors="replace").split("\n"), 1):
         if not line.strip():
@@ -246,6 +255,7 @@ class Offer:
     question: str
     answer: str  # "" for an unanswerable offer
     reason: str = ""
+    reply: str = ""  # the teacher's answer when it checked the question
 
 
 def is_span(answer: str, text: str) -> bool:
@@ -308,13 +318,14 @@ def _passage_dict(h: Hit) -> dict:
     return {"title": h.title, "text": h.text, "doc_id": h.doc_id, "chunk_id": h.chunk_id}
 
 
-def _apply(offers: list[Offer], keep: list[bool], name: str, dropped: dict) -> list[Offer]:
+def _apply(offers: list[Offer], keep: list[bool], name: str, dropped: dict, rejects: list) -> list[Offer]:
     dropped[name] += sum(not k for k in keep)
+    rejects += [(o, name) for o, k in zip(offers, keep) if not k]
     return [o for o, k in zip(offers, keep) if k]
 
 
 def _answerable(batch: list[Hit], cfg: SynthConfig, teacher: Teacher, retriever: Retriever, dedupe: Deduper,
-                counts: dict) -> list[Offer]:
+                counts: dict, rejects: list) -> list[Offer]:
     """Offer questions for a batch of chunks and keep those that pass every filter."""
     tokens, dropped = cfg.max_new_tokens, counts["dropped"]
     if cfg.method == "answer-first":
@@ -330,29 +341,29 @@ def _answerable(batch: list[Hit], cfg: SynthConfig, teacher: Teacher, retriever:
                                             tokens * cfg.per_chunk)):
             offers += [Offer(c, q, a) for q, a in parse_pairs(r)[: cfg.per_chunk]] or [Offer(c, "", "")]
     counts["offered"] += len(offers)
-    alive = _apply(offers, [bool(o.question) for o in offers], "unparsed", dropped)
-    alive = _apply(alive, [is_span(o.answer, o.chunk.text) for o in alive], "not_a_span", dropped)
-    alive = _apply(alive, [not leaks(o.question, o.answer) for o in alive], "answer_in_question", dropped)
+    alive = _apply(offers, [bool(o.question) for o in offers], "unparsed", dropped, rejects)
+    alive = _apply(alive, [is_span(o.answer, o.chunk.text) for o in alive], "not_a_span", dropped, rejects)
+    alive = _apply(alive, [not leaks(o.question, o.answer) for o in alive], "answer_in_question", dropped, rejects)
     if alive:
         counts["round_trip_tested"] = counts.get("round_trip_tested", 0) + len(alive)
         found = retriever.search_batch([o.question for o in alive], k=cfg.round_trip_k, groups=cfg.groups)
         alive = _apply(alive, [o.chunk.doc_id in {h.doc_id for h in hs} for o, hs in zip(alive, found)],
-                       "round_trip", dropped)
+                       "round_trip", dropped, rejects)
     if cfg.consistency and alive:
         replies = teacher.chat([build_messages(o.question, [_passage_dict(o.chunk)]) for o in alive], tokens)
         verdicts = [consistent(r, o) for r, o in zip(replies, alive)]
-        for o, (_, reason) in zip(alive, verdicts):
-            o.reason = reason
-        alive = _apply(alive, [ok for ok, _ in verdicts], "inconsistent", dropped)
+        for o, (_, reason), r in zip(alive, verdicts, replies):
+            o.reason, o.reply = reason, r
+        alive = _apply(alive, [ok for ok, _ in verdicts], "inconsistent", dropped, rejects)
     if cfg.closed_book and alive:
         parsed = [parse_answer(r) for r in teacher.chat([build_messages(o.question, []) for o in alive], tokens)]
         alive = _apply(alive, [classify(p.answer, p.abstained, [o.answer]) != "correct" for p, o in zip(parsed, alive)],
-                       "closed_book", dropped)
-    return _apply(alive, dedupe.keep([o.question for o in alive]), "duplicate", dropped)
+                       "closed_book", dropped, rejects)
+    return _apply(alive, dedupe.keep([o.question for o in alive]), "duplicate", dropped, rejects)
 
 
 def _unanswerable(batch: list[Hit], cfg: SynthConfig, teacher: Teacher, retriever: Retriever, dedupe: Deduper,
-                  counts: dict) -> list[Offer]:
+                  counts: dict, rejects: list) -> list[Offer]:
     """Questions the corpus does not answer, verified against what the index retrieves for them."""
     chunks = [c for c in batch if unanswerable_turn(c.chunk_id, cfg.unanswerable, cfg.seed)]
     if not chunks:
@@ -361,14 +372,16 @@ def _unanswerable(batch: list[Hit], cfg: SynthConfig, teacher: Teacher, retrieve
     offers = [Offer(c, parse_question(r), "")
               for c, r in zip(chunks, teacher.chat([unanswerable_prompt(c) for c in chunks], cfg.max_new_tokens))]
     counts["unanswerable_offered"] += len(offers)
-    alive = _apply(offers, [bool(o.question) for o in offers], "unparsed", dropped)
+    alive = _apply(offers, [bool(o.question) for o in offers], "unparsed", dropped, rejects)
     if alive:
         found = retriever.search_batch([o.question for o in alive], k=cfg.round_trip_k, groups=cfg.groups)
         replies = teacher.chat([build_messages(o.question, [_passage_dict(h) for h in hs])
                                 for o, hs in zip(alive, found)], cfg.max_new_tokens)
+        for o, r in zip(alive, replies):
+            o.reply = r
         alive = _apply(alive, [not answered_by_index(r, hs) for r, hs in zip(replies, found)], "answered_by_index",
-                       dropped)
-    return _apply(alive, dedupe.keep([o.question for o in alive]), "duplicate", dropped)
+                       dropped, rejects)
+    return _apply(alive, dedupe.keep([o.question for o in alive]), "duplicate", dropped, rejects)
 
 
 def _row(o: Offer, j: int | None, cfg: SynthConfig, teacher_name: str) -> dict:
@@ -409,6 +422,7 @@ def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool 
     check_writable(out.parent, "--out")
     rows = read_output(out)
     rep = read_report(out, cfg)
+    cut_torn_tail(out.parent / DROPPED_FILE)
     # --- load: the index, what this caller may read ------------------------------------------
     retriever = Retriever.load(cfg.index)
     groups = access.training_groups(cfg.groups)
@@ -442,14 +456,18 @@ def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool 
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i:i + cfg.batch_size]
         t_batch = time.perf_counter()
-        kept = _answerable(batch, cfg, teacher, retriever, dedupe, counts)
-        unanswerable = _unanswerable(batch, cfg, teacher, retriever, dedupe, counts)
+        rejects: list[tuple[Offer, str]] = []
+        kept = _answerable(batch, cfg, teacher, retriever, dedupe, counts, rejects)
+        unanswerable = _unanswerable(batch, cfg, teacher, retriever, dedupe, counts, rejects)
         index_of: dict[str, int] = {}
         new = []
         for o in kept:
             j = index_of[o.chunk.chunk_id] = index_of.get(o.chunk.chunk_id, -1) + 1
             new.append(_row(o, j, cfg, name))
         new += [_row(o, None, cfg, name) for o in unanswerable]
+        append_rows(out.parent / DROPPED_FILE, [{"filter": f, "question": o.question, "answer": o.answer,
+                                                 "source_chunk": o.chunk.chunk_id, "groups": sorted(o.chunk.groups),
+                                                 "teacher_reply": o.reply} for o, f in rejects])
         append_rows(out, new)
         seen |= {g for r in new for g in r["groups"]}
         done |= {c.chunk_id for c in batch}

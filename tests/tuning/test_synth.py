@@ -134,6 +134,11 @@ def test_each_filter_drops_exactly_the_rows_it_should(index, tmp_path, round_tri
                                                   "duplicate": 1}
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == c["kept"] == 1
+    dropped = [json.loads(line) for line in (tmp_path / "synth_dropped.jsonl").read_text().splitlines()]
+    assert sorted((d["filter"], d["answer"]) for d in dropped) == sorted([
+        ("unparsed", "30 degrees"), ("answer_in_question", "9 months"), ("round_trip", "8 am"),
+        ("inconsistent", "4411"), ("duplicate", "14 months" if rows[0]["answers"] == ["11 months"] else "11 months")])
+    assert "4412" in next(d["teacher_reply"] for d in dropped if d["filter"] == "inconsistent")
     (row,) = rows
     assert row["question"] == "How long does the Kestrel buoy battery last?"
     assert row["answers"] in (["14 months"], ["11 months"]) and row["gold_ids"] in (["kestrel"], ["heron"])
