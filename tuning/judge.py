@@ -11,8 +11,9 @@ a time; an answer is supported when any of its passages supports it.
 `hybrid tune judge --pairs PAIRS.jsonl` trains it. Pairs are a plain JSONL hand-off, one object
 a line: `{"passage", "question", "answer", "label": 0 | 1, "groups": [..]?}`;
 `benchmarks/judge_halueval.py` writes them from HaluEval's train split (right vs hallucinated
-answers, swapped answers, grounding and answerability pairs), and `qa_pairs` from a QA file
-and its corpus.
+answers, swapped answers, grounding and answerability pairs), `qa_pairs` from a QA file
+and its corpus, and `index_pairs` (`tune judge --qa QA --index DIR`) from a QA file, such as
+`hybrid synth`'s, over the index's chunks: a judge of the user's own documents.
 
 One workflow, top to bottom: config -> pairs (validated, access checked) -> train -> score the
 test pairs -> save atomically.
@@ -39,6 +40,7 @@ from retrieval.jsonl import read_jsonl, write_jsonl
 from retrieval.qa import load_qa
 from retrieval.train_settings import TrainSettings
 from retrieval.trainer_output import drop_step_printer
+from tuning.prompting import quote_in
 
 THRESHOLD = 0.5
 JUDGE_FILE = "hybrid_judge.json"
@@ -188,6 +190,48 @@ def qa_pairs(qa_path: str | Path, docs_dir: str | Path, seed: int = 0, window: i
     return out
 
 
+def index_pairs(qa_path: str | Path, index_dir: str | Path, groups=None, seed: int = 0) -> tuple[list[Pair], set[str]]:
+    """Judge pairs from a QA file (hand-written or `hybrid synth`'s) over the index's chunks, so the
+    judge learns the user's own documents: for each answerable row, over its oracle chunk (the
+    `source_chunk`, else the gold document's chunk quoting the answer) the right answer (1), another
+    row's answer that chunk lacks (0), and the answerability pair (1); over the best-ranked chunk of
+    another document the answerability pair (0); for an unanswerable row, over its best-ranked
+    chunk, the answerability pair (0). Only chunks and rows the trainer's `groups` may learn from.
+
+    Returns:
+        (pairs, groups of the chunks they hold).
+    """
+    from retrieval.retriever import Retriever  # faiss: only when pairs are built from an index
+
+    retriever = Retriever.load(index_dir)
+    view = access.training_groups(groups)
+    chunks = retriever.chunks(groups=view)
+    by_id = {c.chunk_id: c for c in chunks}
+    rows = [r for r in load_qa(qa_path) if access.may_learn(r.groups, view)]
+    source = {}
+    if (qa_file := Path(qa_path)).is_file():  # source_chunk is synth's provenance, outside QARow
+        source = {str(o.get("id")): o.get("source_chunk") for _, o in read_jsonl(qa_file, "--qa", "QA rows")}
+    rng, out, seen = random.Random(seed), [], set()
+    found = retriever.search_batch([r.question for r in rows], k=min(10, len(retriever)), groups=view) if rows else []
+    answers = [r.answers[0] for r in rows if r.answers]
+    for row, hits in zip(rows, found):
+        others = [h for h in hits if h.doc_id not in row.gold_ids]
+        if row.answers:
+            gold = [c for c in chunks if c.doc_id in row.gold_ids]
+            oracle = by_id.get(source.get(row.id)) or next(
+                (c for c in gold if any(quote_in(a, c.text) for a in row.answers)), None)
+            if oracle is None:
+                continue
+            wrong = [a for a in answers if not quote_in(a, oracle.text)]
+            out += [(oracle.text, row.question, row.answers[0], 1), (oracle.text, row.question, "", 1)]
+            out += [(oracle.text, row.question, rng.choice(wrong), 0)] if wrong else []
+            seen |= set(oracle.groups)
+        if others:
+            out.append((others[0].text, row.question, "", 0))
+            seen |= set(others[0].groups)
+    return out, seen
+
+
 def write_pairs(path: str | Path, pairs: list[Pair], groups: list[str] | None = None) -> None:
     """Write pairs in the JSONL form `tune judge --pairs` reads."""
     write_jsonl(path, [{"passage": p, "question": q, "answer": a, "label": int(l), "groups": list(groups or [])}
@@ -224,8 +268,12 @@ class JudgeTuneConfig:
     """Settings of `hybrid tune judge` (YAML keys = field names; `train:` nests TrainSettings)."""
 
     out: str = field(metadata={"help": "Judge directory to write, atomically (a sentence-transformers CrossEncoder)."})
-    pairs: str = field(metadata={"help": 'Training pairs, JSONL of {"passage", "question", "answer", "label": 0|1, '
-                                         '"groups"?}; an empty answer asks whether the passage answers the question.'})
+    pairs: str = field(default="", metadata={
+        "help": 'Training pairs, JSONL of {"passage", "question", "answer", "label": 0|1, "groups"?}; an empty '
+                'answer asks whether the passage answers the question.'})
+    qa: str = field(default="", metadata={"help": "Instead of --pairs: build them from this QA file (e.g. from "
+                                                  "'hybrid synth') over --index's chunks."})
+    index: str = field(default="", metadata={"help": "Index whose chunks the --qa pairs are built over."})
     test_pairs: list[str] = field(default_factory=list, metadata={
         "flag": "--test-pairs", "help": "Held-out pairs of the same form to report accuracy and AUROC on "
                                         "(repeatable: each file is reported under its name)."})
@@ -233,7 +281,12 @@ class JudgeTuneConfig:
         learning_rate=3e-5, batch_size=16, max_length=256, seed=0), metadata={"help": "training settings"})
 
     def problems(self) -> list[str]:
-        return self.train.problems()
+        out = self.train.problems()
+        if bool(self.pairs) == bool(self.qa):
+            out.append("give --pairs, or --qa with --index (pairs built from a QA file over the index), not both")
+        elif self.qa and not self.index:
+            out.append("--qa needs --index (the chunks its pairs are built over)")
+        return out
 
 
 def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
@@ -242,11 +295,15 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
         raise InputError("; ".join(problems))
     # --- data (validated and access-checked before any model loads) ---------------------------
     t = cfg.train
-    train, seen = read_pairs(cfg.pairs, "--pairs", t.groups)
+    if cfg.qa:
+        train, seen = index_pairs(cfg.qa, cfg.index, t.groups, t.seed)
+    else:
+        train, seen = read_pairs(cfg.pairs, "--pairs", t.groups)
     tests = {Path(p).stem: read_pairs(p, "--test-pairs", t.groups)[0] for p in cfg.test_pairs}
     labels = [l for *_, l in train]
     if 0 not in labels or 1 not in labels:
-        raise InputError(f"--pairs {cfg.pairs}: needs supported (label 1) and unsupported (label 0) pairs")
+        source = f"--qa {cfg.qa}" if cfg.qa else f"--pairs {cfg.pairs}"
+        raise InputError(f"{source}: needs supported (label 1) and unsupported (label 0) pairs")
     empty = {l for _, _, a, l in train if not a}
     answerability = empty == {0, 1}  # the gate's question was taught both ways
 

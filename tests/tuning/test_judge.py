@@ -92,3 +92,37 @@ def test_bad_pairs_and_judge_records_end_in_one_line(tmp_path):
     with pytest.raises(InputError, match="answerability"):
         Judge.load(jdir)
     assert not (tmp_path / "j").exists()
+
+
+def test_judge_pairs_from_a_qa_file_over_the_index_hold_only_what_the_trainer_may_read(tmp_path, small_index):
+    from tuning.judge import index_pairs
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "k", "question": "How long does the Kestrel buoy battery last?", "answers": ["14 months"],
+         "gold_ids": ["buoys/kestrel"]},
+        {"id": "o", "question": "How long does the Osprey buoy battery last?", "answers": ["9 months"],
+         "gold_ids": ["buoys/osprey"], "source_chunk": "buoys/osprey#0"},
+        {"id": "s", "question": "What does band L3 pay?", "answers": ["61000"], "gold_ids": ["salaries"],
+         "groups": ["hr"]},
+        {"id": "u", "question": "What colour is the Kestrel buoy?", "answers": []}]) + "\n")
+    pairs, seen = index_pairs(qa, small_index)
+    assert seen == set() and not any("SECRET" in p or "L3" in q for p, q, *_ in pairs)
+    kestrel = [(a, l) for p, q, a, l in pairs if q.startswith("How long does the Kestrel") and "Kestrel" in p]
+    assert ("14 months", 1) in kestrel and ("", 1) in kestrel and ("9 months", 0) in kestrel
+    assert [(a, l) for _, q, a, l in pairs if q == "What colour is the Kestrel buoy?"] == [("", 0)]
+    hr_pairs, hr_seen = index_pairs(qa, small_index, ["hr"])
+    assert hr_seen == {"hr"} and ("61000", 1) in [(a, l) for p, q, a, l in hr_pairs if "SECRET-HR" in p]
+
+
+def test_tune_judge_from_qa_and_index_cli(tmp_path, small_index):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "k", "question": "How long does the Kestrel buoy battery last?",
+                              "answers": ["14 months"], "gold_ids": ["buoys/kestrel"]}) + "\n" +
+                  json.dumps({"id": "o", "question": "Which extension is support on?", "answers": ["4411"],
+                              "gold_ids": ["support"]}) + "\n")
+    res = run("tune", "judge", "--qa", qa, "--index", small_index, "--out", tmp_path / "j", "--max-steps", 1)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "j" / access.ACCESS_FILE).read_text()) == {"scope": "public"}
+    assert_clean_error(run("tune", "judge", "--qa", qa, "--out", tmp_path / "j2"), "--qa needs --index")
+    assert_clean_error(run("tune", "judge", "--out", tmp_path / "j3"), "--pairs, or --qa")
