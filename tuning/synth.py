@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -267,11 +268,34 @@ def leaks(question: str, answer: str) -> bool:
     return normalize(answer) in normalize(question)
 
 
+def same_answer(answer: str, span: str) -> bool:
+    """The eval's rule (tuning/grading.py), plus two spellings of the same fact it does not see:
+    spacing inside a quantity ("18°C" for "18 °C") and a number without the unit the span gives it
+    ("is 12." for "12 times").
+
+    >>> same_answer("It is 18°C.", "18 °C"), same_answer("The limit is 12.", "12 times"), same_answer("120", "12 times")
+    (True, True, False)
+    """
+    if classify(answer, False, [span]) == "correct":
+        return True
+    a, g = normalize(answer), normalize(span)
+    if g.replace(" ", "") in a.replace(" ", ""):
+        return True
+    number = re.fullmatch(r"(\d[\d.,:]*) ([a-z]+)", g)  # "12 times": a number and one unit word
+    if not number:
+        return False
+    words = a.split() + [""]
+    # the number, followed by nothing or by a word that is no other unit ("14 days" is not "14 months")
+    return any(w == number.group(1) and not (words[i + 1].isalpha() and words[i + 1] != number.group(2)
+                                              and words[i + 1] not in ("and", "or", "to", "in", "for"))
+               for i, w in enumerate(words[:-1]))
+
+
 def consistent(reply: str, offer: Offer) -> tuple[bool, str]:
     """(the teacher's reply to its own question, chunk alone, gives the span; its reasoning when it
     quotes the chunk verbatim, else "")."""
     parsed = parse_answer(reply)
-    if classify(parsed.answer, parsed.abstained, [offer.answer]) != "correct":
+    if parsed.abstained or not same_answer(parsed.answer, offer.answer):
         return False, ""
     if parsed.quotes and all(quote_in(q, offer.chunk.text) for q in parsed.quotes) and "##Answer:" in reply:
         return True, reply.rsplit("##Answer:", 1)[0].strip()

@@ -273,3 +273,12 @@ def test_raft_targets_use_the_teachers_reason_when_it_quotes_the_oracle(index, t
     forged = row.__class__(**{**row.__dict__, "reason": "##Reason: ##begin_quote## not in the text ##end_quote##"})
     (ex,) = build_examples([forged], retriever, RaftSettings(num_distractors=1, p_oracle=1.0))
     assert "not in the text" not in ex["completion"][0]["content"]  # falls back to the extracted sentence
+
+
+def test_consistency_accepts_the_same_fact_spelled_differently_and_nothing_else():
+    from tuning.synth import same_answer
+
+    assert same_answer("The water is 18°C.", "18 °C") and same_answer("It retries 12 times.", "12 times")
+    assert same_answer("The limit is 12.", "12 times")  # the number without its unit word
+    assert not same_answer("The limit is 120.", "12 times") and not same_answer("8 weeks", "12 months")
+    assert not same_answer("14 days", "14 months")  # same number, another unit: a different answer
