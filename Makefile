@@ -41,7 +41,7 @@ test: $(VENV)/.installed
 # (bounded by DEMO_SYNTH_MINUTES), embedder tuning and a short RAFT tuning of the default
 # generator on those questions, questions before/after, and the factuality eval on a seeded
 # subset of the hand-written questions, none of which any training step saw (rag, rag+raft + chart).
-DEMO_SYNTH_MINUTES ?= 4
+DEMO_SYNTH_MINUTES ?= 5
 DEMO_EVAL_LIMIT ?= 40
 demo: $(VENV)/.installed models-qwen-0.5b
 	$(HYBRID) index $(CORPUS)/docs --out $(RUNS)/index --chunk-tokens 128 --overlap 16 -q
@@ -51,7 +51,7 @@ demo: $(VENV)/.installed models-qwen-0.5b
 	$(HYBRID) synth --index $(RUNS)/index --out $(RUNS)/synth/qa.jsonl --teacher qwen2.5-coder-0.5b \
 	  --max-chunks 60 --per-chunk 2 --unanswerable 0.25 --batch-size 8 --max-minutes $(DEMO_SYNTH_MINUTES) -q $(GROUPS)
 	$(HYBRID) tune embedder --index $(RUNS)/index --qa $(RUNS)/synth/qa.jsonl --eval-qa $(CORPUS)/qa.jsonl \
-	  --out $(RUNS)/embedder --epochs 1 $(GROUPS)
+	  --out $(RUNS)/embedder --epochs 1 --batch-size 4 $(GROUPS)
 	$(HYBRID) tune generator --index $(RUNS)/index --qa $(RUNS)/synth/qa.jsonl --out $(RUNS)/raft -q \
 	  --no-oracle both --test-fraction 0 --val-fraction 0 --num-distractors 2 --max-steps 40 --grad-accum 2 \
 	  --learning-rate 1e-3 --target-modules all-linear --lora-r 16 --lora-alpha 32 $(GROUPS)

@@ -143,13 +143,15 @@ def search_cmd(
                                               "Without it only public documents are searched."),
     as_json: bool = typer.Option(False, "--json", help='Print {"hits": [{"doc_id", "chunk_id", "score", "title", '
                                  '"text"}]}.'),
+    mode: Optional[str] = typer.Option(None, "--mode", help="dense, lexical (BM25) or hybrid (both, fused); "
+                                       "default: the index's (its manifest's 'search.mode')."),
 ):
     """Search an index (access control applied)."""
     if k < 1:
         raise InputError(f"-k must be a positive integer, got {k}")
     if not query.strip():
         raise InputError("QUERY is empty; pass the words to search for")
-    hits = Retriever.load(index).search(query, k=k, groups=group)
+    hits = Retriever.load(index).search(query, k=k, groups=group, mode=mode)
     if as_json:
         typer.echo(json.dumps({"hits": [h.to_dict() for h in hits]}, ensure_ascii=False))
         return
@@ -239,7 +241,7 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
     """Retrieve, answer from the passages, and verify every quote against them."""
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support, judge=cfg.judge,
-                         groups=cfg.groups, gate_threshold=cfg.gate_threshold)
+                         groups=cfg.groups, gate_threshold=cfg.gate_threshold, mode=cfg.mode)
     streamed = []
     if as_json or cfg.select:
         res = pipe.ask(cfg.question, groups=cfg.groups, adapter=cfg.answering_adapter, select=cfg.select or None)
@@ -268,7 +270,7 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
 def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout.")):
     """Factuality benchmark: accuracy, abstention and hallucination rate per configuration, with 95 % CIs."""
     if cfg.only == "retrieval":
-        report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups)
+        report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups, mode=cfg.mode)
         if cfg.out:
             write_report(report, cfg.out)
         typer.echo(json.dumps(report) if as_json else markdown_table(report["configs"]))

@@ -19,7 +19,8 @@ from retrieval.retriever import Retriever
 RETRIEVAL_COLUMNS = ("n", "recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
 
-def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, depth: int = 50) -> dict:
+def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, depth: int = 50,
+                       mode: str | None = None) -> dict:
     """Retrieval metrics of one index on a QA file.
 
     Args:
@@ -27,6 +28,7 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
         index_dir: index to query.
         groups: caller's access groups (a gold document the caller cannot see counts as a miss).
         depth: chunks fetched per question before collapsing to distinct documents.
+        mode: dense | lexical | hybrid (None = the index's default).
 
     Returns:
         {"configs": {"retrieval": metrics}, "dataset": path, "index": path, "embedder": name}.
@@ -45,9 +47,10 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
     if unseen:
         logging.warning(f"{len(unseen)} gold documents are not among those the index shows this caller (absent, or "
                         f"restricted to groups not given with --group); questions about them count as misses")
-    hits = retriever.search_batch([r.question for r in rows], k=depth, groups=groups)
+    hits = retriever.search_batch([r.question for r in rows], k=depth, groups=groups, mode=mode)
     metrics = retrieval_metrics([[h.doc_id for h in hs] for hs in hits], [set(r.gold_ids) for r in rows])
     return {"configs": {"retrieval": metrics}, "dataset": str(qa_path), "index": str(index_dir),
+            "mode": mode or retriever.search_settings["mode"],
             "embedder": retriever.manifest["embedder"]["name"], "groups": sorted(groups or [])}
 
 

@@ -34,7 +34,7 @@ from typing import Callable
 
 from retrieval import access
 from retrieval.errors import InputError
-from retrieval.retriever import Retriever
+from retrieval.retriever import MODES, Retriever
 from tuning import abstention, run_record
 from tuning.abstention import calibration_abstains, load_calibration
 from tuning.generator import generate_batch, load_generator
@@ -83,6 +83,8 @@ class AskConfig:
     groups: list[str] = field(default_factory=list, metadata={
         "flag": "--group", "help": "Access group of the caller (repeatable). Without it: public documents only."})
     k: int = field(default=5, metadata={"flag": "-k", "help": "Passages to retrieve."})
+    mode: str | None = field(default=None, metadata={
+        "help": "Retrieval: dense, lexical (BM25) or hybrid (both, fused).", "default_help": "the index's"})
     max_new_tokens: int = field(default=96, metadata={"help": "Generation budget."})
     require_support: bool = field(default=False, metadata={
         "help": "Abstain when no quote verifies and the answer is not in the passages (nothing is streamed: the "
@@ -140,9 +142,10 @@ def verify(parsed, passages: list[dict]) -> list[dict]:
     return cites
 
 
-def passages_for(retriever: Retriever, questions: list[str], k: int, groups=None) -> list[list[dict]]:
+def passages_for(retriever: Retriever, questions: list[str], k: int, groups=None,
+                 mode: str | None = None) -> list[list[dict]]:
     """Top-k visible chunks per question as passage dicts (doc_id, chunk_id, title, text, score)."""
-    hits = retriever.search_batch(questions, k=k, groups=groups)
+    hits = retriever.search_batch(questions, k=k, groups=groups, mode=mode)
     return [[{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "text": h.text, "score": h.score}
              for h in hs] for hs in hits]
 
@@ -193,12 +196,14 @@ class Pipeline:
         self.thresholds = thresholds or {}  # adapter name -> calibrated abstention threshold (or None)
         self.aurocs = aurocs or {}  # adapter name -> its calibration AUROC (which one decides under select)
         self.calibrated = calibrated
+        self.mode: str | None = None  # retrieval mode; None = the index's default
 
     @classmethod
     def load(cls, index_dir: str | Path | None = None, adapters: dict[str, str] | str | None = None,
              base_model: str | None = None, k: int = 5, max_new_tokens: int = 96,
              require_support: bool = False, device: str | None = None, judge: str | Path | None = None,
-             groups=None, gate_threshold: float | None = None, calibrated: bool = True) -> "Pipeline":
+             groups=None, gate_threshold: float | None = None, calibrated: bool = True,
+             mode: str | None = None) -> "Pipeline":
         """Load retriever, base generator and adapters.
 
         Args:
@@ -217,6 +222,7 @@ class Pipeline:
                 base model and the judge must have been trained within them.
             calibrated: abstain where a calibrated adapter's own abstention score reaches its
                 threshold (`hybrid tune calibrate`); False serves the greedy answers as they are.
+            mode: retrieval mode, dense | lexical | hybrid (None = the index's default).
 
         Raises:
             InputError: missing adapter, an adapter trained on another base model, or an
@@ -257,12 +263,16 @@ class Pipeline:
         cals = {n: load_calibration(p) for n, p in adapters.items()} if calibrated else {}
         if judge is not None:
             judge = Judge.load(judge, groups=groups, gate=True)
-        return cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
+        if mode is not None and mode not in MODES:  # before the first question, not at it
+            raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+        pipe = cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
                    require_support=require_support, judge=judge, groups=groups,
                    scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope,
                    gate_threshold=gate_threshold, calibrated=calibrated,
                    thresholds={n: c and float(c["threshold"]) for n, c in cals.items()},
                    aurocs={n: float(c.get("auroc") or 0.0) for n, c in cals.items() if c})
+        pipe.mode = mode
+        return pipe
 
     def check_access(self, adapter: str | None, groups) -> None:
         """Refuse an adapter (or merged base) trained on groups the caller of this call lacks."""
@@ -428,7 +438,7 @@ class Pipeline:
         """Passages for questions from the index (access control applied)."""
         if self.retriever is None:
             raise InputError("no --index given: pass one, or call answer() with your own passages")
-        return passages_for(self.retriever, questions, k=k or self.k, groups=groups)
+        return passages_for(self.retriever, questions, k=k or self.k, groups=groups, mode=self.mode)
 
     def ask(self, question: str, groups=None, adapter: str | None = None, k: int | None = None,
             on_token=None, select: list[str] | None = None) -> Answer:

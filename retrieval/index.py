@@ -2,7 +2,8 @@
 
 Layout of INDEX_DIR:
     index.faiss    FAISS's own format (exact inner product, HNSW or IVF)
-    chunks.sqlite  chunk text, metadata, groups and vectors; document content hashes
+    chunks.sqlite  chunk text, metadata, groups and vectors; document content hashes; the FTS5
+                   table of lexical search (retrieval/lexical.py)
     manifest.json  embedder name + fingerprint, dimension, normalisation, chunking,
                    index parameters, counts, sha256 of the two files, format version
 
@@ -31,6 +32,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 
+from retrieval import lexical
 from retrieval.atomic import check_writable, staged_dir
 from retrieval.chunking import Chunk, chunk_document
 from retrieval.corpus import DEFAULT_MAX_DOCUMENT_MB, load_corpus
@@ -79,6 +81,14 @@ class IndexConfig:
         "help": "skip (warn and count) or fail on unreadable, non-UTF-8, empty or malformed files."})
     max_document_mb: float = field(default=DEFAULT_MAX_DOCUMENT_MB, metadata={
         "help": "Largest document read, in MB; a bigger file is refused (or skipped with --on-bad-file skip)."})
+    mode: Literal["dense", "lexical", "hybrid"] = field(default="dense", metadata={
+        "help": "The index's default search mode (recorded in the manifest; --mode on search, ask and eval "
+                "overrides it): dense (embeddings), lexical (BM25 over FTS5) or hybrid (both, fused)."})
+    fusion: Literal["rrf", "convex"] = field(default="rrf", metadata={
+        "help": "hybrid mode: weighted reciprocal rank fusion, or a convex combination of normalised scores."})
+    fusion_weight: float = field(default=0.5, metadata={"help": "hybrid mode: the dense side's weight in [0, 1]."})
+    fusion_candidates: int = field(default=50, metadata={"help": "hybrid mode: hits taken from each side before "
+                                                                 "fusing."})
 
     def problems(self) -> list[str]:
         """Every invalid setting, each naming its flag."""
@@ -98,7 +108,16 @@ class IndexConfig:
             out.append("--on-bad-file must be skip or fail")
         if not (isinstance(self.max_document_mb, (int, float)) and self.max_document_mb > 0):
             out.append("--max-document-mb must be a number of MB above 0")
+        if not 0 <= self.fusion_weight <= 1:
+            out.append("--fusion-weight must be in [0, 1]")
+        if self.fusion_candidates < 1:
+            out.append("--fusion-candidates must be >= 1")
         return out
+
+    def search_defaults(self) -> dict:
+        """The manifest's `search` section: how the index is searched unless a call says otherwise."""
+        return {"mode": self.mode, "fusion": self.fusion, "fusion_weight": self.fusion_weight,
+                "fusion_candidates": self.fusion_candidates}
 
 
 @dataclass
@@ -176,6 +195,12 @@ def validate_manifest(m: object, where: str) -> dict:
     need(set(files) == {INDEX_FILE, STORE_FILE}, f"'files' must list exactly {INDEX_FILE} and {STORE_FILE}")
     need(all(isinstance(v, str) and _HEX64.fullmatch(v) for v in files.values()),
          "'files' values must be sha256 hex digests")
+    if "search" in m:  # absent in indexes built before lexical search: dense only
+        st = m["search"]
+        need(isinstance(st, dict) and st.get("mode") in ("dense", "lexical", "hybrid")
+             and st.get("fusion") in ("rrf", "convex") and isinstance(st.get("fusion_weight"), (int, float))
+             and 0 <= st["fusion_weight"] <= 1 and _count(st.get("fusion_candidates"), 1),
+             "'search' must hold mode, fusion, fusion_weight in [0, 1] and fusion_candidates")
     return m
 
 
@@ -463,6 +488,7 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
             con.executemany("INSERT INTO docs VALUES (?,?,?,?,?,?)",
                             [(d.id, d.content_hash, d.title, d.source, json.dumps(list(d.groups)), per_doc.get(d.id, 0))
                              for d in corpus.documents])
+            lexical.create(con)
             con.commit()
             con.close()
             index, params = make_faiss_index(matrix, cfg)
@@ -479,6 +505,8 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
                            "restricted_documents": sum(bool(d.groups) for d in corpus.documents),
                            "skipped_files": len(corpus.skipped)},
                 "files": {INDEX_FILE: sha256_file(tmp / INDEX_FILE), STORE_FILE: sha256_file(tmp / STORE_FILE)},
+                "lexical": {"table": lexical.TABLE, "tokenize": lexical.TOKENIZE},
+                "search": cfg.search_defaults(),
                 "corpus": str(Path(corpus_dir).resolve()),
                 "config": asdict(cfg),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

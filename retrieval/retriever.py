@@ -5,9 +5,11 @@
     hits = r.search("how do I reset the buoy?", k=5, groups=["engineering"])
 
 A chunk with groups is visible only to callers passing one of them; a chunk
-without groups is public. The filter is a FAISS ID selector, so the top k are
-drawn from visible chunks only (k is filled whenever enough visible chunks
-exist) and restricted text is never read from the store for other callers.
+without groups is public. The dense filter is a FAISS ID selector and the lexical
+one a condition inside the SQL (retrieval/lexical.py), so the top k are drawn from
+visible chunks only (k is filled whenever enough visible chunks exist) and
+restricted text is never read from the store for other callers, in every mode
+(`mode="dense" | "lexical" | "hybrid"`; the index's manifest names the default).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval import access
+from retrieval import access, lexical
 from retrieval.embedder import Embedder, load_embedder
 from retrieval.errors import InputError
 from retrieval.index import INDEX_FILE, STORE_FILE, IndexMoved, IndexSnapshot
 
 _LOAD_ATTEMPTS = 20
+MODES = ("dense", "lexical", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class Retriever:
         for row, groups in con.execute("SELECT row, groups FROM chunks"):
             self._groups[row] = _stored_groups(groups)
         self._allowed_cache: dict[frozenset, np.ndarray | None] = {}
+        # How to search unless a call says otherwise; an index built before lexical search is dense only.
+        self.search_settings = manifest.get("search") or {"mode": "dense"}
+        self.lexical = "lexical" in manifest and lexical.present(con)
         # A tuned embedder may hold text of restricted chunks (access.py): searching with it is
         # then only for callers holding its groups. Packaged and plain models are public.
         edir = Path(embedder.path)
@@ -168,7 +174,7 @@ class Retriever:
         return p, sel  # sel must outlive the search call (FAISS keeps a raw pointer)
 
     def search_vectors(self, queries: np.ndarray, k: int = 5, groups=None) -> list[list[Hit]]:
-        """Search with precomputed query vectors.
+        """Dense search with precomputed query vectors.
 
         Args:
             queries: float32 array (n, dim), L2-normalised.
@@ -178,6 +184,12 @@ class Retriever:
         Returns:
             n lists of at most k hits, best first.
         """
+        return [self._hits(scored) for scored in self._dense_rows(queries, k, groups)]
+
+    def _visible(self, row: int, key: frozenset) -> bool:
+        return not self._groups[row] or bool(key.intersection(self._groups[row]))
+
+    def _dense_rows(self, queries: np.ndarray, k: int, groups) -> list[list[tuple[float, int]]]:
         _check_k(k)
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or (len(queries) and queries.shape[1] != self.index.d):
@@ -191,12 +203,15 @@ class Retriever:
         params, _sel = self._params(allowed)
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), kk, params=params)
         key = access.caller_groups(groups)
-        out = []
-        for srow, rrow in zip(scores, rows):
-            keep = [(float(s), int(r)) for s, r in zip(srow, rrow)
-                    if r >= 0 and (not self._groups[r] or key.intersection(self._groups[r]))]  # defence in depth
-            out.append(self._hits(keep))
-        return out
+        return [[(float(s), int(r)) for s, r in zip(srow, rrow) if r >= 0 and self._visible(int(r), key)]  # defence in depth
+                for srow, rrow in zip(scores, rows)]
+
+    def _lexical_rows(self, query: str, n: int, groups) -> list[tuple[float, int]]:
+        if not self.lexical:
+            raise InputError(f"--index {self.index_dir}: built before lexical search existed; re-run 'hybrid index "
+                             f"CORPUS_DIR --out {self.index_dir}' (it adds the lexical table without re-embedding)")
+        key = access.caller_groups(groups)
+        return [(s, r) for s, r in lexical.search(self.con, query, n, groups) if self._visible(r, key)]
 
     def _hits(self, scored: list[tuple[float, int]]) -> list[Hit]:
         if not scored:
@@ -208,20 +223,23 @@ class Retriever:
         return [Hit(doc_id=found[r][0], chunk_id=found[r][1], score=s, title=found[r][2] or "", text=found[r][3],
                     source=found[r][4] or "", groups=self._groups[r]) for s, r in scored]
 
-    def search(self, query: str, k: int = 5, groups=None) -> list[Hit]:
+    def search(self, query: str, k: int = 5, groups=None, mode: str | None = None) -> list[Hit]:
         """Top-k visible chunks for one query (see `search_batch`)."""
         if not isinstance(query, str):
             raise InputError(f"the query must be a string, got {type(query).__name__}")
-        return self.search_batch([query], k=k, groups=groups)[0]
+        return self.search_batch([query], k=k, groups=groups, mode=mode)[0]
 
-    def search_batch(self, queries: list[str], k: int = 5, groups=None, batch_size: int = 64) -> list[list[Hit]]:
-        """Top-k visible chunks for many queries, embedded in batches.
+    def search_batch(self, queries: list[str], k: int = 5, groups=None, batch_size: int = 64,
+                     mode: str | None = None) -> list[list[Hit]]:
+        """Top-k visible chunks for many queries.
 
         Args:
             queries: n query strings.
             k: hits per query.
             groups: caller's access groups (None = public only).
             batch_size: embedding batch size.
+            mode: "dense" (embeddings), "lexical" (BM25, FTS5) or "hybrid" (the two fused as the
+                manifest's `search` section says); None = the index's default mode.
 
         Returns:
             n lists of Hit, best first.
@@ -239,9 +257,20 @@ class Retriever:
                 raise InputError(f"query {i + 1}: must be a string, got {type(q).__name__}")
             if not q.strip():
                 raise InputError(f"query {i + 1} is empty; pass a non-empty query")
+        mode = self.search_settings["mode"] if mode is None else mode
+        if mode not in MODES:
+            raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
         if not queries:
             return []
-        return self.search_vectors(self.embedder.encode(queries, batch_size=batch_size), k=k, groups=groups)
+        if mode == "lexical":
+            return [self._hits(self._lexical_rows(q, k, groups)[:k]) for q in queries]
+        if mode == "dense":
+            return self.search_vectors(self.embedder.encode(queries, batch_size=batch_size), k=k, groups=groups)
+        st = self.search_settings
+        n = max(k, st["fusion_candidates"])
+        lex = [self._lexical_rows(q, n, groups) for q in queries]  # first: a wordless query fails before encoding
+        dense = self._dense_rows(self.embedder.encode(queries, batch_size=batch_size), n, groups)
+        return [self._hits(lexical.fuse(d, l, st["fusion"], st["fusion_weight"])[:k]) for d, l in zip(dense, lex)]
 
     def chunks(self, doc_id: str | None = None, groups=None, include_restricted: bool = False) -> list[Hit]:
         """Chunks in store order (all, or those of one document), score 0.
