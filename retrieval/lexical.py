@@ -5,7 +5,10 @@ external-content FTS5 table over `chunks`, so the text is stored once and the ta
 `chunks.sqlite`, checksummed with it. No server, no dependency: SQLite ships FTS5.
 
 Any user text is a valid query: its words (`\\w+`, unicode) are each double-quoted and OR-ed,
-so quotes, `*`, `NEAR`, `-` or `AND` in a question are plain words, never FTS syntax.
+so quotes, `*`, `NEAR`, `-` or `AND` in a question are plain words, never FTS syntax. English
+function words ("what", "the", "of", ...) are left out unless nothing else is left: they match
+nearly every chunk, so BM25 gives them almost no weight while scoring every row they match (on
+HaluEval's 10,000 passages: 4x faster, recall@5 0.972 -> 0.977, docs/benchmarks/search.md).
 
 Access control is part of the SQL: a chunk is returned only when it is public or one of its
 groups is the caller's, so restricted rows never leave SQLite for an outsider.
@@ -27,6 +30,10 @@ TABLE = "lexical"
 TOKENIZE = "porter unicode61"
 RRF_K = 60
 _WORD = re.compile(r"\w+", re.UNICODE)
+STOPWORDS = frozenset(
+    "a an the of in on at to for by with from and or is are was were be been being do does did what which who whom "
+    "whose when where why how that this these those it its as into than then there their they he she his her him i "
+    "you we our your not no can could would should will shall may might must has have had".split())
 
 
 def create(con: sqlite3.Connection) -> None:
@@ -44,7 +51,9 @@ def match_expression(query: str) -> str:
     """The FTS5 query for any text: its words, each quoted, OR-ed.
 
     >>> match_expression('NEAR("battery" -life) AND *')
-    '"NEAR" OR "battery" OR "life" OR "AND"'
+    '"NEAR" OR "battery" OR "life"'
+    >>> match_expression("What is the battery life?"), match_expression("What is it?")
+    ('"battery" OR "life"', '"What" OR "is" OR "it"')
 
     Raises:
         InputError: no word at all (empty or punctuation-only text).
@@ -52,6 +61,7 @@ def match_expression(query: str) -> str:
     words = _WORD.findall(query)
     if not words:
         raise InputError(f"query {query[:40]!r} has no words to search for; pass words, not only punctuation")
+    words = [w for w in words if w.lower() not in STOPWORDS] or words
     return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
 
 

@@ -77,6 +77,11 @@ def test_wordless_queries_are_refused_clearly(lexical_index):
         with pytest.raises(InputError, match="no words to search for"):
             r.search(query, mode="hybrid")
     assert match_expression('NEAR("x" y)') == '"NEAR" OR "x" OR "y"'
+    # function words are dropped, unless nothing else is left
+    assert match_expression("Which dog is the red one?") == '"dog" OR "red" OR "one"'
+    assert r.search("what is it", k=1, mode="lexical") == []  # searched as is: no chunk holds these words
+    assert r.search("Which is the red dog?", k=1, mode="lexical")[0].doc_id == r.search("red dog", k=1,
+                                                                                        mode="lexical")[0].doc_id
 
 
 @pytest.mark.parametrize("mode", ["lexical", "hybrid"])
