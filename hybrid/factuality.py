@@ -69,7 +69,7 @@ class EvalConfig:
     limit: int = field(default=0, metadata={"help": "Evaluate a seeded sample of N questions; 0 = all."})
     seed: int = field(default=0, metadata={"help": "Sampling and bootstrap seed."})
     k: int = field(default=5, metadata={"flag": "-k", "help": "Passages retrieved per question."})
-    mode: str | None = field(default=None, metadata={
+    mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
         "help": "Retrieval: dense, lexical (BM25) or hybrid (both, fused).", "default_help": "the index's"})
     groups: list[str] = field(default_factory=list, metadata={
         "flag": "--group", "help": "Access group of the caller (repeatable). Without it: public documents only."})

@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from retrieval import access
 from retrieval.errors import InputError
@@ -83,7 +83,7 @@ class AskConfig:
     groups: list[str] = field(default_factory=list, metadata={
         "flag": "--group", "help": "Access group of the caller (repeatable). Without it: public documents only."})
     k: int = field(default=5, metadata={"flag": "-k", "help": "Passages to retrieve."})
-    mode: str | None = field(default=None, metadata={
+    mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
         "help": "Retrieval: dense, lexical (BM25) or hybrid (both, fused).", "default_help": "the index's"})
     max_new_tokens: int = field(default=96, metadata={"help": "Generation budget."})
     require_support: bool = field(default=False, metadata={

@@ -83,6 +83,8 @@ class DPOTuneConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens per sample (sampled pairs)."})
     p_oracle: float = field(default=0.5, metadata={"help": "Share of prompts with the oracle (sampled pairs)."})
     num_distractors: int = field(default=4, metadata={"help": "Distractor chunks per prompt."})
+    mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
+        "help": "Retrieval that mines the distractors: dense, lexical (BM25) or hybrid.", "default_help": "the index's"})
     answer_over_abstain: bool = field(default=True, metadata={
         "help": "With the oracle present and a sample abstaining, prefer the gold-quoting answer over the abstention."})
     test_fraction: float = field(default=0.2, metadata={
@@ -245,7 +247,7 @@ def _qa_pairs(cfg: DPOTuneConfig, held: set[str], sft_run: dict, model, tok) -> 
     if cfg.max_questions:
         train_rows = random.Random(cfg.train.seed).sample(train_rows, min(cfg.max_questions, len(train_rows)))
     rows_by_id = {r.id: r for r in train_rows}
-    settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, seed=cfg.train.seed,
+    settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, mode=cfg.mode, seed=cfg.train.seed,
                             no_oracle="both" if cfg.pairs == "contrastive" else "abstain")
     examples = build_examples(train_rows, retriever, settings, groups=cfg.train.groups)
     chunks = {h.chunk_id: h for h in retriever.chunks(groups=access.training_groups(cfg.train.groups))}

@@ -54,6 +54,7 @@ class RaftSettings:
     no_oracle: Literal["abstain", "answer", "both"] = "abstain"
     answer_format: Literal["cot", "short"] = "cot"
     seed: int = 13
+    mode: str | None = None  # retrieval mode mining the distractors (None = the index's default)
 
 
 def quote_for(answer: str, question: str, text: str) -> str:
@@ -154,7 +155,8 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
     mined: dict[int, list[Hit]] = {}
     for view in sorted(set(audience)):
         idx = [i for i, a in enumerate(audience) if a == view]
-        hits = retriever.search_batch([rows[i].question for i in idx], k=min(k + 12, len(retriever)), groups=list(view))
+        hits = retriever.search_batch([rows[i].question for i in idx], k=min(k + 12, len(retriever)), groups=list(view),
+                                      mode=settings.mode)
         mined.update(zip(idx, hits))
     examples = []
     for i, row in enumerate(rows):

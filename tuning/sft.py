@@ -55,6 +55,8 @@ class GeneratorTuneConfig:
     # RAFT data
     p_oracle: float = field(default=0.8, metadata={"help": "Share of examples that include the oracle chunk."})
     num_distractors: int = field(default=4, metadata={"help": "Hard distractor chunks per example."})
+    mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
+        "help": "Retrieval that mines the distractors: dense, lexical (BM25) or hybrid.", "default_help": "the index's"})
     no_oracle: Literal["abstain", "answer", "both"] = field(default="abstain", metadata={
         "help": "Target when the oracle is left out; both = every question with and without its oracle "
                 "(--p-oracle ignored)."})
@@ -225,7 +227,7 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
 
 def raft_data(cfg: GeneratorTuneConfig) -> RaftData:
     """Data stage: RAFT examples mined from --index/--qa (split by question), or read from --examples."""
-    settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, no_oracle=cfg.no_oracle,
+    settings = RaftSettings(p_oracle=cfg.p_oracle, num_distractors=cfg.num_distractors, mode=cfg.mode, no_oracle=cfg.no_oracle,
                             answer_format=cfg.answer_format, seed=cfg.train.seed)
     if cfg.examples:
         train_ex, val_ex, held_ids = _prepared_examples(cfg)

@@ -149,3 +149,29 @@ def test_the_group_filter_is_inside_the_sql(lexical_index):
     for groups in (None, ["finance"], ["hr"]):
         found = {rows[row] for _, row in lexical.search(r.con, "SECRET-HR red dog salary", 10, groups)}
         assert bool(found & secret) == (groups == ["hr"])
+
+
+def test_eval_and_raft_mining_use_the_mode_they_are_given(lexical_index, tmp_path):
+    from hybrid.evaluation import evaluate_retrieval
+    from hybrid.pipeline import passages_for
+    from retrieval.qa import load_qa
+    from tuning.raft_data import RaftSettings, build_examples
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "q", "question": "Where is the green frog?", "answers": ["near the pond"],
+                              "gold_ids": ["c"]}) + "\n")
+    r = Retriever.load(lexical_index)
+    rep = evaluate_retrieval(qa, lexical_index, mode="lexical")
+    assert rep["mode"] == "lexical" and rep["configs"]["retrieval"]["recall@1"] == 1.0
+    assert evaluate_retrieval(qa, lexical_index)["mode"] == "dense"  # the index's default
+    lex = r.search("Where is the green frog?", k=3, mode="lexical")
+    assert [p["chunk_id"] for p in passages_for(r, ["Where is the green frog?"], 3, mode="lexical")[0]] == \
+        [h.chunk_id for h in lex]
+    calls = []
+    real = Retriever.search_batch
+    Retriever.search_batch = lambda self, *a, **kw: calls.append(kw.get("mode")) or real(self, *a, **kw)
+    try:
+        build_examples(load_qa(qa), r, RaftSettings(num_distractors=1, mode="lexical"))
+    finally:
+        Retriever.search_batch = real
+    assert calls == ["lexical"]
