@@ -57,7 +57,7 @@ def test_generator_bad_inputs(tmp_path, bundled_tiny_index, tiny_llm_dir, cli_ad
 
     monkeypatch.setattr(mp, "available_bytes", lambda device: 64 * 1024 * 1024)
     assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",
-                           "--base-model", tiny_llm_dir), "free", "--max-length")
+                           "--base-model", tiny_llm_dir, "--num-distractors", 1), "free", "--max-length")
     monkeypatch.undo()
     assert_clean_error(run("ask", "q", "--index", bundled_tiny_index, "--adapter", tmp_path), "not an adapter made by")
     assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",

@@ -126,7 +126,7 @@ def test_an_index_without_the_lexical_table_says_to_reindex(lexical_index):
     del m["lexical"], m["search"]  # how an index built before lexical search looks
     (lexical_index / MANIFEST_FILE).write_text(json.dumps(m))
     r = Retriever.load(lexical_index)
-    assert r.search("red dog", k=2)  # dense, the old default, still works
+    assert r.search("red dog", k=2)  # dense, the only mode such an index has, still works
     with pytest.raises(InputError, match="re-run 'hybrid index .* without re-embedding"):
         r.search("red dog", mode="lexical")
 
@@ -163,7 +163,7 @@ def test_eval_and_raft_mining_use_the_mode_they_are_given(lexical_index, tmp_pat
     r = Retriever.load(lexical_index)
     rep = evaluate_retrieval(qa, lexical_index, mode="lexical")
     assert rep["mode"] == "lexical" and rep["configs"]["retrieval"]["recall@1"] == 1.0
-    assert evaluate_retrieval(qa, lexical_index)["mode"] == "dense"  # the index's default
+    assert evaluate_retrieval(qa, lexical_index)["mode"] == "hybrid"  # the index's default
     lex = r.search("Where is the green frog?", k=3, mode="lexical")
     assert [p["chunk_id"] for p in passages_for(r, ["Where is the green frog?"], 3, mode="lexical")[0]] == \
         [h.chunk_id for h in lex]

@@ -89,7 +89,7 @@ def round_trip_fails_for_office(monkeypatch):
     finds its document, except the office question, which finds only the support document)."""
     real = Retriever.search_batch
 
-    def search_batch(self, queries, k=5, groups=None, batch_size=64):
+    def search_batch(self, queries, k=5, groups=None, batch_size=64, mode=None):
         chunks = self.chunks(groups=groups)
         out = []
         for q in queries:
