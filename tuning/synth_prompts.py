@@ -58,31 +58,29 @@ def pick_spans(text: str, title: str, n: int, rng: random.Random) -> list[str]:
     return [s for s, _ in sorted(spans, key=lambda sp: sp[1])[:n]]
 
 
-def _passage(chunk: Hit) -> str:
-    return f"Document: {chunk.title}\n{chunk.text.strip()}" if chunk.title else chunk.text.strip()
+def _writer_prompt(chunk: Hit, ask: str) -> list[dict]:
+    """The question writer's messages: the chunk (with its document title), then what to write."""
+    passage = f"Document: {chunk.title}\n{chunk.text.strip()}" if chunk.title else chunk.text.strip()
+    return [{"role": "system", "content": _WRITER}, {"role": "user", "content": f"{passage}\n\n{ask}"}]
 
 
 def answer_first_prompt(chunk: Hit, span: str) -> list[dict]:
-    return [{"role": "system", "content": _WRITER},
-            {"role": "user", "content": f"{_passage(chunk)}\n\nWrite one question whose answer is exactly \"{span}\", "
-                                        f"answerable from this passage. Name what it is about (a reader will not see "
-                                        f"the passage) and do not use the words \"{span}\" in it. Reply with the "
-                                        f"question only."}]
+    return _writer_prompt(chunk, f"Write one question whose answer is exactly \"{span}\", answerable from this "
+                                 f"passage. Name what it is about (a reader will not see the passage) and do not use "
+                                 f"the words \"{span}\" in it. Reply with the question only.")
 
 
 def question_first_prompt(chunk: Hit, n: int) -> list[dict]:
-    return [{"role": "system", "content": _WRITER},
-            {"role": "user", "content": f"{_passage(chunk)}\n\nWrite {n} question{'s' if n > 1 else ''} a reader of "
-                                        f"this passage can answer with a short phrase copied from it (a number, name "
-                                        f"or date). Name what each is about (the reader will not see the passage). "
-                                        f"Reply with lines \"Question: ...\" and \"Answer: ...\" only."}]
+    return _writer_prompt(chunk, f"Write {n} question{'s' if n > 1 else ''} a reader of this passage can answer "
+                                 f"with a short phrase copied from it (a number, name or date). Name what each is "
+                                 f"about (the reader will not see the passage). Reply with lines \"Question: ...\" "
+                                 f"and \"Answer: ...\" only.")
 
 
 def unanswerable_prompt(chunk: Hit) -> list[dict]:
-    return [{"role": "system", "content": _WRITER},
-            {"role": "user", "content": f"{_passage(chunk)}\n\nWrite one question about the subject of this passage "
-                                        f"that the passage does NOT answer: ask for a detail of the same kind that it "
-                                        f"never states. Name what it is about. Reply with the question only."}]
+    return _writer_prompt(chunk, "Write one question about the subject of this passage that the passage does NOT "
+                                 "answer: ask for a detail of the same kind that it never states. Name what it is "
+                                 "about. Reply with the question only.")
 
 
 def parse_question(text: str) -> str:
