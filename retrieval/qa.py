@@ -30,6 +30,7 @@ class QARow:
     passages: tuple[dict, ...] | None = None
     groups: tuple[str, ...] = ()
     reason: str = ""
+    source_chunk: str = ""  # hybrid synth's provenance: the chunk the question was written from
 
     @property
     def answerable(self) -> bool:
@@ -94,8 +95,12 @@ def load_qa(path: str | Path) -> list[QARow]:
         reason = obj.get("reason") or ""
         if not isinstance(reason, str):
             raise InputError(f"{where}: field 'reason' must be a string")
+        source = obj.get("source_chunk") or ""
+        if not isinstance(source, str):
+            raise InputError(f"{where}: field 'source_chunk' must be a chunk id string")
         rows.append(QARow(id=qid, question=question.strip(), answers=tuple(a for a in answers if a.strip()),
-                          gold_ids=tuple(gold), passages=passages, groups=tuple(groups), reason=reason.strip()))
+                          gold_ids=tuple(gold), passages=passages, groups=tuple(groups), reason=reason.strip(),
+                          source_chunk=source))
     if not rows:
         raise InputError(f"QA file {path} holds no questions")
     return rows

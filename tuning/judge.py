@@ -208,9 +208,6 @@ def index_pairs(qa_path: str | Path, index_dir: str | Path, groups=None, seed: i
     chunks = retriever.chunks(groups=view)
     by_id = {c.chunk_id: c for c in chunks}
     rows = [r for r in load_qa(qa_path) if access.may_learn(r.groups, view)]
-    source = {}
-    if (qa_file := Path(qa_path)).is_file():  # source_chunk is synth's provenance, outside QARow
-        source = {str(o.get("id")): o.get("source_chunk") for _, o in read_jsonl(qa_file, "--qa", "QA rows")}
     rng, out, seen = random.Random(seed), [], set()
     found = retriever.search_batch([r.question for r in rows], k=min(10, len(retriever)), groups=view) if rows else []
     answers = [r.answers[0] for r in rows if r.answers]
@@ -218,7 +215,7 @@ def index_pairs(qa_path: str | Path, index_dir: str | Path, groups=None, seed: i
         others = [h for h in hits if h.doc_id not in row.gold_ids]
         if row.answers:
             gold = [c for c in chunks if c.doc_id in row.gold_ids]
-            oracle = by_id.get(source.get(row.id)) or next(
+            oracle = by_id.get(row.source_chunk) or next(
                 (c for c in gold if any(quote_in(a, c.text) for a in row.answers)), None)
             if oracle is None:
                 continue
