@@ -30,6 +30,7 @@ from hybrid.pipeline import AskConfig, Pipeline
 from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
 from retrieval.errors import InputError
 from retrieval.index import IndexConfig, build_index
+from retrieval.reranker_tuning import RerankerTuneConfig, tune_reranker
 from retrieval.retriever import Retriever
 from tuning.dpo import DPOTuneConfig, tune_dpo
 from tuning.judge import JudgeTuneConfig, tune_judge
@@ -145,13 +146,15 @@ def search_cmd(
                                  '"text"}]}.'),
     mode: Optional[str] = typer.Option(None, "--mode", help="dense, lexical (BM25) or hybrid (both, fused); "
                                        "default: the index's (its manifest's 'search.mode')."),
+    rerank: Optional[Path] = typer.Option(None, "--rerank", help="Reranker dir (hybrid tune reranker): re-score "
+                                          "the first stage's top N with it."),
 ):
     """Search an index (access control applied)."""
     if k < 1:
         raise InputError(f"-k must be a positive integer, got {k}")
     if not query.strip():
         raise InputError("QUERY is empty; pass the words to search for")
-    hits = Retriever.load(index).search(query, k=k, groups=group, mode=mode)
+    hits = Retriever.load(index, reranker=rerank).search(query, k=k, groups=group, mode=mode)
     if as_json:
         typer.echo(json.dumps({"hits": [h.to_dict() for h in hits]}, ensure_ascii=False))
         return
@@ -184,6 +187,22 @@ def tune_embedder_cmd(cfg: EmbedderTuneConfig, as_json: bool = AS_JSON):
                f"{res['seconds']}s; tuned model saved to {cfg.out}\n")
     typer.echo(markdown_table({"base": res["base"], "tuned": res["tuned"]}))
     typer.echo(f"rebuild the index with it: hybrid index CORPUS_DIR --out INDEX_DIR --embedder {cfg.out}")
+
+
+@tune_app.command("reranker")
+@cli_errors
+@from_config(RerankerTuneConfig)
+def tune_reranker_cmd(cfg: RerankerTuneConfig, as_json: bool = AS_JSON):
+    """Train a cross-encoder that re-scores the first stage's top N (hard negatives mined from the index)."""
+    res = tune_reranker(cfg, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"\n{res['train_queries']} training questions ({res['pairs_source']}, {res['train_negatives']} hard "
+               f"negatives), {res['test_queries']} held-out, {res['seconds']}s; reranker saved to {cfg.out}\n")
+    typer.echo(markdown_table({f"{res['mode']} (first stage)": res["first_stage"],
+                               f"{res['mode']} + reranker (top {res['candidates']})": res["reranked"]}))
+    typer.echo(f"use it: hybrid search QUERY --index {cfg.index} --rerank {cfg.out}")
 
 
 @tune_app.command("generator")
@@ -241,7 +260,7 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
     """Retrieve, answer from the passages, and verify every quote against them."""
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support, judge=cfg.judge,
-                         groups=cfg.groups, gate_threshold=cfg.gate_threshold, mode=cfg.mode)
+                         groups=cfg.groups, gate_threshold=cfg.gate_threshold, mode=cfg.mode, rerank=cfg.rerank)
     streamed = []
     if as_json or cfg.select:
         res = pipe.ask(cfg.question, groups=cfg.groups, adapter=cfg.answering_adapter, select=cfg.select or None)
@@ -270,7 +289,7 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
 def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout.")):
     """Factuality benchmark: accuracy, abstention and hallucination rate per configuration, with 95 % CIs."""
     if cfg.only == "retrieval":
-        report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups, mode=cfg.mode)
+        report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups, mode=cfg.mode, rerank=cfg.rerank)
         if cfg.out:
             write_report(report, cfg.out)
         typer.echo(json.dumps(report) if as_json else markdown_table(report["configs"]))

@@ -71,6 +71,8 @@ class EvalConfig:
     k: int = field(default=5, metadata={"flag": "-k", "help": "Passages retrieved per question."})
     mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
         "help": "Retrieval: dense, lexical (BM25) or hybrid (both, fused).", "default_help": "the index's"})
+    rerank: str | None = field(default=None, metadata={
+        "help": "Reranker dir (hybrid tune reranker): re-score the first stage's top N with it."})
     groups: list[str] = field(default_factory=list, metadata={
         "flag": "--group", "help": "Access group of the caller (repeatable). Without it: public documents only."})
     batch_size: int = field(default=4, metadata={"help": "Questions generated together (greedy, left-padded)."})
@@ -192,7 +194,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     judge_fp = judge_fingerprint(cfg.judge)
     rejudge = judge is not None and (bool(todo) or any(p.get("judge") != judge_fp for p in done.values()))
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
-                         max_new_tokens=cfg.max_new_tokens, groups=cfg.groups, calibrated=False, mode=cfg.mode) \
+                         max_new_tokens=cfg.max_new_tokens, groups=cfg.groups, calibrated=False, mode=cfg.mode,
+                         rerank=cfg.rerank) \
         if todo or unscored or not done else None
     contexts = row_contexts(rows, cfg, pipe) if todo or rejudge or unscored else {}  # a finished run needs no retrieval
 
@@ -324,7 +327,7 @@ def row_contexts(rows: list[QARow], cfg: EvalConfig, pipe) -> dict[str, list[dic
     out = {r.id: [{"doc_id": str(p.get("id", "")), **p} for p in r.passages] for r in rows if r.passages is not None}
     need = [r for r in rows if r.passages is None]
     if need:
-        retriever = pipe.retriever if pipe is not None else Retriever.load(cfg.index)
+        retriever = pipe.retriever if pipe is not None else Retriever.load(cfg.index, reranker=cfg.rerank)
         out.update(zip([r.id for r in need], passages_for(retriever, [r.question for r in need], cfg.k, cfg.groups,
                                                                  cfg.mode)))
     return out

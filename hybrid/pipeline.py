@@ -85,6 +85,8 @@ class AskConfig:
     k: int = field(default=5, metadata={"flag": "-k", "help": "Passages to retrieve."})
     mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
         "help": "Retrieval: dense, lexical (BM25) or hybrid (both, fused).", "default_help": "the index's"})
+    rerank: str | None = field(default=None, metadata={
+        "help": "Reranker dir (hybrid tune reranker): re-score the first stage's top N with it."})
     max_new_tokens: int = field(default=96, metadata={"help": "Generation budget."})
     require_support: bool = field(default=False, metadata={
         "help": "Abstain when no quote verifies and the answer is not in the passages (nothing is streamed: the "
@@ -203,7 +205,7 @@ class Pipeline:
              base_model: str | None = None, k: int = 5, max_new_tokens: int = 96,
              require_support: bool = False, device: str | None = None, judge: str | Path | None = None,
              groups=None, gate_threshold: float | None = None, calibrated: bool = True,
-             mode: str | None = None) -> "Pipeline":
+             mode: str | None = None, rerank: str | Path | None = None) -> "Pipeline":
         """Load retriever, base generator and adapters.
 
         Args:
@@ -223,6 +225,7 @@ class Pipeline:
             calibrated: abstain where a calibrated adapter's own abstention score reaches its
                 threshold (`hybrid tune calibrate`); False serves the greedy answers as they are.
             mode: retrieval mode, dense | lexical | hybrid (None = the index's default).
+            rerank: reranker dir (`hybrid tune reranker`) applied to every retrieval.
 
         Raises:
             InputError: missing adapter, an adapter trained on another base model, or an
@@ -245,7 +248,9 @@ class Pipeline:
             base_scope = access.scope(base_model)
         if base_model is None and records:
             base_model = next(iter(records.values()))["base_model"]["name"]
-        retriever = Retriever.load(index_dir) if index_dir else None
+        if rerank is not None and not index_dir:
+            raise InputError("--rerank needs --index: it re-orders retrieved passages")
+        retriever = Retriever.load(index_dir, reranker=rerank) if index_dir else None
         model, tok, info = load_generator(base_model, device=device)
         for name, rec in records.items():
             if rec["base_model"]["fingerprint"] != info.fingerprint:

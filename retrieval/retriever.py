@@ -77,6 +77,7 @@ class Retriever:
         # How to search unless a call says otherwise; an index built before lexical search is dense only.
         self.search_settings = manifest.get("search") or {"mode": "dense"}
         self.lexical = "lexical" in manifest and lexical.present(con)
+        self.reranker = None  # set by load(..., reranker=DIR)
         # A tuned embedder may hold text of restricted chunks (access.py): searching with it is
         # then only for callers holding its groups. Packaged and plain models are public.
         edir = Path(embedder.path)
@@ -87,7 +88,8 @@ class Retriever:
                              f"unknown; retune it with this version of hybrid ('hybrid tune embedder')")
 
     @classmethod
-    def load(cls, index_dir: str | Path, embedder: Embedder | str | None = None) -> "Retriever":
+    def load(cls, index_dir: str | Path, embedder: Embedder | str | None = None,
+             reranker: str | Path | None = None) -> "Retriever":
         """Open and verify an index.
 
         Everything is read from one snapshot of the directory (IndexSnapshot), so a build that
@@ -96,19 +98,33 @@ class Retriever:
         Args:
             index_dir: directory written by `build_index`.
             embedder: a loaded Embedder or a spec; default: the one named in the manifest.
+            reranker: a directory from `hybrid tune reranker`; searches then re-score the first
+                stage's top N with it (retrieval/reranker.py).
 
         Raises:
-            InputError: missing/corrupted index, or an embedder whose fingerprint differs.
+            InputError: missing/corrupted index, an embedder whose fingerprint differs, or a
+                reranker that is not one or was trained on another corpus's groups.
         """
         index_dir = Path(index_dir)
         for attempt in range(_LOAD_ATTEMPTS):
             try:
                 with IndexSnapshot(index_dir) as snap:
-                    return cls._from_snapshot(snap, embedder)
+                    r = cls._from_snapshot(snap, embedder)
+                break
             except IndexMoved:
                 time.sleep(0.005 * attempt)
-        raise InputError(f"--index {index_dir}: kept changing while being opened (a build is replacing it); "
-                         f"try again")
+        else:
+            raise InputError(f"--index {index_dir}: kept changing while being opened (a build is replacing it); "
+                             f"try again")
+        if reranker is not None:
+            from retrieval.reranker import Reranker
+
+            try:
+                r.reranker = Reranker.load(reranker, index_groups=r.index_groups())
+            except BaseException:
+                r.con.close()
+                raise
+        return r
 
     @classmethod
     def _from_snapshot(cls, snap: IndexSnapshot, embedder: Embedder | str | None) -> "Retriever":
@@ -149,6 +165,10 @@ class Retriever:
 
     def __len__(self) -> int:
         return self.index.ntotal
+
+    def index_groups(self) -> set[str]:
+        """Every access group some chunk of the index is restricted to (for the owner's training jobs)."""
+        return {g for gs in self._groups for g in gs}
 
     def _allowed(self, groups) -> np.ndarray | None:
         """Row ids visible to a caller with `groups`; None when every row is visible."""
@@ -223,14 +243,14 @@ class Retriever:
         return [Hit(doc_id=found[r][0], chunk_id=found[r][1], score=s, title=found[r][2] or "", text=found[r][3],
                     source=found[r][4] or "", groups=self._groups[r]) for s, r in scored]
 
-    def search(self, query: str, k: int = 5, groups=None, mode: str | None = None) -> list[Hit]:
+    def search(self, query: str, k: int = 5, groups=None, mode: str | None = None, rerank: bool = True) -> list[Hit]:
         """Top-k visible chunks for one query (see `search_batch`)."""
         if not isinstance(query, str):
             raise InputError(f"the query must be a string, got {type(query).__name__}")
-        return self.search_batch([query], k=k, groups=groups, mode=mode)[0]
+        return self.search_batch([query], k=k, groups=groups, mode=mode, rerank=rerank)[0]
 
     def search_batch(self, queries: list[str], k: int = 5, groups=None, batch_size: int = 64,
-                     mode: str | None = None) -> list[list[Hit]]:
+                     mode: str | None = None, rerank: bool = True) -> list[list[Hit]]:
         """Top-k visible chunks for many queries.
 
         Args:
@@ -240,6 +260,8 @@ class Retriever:
             batch_size: embedding batch size.
             mode: "dense" (embeddings), "lexical" (BM25, FTS5) or "hybrid" (the two fused as the
                 manifest's `search` section says); None = the index's default mode.
+            rerank: with a reranker loaded (`Retriever.load(..., reranker=DIR)`), re-score the
+                first stage's top `reranker.candidates` and keep the best k; False = first stage only.
 
         Returns:
             n lists of Hit, best first.
@@ -262,6 +284,13 @@ class Retriever:
             raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
         if not queries:
             return []
+        if self.reranker is None or not rerank:
+            return self._first_stage(queries, k, groups, batch_size, mode)
+        access.require(self.reranker.scope, groups, f"--rerank {self.reranker.path}")  # before any text is read
+        hits = self._first_stage(queries, max(k, self.reranker.candidates), groups, batch_size, mode)
+        return self.reranker.rerank_batch(queries, hits, k, groups=groups)
+
+    def _first_stage(self, queries: list[str], k: int, groups, batch_size: int, mode: str) -> list[list[Hit]]:
         if mode == "lexical":
             return [self._hits(self._lexical_rows(q, k, groups)[:k]) for q in queries]
         if mode == "dense":
