@@ -53,6 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", action="append", required=True, help="NAME=INDEX:TEST_QA:RERANKER_DIR")
     ap.add_argument("--latency-queries", type=int, default=100)
+    ap.add_argument("--quality-limit", type=int, default=0, help="Score only the first N test questions (0 = all); "
+                    "a reranker's own held-out table (hybrid_reranker.json) may already hold the full set.")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     report = {"sets": {}}
@@ -61,6 +63,7 @@ def main() -> None:
         index, test_qa, reranker = rest.split(":")
         r = Retriever.load(index, reranker=reranker)
         test = [x for x in load_qa(test_qa) if x.gold_ids]
+        test = test[: args.quality_limit] if args.quality_limit else test
         qs, golds = [x.question for x in test], [set(x.gold_ids) for x in test]
         results, latency = {}, {}
         for row, (mode, rerank) in ROWS.items():

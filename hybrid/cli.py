@@ -202,6 +202,11 @@ def tune_reranker_cmd(cfg: RerankerTuneConfig, as_json: bool = AS_JSON):
                f"negatives), {res['test_queries']} held-out, {res['seconds']}s; reranker saved to {cfg.out}\n")
     typer.echo(markdown_table({f"{res['mode']} (first stage)": res["first_stage"],
                                f"{res['mode']} + reranker (top {res['candidates']})": res["reranked"]}))
+    if res["worse_than_first_stage"]:
+        typer.echo("warning: the reranker orders the held-out questions worse than the first stage alone (MRR@10 "
+                   f"{res['reranked']['mrr@10']:.3f} < {res['first_stage']['mrr@10']:.3f}); do not use it: train "
+                   f"longer (--epochs, --max-steps) or on more questions", err=True)
+        return
     typer.echo(f"use it: hybrid search QUERY --index {cfg.index} --rerank {cfg.out}")
 
 

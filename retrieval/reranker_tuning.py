@@ -185,6 +185,8 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
         **info,
         "first_stage": retrieval_metrics([[h.doc_id for h in hs] for hs in first], test_g),
         "reranked": retrieval_metrics([[h.doc_id for h in hs] for hs in reranked], test_g),
+        # a reranker that orders held-out questions worse than the first stage should not be used
+        "worse_than_first_stage": _mrr(reranked, test_g) < _mrr(first, test_g),
         "pairs_source": "qa" if cfg.qa else "inverse_cloze",
         "train_queries": len(pairs),
         "train_rows": len(rows),
@@ -208,3 +210,7 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
         write_jsonl(stage / "train_rows.jsonl", rows)
         write_text_atomic(stage / RERANKER_FILE, json.dumps(result, indent=2))
     return result
+
+
+def _mrr(hits, golds) -> float:
+    return retrieval_metrics([[h.doc_id for h in hs] for hs in hits], golds)["mrr@10"]

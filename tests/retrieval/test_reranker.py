@@ -46,6 +46,7 @@ def test_training_changes_weights_saves_a_reranker_and_reports_before_after(setu
         assert res[side]["n"] == res["test_queries"] > 0
         assert {"recall@1", "recall@5", "mrr@10", "ndcg@10"} <= set(res[side])
     assert res["train_steps"] == 4 and res["candidates"] == 6
+    assert res["worse_than_first_stage"] == (res["reranked"]["mrr@10"] < res["first_stage"]["mrr@10"])
     saved = json.loads((out / "hybrid_reranker.json").read_text())
     assert saved["reranked"] == res["reranked"]
     assert json.loads((out / "hybrid_access.json").read_text()) == {"scope": "public"}
@@ -150,6 +151,9 @@ def test_cli_tune_reranker_then_search_and_eval_with_it(setup, tmp_path):
                               "--batch-size", "4", "--max-steps", "2"])
     assert res.exit_code == 0, res.output
     assert "+ reranker (top 5)" in res.output and "inverse_cloze" in res.output
+    saved = json.loads((out / "hybrid_reranker.json").read_text())
+    assert ("do not use it" in res.output) == saved["worse_than_first_stage"]
+    assert ("use it: hybrid search" in res.output) != saved["worse_than_first_stage"]
     assert Reranker.load(out).candidates == 5
     res = runner.invoke(app, ["search", "What colour is part 3?", "--index", str(setup["index"]), "--rerank", str(out),
                               "-k", "2", "--json"])
