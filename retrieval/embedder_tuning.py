@@ -64,12 +64,8 @@ class EmbedderTuneConfig:
         learning_rate=5e-5, batch_size=32, epochs=2, max_length=256), metadata={"help": "training settings"})
 
     def problems(self) -> list[str]:
-        out = self.train.problems()
-        if self.eval_qa and not self.qa:
-            out.append("--eval-qa needs --qa (inverse-cloze pairs are split by document)")
-        if not 0 < self.test_fraction < 1:
-            out.append("--test-fraction must be between 0 and 1")
-        for name in ("num_negatives", "mine_range", "ict_queries_per_chunk"):
+        out = self.train.problems() + pair_problems(self)
+        for name in ("num_negatives", "mine_range"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.train.batch_size < 2:
@@ -79,6 +75,19 @@ class EmbedderTuneConfig:
         if self.mine_range <= self.num_negatives:
             out.append("--mine-range must be larger than --num-negatives")
         return out
+
+
+def pair_problems(cfg) -> list[str]:
+    """Checks of the fields `qa_pairs` and `ict_pairs` read (qa, eval_qa, test_fraction,
+    ict_queries_per_chunk), for every config that takes its pairs from them."""
+    out = []
+    if cfg.eval_qa and not cfg.qa:
+        out.append("--eval-qa needs --qa (inverse-cloze pairs are split by document)")
+    if not 0 < cfg.test_fraction < 1:
+        out.append("--test-fraction must be between 0 and 1")
+    if cfg.ict_queries_per_chunk < 1:
+        out.append("--ict-queries-per-chunk must be >= 1")
+    return out
 
 
 def qa_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):

@@ -28,7 +28,7 @@ from retrieval import access
 from retrieval.atomic import staged_dir, write_text_atomic
 from retrieval.chunking import embed_text
 from retrieval.embedder import resolve_embedder
-from retrieval.embedder_tuning import ict_pairs, qa_pairs
+from retrieval.embedder_tuning import ict_pairs, pair_problems, qa_pairs
 from retrieval.errors import InputError
 from retrieval.jsonl import write_jsonl
 from retrieval.metrics import retrieval_metrics
@@ -67,13 +67,8 @@ class RerankerTuneConfig:
         learning_rate=3e-5, batch_size=16, epochs=1, max_length=256), metadata={"help": "training settings"})
 
     def problems(self) -> list[str]:
-        out = self.train.problems()
-        if self.eval_qa and not self.qa:
-            out.append("--eval-qa needs --qa (inverse-cloze pairs are split by document)")
-        if not 0 < self.test_fraction < 1:
-            out.append("--test-fraction must be between 0 and 1")
-        out += literal_problems(self)
-        for name in ("candidates", "num_negatives", "ict_queries_per_chunk"):
+        out = self.train.problems() + pair_problems(self) + literal_problems(self)
+        for name in ("candidates", "num_negatives"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.candidates <= self.num_negatives:
