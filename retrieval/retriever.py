@@ -261,7 +261,8 @@ class Retriever:
             mode: "dense" (embeddings), "lexical" (BM25, FTS5) or "hybrid" (the two fused as the
                 manifest's `search` section says); None = the index's default mode.
             rerank: with a reranker loaded (`Retriever.load(..., reranker=DIR)`), re-score the
-                first stage's top `reranker.candidates` and keep the best k; False = first stage only.
+                first stage's top `reranker.candidates` and keep the best k (beyond those, hits
+                follow in the first stage's order with its scores); False = first stage only.
 
         Returns:
             n lists of Hit, best first.
@@ -287,8 +288,11 @@ class Retriever:
         if self.reranker is None or not rerank:
             return self._first_stage(queries, k, groups, batch_size, mode)
         access.require(self.reranker.scope, groups, f"--rerank {self.reranker.path}")  # before any text is read
-        hits = self._first_stage(queries, max(k, self.reranker.candidates), groups, batch_size, mode)
-        return self.reranker.rerank_batch(queries, hits, k, groups=groups)
+        n = self.reranker.candidates
+        hits = self._first_stage(queries, max(k, n), groups, batch_size, mode)
+        top = self.reranker.rerank_batch(queries, [h[:n] for h in hits], k, groups=groups)
+        # asked for more than the reranker re-scores: the rest follow in the first stage's order
+        return [(t + h[n:])[:k] for t, h in zip(top, hits)]
 
     def _first_stage(self, queries: list[str], k: int, groups, batch_size: int, mode: str) -> list[list[Hit]]:
         if mode == "lexical":

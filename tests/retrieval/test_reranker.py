@@ -94,6 +94,11 @@ def test_reranker_reorders_the_first_stage_top_n(setup):
         [h.chunk_id for h in first[:3]]
     # it re-scored the reranker's N candidates (6 of the 9 public chunks), not only k
     assert len(r.reranker.model.seen) == 6
+    # k above N: the top N reranked, then the first stage's order
+    deep = r.search("How heavy is part 5?", k=8, mode="lexical")
+    plain8 = plain.search("How heavy is part 5?", k=8, mode="lexical")
+    assert deep[0].chunk_id == target.chunk_id and [h.chunk_id for h in deep[6:]] == [h.chunk_id for h in plain8[6:]]
+    assert len(r.reranker.model.seen) == 12
 
 
 @pytest.mark.parametrize("k", [1, 3, 6, 12])

@@ -1,0 +1,53 @@
+"""What retrieval recall buys downstream: `hybrid eval` reports with retrieved passages, one per mode, side by side.
+
+    .venv/bin/python benchmarks/downstream_retrieval.py OUT.json \
+        dense=benchmarks/out/factuality/retrieved_dense hybrid=benchmarks/out/factuality/retrieved_hybrid ...
+
+Reads each REPORT_DIR's predictions.jsonl (config `rag`), pairs the runs by question id: the share
+of questions whose gold document was among the retrieved passages, accuracy, hallucination and
+abstention with 95 % bootstrap intervals, accuracy split by whether the gold document was
+retrieved, and McNemar's exact test on accuracy against the first run.
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hybrid.statistics import bootstrap_ci, mcnemar_exact  # noqa: E402
+
+runs = dict(a.split("=", 1) for a in sys.argv[2:])
+preds = {}
+for name, d in runs.items():
+    try:
+        rows = [json.loads(line) for line in open(f"{d}/predictions.jsonl")]
+    except FileNotFoundError:
+        continue
+    preds[name] = {r["id"]: r for r in rows if r["config"] == "rag"}
+out = {}
+print("| retrieval | gold passage retrieved (top 4) | accuracy [95 % CI] | hallucination [95 % CI] | abstention |")
+print("|---|---:|---:|---:|---:|")
+for name, p in preds.items():
+    ids = sorted(p)
+    hit = [int(any(g in p[i]["retrieved_doc_ids"] for g in p[i]["gold_ids"])) for i in ids]
+    acc = [int(p[i]["label"] == "correct") for i in ids]
+    hal = [int(p[i]["label"] == "hallucinated") for i in ids]
+    ab = [int(p[i]["label"] == "abstained") for i in ids]
+    ca, ch = bootstrap_ci(acc), bootstrap_ci(hal)
+    out[name] = {"n": len(ids), "gold_in_top4": sum(hit) / len(ids), "accuracy": sum(acc) / len(ids), "accuracy_ci": ca,
+                 "hallucination": sum(hal) / len(ids), "hallucination_ci": ch, "abstention": sum(ab) / len(ids),
+                 "accuracy_when_gold_retrieved": sum(a for a, h in zip(acc, hit) if h) / max(1, sum(hit)),
+                 "accuracy_when_gold_missed": sum(a for a, h in zip(acc, hit) if not h) / max(1, len(ids) - sum(hit))}
+    print(f"| {name} | {sum(hit)/len(ids):.2f} | {sum(acc)/len(ids):.2f} [{ca[0]:.2f}, {ca[1]:.2f}] | {sum(hal)/len(ids):.2f} [{ch[0]:.2f}, {ch[1]:.2f}] | {sum(ab)/len(ids):.2f} |")
+first = next(iter(preds))
+base = preds[first]
+for name, p in preds.items():
+    if name == first:
+        continue
+    ids = sorted(set(p) & set(base))
+    m = mcnemar_exact([int(base[i]["label"] == "correct") for i in ids], [int(p[i]["label"] == "correct") for i in ids])
+    out[f"{name} vs {first} accuracy"] = m
+    print(f"{name} vs {first}, accuracy: {m}")
+for name, o in out.items():
+    if "accuracy_when_gold_retrieved" in o:
+        print(name, "acc | gold retrieved", round(o["accuracy_when_gold_retrieved"], 3), "acc | gold missed", round(o["accuracy_when_gold_missed"], 3))
+Path(sys.argv[1]).write_text(json.dumps(out, indent=2))
