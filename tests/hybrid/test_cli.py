@@ -11,6 +11,7 @@ from hybrid.factuality import EvalConfig
 from hybrid.pipeline import AskConfig
 from retrieval.embedder_tuning import EmbedderTuneConfig
 from retrieval.index import IndexConfig
+from retrieval.reranker_tuning import RerankerTuneConfig
 from tests.conftest import write_doc
 from tuning.dpo import DPOTuneConfig
 from tuning.judge import JudgeTuneConfig
@@ -116,8 +117,8 @@ def test_help_explains_every_option():
     import typer.main
 
     group = typer.main.get_command(app)
-    commands = [["index"], ["search"], ["tune", "embedder"], ["tune", "generator"], ["tune", "dpo"],
-                ["tune", "judge"], ["tune", "calibrate"], ["ask"], ["eval"]]
+    commands = [["index"], ["search"], ["synth"], ["tune", "embedder"], ["tune", "reranker"], ["tune", "generator"],
+                ["tune", "dpo"], ["tune", "judge"], ["tune", "calibrate"], ["ask"], ["eval"]]
     for path in commands:
         cmd = group
         for name in path:
@@ -215,6 +216,7 @@ def test_every_config_field_is_a_flag_with_its_real_default():
     group = typer.main.get_command(app)
     for path, cls in [(["index"], IndexConfig), (["tune", "generator"], GeneratorTuneConfig),
                       (["tune", "dpo"], DPOTuneConfig), (["tune", "embedder"], EmbedderTuneConfig),
+                      (["tune", "reranker"], RerankerTuneConfig),
                       (["tune", "judge"], JudgeTuneConfig), (["tune", "calibrate"], CalibrateConfig),
                       (["ask"], AskConfig), (["eval"], EvalConfig)]:
         cmd = group
