@@ -18,6 +18,7 @@ trained on another corpus and is refused.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from retrieval import access
@@ -80,8 +81,6 @@ class Reranker:
         each query has few candidates.
         """
         access.require(self.scope, groups, f"--rerank {self.path}")
-        from dataclasses import replace
-
         pairs = [(q, embed_text(h.title, h.text)) for q, hits in zip(queries, hit_lists) for h in hits]
         if not pairs:
             return [[] for _ in queries]

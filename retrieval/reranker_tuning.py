@@ -128,7 +128,10 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
     if unknown := sorted(set(cfg.train.groups) - index_groups):
         raise InputError(f"--group {' --group '.join(unknown)}: index {cfg.index} has no documents of it; name only "
                          f"groups of this corpus")
-    base_name, base_path = resolve_embedder(cfg.base)
+    try:
+        base_name, base_path = resolve_embedder(cfg.base)
+    except InputError as exc:  # its message names --embedder; here the flag is --base
+        raise InputError(str(exc).replace("--embedder", "--base", 1)) from None
     if (base_path / access.ACCESS_FILE).exists():  # a tuned embedder as the body brings its scope along
         access.check(base_path, cfg.train.groups, f"--base {cfg.base}")
 

@@ -138,6 +138,9 @@ def test_bad_input(setup, tmp_path):
     with pytest.raises(InputError, match="--group finance: index .* has no documents"):
         tune_reranker(config(RerankerTuneConfig, index=str(setup["index"]), out=str(tmp_path / "x"),
                              base=str(setup["base"]), groups=["finance"]), progress=False)
+    with pytest.raises(InputError, match="--base nowhere: not a local"):
+        tune_reranker(config(RerankerTuneConfig, index=str(setup["index"]), out=str(tmp_path / "x"), base="nowhere"),
+                      progress=False)
     with pytest.raises(InputError, match="--mode"):
         tune_reranker(config(RerankerTuneConfig, index=str(setup["index"]), out=str(tmp_path / "x"), mode="fuzzy"),
                       progress=False)
