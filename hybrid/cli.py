@@ -27,6 +27,7 @@ from hybrid.config import from_config
 from hybrid.evaluation import evaluate_retrieval, markdown_table, write_report
 from hybrid.factuality import EvalConfig, markdown, run_eval
 from hybrid.pipeline import AskConfig, Pipeline
+from hybrid.serve import ServeConfig
 from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
 from retrieval.errors import InputError
 from retrieval.index import IndexConfig, build_index
@@ -307,6 +308,16 @@ def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help
         if cfg.out:
             out = cfg.out
             typer.echo(f"report: {out}/report.json, {out}/report.md, {out}/chart.png, {out}/predictions.jsonl")
+
+
+@app.command("serve")
+@cli_errors
+@from_config(ServeConfig)
+def serve_cmd(cfg: ServeConfig):
+    """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/search; API keys map to access groups."""
+    from hybrid.serve import run
+
+    run(cfg, log=lambda m: typer.echo(m, err=True))
 
 
 def main() -> None:  # console-script entry point

@@ -37,7 +37,7 @@ from retrieval.errors import InputError
 from retrieval.retriever import MODES, Retriever
 from tuning import abstention, run_record
 from tuning.abstention import calibration_abstains, load_calibration
-from tuning.generator import generate_batch, load_generator
+from tuning.generator import generate_batch, generation_kwargs, load_generator
 from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.prompting import ABSTAIN, build_messages, parse_answer, quote_in
 
@@ -135,12 +135,38 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
     return adapters
 
 
+def adapter_record(name: str, path: str | Path, groups) -> dict:
+    """The run record of an adapter the caller (`groups`) may load; one-line InputError otherwise."""
+    label = f"--adapter {name}={path}"
+    rec = run_record.read(path, label)
+    if not (Path(path) / "adapter_config.json").exists():
+        raise InputError(f"{label}: not a LoRA adapter (no adapter_config.json); pass a "
+                         f"directory made by 'hybrid tune generator' or 'hybrid tune dpo'")
+    access.check(path, groups, label)
+    return rec
+
+
+def check_base(name: str, path, rec: dict, info) -> None:
+    """Refuse an adapter trained on another base model than the loaded one (`info`).
+
+    A remote engine's base (no local weights: `info.fingerprint` is empty) is known by name only.
+    """
+    base = rec["base_model"]
+    same = base["fingerprint"] == info.fingerprint if info.fingerprint else base["name"] == info.name
+    if not same:
+        raise InputError(f"--adapter {name}={path}: trained on base model {base['name']} "
+                         f"(fingerprint {base['fingerprint'][:12]}), not on {info.name} "
+                         f"({info.fingerprint[:12] or 'remote'}); pass --base-model {base['name']} or retrain")
+
+
 def verify(parsed, passages: list[dict]) -> list[dict]:
-    """Each quote with the document it was found in (verbatim, whitespace/case aside), or unverified."""
+    """Each quote with the document and chunk it was found in (verbatim, whitespace/case aside), or unverified."""
     cites = []
     for q in parsed.quotes:
-        doc = next((p.get("doc_id") or str(p.get("id", "")) for p in passages if quote_in(q, p["text"])), None)
-        cites.append({"doc_id": doc, "quote": q, "verified": doc is not None})
+        p = next((p for p in passages if quote_in(q, p["text"])), None)
+        doc = None if p is None else p.get("doc_id") or str(p.get("id", ""))
+        cites.append({"doc_id": doc, "chunk_id": None if p is None else p.get("chunk_id"), "quote": q,
+                      "verified": p is not None})
     return cites
 
 
@@ -186,8 +212,9 @@ class Pipeline:
                  k: int = 5, max_new_tokens: int = 96, require_support: bool = False, judge=None,
                  groups=None, scopes: dict[str, list[str]] | None = None, base_scope: list[str] | None = None,
                  gate_threshold: float | None = None, thresholds: dict[str, float | None] | None = None,
-                 calibrated: bool = True, aurocs: dict[str, float] | None = None):
+                 calibrated: bool = True, aurocs: dict[str, float] | None = None, remote=None):
         self.retriever, self.model, self.tok, self.info = retriever, model, tokenizer, info
+        self.remote = remote  # an OpenAI-compatible engine that generates instead of `model` (hybrid/serve_engine.py)
         self.adapters = adapters
         self.groups = access.training_groups(groups)  # the caller's groups given at load
         self.scopes = scopes or {}  # adapter name -> its access scope ([] = public)
@@ -234,13 +261,7 @@ class Pipeline:
         if isinstance(adapters, (str, Path)):
             adapters = {"default": str(adapters)}
         adapters = dict(adapters or {})
-        records = {}
-        for name, path in adapters.items():
-            records[name] = run_record.read(path, f"--adapter {name}={path}")
-            if not (Path(path) / "adapter_config.json").exists():
-                raise InputError(f"--adapter {name}={path}: not a LoRA adapter (no adapter_config.json); pass a "
-                                 f"directory made by 'hybrid tune generator' or 'hybrid tune dpo'")
-            access.check(path, groups, f"--adapter {name}={path}")
+        records = {name: adapter_record(name, path, groups) for name, path in adapters.items()}  # fail before loading
         base_scope = []
         if base_model is not None and (run_record.exists(base_model) or
                                        (Path(base_model) / access.ACCESS_FILE).exists()):
@@ -250,34 +271,55 @@ class Pipeline:
             base_model = next(iter(records.values()))["base_model"]["name"]
         if rerank is not None and not index_dir:
             raise InputError("--rerank needs --index: it re-orders retrieved passages")
+        if mode is not None and mode not in MODES:  # before the first question, not at it
+            raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
         retriever = Retriever.load(index_dir, reranker=rerank) if index_dir else None
         model, tok, info = load_generator(base_model, device=device)
         for name, rec in records.items():
-            if rec["base_model"]["fingerprint"] != info.fingerprint:
-                raise InputError(f"--adapter {name}={adapters[name]}: trained on base model {rec['base_model']['name']} "
-                                 f"(fingerprint {rec['base_model']['fingerprint'][:12]}), not on {info.name} "
-                                 f"({info.fingerprint[:12]}); pass --base-model {rec['base_model']['name']} or retrain")
-        if adapters:
-            from peft import PeftModel
-
-            names = list(adapters)
-            model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-            for name in names[1:]:
-                model.load_adapter(adapters[name], adapter_name=name)
-        model.eval()
-        cals = {n: load_calibration(p) for n, p in adapters.items()} if calibrated else {}
+            check_base(name, adapters[name], rec, info)
         if judge is not None:
             judge = Judge.load(judge, groups=groups, gate=True)
-        if mode is not None and mode not in MODES:  # before the first question, not at it
-            raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-        pipe = cls(retriever, model, tok, info, list(adapters), k=k, max_new_tokens=max_new_tokens,
-                   require_support=require_support, judge=judge, groups=groups,
-                   scopes={n: access.scope(p) for n, p in adapters.items()}, base_scope=base_scope,
-                   gate_threshold=gate_threshold, calibrated=calibrated,
-                   thresholds={n: c and float(c["threshold"]) for n, c in cals.items()},
-                   aurocs={n: float(c.get("auroc") or 0.0) for n, c in cals.items() if c})
+        pipe = cls(retriever, model, tok, info, [], k=k, max_new_tokens=max_new_tokens,
+                   require_support=require_support, judge=judge, groups=groups, base_scope=base_scope,
+                   gate_threshold=gate_threshold, calibrated=calibrated)
+        for name, path in adapters.items():
+            pipe.add_adapter(name, path)
+        pipe.model.eval()
         pipe.mode = mode
         return pipe
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Put one more LoRA adapter on the loaded base, under `name` (the server loads them on first use).
+
+        Validated as at `load`: a run record on this base model, an access record within the groups
+        given to `load`. Its calibration, if any, comes with it.
+        """
+        rec = adapter_record(name, path, self.groups)
+        check_base(name, path, rec, self.info)
+        if self.model is not None:
+            from peft import PeftModel
+
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            self.model.eval()
+        self.adapters.append(name)
+        self.scopes[name] = access.scope(path)
+        cal = load_calibration(path) if self.calibrated and self.model is not None else None
+        self.thresholds[name] = cal and float(cal["threshold"])
+        if cal:
+            self.aurocs[name] = float(cal.get("auroc") or 0.0)
+
+    def remove_adapter(self, name: str) -> None:
+        """Take an adapter off the base (its weights are freed; the base is untouched)."""
+        if name not in self.adapters:
+            raise InputError(f"--adapter {name}: not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+        if self.model is not None:
+            self.model.delete_adapter(name)
+        self.adapters.remove(name)
+        for table in (self.scopes, self.thresholds, self.aurocs):
+            table.pop(name, None)
 
     def check_access(self, adapter: str | None, groups) -> None:
         """Refuse an adapter (or merged base) trained on groups the caller of this call lacks."""
@@ -298,19 +340,27 @@ class Pipeline:
         return contextlib.nullcontext()
 
     def generate(self, messages_batch: list[list[dict]], adapter: str | None = None,
-                 on_token: Callable[[str], None] | None = None) -> list[tuple[str, int]]:
-        """Greedy generation for a batch of chat prompts (left padding); returns (text, new tokens)."""
+                 on_token: Callable[[str], None] | None = None, max_new_tokens: int | None = None,
+                 temperature: float = 0.0, should_stop: Callable[[], bool] | None = None) -> list[tuple[str, int]]:
+        """Generation for a batch of chat prompts (left padding); returns (text, new tokens).
+
+        Greedy unless `temperature` > 0; `max_new_tokens` defaults to the pipeline's; `should_stop`
+        (checked after each token) ends generation early, e.g. when a streaming client has gone.
+        With a remote engine (`remote`), the prompts are sent to it under the adapter's name.
+        """
+        budget = max_new_tokens or self.max_new_tokens
+        if self.remote is not None:
+            return self.remote.generate(messages_batch, adapter or self.info.name, budget, temperature, on_token)
         if on_token is None or len(messages_batch) != 1:
             with self._active_adapter(adapter):
-                return generate_batch(self.model, self.tok, messages_batch, self.max_new_tokens)
+                return generate_batch(self.model, self.tok, messages_batch, budget, temperature, should_stop)
         import torch
         from transformers import TextIteratorStreamer
 
         self.tok.padding_side = "left"
         text = self.tok.apply_chat_template(messages_batch[0], add_generation_prompt=True, tokenize=False)
         enc = self.tok([text], return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id,
-                      eos_token_id=self.tok.eos_token_id)
+        kwargs = generation_kwargs(self.tok, budget, temperature, should_stop)
         with self._active_adapter(adapter), torch.inference_mode():
             streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
             worker = threading.Thread(target=self.model.generate, kwargs={**enc, **kwargs, "streamer": streamer})
@@ -324,7 +374,8 @@ class Pipeline:
         return [(text, len(self.tok(text, add_special_tokens=False)["input_ids"]))]
 
     def answer_batch(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None,
-                     on_token=None, groups=None) -> list[Answer]:
+                     on_token=None, groups=None, histories: list[list[dict]] | None = None,
+                     **decoding) -> list[Answer]:
         """Answer questions from given passages (dicts with text, title?, doc_id?/id?, chunk_id?, score?).
 
         What needs only the question and its passages is decided before generating: the judge gate
@@ -332,6 +383,8 @@ class Pipeline:
         either abstains is never generated, so `on_token` streams only answers that will be served.
         `require_support` needs the answer itself, so with it nothing is streamed.
         `groups`: the caller's access groups for this call (default: those given to `load`).
+        `histories`: per question, earlier chat turns for the prompt (the server's conversations).
+        `decoding`: `max_new_tokens`, `temperature`, `should_stop` for this call (see `generate`).
         """
         self.check_access(adapter, self.groups if groups is None else groups)
         t0 = time.perf_counter()
@@ -348,7 +401,8 @@ class Pipeline:
                                     gated=gated, calibrated_abstain=cal)
         todo = [i for i in range(n) if results[i] is None]
         generated = self._generated([questions[i] for i in todo], [passages_batch[i] for i in todo], adapter,
-                                    None if self.require_support else on_token, groups) if todo else []
+                                    None if self.require_support else on_token, groups,
+                                    [(histories or [None] * n)[i] for i in todo], **decoding) if todo else []
         for i, a in zip(todo, generated):
             results[i] = a
         live = [i for i in todo if not results[i].abstained]
@@ -408,12 +462,13 @@ class Pipeline:
         return chosen
 
     def _generated(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None, on_token,
-                   groups) -> list[Answer]:
+                   groups, histories=None, **decoding) -> list[Answer]:
         """Greedy answers as the model writes them: parsed, quotes verified, `require_support` applied."""
         self.check_access(adapter, self.groups if groups is None else groups)
         t0 = time.perf_counter()
-        msgs = [build_messages(q, ps) for q, ps in zip(questions, passages_batch)]
-        gens = self.generate(msgs, adapter=adapter, on_token=on_token)
+        histories = histories or [None] * len(questions)
+        msgs = [build_messages(q, ps, h) for q, ps, h in zip(questions, passages_batch, histories)]
+        gens = self.generate(msgs, adapter=adapter, on_token=on_token, **decoding)
         ms = (time.perf_counter() - t0) * 1000 / max(len(questions), 1)
         results = []
         for (raw, n_new), ps in zip(gens, passages_batch):

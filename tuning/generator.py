@@ -208,8 +208,12 @@ def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = 
     return model, tok, GeneratorInfo(name=name, path=str(path), fingerprint=fingerprint_dir(path))
 
 
-def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens: int) -> list[tuple[str, int]]:
-    """Greedy generation for a batch of chat prompts (left padding).
+def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
+                   should_stop=None) -> list[tuple[str, int]]:
+    """Generation for a batch of chat prompts (left padding): greedy, or sampled at `temperature` > 0.
+
+    `should_stop`: a no-argument callable checked after every token (e.g. all clients gone); True
+    ends generation there.
 
     Returns:
         (decoded completion, new tokens) per prompt, in order.
@@ -220,10 +224,28 @@ def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens:
     texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_batch]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
+        out = model.generate(**enc, **generation_kwargs(tok, max_new_tokens, temperature, should_stop))
     results = []
     for row in out[:, enc["input_ids"].shape[1]:]:
         n = int((row != tok.pad_token_id).sum())
         results.append((tok.decode(row, skip_special_tokens=True), n))
     return results
+
+
+def generation_kwargs(tok, max_new_tokens: int, temperature: float = 0.0, should_stop=None) -> dict:
+    """`model.generate` settings shared by batched and streamed generation."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
+
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  do_sample=temperature > 0)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
+    if should_stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
+    return kwargs

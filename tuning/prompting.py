@@ -36,10 +36,15 @@ def format_passages(passages: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
-def build_messages(question: str, passages: list[dict]) -> list[dict]:
-    """Chat messages (system + user) for a question and its passages (none = closed book)."""
+def build_messages(question: str, passages: list[dict], history: list[dict] | None = None) -> list[dict]:
+    """Chat messages (system + user) for a question and its passages (none = closed book).
+
+    `history`: earlier user/assistant turns of a conversation (the server's chat requests), kept
+    between the system prompt and the question; the documents go with the last question only.
+    """
     docs = format_passages(passages) if passages else "(no documents)"
-    return [{"role": "system", "content": SYSTEM},
+    turns = [{"role": m["role"], "content": m["content"]} for m in history or ()]
+    return [{"role": "system", "content": SYSTEM}, *turns,
             {"role": "user", "content": f"Documents:\n{docs}\n\nQuestion: {question.strip()}"}]
 
 

@@ -118,7 +118,7 @@ def test_help_explains_every_option():
 
     group = typer.main.get_command(app)
     commands = [["index"], ["search"], ["synth"], ["tune", "embedder"], ["tune", "reranker"], ["tune", "generator"],
-                ["tune", "dpo"], ["tune", "judge"], ["tune", "calibrate"], ["ask"], ["eval"]]
+                ["tune", "dpo"], ["tune", "judge"], ["tune", "calibrate"], ["ask"], ["eval"], ["serve"]]
     for path in commands:
         cmd = group
         for name in path:

@@ -65,8 +65,9 @@ def test_quotes_are_verified_against_the_given_passages():
     parsed = parse_answer("##Reason: ##begin_quote## the kestrel-7 battery lasts 14 months ##end_quote## "
                           "and ##begin_quote## it lasts forever ##end_quote## ##Answer: 14 months")
     cites = verify(parsed, passages)
-    assert cites == [{"doc_id": "spec", "quote": "the kestrel-7 battery lasts 14 months", "verified": True},
-                     {"doc_id": None, "quote": "it lasts forever", "verified": False}]
+    assert cites == [{"doc_id": "spec", "chunk_id": None, "quote": "the kestrel-7 battery lasts 14 months",
+                      "verified": True},
+                     {"doc_id": None, "chunk_id": None, "quote": "it lasts forever", "verified": False}]
     assert parsed.answer == "14 months" and not parsed.abstained
 
 

@@ -1,0 +1,440 @@
+"""`hybrid serve`: an OpenAI-compatible server (FastAPI + uvicorn) over the index, the base model and its adapters.
+
+    hybrid serve --index runs/index --adapter raft=runs/raft --keys keys.yaml --port 8000
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)
+    r = client.chat.completions.create(model="raft", messages=[{"role": "user", "content": "How long ...?"}])
+    r.choices[0].message.content, r.model_extra["hybrid"]["citations"]
+
+Routes: GET /health, GET /metrics (Prometheus text), GET /v1/models, POST /v1/chat/completions
+(stream or not), POST /v1/search. Every completion carries hybrid's extension object `hybrid`:
+answer, abstained, citations (doc_id, chunk_id, quote, verified), passages (doc_id, chunk_id,
+score) and, with --judge, support. A key (keys.yaml, hybrid/serve_keys.py) decides the groups
+its retrieval reads with and the adapters it may use; errors are OpenAI-style JSON
+`{"error": {"message", "type", "code"}}`. The engine (hybrid/serve_engine.py) owns the model.
+"""
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from retrieval import access
+from hybrid.pipeline import Pipeline, adapter_record, check_base, parse_adapters
+from hybrid.serve_engine import AdapterPool, Engine, Job, RemoteGenerator, ServeError, served_content
+from hybrid.serve_keys import PUBLIC, Caller, KeyRing, load_keys
+from tuning.prompting import ABSTAIN
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/search")
+ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `hybrid serve` (YAML keys = field names)."""
+
+    index: str = field(metadata={"help": "Index directory to retrieve from."})
+    adapters: dict[str, str] = field(default_factory=dict, metadata={
+        "flag": "--adapter", "parse": lambda values: parse_adapters(values),
+        "help": "Adapter NAME=DIR (repeat); requests pick it with model=NAME. Loaded on first use."})
+    adapter_dir: str | None = field(default=None, metadata={
+        "help": "Directory whose sub-directories are adapters, served by their directory name on first use."})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Generator: smollm2 | gemma3-270m | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b | model dir.",
+        "default_help": "the adapters' base, else smollm2"})
+    keys: str | None = field(default=None, metadata={
+        "help": "keys.yaml: [{name, sha256, groups, adapters?}]. Without it: loopback only, public documents "
+                "and public adapters."})
+    judge: str | None = field(default=None, metadata={
+        "help": "Groundedness judge dir: a 'support' score in every answer, and the gate (abstain when no passage answers)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (non-loopback needs --keys)."})
+    port: int = field(default=8000, metadata={"help": "Port to bind."})
+    max_adapters: int = field(default=4, metadata={
+        "help": "Adapters on the base at once; the least recently used idle one is taken off first."})
+    backend: Literal["inprocess", "openai"] = field(default="inprocess", metadata={
+        "help": "inprocess: generate here; openai: forward generation to --backend-url (vLLM, LoRAX, hybrid serve) "
+                "under the adapter's name (its key from $HYBRID_BACKEND_KEY)."})
+    backend_url: str | None = field(default=None, metadata={"help": "With --backend openai: the engine's /v1 URL."})
+    k: int = field(default=5, metadata={"flag": "-k", "help": "Passages per question (a request may send 'k')."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Default max_tokens of a completion."})
+    max_tokens_limit: int = field(default=512, metadata={"help": "Largest max_tokens a request may ask for."})
+    max_queue: int = field(default=64, metadata={"help": "Requests waiting at most; beyond it: 429 with Retry-After."})
+    max_batch: int = field(default=8, metadata={"help": "Requests batched into one generate call at most."})
+    batch_window_ms: float = field(default=20.0, metadata={"help": "How long the engine collects requests for a batch."})
+    max_body_kb: int = field(default=256, metadata={"help": "Largest request body in KiB; beyond it: 413."})
+    mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
+        "help": "Retrieval mode.", "default_help": "the index's"})
+    rerank: str | None = field(default=None, metadata={"help": "Reranker dir (hybrid tune reranker)."})
+    require_support: bool = field(default=False, metadata={
+        "help": "Abstain when no quote verifies and the answer is not in the passages (streams the whole answer at once)."})
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.keys is None and self.host not in LOOPBACK:
+            out.append(f"--host {self.host}: without --keys anyone who reaches it is served; bind to 127.0.0.1 or "
+                       f"pass --keys keys.yaml")
+        if self.backend == "openai" and not self.backend_url:
+            out.append("--backend openai needs --backend-url URL (the engine's OpenAI-compatible /v1 address)")
+        if self.adapter_dir and not Path(self.adapter_dir).is_dir():
+            out.append(f"--adapter-dir {self.adapter_dir}: not a directory")
+        for name, value in (("--port", self.port), ("--max-adapters", self.max_adapters), ("-k", self.k),
+                            ("--max-new-tokens", self.max_new_tokens), ("--max-queue", self.max_queue),
+                            ("--max-batch", self.max_batch), ("--max-body-kb", self.max_body_kb)):
+            if value < 1:
+                out.append(f"{name} must be >= 1, got {value}")
+        if self.max_new_tokens > self.max_tokens_limit:
+            out.append(f"--max-new-tokens {self.max_new_tokens} is over --max-tokens-limit {self.max_tokens_limit}")
+        return out
+
+
+class Metrics:
+    """What GET /metrics reports (Prometheus text format, prometheus-client)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("hybrid_requests", "Requests by route and status code.", ["route", "code"], registry=r)
+        self.latency = Histogram("hybrid_request_seconds", "Request latency to the last byte.", ["route"], registry=r,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.tokens = Counter("hybrid_generated_tokens", "Tokens generated, by model.", ["model"], registry=r)
+        self.gen_seconds = Counter("hybrid_generation_seconds", "Seconds spent in generate calls.", registry=r)
+        self.tps = Gauge("hybrid_tokens_per_second", "Tokens/s of the last generate call (all its requests).", registry=r)
+        self.batch = Histogram("hybrid_batch_size", "Requests per generate call.", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32))
+        self.cache = Counter("hybrid_adapter_cache", "Adapter cache events (hit, miss, eviction).", ["event"],
+                             registry=r)
+        self.auth_failures = Counter("hybrid_auth_failures", "Requests with no or a wrong API key.", registry=r)
+        self.cancelled = Counter("hybrid_generation_cancelled", "Requests whose client left before the end.",
+                                 registry=r)
+
+    def adapter_cache(self, event: str) -> None:
+        self.cache.labels(event).inc()
+
+    def generated(self, model: str, tokens: int, seconds: float, requests: int, stopped: int = 0) -> None:
+        self.tokens.labels(model).inc(tokens)
+        self.gen_seconds.inc(seconds)
+        self.tps.set(tokens / seconds if seconds > 0 else 0.0)
+        self.batch.observe(requests)
+        self.cancelled.inc(stopped)
+
+
+class MetricsMiddleware:
+    """Counts every request by route and status and times it to the last byte (streams included)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), {"code": 500}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+
+# --- building the served pipeline ----------------------------------------------------------------
+def base_id(pipe) -> str:
+    """The model id of the base: the packaged name, or a local model directory's name."""
+    return Path(pipe.info.name).name
+
+
+def load_served(cfg: ServeConfig, keys: KeyRing | None):
+    """(pipeline, adapter pool) for `cfg`: the base model (or a remote engine), no adapter loaded yet."""
+    groups = keys.all_groups() if keys else []  # the server may hold what any of its keys may read
+    if cfg.backend == "openai":
+        from tuning.generator import GeneratorInfo
+        from tuning import run_record
+        from retrieval.retriever import Retriever
+        from tuning.judge import Judge
+
+        name = cfg.base_model or next((run_record.read(p, f"--adapter {n}={p}")["base_model"]["name"]
+                                       for n, p in cfg.adapters.items()), "smollm2")
+        pipe = Pipeline(Retriever.load(cfg.index, reranker=cfg.rerank), None, None,
+                        GeneratorInfo(name=name, path="", fingerprint=""), [], k=cfg.k,
+                        max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support,
+                        judge=Judge.load(cfg.judge, groups=groups, gate=True) if cfg.judge else None, groups=groups,
+                        remote=RemoteGenerator(cfg.backend_url, os.environ.get("HYBRID_BACKEND_KEY")))
+        pipe.mode = cfg.mode
+    else:
+        base = cfg.base_model or next((adapter_record(n, p, groups)["base_model"]["name"]
+                                       for n, p in cfg.adapters.items()), None)
+        pipe = Pipeline.load(cfg.index, base_model=base, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                             require_support=cfg.require_support, judge=cfg.judge, groups=groups, mode=cfg.mode,
+                             rerank=cfg.rerank)
+    for name, path in cfg.adapters.items():  # refuse a bad --adapter now, not at its first request
+        check_base(name, path, adapter_record(name, path, groups), pipe.info)
+    return pipe, AdapterPool(pipe, cfg.adapters, cfg.adapter_dir, cfg.max_adapters)
+
+
+# --- the app ---------------------------------------------------------------------------------------
+def _error(exc: ServeError):
+    from fastapi.responses import JSONResponse
+
+    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.code}},
+                        status_code=exc.status, headers=headers)
+
+
+def _text(content, where: str) -> str:
+    """A message's content as text: a string, or OpenAI's list of {"type": "text", "text"} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ServeError(400, f"{where}: must be a string or a list of text parts", code="invalid_content")
+
+
+def parse_chat(body, cfg: ServeConfig) -> dict:
+    """The chat request's fields, validated; ServeError(400) naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise ServeError(400, "the body must be a JSON object")
+    model, messages = body.get("model"), body.get("messages")
+    if not isinstance(model, str) or not model:
+        raise ServeError(400, "'model' is required: an adapter name or the base model's (GET /v1/models)")
+    if not isinstance(messages, list) or not messages:
+        raise ServeError(400, "'messages' must be a non-empty list of {role, content}")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ServeError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        turns.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content")})
+    if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
+        raise ServeError(400, "the last message must be a non-empty user message: the question")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = cfg.max_new_tokens if max_tokens is None else max_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= cfg.max_tokens_limit:
+        raise ServeError(400, f"'max_tokens' must be an integer in [1, {cfg.max_tokens_limit}]")
+    temperature = 0.0 if body.get("temperature") is None else body["temperature"]
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+        raise ServeError(400, "'temperature' must be a number in [0, 2]")
+    k = body.get("k", cfg.k)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 50:
+        raise ServeError(400, "'k' must be an integer in [1, 50]")
+    if body.get("n", 1) != 1:
+        raise ServeError(400, "'n' must be 1")
+    if not isinstance(body.get("stream", False), bool):
+        raise ServeError(400, "'stream' must be true or false")
+    # hybrid's system prompt is the one the adapters were trained with: a client's system turns are dropped
+    history = [t for t in turns[:-1] if t["role"] in ("user", "assistant")]
+    return {"model": model, "question": turns[-1]["content"], "history": history, "max_tokens": max_tokens,
+            "temperature": float(temperature), "k": k, "stream": bool(body.get("stream", False))}
+
+
+def hybrid_fields(a) -> dict:
+    """The completion's extension object (a None answer: nothing visible to this caller, so it abstained)."""
+    if a is None:
+        return {"answer": ABSTAIN, "abstained": True, "citations": [], "passages": [], "support": None,
+                "gated": False, "calibrated_abstain": False}
+    return {"answer": a.answer, "abstained": a.abstained, "citations": a.citations, "passages": a.passages,
+            "support": a.support, "gated": a.gated, "calibrated_abstain": a.calibrated_abstain}
+
+
+def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: KeyRing | None, metrics: Metrics):
+    """The FastAPI app; `engine` must be started by the caller (`run` does)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response, StreamingResponse
+
+    app = FastAPI(title="hybrid", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_exception_handler(ServeError, lambda request, exc: _error(exc))
+    base = base_id(pipe)
+
+    def caller_of(request: Request) -> Caller:
+        if keys is None:
+            return PUBLIC
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        caller = keys.authenticate(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if caller is None:
+            metrics.auth_failures.inc()
+            raise ServeError(401, "no valid API key: send 'Authorization: Bearer KEY' with a key listed in --keys",
+                             "authentication_error", "invalid_api_key")
+        return caller
+
+    def allowed(caller: Caller, model: str) -> str | None:
+        """The adapter a request may use (None: the base), or a ServeError: 404 unknown, 403 forbidden."""
+        if model == base:
+            scope, label = pipe.base_scope, f"base model {model}"
+        elif pool.path(model) is None:
+            raise ServeError(404, f"model '{model}' not found: GET /v1/models lists the base model and the adapters "
+                                  f"this key may use", code="model_not_found")
+        else:
+            scope, label = pool.scope(model), f"adapter '{model}'"
+            if scope is None:
+                raise ServeError(403, f"{label} has no {access.ACCESS_FILE}: what it learned from is unknown, so it "
+                                      f"is never served; retrain it", "permission_error", "adapter_forbidden")
+        if not caller.may_name(model, base):
+            raise ServeError(403, f"key '{caller.name}' may not use {label} (its adapters: "
+                                  f"{', '.join(caller.adapters or [])})", "permission_error", "adapter_forbidden")
+        if missing := sorted(set(scope) - set(caller.groups)):
+            raise ServeError(403, f"{label} was trained on documents of group(s) {', '.join(sorted(scope))}; key "
+                                  f"'{caller.name}' lacks {', '.join(missing)}", "permission_error", "adapter_forbidden")
+        return None if model == base else model
+
+    async def body_of(request: Request):
+        limit = cfg.max_body_kb * 1024
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise ServeError(413, f"the body is over {cfg.max_body_kb} KiB (--max-body-kb)", code="body_too_large")
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise ServeError(413, f"the body is over {cfg.max_body_kb} KiB (--max-body-kb)", code="body_too_large")
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise ServeError(400, "the body is not valid JSON", code="invalid_json") from None
+
+    def submit(job_kwargs: dict):
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e), **job_kwargs)
+        engine.submit(job)
+        return job, events
+
+    async def first_event(job: Job, events: asyncio.Queue):
+        try:
+            event = await events.get()
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        if event[0] == "error":
+            raise event[1]
+        return event
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": base, "adapters_loaded": list(pool.loaded)}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        caller_of(request)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        caller = caller_of(request)
+        created = int(time.time())
+        data = [{"id": base, "object": "model", "created": created, "owned_by": "hybrid", "parent": None}] \
+            if caller.may_name(base, base) and set(pipe.base_scope) <= set(caller.groups) else []
+        for name in pool.names():
+            scope = pool.scope(name)
+            if scope is not None and set(scope) <= set(caller.groups) and caller.may_name(name, base):
+                data.append({"id": name, "object": "model", "created": created, "owned_by": "hybrid", "parent": base})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        caller = caller_of(request)
+        body = await body_of(request)
+        query, k = (body.get("query"), body.get("k", cfg.k)) if isinstance(body, dict) else (None, None)
+        if not isinstance(query, str) or not query.strip():
+            raise ServeError(400, "'query' must be a non-empty string")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 50:
+            raise ServeError(400, "'k' must be an integer in [1, 50]")
+        job, events = submit({"kind": "search", "question": query, "groups": caller.groups, "k": k})
+        _, payload = await first_event(job, events)
+        return {"object": "list", "data": payload["passages"]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        caller = caller_of(request)
+        req = parse_chat(await body_of(request), cfg)
+        adapter = allowed(caller, req["model"])
+        job, events = submit({"kind": "chat", "question": req["question"], "groups": caller.groups,
+                              "adapter": adapter, "k": req["k"], "history": req["history"],
+                              "max_tokens": req["max_tokens"], "temperature": req["temperature"],
+                              "stream": req["stream"]})
+        event = await first_event(job, events)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def finish(payload) -> tuple[str, str, dict, dict]:
+            a = payload["answer"]
+            content = ABSTAIN if a is None else served_content(a)
+            new = 0 if a is None else a.new_tokens
+            usage = {"prompt_tokens": payload["prompt_tokens"], "completion_tokens": new,
+                     "total_tokens": payload["prompt_tokens"] + new}
+            return content, "length" if new >= req["max_tokens"] else "stop", usage, hybrid_fields(a)
+
+        if not req["stream"]:
+            content, reason, usage, ext = finish(event[1])
+            return {"id": cid, "object": "chat.completion", "created": created, "model": req["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                 "finish_reason": reason}], "usage": usage, "hybrid": ext}
+
+        def chunk(delta: dict, reason=None, **extra) -> str:
+            return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                          "model": req["model"], "choices": [{"index": 0, "delta": delta,
+                                                                              "finish_reason": reason}], **extra},
+                                         ensure_ascii=False) + "\n\n"
+
+        async def sse(event):
+            streamed = False
+            try:
+                yield chunk({"role": "assistant"})
+                while True:
+                    if event[0] == "token":
+                        streamed = True
+                        yield chunk({"content": event[1]})
+                    elif event[0] == "error":
+                        e = event[1]
+                        yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind,
+                                                               "code": e.code}}) + "\n\n"
+                        break
+                    else:
+                        content, reason, usage, ext = finish(event[1])
+                        if not streamed:  # decided before generating, or --require-support: sent whole
+                            yield chunk({"content": content})
+                        yield chunk({}, reason, usage=usage, hybrid=ext)
+                        break
+                    event = await events.get()
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled.set()  # a client that left stops its generation; after the end, a no-op
+
+        return StreamingResponse(sse(event), media_type="text/event-stream")
+
+    return app
+
+
+def build(cfg: ServeConfig):
+    """(app, engine) for `cfg`, the engine started: what `run` serves and the tests drive."""
+    keys = load_keys(cfg.keys) if cfg.keys else None
+    metrics = Metrics()
+    pipe, pool = load_served(cfg, keys)
+    pool.metrics = metrics
+    engine = Engine(pipe, pool, max_queue=cfg.max_queue, max_batch=cfg.max_batch,
+                    batch_window_s=cfg.batch_window_ms / 1000, metrics=metrics).start()
+    return create_app(cfg, pipe, pool, engine, keys, metrics), engine
+
+
+def run(cfg: ServeConfig, log=print) -> None:
+    """Load everything, then serve until interrupted (uvicorn)."""
+    import uvicorn
+
+    app, engine = build(cfg)
+    log(f"serving {base_id(engine.pipe)} with {len(cfg.adapters)} adapter(s) on http://{cfg.host}:{cfg.port}/v1 "
+        f"({'keys from ' + cfg.keys if cfg.keys else 'no keys: public documents only'})")
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    finally:
+        engine.stop()
+
