@@ -124,15 +124,20 @@ def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: li
     return values
 
 
-def load_yaml(path: str | Path) -> dict:
-    """The mapping in a YAML config file (InputError when unreadable, invalid or not a mapping)."""
+def read_yaml(path: str | Path, flag: str = "--config") -> Any:
+    """The value in a YAML file (InputError naming `flag` and the file when unreadable or invalid)."""
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--config {path}: cannot read it ({exc.__class__.__name__}); pass a UTF-8 YAML file") from None
+        raise InputError(f"{flag} {path}: cannot read it ({exc.__class__.__name__}); pass a UTF-8 YAML file") from None
     except yaml.YAMLError:
-        raise InputError(f"--config {path}: not valid YAML; fix its syntax") from None
+        raise InputError(f"{flag} {path}: not valid YAML; fix its syntax") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file (InputError when unreadable, invalid or not a mapping)."""
+    loaded = read_yaml(path)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):

@@ -346,9 +346,19 @@ class Pipeline:
 
         Greedy unless `temperature` > 0; `max_new_tokens` defaults to the pipeline's; `should_stop`
         (checked after each token) ends generation early, e.g. when a streaming client has gone.
+        `adapter` may be a list, one per prompt (None = the base): one mixed-adapter `generate`
+        (PEFT's `adapter_names`), so requests for several adapters share the batch.
         With a remote engine (`remote`), the prompts are sent to it under the adapter's name.
         """
         budget = max_new_tokens or self.max_new_tokens
+        if isinstance(adapter, list):
+            if len(set(adapter)) > 1 and self.remote is None:  # PEFT routes each row through its own adapter
+                for a in set(adapter) - {None}:
+                    if a not in self.adapters:
+                        raise InputError(f"--adapter {a}: not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+                return generate_batch(self.model, self.tok, messages_batch, budget, temperature, should_stop,
+                                      adapter_names=[a or "__base__" for a in adapter])
+            adapter = adapter[0]
         if self.remote is not None:
             return self.remote.generate(messages_batch, adapter or self.info.name, budget, temperature, on_token)
         if on_token is None or len(messages_batch) != 1:
@@ -373,9 +383,9 @@ class Pipeline:
         text = "".join(pieces)
         return [(text, len(self.tok(text, add_special_tokens=False)["input_ids"]))]
 
-    def answer_batch(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None,
-                     on_token=None, groups=None, histories: list[list[dict]] | None = None,
-                     **decoding) -> list[Answer]:
+    def answer_batch(self, questions: list[str], passages_batch: list[list[dict]],
+                     adapter: str | None | list[str | None] = None, on_token=None, groups=None,
+                     histories: list[list[dict]] | None = None, **decoding) -> list[Answer]:
         """Answer questions from given passages (dicts with text, title?, doc_id?/id?, chunk_id?, score?).
 
         What needs only the question and its passages is decided before generating: the judge gate
@@ -385,22 +395,31 @@ class Pipeline:
         `groups`: the caller's access groups for this call (default: those given to `load`).
         `histories`: per question, earlier chat turns for the prompt (the server's conversations).
         `decoding`: `max_new_tokens`, `temperature`, `should_stop` for this call (see `generate`).
+        `adapter` may be a list, one per question (None = the base): one mixed-adapter batch.
         """
-        self.check_access(adapter, self.groups if groups is None else groups)
-        t0 = time.perf_counter()
         n = len(questions)
-        threshold = self.thresholds.get(adapter) if adapter and self.calibrated else None
-        scores = self.abstain_scores(questions, passages_batch, adapter=adapter) if threshold is not None else [None] * n
+        rows = list(adapter) if isinstance(adapter, list) else [adapter] * n
+        for a in dict.fromkeys(rows):
+            self.check_access(a, self.groups if groups is None else groups)
+        t0 = time.perf_counter()
+        thresholds = [self.thresholds.get(a) if a and self.calibrated else None for a in rows]
+        scores: list = [None] * n
+        for a in dict.fromkeys(a for a, t in zip(rows, thresholds) if t is not None):  # each calibrated adapter
+            idx = [i for i in range(n) if rows[i] == a]
+            for i, v in zip(idx, self.abstain_scores([questions[i] for i in idx], [passages_batch[i] for i in idx],
+                                                     adapter=a)):
+                scores[i] = v
         answerable = self.judge.answerable(questions, passages_batch) if self.judge is not None else [None] * n
         gate_at = THRESHOLD if self.gate_threshold is None else self.gate_threshold
         results: list[Answer | None] = [None] * n
         for i in range(n):
-            cal, gated = calibration_abstains(scores[i], threshold), gate_abstains(answerable[i], gate_at)
+            cal, gated = calibration_abstains(scores[i], thresholds[i]), gate_abstains(answerable[i], gate_at)
             if cal or gated:
                 results[i] = Answer(answer=ABSTAIN, abstained=True, passages=passage_refs(passages_batch[i]),
                                     gated=gated, calibrated_abstain=cal)
         todo = [i for i in range(n) if results[i] is None]
-        generated = self._generated([questions[i] for i in todo], [passages_batch[i] for i in todo], adapter,
+        todo_adapter = [rows[i] for i in todo] if isinstance(adapter, list) else adapter
+        generated = self._generated([questions[i] for i in todo], [passages_batch[i] for i in todo], todo_adapter,
                                     None if self.require_support else on_token, groups,
                                     [(histories or [None] * n)[i] for i in todo], **decoding) if todo else []
         for i, a in zip(todo, generated):
@@ -464,7 +483,8 @@ class Pipeline:
     def _generated(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None, on_token,
                    groups, histories=None, **decoding) -> list[Answer]:
         """Greedy answers as the model writes them: parsed, quotes verified, `require_support` applied."""
-        self.check_access(adapter, self.groups if groups is None else groups)
+        for a in dict.fromkeys(adapter if isinstance(adapter, list) else [adapter]):
+            self.check_access(a, self.groups if groups is None else groups)
         t0 = time.perf_counter()
         histories = histories or [None] * len(questions)
         msgs = [build_messages(q, ps, h) for q, ps, h in zip(questions, passages_batch, histories)]

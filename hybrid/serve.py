@@ -66,6 +66,9 @@ class ServeConfig:
     max_tokens_limit: int = field(default=512, metadata={"help": "Largest max_tokens a request may ask for."})
     max_queue: int = field(default=64, metadata={"help": "Requests waiting at most; beyond it: 429 with Retry-After."})
     max_batch: int = field(default=8, metadata={"help": "Requests batched into one generate call at most."})
+    batching: Literal["mixed", "by-adapter"] = field(default="mixed", metadata={
+        "help": "mixed: requests for different adapters share one generate call (PEFT adapter_names); "
+                "by-adapter: one call per adapter, in turn."})
     batch_window_ms: float = field(default=20.0, metadata={"help": "How long the engine collects requests for a batch."})
     max_body_kb: int = field(default=256, metadata={"help": "Largest request body in KiB; beyond it: 413."})
     mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
@@ -117,8 +120,7 @@ class Metrics:
     def adapter_cache(self, event: str) -> None:
         self.cache.labels(event).inc()
 
-    def generated(self, model: str, tokens: int, seconds: float, requests: int, stopped: int = 0) -> None:
-        self.tokens.labels(model).inc(tokens)
+    def generated(self, tokens: int, seconds: float, requests: int, stopped: int = 0) -> None:
         self.gen_seconds.inc(seconds)
         self.tps.set(tokens / seconds if seconds > 0 else 0.0)
         self.batch.observe(requests)
@@ -422,7 +424,7 @@ def build(cfg: ServeConfig):
     pipe, pool = load_served(cfg, keys)
     pool.metrics = metrics
     engine = Engine(pipe, pool, max_queue=cfg.max_queue, max_batch=cfg.max_batch,
-                    batch_window_s=cfg.batch_window_ms / 1000, metrics=metrics).start()
+                    batch_window_s=cfg.batch_window_ms / 1000, metrics=metrics, batching=cfg.batching).start()
     return create_app(cfg, pipe, pool, engine, keys, metrics), engine
 
 

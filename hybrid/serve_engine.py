@@ -6,8 +6,10 @@ authenticates, validates and queues (`Engine.submit`); one engine thread takes e
 the queue, so nothing else ever touches the model, the adapters or the index. It collects the
 requests that arrive within `batch_window_s` (at most `max_batch`), retrieves for all of them,
 then generates once per group of requests that share adapter, caller groups and decoding
-settings: one batched `generate` per adapter, run one after another (mixed-adapter batches are
-not used). A streamed request generates alone (tokens go to its client as they come).
+settings. With `batching="mixed"` (the default) requests for different adapters and the base share
+one `generate` call, each row through its own adapter (PEFT's `adapter_names`); with
+"by-adapter" there is one call per adapter, one after another. A streamed request generates
+alone (tokens go to its client as they come).
 
 Adapters given at start or found by name in `adapter_dir` are loaded on first use; at most
 `max_adapters` sit on the base, the least recently used is taken off first, and one in use by
@@ -178,8 +180,10 @@ class Engine:
     """The thread that owns the pipeline (see the module docstring)."""
 
     def __init__(self, pipe, pool: AdapterPool, max_queue: int = 64, max_batch: int = 8,
-                 batch_window_s: float = 0.02, metrics=None):
+                 batch_window_s: float = 0.02, metrics=None, batching: str = "mixed"):
         self.pipe, self.pool, self.metrics = pipe, pool, metrics
+        # mixed: one generate call for requests of several adapters (PEFT adapter_names); by-adapter: one per adapter
+        self.mixed = batching == "mixed" and pipe.remote is None
         self.max_batch, self.batch_window_s = max_batch, batch_window_s
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._run, name="hybrid-engine", daemon=True)
@@ -243,10 +247,11 @@ class Engine:
             elif (err := self._context_problem(j, passages[id(j)])) is not None:
                 j.emit(("error", err))
             else:
-                key = (j.adapter, tuple(j.groups), j.max_tokens, j.temperature, id(j) if j.stream else None)
+                key = (None if self.mixed else j.adapter, tuple(j.groups), j.max_tokens, j.temperature,
+                       id(j) if j.stream else None)
                 chats.setdefault(key, []).append(j)
-        for (adapter, groups, max_tokens, temperature, _), jobs in chats.items():
-            self._generate(jobs, adapter, list(groups), max_tokens, temperature, passages)
+        for (_, groups, max_tokens, temperature, _), jobs in chats.items():
+            self._generate(jobs, list(groups), max_tokens, temperature, passages)
 
     def _context_problem(self, j: Job, ps: list[dict]) -> ServeError | None:
         limit = self.context_limit()
@@ -262,9 +267,17 @@ class Engine:
                                    f"conversation, lower max_tokens or k", code="context_length_exceeded")
         return None
 
-    def _generate(self, jobs: list[Job], adapter, groups, max_tokens, temperature, passages) -> None:
-        if adapter is not None:
-            self.pool.acquire(adapter)
+    def _generate(self, jobs: list[Job], groups, max_tokens, temperature, passages) -> None:
+        rows = [j.adapter for j in jobs]
+        needed = [a for a in dict.fromkeys(rows) if a is not None]
+        for i, a in enumerate(needed):  # all of them on the base while this batch runs
+            try:
+                self.pool.acquire(a)
+            except BaseException:
+                for b in needed[:i]:
+                    self.pool.release(b)
+                raise
+        adapter = rows if len(set(rows)) > 1 else rows[0]
         try:
             stream = jobs[0].stream
             t0 = time.perf_counter()
@@ -283,10 +296,13 @@ class Engine:
                 j.emit(("error", exc))
             return
         finally:
-            if adapter is not None:
-                self.pool.release(adapter)
+            for a in needed:
+                self.pool.release(a)
         if self.metrics is not None:
-            self.metrics.generated(adapter or self.pipe.info.name, sum(a.new_tokens for a in answers), seconds,
-                                   len(jobs), stopped=sum(j.cancelled.is_set() for j in jobs))
+            for model in dict.fromkeys(rows):
+                self.metrics.tokens.labels(model or self.pipe.info.name).inc(
+                    sum(a.new_tokens for a, r in zip(answers, rows) if r == model))
+            self.metrics.generated(sum(a.new_tokens for a in answers), seconds, len(jobs),
+                                   stopped=sum(j.cancelled.is_set() for j in jobs))
         for j, a in zip(jobs, answers):
             j.emit(("done", {"answer": a, "prompt_tokens": j.prompt_tokens}))

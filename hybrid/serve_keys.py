@@ -24,8 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from hybrid.config import read_yaml
 from retrieval.errors import InputError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -69,12 +68,7 @@ class KeyRing:
 def load_keys(path: str | Path) -> KeyRing:
     """Read and validate keys.yaml; every problem is collected into one `error:` line naming the entry and field."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--keys {path}: cannot read it ({exc.__class__.__name__}); pass a readable keys.yaml") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"--keys {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "--keys")
     if not isinstance(data, list) or not data:
         raise InputError(f"--keys {path}: must be a non-empty list of {{name, sha256, groups, adapters?}} entries")
     problems, callers, seen = [], [], set()

@@ -209,11 +209,12 @@ def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = 
 
 
 def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
-                   should_stop=None) -> list[tuple[str, int]]:
+                   should_stop=None, adapter_names: list[str] | None = None) -> list[tuple[str, int]]:
     """Generation for a batch of chat prompts (left padding): greedy, or sampled at `temperature` > 0.
 
     `should_stop`: a no-argument callable checked after every token (e.g. all clients gone); True
-    ends generation there.
+    ends generation there. `adapter_names`: per prompt, the PEFT adapter it runs through
+    ("__base__" = none), for a batch that mixes adapters.
 
     Returns:
         (decoded completion, new tokens) per prompt, in order.
@@ -224,7 +225,8 @@ def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens:
     texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_batch]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.inference_mode():
-        out = model.generate(**enc, **generation_kwargs(tok, max_new_tokens, temperature, should_stop))
+        extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+        out = model.generate(**enc, **generation_kwargs(tok, max_new_tokens, temperature, should_stop), **extra)
     results = []
     for row in out[:, enc["input_ids"].shape[1]:]:
         n = int((row != tok.pad_token_id).sum())

@@ -323,3 +323,15 @@ def test_serve_cli_serves_and_refuses_bad_input(env, tmp_path, monkeypatch):
                          (["--backend", "openai"], "--backend openai needs --backend-url")):
         res = runner.invoke(cli, ["serve", "--index", str(env["index"]), "--base-model", str(env["base"]), *args])
         assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.output, res.output
+
+
+def test_a_mixed_adapter_batch_gives_each_row_its_own_adapters_answer(env):
+    from hybrid.pipeline import Pipeline
+
+    pipe = Pipeline.load(env["index"], adapters={"a": str(env["adapters"]["a"]), "b": str(env["adapters"]["b"])},
+                         base_model=str(env["base"]), max_new_tokens=10)
+    msgs = [[{"role": "user", "content": QUESTION}]] * 3
+    alone = [pipe.generate(msgs[:1], adapter=a)[0] for a in ("a", "b", None)]
+    assert len({t for t, _ in alone}) == 3  # the adapters answer differently, so a mix-up would show
+    assert pipe.generate(msgs, adapter=["a", "b", None]) == alone
+    assert pipe.generate(msgs, adapter=[None, "b", "a"]) == alone[::-1]
