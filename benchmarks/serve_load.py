@@ -16,6 +16,7 @@ Stages, one after another (never two heavy jobs at once on a small machine):
    server's peak RSS;
 3. memory of N adapters: the base alone, then copies of adapter a added one by one, RSS after each
    (slope = MiB per adapter), beside the adapter's file size.
+0. first, where a request's time goes: prefill seconds and decode ms per step at batch 1 and 4.
 The script stops by itself (bounded request counts); the server binds 127.0.0.1 only.
 """
 
@@ -88,6 +89,34 @@ def sequential(args, qs) -> dict:
     del pipe
     gc.collect()
     return {"rows": out, "answers": answers, "base": base}
+
+
+def prefill_decode(args, qs: list[str]) -> dict:
+    """Where a request's time goes: prefill seconds and decode ms per step at batch 1 and 4 (adapter a)."""
+    import torch
+
+    from hybrid.pipeline import Pipeline
+    from tuning.prompting import build_messages
+
+    pipe = Pipeline.load(args.index, adapters={"a": args.adapters["a"]}, k=args.k, groups=args.groups)
+    pipe.model.set_adapter("a")
+    ps = pipe.retrieve(qs[:4], groups=args.groups, k=args.k)
+    texts = [pipe.tok.apply_chat_template(build_messages(q, p), add_generation_prompt=True, tokenize=False)
+             for q, p in zip(qs[:4], ps)]
+    pipe.tok.padding_side = "left"
+    out = {}
+    for bs in (1, 4):
+        enc = pipe.tok(texts[:bs], return_tensors="pt", padding=True, add_special_tokens=False)
+        timed = {}
+        for new in (1, 33):
+            t = time.perf_counter()
+            with torch.inference_mode():
+                pipe.model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                    pad_token_id=pipe.tok.pad_token_id)
+            timed[new] = time.perf_counter() - t
+        out[f"batch{bs}"] = {"prompt_tokens": int(enc["attention_mask"].sum()), "padded_len": enc["input_ids"].shape[1],
+                             "prefill_s": round(timed[1], 2), "decode_ms_per_step": round((timed[33] - timed[1]) / 32 * 1000, 1)}
+    return out
 
 
 def start_server(args, keys: Path, batching: str) -> tuple[subprocess.Popen, str]:
@@ -195,6 +224,7 @@ def main() -> None:
     ap.add_argument("--wrong-check", type=int, default=6, help="questions every model answers sequentially (the "
                     "references a wrong-adapter answer would equal)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split-only", action="store_true", help="only the prefill/decode split")
     ap.add_argument("--out")
     args = ap.parse_args()
     args.adapters = dict(a.split("=", 1) for a in args.adapter)
@@ -207,6 +237,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     qs = questions(Path(args.qa), args.requests)
     report = {"settings": {k: v for k, v in vars(args).items() if k != "adapter"}, "machine": os.cpu_count()}
+    print("prefill and decode ...", file=sys.stderr)
+    report["prefill_decode"] = prefill_decode(args, qs)
+    print(json.dumps(report["prefill_decode"]), file=sys.stderr)
+    if args.split_only:
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return
     print("sequential Pipeline.ask ...", file=sys.stderr)
     seq = sequential(args, qs)
     report["sequential"] = seq["rows"]

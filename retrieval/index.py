@@ -203,6 +203,11 @@ def validate_manifest(m: object, where: str) -> dict:
              and st.get("fusion") in ("rrf", "convex") and isinstance(st.get("fusion_weight"), (int, float))
              and 0 <= st["fusion_weight"] <= 1 and _count(st.get("fusion_candidates"), 1),
              "'search' must hold mode, fusion, fusion_weight in [0, 1] and fusion_candidates")
+        # an index whose default search reads the lexical table must say it has one
+        need(st["mode"] == "dense" or "lexical" in m, f"'search.mode' {st['mode']} needs the 'lexical' field")
+    if "lexical" in m:
+        need(isinstance(m["lexical"], dict) and isinstance(m["lexical"].get("table"), str),
+             "'lexical' must be an object naming its table")
     return m
 
 
