@@ -135,30 +135,6 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
     return adapters
 
 
-def adapter_record(name: str, path: str | Path, groups) -> dict:
-    """The run record of an adapter the caller (`groups`) may load; one-line InputError otherwise."""
-    label = f"--adapter {name}={path}"
-    rec = run_record.read(path, label)
-    if not (Path(path) / "adapter_config.json").exists():
-        raise InputError(f"{label}: not a LoRA adapter (no adapter_config.json); pass a "
-                         f"directory made by 'hybrid tune generator' or 'hybrid tune dpo'")
-    access.check(path, groups, label)
-    return rec
-
-
-def check_base(name: str, path, rec: dict, info) -> None:
-    """Refuse an adapter trained on another base model than the loaded one (`info`).
-
-    A remote engine's base (no local weights: `info.fingerprint` is empty) is known by name only.
-    """
-    base = rec["base_model"]
-    same = base["fingerprint"] == info.fingerprint if info.fingerprint else base["name"] == info.name
-    if not same:
-        raise InputError(f"--adapter {name}={path}: trained on base model {base['name']} "
-                         f"(fingerprint {base['fingerprint'][:12]}), not on {info.name} "
-                         f"({info.fingerprint[:12] or 'remote'}); pass --base-model {base['name']} or retrain")
-
-
 def verify(parsed, passages: list[dict]) -> list[dict]:
     """Each quote with the document and chunk it was found in (verbatim, whitespace/case aside), or unverified."""
     cites = []
@@ -261,7 +237,7 @@ class Pipeline:
         if isinstance(adapters, (str, Path)):
             adapters = {"default": str(adapters)}
         adapters = dict(adapters or {})
-        records = {name: adapter_record(name, path, groups) for name, path in adapters.items()}  # fail before loading
+        records = {name: run_record.read_adapter(name, path, groups) for name, path in adapters.items()}  # fail before loading
         base_scope = []
         if base_model is not None and (run_record.exists(base_model) or
                                        (Path(base_model) / access.ACCESS_FILE).exists()):
@@ -276,7 +252,7 @@ class Pipeline:
         retriever = Retriever.load(index_dir, reranker=rerank) if index_dir else None
         model, tok, info = load_generator(base_model, device=device)
         for name, rec in records.items():
-            check_base(name, adapters[name], rec, info)
+            run_record.check_base(name, adapters[name], rec, info)
         if judge is not None:
             judge = Judge.load(judge, groups=groups, gate=True)
         pipe = cls(retriever, model, tok, info, [], k=k, max_new_tokens=max_new_tokens,
@@ -294,8 +270,8 @@ class Pipeline:
         Validated as at `load`: a run record on this base model, an access record within the groups
         given to `load`. Its calibration, if any, comes with it.
         """
-        rec = adapter_record(name, path, self.groups)
-        check_base(name, path, rec, self.info)
+        rec = run_record.read_adapter(name, path, self.groups)
+        run_record.check_base(name, path, rec, self.info)
         if self.model is not None:
             from peft import PeftModel
 

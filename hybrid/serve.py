@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Literal
 
 from retrieval import access
-from hybrid.pipeline import Pipeline, adapter_record, check_base, parse_adapters
+from hybrid.pipeline import Pipeline, parse_adapters
 from hybrid.serve_engine import AdapterPool, Engine, Job, RemoteGenerator, ServeError, served_content
 from hybrid.serve_keys import PUBLIC, Caller, KeyRing, load_keys
+from tuning import run_record
 from tuning.prompting import ABSTAIN
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -162,7 +163,6 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
     groups = keys.all_groups() if keys else []  # the server may hold what any of its keys may read
     if cfg.backend == "openai":
         from tuning.generator import GeneratorInfo
-        from tuning import run_record
         from retrieval.retriever import Retriever
         from tuning.judge import Judge
 
@@ -175,13 +175,13 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
                         remote=RemoteGenerator(cfg.backend_url, os.environ.get("HYBRID_BACKEND_KEY")))
         pipe.mode = cfg.mode
     else:
-        base = cfg.base_model or next((adapter_record(n, p, groups)["base_model"]["name"]
+        base = cfg.base_model or next((run_record.read_adapter(n, p, groups)["base_model"]["name"]
                                        for n, p in cfg.adapters.items()), None)
         pipe = Pipeline.load(cfg.index, base_model=base, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                              require_support=cfg.require_support, judge=cfg.judge, groups=groups, mode=cfg.mode,
                              rerank=cfg.rerank)
     for name, path in cfg.adapters.items():  # refuse a bad --adapter now, not at its first request
-        check_base(name, path, adapter_record(name, path, groups), pipe.info)
+        run_record.check_base(name, path, run_record.read_adapter(name, path, groups), pipe.info)
     return pipe, AdapterPool(pipe, cfg.adapters, cfg.adapter_dir, cfg.max_adapters)
 
 

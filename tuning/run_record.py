@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from retrieval import access
 from retrieval.atomic import write_text_atomic
 from retrieval.errors import InputError
 from retrieval.index import sha256_file
@@ -67,3 +68,27 @@ def train_settings(record: dict) -> dict:
     hold them at the top of `config`)."""
     config = record.get("config", {})
     return config.get("train", config)
+
+
+def read_adapter(name: str, path: str | Path, groups) -> dict:
+    """The run record of an adapter the caller (`groups`) may load; one-line InputError otherwise."""
+    label = f"--adapter {name}={path}"
+    rec = read(path, label)
+    if not (Path(path) / "adapter_config.json").exists():
+        raise InputError(f"{label}: not a LoRA adapter (no adapter_config.json); pass a "
+                         f"directory made by 'hybrid tune generator' or 'hybrid tune dpo'")
+    access.check(path, groups, label)
+    return rec
+
+
+def check_base(name: str, path, rec: dict, info) -> None:
+    """Refuse an adapter trained on another base model than the loaded one (`info`).
+
+    A remote engine's base (no local weights: `info.fingerprint` is empty) is known by name only.
+    """
+    base = rec["base_model"]
+    same = base["fingerprint"] == info.fingerprint if info.fingerprint else base["name"] == info.name
+    if not same:
+        raise InputError(f"--adapter {name}={path}: trained on base model {base['name']} "
+                         f"(fingerprint {base['fingerprint'][:12]}), not on {info.name} "
+                         f"({info.fingerprint[:12] or 'remote'}); pass --base-model {base['name']} or retrain")
