@@ -85,6 +85,7 @@ def env(tmp_path_factory, tiny_embedder, tiny_llm_dir):
     adapters = {"a": random_adapter(tiny_llm_dir, root / "adapters" / "a", 1),
                 "b": random_adapter(tiny_llm_dir, root / "adapters" / "b", 2),
                 "hr": random_adapter(tiny_llm_dir, root / "adapters" / "hr", 3, ["hr"])}
+    random_adapter(tiny_llm_dir, root / "adapters" / "d", 4)  # found by name in --adapter-dir only
     return {"root": root, "index": root / "index", "adapters": adapters, "keys": write_keys(root / "keys.yaml"),
             "base": tiny_llm_dir}
 
@@ -97,7 +98,7 @@ def config(env, **kw) -> ServeConfig:
 
 @pytest.fixture(scope="module")
 def server(env):
-    app, engine = build(config(env, max_adapters=2))
+    app, engine = build(config(env, max_adapters=2, adapter_dir=str(env["root"] / "adapters")))
     running = Running(app)
     yield running
     running.stop()
@@ -110,9 +111,9 @@ def chat(client, model, question=QUESTION, **kw):
 
 def test_models_and_chat_plain_and_streamed_with_the_extension(server, env):
     base = env["base"].name
-    assert [m.id for m in server.client(KEYS["pub"]).models.list().data] == [base, "a", "b"]
+    assert [m.id for m in server.client(KEYS["pub"]).models.list().data] == [base, "a", "b", "d"]
     listed = {m.id: m.model_extra["parent"] for m in server.client(KEYS["hr"]).models.list().data}
-    assert listed == {base: None, "a": base, "b": base, "hr": base}
+    assert listed == {base: None, "a": base, "b": base, "hr": base, "d": base}
     assert [m.id for m in server.client(KEYS["only-a"]).models.list().data] == ["a"]
 
     client = server.client(KEYS["pub"])
@@ -374,3 +375,16 @@ def test_earlier_turns_go_into_the_prompt_and_client_system_prompts_do_not():
     msgs = build_messages(req["question"], [{"text": "It lasts 14 months."}], req["history"])
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"] and msgs[0]["content"] == SYSTEM
     assert "It lasts 14 months." in msgs[-1]["content"] and "Documents" not in msgs[1]["content"]
+
+
+def test_adapters_found_by_name_load_on_first_use_and_the_least_recently_used_goes(server):
+    client = server.client(KEYS["pub"])
+    for model in ("a", "b", "d"):  # --max-adapters 2: d's first use takes a, the least recently used, off
+        assert chat(client, model).choices[0].message.content
+    health = raw(server, "/health", method="GET").json()
+    assert health["adapters_loaded"] == ["b", "d"]
+    metrics = raw(server, "/metrics", KEYS["pub"], method="GET").text
+    evictions = [l for l in metrics.splitlines() if l.startswith('hybrid_adapter_cache_total{event="eviction"}')]
+    assert evictions and float(evictions[0].split()[-1]) >= 1
+    assert raw(server, "/v1/chat/completions", KEYS["pub"], {"model": "../d", "messages": [
+        {"role": "user", "content": QUESTION}]}).status_code == 404  # a name, never a path
