@@ -123,6 +123,7 @@ def test_models_and_chat_plain_and_streamed_with_the_extension(server, env):
     assert r.choices[0].message.content and len(ext["passages"]) == 3
     assert all(set(p) == {"doc_id", "chunk_id", "score"} for p in ext["passages"])
     assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+    assert chat(client, "a", temperature=0.9, max_tokens=5).usage.completion_tokens <= 5  # sampled
 
     pieces, final = [], None
     for c in chat(client, "a", stream=True):
@@ -275,6 +276,17 @@ def test_forwarding_to_an_openai_compatible_engine_keeps_acl_and_citations(env):
         docs = body["messages"][-1]["content"]
         first = docs.split("\n")[2].split(".")[0]  # the first passage's first sentence, quoted
         text = f"##Reason: ##begin_quote## {first}. ##end_quote## ##Answer: {first}"
+        if body.get("stream"):
+            from fastapi.responses import StreamingResponse
+
+            def events():
+                for piece in (text[:10], text[10:]):
+                    yield "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0,
+                                                 "model": body["model"], "choices": [{"index": 0, "delta": {
+                                                     "content": piece}, "finish_reason": None}]}) + "\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
         return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}}
@@ -286,9 +298,13 @@ def test_forwarding_to_an_openai_compatible_engine_keeps_acl_and_citations(env):
         r = chat(front.client(KEYS["pub"]), "a")
         cites = r.model_extra["hybrid"]["citations"]
         assert seen == ["a"] and cites and cites[0]["verified"] and cites[0]["chunk_id"]
+        pieces = [c.choices[0].delta.content for c in chat(front.client(KEYS["pub"]), "b", stream=True)
+                  if c.choices and c.choices[0].delta.content]
+        assert seen == ["a", "b"] and "".join(pieces) == r.choices[0].message.content  # relayed as it came
+        seen.clear()
         with pytest.raises(Exception) as err:
             chat(front.client(KEYS["pub"]), "hr")
-        assert err.value.status_code == 403 and seen == ["a"]  # refused here, never forwarded
+        assert err.value.status_code == 403 and seen == []  # refused here, never forwarded
     finally:
         front.stop()
         engine.stop()
