@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from retrieval import access
+from retrieval.errors import InputError
 from hybrid.pipeline import Pipeline, parse_adapters
 from hybrid.serve_engine import AdapterPool, Engine, Job, RemoteGenerator, ServeError, served_content
 from hybrid.serve_keys import PUBLIC, Caller, KeyRing, load_keys
@@ -161,25 +162,35 @@ def base_id(pipe) -> str:
 def load_served(cfg: ServeConfig, keys: KeyRing | None):
     """(pipeline, adapter pool) for `cfg`: the base model (or a remote engine), no adapter loaded yet."""
     groups = keys.all_groups() if keys else []  # the server may hold what any of its keys may read
+    # The judge scores every request's answers, so it may have learned only from what every key reads.
+    shared = keys.shared_groups() if keys else []
+    judge = None
+    if cfg.judge:
+        from tuning.judge import Judge
+
+        try:
+            judge = Judge.load(cfg.judge, groups=shared, gate=True)
+        except InputError as exc:
+            raise InputError(f"{exc} (the judge serves every key: train it within the groups all keys in "
+                             f"--keys share: {', '.join(shared) or 'public only'})") from None
     if cfg.backend == "openai":
         from tuning.generator import GeneratorInfo
         from retrieval.retriever import Retriever
-        from tuning.judge import Judge
 
         name = cfg.base_model or next((run_record.read(p, f"--adapter {n}={p}")["base_model"]["name"]
                                        for n, p in cfg.adapters.items()), "smollm2")
         pipe = Pipeline(Retriever.load(cfg.index, reranker=cfg.rerank), None, None,
                         GeneratorInfo(name=name, path="", fingerprint=""), [], k=cfg.k,
                         max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support,
-                        judge=Judge.load(cfg.judge, groups=groups, gate=True) if cfg.judge else None, groups=groups,
+                        judge=judge, groups=groups,
                         remote=RemoteGenerator(cfg.backend_url, os.environ.get("HYBRID_BACKEND_KEY")))
         pipe.mode = cfg.mode
     else:
         base = cfg.base_model or next((run_record.read_adapter(n, p, groups)["base_model"]["name"]
                                        for n, p in cfg.adapters.items()), None)
         pipe = Pipeline.load(cfg.index, base_model=base, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                             require_support=cfg.require_support, judge=cfg.judge, groups=groups, mode=cfg.mode,
-                             rerank=cfg.rerank)
+                             require_support=cfg.require_support, groups=groups, mode=cfg.mode, rerank=cfg.rerank)
+        pipe.judge = judge
     for name, path in cfg.adapters.items():  # refuse a bad --adapter now, not at its first request
         run_record.check_base(name, path, run_record.read_adapter(name, path, groups), pipe.info)
     return pipe, AdapterPool(pipe, cfg.adapters, cfg.adapter_dir, cfg.max_adapters)

@@ -236,10 +236,18 @@ class Engine:
             by_groups.setdefault((tuple(j.groups), j.k), []).append(j)
         passages: dict[int, list[dict]] = {}
         for (groups, k), jobs in by_groups.items():
-            for j, ps in zip(jobs, self.pipe.retrieve([j.question for j in jobs], groups=list(groups), k=k)):
+            try:
+                found = self.pipe.retrieve([j.question for j in jobs], groups=list(groups), k=k)
+            except InputError as exc:  # e.g. a reranker trained on groups these keys lack
+                for j in jobs:
+                    j.emit(("error", ServeError(403, str(exc), "permission_error", "reranker_forbidden")))
+                continue
+            for j, ps in zip(jobs, found):
                 passages[id(j)] = ps
         chats: dict[tuple, list[Job]] = {}
         for j in batch:
+            if id(j) not in passages:
+                continue
             if j.kind == "search":
                 j.emit(("done", {"passages": passages[id(j)]}))
             elif not passages[id(j)]:  # nothing visible to this caller: abstain without the model

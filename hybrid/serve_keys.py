@@ -64,6 +64,10 @@ class KeyRing:
     def all_groups(self) -> list[str]:
         return sorted({g for c in self.callers for g in c.groups})
 
+    def shared_groups(self) -> list[str]:
+        """The groups every key holds: what an artifact serving every request (the judge) may have learned from."""
+        return sorted(set.intersection(*(set(c.groups) for c in self.callers)))
+
 
 def load_keys(path: str | Path) -> KeyRing:
     """Read and validate keys.yaml; every problem is collected into one `error:` line naming the entry and field."""

@@ -331,13 +331,18 @@ def test_serve_cli_serves_and_refuses_bad_input(env, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert [m["id"] for m in answered["models"]["data"]] == [env["base"].name, "a"] and \
         answered["where"] == ("127.0.0.1", 8123)
+    hr_judge = tmp_path / "hr_judge"  # a judge that learned from hr documents: it would score public keys' answers
+    hr_judge.mkdir()
+    (hr_judge / "hybrid_judge.json").write_text(json.dumps({"answerability": True}))
+    access.write(hr_judge, access.record(["hr"], ["hr"]))
     bad_keys = tmp_path / "keys.yaml"
     bad_keys.write_text("- name: x\n  sha256: my-plain-key\n  groups: [hr]\n  colour: red\n")
     for args, needle in ((["--host", "0.0.0.0"], "--host 0.0.0.0: without --keys"),
                          (["--keys", str(bad_keys)], "'sha256' must be the key's 64-hex-digit sha256"),
                          (["--keys", str(bad_keys)], "unknown field 'colour'"),
                          (["--adapter", f"hr={env['adapters']['hr']}"], "lacks hr"),
-                         (["--backend", "openai"], "--backend openai needs --backend-url")):
+                         (["--backend", "openai"], "--backend openai needs --backend-url"),
+                         (["--keys", str(env["keys"]), "--judge", str(hr_judge)], "all keys in --keys share")):
         res = runner.invoke(cli, ["serve", "--index", str(env["index"]), "--base-model", str(env["base"]), *args])
         assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.output, res.output
 
@@ -404,3 +409,17 @@ def test_adapters_found_by_name_load_on_first_use_and_the_least_recently_used_go
     assert evictions and float(evictions[0].split()[-1]) >= 1
     assert raw(server, "/v1/chat/completions", KEYS["pub"], {"model": "../d", "messages": [
         {"role": "user", "content": QUESTION}]}).status_code == 404  # a name, never a path
+
+
+def test_a_retrieval_the_key_may_not_run_is_refused_with_403():
+    from retrieval.errors import InputError
+
+    class Refusing:
+        remote, adapters = None, []
+
+        def retrieve(self, questions, groups, k):
+            raise InputError("--rerank r: trained on documents of access group(s) hr; the caller lacks hr")
+
+    got = []
+    Engine(Refusing(), None).process([Job(kind="search", question="q", groups=[], emit=got.append)])
+    assert got[0][0] == "error" and got[0][1].status == 403 and "lacks hr" in got[0][1].message
