@@ -20,8 +20,10 @@ types and collects every problem, each naming its key or flag.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
+import re
 import typing
 from pathlib import Path
 from typing import Any, List, Literal, Optional, TypeVar, Union
@@ -75,7 +77,7 @@ def _type_problem(where: str, tp: Any, value: Any) -> str | None:
         return None if isinstance(value, int) and not isinstance(value, bool) else \
             f"{where}: expected an integer, got {value!r}"
     if tp is float:
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else \
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) or _float_text(value) else \
             f"{where}: expected a number, got {value!r}"
     if tp is str:
         return None if isinstance(value, str) else f"{where}: expected a string, got {value!r}"
@@ -89,13 +91,26 @@ def _type_problem(where: str, tp: Any, value: Any) -> str | None:
     return None
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _float_text(value: Any) -> bool:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; such scientific notation is a number here."""
+    return isinstance(value, str) and bool(_FLOAT.match(value.strip()))
+
+
+def _unknown(name: str, known: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return prefix + name + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+
+
 def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: list[str]) -> dict[str, Any]:
     """Constructor kwargs for `cls` from a YAML mapping and flag overrides (both may nest)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _hints(cls)
     unknown = sorted(set(loaded) - set(fields))
     if unknown:
-        problems.append(f"--config: unknown key(s) {', '.join(prefix + u for u in unknown)}; "
+        problems.append(f"--config: unknown key(s) {', '.join(_unknown(u, list(fields), prefix) for u in unknown)}; "
                         f"known: {', '.join(prefix + n for n in fields)}")
     values: dict[str, Any] = {}
     for name, f in fields.items():
@@ -119,6 +134,8 @@ def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: li
             continue
         if problem := _type_problem(where, tp, values[name]):
             problems.append(problem)
+        elif _float_text(values[name]) and _strip_optional(tp)[0] is float:
+            values[name] = float(values[name])
     missing = [n for n, f in fields.items() if n not in values and _default(f) is dataclasses.MISSING]
     problems += [f"{fields[n].metadata.get('flag', flag_name(n))} is required" for n in missing]
     return values

@@ -51,3 +51,19 @@ def test_any_yaml_mapping_gives_a_typed_config_or_input_error(tmp_path, mapping)
     assert isinstance(cfg.train.max_steps, int) and not isinstance(cfg.train.max_steps, bool)
     assert isinstance(cfg.train.groups, list) and all(isinstance(g, str) and g for g in cfg.train.groups)
     assert cfg.pairs in ("sampled", "contrastive")
+
+
+def test_scientific_notation_is_a_number_and_a_misspelt_key_gets_a_suggestion(tmp_path):
+    import pytest
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lora_r: 8\ntrain:\n  learning_rate: 1e-4\n  warmup_ratio: 5E-2\n")  # YAML 1.1 reads these as text
+    cfg = build_config(GeneratorTuneConfig, path, {"out": "o", "examples": "e.jsonl"})
+    assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.warmup_ratio == 0.05
+    path.write_text("lora_rank: 8\ntrain:\n  learning_rte: 0.001\n  max_steps: 1e3\n")
+    with pytest.raises(InputError) as err:
+        build_config(GeneratorTuneConfig, path, {"out": "o", "examples": "e.jsonl"})
+    msg = str(err.value)
+    assert "lora_rank (did you mean lora_r?)" in msg and "train.learning_rte (did you mean train.learning_rate?)" in msg
+    assert "train.max_steps: expected an integer, got '1e3'" in msg  # an integer field takes no float text
