@@ -32,7 +32,7 @@ from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
 from retrieval.errors import InputError
 from retrieval.index import IndexConfig, build_index
 from retrieval.reranker_tuning import RerankerTuneConfig, tune_reranker
-from retrieval.retriever import Retriever
+from retrieval.retriever import Retriever, SearchConfig
 from tuning.dpo import DPOTuneConfig, tune_dpo
 from tuning.judge import JudgeTuneConfig, tune_judge
 from tuning.sft import GeneratorTuneConfig, tune_generator
@@ -137,25 +137,12 @@ def index_cmd(
 
 @app.command("search")
 @cli_errors
-def search_cmd(
-    query: str = typer.Argument(..., metavar="QUERY", help="What to look for."),
-    index: Path = typer.Option(..., "--index", help="Index directory built by 'hybrid index'."),
-    k: int = typer.Option(5, "-k", help="Number of hits."),
-    group: Optional[List[str]] = typer.Option(None, "--group", help="Access group of the caller; repeat for several. "
-                                              "Without it only public documents are searched."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"hits": [{"doc_id", "chunk_id", "score", "title", '
-                                 '"text"}]}.'),
-    mode: Optional[str] = typer.Option(None, "--mode", help="dense, lexical (BM25) or hybrid (both, fused); "
-                                       "default: the index's (its manifest's 'search.mode')."),
-    rerank: Optional[Path] = typer.Option(None, "--rerank", help="Reranker dir (hybrid tune reranker): re-score "
-                                          "the first stage's top N with it."),
-):
+@from_config(SearchConfig)
+def search_cmd(cfg: SearchConfig, as_json: bool = typer.Option(
+        False, "--json", help='Print {"hits": [{"doc_id", "chunk_id", "score", "title", "text"}]}.')):
     """Search an index (access control applied)."""
-    if k < 1:
-        raise InputError(f"-k must be a positive integer, got {k}")
-    if not query.strip():
-        raise InputError("QUERY is empty; pass the words to search for")
-    hits = Retriever.load(index, reranker=rerank).search(query, k=k, groups=group, mode=mode)
+    hits = Retriever.load(cfg.index, reranker=cfg.rerank).search(cfg.query, k=cfg.k, groups=cfg.groups or None,
+                                                                 mode=cfg.mode)
     if as_json:
         typer.echo(json.dumps({"hits": [h.to_dict() for h in hits]}, ensure_ascii=False))
         return

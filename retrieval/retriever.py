@@ -18,8 +18,9 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -30,6 +31,31 @@ from retrieval.index import INDEX_FILE, STORE_FILE, IndexMoved, IndexSnapshot
 
 _LOAD_ATTEMPTS = 20
 MODES = ("dense", "lexical", "hybrid")
+
+
+@dataclass
+class SearchConfig:
+    """Settings of `hybrid search` (YAML keys = field names)."""
+
+    query: str = field(metadata={"argument": True, "help": "What to look for."})
+    index: str = field(metadata={"help": "Index directory built by 'hybrid index'."})
+    k: int = field(default=5, metadata={"flag": "-k", "help": "Number of hits."})
+    groups: list[str] = field(default_factory=list, metadata={
+        "flag": "--group", "help": "Access group of the caller; repeat for several. Without it only public "
+                                   "documents are searched."})
+    mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
+        "help": "dense, lexical (BM25) or hybrid (both, fused).", "default_help": "the index's (its manifest's "
+                                                                                  "'search.mode')"})
+    rerank: str | None = field(default=None, metadata={
+        "help": "Reranker dir (hybrid tune reranker): re-score the first stage's top N with it."})
+
+    def problems(self) -> list[str]:
+        out = access.group_problems(self.groups)
+        if self.k < 1:
+            out.append(f"-k must be a positive integer, got {self.k}")
+        if not self.query.strip():
+            out.append("QUERY is empty; pass the words to search for")
+        return out
 
 
 @dataclass(frozen=True)
