@@ -307,6 +307,34 @@ def serve_cmd(cfg: ServeConfig):
     run(cfg, log=lambda m: typer.echo(m, err=True))
 
 
+@app.command("init")
+@cli_errors
+def init_cmd(directory: Path = typer.Argument(..., metavar="DIR", help="Directory to write hybrid.yaml into."),
+             corpus: str = typer.Option("corpora/brindle/docs", "--corpus", help="The documents the loop learns."),
+             eval_qa: Optional[str] = typer.Option("corpora/brindle/qa.jsonl", "--eval-qa",
+                                                   help="Hand-written questions the eval stage scores.")):
+    """Write DIR/hybrid.yaml: every stage's keys with their help, type and default (for hybrid run)."""
+    from hybrid.loop import init
+
+    typer.echo(f"wrote {init(directory, corpus, eval_qa)}; run it with: hybrid run {Path(directory) / 'hybrid.yaml'}")
+
+
+@app.command("run")
+@cli_errors
+def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.yaml (hybrid init writes one)."),
+            overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                            help="Dotted overrides, e.g. generator.max_steps=80."),
+            only: Optional[str] = typer.Option(None, "--only", help="Run only these stages (comma-separated)."),
+            quiet: bool = QUIET):
+    """Run the loop's stages in order (index, synth, embedder, generator, eval), skipping those up to date."""
+    from hybrid.loop import load_loop, run_loop
+
+    cfg = load_loop(config, overrides or [])
+    status = run_loop(cfg, only=[s for s in only.split(",") if s] if only else None, progress=not quiet,
+                      log=_stderr(False))
+    typer.echo(", ".join(f"{k}: {v}" for k, v in status.items()))
+
+
 def main() -> None:  # console-script entry point
     app()
 

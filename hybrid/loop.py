@@ -1,0 +1,310 @@
+"""`hybrid run hybrid.yaml`: the whole loop from one file, and `hybrid init DIR` to write that file.
+
+    hybrid init runs/loop                         # runs/loop/hybrid.yaml: every key, its type, default and help
+    hybrid run runs/loop/hybrid.yaml              # index -> synth -> embedder -> generator -> eval
+    hybrid run runs/loop/hybrid.yaml generator.max_steps=80    # redoes generator and eval only
+
+Each stage is the command of the same name run as a library call, reading the previous stage's
+files under `out` (index/, synth/qa.jsonl, embedder/, generator/, eval/). A stage is skipped when
+its fingerprint — its resolved settings and the fingerprints of what it reads (the corpus files'
+bytes, the upstream stages, the eval questions) — equals the one recorded in
+`out/hybrid_stages.json` when it last finished and its output is there: a Makefile for the loop.
+The file's sections are the commands' own config dataclasses, so a section takes exactly the keys
+that command's `--config` takes, less the paths the loop wires itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from hybrid.config import _hints, _strip_optional, build_config, load_yaml
+from hybrid.factuality import EvalConfig
+from retrieval.atomic import swap_dir_into_place, write_text_atomic
+from retrieval.embedder_tuning import EmbedderTuneConfig
+from retrieval.errors import InputError
+from retrieval.index import IndexConfig
+from retrieval.train_settings import TrainSettings
+from tuning.sft import GeneratorTuneConfig
+from tuning.synth import SynthConfig
+
+STAGES = ("index", "synth", "embedder", "generator", "eval")
+STAGE_FILE = "hybrid_stages.json"
+# stages that write into DIR.partial and are swapped in whole at the end: the last good output stays
+# until the new one is complete, and an interrupted run with the same settings resumes the partial one
+PARTIAL = {"synth": "synth", "eval": "eval"}
+# the fields the loop sets itself in each section (the paths between stages and the caller's groups)
+WIRED = {"synth": {"index", "out", "groups"}, "embedder": {"index", "out", "qa", "eval_qa"},
+         "generator": {"index", "out", "qa", "examples"}, "eval": {"qa", "index", "adapters", "out", "groups"}}
+
+
+@dataclass
+class LoopConfig:
+    """The whole loop (YAML keys = field names; a section per stage)."""
+
+    corpus: str = field(metadata={"help": "Directory of documents (.md/.txt/.jsonl/.pdf) to learn."})
+    out: str = field(default="runs/loop", metadata={"help": "Run directory: every stage's output goes under it."})
+    eval_qa: str | None = field(default=None, metadata={
+        "help": "Hand-written questions the eval stage scores (none of them is trained on); without it the "
+                "eval stage is skipped and the embedder is scored on held-out synthesised questions."})
+    groups: list[str] = field(default_factory=list, metadata={
+        "flag": "--group", "help": "Access groups every stage may read (and its artifacts are tagged with)."})
+    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={
+        "help": f"Stages to run, in this order: {', '.join(STAGES)}."})
+    index: IndexConfig = field(default_factory=IndexConfig, metadata={"help": "hybrid index"})
+    synth: SynthConfig = field(default_factory=lambda: SynthConfig(index="", out=""), metadata={"help": "hybrid synth"})
+    embedder: EmbedderTuneConfig = field(default_factory=lambda: EmbedderTuneConfig(index="", out=""),
+                                         metadata={"help": "hybrid tune embedder"})
+    generator: GeneratorTuneConfig = field(default_factory=lambda: GeneratorTuneConfig(out=""),
+                                           metadata={"help": "hybrid tune generator"})
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(qa=""), metadata={"help": "hybrid eval"})
+
+    def problems(self) -> list[str]:
+        out = [f"stages: unknown stage '{s}' (known: {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
+        if not Path(self.corpus).is_dir():
+            out.append(f"corpus: {self.corpus} is not a directory of documents")
+        if self.eval_qa is not None and not Path(self.eval_qa).is_file():
+            out.append(f"eval_qa: {self.eval_qa} does not exist")
+        return out
+
+
+# --- overrides and the resolved sections -----------------------------------------------------------
+def parse_overrides(pairs: list[str]) -> dict:
+    """`generator.max_steps=80` pairs as the nested mapping `build_config` takes (values read as YAML;
+    a training setting may skip its `train.`: `generator.learning_rate=1e-4`)."""
+    nested: dict = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key:
+            raise InputError(f"override {pair!r}: use KEY=VALUE, e.g. generator.max_steps=80")
+        path = key.split(".")
+        section = next((f for f in dataclasses.fields(LoopConfig) if f.name == path[0]), None)
+        if section is not None and dataclasses.is_dataclass(_hints(LoopConfig)[path[0]]) and len(path) == 2:
+            own = {f.name for f in dataclasses.fields(_hints(LoopConfig)[path[0]])}
+            if path[1] not in own and "train" in own and path[1] in {f.name for f in dataclasses.fields(TrainSettings)}:
+                path = [path[0], "train", path[1]]
+        node = nested
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[path[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[path[-1]] = raw
+    return nested
+
+
+def load_loop(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
+    """The loop's config: the YAML file, then the overrides; unknown keys and wrong types refused (all listed)."""
+    given = parse_overrides(list(overrides))
+    for name in ("groups", "stages"):  # stages=index,synth on the command line
+        if isinstance(given.get(name), str):
+            given[name] = [v for v in given[name].split(",") if v]
+    loaded = load_yaml(path)
+    set_here = [f"{name}.{key}" for name, keys in WIRED.items() for key in sorted(keys)
+                for src in (loaded, given) if isinstance(src.get(name), dict) and key in src[name]]
+    set_here += [f"{name}.train.groups" for name in ("embedder", "generator") for src in (loaded, given)
+                 if isinstance(src.get(name), dict) and isinstance(src[name].get("train"), dict)
+                 and "groups" in src[name]["train"]]
+    if set_here:
+        raise InputError(f"--config {path}: {', '.join(set_here)} are set by the loop (the paths between stages under "
+                         f"'out', the groups from 'groups'); remove them")
+    for name, keys in WIRED.items():  # placeholders for the required paths; sections() fills them in
+        given.setdefault(name, {}).update({k: "" for k in keys if k in ("index", "out", "qa")})
+    return build_config(LoopConfig, path, given)
+
+
+def sections(cfg: LoopConfig) -> dict[str, Any]:
+    """Each stage's config with the loop's paths and groups filled in, each validated by its own rules."""
+    out = Path(cfg.out)
+    wired = {
+        "synth": {"index": str(out / "index"), "out": str(out / "synth.partial" / "qa.jsonl"), "groups": cfg.groups},
+        "embedder": {"index": str(out / "index"), "out": str(out / "embedder"), "qa": str(out / "synth" / "qa.jsonl"),
+                     "eval_qa": cfg.eval_qa},
+        "generator": {"index": str(out / "index"), "out": str(out / "generator"), "qa": str(out / "synth" / "qa.jsonl"),
+                      "examples": None},
+        "eval": {"qa": cfg.eval_qa or "", "index": str(out / "index"), "adapters": {"raft": str(out / "generator")},
+                 "out": str(out / "eval.partial"), "groups": cfg.groups},
+    }
+    resolved = {"index": cfg.index}
+    for name, paths in wired.items():
+        section = dataclasses.replace(getattr(cfg, name), **paths)
+        if name in ("embedder", "generator"):
+            section.train = dataclasses.replace(section.train, groups=cfg.groups)
+        resolved[name] = section
+    return resolved
+
+
+# --- fingerprints --------------------------------------------------------------------------------
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tree_digest(root: str | Path) -> str:
+    """sha256 over every file under `root` (relative path and bytes), in sorted order."""
+    h = hashlib.sha256()
+    root = Path(root)
+    for p in sorted(x for x in root.rglob("*") if x.is_file()):
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def fingerprints(cfg: LoopConfig, resolved: dict) -> dict[str, str]:
+    """Each stage's fingerprint: its settings and those of everything it reads."""
+    eval_qa = hashlib.sha256(Path(cfg.eval_qa).read_bytes()).hexdigest() if cfg.eval_qa else None
+    fp = {"index": _digest(["index", dataclasses.asdict(resolved["index"]), tree_digest(cfg.corpus)])}
+    fp["synth"] = _digest(["synth", dataclasses.asdict(resolved["synth"]), fp["index"]])
+    fp["embedder"] = _digest(["embedder", dataclasses.asdict(resolved["embedder"]), fp["index"], fp["synth"], eval_qa])
+    fp["generator"] = _digest(["generator", dataclasses.asdict(resolved["generator"]), fp["index"], fp["synth"]])
+    fp["eval"] = _digest(["eval", dataclasses.asdict(resolved["eval"]), fp["index"], fp["generator"], eval_qa])
+    return fp
+
+
+# --- the stages ----------------------------------------------------------------------------------
+def _run_stage(name: str, cfg: LoopConfig, sec, progress: bool, log: Callable[[str], None]) -> None:
+    out = Path(cfg.out)
+    if name == "index":
+        from retrieval.index import build_index
+
+        build_index(cfg.corpus, out / "index", sec, progress=progress)
+    elif name == "synth":
+        # written beside the last good questions; swapped in whole only when it finishes (a rerun
+        # after an interruption resumes the partial file with the same settings)
+        from tuning.synth import synthesize
+
+        synthesize(sec, progress=progress, log=log)
+    elif name == "embedder":
+        from retrieval.embedder_tuning import tune_embedder
+
+        tune_embedder(sec, progress=progress)
+    elif name == "generator":
+        from tuning.sft import tune_generator
+
+        tune_generator(sec, progress=progress, log=log)
+    elif name == "eval":
+        from hybrid.factuality import run_eval
+
+        run_eval(sec, progress=progress)
+
+
+def _output(name: str, out: Path) -> Path:
+    return out / {"index": "index", "synth": "synth/qa.jsonl", "embedder": "embedder", "generator": "generator",
+                  "eval": "eval/report.json"}[name]
+
+
+def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, str]:
+    """Run the loop's stages in order, skipping those up to date; returns {stage: "ran" | "up to date" | "skipped"}.
+
+    Raises:
+        InputError: a section's own problems (naming the section), or any stage's bad input.
+    """
+    out = Path(cfg.out)
+    resolved = sections(cfg)
+    problems = [f"{name}: {p}" for name in STAGES[1:] if name in cfg.stages and (name != "eval" or cfg.eval_qa)
+                for p in resolved[name].problems()]
+    if only and (bad := [s for s in only if s not in cfg.stages]):
+        problems.append(f"--only {','.join(bad)}: not among the config's stages ({', '.join(cfg.stages)})")
+    if problems:
+        raise InputError("; ".join(problems))
+    out.mkdir(parents=True, exist_ok=True)
+    record_file = out / STAGE_FILE
+    done = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    status = {}
+    for name in [s for s in STAGES if s in cfg.stages]:
+        if only and name not in only:
+            status[name] = "skipped"
+            continue
+        if name == "eval" and not cfg.eval_qa:
+            status[name] = "skipped"
+            log("eval: skipped (no eval_qa: no hand-written questions to score)")
+            continue
+        fp = fingerprints(cfg, resolved)[name]  # recomputed: an upstream stage that just ran changed its inputs
+        if done.get(name) == fp and _output(name, out).exists():
+            status[name] = "up to date"
+            log(f"{name}: up to date")
+            continue
+        partial = out / f"{PARTIAL[name]}.partial" if name in PARTIAL else None
+        if partial is not None:
+            if partial.exists() and done.get(partial.name) != fp:
+                shutil.rmtree(partial)  # a partial run with other settings cannot be resumed
+            partial.mkdir(exist_ok=True)
+            done[partial.name] = fp
+            write_text_atomic(record_file, json.dumps(done, indent=2))
+        t0 = time.perf_counter()
+        log(f"{name}: running")
+        _run_stage(name, cfg, resolved[name], progress, log)
+        if partial is not None:
+            swap_dir_into_place(partial, out / PARTIAL[name])
+            done.pop(partial.name)
+        done[name] = fp
+        write_text_atomic(record_file, json.dumps(done, indent=2))
+        status[name] = "ran"
+        log(f"{name}: done in {time.perf_counter() - t0:.1f} s")
+    return status
+
+
+# --- hybrid init ---------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    import typing
+
+    tp, optional = _strip_optional(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        name = "one of " + " | ".join(map(str, typing.get_args(tp)))
+    elif typing.get_origin(tp) in (list, dict):
+        name = {list: "list of names", dict: "mapping of names to paths"}[typing.get_origin(tp)]
+    else:
+        name = getattr(tp, "__name__", str(tp))
+    return name + (" or null" if optional else "")
+
+
+def _yaml_value(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _section_lines(cls, instance, skip: set[str], indent: str) -> list[str]:
+    lines = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        value = getattr(instance, f.name)
+        help_text = " ".join(str(f.metadata.get("help", "")).split())
+        if dataclasses.is_dataclass(hints[f.name]):  # a section (the loop's paths left out) or `train`
+            lines.append(f"{indent}{f.name}:  # {help_text or 'settings'}")
+            wired = WIRED.get(f.name, set()) if cls is LoopConfig else set()
+            lines += _section_lines(hints[f.name], value, wired | ({"groups"} if f.name == "train" else set()),
+                                    indent + "  ")
+            continue
+        lines.append(f"{indent}# {help_text} ({_type_name(hints[f.name])})")
+        lines.append(f"{indent}{f.name}: {_yaml_value(value)}")
+    return lines
+
+
+def init_text(corpus: str = "corpora/brindle/docs", eval_qa: str | None = "corpora/brindle/qa.jsonl") -> str:
+    """hybrid.yaml with every key of every section, commented with its help and type, at its default
+    (generated from the config dataclasses: one source for help, comments and defaults)."""
+    example = LoopConfig(corpus=corpus, eval_qa=eval_qa)
+    head = ["# hybrid.yaml: the whole loop (hybrid run hybrid.yaml [KEY=VALUE ...]). Every key is at its default;",
+            "# the paths between stages are set by the loop. Delete what you do not change.", ""]
+    return "\n".join(head + _section_lines(LoopConfig, example, set(), "")) + "\n"
+
+
+def init(directory: str | Path, corpus: str = "corpora/brindle/docs",
+         eval_qa: str | None = "corpora/brindle/qa.jsonl") -> Path:
+    """Write DIR/hybrid.yaml (refusing to overwrite one)."""
+    path = Path(directory) / "hybrid.yaml"
+    if path.exists():
+        raise InputError(f"{path} exists; edit it, or pass another directory")
+    write_text_atomic(path, init_text(corpus, eval_qa))
+    return path

@@ -1,0 +1,110 @@
+"""`hybrid init` and `hybrid run`: one file drives the loop; a rerun redoes only what a change touches."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from hybrid.cli import app
+from hybrid.loop import STAGE_FILE, fingerprints, init_text, load_loop, run_loop, sections
+from retrieval.errors import InputError
+from tests.conftest import BUNDLED
+from tests.tuning.test_sft import small_qa
+
+
+@pytest.fixture()
+def loop_file(tmp_path, tiny_embedder_dir, tiny_llm_dir, monkeypatch):
+    """A loop over the bundled corpus with the tiny models; synth writes fixed bundled questions (the
+    teacher is tested in tests/tuning/test_synth.py; here the stage's wiring is the point)."""
+    import tuning.synth
+
+    rows = small_qa(tmp_path).read_text()
+    calls = []
+
+    def fake_synthesize(cfg, progress=True, log=print):
+        calls.append(cfg.out)
+        open(cfg.out, "w").write(rows)
+        return {}
+
+    monkeypatch.setattr(tuning.synth, "synthesize", fake_synthesize)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(l + "\n" for l in (BUNDLED / "qa.jsonl").read_text().splitlines()[-3:]))
+    doc = {"corpus": str(BUNDLED / "docs"), "out": str(tmp_path / "run"), "eval_qa": str(held),
+           "stages": ["index", "synth", "generator", "eval"],
+           "index": {"embedder": str(tiny_embedder_dir), "chunk_tokens": 96, "overlap": 0},
+           "generator": {"base_model": str(tiny_llm_dir), "num_distractors": 1, "val_fraction": 0,
+                         "test_fraction": 0, "train": {"max_steps": 1, "grad_accum": 1, "max_length": 1024}},
+           "eval": {"base_model": str(tiny_llm_dir), "closed_book": False, "max_new_tokens": 4}}
+    path = tmp_path / "hybrid.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path, calls
+
+
+def test_the_loop_runs_then_skips_what_is_up_to_date_and_redoes_what_a_change_touches(loop_file, tmp_path):
+    path, synth_calls = loop_file
+    quiet = lambda *_: None
+    cfg = load_loop(path)
+    assert run_loop(cfg, progress=False, log=quiet) == {s: "ran" for s in ("index", "synth", "generator", "eval")}
+    run = tmp_path / "run"
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert set(report["configs"]) == {"rag", "rag+raft"} and report["configs"]["rag"]["n"] == 3
+    assert (run / "synth" / "qa.jsonl").is_file() and not (run / "synth.partial").exists()
+    adapter_mtime = (run / "generator" / "adapter_model.safetensors").stat().st_mtime_ns
+
+    assert set(run_loop(load_loop(path), progress=False, log=quiet).values()) == {"up to date"}
+    assert (run / "generator" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime
+    assert len(synth_calls) == 1
+
+    status = run_loop(load_loop(path, ["generator.max_steps=2"]), progress=False, log=quiet)
+    assert status == {"index": "up to date", "synth": "up to date", "generator": "ran", "eval": "ran"}
+    assert json.loads((run / "generator" / "hybrid_run.json").read_text())["steps"] == 2
+    assert len(synth_calls) == 1
+
+
+def test_fingerprints_follow_the_inputs(loop_file, tmp_path):
+    path, _ = loop_file
+    cfg = load_loop(path)
+    base = fingerprints(cfg, sections(cfg))
+    changed = fingerprints(load_loop(path, ["synth.max_chunks=7"]), sections(load_loop(path, ["synth.max_chunks=7"])))
+    assert changed["index"] == base["index"] and all(changed[s] != base[s] for s in ("synth", "generator", "eval"))
+    held = cfg.eval_qa
+    open(held, "a").write("\n")
+    after = fingerprints(cfg, sections(cfg))
+    assert after["generator"] == base["generator"] and after["eval"] != base["eval"]
+
+
+def test_loop_config_errors_name_the_key(loop_file, tmp_path):
+    path, _ = loop_file
+    doc = yaml.safe_load(path.read_text())
+    doc["generator"]["lora_rank"] = 8
+    doc["synth"] = {"index": "elsewhere"}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(InputError, match=r"synth.index are set by the loop"):
+        load_loop(path)
+    del doc["synth"]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(InputError, match=r"generator.lora_rank \(did you mean generator.lora_r\?\)"):
+        load_loop(path)
+    del doc["generator"]["lora_rank"]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(InputError, match="stages: unknown stage 'train'"):
+        load_loop(path, ["stages=index,train"])
+
+
+def test_init_writes_a_file_that_loads_and_cli_run_only(tmp_path, loop_file):
+    runner = CliRunner()
+    res = runner.invoke(app, ["init", str(tmp_path / "new")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "new" / "hybrid.yaml").read_text()
+    assert text == init_text() and "# Questions offered per chunk. (int)" in text
+    cfg = load_loop(tmp_path / "new" / "hybrid.yaml")  # the shipped example is valid as written
+    assert cfg.synth.teacher == "qwen2.5-coder-0.5b" and cfg.generator.train.grad_accum == 4
+    assert runner.invoke(app, ["init", str(tmp_path / "new")]).exit_code == 2  # never overwritten
+    path, _ = loop_file
+    res = runner.invoke(app, ["run", str(path), "--only", "index", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "index: ran" in res.stdout and "generator: skipped" in res.stdout
+    assert json.loads((tmp_path / "run" / STAGE_FILE).read_text()).keys() == {"index"}
+    res = runner.invoke(app, ["run", str(path), "generator.max_steps"])
+    assert res.exit_code == 2 and "use KEY=VALUE" in res.stderr
