@@ -335,6 +335,22 @@ def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.ya
     typer.echo(", ".join(f"{k}: {v}" for k, v in status.items()))
 
 
+config_app = typer.Typer(help="Inspect a loop config.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+@cli_errors
+def config_show_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.yaml."),
+                    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                                    help="Dotted overrides, as for hybrid run.")):
+    """Print the resolved loop config, each key with where its value came from (default, file, override)."""
+    from hybrid.loop import provenance
+
+    for key, value, where in provenance(config, overrides or []):
+        typer.echo(f"{key}: {json.dumps(value)}  # {where}")
+
+
 def main() -> None:  # console-script entry point
     app()
 

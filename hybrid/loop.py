@@ -254,6 +254,35 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
     return status
 
 
+def provenance(path: str | Path, overrides: list[str] = ()) -> list[tuple[str, Any, str]]:
+    """Every resolved key of the loop as (dotted key, value, where it came from: default | file | override)."""
+    cfg = load_loop(path, overrides)
+    loaded, given = load_yaml(path), parse_overrides(list(overrides))
+
+    def has(tree, keys) -> bool:
+        for k in keys:
+            if not isinstance(tree, dict) or k not in tree:
+                return False
+            tree = tree[k]
+        return True
+
+    rows = []
+
+    def walk(obj, keys: list[str], skip: set[str]):
+        for f in dataclasses.fields(obj):
+            if f.name in skip:
+                continue
+            value, here = getattr(obj, f.name), keys + [f.name]
+            if dataclasses.is_dataclass(value):
+                walk(value, here, WIRED.get(f.name, set()) if not keys else {"groups"} if f.name == "train" else set())
+                continue
+            where = "override" if has(given, here) else "file" if has(loaded, here) else "default"
+            rows.append((".".join(here), value, where))
+
+    walk(cfg, [], set())
+    return rows
+
+
 # --- hybrid init ---------------------------------------------------------------------------------
 def _type_name(tp) -> str:
     import typing

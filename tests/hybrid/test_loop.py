@@ -108,3 +108,13 @@ def test_init_writes_a_file_that_loads_and_cli_run_only(tmp_path, loop_file):
     assert json.loads((tmp_path / "run" / STAGE_FILE).read_text()).keys() == {"index"}
     res = runner.invoke(app, ["run", str(path), "generator.max_steps"])
     assert res.exit_code == 2 and "use KEY=VALUE" in res.stderr
+
+
+def test_config_show_says_where_each_value_came_from(loop_file):
+    path, _ = loop_file
+    res = CliRunner().invoke(app, ["config", "show", str(path), "generator.max_steps=9"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert "generator.train.max_steps: 9  # override" in lines
+    assert "index.chunk_tokens: 96  # file" in lines and "index.hnsw_m: 32  # default" in lines
+    assert not any(l.startswith(("synth.index:", "eval.adapters:", "generator.train.groups:")) for l in lines)
