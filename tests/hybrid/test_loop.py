@@ -118,3 +118,11 @@ def test_config_show_says_where_each_value_came_from(loop_file):
     assert "generator.train.max_steps: 9  # override" in lines
     assert "index.chunk_tokens: 96  # file" in lines and "index.hnsw_m: 32  # default" in lines
     assert not any(l.startswith(("synth.index:", "eval.adapters:", "generator.train.groups:")) for l in lines)
+
+
+def test_the_shipped_example_loads(monkeypatch):
+    monkeypatch.chdir(BUNDLED.parents[1])  # its paths are relative to the repository root
+    cfg = load_loop(BUNDLED / "hybrid.yaml")
+    secs = sections(cfg)
+    assert cfg.generator.train.learning_rate == 1e-3 and secs["generator"].train.groups == cfg.groups
+    assert secs["eval"].limit == 40 and secs["synth"].max_chunks == 60
