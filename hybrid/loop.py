@@ -28,6 +28,7 @@ import yaml
 
 from hybrid.config import _hints, _strip_optional, build_config, load_yaml
 from hybrid.factuality import EvalConfig
+from hybrid.tracking import Tracker, TrackingConfig, adapter_scope
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.embedder_tuning import EmbedderTuneConfig
 from retrieval.errors import InputError
@@ -66,6 +67,7 @@ class LoopConfig:
     generator: GeneratorTuneConfig = field(default_factory=lambda: GeneratorTuneConfig(out=""),
                                            metadata={"help": "hybrid tune generator"})
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(qa=""), metadata={"help": "hybrid eval"})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow tracking"})
 
     def problems(self) -> list[str]:
         out = [f"stages: unknown stage '{s}' (known: {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
@@ -197,6 +199,13 @@ def _run_stage(name: str, cfg: LoopConfig, sec, progress: bool, log: Callable[[s
         run_eval(sec, progress=progress)
 
 
+def _lineage(cfg: LoopConfig, resolved: dict, name: str, fp: dict[str, str]) -> dict[str, str]:
+    tags = {"hybrid.access_scope": ",".join(sorted(cfg.groups)) or "public", "hybrid.index_fingerprint": fp["index"]}
+    if name in ("generator", "eval"):
+        tags["hybrid.base_model"] = str(resolved["generator"].base_model or "smollm2")
+    return tags
+
+
 def _output(name: str, out: Path) -> Path:
     return out / {"index": "index", "synth": "synth/qa.jsonl", "embedder": "embedder", "generator": "generator",
                   "eval": "eval/report.json"}[name]
@@ -213,6 +222,11 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
     resolved = sections(cfg)
     problems = [f"{name}: {p}" for name in STAGES[1:] if name in cfg.stages and (name != "eval" or cfg.eval_qa)
                 for p in resolved[name].problems()]
+    t = cfg.tracking
+    if t.backend == "mlflow" and t.log_adapters and (missing := sorted(set(cfg.groups) - set(t.store_groups))):
+        problems.append(f"tracking.log_adapters: the adapter will be trained on {', '.join(cfg.groups)}; the store is "
+                        f"declared for {', '.join(t.store_groups) or 'public artifacts only'} (tracking.store_groups), "
+                        f"lacking {', '.join(missing)}: add them only if this store may hold them")
     if only and (bad := [s for s in only if s not in cfg.stages]):
         problems.append(f"--only {','.join(bad)}: not among the config's stages ({', '.join(cfg.stages)})")
     if problems:
@@ -220,6 +234,21 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
     out.mkdir(parents=True, exist_ok=True)
     record_file = out / STAGE_FILE
     done = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    scope = ",".join(sorted(cfg.groups)) or "public"
+    tracker = Tracker(cfg.tracking, out, {"hybrid.access_scope": scope, "hybrid.corpus": str(cfg.corpus)}) \
+        if cfg.tracking.backend == "mlflow" else None
+    try:
+        status = _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    if tracker is not None:
+        tracker.end()
+    return status
+
+
+def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker) -> dict[str, str]:
     status = {}
     for name in [s for s in STAGES if s in cfg.stages]:
         if only and name not in only:
@@ -229,7 +258,8 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
             status[name] = "skipped"
             log("eval: skipped (no eval_qa: no hand-written questions to score)")
             continue
-        fp = fingerprints(cfg, resolved)[name]  # recomputed: an upstream stage that just ran changed its inputs
+        fps = fingerprints(cfg, resolved)  # recomputed: an upstream stage that just ran changed its inputs
+        fp = fps[name]
         if done.get(name) == fp and _output(name, out).exists():
             status[name] = "up to date"
             log(f"{name}: up to date")
@@ -250,6 +280,9 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
         done[name] = fp
         write_text_atomic(record_file, json.dumps(done, indent=2))
         status[name] = "ran"
+        if tracker is not None:
+            tracker.stage(name, resolved[name], fp, _lineage(cfg, resolved, name, fps),
+                          adapter_scope(out) if name == "generator" else None)
         log(f"{name}: done in {time.perf_counter() - t0:.1f} s")
     return status
 

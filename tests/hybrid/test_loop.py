@@ -35,7 +35,8 @@ def loop_file(tmp_path, tiny_embedder_dir, tiny_llm_dir, monkeypatch):
            "index": {"embedder": str(tiny_embedder_dir), "chunk_tokens": 96, "overlap": 0},
            "generator": {"base_model": str(tiny_llm_dir), "num_distractors": 1, "val_fraction": 0,
                          "test_fraction": 0, "train": {"max_steps": 1, "grad_accum": 1, "max_length": 1024}},
-           "eval": {"base_model": str(tiny_llm_dir), "closed_book": False, "max_new_tokens": 4}}
+           "eval": {"base_model": str(tiny_llm_dir), "closed_book": False, "max_new_tokens": 4},
+           "tracking": {"backend": "none"}}
     path = tmp_path / "hybrid.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path, calls
@@ -126,3 +127,37 @@ def test_the_shipped_example_loads(monkeypatch):
     secs = sections(cfg)
     assert cfg.generator.train.learning_rate == 1e-3 and secs["generator"].train.groups == cfg.groups
     assert secs["eval"].limit == 40 and secs["synth"].max_chunks == 60
+
+
+def test_mlflow_holds_each_stage_params_metrics_artifacts_and_scope(loop_file, tmp_path):
+    from mlflow import MlflowClient
+
+    path, _ = loop_file
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    cfg = load_loop(path, [f"tracking.backend=mlflow", f"tracking.uri={uri}", "tracking.experiment=t",
+                           "stages=index,synth,generator,eval", "groups=hr"])
+    run_loop(cfg, progress=False, log=lambda *_: None)
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])}
+    assert set(runs) == {"loop", "index", "synth", "generator", "eval"}
+    parent = runs["loop"].info.run_id
+    assert all(runs[s].data.tags["mlflow.parentRunId"] == parent for s in ("index", "synth", "generator", "eval"))
+    assert all(r.data.tags["hybrid.access_scope"] == "hr" for r in runs.values())
+    gen, ev = runs["generator"], runs["eval"]
+    assert gen.data.params["train.max_steps"] == "1" and gen.data.params["base_model"] == cfg.generator.base_model
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert ev.data.metrics["rag.accuracy"] == report["configs"]["rag"]["accuracy"]
+    assert ev.data.metrics["rag_plus_raft.hallucination_rate"] == report["configs"]["rag+raft"]["hallucination_rate"]
+    assert [m.step for m in client.get_metric_history(gen.info.run_id, "train_loss.loss")] == [1]
+    assert {a.path for a in client.list_artifacts(ev.info.run_id)} >= {"report.md", "chart.png", "params.json"}
+    assert "hybrid_run.json" in {a.path for a in client.list_artifacts(gen.info.run_id)}
+    # an hr adapter never goes to a store not declared for hr
+    with pytest.raises(InputError, match="tracking.log_adapters: .*lacking hr"):
+        run_loop(load_loop(path, [f"tracking.backend=mlflow", f"tracking.uri={uri}", "tracking.log_adapters=true",
+                                  "groups=hr"]), progress=False, log=lambda *_: None)
+    run_loop(load_loop(path, [f"tracking.backend=mlflow", f"tracking.uri={uri}", "tracking.experiment=t",
+                              "tracking.log_adapters=true", "tracking.store_groups=[hr]", "groups=hr",
+                              "stages=index,synth,generator", "generator.max_steps=2"]), progress=False, log=lambda *_: None)
+    latest = max((r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])
+                  if r.info.run_name == "generator"), key=lambda r: r.info.start_time)
+    assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(latest.info.run_id, "adapter")}

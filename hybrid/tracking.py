@@ -1,0 +1,152 @@
+"""Tracking `hybrid run` in MLflow: one parent run per loop, one nested run per stage that ran.
+
+Each stage run holds its resolved settings as params (flattened `section.key`; values longer than
+MLflow's limit go whole into `params.json`), the stage's own numbers as metrics (index counts,
+synth filter counts, embedder and eval metrics with their interval bounds, the generator's
+losses, steps and memory), its small outputs as artifacts (report.md, chart.png, loss.png,
+hybrid_run.json, synth_report.json) and tags tying the lineage together (stage fingerprint,
+corpus fingerprint, base model, access scope).
+
+Access: nothing a stage read from the documents is logged — no predictions, no training rows —
+and every run is tagged with the groups it was allowed to read (`hybrid.access_scope`). An adapter
+holds what it learned in its weights, so `log_adapters` uploads one only when its scope lies within
+`store_groups`, the groups the tracking store is declared fit to hold; otherwise the loop stops
+before uploading, naming the groups.
+
+    tracking: {backend: mlflow, uri: sqlite:///runs/loop/mlflow.db, experiment: hybrid,
+               log_adapters: true, store_groups: [hr]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Literal
+
+from retrieval import access
+from retrieval.errors import InputError
+
+PARAM_LIMIT = 500  # MLflow refuses longer param values (6000 in recent servers; kept low for any store)
+
+
+@dataclass
+class TrackingConfig:
+    """Where `hybrid run` records its stages (YAML section `tracking`)."""
+
+    backend: Literal["none", "mlflow"] = field(default="mlflow", metadata={
+        "help": "mlflow: a run per stage, nested under one per loop; none: no tracking."})
+    uri: str | None = field(default=None, metadata={
+        "help": "Tracking URI; default $MLFLOW_TRACKING_URI, else a SQLite store OUT/mlflow.db (nothing to start)."})
+    experiment: str | None = field(default=None, metadata={
+        "help": "Experiment name; default $MLFLOW_EXPERIMENT_NAME, else hybrid."})
+    run_name: str | None = field(default=None, metadata={"help": "Name of the loop's parent run (default: loop)."})
+    log_adapters: bool = field(default=False, metadata={"help": "Upload the generator's adapter as an artifact."})
+    store_groups: list[str] = field(default_factory=list, metadata={
+        "help": "Access groups whose trained artifacts this store may hold; an adapter with other groups is "
+                "never uploaded."})
+
+
+def flat(obj, prefix: str = "") -> dict[str, object]:
+    """A config (dataclass or mapping) as {dotted key: value}."""
+    d = asdict(obj) if is_dataclass(obj) else obj
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _metric_name(name: str) -> str:
+    return name.replace("@", "_at_").replace("+", "_plus_").replace("|", "_or_")
+
+
+def stage_metrics(name: str, out: Path) -> dict[str, float]:
+    """The numbers a finished stage wrote to its own files."""
+    metrics: dict[str, float] = {}
+
+    def numbers(d: dict, prefix: str):
+        for k, v in d.items():
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, (int, float)):
+                metrics[_metric_name(prefix + k)] = float(v)
+            elif isinstance(v, dict):
+                numbers(v, f"{prefix}{k}.")
+            elif isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+                metrics[_metric_name(prefix + k + ".low")], metrics[_metric_name(prefix + k + ".high")] = map(float, v)
+
+    if name == "index":
+        numbers(json.loads((out / "index" / "manifest.json").read_text())["counts"], "")
+    elif name == "synth" and (f := out / "synth" / "synth_report.json").is_file():
+        rep = json.loads(f.read_text())
+        numbers({k: v for k, v in rep.items() if k != "settings"}, "")
+    elif name == "embedder" and (f := out / "embedder" / "hybrid_tuning.json").is_file():
+        numbers(json.loads(f.read_text()), "")
+    elif name == "generator":
+        rec = json.loads((out / "generator" / "hybrid_run.json").read_text())
+        numbers({k: rec[k] for k in ("steps", "minutes", "final_val_loss") if rec.get(k) is not None}, "")
+        numbers(rec.get("memory_measured") or {}, "memory.")  # plan vs measured peak
+    elif name == "eval":
+        numbers(json.loads((out / "eval" / "report.json").read_text())["configs"], "")
+    return metrics
+
+
+ARTIFACTS = {"index": ["index/manifest.json"], "synth": ["synth/synth_report.json"],
+             "embedder": [], "generator": ["generator/hybrid_run.json", "generator/loss.png"],
+             "eval": ["eval/report.md", "eval/report.json", "eval/chart.png"]}
+
+
+class Tracker:
+    """The loop's MLflow parent run; `stage(...)` logs one finished stage as a nested run."""
+
+    def __init__(self, cfg: TrackingConfig, out: Path, tags: dict[str, str]):
+        import mlflow
+
+        self.cfg, self.out, self.mlflow = cfg, out, mlflow
+        uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        mlflow.set_tracking_uri(uri)
+        name = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hybrid"
+        if mlflow.get_experiment_by_name(name) is None:  # artifacts beside the store, not in the cwd
+            mlflow.create_experiment(name, artifact_location=(out / "mlartifacts").resolve().as_uri())
+        mlflow.set_experiment(name)
+        self.parent = mlflow.start_run(run_name=cfg.run_name or "loop", tags=tags)
+
+    def stage(self, name: str, section, fingerprint: str, tags: dict[str, str], adapter_scope=None) -> None:
+        mlflow = self.mlflow
+        with mlflow.start_run(run_name=name, nested=True, tags={"hybrid.stage": name,
+                                                                  "hybrid.fingerprint": fingerprint, **tags}):
+            params = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in flat(section).items()}
+            mlflow.log_params({k: v for k, v in params.items() if len(v) <= PARAM_LIMIT})
+            mlflow.log_dict(params, "params.json")  # every value whole, the long ones included
+            if metrics := stage_metrics(name, self.out):
+                mlflow.log_metrics(metrics)
+            if name == "generator":  # the trainer's per-step log, as metric histories
+                rec = json.loads((self.out / "generator" / "hybrid_run.json").read_text())
+                for kind in ("train_loss", "val_loss"):
+                    for row in rec.get(kind) or []:
+                        mlflow.log_metrics({_metric_name(f"{kind}.{k}"): float(v) for k, v in row.items()
+                                            if k != "step" and isinstance(v, (int, float))}, step=int(row["step"]))
+            for rel in ARTIFACTS[name]:
+                if (self.out / rel).is_file():
+                    mlflow.log_artifact(str(self.out / rel))
+            if name == "generator" and self.cfg.log_adapters:
+                self._log_adapter(adapter_scope or [])
+
+    def _log_adapter(self, scope: list[str]) -> None:
+        if missing := sorted(set(scope) - set(self.cfg.store_groups)):
+            raise InputError(f"tracking.log_adapters: the adapter was trained on documents of {', '.join(scope)}; the "
+                             f"store is declared for {', '.join(self.cfg.store_groups) or 'public artifacts only'} "
+                             f"(tracking.store_groups), so it is not uploaded; add {', '.join(missing)} to "
+                             f"store_groups only if this store may hold them")
+        self.mlflow.log_artifacts(str(self.out / "generator"), artifact_path="adapter")
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+def adapter_scope(out: Path) -> list[str]:
+    return access.scope(out / "generator") or []
