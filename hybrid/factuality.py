@@ -91,9 +91,26 @@ class EvalConfig:
                 "whose answer the judge finds best supported (+cal: abstaining where the best-calibrated one would)."})
     out: str | None = field(default=None, metadata={
         "help": "Report dir: report.json, report.md, chart.png, predictions.jsonl (resumable)."})
+    shard: str | None = field(default=None, metadata={
+        "help": "I/N: answer only every N-th question from the I-th (0-based), e.g. one process of N; "
+                "then --merge the N report dirs."})
+    merge: list[str] = field(default_factory=list, metadata={
+        "help": "Report dir of a --shard run (repeat, all N): one report over every question, no generation."})
+
+    def shard_of(self) -> tuple[int, int] | None:
+        if self.shard is None:
+            return None
+        i, _, n = self.shard.partition("/")
+        return int(i), int(n)
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)
+        if self.shard is not None:
+            i, _, n = self.shard.partition("/")
+            if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+                out.append(f"--shard {self.shard}: use I/N with 0 <= I < N, e.g. 0/2")
+        if self.shard is not None and self.merge:
+            out.append("--shard and --merge: run the shards first, then merge them in a run of its own")
         if self.k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             out.append("-k, --batch-size and --max-new-tokens must be >= 1")
         if self.limit < 0:
@@ -180,12 +197,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     if out:
         check_writable(out, "--out")  # before any work, not after an hour of generating
     rows = sample_rows(load_qa(cfg.qa), cfg.limit, cfg.seed)
+    if (shard := cfg.shard_of()) is not None:  # after sampling: the N shards split the same questions
+        rows = rows[shard[0]::shard[1]]
     needs_index = [r.id for r in rows if r.passages is None]
     if needs_index and not cfg.index:
         raise InputError(f"{cfg.qa}: {len(needs_index)} rows have no 'passages' (e.g. {needs_index[0]}); "
                          f"pass --index to retrieve them")
     configs = (["closed_book"] if cfg.closed_book else []) + ["rag"] + [f"rag+{n}" for n in cfg.adapters]
-    done = resume(cfg, configs)
+    done = merged(cfg, configs, rows) if cfg.merge else resume(cfg, configs)
     judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate) if cfg.judge else None  # refused now, not later
     calibrations = {n: c for n, d in cfg.adapters.items() if (c := load_calibration(d)) is not None}
     thresholds = {f"rag+{n}": float(c["threshold"]) for n, c in calibrations.items()}
@@ -224,6 +243,38 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     return report
 
 
+def merged(cfg: EvalConfig, configs: list[str], rows: list[QARow]) -> dict[tuple[str, str], dict]:
+    """The predictions of `--merge` shard dirs, checked to be runs of these settings that together
+    answer every (configuration, question) of this run."""
+    want, done = signature(cfg), {}
+    for d in cfg.merge:
+        try:
+            meta = json.loads((Path(d) / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise InputError(f"--merge {d}: no run.json; pass the --out dir of a 'hybrid eval --shard I/N' run") from None
+        if not isinstance(meta, dict) or meta.get("signature") != want:
+            raise InputError(f"--merge {d}: a run with other settings than these (qa, index, adapters, limit, seed, "
+                             f"k, ...); merge shards of one run, with its settings")
+        for n, p in read_jsonl(Path(d) / "predictions.jsonl", "--merge", "predictions"):
+            if not isinstance(p, dict) or not {"config", "id"} <= set(p):
+                raise InputError(f"--merge {d}/predictions.jsonl:{n}: not a prediction line")
+            done[(p["config"], p["id"])] = p
+    missing = [(c, r.id) for c in configs for r in rows if (c, r.id) not in done]
+    if missing:
+        raise InputError(f"--merge: {len(missing)} answers missing (e.g. {missing[0][1]} in {missing[0][0]}); "
+                         f"pass every shard's dir, each run to the end")
+    return done
+
+
+def signature(cfg: EvalConfig) -> str:
+    """What a run's answers depend on (the shard aside: every shard of a run has the run's signature).
+    The judge is not part of it: its scores are added afterwards and redone when the judge changes."""
+    return hashlib.sha256(json.dumps([
+        sha256_file(Path(cfg.qa)), cfg.index, sorted(cfg.adapters.items()),
+        {n: run_record.fingerprint(d) for n, d in sorted(cfg.adapters.items())}, cfg.limit, cfg.seed, cfg.k,
+        cfg.groups or None, cfg.max_new_tokens, cfg.base_model]).encode()).hexdigest()
+
+
 def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
     """Plan stage: the predictions an earlier run with the same settings already wrote to --out.
 
@@ -231,19 +282,14 @@ def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
         InputError: --out holds predictions of a run with other settings.
     """
     out = Path(cfg.out) if cfg.out else None
-    # What the answers depend on. The judge is not part of it: its scores are added afterwards
-    # and redone when the judge changes, without generating again.
-    signature = hashlib.sha256(json.dumps([
-        sha256_file(Path(cfg.qa)), cfg.index, sorted(cfg.adapters.items()),
-        {n: run_record.fingerprint(d) for n, d in sorted(cfg.adapters.items())}, cfg.limit, cfg.seed, cfg.k,
-        cfg.groups or None, cfg.max_new_tokens, cfg.base_model]).encode()).hexdigest()
+    sig = signature(cfg)
     done: dict[tuple[str, str], dict] = {}
     if out and (out / "predictions.jsonl").exists() and (out / "predictions.jsonl").stat().st_size:
         try:
             meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = {}
-        if not isinstance(meta, dict) or meta.get("signature") != signature:
+        if not isinstance(meta, dict) or meta.get("signature") != sig or meta.get("shard") != cfg.shard:
             raise InputError(f"--out {out}: holds predictions of a run with other settings; use another --out or "
                              f"delete it")
         for n, p in read_jsonl(out / "predictions.jsonl", "--out", "predictions"):
@@ -252,7 +298,7 @@ def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
             done[(p["config"], p["id"])] = p
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "run.json", json.dumps({"signature": signature, "configs": configs}))
+        write_text_atomic(out / "run.json", json.dumps({"signature": sig, "shard": cfg.shard, "configs": configs}))
     return done
 
 

@@ -275,3 +275,25 @@ def test_eval_select_picks_the_best_supported_answer_and_lets_the_best_calibrate
                else preds[(chosen[i], i)]["label"]) for i in ids]
     assert again["configs"]["rag+a|b+cal"]["abstention_rate"] == pytest.approx(served.count("abstained") / len(ids))
     assert again["configs"]["rag+a|b+cal"]["accuracy"] == pytest.approx(served.count("correct") / len(ids))
+
+
+def test_shards_merged_give_the_single_process_report(tmp_path, fixed_qa, two_adapters, bundled_tiny_index):
+    import dataclasses
+
+    base = EvalConfig(qa=str(fixed_qa), index=str(bundled_tiny_index), adapters={"a": two_adapters["a"]},
+                      max_new_tokens=6, batch_size=1, closed_book=False)
+    whole = run_eval(dataclasses.replace(base, out=str(tmp_path / "whole")), progress=False)
+    for i in (0, 1):
+        part = run_eval(dataclasses.replace(base, shard=f"{i}/2", out=str(tmp_path / f"s{i}")), progress=False)
+        assert part["n_questions"] == (2 if i == 0 else 1)  # rows 0, 2 and row 1
+    with pytest.raises(Exception, match="1 answers missing|answers missing"):
+        run_eval(dataclasses.replace(base, merge=[str(tmp_path / "s0")]), progress=False)
+    merged = run_eval(dataclasses.replace(base, merge=[str(tmp_path / "s0"), str(tmp_path / "s1")],
+                                          out=str(tmp_path / "merged")), progress=False)
+    strip = lambda r: {c: {k: v for k, v in m.items() if not k.startswith("latency") and k != "tokens_per_s"}  # noqa: E731
+                       for c, m in r["configs"].items()}
+    assert strip(merged) == strip(whole) and merged["comparisons"] == whole["comparisons"]
+    with pytest.raises(Exception, match="other settings"):
+        run_eval(dataclasses.replace(base, limit=2, merge=[str(tmp_path / "s0"), str(tmp_path / "s1")]),
+                 progress=False)
+    assert "--shard 2/2: use I/N" in "; ".join(dataclasses.replace(base, shard="2/2").problems())
