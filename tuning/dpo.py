@@ -385,22 +385,24 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     log(f"memory: planned {measured['planned_bytes'] / GiB:.2f} GiB, measured peak {measured['peak_bytes'] / GiB:.2f} "
         f"GiB ({measured['what']})")
 
-    # --- save (atomic) -----------------------------------------------------------------------
-    with staged_dir(out) as tmp:
-        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
-        tok.save_pretrained(str(tmp))
-        write_jsonl(tmp / "dpo_pairs.jsonl", pairs)
-        history = trainer.state.log_history
-        record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
-                  "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
-                  "access": access.record(cfg.train.groups, sorted({g for p in pairs for g in p["groups"]})),
-                  "data": {"held_out_ids": sorted(held), "pairs": len(pairs), "skipped_restricted": len(dropped),
-                           "by_source": {s: sum(p["source"] == s for p in pairs) for s in _sources(pairs)},
-                           "questions": questions, "pairs_file": cfg.pairs_file},
-                  "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
-                  "stopped_early": budget.stopped_early, "memory_plan": mplan, "memory_measured": measured,
-                  "minutes": round((time.perf_counter() - t0) / 60, 2)}
-        run_record.write(tmp, record)
-        access.write(tmp, record["access"])
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    # --- save (atomic; under torchrun / accelerate launch, rank 0 only) -------------------------
+    history = trainer.state.log_history
+    record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
+              "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
+              "access": access.record(cfg.train.groups, sorted({g for p in pairs for g in p["groups"]})),
+              "data": {"held_out_ids": sorted(held), "pairs": len(pairs), "skipped_restricted": len(dropped),
+                       "by_source": {s: sum(p["source"] == s for p in pairs) for s in _sources(pairs)},
+                       "questions": questions, "pairs_file": cfg.pairs_file},
+              "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
+              "stopped_early": budget.stopped_early, "memory_plan": mplan, "memory_measured": measured,
+              "minutes": round((time.perf_counter() - t0) / 60, 2)}
+    if trainer.is_world_process_zero():
+        with staged_dir(out) as tmp:
+            trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
+            tok.save_pretrained(str(tmp))
+            write_jsonl(tmp / "dpo_pairs.jsonl", pairs)
+            run_record.write(tmp, record)
+            access.write(tmp, record["access"])
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return record

@@ -220,8 +220,12 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         "final_val_loss": final_eval.get("eval_loss"), "steps": trainer.state.global_step,
         "stopped_early": budget.stopped_early, "minutes": round((time.perf_counter() - t0) / 60, 2),
     }
-    save(cfg, trainer, data, record)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    # Under torchrun / accelerate launch every rank trains on its shard of the data (the trainer
+    # shards it); only rank 0 writes the adapter, its run record and its access tag.
+    if trainer.is_world_process_zero():
+        save(cfg, trainer, data, record)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the adapter is in place
     return record
 
 

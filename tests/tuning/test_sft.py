@@ -276,3 +276,64 @@ def test_a_batch_the_plan_cannot_hold_is_split_into_accumulated_micro_batches(tm
     # the same sequences per optimizer step: the tokens counted at each step match the unsplit run
     tokens = lambda rec: [h["num_tokens"] for h in rec["train_loss"]]  # noqa: E731
     assert tokens(split) == tokens(whole) and len(tokens(whole)) == 2
+
+
+def test_two_process_torchrun_trains_like_one_process_and_writes_one_adapter(tmp_path, bundled_tiny_index,
+                                                                           tiny_llm_dir):
+    """DDP on CPU (gloo): 2 ranks x grad_accum 1 against 1 process x grad_accum 2, the same global batches.
+
+    With LoRA dropout and NEFTune off nothing is random but the data order, which the trainer keeps:
+    rank r takes the r-th micro-batch of each global batch, as accumulation takes them in turn. The
+    gradients are then the same averages, so the two runs must agree to float precision (measured:
+    identical losses, lora_B difference 0.0); 1e-4 leaves room for a different reduction order."""
+    import subprocess
+    import sys
+
+    qa = small_qa(tmp_path)
+    common = ["--index", str(bundled_tiny_index), "--qa", str(qa), "--base-model", str(tiny_llm_dir), "-q",
+              "--num-distractors", "1", "--val-fraction", "0", "--test-fraction", "0", "--max-steps", "3",
+              "--learning-rate", "1e-3", "--max-length", "1024", "--save-steps", "1000",
+              "--lora-dropout", "0", "--neftune-alpha", "0"]  # no randomness but the data order
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", "-m", "hybrid.cli", "tune", "generator", *common, "--out", str(tmp_path / "ddp"),
+                          "--grad-accum", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "hybrid.cli", "tune", "generator", *common,
+                          "--out", str(tmp_path / "one"), "--grad-accum", "2"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rec_ddp = json.loads((tmp_path / "ddp" / "hybrid_run.json").read_text())
+    rec_one = json.loads((tmp_path / "one" / "hybrid_run.json").read_text())
+    assert rec_ddp["steps"] == rec_one["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ddp")) == ["ddp"]  # one adapter, no leftovers
+    assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
+    ddp_loss = [h["loss"] for h in rec_ddp["train_loss"]]
+    one_loss = [h["loss"] for h in rec_one["train_loss"]]
+    assert all(abs(x - y) <= 1e-4 * abs(y) for x, y in zip(ddp_loss, one_loss)), (ddp_loss, one_loss)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ddp", "one"))
+    assert a.keys() == b.keys()
+    diffs = {k: float((a[k] - b[k]).norm() / b[k].norm()) for k in a if "lora_B" in k}
+    assert max(diffs.values()) < 1e-4, diffs
+
+    # DPO on top, from prepared pairs (sampled pairs would differ per rank): the same agreement
+    examples = [json.loads(l) for l in (tmp_path / "one" / "raft_train.jsonl").read_text().splitlines()][:4]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": e["id"], "prompt": e["prompt"], "chosen": e["completion"], "rejected": [
+        {"role": "assistant", "content": "##Answer: forty goats"}]}) + "\n" for e in examples))
+    dpo = ["tune", "dpo", "--pairs-file", str(pairs), "--adapter", str(tmp_path / "one"), "--max-steps", "2",
+           "--batch-size", "1", "-q"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29518", "-m", "hybrid.cli", *dpo, "--out", str(tmp_path / "dpo_ddp"), "--grad-accum", "1"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "hybrid.cli", *dpo, "--out", str(tmp_path / "dpo_one"),
+                          "--grad-accum", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    logs = [[h["loss"] for h in json.loads((tmp_path / d / "hybrid_run.json").read_text())["train_log"]]
+            for d in ("dpo_ddp", "dpo_one")]
+    assert len(logs[0]) == len(logs[1]) == 2 and all(abs(x - y) <= 1e-4 * abs(y) for x, y in zip(*logs)), logs
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("dpo_ddp", "dpo_one"))
+    assert max(float((a[k] - b[k]).norm() / b[k].norm()) for k in a if "lora_B" in k) < 1e-4
