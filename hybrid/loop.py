@@ -20,6 +20,7 @@ import hashlib
 import json
 import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -88,9 +89,9 @@ def parse_overrides(pairs: list[str]) -> dict:
         if not eq or not key:
             raise InputError(f"override {pair!r}: use KEY=VALUE, e.g. generator.max_steps=80")
         path = key.split(".")
-        section = next((f for f in dataclasses.fields(LoopConfig) if f.name == path[0]), None)
-        if section is not None and dataclasses.is_dataclass(_hints(LoopConfig)[path[0]]) and len(path) == 2:
-            own = {f.name for f in dataclasses.fields(_hints(LoopConfig)[path[0]])}
+        section = _hints(LoopConfig).get(path[0])
+        if len(path) == 2 and dataclasses.is_dataclass(section):
+            own = {f.name for f in dataclasses.fields(section)}
             if path[1] not in own and "train" in own and path[1] in {f.name for f in dataclasses.fields(TrainSettings)}:
                 path = [path[0], "train", path[1]]
         node = nested
@@ -318,8 +319,6 @@ def provenance(path: str | Path, overrides: list[str] = ()) -> list[tuple[str, A
 
 # --- hybrid init ---------------------------------------------------------------------------------
 def _type_name(tp) -> str:
-    import typing
-
     tp, optional = _strip_optional(tp)
     if typing.get_origin(tp) is typing.Literal:
         name = "one of " + " | ".join(map(str, typing.get_args(tp)))
