@@ -104,10 +104,28 @@ def _unknown(name: str, known: list[str], prefix: str) -> str:
     return prefix + name + (f" (did you mean {prefix}{close[0]}?)" if close else "")
 
 
+def _hoist(cls: type, mapping: dict, prefix: str, problems: list[str]) -> dict:
+    """A shared training setting written at the section's level (`generator: {max_steps: 80}`,
+    `generator.distributed=ddp`) is the nested `train:` one: the one rule for files and overrides."""
+    nested = {f.name: _hints(cls)[f.name] for f in dataclasses.fields(cls) if f.name == "train"}
+    if not nested or not dataclasses.is_dataclass(nested["train"]):
+        return mapping
+    own, train_keys = {f.name for f in dataclasses.fields(cls)}, {f.name for f in dataclasses.fields(nested["train"])}
+    moved = {k: v for k, v in mapping.items() if k not in own and k in train_keys}
+    if not moved:
+        return mapping
+    train = dict(mapping.get("train") or {}) if isinstance(mapping.get("train"), dict) else {}
+    if twice := sorted(k for k in moved if k in train):
+        problems.append(f"--config: {', '.join(prefix + k for k in twice)} given both at {prefix or 'the top'} and "
+                        f"under {prefix}train; keep one")
+    return {**{k: v for k, v in mapping.items() if k not in moved}, "train": {**moved, **train}}
+
+
 def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: list[str]) -> dict[str, Any]:
     """Constructor kwargs for `cls` from a YAML mapping and flag overrides (both may nest)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _hints(cls)
+    loaded, overrides = _hoist(cls, loaded, prefix, problems), _hoist(cls, overrides, prefix, [])
     unknown = sorted(set(loaded) - set(fields))
     if unknown:
         problems.append(f"--config: unknown key(s) {', '.join(_unknown(u, list(fields), prefix) for u in unknown)}; "
@@ -217,7 +235,7 @@ def flags_of(cls: type, path: tuple[str, ...] = (), defaults: Any = None) -> lis
             raise TypeError(f"{cls.__name__}.{f.name} has no help in its metadata")
         required = default is dataclasses.MISSING
         shown = meta.get("default_help") or ("" if required or default is None else _show(default))
-        help_text = meta["help"] + (f" [default: {shown}]" if shown else "")
+        help_text = meta["help"] + (f" [default: {shown}]" if shown else " [required]" if required else "")
         base, _ = _strip_optional(tp)
         decls = [meta["flag"]] if "flag" in meta else [flag_name(f.name)]
         if meta.get("argument"):
@@ -232,7 +250,8 @@ def flags_of(cls: type, path: tuple[str, ...] = (), defaults: Any = None) -> lis
                 annotation = Optional[base]
             else:
                 annotation = Optional[base]
-            info = typer.Option(None if not required else ..., *decls, help=help_text, show_default=False)
+            # a required field may come from --config too: build_config names it when neither gives it
+            info = typer.Option(None, *decls, help=help_text, show_default=False)
         out.append(_Flag(path + (f.name,), "_".join(path + (f.name,)), annotation, info, meta.get("parse")))
     return out
 

@@ -34,7 +34,6 @@ from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.embedder_tuning import EmbedderTuneConfig
 from retrieval.errors import InputError
 from retrieval.index import IndexConfig
-from retrieval.train_settings import TrainSettings
 from tuning.sft import GeneratorTuneConfig
 from tuning.synth import SynthConfig
 
@@ -82,18 +81,13 @@ class LoopConfig:
 # --- overrides and the resolved sections -----------------------------------------------------------
 def parse_overrides(pairs: list[str]) -> dict:
     """`generator.max_steps=80` pairs as the nested mapping `build_config` takes (values read as YAML;
-    a training setting may skip its `train.`: `generator.learning_rate=1e-4`)."""
+    a training setting may skip its `train.`: `generator.learning_rate=1e-4`, as in the file)."""
     nested: dict = {}
     for pair in pairs:
         key, eq, raw = pair.partition("=")
         if not eq or not key:
             raise InputError(f"override {pair!r}: use KEY=VALUE, e.g. generator.max_steps=80")
-        path = key.split(".")
-        section = _hints(LoopConfig).get(path[0])
-        if len(path) == 2 and dataclasses.is_dataclass(section):
-            own = {f.name for f in dataclasses.fields(section)}
-            if path[1] not in own and "train" in own and path[1] in {f.name for f in dataclasses.fields(TrainSettings)}:
-                path = [path[0], "train", path[1]]
+        path = key.split(".")  # `generator.max_steps` is generator.train.max_steps: the loader hoists it
         node = nested
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -113,9 +107,9 @@ def load_loop(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
     loaded = load_yaml(path)
     set_here = [f"{name}.{key}" for name, keys in WIRED.items() for key in sorted(keys)
                 for src in (loaded, given) if isinstance(src.get(name), dict) and key in src[name]]
-    set_here += [f"{name}.train.groups" for name in ("embedder", "generator") for src in (loaded, given)
-                 if isinstance(src.get(name), dict) and isinstance(src[name].get("train"), dict)
-                 and "groups" in src[name]["train"]]
+    set_here += [f"{name}.train.groups" for name in ("embedder", "generator", "dpo") for src in (loaded, given)
+                 if isinstance(src.get(name), dict) and ("groups" in src[name] or isinstance(src[name].get("train"), dict)
+                                                         and "groups" in src[name]["train"])]
     if set_here:
         raise InputError(f"--config {path}: {', '.join(set_here)} are set by the loop (the paths between stages under "
                          f"'out', the groups from 'groups'); remove them")
@@ -310,7 +304,10 @@ def provenance(path: str | Path, overrides: list[str] = ()) -> list[tuple[str, A
             if dataclasses.is_dataclass(value):
                 walk(value, here, WIRED.get(f.name, set()) if not keys else {"groups"} if f.name == "train" else set())
                 continue
-            where = "override" if has(given, here) else "file" if has(loaded, here) else "default"
+            # a training setting may be written at its section's level (the loader hoists it)
+            short = [k for k in here if k != "train"]
+            where = "override" if has(given, here) or has(given, short) else \
+                "file" if has(loaded, here) or has(loaded, short) else "default"
             rows.append((".".join(here), value, where))
 
     walk(cfg, [], set())

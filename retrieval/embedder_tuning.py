@@ -17,6 +17,7 @@ Access: pairs, negatives and the held-out score use public chunks only unless
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval import access
+from retrieval import access, launch
 from retrieval.atomic import staged_dir, write_text_atomic
 from retrieval.chunking import embed_text
 from retrieval.errors import InputError
@@ -74,7 +75,7 @@ class EmbedderTuneConfig:
             out.append("--relative-margin must be in [0, 1)")
         if self.mine_range <= self.num_negatives:
             out.append("--mine-range must be larger than --num-negatives")
-        return out
+        return out + launch.problems(self.train, allowed=("ddp",))  # 22M-109M parameters: a copy fits any device
 
 
 def pair_problems(cfg) -> list[str]:
@@ -173,6 +174,9 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     """
     if problems := cfg.problems():
         raise InputError("; ".join(problems))
+    if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
+        launch.launch(["tune", "embedder"], cfg, "no", log=lambda m: logging.getLogger(__name__).info(m))
+        return json.loads((Path(cfg.out) / "hybrid_tuning.json").read_text())
     t0 = time.perf_counter()
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
@@ -220,8 +224,10 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         batch_sampler=BatchSamplers.NO_DUPLICATES, seed=t.seed, save_strategy="no", report_to="none",
         logging_steps=10, disable_tqdm=not progress, use_cpu=not _cuda(), dataloader_drop_last=True)
     budget = TimeBudget(t.max_minutes)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined,
-                                         loss=losses.MultipleNegativesRankingLoss(model), callbacks=[budget])
+    # Under DDP each process embeds its own micro-batch; gathering the embeddings across processes
+    # keeps the in-batch negatives those of the global batch, as in one process.
+    loss = losses.MultipleNegativesRankingLoss(model, gather_across_devices=launch.under_launcher())
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined, loss=loss, callbacks=[budget])
     drop_step_printer(trainer, progress)
     with scratch:
         trainer.train()
@@ -250,7 +256,10 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         "access": scope,
     }
 
-    # --- save (atomic: the previous model stays until this one is complete) -----------------
+    # --- save (atomic: the previous model stays until this one is complete; rank 0 only) -------
+    if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()
+        return result
     with staged_dir(out) as stage:
         model.save(str(stage))
         access.write(stage, scope)
@@ -258,6 +267,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         write_jsonl(stage / "train_pairs.jsonl", [{"query": q, "positive": p, "chunk_id": c.chunk_id,
                                                     "groups": list(c.groups)} for q, p, c in pairs])
         write_text_atomic(stage / "hybrid_tuning.json", json.dumps(result, indent=2))
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the model is in place
     return result
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from retrieval import access
+from retrieval import access, launch
 from retrieval.atomic import staged_dir, write_text_atomic
 from retrieval.chunking import embed_text
 from retrieval.embedder import resolve_embedder
@@ -68,6 +68,7 @@ class RerankerTuneConfig:
 
     def problems(self) -> list[str]:
         out = self.train.problems() + pair_problems(self) + literal_problems(self)
+        out += launch.problems(self.train, allowed=("none",))  # one process: small models, minutes
         for name in ("candidates", "num_negatives"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1")

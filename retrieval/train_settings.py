@@ -12,6 +12,7 @@ their own (`--learning-rate`, `--batch-size`, `--group`, ...); in a YAML config 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from retrieval import access
 
@@ -34,6 +35,12 @@ class TrainSettings:
         "flag": "--group", "help": "Also learn from chunks restricted to this access group (repeatable); the result "
                                    "is tagged with these groups and only callers holding them can load it. "
                                    "Without it: public chunks only."})
+    distributed: Literal["none", "ddp", "fsdp2", "zero2", "zero3"] = field(default="none", metadata={
+        "help": "Train in --num-processes processes: ddp (a copy per process; CPU or GPU), fsdp2 or zero2/zero3 "
+                "(DeepSpeed; GPUs: the model sharded). The run starts its own launcher (torchrun on CPU, "
+                "accelerate launch with the shipped config on CUDA); under one already, it just trains."})
+    num_processes: int = field(default=0, metadata={
+        "help": "Processes for --distributed; 0 = one per GPU (on CPU give a number)."})
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)

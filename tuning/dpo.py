@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from retrieval import access
+from retrieval import access, launch
 from retrieval.atomic import staged_dir
 from retrieval.errors import InputError
 from retrieval.jsonl import read_jsonl, write_jsonl
@@ -114,7 +114,11 @@ class DPOTuneConfig:
             out.append("--p-oracle must be in [0, 1] and --test-fraction in [0, 1)")
         if self.num_distractors < 0 or self.max_questions < 0:
             out.append("--num-distractors and --max-questions must be >= 0")
-        return out
+        if self.train.distributed != "none" and not self.pairs_file:
+            # every rank would sample its own pairs from the same questions: different data per rank
+            out.append(f"--distributed {self.train.distributed}: sampled pairs would differ per process; sample them "
+                       f"once (one process), then train on them with --pairs-file OUT/dpo_pairs.jsonl")
+        return out + launch.problems(self.train, allowed=("ddp", "fsdp2", "zero2", "zero3"))
 
 
 def score(text: str, golds, passages: list[dict], oracle: bool, unsupported: bool | None) -> float:
@@ -327,6 +331,9 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not run_record.exists(out):
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
+    if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
+        launch.launch(["tune", "dpo"], cfg, "no", log)  # DPO trains in fp32 (bf16=False below)
+        return run_record.read(out, f"--out {out}")
 
     held = set(sft_run["data"]["held_out_ids"])
     prepared = load_pairs(cfg.pairs_file, held, cfg.train.groups) if cfg.pairs_file else None  # checked before any load
@@ -396,9 +403,10 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
               "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
               "stopped_early": budget.stopped_early, "memory_plan": mplan, "memory_measured": measured,
               "minutes": round((time.perf_counter() - t0) / 60, 2)}
+    state = launch.full_state_dict(trainer)  # every rank: a collective when the weights are sharded
     if trainer.is_world_process_zero():
         with staged_dir(out) as tmp:
-            trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
+            trainer.model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state)
             tok.save_pretrained(str(tmp))
             write_jsonl(tmp / "dpo_pairs.jsonl", pairs)
             run_record.write(tmp, record)

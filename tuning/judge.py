@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval import access
+from retrieval import access, launch
 from retrieval.atomic import staged_dir, write_text_atomic
 from retrieval.corpus import load_corpus
 from retrieval.embedder import resolve_embedder
@@ -279,6 +279,7 @@ class JudgeTuneConfig:
 
     def problems(self) -> list[str]:
         out = self.train.problems()
+        out += launch.problems(self.train, allowed=("none",))  # one process: small models, minutes
         if bool(self.pairs) == bool(self.qa):
             out.append("give --pairs, or --qa with --index (pairs built from a QA file over the index), not both")
         elif self.qa and not self.index:

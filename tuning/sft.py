@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from retrieval import access
+from retrieval import access, launch
 from retrieval.atomic import staged_dir
 from retrieval.errors import InputError
 from retrieval.jsonl import write_jsonl
@@ -102,7 +102,8 @@ class GeneratorTuneConfig:
             out.append("--lora-dropout must be in [0, 1)")
         if self.neftune_alpha < 0:
             out.append("--neftune-alpha must be >= 0")
-        return out
+        return out + launch.problems(self.train, allowed=("ddp", "fsdp2", "zero2", "zero3"),
+                                     quantized=self.strategy == "qlora", merge=self.merge)
 
     @property
     def targets(self) -> list[str] | str:
@@ -188,6 +189,9 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not run_record.exists(out):
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
+    if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
+        launch.launch(["tune", "generator"], cfg, "bf16" if _device() == "cuda" and cfg.strategy != "full" else "no", log)
+        return run_record.read(out, f"--out {out}")
     ckpt_dir = out.parent / f"{out.name}.checkpoints"
     if ckpt_dir.exists() and not cfg.resume:
         shutil.rmtree(ckpt_dir)
@@ -222,8 +226,9 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     }
     # Under torchrun / accelerate launch every rank trains on its shard of the data (the trainer
     # shards it); only rank 0 writes the adapter, its run record and its access tag.
+    state = launch.full_state_dict(trainer)  # every rank: a collective when the weights are sharded
     if trainer.is_world_process_zero():
-        save(cfg, trainer, data, record)
+        save(cfg, trainer, data, record, state)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()  # no rank returns before the adapter is in place
     return record
@@ -323,12 +328,12 @@ def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir
     return trainer, info, budget, peak
 
 
-def save(cfg: GeneratorTuneConfig, trainer, data: RaftData, record: dict) -> None:
+def save(cfg: GeneratorTuneConfig, trainer, data: RaftData, record: dict, state: dict | None = None) -> None:
     """Save stage (atomic: the previous adapter stays until the new one is complete): adapter, tokenizer,
     the RAFT examples, the held-back questions as a QA file, the loss curve, the run record, the
     access tag, and optionally a merged full model."""
     with staged_dir(cfg.out) as tmp:
-        trainer.model.save_pretrained(str(tmp))
+        trainer.model.save_pretrained(str(tmp), state_dict=state)  # state: the gathered weights of a launched run
         trainer.processing_class.save_pretrained(str(tmp))
         write_jsonl(tmp / "raft_train.jsonl", data.train)
         # The held-back questions as a QA file, so `hybrid eval OUT/held_out.jsonl` scores unseen questions.

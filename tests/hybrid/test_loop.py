@@ -161,3 +161,33 @@ def test_mlflow_holds_each_stage_params_metrics_artifacts_and_scope(loop_file, t
     latest = max((r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])
                   if r.info.run_name == "generator"), key=lambda r: r.info.start_time)
     assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(latest.info.run_id, "adapter")}
+
+
+def test_training_settings_may_sit_at_the_sections_level_and_distributed_is_validated(loop_file, tmp_path):
+    import torch
+
+    path, _ = loop_file
+    doc = yaml.safe_load(path.read_text())
+    doc["generator"]["max_steps"] = 2  # generator.max_steps in the file is generator.train.max_steps
+    del doc["generator"]["train"]["max_steps"]
+    path.write_text(yaml.safe_dump(doc))
+    assert load_loop(path).generator.train.max_steps == 2
+    res = CliRunner().invoke(app, ["config", "show", str(path)])
+    assert "generator.train.max_steps: 2  # file" in res.stdout.splitlines()
+    doc["generator"]["train"]["max_steps"] = 3
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(InputError, match=r"generator.max_steps given both at generator. and under generator.train"):
+        load_loop(path)
+    del doc["generator"]["train"]["max_steps"]
+    doc["generator"]["groups"] = ["hr"]  # the loop's groups, hoisted or not
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(InputError, match=r"generator.train.groups are set by the loop"):
+        load_loop(path)
+    del doc["generator"]["groups"]
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_loop(path, ["generator.distributed=ddp", "generator.num_processes=2"])
+    assert (cfg.generator.train.distributed, cfg.generator.train.num_processes) == ("ddp", 2)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"generator: --distributed fsdp2: shards the model across GPUs"):
+            run_loop(load_loop(path, ["generator.distributed=fsdp2"]), progress=False, log=lambda m: None)
+        assert not (tmp_path / "run").exists()  # refused before any stage ran

@@ -325,8 +325,9 @@ def test_two_process_torchrun_trains_like_one_process_and_writes_one_adapter(tmp
         {"role": "assistant", "content": "##Answer: forty goats"}]}) + "\n" for e in examples))
     dpo = ["tune", "dpo", "--pairs-file", str(pairs), "--adapter", str(tmp_path / "one"), "--max-steps", "2",
            "--batch-size", "1", "-q"]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29518", "-m", "hybrid.cli", *dpo, "--out", str(tmp_path / "dpo_ddp"), "--grad-accum", "1"],
+    # this one launches itself: --distributed ddp starts torchrun with the same config
+    ddp = subprocess.run([sys.executable, "-m", "hybrid.cli", *dpo, "--out", str(tmp_path / "dpo_ddp"), "--grad-accum",
+                          "1", "--distributed", "ddp", "--num-processes", "2"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "hybrid.cli", *dpo, "--out", str(tmp_path / "dpo_one"),
