@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 from typer import _click
@@ -112,6 +112,18 @@ def _stderr(quiet: bool):
 
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Print the summary only (no progress bars, no memory plan).")
+TRACK = typer.Option("none", "--track", help="mlflow: record this run (settings, metrics, small outputs; never document "
+                                             "text) in $MLFLOW_TRACKING_URI, else ./mlflow.db; none: nothing.")
+
+
+def _track(track: str, name: str, cfg, stage_out: str | Path, groups) -> None:
+    """`--track mlflow`: the run as hybrid run logs the stage (rank 0 only under a launcher)."""
+    if track == "none" or os.environ.get("RANK", "0") != "0":
+        return
+    from hybrid.tracking import track_command
+
+    run_id = track_command(name, cfg, Path(stage_out), list(groups or []))
+    typer.echo(f"tracked: MLflow run {run_id}", err=True)
 AS_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
@@ -123,6 +135,7 @@ def index_cmd(
     corpus_dir: Path = typer.Argument(..., metavar="CORPUS_DIR", help="Directory of .md/.txt/.jsonl(/.pdf) documents."),
     out: Path = typer.Option(..., "--out", help="Index directory to create or update (atomically)."),
     quiet: bool = QUIET,
+    track: Literal["none", "mlflow"] = TRACK,
 ):
     """Chunk, embed and index a corpus. Re-running embeds only new or changed documents."""
     if not quiet:  # progress through long documents is logged at INFO
@@ -133,6 +146,7 @@ def index_cmd(
     typer.echo(f"indexed {rep.documents} documents ({rep.embedded_documents} embedded, {rep.reused_documents} reused, "
                f"{rep.deleted_documents} dropped, {len(rep.skipped_files)} files skipped) -> {rep.chunks} chunks, "
                f"{rep.index_type} index at {out} in {rep.seconds:.1f}s")
+    _track(track, "index", cfg, out, [])  # counts only: no text of any group is logged
 
 
 @app.command("search")
@@ -156,18 +170,20 @@ def search_cmd(cfg: SearchConfig, as_json: bool = typer.Option(
 @app.command("synth")
 @cli_errors
 @from_config(SynthConfig)
-def synth_cmd(cfg: SynthConfig, quiet: bool = QUIET):
+def synth_cmd(cfg: SynthConfig, quiet: bool = QUIET, track: Literal["none", "mlflow"] = TRACK):
     """Write training questions from the index's own chunks with a local teacher, each checked against the
     documents (span, round trip, consistency, duplicates); resumes an interrupted run."""
     synthesize(cfg, progress=not quiet, log=typer.echo)
+    _track(track, "synth", cfg, Path(cfg.out).parent, cfg.groups)
 
 
 @tune_app.command("embedder")
 @cli_errors
 @from_config(EmbedderTuneConfig)
-def tune_embedder_cmd(cfg: EmbedderTuneConfig, as_json: bool = AS_JSON):
+def tune_embedder_cmd(cfg: EmbedderTuneConfig, as_json: bool = AS_JSON, track: Literal["none", "mlflow"] = TRACK):
     """Contrastive fine-tuning of the embedder (MNRL + hard negatives mined from the index)."""
     res = tune_embedder(cfg, progress=not as_json)
+    _track(track, "embedder", cfg, cfg.out, cfg.train.groups)
     if as_json:
         typer.echo(json.dumps(res))
         return
@@ -201,9 +217,10 @@ def tune_reranker_cmd(cfg: RerankerTuneConfig, as_json: bool = AS_JSON):
 @tune_app.command("generator")
 @cli_errors
 @from_config(GeneratorTuneConfig)
-def tune_generator_cmd(cfg: GeneratorTuneConfig, quiet: bool = QUIET):
+def tune_generator_cmd(cfg: GeneratorTuneConfig, quiet: bool = QUIET, track: Literal["none", "mlflow"] = TRACK):
     """RAFT fine-tuning of the generator (LoRA on CPU, QLoRA on CUDA) with a memory plan."""
     rec = tune_generator(cfg, progress=not quiet, log=_stderr(quiet))
+    _track(track, "generator", cfg, cfg.out, cfg.train.groups)
     d = rec["data"]
     typer.echo(f"{rec['strategy']} adapter saved to {cfg.out}: {rec['steps']} steps in {rec['minutes']} min, "
                f"{d['train']['examples']} examples ({d['train']['with_oracle']} with oracle, "
@@ -214,9 +231,10 @@ def tune_generator_cmd(cfg: GeneratorTuneConfig, quiet: bool = QUIET):
 @tune_app.command("dpo")
 @cli_errors
 @from_config(DPOTuneConfig)
-def tune_dpo_cmd(cfg: DPOTuneConfig, quiet: bool = QUIET):
+def tune_dpo_cmd(cfg: DPOTuneConfig, quiet: bool = QUIET, track: Literal["none", "mlflow"] = TRACK):
     """DPO for factuality: grounded answers preferred over made-up ones, on top of a RAFT adapter."""
     rec = tune_dpo(cfg, progress=not quiet, log=_stderr(quiet))
+    _track(track, "dpo", cfg, cfg.out, cfg.train.groups)
     typer.echo(f"dpo adapter saved to {cfg.out}: {rec['data']['pairs']} pairs {rec['data']['by_source']}, "
                f"{rec['steps']} steps in {rec['minutes']} min")
 
@@ -279,7 +297,8 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
 @app.command("eval")
 @cli_errors
 @from_config(EvalConfig)
-def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout.")):
+def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+             track: Literal["none", "mlflow"] = TRACK):
     """Factuality benchmark: accuracy, abstention and hallucination rate per configuration, with 95 % CIs."""
     if cfg.only == "retrieval":
         report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups, mode=cfg.mode, rerank=cfg.rerank)
@@ -288,6 +307,10 @@ def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help
         typer.echo(json.dumps(report) if as_json else markdown_table(report["configs"]))
         return
     report = run_eval(cfg, progress=not as_json)
+    if cfg.out:
+        _track(track, "eval", cfg, cfg.out, cfg.groups)
+    elif track != "none":
+        typer.echo("warning: --track needs --out (the report is what is tracked); not tracked", err=True)
     if as_json:
         typer.echo(json.dumps(report))
     else:

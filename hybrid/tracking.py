@@ -64,8 +64,8 @@ def _metric_name(name: str) -> str:
     return name.replace("@", "_at_").replace("+", "_plus_").replace("|", "_or_")
 
 
-def stage_metrics(name: str, out: Path) -> dict[str, float]:
-    """The numbers a finished stage wrote to its own files."""
+def stage_metrics(name: str, stage_out: Path) -> dict[str, float]:
+    """The numbers a finished stage wrote to its own files (`stage_out`: its output directory)."""
     metrics: dict[str, float] = {}
 
     def numbers(d: dict, prefix: str):
@@ -80,59 +80,83 @@ def stage_metrics(name: str, out: Path) -> dict[str, float]:
                 metrics[_metric_name(prefix + k + ".low")], metrics[_metric_name(prefix + k + ".high")] = map(float, v)
 
     if name == "index":
-        numbers(json.loads((out / "index" / "manifest.json").read_text())["counts"], "")
-    elif name == "synth" and (f := out / "synth" / "synth_report.json").is_file():
+        numbers(json.loads((stage_out / "manifest.json").read_text())["counts"], "")
+    elif name == "synth" and (f := stage_out / "synth_report.json").is_file():
         rep = json.loads(f.read_text())
         numbers({k: v for k, v in rep.items() if k != "settings"}, "")
-    elif name == "embedder" and (f := out / "embedder" / "hybrid_tuning.json").is_file():
+    elif name == "embedder" and (f := stage_out / "hybrid_tuning.json").is_file():
         numbers(json.loads(f.read_text()), "")
-    elif name == "generator":
-        rec = json.loads((out / "generator" / "hybrid_run.json").read_text())
+    elif name in ("generator", "dpo"):
+        rec = json.loads((stage_out / "hybrid_run.json").read_text())
         numbers({k: rec[k] for k in ("steps", "minutes", "final_val_loss") if rec.get(k) is not None}, "")
         numbers(rec.get("memory_measured") or {}, "memory.")  # plan vs measured peak
     elif name == "eval":
-        numbers(json.loads((out / "eval" / "report.json").read_text())["configs"], "")
+        numbers(json.loads((stage_out / "report.json").read_text())["configs"], "")
     return metrics
 
 
-ARTIFACTS = {"index": ["index/manifest.json"], "synth": ["synth/synth_report.json"],
-             "embedder": [], "generator": ["generator/hybrid_run.json", "generator/loss.png"],
-             "eval": ["eval/report.md", "eval/report.json", "eval/chart.png"]}
+ARTIFACTS = {"index": ["manifest.json"], "synth": ["synth_report.json"], "embedder": [],
+             "generator": ["hybrid_run.json", "loss.png"], "dpo": ["hybrid_run.json"],
+             "eval": ["report.md", "report.json", "chart.png"]}
+
+
+def log_stage(mlflow, name: str, section, stage_out: Path) -> None:
+    """Into the active run: the stage's settings (params), numbers (metrics, the trainer's per-step
+    log as histories) and small outputs (artifacts). Nothing read from the documents."""
+    params = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in flat(section).items()}
+    mlflow.log_params({k: v for k, v in params.items() if len(v) <= PARAM_LIMIT})
+    mlflow.log_dict(params, "params.json")  # every value whole, the long ones included
+    if metrics := stage_metrics(name, stage_out):
+        mlflow.log_metrics(metrics)
+    if name in ("generator", "dpo"):  # the trainer's per-step log, as metric histories
+        rec = json.loads((stage_out / "hybrid_run.json").read_text())
+        for kind in ("train_loss", "val_loss", "train_log"):
+            for row in rec.get(kind) or []:
+                mlflow.log_metrics({_metric_name(f"{kind}.{k}"): float(v) for k, v in row.items()
+                                    if k != "step" and isinstance(v, (int, float))}, step=int(row["step"]))
+    for rel in ARTIFACTS[name]:
+        if (stage_out / rel).is_file():
+            mlflow.log_artifact(str(stage_out / rel))
+
+
+def start(cfg: TrackingConfig, store_dir: Path):
+    """mlflow, pointed at the URI (default a SQLite store in `store_dir`) and the experiment."""
+    import mlflow
+
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(store_dir / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    name = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hybrid"
+    if mlflow.get_experiment_by_name(name) is None:  # artifacts beside the store, not in the cwd
+        store_dir.mkdir(parents=True, exist_ok=True)
+        mlflow.create_experiment(name, artifact_location=(store_dir / "mlartifacts").resolve().as_uri())
+    mlflow.set_experiment(name)
+    return mlflow
+
+
+def track_command(name: str, section, stage_out: Path, groups: list[str], store_dir: Path | None = None) -> str:
+    """`--track mlflow` on one command: one run holding what the loop logs for this stage; its id.
+
+    The store is $MLFLOW_TRACKING_URI, else `mlflow.db` in the current directory (`store_dir`).
+    """
+    mlflow = start(TrackingConfig(), store_dir or Path.cwd())
+    with mlflow.start_run(run_name=name, tags={"hybrid.stage": name,
+                                               "hybrid.access_scope": ",".join(sorted(groups)) or "public"}) as run:
+        log_stage(mlflow, name, section, stage_out)
+        return run.info.run_id
 
 
 class Tracker:
     """The loop's MLflow parent run; `stage(...)` logs one finished stage as a nested run."""
 
     def __init__(self, cfg: TrackingConfig, out: Path, tags: dict[str, str]):
-        import mlflow
-
-        self.cfg, self.out, self.mlflow = cfg, out, mlflow
-        uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        mlflow.set_tracking_uri(uri)
-        name = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hybrid"
-        if mlflow.get_experiment_by_name(name) is None:  # artifacts beside the store, not in the cwd
-            mlflow.create_experiment(name, artifact_location=(out / "mlartifacts").resolve().as_uri())
-        mlflow.set_experiment(name)
-        self.parent = mlflow.start_run(run_name=cfg.run_name or "loop", tags=tags)
+        self.cfg, self.out = cfg, out
+        self.mlflow = start(cfg, out)
+        self.parent = self.mlflow.start_run(run_name=cfg.run_name or "loop", tags=tags)
 
     def stage(self, name: str, section, fingerprint: str, tags: dict[str, str], adapter_scope=None) -> None:
-        mlflow = self.mlflow
-        with mlflow.start_run(run_name=name, nested=True, tags={"hybrid.stage": name,
-                                                                  "hybrid.fingerprint": fingerprint, **tags}):
-            params = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in flat(section).items()}
-            mlflow.log_params({k: v for k, v in params.items() if len(v) <= PARAM_LIMIT})
-            mlflow.log_dict(params, "params.json")  # every value whole, the long ones included
-            if metrics := stage_metrics(name, self.out):
-                mlflow.log_metrics(metrics)
-            if name == "generator":  # the trainer's per-step log, as metric histories
-                rec = json.loads((self.out / "generator" / "hybrid_run.json").read_text())
-                for kind in ("train_loss", "val_loss"):
-                    for row in rec.get(kind) or []:
-                        mlflow.log_metrics({_metric_name(f"{kind}.{k}"): float(v) for k, v in row.items()
-                                            if k != "step" and isinstance(v, (int, float))}, step=int(row["step"]))
-            for rel in ARTIFACTS[name]:
-                if (self.out / rel).is_file():
-                    mlflow.log_artifact(str(self.out / rel))
+        with self.mlflow.start_run(run_name=name, nested=True, tags={"hybrid.stage": name,
+                                                                       "hybrid.fingerprint": fingerprint, **tags}):
+            log_stage(self.mlflow, name, section, _stage_dir(name, self.out))
             if name == "generator" and self.cfg.log_adapters:
                 self._log_adapter(adapter_scope or [])
 
@@ -146,6 +170,10 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+
+
+def _stage_dir(name: str, out: Path) -> Path:
+    return out / name  # the loop's layout: OUT/index, OUT/synth, OUT/embedder, OUT/generator, OUT/eval
 
 
 def adapter_scope(out: Path) -> list[str]:

@@ -191,3 +191,40 @@ def test_training_settings_may_sit_at_the_sections_level_and_distributed_is_vali
         with pytest.raises(InputError, match=r"generator: --distributed fsdp2: shards the model across GPUs"):
             run_loop(load_loop(path, ["generator.distributed=fsdp2"]), progress=False, log=lambda m: None)
         assert not (tmp_path / "run").exists()  # refused before any stage ran
+
+
+def test_track_on_one_command_logs_what_the_loop_logs_for_its_stage(tmp_path, tiny_embedder_dir, tiny_llm_dir,
+                                                                    monkeypatch):
+    """`--track mlflow` on `hybrid index` and `hybrid tune generator`: one run each in $MLFLOW_TRACKING_URI,
+    read back with MlflowClient; without --track nothing is written."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "cmds")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    index = tmp_path / "index"
+    res = runner.invoke(app, ["index", str(BUNDLED / "docs"), "--out", str(index), "--embedder", str(tiny_embedder_dir),
+                              "--chunk-tokens", "96", "--overlap", "0", "-q", "--track", "mlflow"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["tune", "generator", "--index", str(index), "--qa", str(small_qa(tmp_path)), "--out",
+                              str(tmp_path / "gen"), "--base-model", str(tiny_llm_dir), "--max-steps", "2",
+                              "--num-distractors", "1", "--val-fraction", "0", "--grad-accum", "1", "--group", "hr",
+                              "-q", "--track", "mlflow"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["index", str(BUNDLED / "docs"), "--out", str(index), "--embedder", str(tiny_embedder_dir),
+                              "--chunk-tokens", "96", "--overlap", "0", "-q"])  # --track none: the default
+    assert res.exit_code == 0, res.output
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("cmds").experiment_id])}
+    assert set(runs) == {"index", "generator"}
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert runs["index"].data.metrics["documents"] == manifest["counts"]["documents"]
+    assert runs["index"].data.params["chunk_tokens"] == "96"
+    assert "manifest.json" in {a.path for a in client.list_artifacts(runs["index"].info.run_id)}
+    gen = runs["generator"]
+    assert gen.data.tags["hybrid.access_scope"] == "hr" and gen.data.params["train.groups"] == '["hr"]'
+    assert [m.step for m in client.get_metric_history(gen.info.run_id, "train_loss.loss")] == [1, 2]
+    rec = json.loads((tmp_path / "gen" / "hybrid_run.json").read_text())
+    assert gen.data.metrics["steps"] == rec["steps"] == 2
