@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -195,9 +196,16 @@ def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = 
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if device == "cuda" else torch.float32
+        # FSDP and ZeRO-3 shard only parameters of one dtype and place them themselves: under their
+        # launchers the 4-bit weights are stored in the compute dtype and get no device_map. Else each
+        # process puts its copy on its own GPU (LOCAL_RANK; cuda:0 in one process).
+        sharded = "true" in (os.environ.get("ACCELERATE_USE_FSDP"), os.environ.get("ACCELERATE_USE_DEEPSPEED"))
         kwargs = {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute), "dtype": compute, "device_map": {"": device}}
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute if sharded else torch.uint8),
+            "dtype": compute}
+        if not sharded:
+            kwargs["device_map"] = {"": f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if device == "cuda" else device}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
@@ -209,12 +217,18 @@ def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = 
 
 
 def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
-                   should_stop=None, adapter_names: list[str] | None = None) -> list[tuple[str, int]]:
+                   should_stop=None, adapter_names: list[str] | None = None,
+                   prefix_cache: "PrefixCache | None" = None, prefix_key=None,
+                   cache_implementation: str | None = None) -> list[tuple[str, int]]:
     """Generation for a batch of chat prompts (left padding): greedy, or sampled at `temperature` > 0.
 
     `should_stop`: a no-argument callable checked after every token (e.g. all clients gone); True
     ends generation there. `adapter_names`: per prompt, the PEFT adapter it runs through
     ("__base__" = none), for a batch that mixes adapters.
+    `prefix_cache`: a `PrefixCache` reused by one-prompt calls (the shared system-prompt prefix is
+    not prefilled again); `prefix_key` names what the cached keys/values were computed with (the
+    adapter): a different key never reuses them. `cache_implementation`: `model.generate`'s
+    ("static", ...; None = the dynamic cache).
 
     Returns:
         (decoded completion, new tokens) per prompt, in order.
@@ -226,6 +240,12 @@ def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens:
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.inference_mode():
         extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+        if cache_implementation:
+            extra["cache_implementation"] = cache_implementation
+        if prefix_cache is not None and len(texts) == 1 and adapter_names is None and not cache_implementation:
+            cache = prefix_cache.lookup(model, enc["input_ids"][0].tolist(), prefix_key)
+            if cache is not None:
+                extra["cache"] = cache
         out = model.generate(**enc, **generation_kwargs(tok, max_new_tokens, temperature, should_stop), **extra)
     results = []
     for row in out[:, enc["input_ids"].shape[1]:]:
@@ -251,3 +271,52 @@ def generation_kwargs(tok, max_new_tokens: int, temperature: float = 0.0, should
     if should_stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
     return kwargs
+
+
+class PrefixCache:
+    """The keys and values of the prompt prefix that consecutive questions share (the system prompt and
+    the documents header), computed once and handed to `generate` as its starting cache.
+
+    The prefix is learnt, not configured: the tokens a prompt has in common with the one before it
+    (at least `min_tokens`). A later prompt that starts with exactly those tokens, under the same
+    `key` (the adapter the values were computed through), starts from a copy of the cache; anything
+    else is prefilled in full as before. One-prompt generation only (left padding moves the prefix).
+    `clear()` after the model's weights change under a key (an adapter reloaded under its name).
+    """
+
+    def __init__(self, min_tokens: int = 16):
+        self.min_tokens = min_tokens
+        self.ids: list[int] | None = None
+        self.key = None
+        self.cache = None
+        self.last: tuple[list[int], object] | None = None
+        self.hits = 0
+
+    def clear(self) -> None:
+        self.ids = self.key = self.cache = self.last = None
+
+    def lookup(self, model, ids: list[int], key=None):
+        """A copy of the cached prefix's keys/values when `ids` starts with it (None: prefill all)."""
+        import copy
+
+        import torch
+
+        n = len(self.ids) if self.ids is not None else 0
+        if self.cache is None or key != self.key or len(ids) <= n or ids[:n] != self.ids:
+            last, self.last = self.last, (ids, key)
+            if last is None or last[1] != key:
+                return None
+            n = 0
+            for a, b in zip(last[0], ids):
+                if a != b:
+                    break
+                n += 1
+            n = min(n, len(ids) - 1)  # generate needs one uncached token
+            if n < self.min_tokens:
+                return None
+            with torch.inference_mode():
+                out = model(input_ids=torch.tensor([ids[:n]], device=model.device), use_cache=True)
+            self.ids, self.key = ids[:n], key
+            self.cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        self.hits += 1
+        return copy.deepcopy(self.cache)

@@ -34,3 +34,39 @@ def test_missing_package_names_install_command(monkeypatch, tmp_path):
 def test_unknown_model_path(tmp_path):
     with pytest.raises(InputError, match="--base-model .*config.json"):
         generator.resolve_generator(str(tmp_path / "nope"))
+
+
+def _tiny(tiny_llm_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
+    return model, generator.load_tokenizer(tiny_llm_dir)
+
+
+def test_prefix_cache_reuses_the_shared_prompt_prefix_and_gives_the_same_greedy_answers(tiny_llm_dir):
+    model, tok = _tiny(tiny_llm_dir)
+    prompts = [build_messages(q, [{"title": t, "text": f"The {t} battery lasts {n} months."}])
+               for q, t, n in (("How long does Kestrel last?", "Kestrel", 14), ("And Osprey?", "Osprey", 9),
+                               ("Which lasts longer?", "Petrel", 3))]
+    plain = [generator.generate_batch(model, tok, [m], 12)[0] for m in prompts]
+    cache = generator.PrefixCache(min_tokens=8)
+    cached = [generator.generate_batch(model, tok, [m], 12, prefix_cache=cache, prefix_key="a")[0] for m in prompts]
+    assert cached == plain
+    assert cache.hits == 2 and cache.ids is not None and len(cache.ids) >= 8  # learnt from prompt 1 and 2, reused twice
+    text = tok.apply_chat_template(prompts[2], add_generation_prompt=True, tokenize=False)
+    assert tok(text, add_special_tokens=False)["input_ids"][:len(cache.ids)] == cache.ids
+    # another adapter's keys/values are never reused, and a batch of several prompts prefills in full
+    assert cache.lookup(model, tok(text, add_special_tokens=False)["input_ids"], key="b") is None
+    hits = cache.hits
+    generator.generate_batch(model, tok, prompts[:2], 12, prefix_cache=cache, prefix_key="a")
+    assert cache.hits == hits
+
+
+def test_static_cache_option_reaches_generate(tiny_llm_dir):
+    model, tok = _tiny(tiny_llm_dir)
+    msgs = [build_messages("How long?", [{"title": "Spec", "text": "It lasts 14 months."}])]
+    assert generator.generate_batch(model, tok, msgs, 8, cache_implementation="static") == \
+        generator.generate_batch(model, tok, msgs, 8)
+    with pytest.raises(Exception):
+        generator.generate_batch(model, tok, msgs, 8, cache_implementation="no-such-cache")

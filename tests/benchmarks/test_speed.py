@@ -1,0 +1,114 @@
+"""The speed benchmark's harness: statistics, alternation, step clocks, token clocks, the JSON it prints."""
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
+speed = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(speed)
+
+
+def test_summary_and_ratio_of_alternated_runs():
+    s = speed.summary([1.0, 2.0, 4.0])
+    assert s == {"n": 3, "median": 2.0, "min": 1.0, "max": 4.0, "spread": 1.5}
+    assert speed.summary([])["median"] is None
+    r = speed.ratio([[1.1, 1.2, 1.3], [2.2, 2.4]], [[1.0, 1.0, 1.0], [2.0, 2.0]])
+    assert r["per_repeat"] == pytest.approx([1.2, 1.15])  # each hybrid run over the plain run beside it
+    assert (r["per_repeat_min"], r["per_repeat_max"]) == pytest.approx((1.15, 1.2))
+    assert r["ratio"] == pytest.approx(1.3 / 1.0)  # medians over every step: 1.3 (of 5) over 1.0
+    assert r["a"]["n"] == 5 and r["b"]["median"] == 1.0
+
+
+def test_alternate_runs_the_sides_a_b_a_b():
+    order = []
+    out = speed.alternate({"h": lambda: order.append("h") or len(order), "p": lambda: order.append("p") or len(order)},
+                          3, log=lambda *a: None)
+    assert order == ["h", "p", "h", "p", "h", "p"]
+    assert out == {"h": [1, 3, 5], "p": [2, 4, 6]}
+
+
+def test_verdicts_never_soften_a_miss():
+    assert speed.verdict(1.05, 1.10, at_most=True) == "met"
+    assert speed.verdict(1.11, 1.10, at_most=True) == "MISSED"
+    assert speed.verdict(1.9, 2.0, at_most=False) == "MISSED"
+    assert speed.verdict(None, 2.0, at_most=False) == "not measured"
+
+
+def test_clocked_entry_points_time_steps_inside_hybrids_own_budget_callback_and_restore_it():
+    from retrieval import time_budget
+
+    original = time_budget.TimeBudget
+    args, state = SimpleNamespace(), SimpleNamespace()
+    with speed.clocked_entry_points() as clocks:
+        budget = time_budget.TimeBudget(1e-9)  # what the trainers build: now also a clock
+        control = SimpleNamespace(should_training_stop=False)
+        budget.on_train_begin(args, state, control)
+        for pause in (0.03, 0.01, 0.02):  # the first interval is the warm-up step
+            time.sleep(pause)
+            budget.on_step_end(args, state, control, train_dataloader=SimpleNamespace(dataset=["row"]), model="m")
+    assert time_budget.TimeBudget is original
+    assert clocks == [budget] and isinstance(budget, original)
+    steps = budget.steps()
+    assert len(steps) == 2 and 0.005 < steps[0] < 0.019 < steps[1]
+    assert budget.dataset == ["row"] and budget.model == "m"
+    assert control.should_training_stop  # the budget still stops training
+
+
+def test_clock_generate_splits_prefill_from_decode():
+    class FakeModel:
+        def generate(self, *args, logits_processor=None, **kwargs):
+            time.sleep(0.05)  # prefill
+            for _ in range(5):
+                for p in logits_processor:
+                    p(None, None)
+                time.sleep(0.01)  # one decode step each
+            return "out"
+
+    model = FakeModel()
+    records = speed.clock_generate(model)
+    assert model.generate() == "out"
+    (r,) = records
+    assert r["decode_steps"] == 4 and r["prefill_s"] >= 0.05 and 0.035 < r["decode_s"] < r["prefill_s"]
+    speed.unwrap_generate(model)
+    assert "generate" not in model.__dict__
+
+
+def test_busy_process_is_started_and_ended():
+    with speed.busy_process(True) as proc:
+        assert proc.poll() is None
+    assert proc.poll() is not None
+    with speed.busy_process(False) as none:
+        assert none is None
+
+
+def test_graded_uses_evals_rule():
+    rows = [{"answers": ["Hawaii"]}, {"answers": []}, {"answers": ["1970"]}]
+    texts = ["##Answer: Hawaii", "##Answer: I cannot answer this from the provided documents.", "##Answer: 1971"]
+    assert speed.graded(texts, rows) == {"correct": 1, "abstained": 1, "hallucinated": 1}
+
+
+def test_json_keys_and_table_from_a_report():
+    report = {"loadavg": {"start": (1.0, 1.0, 1.0)},
+              "sft": speed.ratio([[1.0, 1.1]], [[1.0, 1.0]]), "dpo": speed.ratio([[2.0]], [[2.0]]),
+              "embedder": speed.ratio([[3.0]], [[2.0]]),
+              "generation": {"settings": {"batch": 4}, "batched": speed.summary([20.0]),
+                             "sequential": speed.summary([10.0]), "batch_speedup": 2.0, "per_repeat": [2.0]},
+              "limit": {"decode_tokens_per_s": 8.0, "fraction_of_bound": 0.4, "best_identical_speedup": 1.05}}
+    out = speed.final_json(report)
+    assert set(out) >= {"sft_ratio", "dpo_ratio", "embedder_ratio", "generation_batch_speedup",
+                        "decode_fraction_of_bound"}
+    assert out["embedder_ratio"] == 1.5 and out["generation_batch_speedup"] == 2.0
+    json.dumps(out)
+    text = speed.table(report)
+    assert "| embedder s/step |" in text and "MISSED" in text and "≤ 1.1 | met" in text
+
+
+def test_unknown_row_is_refused():
+    with pytest.raises(SystemExit):
+        speed.main(["--rows", "sft,nope"])
