@@ -347,9 +347,11 @@ def init_cmd(directory: Path = typer.Argument(..., metavar="DIR", help="Director
 def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.yaml (hybrid init writes one)."),
             overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
                                                             help="Dotted overrides, e.g. generator.max_steps=80."),
-            only: Optional[str] = typer.Option(None, "--only", help="Run only these stages (comma-separated)."),
+            only: Optional[str] = typer.Option(None, "--only", help="Run only these stages (comma-separated; any "
+                                                                    "stage, e.g. --only serve)."),
             quiet: bool = QUIET):
-    """Run the loop's stages in order (index, synth, embedder, generator, eval), skipping those up to date."""
+    """Run the loop's stages in order (index, synth, embedder, generator, dpo, calibrate, eval, serve), skipping
+    those up to date (dpo, calibrate and serve only when named in the file's stages or --only)."""
     from hybrid.loop import load_loop, run_loop
 
     cfg = load_loop(config, overrides or [])

@@ -28,23 +28,30 @@ from typing import Any, Callable
 import yaml
 
 from hybrid.config import _hints, _strip_optional, build_config, load_yaml
+from hybrid.calibration import CalibrateConfig
 from hybrid.factuality import EvalConfig
+from hybrid.serve import ServeConfig
 from hybrid.tracking import Tracker, TrackingConfig, adapter_scope
 from retrieval.atomic import swap_dir_into_place, write_text_atomic
 from retrieval.embedder_tuning import EmbedderTuneConfig
 from retrieval.errors import InputError
 from retrieval.index import IndexConfig
+from tuning.dpo import DPOTuneConfig
 from tuning.sft import GeneratorTuneConfig
 from tuning.synth import SynthConfig
 
-STAGES = ("index", "synth", "embedder", "generator", "eval")
+STAGES = ("index", "synth", "embedder", "generator", "dpo", "calibrate", "eval", "serve")
+# dpo (minutes per step on CPU), calibrate and serve (it does not return) run when named in `stages` or --only
+DEFAULT_STAGES = ("index", "synth", "embedder", "generator", "eval")
 STAGE_FILE = "hybrid_stages.json"
 # stages that write into DIR.partial and are swapped in whole at the end: the last good output stays
 # until the new one is complete, and an interrupted run with the same settings resumes the partial one
 PARTIAL = {"synth": "synth", "eval": "eval"}
 # the fields the loop sets itself in each section (the paths between stages and the caller's groups)
 WIRED = {"synth": {"index", "out", "groups"}, "embedder": {"index", "out", "qa", "eval_qa"},
-         "generator": {"index", "out", "qa", "examples"}, "eval": {"qa", "index", "adapters", "out", "groups"}}
+         "generator": {"index", "out", "qa", "examples"}, "dpo": {"adapter", "out", "index", "qa", "pairs_file"},
+         "calibrate": {"adapter", "qa", "index", "groups"}, "eval": {"qa", "index", "adapters", "out", "groups"},
+         "serve": {"index", "adapters", "adapter_dir"}}
 
 
 @dataclass
@@ -58,15 +65,21 @@ class LoopConfig:
                 "eval stage is skipped and the embedder is scored on held-out synthesised questions."})
     groups: list[str] = field(default_factory=list, metadata={
         "flag": "--group", "help": "Access groups every stage may read (and its artifacts are tagged with)."})
-    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={
-        "help": f"Stages to run, in this order: {', '.join(STAGES)}."})
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={
+        "help": f"Stages to run, in this order: {', '.join(STAGES)} (dpo, calibrate and serve when named)."})
     index: IndexConfig = field(default_factory=IndexConfig, metadata={"help": "hybrid index"})
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(index="", out=""), metadata={"help": "hybrid synth"})
     embedder: EmbedderTuneConfig = field(default_factory=lambda: EmbedderTuneConfig(index="", out=""),
                                          metadata={"help": "hybrid tune embedder"})
     generator: GeneratorTuneConfig = field(default_factory=lambda: GeneratorTuneConfig(out=""),
                                            metadata={"help": "hybrid tune generator"})
+    dpo: DPOTuneConfig = field(default_factory=lambda: DPOTuneConfig(adapter="", out=""), metadata={
+        "help": "hybrid tune dpo (on the generator's adapter, pairs sampled on the synthesised questions)"})
+    calibrate: CalibrateConfig = field(default_factory=lambda: CalibrateConfig(adapter="", qa=""), metadata={
+        "help": "hybrid tune calibrate (the last adapter, on the questions the generator held out)"})
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(qa=""), metadata={"help": "hybrid eval"})
+    serve: ServeConfig = field(default_factory=lambda: ServeConfig(index=""), metadata={
+        "help": "hybrid serve (the index and the last adapter, as 'raft')"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow tracking"})
 
     def problems(self) -> list[str]:
@@ -114,26 +127,38 @@ def load_loop(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
         raise InputError(f"--config {path}: {', '.join(set_here)} are set by the loop (the paths between stages under "
                          f"'out', the groups from 'groups'); remove them")
     for name, keys in WIRED.items():  # placeholders for the required paths; sections() fills them in
-        given.setdefault(name, {}).update({k: "" for k in keys if k in ("index", "out", "qa")})
+        given.setdefault(name, {}).update({k: "" for k in keys if k in ("index", "out", "qa", "adapter")})
     return build_config(LoopConfig, path, given)
+
+
+def last_adapter(cfg: LoopConfig) -> Path:
+    """The adapter the loop ends with: DPO's when dpo is among the stages, else the generator's."""
+    return Path(cfg.out) / ("dpo" if "dpo" in cfg.stages else "generator")
 
 
 def sections(cfg: LoopConfig) -> dict[str, Any]:
     """Each stage's config with the loop's paths and groups filled in, each validated by its own rules."""
     out = Path(cfg.out)
+    adapters = {"raft": str(out / "generator"), **({"dpo": str(out / "dpo")} if "dpo" in cfg.stages else {})}
     wired = {
         "synth": {"index": str(out / "index"), "out": str(out / "synth.partial" / "qa.jsonl"), "groups": cfg.groups},
         "embedder": {"index": str(out / "index"), "out": str(out / "embedder"), "qa": str(out / "synth" / "qa.jsonl"),
                      "eval_qa": cfg.eval_qa},
         "generator": {"index": str(out / "index"), "out": str(out / "generator"), "qa": str(out / "synth" / "qa.jsonl"),
                       "examples": None},
-        "eval": {"qa": cfg.eval_qa or "", "index": str(out / "index"), "adapters": {"raft": str(out / "generator")},
+        "dpo": {"adapter": str(out / "generator"), "out": str(out / "dpo"), "index": str(out / "index"),
+                "qa": str(out / "synth" / "qa.jsonl"), "pairs_file": ""},
+        # the generator's held-out questions: synthesised, answerable and not, never trained on
+        "calibrate": {"adapter": str(last_adapter(cfg)), "qa": str(out / "generator" / "held_out.jsonl"),
+                      "index": str(out / "index"), "groups": cfg.groups},
+        "eval": {"qa": cfg.eval_qa or "", "index": str(out / "index"), "adapters": adapters,
                  "out": str(out / "eval.partial"), "groups": cfg.groups},
+        "serve": {"index": str(out / "index"), "adapters": {"raft": str(last_adapter(cfg))}, "adapter_dir": None},
     }
     resolved = {"index": cfg.index}
     for name, paths in wired.items():
         section = dataclasses.replace(getattr(cfg, name), **paths)
-        if name in ("embedder", "generator"):
+        if name in ("embedder", "generator", "dpo"):
             section.train = dataclasses.replace(section.train, groups=cfg.groups)
         resolved[name] = section
     return resolved
@@ -163,7 +188,14 @@ def fingerprints(cfg: LoopConfig, resolved: dict) -> dict[str, str]:
     fp["synth"] = _digest(["synth", dataclasses.asdict(resolved["synth"]), fp["index"]])
     fp["embedder"] = _digest(["embedder", dataclasses.asdict(resolved["embedder"]), fp["index"], fp["synth"], eval_qa])
     fp["generator"] = _digest(["generator", dataclasses.asdict(resolved["generator"]), fp["index"], fp["synth"]])
-    fp["eval"] = _digest(["eval", dataclasses.asdict(resolved["eval"]), fp["index"], fp["generator"], eval_qa])
+    fp["dpo"] = _digest(["dpo", dataclasses.asdict(resolved["dpo"]), fp["index"], fp["synth"], fp["generator"]])
+    adapter = fp["dpo"] if "dpo" in cfg.stages else fp["generator"]
+    fp["calibrate"] = _digest(["calibrate", dataclasses.asdict(resolved["calibrate"]), fp["index"], adapter])
+    # the eval reads every adapter and, when calibrated, the threshold written beside the last one
+    fp["eval"] = _digest(["eval", dataclasses.asdict(resolved["eval"]), fp["index"], fp["generator"], eval_qa,
+                          *([fp["dpo"]] if "dpo" in cfg.stages else []),
+                          *([fp["calibrate"]] if "calibrate" in cfg.stages else [])])
+    fp["serve"] = ""  # never up to date: serving is not an output
     return fp
 
 
@@ -188,22 +220,41 @@ def _run_stage(name: str, cfg: LoopConfig, sec, progress: bool, log: Callable[[s
         from tuning.sft import tune_generator
 
         tune_generator(sec, progress=progress, log=log)
+    elif name == "dpo":
+        from tuning.dpo import tune_dpo
+
+        tune_dpo(sec, progress=progress, log=log)
+    elif name == "calibrate":
+        from hybrid.calibration import calibrate
+
+        calibrate(sec, log=log)
     elif name == "eval":
         from hybrid.factuality import run_eval
 
         run_eval(sec, progress=progress)
+    elif name == "serve":
+        from hybrid.serve import run
+
+        run(sec, log=log)
 
 
 def _lineage(cfg: LoopConfig, resolved: dict, name: str, fp: dict[str, str]) -> dict[str, str]:
     tags = {"hybrid.access_scope": ",".join(sorted(cfg.groups)) or "public", "hybrid.index_fingerprint": fp["index"]}
-    if name in ("generator", "eval"):
+    if name in ("generator", "dpo", "calibrate", "eval"):
         tags["hybrid.base_model"] = str(resolved["generator"].base_model or "smollm2")
     return tags
 
 
-def _output(name: str, out: Path) -> Path:
+def _output(name: str, cfg: LoopConfig) -> Path | None:
+    out = Path(cfg.out)
+    if name == "serve":
+        return None
+    if name == "calibrate":
+        from tuning.abstention import CAL_FILE
+
+        return last_adapter(cfg) / CAL_FILE
     return out / {"index": "index", "synth": "synth/qa.jsonl", "embedder": "embedder", "generator": "generator",
-                  "eval": "eval/report.json"}[name]
+                  "dpo": "dpo", "eval": "eval/report.json"}[name]
 
 
 def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = True,
@@ -215,15 +266,16 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
     """
     out = Path(cfg.out)
     resolved = sections(cfg)
-    problems = [f"{name}: {p}" for name in STAGES[1:] if name in cfg.stages and (name != "eval" or cfg.eval_qa)
+    chosen = only or cfg.stages
+    problems = [f"{name}: {p}" for name in STAGES[1:] if name in chosen and (name != "eval" or cfg.eval_qa)
                 for p in resolved[name].problems()]
     t = cfg.tracking
     if t.backend == "mlflow" and t.log_adapters and (missing := sorted(set(cfg.groups) - set(t.store_groups))):
         problems.append(f"tracking.log_adapters: the adapter will be trained on {', '.join(cfg.groups)}; the store is "
                         f"declared for {', '.join(t.store_groups) or 'public artifacts only'} (tracking.store_groups), "
                         f"lacking {', '.join(missing)}: add them only if this store may hold them")
-    if only and (bad := [s for s in only if s not in cfg.stages]):
-        problems.append(f"--only {','.join(bad)}: not among the config's stages ({', '.join(cfg.stages)})")
+    if only and (bad := [s for s in only if s not in STAGES]):
+        problems.append(f"--only {','.join(bad)}: unknown stage (known: {', '.join(STAGES)})")
     if problems:
         raise InputError("; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +297,7 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
 
 def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker) -> dict[str, str]:
     status = {}
-    for name in [s for s in STAGES if s in cfg.stages]:
+    for name in [s for s in STAGES if s in cfg.stages or only and s in only]:
         if only and name not in only:
             status[name] = "skipped"
             continue
@@ -255,7 +307,7 @@ def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker)
             continue
         fps = fingerprints(cfg, resolved)  # recomputed: an upstream stage that just ran changed its inputs
         fp = fps[name]
-        if done.get(name) == fp and _output(name, out).exists():
+        if name != "serve" and done.get(name) == fp and _output(name, cfg).exists():
             status[name] = "up to date"
             log(f"{name}: up to date")
             continue
@@ -275,7 +327,7 @@ def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker)
         done[name] = fp
         write_text_atomic(record_file, json.dumps(done, indent=2))
         status[name] = "ran"
-        if tracker is not None:
+        if tracker is not None and name not in ("serve", "calibrate"):  # calibrate's numbers: in the eval's report
             tracker.stage(name, resolved[name], fp, _lineage(cfg, resolved, name, fps),
                           adapter_scope(out) if name == "generator" else None)
         log(f"{name}: done in {time.perf_counter() - t0:.1f} s")

@@ -228,3 +228,58 @@ def test_track_on_one_command_logs_what_the_loop_logs_for_its_stage(tmp_path, ti
     assert [m.step for m in client.get_metric_history(gen.info.run_id, "train_loss.loss")] == [1, 2]
     rec = json.loads((tmp_path / "gen" / "hybrid_run.json").read_text())
     assert gen.data.metrics["steps"] == rec["steps"] == 2
+
+
+def test_dpo_calibrate_and_serve_are_wired_to_the_last_adapter_and_rerun_with_it(loop_file, tmp_path, monkeypatch):
+    """The optional stages: dpo on the generator's adapter, calibrate on the last adapter with the
+    generator's held-out questions, eval on both adapters, serve on the last one. Their own work is
+    tested with their commands; here the stage functions record what the loop hands them."""
+    import hybrid.calibration
+    import hybrid.factuality
+    import hybrid.serve
+    import tuning.dpo
+    import tuning.sft
+    from tuning.abstention import CAL_FILE
+
+    seen = []
+
+    def fake_adapter(cfg, progress=True, log=print):
+        seen.append(("dpo" if hasattr(cfg, "beta") else "generator", cfg))
+        (tmp_path / "run" / ("dpo" if hasattr(cfg, "beta") else "generator")).mkdir(parents=True, exist_ok=True)
+        return {}
+
+    def fake_calibrate(cfg, log=print):
+        seen.append(("calibrate", cfg))
+        (Path(cfg.adapter) / CAL_FILE).write_text("{}")
+
+    def fake_eval(cfg, progress=True):
+        seen.append(("eval", cfg))
+        Path(cfg.out, "report.json").write_text(json.dumps({"configs": {}}))
+
+    from pathlib import Path
+
+    monkeypatch.setattr(tuning.sft, "tune_generator", fake_adapter)
+    monkeypatch.setattr(tuning.dpo, "tune_dpo", fake_adapter)
+    monkeypatch.setattr(hybrid.calibration, "calibrate", fake_calibrate)
+    monkeypatch.setattr(hybrid.factuality, "run_eval", fake_eval)
+    monkeypatch.setattr(hybrid.serve, "run", lambda cfg, log=print: seen.append(("serve", cfg)))
+    path, _ = loop_file
+    cfg = load_loop(path, ["stages=index,synth,generator,dpo,calibrate,eval", "dpo.beta=0.2"])
+    run = tmp_path / "run"
+    status = run_loop(cfg, progress=False, log=lambda m: None)
+    assert [k for k, v in status.items() if v == "ran"] == ["index", "synth", "generator", "dpo", "calibrate", "eval"]
+    by = dict(seen)
+    assert by["dpo"].adapter == str(run / "generator") and by["dpo"].out == str(run / "dpo") and by["dpo"].beta == 0.2
+    assert by["dpo"].qa == str(run / "synth" / "qa.jsonl") and by["dpo"].train.groups == cfg.groups
+    assert by["calibrate"].adapter == str(run / "dpo") and by["calibrate"].qa == str(run / "generator" / "held_out.jsonl")
+    assert by["eval"].adapters == {"raft": str(run / "generator"), "dpo": str(run / "dpo")}
+    seen.clear()
+    assert run_loop(load_loop(path, ["stages=index,synth,generator,dpo,calibrate,eval", "dpo.beta=0.3"]),
+                    progress=False, log=lambda m: None) == {
+        "index": "up to date", "synth": "up to date", "generator": "up to date", "dpo": "ran", "calibrate": "ran",
+        "eval": "ran"}  # a DPO setting redoes DPO, the threshold beside its adapter, and the eval
+    seen.clear()
+    status = run_loop(load_loop(path, ["stages=index,synth,generator,dpo,calibrate,eval", "dpo.beta=0.3"]),
+                      only=["serve"], progress=False, log=lambda m: None)
+    assert status["serve"] == "ran" and [s for s, _ in seen] == ["serve"]
+    assert seen[0][1].adapters == {"raft": str(run / "dpo")} and seen[0][1].index == str(run / "index")
