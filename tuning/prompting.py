@@ -85,8 +85,13 @@ def parse_answer(text: str) -> Parsed:
     """Parse a completion in the RAFT layout, tolerating free-form answers.
 
     The final answer is what follows the last `##Answer:`; without one, the whole
-    text minus quote markup. It abstains when the answer is the abstention
-    sentence, a recognised refusal, or empty.
+    text minus quote markup, and when that leaves nothing, the last quote (a reader
+    that only copies the supporting sentence has answered with it: scoring it as an
+    abstention would hide a wrong quote as well as a right one). It abstains when
+    the answer is the abstention sentence, a recognised refusal, or empty.
+
+        >>> parse_answer("##begin_quote## The office is in Tarrow. ##end_quote##").answer
+        'The office is in Tarrow.'
     """
     quotes = [q.strip() for q in _QUOTE.findall(text) if q.strip()]
     tail = text.rsplit("##Answer:", 1)
@@ -94,6 +99,8 @@ def parse_answer(text: str) -> Parsed:
         answer = tail[1]
     else:
         answer = _QUOTE.sub(" ", text).replace("##Reason:", " ")
+        if not answer.replace("<|im_end|>", " ").strip() and quotes:
+            answer = quotes[-1]
     answer = " ".join(answer.replace("<|im_end|>", " ").split()).strip()
     abstained = not answer or normalize(ABSTAIN) in normalize(answer) or bool(_REFUSAL.search(answer))
     return Parsed(answer=answer, quotes=quotes, abstained=abstained)

@@ -77,6 +77,8 @@ def test_quotes_are_verified_against_the_given_passages():
     ("##Answer: ", True),
     ("##Answer: Lisbon", False),
     ("Paris is the capital.", False),
+    ("##begin_quote## Paris is the capital. ##end_quote##", False),  # a bare quote answers with itself
+    ("##Reason: ##begin_quote## It is not mentioned. ##end_quote##", True),
 ])
 def test_parser_recognises_abstentions(text, abstained):
     assert parse_answer(text).abstained is abstained
