@@ -62,14 +62,14 @@ BUNDLED = ROOT / "corpora" / "brindle"
 
 # Sizes: (full, quick)
 SIZES = {
-    "repeats": (2, 2),
-    "sft_steps": (8, 3), "sft_distractors": (3, 1), "sft_max_length": (640, 320), "sft_accum": (2, 1),
-    "dpo_steps": (6, 3),
-    "emb_steps": (8, 3), "emb_batch": (32, 16), "emb_max_length": (256, 128),
-    "gen_questions": (12, 4), "gen_batch": (4, 4), "gen_tokens": (48, 16),
+    "repeats": (2, 1),
+    "sft_steps": (6, 3), "sft_distractors": (3, 1), "sft_max_length": (640, 320), "sft_accum": (2, 1),
+    "dpo_steps": (5, 3),
+    "emb_steps": (6, 3), "emb_batch": (32, 16), "emb_max_length": (256, 128),
+    "gen_questions": (8, 4), "gen_batch": (4, 4), "gen_tokens": (32, 16),
     "ask_questions": (4, 2),
     "thread_reps": (2, 1),
-    "limit_rows": (20, 2), "limit_tokens": (48, 12),
+    "limit_rows": (16, 2), "limit_tokens": (32, 12),
 }
 
 
@@ -254,9 +254,10 @@ def raft_examples(work: Path, index: Path, distractors: int, max_length: int, n:
                               num_distractors=distractors, test_fraction=0.0, val_fraction=0.0)
     data = raft_data(cfg)
     tok = load_tokenizer(resolve_generator(None)[1])
-    lengths = [sequence_tokens(tok, e["prompt"], e["completion"][0]["content"])[1] for e in data.train]
+    answers = [e for e in data.train if e["oracle"]]  # quote + answer targets (the DPO row prefers them to abstaining)
+    lengths = [sequence_tokens(tok, e["prompt"], e["completion"][0]["content"])[1] for e in answers]
     fits = [(abs(length - statistics.median(lengths)), i) for i, length in enumerate(lengths) if length <= max_length]
-    chosen = [data.train[i] for _, i in sorted(fits)[:n]]
+    chosen = [answers[i] for _, i in sorted(fits)[:n]]
     write_jsonl(path, chosen)
     return path
 
@@ -416,6 +417,8 @@ def dpo_hybrid(cfg) -> list[float]:
 def dpo_plain(cfg) -> list[float]:
     """TRL's DPOTrainer called directly: the SFT adapter trainable on the base, ref_model=None."""
     import torch
+
+    from retrieval.trainer_output import drop_step_printer
     from datasets import Dataset
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
@@ -439,6 +442,7 @@ def dpo_plain(cfg) -> list[float]:
         clock = step_clock()()
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[clock])
+        drop_step_printer(trainer, False)  # as hybrid's trainers: no per-step loss dicts on stdout
         trainer.train()
     return clock.steps()
 
@@ -487,6 +491,7 @@ def embedder_plain(cfg, captured: dict) -> list[float]:
     from sentence_transformers.training_args import BatchSamplers
 
     from retrieval.embedder import resolve_embedder
+    from retrieval.trainer_output import drop_step_printer
 
     t = cfg.train
     model = SentenceTransformer(str(resolve_embedder(None)[1]), device="cpu", local_files_only=True)
@@ -500,6 +505,7 @@ def embedder_plain(cfg, captured: dict) -> list[float]:
         clock = step_clock()()
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=captured["dataset"],
                                              loss=losses.MultipleNegativesRankingLoss(model), callbacks=[clock])
+        drop_step_printer(trainer, False)
         trainer.train()
     return clock.steps()
 
@@ -820,12 +826,11 @@ def run_limit(work: Path, s: dict, log) -> dict:
     def today():
         return decode_pass(model, tok, rows, n_new)
 
-    def two_threads():
-        set_threads(2)
-        try:
-            return decode_pass(model, tok, rows, n_new)
-        finally:
-            set_threads(1)
+    def static():
+        return decode_pass(model, tok, rows, n_new, cache_implementation="static")
+
+    def prefix():
+        return decode_pass(model, tok, rows, n_new, prefix_cache=PrefixCache())
 
     def eager():
         model.set_attn_implementation("eager")
@@ -834,37 +839,32 @@ def run_limit(work: Path, s: dict, log) -> dict:
         finally:
             model.set_attn_implementation("sdpa")
 
-    def static():
-        return decode_pass(model, tok, rows, n_new, cache_implementation="static")
+    # dynamic int8 quantisation of the linear layers: a second (quantised) copy of the model
+    qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
 
-    def prefix():
-        return decode_pass(model, tok, rows, n_new, prefix_cache=PrefixCache())
+    def int8():
+        return decode_pass(qmodel, tok, rows, n_new)
 
-    sides = {"today": today, "prefix": prefix, "static": static, "eager": eager, "two_threads": two_threads}
-    passes = alternate(sides, s["repeats"], log)
+    # today first and last, the candidates between (the drift of the machine shows in today's two passes)
+    sides = {"today": today, "prefix": prefix, "static": static, "eager": eager, "int8_dynamic": int8}
+    passes = alternate(sides, 1, log)
+    passes["today"] += alternate({"today": today}, 1, log)["today"]
+    del qmodel
     reference = passes["today"][0]
     today_tps = statistics.median([statistics.median([x["decode_tps"] for x in p if x["decode_tps"]])
                                    for p in passes["today"]])
     notes = {"today": "fp32, sdpa, dynamic cache, 1 thread: the `ask` path as shipped",
-             "prefix": "the shared prompt prefix's KV cache computed once and reused (generator option prefix_cache)",
+             "prefix": "the shared prompt prefix's KV cache computed once and reused (generate_batch prefix_cache=)",
              "static": "cache_implementation='static' (no torch.compile)",
              "eager": "attn_implementation='eager' instead of sdpa",
-             "two_threads": "torch.set_num_threads(2)"}
+             "int8_dynamic": "torch.ao.quantization.quantize_dynamic(nn.Linear -> qint8), inference only"}
     variants = [variant_row(k, passes[k], reference, today_tps, notes[k], rows) for k in sides]
     variants[0]["answers_changed_between_repeats"] = sum(
         x["text"] != y["text"] for x, y in zip(passes["today"][0], passes["today"][-1]))
-
-    # dynamic int8 quantisation of the linear layers (a second model: measured after, then freed)
-    qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-    q_passes = [decode_pass(qmodel, tok, rows, n_new) for _ in range(1)]
-    variants.append(variant_row("int8_dynamic", q_passes, reference, today_tps,
-                                "torch.ao.quantization.quantize_dynamic(nn.Linear -> qint8), inference only "
-                                "(generator option int8)", rows))
-    del qmodel
-    identical = [v for v in variants[1:] if v["answers_changed"] == 0 and v["variant"] != "two_threads"]
+    identical = [v for v in variants[1:] if v["answers_changed"] == 0]
     best = max(identical, key=lambda v: v["speedup"]) if identical else None
     return {"settings": {"rows": len(rows), "max_new_tokens": n_new, "threads": 1, "batch": 1,
-                         "model": "smollm2 fp32", "repeats": s["repeats"], "order": "today, " + ", ".join(list(sides)[1:])},
+                         "model": "smollm2 fp32", "order": ", ".join(sides) + ", today"},
             "weight_bytes_per_token": weight_bytes, "bandwidth": bw,
             "bound_tokens_per_s": bound, "decode_tokens_per_s": today_tps, "fraction_of_bound": today_tps / bound,
             "gemv_floor": floor, "gemv_floor_fraction_of_bound": floor["tokens_per_s"] / bound,

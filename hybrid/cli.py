@@ -267,7 +267,7 @@ def tune_calibrate_cmd(cfg: CalibrateConfig):
 @from_config(AskConfig)
 def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
         False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", '
-                              '"gated", "abstain_score", "calibrated_abstain", "selected_from"}.')):
+                              '"gated", "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from"}.')):
     """Retrieve, answer from the passages, and verify every quote against them."""
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support, judge=cfg.judge,

@@ -10,8 +10,11 @@ configuration also appears as `NAME+gate`: the same answers, except that where t
 judge finds none of the passages answering the question (answerable < `gate_threshold`) the
 answer counts as an abstention, as `ask --judge` serves it. The paired tests show
 what the gate buys. Each adapter calibrated with `hybrid tune calibrate` also appears as
-`rag+NAME+cal`: the same answers, abstaining where the adapter's own abstention score
-reaches its threshold (scores added after generation, like the judge's). With `select`
+`rag+NAME+cal`: the adapter as a calibrated `ask` serves it: abstaining where its own
+abstention score reaches its threshold, and, below it, answering even where its greedy
+completion abstained (that question is answered again from the answer's opening; stored as
+`rag+NAME+answered` lines, generated only for such questions). Scores are added after
+generation, like the judge's. With `select`
 (two or more adapter names, and a judge), `rag+A|B` answers each question with the candidate
 the judge finds best supported by the passages among those adapters' non-abstaining answers
 (ties: the first listed; all abstained: the abstention), and `rag+A|B+cal` abstains on top where
@@ -147,13 +150,23 @@ def as_abstention(q: dict, **flag) -> None:
              citations=[], unsupported=None, **flag)
 
 
-def with_calibration(p: dict, threshold: float) -> dict:
+def with_calibration(p: dict, threshold: float, answered: dict | None = None) -> dict:
     """A prediction as a calibrated adapter serves it: abstain when its own abstention score
-    (tuning/abstention.py) reaches the adapter's threshold."""
+    (tuning/abstention.py) reaches the adapter's threshold; below it, where the greedy answer
+    abstained, the answer written again from the answer's opening (`answered`), if given."""
     q = {**p, "config": f"{p['config']}+cal"}
     if not p["abstained"] and calibration_abstains(p.get("abstain_score"), threshold):
         as_abstention(q, calibrated_abstain=True)
+    elif p["abstained"] and answered is not None and needs_answer(p, threshold):
+        q = {**answered, "config": q["config"], "abstain_score": p.get("abstain_score"), "calibrated_answer": True,
+             # both completions were generated to serve this one
+             "latency_ms": p["latency_ms"] + answered["latency_ms"], "new_tokens": p["new_tokens"] + answered["new_tokens"]}
     return q
+
+
+def needs_answer(p: dict, threshold: float) -> bool:
+    """The threshold overrules this greedy abstention: the score is below it."""
+    return p["abstained"] and p.get("abstain_score") is not None and not calibration_abstains(p["abstain_score"], threshold)
 
 
 def picked_by_judge(candidates: list[dict], name: str) -> dict:
@@ -212,21 +225,30 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     unscored = [p for p in done.values() if p["config"] in thresholds and "abstain_score" not in p]
     judge_fp = judge_fingerprint(cfg.judge)
     rejudge = judge is not None and (bool(todo) or any(p.get("judge") != judge_fp for p in done.values()))
-    pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
-                         max_new_tokens=cfg.max_new_tokens, groups=cfg.groups, calibrated=False, mode=cfg.mode,
-                         rerank=cfg.rerank) \
-        if todo or unscored or not done else None
+    def load_pipe():
+        return Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
+                             max_new_tokens=cfg.max_new_tokens, groups=cfg.groups, calibrated=False, mode=cfg.mode,
+                             rerank=cfg.rerank)
+
+    pipe = load_pipe() if todo or unscored or not done else None
     contexts = row_contexts(rows, cfg, pipe) if todo or rejudge or unscored else {}  # a finished run needs no retrieval
 
     generate(cfg, pipe, rows, configs, contexts, thresholds, done, progress)
     for p in unscored:  # calibrated after these answers were written
         p["abstain_score"] = float(pipe.abstain_scores([p["question"]], [contexts[p["id"]]],
                                                        adapter=p["config"].split("+", 1)[1])[0])
+    again = [(c, r) for c, t in thresholds.items() for r in rows
+             if needs_answer(done[(c, r.id)], t) and (f"{c}+answered", r.id) not in done]
+    if again:  # a new threshold may overrule other abstentions: only those are generated
+        pipe = pipe or load_pipe()
+        contexts = contexts or row_contexts(rows, cfg, pipe)
+        answer_again(cfg, pipe, again, contexts, done)
     rejudged = judge_all(judge, judge_fp, done, rows, contexts) if rejudge else False
     if (rejudged or unscored) and out:
         write_text_atomic(out / "predictions.jsonl", "".join(
             json.dumps(done[(c, r.id)], ensure_ascii=False) + "\n" for c in configs for r in rows))
-    by_config, decider = derive(cfg, {c: [done[(c, r.id)] for r in rows] for c in configs}, calibrations)
+    answered = {c: [done.get((f"{c}+answered", r.id)) for r in rows] for c in thresholds}
+    by_config, decider = derive(cfg, {c: [done[(c, r.id)] for r in rows] for c in configs}, calibrations, answered)
 
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
               "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
@@ -337,6 +359,28 @@ def generate(cfg: EvalConfig, pipe, rows: list[QARow], configs: list[str], conte
             sink.close()
 
 
+def answer_again(cfg: EvalConfig, pipe, again: list[tuple[str, QARow]], contexts: dict, done: dict) -> None:
+    """The questions whose greedy abstention a calibrated threshold overrules, answered from the
+    answer's opening; stored as `CONFIG+answered` lines (appended, so a resumed eval keeps them)."""
+    sink = open(Path(cfg.out) / "predictions.jsonl", "a", encoding="utf-8") if cfg.out else None
+    try:
+        for config in dict.fromkeys(c for c, _ in again):
+            batch_rows = [r for c, r in again if c == config]
+            for start in range(0, len(batch_rows), cfg.batch_size):
+                batch = batch_rows[start:start + cfg.batch_size]
+                ctxs = [contexts[r.id] for r in batch]
+                answers = pipe.answer_batch([r.question for r in batch], ctxs, adapter=config.split("+", 1)[1],
+                                            opening=True)
+                for r, ctx, a in zip(batch, ctxs, answers):
+                    p = done[(f"{config}+answered", r.id)] = prediction(f"{config}+answered", r, ctx, a)
+                    if sink:
+                        sink.write(json.dumps(p, ensure_ascii=False) + "\n")
+                        sink.flush()
+    finally:
+        if sink:
+            sink.close()
+
+
 def prediction(config: str, r: QARow, ctx: list[dict], a) -> dict:
     """One line of predictions.jsonl: the answer as served, graded once."""
     return {"id": r.id, "config": config, "question": r.question, "answers": list(r.answers),
@@ -347,7 +391,8 @@ def prediction(config: str, r: QARow, ctx: list[dict], a) -> dict:
             "latency_ms": a.latency_ms, "new_tokens": a.new_tokens}
 
 
-def derive(cfg: EvalConfig, by_config: dict[str, list[dict]], calibrations: dict[str, dict]):
+def derive(cfg: EvalConfig, by_config: dict[str, list[dict]], calibrations: dict[str, dict],
+           answered: dict[str, list] | None = None):
     """Derive stage: NAME+gate, rag+NAME+cal and the judge-picked rag+A|B(+cal) from the answers as
     generated (no generation). Returns (every configuration's predictions, the deciding adapter)."""
     thresholds = {f"rag+{n}": float(c["threshold"]) for n, c in calibrations.items()}
@@ -355,7 +400,8 @@ def derive(cfg: EvalConfig, by_config: dict[str, list[dict]], calibrations: dict
         for c in [c for c in list(by_config) if c != "closed_book"]:
             by_config[f"{c}+gate"] = [with_gate(p, cfg.gate_threshold) for p in by_config[c]]
     for c, t in thresholds.items():
-        by_config[f"{c}+cal"] = [with_calibration(p, t) for p in by_config[c]]
+        again = (answered or {}).get(c) or [None] * len(by_config[c])
+        by_config[f"{c}+cal"] = [with_calibration(p, t, a) for p, a in zip(by_config[c], again)]
     decider = None
     if cfg.select:
         name = "rag+" + "|".join(cfg.select)

@@ -39,7 +39,7 @@ from tuning import abstention, run_record
 from tuning.abstention import calibration_abstains, load_calibration
 from tuning.generator import generate_batch, generation_kwargs, load_generator
 from tuning.judge import THRESHOLD, Judge, gate_abstains
-from tuning.prompting import ABSTAIN, build_messages, parse_answer, quote_in
+from tuning.prompting import ABSTAIN, ANSWER_OPENING, build_messages, chat_text, parse_answer, quote_in
 
 
 @dataclass
@@ -58,13 +58,17 @@ class Answer:
     gated: bool = False  # the judge found no passage answering the question, so the pipeline abstained
     abstain_score: float | None = None  # the adapter's own abstention score (calibrated adapters only)
     calibrated_abstain: bool = False  # the score reached the adapter's threshold: the pipeline abstains
+    # the score was below the threshold but the greedy completion abstained: answered again from the
+    # answer's opening (the threshold decides both ways)
+    calibrated_answer: bool = False
     selected_from: str | None = None  # with select: the adapter whose answer the judge supported most
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "abstained": self.abstained, "citations": self.citations,
                 "passages": self.passages, "support": self.support, "answerable": self.answerable,
                 "gated": self.gated, "abstain_score": self.abstain_score,
-                "calibrated_abstain": self.calibrated_abstain, "selected_from": self.selected_from}
+                "calibrated_abstain": self.calibrated_abstain, "calibrated_answer": self.calibrated_answer,
+                "selected_from": self.selected_from}
 
 
 @dataclass
@@ -201,6 +205,7 @@ class Pipeline:
         self.thresholds = thresholds or {}  # adapter name -> calibrated abstention threshold (or None)
         self.aurocs = aurocs or {}  # adapter name -> its calibration AUROC (which one decides under select)
         self.calibrated = calibrated
+        self.openings: dict[str, str] = {}  # adapter name -> how its answers begin (its training format)
         self.mode: str | None = None  # retrieval mode; None = the index's default
 
     @classmethod
@@ -282,6 +287,7 @@ class Pipeline:
             self.model.eval()
         self.adapters.append(name)
         self.scopes[name] = access.scope(path)
+        self.openings[name] = ANSWER_OPENING[(rec.get("config") or {}).get("answer_format") or "cot"]
         cal = load_calibration(path) if self.calibrated and self.model is not None else None
         self.thresholds[name] = cal and float(cal["threshold"])
         if cal:
@@ -294,7 +300,7 @@ class Pipeline:
         if self.model is not None:
             self.model.delete_adapter(name)
         self.adapters.remove(name)
-        for table in (self.scopes, self.thresholds, self.aurocs):
+        for table in (self.scopes, self.thresholds, self.aurocs, self.openings):
             table.pop(name, None)
 
     def check_access(self, adapter: str | None, groups) -> None:
@@ -344,7 +350,7 @@ class Pipeline:
         from transformers import TextIteratorStreamer
 
         self.tok.padding_side = "left"
-        text = self.tok.apply_chat_template(messages_batch[0], add_generation_prompt=True, tokenize=False)
+        text = chat_text(self.tok, messages_batch[0])
         enc = self.tok([text], return_tensors="pt", add_special_tokens=False).to(self.model.device)
         kwargs = generation_kwargs(self.tok, budget, temperature, should_stop)
         with self._active_adapter(adapter), torch.inference_mode():
@@ -361,7 +367,7 @@ class Pipeline:
 
     def answer_batch(self, questions: list[str], passages_batch: list[list[dict]],
                      adapter: str | None | list[str | None] = None, on_token=None, groups=None,
-                     histories: list[list[dict]] | None = None, **decoding) -> list[Answer]:
+                     histories: list[list[dict]] | None = None, opening: bool = False, **decoding) -> list[Answer]:
         """Answer questions from given passages (dicts with text, title?, doc_id?/id?, chunk_id?, score?).
 
         What needs only the question and its passages is decided before generating: the judge gate
@@ -372,6 +378,8 @@ class Pipeline:
         `histories`: per question, earlier chat turns for the prompt (the server's conversations).
         `decoding`: `max_new_tokens`, `temperature`, `should_stop` for this call (see `generate`).
         `adapter` may be a list, one per question (None = the base): one mixed-adapter batch.
+        `opening`: every completion starts from the answer's opening (it answers; the eval's
+        calibrated configuration uses it where the threshold overrules a greedy abstention).
         """
         n = len(questions)
         rows = list(adapter) if isinstance(adapter, list) else [adapter] * n
@@ -395,11 +403,23 @@ class Pipeline:
                                     gated=gated, calibrated_abstain=cal)
         todo = [i for i in range(n) if results[i] is None]
         todo_adapter = [rows[i] for i in todo] if isinstance(adapter, list) else adapter
+        histories = histories or [None] * n
+        # a calibrated row may be answered again below, so only uncalibrated rows stream
+        streams = not self.require_support and all(thresholds[i] is None for i in todo)
         generated = self._generated([questions[i] for i in todo], [passages_batch[i] for i in todo], todo_adapter,
-                                    None if self.require_support else on_token, groups,
-                                    [(histories or [None] * n)[i] for i in todo], **decoding) if todo else []
+                                    on_token if streams else None, groups, [histories[i] for i in todo],
+                                    opening=opening, **decoding) if todo else []
         for i, a in zip(todo, generated):
             results[i] = a
+        # The threshold decides both ways: below it the adapter answers, even where its greedy
+        # completion abstained (it is written again from the answer's opening).
+        again = [i for i in todo if thresholds[i] is not None and results[i].abstained]
+        if again:
+            answered = self._generated([questions[i] for i in again], [passages_batch[i] for i in again],
+                                       [rows[i] for i in again], None, groups, [histories[i] for i in again],
+                                       opening=True, **decoding)
+            for i, a in zip(again, answered):
+                results[i], a.calibrated_answer = a, True
         live = [i for i in todo if not results[i].abstained]
         if self.judge is not None and live:
             support = self.judge.support([questions[i] for i in live], [results[i].answer for i in live],
@@ -457,17 +477,26 @@ class Pipeline:
         return chosen
 
     def _generated(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None, on_token,
-                   groups, histories=None, **decoding) -> list[Answer]:
-        """Greedy answers as the model writes them: parsed, quotes verified, `require_support` applied."""
-        for a in dict.fromkeys(adapter if isinstance(adapter, list) else [adapter]):
+                   groups, histories=None, opening: bool = False, **decoding) -> list[Answer]:
+        """Greedy answers as the model writes them: parsed, quotes verified, `require_support` applied.
+
+        `opening`: each completion starts from its adapter's answer opening (`ANSWER_OPENING` of the
+        format it was trained on), i.e. it answers; the opening is part of the raw text parsed.
+        """
+        names = adapter if isinstance(adapter, list) else [adapter] * len(questions)
+        for a in dict.fromkeys(names):
             self.check_access(a, self.groups if groups is None else groups)
         t0 = time.perf_counter()
         histories = histories or [None] * len(questions)
         msgs = [build_messages(q, ps, h) for q, ps, h in zip(questions, passages_batch, histories)]
+        starts = [self.openings.get(a, ANSWER_OPENING["cot"]) if opening else "" for a in names]
+        if opening:
+            msgs = [m + [{"role": "assistant", "content": start}] for m, start in zip(msgs, starts)]
         gens = self.generate(msgs, adapter=adapter, on_token=on_token, **decoding)
         ms = (time.perf_counter() - t0) * 1000 / max(len(questions), 1)
         results = []
-        for (raw, n_new), ps in zip(gens, passages_batch):
+        for (text, n_new), ps, start in zip(gens, passages_batch, starts):
+            raw = start + text
             parsed = parse_answer(raw)
             cites = verify(parsed, ps)
             abstained = parsed.abstained

@@ -255,9 +255,10 @@ def hybrid_fields(a) -> dict:
     """The completion's extension object (a None answer: nothing visible to this caller, so it abstained)."""
     if a is None:
         return {"answer": ABSTAIN, "abstained": True, "citations": [], "passages": [], "support": None,
-                "gated": False, "calibrated_abstain": False}
+                "gated": False, "calibrated_abstain": False, "calibrated_answer": False}
     return {"answer": a.answer, "abstained": a.abstained, "citations": a.citations, "passages": a.passages,
-            "support": a.support, "gated": a.gated, "calibrated_abstain": a.calibrated_abstain}
+            "support": a.support, "gated": a.gated, "calibrated_abstain": a.calibrated_abstain,
+            "calibrated_answer": a.calibrated_answer}
 
 
 def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: KeyRing | None, metrics: Metrics):

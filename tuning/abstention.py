@@ -9,8 +9,9 @@ sampled per question, 0.42), yet its greedy decision can lean one way: DPO pushe
 adapter to answer almost every question. Like a classifier's cut, the threshold is chosen on
 labelled rows that no training step used (`hybrid tune calibrate`, hybrid/calibration.py): the
 score that maximises TPR - FPR (Youden's J). It is written beside the adapter as
-`hybrid_abstain.json`; `ask` abstains when a prompt scores at or above it, and `eval` reports
-the adapter both ways (`rag+NAME`, `rag+NAME+cal`).
+`hybrid_abstain.json`; `ask` abstains when a prompt scores at or above it and answers below it
+(a greedy abstention there is answered again from the answer's opening), and `eval` reports the
+adapter both ways (`rag+NAME` greedy, `rag+NAME+cal` as served).
 """
 
 from __future__ import annotations

@@ -72,6 +72,19 @@ def abstain_answer() -> str:
     return f"##Reason: None of the documents contains the answer. ##Answer: {ABSTAIN}"
 
 
+# How an answer (not an abstention) begins in each training format: a calibrated adapter whose
+# score says "answer" but whose greedy completion abstained answers again from this opening.
+ANSWER_OPENING = {"cot": "##Reason: The documents say ##begin_quote##", "short": "##Answer:"}
+
+
+def chat_text(tok, messages: list[dict]) -> str:
+    """The prompt text for generation: a new assistant turn, or, when the last message is the
+    assistant's, that turn continued (its content is the opening the completion goes on from)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 @dataclass
 class Parsed:
     """A parsed completion: the final answer, the quotes and whether it abstains."""

@@ -42,7 +42,7 @@ def test_several_adapters_share_one_base_and_switch_per_call(bundled_tiny_index,
         assert torch.allclose(pipe.model(**enc).logits, logits["a"])  # switching back is exact
     res = pipe.answer("How long does the battery last?", passages, adapter="b")
     assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated",
-                                  "abstain_score", "calibrated_abstain", "selected_from"}
+                                  "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from"}
     with pytest.raises(InputError, match="--adapter zzz: not loaded"):
         pipe.answer("q", passages, adapter="zzz")
 

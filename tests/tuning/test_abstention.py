@@ -68,10 +68,10 @@ def test_calibrate_writes_threshold_that_ask_and_eval_apply(tmp_path, two_adapte
                               out=str(tmp_path / "rep")), progress=False)
     assert rep["configs"]["rag+a+cal"]["abstention_rate"] == 1.0 and rep["abstain_thresholds"] == {"rag+a": -1e9}
     assert rep["configs"]["rag+a"]["n"] == rep["configs"]["rag+a+cal"]["n"] == 3
-    _set_threshold(adapter, 1e9)  # recalibrated: the same answers, re-derived without generating again
+    _set_threshold(adapter, 1e9)  # recalibrated: nothing reaches it, so every question is answered (the greedy
     rep = run_eval(EvalConfig(qa=str(fixed_qa), adapters={"a": str(adapter)}, closed_book=False, max_new_tokens=4,
-                              out=str(tmp_path / "rep")), progress=False)
-    assert rep["configs"]["rag+a+cal"]["abstention_rate"] == rep["configs"]["rag+a"]["abstention_rate"]
+                              out=str(tmp_path / "rep")), progress=False)  # abstentions again, from the opening)
+    assert rep["configs"]["rag+a+cal"]["abstention_rate"] == 0.0
 
 
 def test_calibration_of_another_training_run_is_refused(tmp_path, two_adapters, fixed_qa):
@@ -89,3 +89,86 @@ def test_calibrate_needs_both_kinds_of_rows(tmp_path, two_adapters):
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"id": "1", "question": "q?", "answers": ["x"], "passages": [{"id": "p", "text": "x"}]}) + "\n")
     assert_clean_error(run("tune", "calibrate", "--adapter", two_adapters["a"], "--qa", str(qa)), str(qa), "unanswerable")
+
+
+def test_below_its_threshold_a_calibrated_adapter_answers_even_where_greedy_abstained(two_adapters):
+    """The threshold decides both ways: a greedy abstention scored below it is answered again, the
+    completion continuing the answer's opening (the chat template's open assistant turn)."""
+    from tuning.prompting import ABSTAIN, ANSWER_OPENING
+
+    pipe = Pipeline.load(None, adapters=two_adapters, max_new_tokens=4)
+    calls, streamed = [], []
+
+    def generate(msgs, adapter=None, on_token=None, **_):
+        calls.append([m[-1] for m in msgs])
+        return [("Tarrow. ##end_quote## ##Answer: Tarrow", 5) if m[-1]["role"] == "assistant" else
+                (f"##Answer: {ABSTAIN}", 3) for m in msgs]
+
+    pipe.generate = generate
+    pipe.abstain_scores = lambda qs, ps, adapter=None: np.full(len(qs), -2.0)
+    ps = [{"doc_id": "d", "text": "The office is in Tarrow."}]
+    pipe.thresholds = {"a": -1.0}  # score -2 < -1: answer
+    res = pipe.answer("Where is the office?", ps, adapter="a", on_token=streamed.append)
+    assert not res.abstained and res.calibrated_answer and res.answer == "Tarrow"
+    assert res.raw == ANSWER_OPENING["cot"] + "Tarrow. ##end_quote## ##Answer: Tarrow"
+    assert res.citations[0]["verified"] and streamed == []  # a calibrated row is never streamed half-decided
+    assert calls[0][0]["role"] == "user" and calls[1][0] == {"role": "assistant", "content": ANSWER_OPENING["cot"]}
+    assert res.to_dict()["calibrated_answer"] is True
+    calls.clear()
+    pipe.thresholds = {"a": -3.0}  # score -2 >= -3: abstain, nothing generated
+    res = pipe.answer("Where is the office?", ps, adapter="a")
+    assert res.abstained and res.calibrated_abstain and not res.calibrated_answer and calls == []
+    pipe.thresholds = {}  # uncalibrated: the greedy abstention stands
+    res = pipe.answer("Where is the office?", ps, adapter="a")
+    assert res.abstained and not res.calibrated_answer and len(calls) == 1
+
+
+def test_the_chat_template_continues_an_open_assistant_turn(two_adapters):
+    from tuning.prompting import chat_text
+
+    pipe = Pipeline.load(None, adapters=two_adapters, max_new_tokens=4)
+    msgs = build_messages("Where?", [{"text": "x"}])
+    fresh = chat_text(pipe.tok, msgs)
+    opened = chat_text(pipe.tok, msgs + [{"role": "assistant", "content": "##Answer:"}])
+    assert opened.startswith(fresh) and opened.endswith("##Answer:")
+
+
+def test_eval_cal_answers_again_only_where_the_threshold_overrules_a_greedy_abstention(tmp_path, two_adapters,
+                                                                                     fixed_qa, monkeypatch):
+    from tuning.prompting import ABSTAIN
+
+    adapter = tmp_path / "a"
+    shutil.copytree(two_adapters["a"], adapter)
+    assert run("tune", "calibrate", "--adapter", str(adapter), "--qa", str(fixed_qa)).exit_code == 0
+    opened = []
+    real = Pipeline.answer_batch
+
+    def scripted(self, questions, passages_batch, adapter=None, opening=False, **kw):
+        answers = real(self, questions, passages_batch, adapter=adapter, opening=opening, **kw)
+        for q, a in zip(questions, answers):
+            if adapter == "a" and not opening:  # the adapter's greedy completions all abstain
+                a.answer, a.abstained, a.citations = ABSTAIN, True, []
+            if opening:
+                opened.append(q)
+        return answers
+
+    monkeypatch.setattr(Pipeline, "answer_batch", scripted)
+    scores = {"How long does the battery last?": -5.0, "When does the office open?": -1.0, "Who is the CFO?": -0.5}
+    monkeypatch.setattr(Pipeline, "abstain_scores", lambda self, qs, ps, adapter=None: np.array([scores[q] for q in qs]))
+    _set_threshold(adapter, -2.0)  # only the battery question scores below it
+    cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": str(adapter)}, closed_book=False, max_new_tokens=4,
+                     out=str(tmp_path / "rep"))
+    rep = run_eval(cfg, progress=False)
+    assert opened == ["How long does the battery last?"]
+    preds = [json.loads(l) for l in (tmp_path / "rep" / "predictions.jsonl").read_text().splitlines()]
+    again = [p for p in preds if p["config"] == "rag+a+answered"]
+    assert [p["id"] for p in again] == ["1"] and not again[0]["abstained"]
+    assert rep["configs"]["rag+a"]["abstention_rate"] == 1.0
+    assert rep["configs"]["rag+a+cal"]["abstention_rate"] == pytest.approx(2 / 3)
+    opened.clear()
+    assert run_eval(cfg, progress=False)["configs"]["rag+a+cal"] == rep["configs"]["rag+a+cal"]
+    assert opened == []  # resumed: nothing generated again
+    _set_threshold(adapter, -0.9)  # recalibrated: the office question is overruled too, and only it is generated
+    rep = run_eval(cfg, progress=False)
+    assert opened == ["When does the office open?"]
+    assert rep["configs"]["rag+a+cal"]["abstention_rate"] == pytest.approx(1 / 3)
