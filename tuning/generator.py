@@ -20,6 +20,7 @@ from retrieval import packaged
 from retrieval.atomic import staged_dir
 from retrieval.embedder import fingerprint_dir
 from retrieval.errors import InputError
+from tuning.prompting import chat_text
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens:
     import torch
 
     tok.padding_side = "left"
-    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_batch]
+    texts = [chat_text(tok, m) for m in messages_batch]  # a closing assistant message is continued
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.inference_mode():
         extra = {} if adapter_names is None else {"adapter_names": adapter_names}

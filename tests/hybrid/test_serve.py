@@ -119,7 +119,8 @@ def test_models_and_chat_plain_and_streamed_with_the_extension(server, env):
     client = server.client(KEYS["pub"])
     r = chat(client, "a")
     ext = r.model_extra["hybrid"]
-    assert set(ext) == {"answer", "abstained", "citations", "passages", "support", "gated", "calibrated_abstain"}
+    assert set(ext) == {"answer", "abstained", "citations", "passages", "support", "gated", "calibrated_abstain",
+                        "calibrated_answer"}
     assert r.choices[0].message.content and len(ext["passages"]) == 3
     assert all(set(p) == {"doc_id", "chunk_id", "score"} for p in ext["passages"])
     assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
