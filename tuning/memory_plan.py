@@ -137,16 +137,19 @@ def estimate(shape: ModelShape, strategy: Strategy, seq_len: int, batch: int, ch
 
 
 def available_bytes(device: str) -> int:
-    """Free memory now: CUDA free memory, or MemAvailable from /proc/meminfo."""
+    """Free memory now for this process: its GPU's free memory (LOCAL_RANK's under a launcher), or
+    MemAvailable from /proc/meminfo shared by the processes a launcher started on this host
+    (LOCAL_WORLD_SIZE): the plan is per rank."""
     if device == "cuda":
         import torch
 
-        return int(torch.cuda.mem_get_info()[0])
+        return int(torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))[0])
+    share = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 // share
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

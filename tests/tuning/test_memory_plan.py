@@ -60,3 +60,13 @@ def test_plan_splits_a_batch_that_does_not_fit_into_accumulated_micro_batches():
     # not even one sequence: refused, and the estimates say what one sequence needs
     none = plan(shape, "lora", 1024, 12, True, 8, ["q_proj", "v_proj"], "cpu", available=int(at(1) / 0.9) - 1)
     assert not none["fits"] and none["estimates"]["lora"]["total"] == at(1)
+
+
+def test_on_cpu_the_processes_a_launcher_started_share_the_hosts_memory(monkeypatch):
+    from tuning.memory_plan import available_bytes
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = available_bytes("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    shared = available_bytes("cpu")
+    assert 0.2 < shared / alone < 0.3  # a quarter each (MemAvailable moves a little between the reads)
