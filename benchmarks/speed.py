@@ -161,6 +161,45 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def detail_tables(report: dict) -> str:
+    """The rows' own tables (Markdown): `ask` split, threads, decode variants."""
+    out = []
+    a = (report.get("generation") or {}).get("ask")
+    if a:
+        out += ["| `ask` (bundled corpus, k=%d, %d new tokens max) | median | min | max |" % (
+            a["settings"]["k"], a["settings"]["max_new_tokens"]), "|---|---:|---:|---:|"]
+        for key, label in (("total_ms", "total ms"), ("retrieval_ms", "retrieval ms"), ("prefill_ms", "prompt prefill ms"),
+                           ("decode_ms", "decode ms"), ("decode_tokens_per_s", "decode tokens/s")):
+            v = a[key]
+            out.append(f"| {label} | {v['median']:.1f} | {v['min']:.1f} | {v['max']:.1f} |")
+        out.append("")
+    t = report.get("threads")
+    if t:
+        out += ["| work | idle: 1 thread | idle: 2 threads | idle 2/1 | busy: 1 thread | busy: 2 threads | busy 2/1 |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for name in ("encode texts/s", "train steps/s", "generate tok/s"):
+            i, b = t[name]["idle"], t[name]["busy"]
+            out.append(f"| {name} | {i['1']:.3g} | {i['2']:.3g} | {i['2_over_1']:.2f} | {b['1']:.3g} | {b['2']:.3g} | "
+                       f"{b['2_over_1']:.2f} |")
+        out += [f"recommended threads: {t['recommended']}", ""]
+    lim = report.get("limit")
+    if lim:
+        out += [f"bandwidth (numpy copy, read + write) {lim['bandwidth']['gb_per_s']['median']:.1f} GB/s "
+                f"(±{lim['bandwidth']['gb_per_s']['spread'] * 50:.0f} %); weights read per token "
+                f"{lim['weight_bytes_per_token'] / 1e6:.0f} MB; bound {lim['bound_tokens_per_s']:.1f} tok/s; "
+                f"fp32 GEMV floor {lim['gemv_floor']['tokens_per_s']:.1f} tok/s ({lim['gemv_floor']['gb_per_s']:.1f} GB/s); "
+                f"today {lim['decode_tokens_per_s']:.2f} tok/s = {lim['fraction_of_bound']:.2f} of the bound, "
+                f"{lim['today_fraction_of_gemv_floor']:.2f} of the GEMV floor", "",
+                "| variant | decode tok/s | × today | prefill ms | answers changed | correct / abstained / hallucinated | what |",
+                "|---|---:|---:|---:|---:|---|---|"]
+        for v in lim["variants"]:
+            g = v["graded"]
+            out.append(f"| {v['variant']} | {v['decode_tokens_per_s']:.2f} | {v['speedup']:.2f} | {v['prefill_ms']:.0f} | "
+                       f"{v['answers_changed']} of {v['rows']} | {g['correct']} / {g['abstained']} / {g['hallucinated']} | "
+                       f"{v['note']} |")
+    return "\n".join(out)
+
+
 # --- step timing -------------------------------------------------------------------------------------
 def step_clock():
     """A TrainerCallback class recording the wall time of every optimizer step (end to end)."""
@@ -883,7 +922,12 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--repeats", type=int, help="override the repeats per side")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "speed"))
+    p.add_argument("--render", metavar="REPORT", help="print the tables of an earlier run's report.json and stop")
     args = p.parse_args(argv)
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        print(table(report) + "\n\n" + detail_tables(report))
+        return 0
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if bad := set(rows) - set(ROWS):
         p.error(f"--rows: unknown {', '.join(sorted(bad))}")
@@ -923,7 +967,7 @@ def main(argv=None) -> int:
         report["loadavg"][f"after_{row}"] = os.getloadavg()
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (work / ("report_quick.json" if args.quick else "report.json")).write_text(json.dumps(report, indent=2, default=str))
-    print(table(report))
+    print(table(report) + "\n\n" + detail_tables(report))
     if args.json:
         print(json.dumps(final_json(report), default=str))
     return 0

@@ -112,3 +112,32 @@ def test_json_keys_and_table_from_a_report():
 def test_unknown_row_is_refused():
     with pytest.raises(SystemExit):
         speed.main(["--rows", "sft,nope"])
+
+
+def test_limit_row_runs_end_to_end_on_a_tiny_model(tiny_llm_dir, monkeypatch):
+    from tuning import generator
+
+    def tiny(spec=None, device=None, **kw):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
+        return model, generator.load_tokenizer(tiny_llm_dir), None
+
+    rows = [{"question": f"How long does buoy {i} last?", "answers": ["14 months"] if i % 2 else [],
+             "passages": [{"id": "a", "text": f"Buoy {i} lasts 14 months."}]} for i in range(3)]
+    monkeypatch.setattr(generator, "load_generator", tiny)
+    monkeypatch.setattr(speed, "halueval_rows", lambda n: rows[:n])
+    real = speed.copy_bandwidth
+    monkeypatch.setattr(speed, "copy_bandwidth", lambda: real(mib=8, reps=2))
+    out = speed.run_limit(None, {"limit_rows": 3, "limit_tokens": 6}, log=lambda *a: None)
+    names = [v["variant"] for v in out["variants"]]
+    assert names == ["today", "prefix", "static", "eager", "int8_dynamic"]
+    today = out["variants"][0]
+    assert today["speedup"] == 1.0 and today["answers_changed"] == 0 and today["rows"] == 3
+    assert sum(today["graded"].values()) == 3
+    assert out["variants"][1]["answers_changed"] == 0  # the prefix cache changes no greedy answer
+    assert 0 < out["fraction_of_bound"] and out["weight_bytes_per_token"] > 0
+    assert out["bound_tokens_per_s"] == pytest.approx(
+        out["bandwidth"]["gb_per_s"]["median"] * 1e9 / out["weight_bytes_per_token"])
+    assert "| int8_dynamic |" in speed.detail_tables({"limit": out})
