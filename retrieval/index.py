@@ -1,7 +1,7 @@
 """Build an index directory: FAISS index + SQLite chunk store + manifest.json.
 
 Layout of INDEX_DIR:
-    index.faiss    FAISS's own format (exact inner product, HNSW or IVF)
+    index.faiss    FAISS's own format (exact inner product, HNSW, IVF or IVF-PQ; retrieval/ann.py)
     chunks.sqlite  chunk text, metadata, groups and vectors; document content hashes; the FTS5
                    table of lexical search (retrieval/lexical.py)
     manifest.json  embedder name + fingerprint, dimension, normalisation, chunking,
@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import sqlite3
@@ -33,6 +32,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from retrieval import lexical
+from retrieval.ann import ivfpq_problems, make_faiss_index
 from retrieval.atomic import check_writable, staged_dir
 from retrieval.chunking import Chunk, chunk_document
 from retrieval.corpus import DEFAULT_MAX_DOCUMENT_MB, load_corpus
@@ -56,7 +56,8 @@ class IndexConfig:
         index_type: `auto` = `flat` below `ann_threshold` chunks, `hnsw` above.
         ann_threshold: chunk count from which `auto` picks HNSW.
         hnsw_m, hnsw_ef_construction, hnsw_ef_search: HNSW graph parameters.
-        ivf_nlist: IVF cells (0 = 4*sqrt(n)); ivf_nprobe: cells searched.
+        ivf_nlist: IVF cells (0 = 4*sqrt(n)); ivf_nprobe: cells searched (IVF and IVF-PQ).
+        ivfpq_m, ivfpq_nbits: IVF-PQ sub-quantizers (0 = dim/8) and bits per code (m*nbits/8 bytes a vector).
         batch_size: embedding batch size.
         on_bad_file: `skip` (warn, count, never index) or `fail` on a file that cannot be read
             safely: unreadable, non-UTF-8, malformed front matter/JSONL/groups, too big, empty.
@@ -68,14 +69,19 @@ class IndexConfig:
         "help": "Local sentence-transformers model dir.", "default_help": "packaged all-MiniLM-L6-v2"})
     chunk_tokens: int = field(default=200, metadata={"help": "Max embedder tokens per chunk (the title is added on top)."})
     overlap: int = field(default=32, metadata={"help": "Tokens shared by consecutive chunks."})
-    index_type: Literal["auto", "flat", "hnsw", "ivf"] = field(default="auto", metadata={
-        "help": "auto = exact (flat) below --ann-threshold chunks, HNSW above."})
+    index_type: Literal["auto", "flat", "hnsw", "ivf", "ivfpq"] = field(default="auto", metadata={
+        "help": "auto = exact (flat) below --ann-threshold chunks, HNSW above; ivfpq = IVF with product-quantized "
+                "codes, for corpora whose float vectors do not fit in memory."})
     ann_threshold: int = field(default=50_000, metadata={"help": "Chunk count from which auto picks HNSW."})
     hnsw_m: int = field(default=32, metadata={"help": "HNSW graph degree."})
     hnsw_ef_construction: int = field(default=200, metadata={"help": "HNSW candidate list while building."})
     hnsw_ef_search: int = field(default=64, metadata={"help": "HNSW candidate list while searching."})
     ivf_nlist: int = field(default=0, metadata={"help": "IVF cells; 0 = 4 x sqrt(chunks)."})
-    ivf_nprobe: int = field(default=8, metadata={"help": "IVF cells searched per query."})
+    ivf_nprobe: int = field(default=8, metadata={"help": "IVF / IVF-PQ cells searched per query."})
+    ivfpq_m: int = field(default=0, metadata={"help": "IVF-PQ sub-quantizers, a divisor of the embedding dimension; "
+                                                      "0 = dim/8 (48 for MiniLM)."})
+    ivfpq_nbits: int = field(default=8, metadata={"help": "IVF-PQ bits per sub-quantizer code (needs >= 2^nbits "
+                                                          "chunks to train)."})
     batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
     on_bad_file: Literal["skip", "fail"] = field(default="skip", metadata={
         "help": "skip (warn and count) or fail on unreadable, non-UTF-8, empty or malformed files."})
@@ -99,13 +105,17 @@ class IndexConfig:
             out.append("--chunk-tokens must be at least 8")
         if not 0 <= self.overlap < max(self.chunk_tokens, 1):
             out.append("--overlap must be >= 0 and smaller than --chunk-tokens")
-        if self.index_type not in ("auto", "flat", "hnsw", "ivf"):
-            out.append("--index-type must be one of auto, flat, hnsw, ivf")
+        if self.index_type not in ("auto", "flat", "hnsw", "ivf", "ivfpq"):
+            out.append("--index-type must be one of auto, flat, hnsw, ivf, ivfpq")
         for name in ("ann_threshold", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe", "batch_size"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.ivf_nlist < 0:
             out.append("--ivf-nlist must be >= 0 (0 = automatic)")
+        if self.ivfpq_m < 0:
+            out.append("--ivfpq-m must be >= 0 (0 = automatic)")
+        if not 1 <= self.ivfpq_nbits <= 16:
+            out.append("--ivfpq-nbits must be between 1 and 16 (8 is usual)")
         if self.on_bad_file not in ("skip", "fail"):
             out.append("--on-bad-file must be skip or fail")
         if not (isinstance(self.max_document_mb, (int, float)) and self.max_document_mb > 0):
@@ -186,12 +196,14 @@ def validate_manifest(m: object, where: str) -> dict:
     need(e.get("max_seq_length") is None or _count(e["max_seq_length"], 1), "'embedder.max_seq_length' must be a positive integer")
     need(_count(c.get("chunk_tokens"), 1) and _count(c.get("overlap")), "'chunking.chunk_tokens'/'overlap' must be integers")
     need(isinstance(c.get("tokenizer"), str), "'chunking.tokenizer' must be a string")
-    need(ix.get("type") in ("flat", "hnsw", "ivf"), "'index.type' must be flat, hnsw or ivf")
+    need(ix.get("type") in ("flat", "hnsw", "ivf", "ivfpq"), "'index.type' must be flat, hnsw, ivf or ivfpq")
     if ix["type"] == "hnsw":
         need(all(_count(ix.get(k), 1) for k in ("m", "ef_construction", "ef_search")),
              "'index.m'/'ef_construction'/'ef_search' must be positive integers")
-    if ix["type"] == "ivf":
+    if ix["type"] in ("ivf", "ivfpq"):
         need(_count(ix.get("nlist"), 1) and _count(ix.get("nprobe"), 1), "'index.nlist'/'nprobe' must be positive integers")
+    if ix["type"] == "ivfpq":
+        need(_count(ix.get("m"), 1) and _count(ix.get("nbits"), 1), "'index.m'/'nbits' must be positive integers")
     need(all(_count(n.get(k)) for k in ("documents", "chunks", "restricted_documents", "skipped_files")),
          "'counts' must hold documents, chunks, restricted_documents and skipped_files as integers")
     need(set(files) == {INDEX_FILE, STORE_FILE}, f"'files' must list exactly {INDEX_FILE} and {STORE_FILE}")
@@ -374,39 +386,6 @@ def build_lock(out_dir: Path) -> Iterator[None]:
         fh.close()
 
 
-def make_faiss_index(vectors: np.ndarray, cfg: IndexConfig) -> tuple["faiss.Index", dict]:
-    """Build the FAISS index for (n, d) float32 unit vectors; row i gets id i.
-
-    Returns:
-        (index, parameters recorded in the manifest: type and search knobs).
-    """
-    import faiss  # imported on use: stages that read only JSONL need no FAISS
-
-    n, dim = vectors.shape
-    kind = cfg.index_type
-    if kind == "auto":
-        kind = "hnsw" if n >= cfg.ann_threshold else "flat"
-    if kind == "ivf":
-        nlist = cfg.ivf_nlist or max(1, int(4 * math.sqrt(n)))
-        nlist = min(nlist, max(1, n // 39))  # FAISS wants ~39 training points per cell
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        index.add(vectors)
-        index.nprobe = cfg.ivf_nprobe  # stored in the file too, for readers that bypass Retriever
-        return index, {"type": "ivf", "nlist": nlist, "nprobe": cfg.ivf_nprobe}
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = cfg.hnsw_ef_construction
-        index.add(vectors)
-        index.hnsw.efSearch = cfg.hnsw_ef_search
-        return index, {"type": "hnsw", "m": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction,
-                       "ef_search": cfg.hnsw_ef_search}
-    index = faiss.IndexFlatIP(dim)
-    index.add(vectors)
-    return index, {"type": "flat"}
-
-
 def _old_rows(out_dir: Path, manifest_expect: dict) -> tuple[dict[str, str], sqlite3.Connection | None]:
     """Content hashes of the previous index's documents, if its vectors can be reused."""
     try:
@@ -478,6 +457,11 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
             new_chunks: list[Chunk] = []
             for doc in fresh:
                 new_chunks.extend(chunk_document(doc, emb.tokenizer, cfg.chunk_tokens, cfg.overlap))
+            # IVF-PQ settings these chunks cannot train fail now, not after the (long) embedding.
+            if problems := ivfpq_problems(cfg, len(rows) + len(new_chunks), emb.dim):
+                if old_con is not None:
+                    old_con.close()
+                raise InputError("; ".join(problems))
             new_vecs = emb.encode([c.embed_text for c in new_chunks], batch_size=cfg.batch_size, progress=progress)
             for c, v in zip(new_chunks, new_vecs):
                 rows.append((c.chunk_id, c.doc_id, c.position, c.title, c.text, c.source, json.dumps(list(c.groups)),

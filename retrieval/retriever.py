@@ -211,7 +211,7 @@ class Retriever:
         sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
         if params["type"] == "hnsw":
             p = faiss.SearchParametersHNSW(efSearch=params["ef_search"])
-        elif params["type"] == "ivf":
+        elif params["type"] in ("ivf", "ivfpq"):
             p = faiss.SearchParametersIVF(nprobe=params["nprobe"])
         else:
             p = faiss.SearchParameters()

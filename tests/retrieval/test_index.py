@@ -46,6 +46,82 @@ def test_ann_indexes_recall_on_clustered_vectors(kind):
     assert recall >= 0.9
 
 
+def _clustered(n=5000, dim=32, seed=1):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(50, dim))
+    vecs = (centers[rng.integers(0, 50, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def test_ivfpq_recall_against_flat_on_clustered_vectors():
+    # Small and 6-bit so it trains in about a second; measured recall 0.90 (0.97 at 8 bits).
+    vecs = _clustered(n=2000)
+    queries = vecs[:100]
+    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]
+    index, params = make_faiss_index(vecs, IndexConfig(index_type="ivfpq", ivf_nprobe=16, ivfpq_m=32, ivfpq_nbits=6))
+    # nlist: 4 x sqrt(2000) = 178, capped at 2000 / 39 = 51 like ivf.
+    assert params == {"type": "ivfpq", "nlist": 51, "nprobe": 16, "m": 32, "nbits": 6}
+    assert isinstance(index, faiss.IndexIVFPQ) and index.code_size == 24  # m * nbits / 8 bytes a vector
+    assert index.nprobe == 16  # stored in the index itself
+    scores, rows = index.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, exact)])
+    assert recall >= 0.85
+    # Scores are approximate inner products (higher = better, as fusion expects), not L2 distances.
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vecs[rows]), atol=0.06)
+
+
+def test_ivfpq_default_m_is_a_divisor_of_dim_near_dim_over_8():
+    from retrieval.ann import default_pq_m
+
+    assert (default_pq_m(384), default_pq_m(768), default_pq_m(32), default_pq_m(100), default_pq_m(7)) == (48, 96, 4, 10, 1)
+    assert make_faiss_index(_clustered(n=1000), IndexConfig(index_type="ivfpq"))[1]["m"] == 4
+
+
+@pytest.mark.parametrize("cfg,pattern", [
+    (IndexConfig(index_type="ivfpq", ivfpq_m=5), "--ivfpq-m 5 does not divide the embedder's dimension 32"),
+    (IndexConfig(index_type="ivfpq", ivfpq_nbits=12), r"1000 chunks are too few to train --ivfpq-nbits 12 .*4096"),
+])
+def test_ivfpq_parameters_these_vectors_cannot_train_are_one_clear_error(cfg, pattern):
+    with pytest.raises(InputError, match=pattern):
+        make_faiss_index(_clustered(n=1000), cfg)
+
+
+def test_ivfpq_index_builds_saves_reloads_and_reindexes(small_corpus, tmp_path, tiny_embedder):
+    cfg = IndexConfig(chunk_tokens=64, overlap=8, index_type="ivfpq", ivfpq_nbits=4)
+    out = tmp_path / "pq"
+    rep = build_index(small_corpus, out, cfg, embedder=tiny_embedder)
+    assert rep.index_type == "ivfpq"
+    m = read_manifest(out)
+    assert m["index"] == {"type": "ivfpq", "nlist": 1, "nprobe": 8, "m": 4, "nbits": 4}  # nlist: few chunks
+    assert m["config"]["index_type"] == "ivfpq" and m["config"]["ivfpq_nbits"] == 4
+    assert isinstance(faiss.read_index(str(out / "index.faiss")), faiss.IndexIVFPQ)
+    r = Retriever.load(out, embedder=tiny_embedder)
+    assert len(r) == rep.chunks
+    # Searched through the IVF parameters, the group filter inside FAISS included.
+    public = r.search("salary band", k=len(r), mode="dense")
+    assert public and not any("SECRET" in h.text for h in public)
+    assert any("SECRET-HR" in h.text for h in r.search("salary band", k=len(r), groups=["hr"], mode="dense"))
+    # Re-indexing: unchanged documents' vectors reused, the quantizers re-trained, deletions gone.
+    (small_corpus / "support.txt").unlink()
+    write_doc(small_corpus, "office.md", "Office guide", "The office now opens at 9 am.")
+    again = build_index(small_corpus, out, cfg, embedder=tiny_embedder)
+    assert (again.embedded_documents, again.reused_documents, again.deleted_documents) == (1, 4, 1)
+    r = Retriever.load(out, embedder=tiny_embedder)
+    assert read_manifest(out)["index"]["type"] == "ivfpq"
+    assert "support" not in {h.doc_id for h in r.search("support extension", k=len(r), mode="dense")}
+
+
+def test_ivfpq_that_cannot_train_fails_before_embedding(small_corpus, small_index, tiny_embedder, monkeypatch):
+    before = Retriever.load(small_index, embedder=tiny_embedder).search("battery", k=3)
+    monkeypatch.setattr(tiny_embedder, "encode", lambda *a, **k: pytest.fail("embedded before the check"))
+    for cfg, pattern in [(IndexConfig(chunk_tokens=64, overlap=8, index_type="ivfpq", ivfpq_m=5), "--ivfpq-m 5"),
+                         (IndexConfig(chunk_tokens=64, overlap=8, index_type="ivfpq"), "too few to train --ivfpq-nbits 8")]:
+        with pytest.raises(InputError, match=pattern):
+            build_index(small_corpus, small_index, cfg, embedder=tiny_embedder)
+    monkeypatch.undo()
+    assert Retriever.load(small_index, embedder=tiny_embedder).search("battery", k=3) == before
+
+
 def test_auto_picks_hnsw_above_threshold():
     vecs = np.eye(16, dtype=np.float32)
     assert make_faiss_index(vecs, IndexConfig(index_type="auto", ann_threshold=10))[1]["type"] == "hnsw"
@@ -176,10 +252,12 @@ def test_refuses_to_overwrite_a_non_index_directory(small_corpus, tmp_path, tiny
 
 
 def test_bad_config_lists_every_problem():
-    problems = IndexConfig(chunk_tokens=4, overlap=-1, index_type="tree").problems()
+    problems = IndexConfig(chunk_tokens=4, overlap=-1, index_type="tree", ivfpq_m=-1, ivfpq_nbits=0).problems()
     assert any("--chunk-tokens" in p for p in problems)
     assert any("--overlap" in p for p in problems)
-    assert any("--index-type" in p for p in problems)
+    assert any("--index-type" in p and "ivfpq" in p for p in problems)
+    assert any("--ivfpq-m must be >= 0" in p for p in problems)
+    assert any("--ivfpq-nbits must be between 1 and 16" in p for p in problems)
 
 
 def _dead_pid() -> int:
@@ -231,6 +309,8 @@ def _set(m, path, value):
     ("index.type", "tree", "'index.type'"),
     ("index", {"type": "hnsw"}, "'index.m'"),
     ("index", {"type": "ivf", "nlist": 4}, "'index.nlist'/'nprobe'"),
+    ("index", {"type": "ivfpq", "nlist": 4, "nprobe": 8}, "'index.m'/'nbits'"),
+    ("index", {"type": "ivfpq", "m": 4, "nbits": 8}, "'index.nlist'/'nprobe'"),
     ("counts.chunks", -1, "'counts'"),
     ("chunking", None, "field 'chunking'"),
     ("format_version", True, "index format True is not 1"),
