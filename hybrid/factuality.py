@@ -244,9 +244,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         contexts = contexts or row_contexts(rows, cfg, pipe)
         answer_again(cfg, pipe, again, contexts, done)
     rejudged = judge_all(judge, judge_fp, done, rows, contexts) if rejudge else False
-    if (rejudged or unscored) and out:
+    if (rejudged or unscored) and out:  # every line rewritten with its scores, the answered-again ones kept
+        lines = configs + [f"{c}+answered" for c in thresholds]
         write_text_atomic(out / "predictions.jsonl", "".join(
-            json.dumps(done[(c, r.id)], ensure_ascii=False) + "\n" for c in configs for r in rows))
+            json.dumps(done[(c, r.id)], ensure_ascii=False) + "\n" for c in lines for r in rows if (c, r.id) in done))
     answered = {c: [done.get((f"{c}+answered", r.id)) for r in rows] for c in thresholds}
     by_config, decider = derive(cfg, {c: [done[(c, r.id)] for r in rows] for c in configs}, calibrations, answered)
 

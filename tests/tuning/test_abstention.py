@@ -155,10 +155,13 @@ def test_eval_cal_answers_again_only_where_the_threshold_overrules_a_greedy_abst
     monkeypatch.setattr(Pipeline, "answer_batch", scripted)
     scores = {"How long does the battery last?": -5.0, "When does the office open?": -1.0, "Who is the CFO?": -0.5}
     monkeypatch.setattr(Pipeline, "abstain_scores", lambda self, qs, ps, adapter=None: np.array([scores[q] for q in qs]))
-    _set_threshold(adapter, -2.0)  # only the battery question scores below it
     cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": str(adapter)}, closed_book=False, max_new_tokens=4,
                      out=str(tmp_path / "rep"))
-    rep = run_eval(cfg, progress=False)
+    (adapter / CAL_FILE).rename(tmp_path / "cal.json")  # first an uncalibrated run: no scores, nothing again
+    assert "rag+a+cal" not in run_eval(cfg, progress=False)["configs"] and opened == []
+    (tmp_path / "cal.json").rename(adapter / CAL_FILE)
+    _set_threshold(adapter, -2.0)  # calibrated afterwards: only the battery question scores below it
+    rep = run_eval(cfg, progress=False)  # scores added (the file rewritten), the overruled one answered again
     assert opened == ["How long does the battery last?"]
     preds = [json.loads(l) for l in (tmp_path / "rep" / "predictions.jsonl").read_text().splitlines()]
     again = [p for p in preds if p["config"] == "rag+a+answered"]
