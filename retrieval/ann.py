@@ -13,7 +13,7 @@ IVF-PQ keeps only `m * nbits / 8` bytes of code (plus FAISS's 8-byte id) per vec
     >>> vecs = np.random.default_rng(0).normal(size=(2000, 32)).astype(np.float32)
     >>> index, params = make_faiss_index(vecs, IndexConfig(index_type="ivfpq", ivf_nlist=16))
     >>> params
-    {'type': 'ivfpq', 'nlist': 16, 'nprobe': 8, 'm': 4, 'nbits': 8}
+    {'type': 'ivfpq', 'nlist': 16, 'nprobe': 32, 'm': 4, 'nbits': 8}
 """
 
 from __future__ import annotations
@@ -94,8 +94,15 @@ def _ivfpq(vectors: np.ndarray, cfg: "IndexConfig") -> tuple["faiss.Index", dict
         index.pq.cp.min_points_per_centroid = 1  # only silences FAISS's own stderr copy of that warning
     index.train(vectors)
     index.add(vectors)
-    index.nprobe = cfg.ivf_nprobe  # stored in the file too, for readers that bypass Retriever
-    return index, {"type": "ivfpq", "nlist": nlist, "nprobe": cfg.ivf_nprobe, "m": m, "nbits": cfg.ivfpq_nbits}
+    nprobe = cfg.ivf_nprobe or NPROBE["ivfpq"]
+    index.nprobe = nprobe  # stored in the file too, for readers that bypass Retriever
+    return index, {"type": "ivfpq", "nlist": nlist, "nprobe": nprobe, "m": m, "nbits": cfg.ivfpq_nbits}
+
+
+# --ivf-nprobe 0: cells searched per query by index type. IVF-PQ's compressed distances need more
+# cells for the same recall: on HaluEval's 9,981 chunks (m 48) dense hit@10 is 0.824 at 8 cells and
+# 0.909 at 32 (flat 0.933; docs/benchmarks/index-scale.md).
+NPROBE = {"ivf": 8, "ivfpq": 32}
 
 
 def make_faiss_index(vectors: np.ndarray, cfg: "IndexConfig") -> tuple["faiss.Index", dict]:
@@ -121,8 +128,9 @@ def make_faiss_index(vectors: np.ndarray, cfg: "IndexConfig") -> tuple["faiss.In
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         index.add(vectors)
-        index.nprobe = cfg.ivf_nprobe  # stored in the file too, for readers that bypass Retriever
-        return index, {"type": "ivf", "nlist": nlist, "nprobe": cfg.ivf_nprobe}
+        nprobe = cfg.ivf_nprobe or NPROBE["ivf"]
+        index.nprobe = nprobe  # stored in the file too, for readers that bypass Retriever
+        return index, {"type": "ivf", "nlist": nlist, "nprobe": nprobe}
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = cfg.hnsw_ef_construction

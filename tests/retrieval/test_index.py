@@ -92,7 +92,7 @@ def test_ivfpq_index_builds_saves_reloads_and_reindexes(small_corpus, tmp_path, 
     rep = build_index(small_corpus, out, cfg, embedder=tiny_embedder)
     assert rep.index_type == "ivfpq"
     m = read_manifest(out)
-    assert m["index"] == {"type": "ivfpq", "nlist": 1, "nprobe": 8, "m": 4, "nbits": 4}  # nlist: few chunks
+    assert m["index"] == {"type": "ivfpq", "nlist": 1, "nprobe": 32, "m": 4, "nbits": 4}  # nlist: few chunks
     assert m["config"]["index_type"] == "ivfpq" and m["config"]["ivfpq_nbits"] == 4
     assert isinstance(faiss.read_index(str(out / "index.faiss")), faiss.IndexIVFPQ)
     r = Retriever.load(out, embedder=tiny_embedder)
