@@ -46,25 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.retrieval_halueval import out, table  # noqa: E402  (the same Markdown tables)
 from retrieval import jsonl  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "out" / "halueval"
 BUILD_HINT = ("build it first (about 5 minutes of embedding on 2 cores): HF_HUB_OFFLINE=1 .venv/bin/python "
               "benchmarks/retrieval_halueval.py --threads 1 --skip-throughput --skip-tuning")
-
-
-def out(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def table(title: str, headers: list[str], rows: list[list]) -> None:
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-    out(f"\n### {title}\n")
-    out("| " + " | ".join(headers) + " |")
-    out("|" + "---|" * len(headers))
-    for r in rows:
-        out("| " + " | ".join(cell(v) for v in r) + " |")
 
 
 def ints(text: str) -> list[int]:
