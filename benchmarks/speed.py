@@ -1,7 +1,7 @@
 """Speed of hybrid's training and generation paths against the plain loops, side by side, and
 decode against the machine's memory-bandwidth limit. One run, one table of ratios.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py            # the full run (~40 min on 2 cores)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py            # the full run (64 min on 2 loaded cores)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py --quick    # every row, small (a few minutes)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py --quick --json --rows sft,generation
 
