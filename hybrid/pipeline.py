@@ -37,7 +37,7 @@ from retrieval.errors import InputError
 from retrieval.retriever import MODES, Retriever
 from tuning import abstention, run_record
 from tuning.abstention import calibration_abstains, load_calibration
-from tuning.generator import generate_batch, generation_kwargs, load_generator
+from tuning.generator import PrefixCache, generate_batch, generation_kwargs, load_generator
 from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.prompting import ABSTAIN, ANSWER_OPENING, build_messages, chat_text, parse_answer, quote_in
 
@@ -206,6 +206,9 @@ class Pipeline:
         self.aurocs = aurocs or {}  # adapter name -> its calibration AUROC (which one decides under select)
         self.calibrated = calibrated
         self.openings: dict[str, str] = {}  # adapter name -> how its answers begin (its training format)
+        # one question at a time (ask, the server's single requests): the system prompt's keys and
+        # values are computed once per adapter, not per question (greedy answers unchanged)
+        self.prefix_cache = PrefixCache()
         self.mode: str | None = None  # retrieval mode; None = the index's default
 
     @classmethod
@@ -286,6 +289,7 @@ class Pipeline:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
             self.model.eval()
         self.adapters.append(name)
+        self.prefix_cache.clear()  # a name may now stand for other weights
         self.scopes[name] = access.scope(path)
         self.openings[name] = ANSWER_OPENING[(rec.get("config") or {}).get("answer_format") or "cot"]
         cal = load_calibration(path) if self.calibrated and self.model is not None else None
@@ -300,6 +304,7 @@ class Pipeline:
         if self.model is not None:
             self.model.delete_adapter(name)
         self.adapters.remove(name)
+        self.prefix_cache.clear()
         for table in (self.scopes, self.thresholds, self.aurocs, self.openings):
             table.pop(name, None)
 
@@ -345,7 +350,8 @@ class Pipeline:
             return self.remote.generate(messages_batch, adapter or self.info.name, budget, temperature, on_token)
         if on_token is None or len(messages_batch) != 1:
             with self._active_adapter(adapter):
-                return generate_batch(self.model, self.tok, messages_batch, budget, temperature, should_stop)
+                return generate_batch(self.model, self.tok, messages_batch, budget, temperature, should_stop,
+                                      prefix_cache=self.prefix_cache, prefix_key=adapter)
         import torch
         from transformers import TextIteratorStreamer
 
@@ -354,6 +360,8 @@ class Pipeline:
         enc = self.tok([text], return_tensors="pt", add_special_tokens=False).to(self.model.device)
         kwargs = generation_kwargs(self.tok, budget, temperature, should_stop)
         with self._active_adapter(adapter), torch.inference_mode():
+            if (cache := self.prefix_cache.lookup(self.model, enc["input_ids"][0].tolist(), adapter)) is not None:
+                kwargs["cache"] = cache
             streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
             worker = threading.Thread(target=self.model.generate, kwargs={**enc, **kwargs, "streamer": streamer})
             worker.start()

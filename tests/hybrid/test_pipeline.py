@@ -179,3 +179,23 @@ def test_answer_selected_serves_the_best_supported_answer_and_the_best_calibrate
     assert [(g.abstained, g.calibrated_abstain) for g in got] == [(False, False), (True, True), (False, False),
                                                                   (True, False)]
     assert got[1].answer == ABSTAIN and got[0].abstain_score == -2.0
+
+
+def test_one_question_at_a_time_reuses_the_system_prompts_cache_with_the_same_answers(two_adapters):
+    from tuning.generator import PrefixCache
+
+    pipe = Pipeline.load(None, adapters=two_adapters, max_new_tokens=6)
+    ps = [{"doc_id": "d", "text": "The office is in Tarrow. It opens at 8 am."}]
+    questions = ["Where is the office?", "When does it open?", "Who runs it?"]
+    plain = PrefixCache(min_tokens=10 ** 9)  # never long enough: every prompt prefilled in full
+    for adapter in ("a", None):
+        pipe.prefix_cache = plain
+        want = [pipe.answer(q, ps, adapter=adapter).raw for q in questions]
+        pipe.prefix_cache = PrefixCache()
+        got = [pipe.answer(q, ps, adapter=adapter).raw for q in questions]
+        streamed = []
+        got.append(pipe.answer(questions[0], ps, adapter=adapter, on_token=streamed.append).raw)
+        assert got == want + [want[0]] and "".join(streamed) == want[0]
+        assert pipe.prefix_cache.hits >= 2
+    pipe.add_adapter("c", two_adapters["b"])  # new weights under a name: nothing cached survives
+    assert pipe.prefix_cache.cache is None
