@@ -329,15 +329,21 @@ def sft_config(work: Path, examples: Path, s: dict, out: Path):
                                                    max_steps=s["sft_steps"], max_length=s["sft_max_length"]))
 
 
-def sft_hybrid(cfg) -> list[float]:
+def hybrid_steps(entry_point, cfg, **kwargs) -> list[float]:
+    """Seconds per optimizer step of one of hybrid's trainers (`tune_generator`, `tune_dpo`), run as
+    `hybrid tune ...` runs it, into a fresh output directory."""
     import shutil
-
-    from tuning.sft import tune_generator
 
     shutil.rmtree(cfg.out, ignore_errors=True)
     with clocked_entry_points() as clocks:
-        tune_generator(cfg, progress=False, log=lambda *a: None)
+        entry_point(cfg, progress=False, **kwargs)
     return clocks[-1].steps()
+
+
+def sft_hybrid(cfg) -> list[float]:
+    from tuning.sft import tune_generator
+
+    return hybrid_steps(tune_generator, cfg, log=lambda *a: None)
 
 
 def sft_plain(cfg) -> list[float]:
@@ -443,14 +449,9 @@ def dpo_config(adapter: Path, pairs: Path, s: dict, out: Path):
 
 
 def dpo_hybrid(cfg) -> list[float]:
-    import shutil
-
     from tuning.dpo import tune_dpo
 
-    shutil.rmtree(cfg.out, ignore_errors=True)
-    with clocked_entry_points() as clocks:
-        tune_dpo(cfg, progress=False, log=lambda *a: None)
-    return clocks[-1].steps()
+    return hybrid_steps(tune_dpo, cfg, log=lambda *a: None)
 
 
 def dpo_plain(cfg) -> list[float]:
