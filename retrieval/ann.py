@@ -29,9 +29,8 @@ from retrieval.errors import InputError
 if TYPE_CHECKING:
     import faiss
 
-    from retrieval.index import IndexConfig
-
 log = logging.getLogger(__name__)
+# `cfg` below is a retrieval.index.IndexConfig, not imported: that module imports this one
 
 # FAISS's k-means wants ~39 training points per centroid (it warns below that); IVF cells are
 # capped to honour it, PQ codebooks (2^nbits centroids each) get a warning from us instead.
@@ -51,7 +50,7 @@ def default_pq_m(dim: int) -> int:
     return next(m for m in range(target, 0, -1) if dim % m == 0)
 
 
-def ivf_nlist(cfg: "IndexConfig", n: int) -> int:
+def ivf_nlist(cfg, n: int) -> int:
     """IVF cells for n vectors: --ivf-nlist (0 = 4 x sqrt(n)), capped at n / 39."""
     want = cfg.ivf_nlist or max(1, int(4 * math.sqrt(n)))
     nlist = min(want, max(1, n // POINTS_PER_CENTROID))
@@ -61,7 +60,7 @@ def ivf_nlist(cfg: "IndexConfig", n: int) -> int:
     return nlist
 
 
-def ivfpq_problems(cfg: "IndexConfig", n: int, dim: int) -> list[str]:
+def ivfpq_problems(cfg, n: int, dim: int) -> list[str]:
     """What keeps an IVF-PQ index of n vectors of dim from being built (checked before embedding)."""
     if cfg.index_type != "ivfpq":
         return []
@@ -77,7 +76,7 @@ def ivfpq_problems(cfg: "IndexConfig", n: int, dim: int) -> list[str]:
     return out
 
 
-def _ivfpq(vectors: np.ndarray, cfg: "IndexConfig") -> tuple["faiss.Index", dict]:
+def _ivfpq(vectors: np.ndarray, cfg) -> tuple["faiss.Index", dict]:
     import faiss
 
     n, dim = vectors.shape
@@ -105,7 +104,7 @@ def _ivfpq(vectors: np.ndarray, cfg: "IndexConfig") -> tuple["faiss.Index", dict
 NPROBE = {"ivf": 8, "ivfpq": 32}
 
 
-def make_faiss_index(vectors: np.ndarray, cfg: "IndexConfig") -> tuple["faiss.Index", dict]:
+def make_faiss_index(vectors: np.ndarray, cfg) -> tuple["faiss.Index", dict]:
     """Build the FAISS index for (n, d) float32 unit vectors; row i gets id i.
 
     Returns:
