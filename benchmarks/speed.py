@@ -63,7 +63,7 @@ BUNDLED = ROOT / "corpora" / "brindle"
 # Sizes: (full, quick)
 SIZES = {
     "repeats": (2, 1),
-    "sft_steps": (6, 3), "sft_distractors": (3, 1), "sft_max_length": (640, 320), "sft_accum": (2, 1),
+    "sft_steps": (6, 3), "sft_distractors": (3, 1), "sft_max_length": (640, 512), "sft_accum": (2, 1),
     "dpo_steps": (5, 3),
     "emb_steps": (6, 3), "emb_batch": (32, 16), "emb_max_length": (256, 128),
     "gen_questions": (8, 4), "gen_batch": (4, 4), "gen_tokens": (32, 16),
@@ -297,6 +297,9 @@ def raft_examples(work: Path, index: Path, distractors: int, max_length: int, n:
     lengths = [sequence_tokens(tok, e["prompt"], e["completion"][0]["content"])[1] for e in answers]
     fits = [(abs(length - statistics.median(lengths)), i) for i, length in enumerate(lengths) if length <= max_length]
     chosen = [answers[i] for _, i in sorted(fits)[:n]]
+    if not chosen:  # never leave an empty file behind: a rerun would read it as the examples
+        raise SystemExit(f"no RAFT example of the bundled corpus fits {max_length} tokens (shortest "
+                         f"{min(lengths)}); raise sft_max_length")
     write_jsonl(path, chosen)
     return path
 
