@@ -243,3 +243,18 @@ def test_an_out_path_through_a_file_is_one_line_for_index_and_any_os_error(tmp_p
 
     monkeypatch.setattr(retrieval.retriever.Retriever, "load", disk_full)
     assert_clean_error(run("search", "x", "--index", tmp_path / "idx"), "No space left on device", str(tmp_path))
+
+
+def test_threads_default_to_one_on_a_busy_small_machine_and_the_callers_value_wins(monkeypatch):
+    import hybrid.cli as cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    for load, want in ((1.2, "1"), (0.1, None)):
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+        cli._offline()
+        assert cli.os.environ.get("OMP_NUM_THREADS") == want
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    cli._offline()
+    assert cli.os.environ["OMP_NUM_THREADS"] == "2"
