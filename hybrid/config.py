@@ -116,8 +116,8 @@ def _hoist(cls: type, mapping: dict, prefix: str, problems: list[str]) -> dict:
         return mapping
     train = dict(mapping.get("train") or {}) if isinstance(mapping.get("train"), dict) else {}
     if twice := sorted(k for k in moved if k in train):
-        problems.append(f"--config: {', '.join(prefix + k for k in twice)} given both at {prefix or 'the top'} and "
-                        f"under {prefix}train; keep one")
+        problems.append(f"--config: {', '.join(prefix + k for k in twice)} given both at {prefix.rstrip('.') or 'the top'}"
+                        f"'s level and under {prefix}train; keep one")
     return {**{k: v for k, v in mapping.items() if k not in moved}, "train": {**moved, **train}}
 
 

@@ -176,7 +176,7 @@ def test_training_settings_may_sit_at_the_sections_level_and_distributed_is_vali
     assert "generator.train.max_steps: 2  # file" in res.stdout.splitlines()
     doc["generator"]["train"]["max_steps"] = 3
     path.write_text(yaml.safe_dump(doc))
-    with pytest.raises(InputError, match=r"generator.max_steps given both at generator. and under generator.train"):
+    with pytest.raises(InputError, match=r"generator.max_steps given both at generator's level and under generator.train; keep one"):
         load_loop(path)
     del doc["generator"]["train"]["max_steps"]
     doc["generator"]["groups"] = ["hr"]  # the loop's groups, hoisted or not
