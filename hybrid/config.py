@@ -125,7 +125,7 @@ def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: li
     """Constructor kwargs for `cls` from a YAML mapping and flag overrides (both may nest)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _hints(cls)
-    loaded, overrides = _hoist(cls, loaded, prefix, problems), _hoist(cls, overrides, prefix, [])
+    loaded, overrides = _hoist(cls, loaded, prefix, problems), _hoist(cls, overrides, prefix, problems)
     unknown = sorted(set(loaded) - set(fields))
     if unknown:
         problems.append(f"--config: unknown key(s) {', '.join(_unknown(u, list(fields), prefix) for u in unknown)}; "

@@ -178,6 +178,8 @@ def test_training_settings_may_sit_at_the_sections_level_and_distributed_is_vali
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(InputError, match=r"generator.max_steps given both at generator's level and under generator.train; keep one"):
         load_loop(path)
+    with pytest.raises(InputError, match=r"generator.max_steps given both"):  # overrides: the same rule
+        load_loop(path, ["generator.max_steps=1", "generator.train.max_steps=2"])
     del doc["generator"]["train"]["max_steps"]
     doc["generator"]["groups"] = ["hr"]  # the loop's groups, hoisted or not
     path.write_text(yaml.safe_dump(doc))
