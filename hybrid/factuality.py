@@ -244,10 +244,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         contexts = contexts or row_contexts(rows, cfg, pipe)
         answer_again(cfg, pipe, again, contexts, done)
     rejudged = judge_all(judge, judge_fp, done, rows, contexts) if rejudge else False
-    if (rejudged or unscored) and out:  # every line rewritten with its scores, the answered-again ones kept
-        lines = configs + [f"{c}+answered" for c in thresholds]
+    if (rejudged or unscored) and out:  # every line rewritten with its scores, other configurations' kept
         write_text_atomic(out / "predictions.jsonl", "".join(
-            json.dumps(done[(c, r.id)], ensure_ascii=False) + "\n" for c in lines for r in rows if (c, r.id) in done))
+            json.dumps(p, ensure_ascii=False) + "\n" for p in done.values()))
     answered = {c: [done.get((f"{c}+answered", r.id)) for r in rows] for c in thresholds}
     by_config, decider = derive(cfg, {c: [done[(c, r.id)] for r in rows] for c in configs}, calibrations, answered)
 
@@ -269,15 +268,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
 def merged(cfg: EvalConfig, configs: list[str], rows: list[QARow]) -> dict[tuple[str, str], dict]:
     """The predictions of `--merge` shard dirs, checked to be runs of these settings that together
     answer every (configuration, question) of this run."""
-    want, done = signature(cfg), {}
+    sigs, done = config_signatures(cfg, configs), {}
     for d in cfg.merge:
         try:
             meta = json.loads((Path(d) / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise InputError(f"--merge {d}: no run.json; pass the --out dir of a 'hybrid eval --shard I/N' run") from None
-        if not isinstance(meta, dict) or meta.get("signature") != want:
-            raise InputError(f"--merge {d}: a run with other settings than these (qa, index, adapters, limit, seed, "
-                             f"k, ...); merge shards of one run, with its settings")
+        if why := stored_run(meta, cfg, sigs, f"--merge {d}"):
+            raise InputError(f"{why}; merge shards of one run, with its settings")
         for n, p in read_jsonl(Path(d) / "predictions.jsonl", "--merge", "predictions"):
             if not isinstance(p, dict) or not {"config", "id"} <= set(p):
                 raise InputError(f"--merge {d}/predictions.jsonl:{n}: not a prediction line")
@@ -290,38 +288,67 @@ def merged(cfg: EvalConfig, configs: list[str], rows: list[QARow]) -> dict[tuple
 
 
 def signature(cfg: EvalConfig) -> str:
-    """What a run's answers depend on (the shard aside: every shard of a run has the run's signature).
-    The judge is not part of it: its scores are added afterwards and redone when the judge changes."""
+    """What every configuration's answers depend on (the shard aside: every shard of a run has the
+    run's signature); each adapter adds its own part (`config_signatures`). The judge is not part of
+    it: its scores are added afterwards and redone when the judge changes."""
     return hashlib.sha256(json.dumps([
-        sha256_file(Path(cfg.qa)), cfg.index, sorted(cfg.adapters.items()),
-        {n: run_record.fingerprint(d) for n, d in sorted(cfg.adapters.items())}, cfg.limit, cfg.seed, cfg.k,
-        cfg.groups or None, cfg.max_new_tokens, cfg.base_model]).encode()).hexdigest()
+        sha256_file(Path(cfg.qa)), cfg.index, cfg.limit, cfg.seed, cfg.k, cfg.groups or None, cfg.max_new_tokens,
+        cfg.base_model, cfg.mode, cfg.rerank]).encode()).hexdigest()
+
+
+def config_signatures(cfg: EvalConfig, configs: list[str]) -> dict[str, str]:
+    """Each configuration's signature: the run's, plus for `rag+NAME` the adapter's dir and training
+    fingerprint, so an eval extended with another adapter keeps the answers it already has."""
+    base = signature(cfg)
+    out = {}
+    for c in configs:
+        name = c.split("+", 1)[1] if c.startswith("rag+") else None
+        out[c] = base if name is None else hashlib.sha256(json.dumps(
+            [base, name, cfg.adapters[name], run_record.fingerprint(cfg.adapters[name])]).encode()).hexdigest()
+    return out
+
+
+def stored_run(meta, cfg: EvalConfig, sigs: dict[str, str], where: str) -> str | None:
+    """Why a run.json's answers cannot be used by this run (None: they can)."""
+    if not isinstance(meta, dict) or meta.get("signature") != signature(cfg) or \
+            not isinstance(meta.get("configs"), dict):
+        return f"{where}: holds predictions of a run with other settings (qa, index, limit, seed, k, groups, mode, ...)"
+    if changed := [c for c, sig in sigs.items() if c in meta["configs"] and meta["configs"][c] != sig]:
+        return (f"{where}: holds {changed[0]} answers of a run with other settings (another adapter dir, or the "
+                f"adapter retrained)")
+    return None
 
 
 def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
-    """Plan stage: the predictions an earlier run with the same settings already wrote to --out.
+    """Plan stage: the predictions an earlier run with the same settings already wrote to --out. A
+    run with more adapters than the earlier one keeps its answers and generates only the new
+    configurations'.
 
     Raises:
         InputError: --out holds predictions of a run with other settings.
     """
     out = Path(cfg.out) if cfg.out else None
-    sig = signature(cfg)
+    sigs = config_signatures(cfg, configs)
     done: dict[tuple[str, str], dict] = {}
+    stored: dict[str, str] = {}
     if out and (out / "predictions.jsonl").exists() and (out / "predictions.jsonl").stat().st_size:
         try:
             meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = {}
-        if not isinstance(meta, dict) or meta.get("signature") != sig or meta.get("shard") != cfg.shard:
-            raise InputError(f"--out {out}: holds predictions of a run with other settings; use another --out or "
+        why = stored_run(meta, cfg, sigs, f"--out {out}")
+        if why or meta.get("shard") != cfg.shard:
+            raise InputError(f"{why or f'--out {out}: holds predictions of another shard'}; use another --out or "
                              f"delete it")
+        stored = meta["configs"]
         for n, p in read_jsonl(out / "predictions.jsonl", "--out", "predictions"):
             if not isinstance(p, dict) or not {"config", "id"} <= set(p):
                 raise InputError(f"--out {out}/predictions.jsonl:{n}: not a prediction line; delete the file to start over")
             done[(p["config"], p["id"])] = p
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "run.json", json.dumps({"signature": sig, "shard": cfg.shard, "configs": configs}))
+        write_text_atomic(out / "run.json", json.dumps({"signature": signature(cfg), "shard": cfg.shard,
+                                                        "configs": {**stored, **sigs}}))
     return done
 
 

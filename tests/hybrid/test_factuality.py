@@ -168,6 +168,24 @@ def test_eval_refuses_to_mix_predictions_of_a_retrained_adapter(tmp_path, fixed_
         run_eval(cfg, progress=False)
 
 
+def test_eval_extended_with_an_adapter_keeps_its_answers(tmp_path, fixed_qa, two_adapters):
+    out = tmp_path / "rep"
+    cfg = EvalConfig(qa=str(fixed_qa), closed_book=False, max_new_tokens=3, batch_size=3, out=str(out))
+    run_eval(cfg, progress=False)
+    first = (out / "predictions.jsonl").read_text().splitlines()
+    cfg.adapters = {"a": two_adapters["a"]}
+    report = run_eval(cfg, progress=False)
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert lines[:3] == first  # the rag answers kept as written (latency included), not generated again
+    assert [json.loads(l)["config"] for l in lines[3:]] == ["rag+a"] * 3 and list(report["configs"]) == ["rag", "rag+a"]
+    cfg.adapters = {"a": two_adapters["b"]}  # the same name, another adapter: its answers would be mixed
+    with pytest.raises(Exception, match="holds rag\\+a answers of a run with other settings"):
+        run_eval(cfg, progress=False)
+    cfg.adapters, cfg.mode = {}, "lexical"  # a setting every configuration depends on
+    with pytest.raises(Exception, match="other settings"):
+        run_eval(cfg, progress=False)
+
+
 def test_gate_refuses_a_judge_without_answerability_pairs(tmp_path, fixed_qa, two_adapters, monkeypatch):
     from tuning import judge as judge_mod
 
