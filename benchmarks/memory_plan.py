@@ -1,13 +1,14 @@
 """Memory plan vs measured peak: does `tuning.memory_plan.estimate` predict real training peaks?
 
 For each configuration a fresh subprocess loads the packaged SmolLM2-135M (the default
-generator), runs a few LoRA/QLoRA training steps with TRL's SFTTrainer on synthetic
+generator; `--base-model` another packaged one), runs a few LoRA/QLoRA training steps with TRL's SFTTrainer on synthetic
 sequences of exactly `seq_len` tokens (completion-only loss over the second half), and
 reports its peak RSS (ru_maxrss, which includes the runtime). The estimate is computed for
 the same settings. Target: |estimate - measured| / measured <= 25 %.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_plan.py            # CPU, ~5 min
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_plan.py --quick    # 2 configurations
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_plan.py --base-model qwen2.5-coder-1.5b --only 4
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 from tuning.generator import load_generator
-strategy, seq, batch, ckpt, targets = {args!r}
-model, tok, _ = load_generator(None, quantize="4bit" if strategy == "qlora" else "none", device="cpu")
+strategy, seq, batch, ckpt, targets, base = {args!r}
+model, tok, _ = load_generator(base, quantize="4bit" if strategy == "qlora" else "none", device="cpu")
 ids = list(range(1000, 1000 + seq))
 half = seq // 2
 rows = [{{"prompt": tok.decode(ids[:half]), "completion": tok.decode(ids[half:])}} for _ in range(batch * 3)]
@@ -69,19 +70,25 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/out/memory_plan.json")
+    p.add_argument("--base-model", default=None, help="packaged generator name [default: smollm2]")
+    p.add_argument("--only", default=None, help="comma-separated CONFIGS indices to run (0-based)")
     args = p.parse_args()
     from transformers import AutoConfig
 
     from tuning.generator import resolve_generator
     from tuning.memory_plan import GiB, ModelShape, estimate
 
-    _, path = resolve_generator(None)
+    _, path = resolve_generator(args.base_model)
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(path)))
     results = []
     print("| strategy | seq | batch | ckpt | targets | fitted on | estimate GiB | measured GiB | error |")
     print("|---|---:|---:|---|---|---|---:|---:|---:|")
-    for n, (strategy, seq, batch, ckpt, targets) in enumerate(CONFIGS[:2] if args.quick else CONFIGS):
-        code = CHILD.format(root=str(ROOT), args=(strategy, seq, batch, ckpt, targets))
+    picked = {int(i) for i in args.only.split(",")} if args.only else set(range(2 if args.quick else len(CONFIGS)))
+    for n, (strategy, seq, batch, ckpt, targets) in enumerate(CONFIGS):
+        if n not in picked:
+            continue
+        code = CHILD.format(root=str(ROOT), args=(strategy, seq, batch, ckpt, targets, args.base_model))
+        fitted = n < FITTED_ON and args.base_model in (None, "smollm2")  # the constants were fitted on SmolLM2
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
         peak = next((int(l.split()[1]) for l in proc.stdout.splitlines() if l.startswith("PEAK")), None)
@@ -91,9 +98,9 @@ def main() -> int:
         est = estimate(shape, strategy, seq, batch, ckpt, 8,
                        "all-linear" if targets == "all-linear" else targets.split(","), "cpu").total
         err = (est - peak) / peak
-        results.append({"fitted_on": n < FITTED_ON, "strategy": strategy, "seq": seq, "batch": batch, "checkpointing": ckpt, "targets": targets,
+        results.append({"base_model": args.base_model or "smollm2", "fitted_on": fitted, "strategy": strategy, "seq": seq, "batch": batch, "checkpointing": ckpt, "targets": targets,
                         "estimate": est, "measured": peak, "error": err})
-        print(f"| {strategy} | {seq} | {batch} | {ckpt} | {targets} | {'yes' if n < FITTED_ON else 'no'} | "
+        print(f"| {strategy} | {seq} | {batch} | {ckpt} | {targets} | {'yes' if fitted else 'no'} | "
               f"{est / GiB:.2f} | {peak / GiB:.2f} | {err:+.0%} |", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
