@@ -1,9 +1,11 @@
 """What retrieval recall buys downstream: `hybrid eval` reports with retrieved passages, one per mode, side by side.
 
     .venv/bin/python benchmarks/downstream_retrieval.py OUT.json \
-        dense=benchmarks/out/factuality/retrieved_dense hybrid=benchmarks/out/factuality/retrieved_hybrid ...
+        dense=benchmarks/out/factuality/retrieved_dense hybrid=benchmarks/out/factuality/retrieved_hybrid \
+        "dense, rag+raft=benchmarks/out/factuality/retrieved_dense_raft:rag+raft_both2" ...
 
-Reads each REPORT_DIR's predictions.jsonl (config `rag`), pairs the runs by question id: the share
+Each NAME=REPORT_DIR[:CONFIG] reads that dir's predictions.jsonl, configuration CONFIG (default
+`rag`); the runs are paired by question id. Reported: the share
 of questions whose gold document was among the retrieved passages, accuracy, hallucination and
 abstention with 95 % bootstrap intervals, accuracy split by whether the gold document was
 retrieved, and McNemar's exact test on accuracy against the first run.
@@ -17,12 +19,13 @@ from hybrid.statistics import bootstrap_ci, mcnemar_exact  # noqa: E402
 
 runs = dict(a.split("=", 1) for a in sys.argv[2:])
 preds = {}
-for name, d in runs.items():
+for name, spec in runs.items():
+    d, _, config = spec.partition(":")
     try:
         rows = [json.loads(line) for line in open(f"{d}/predictions.jsonl")]
     except FileNotFoundError:
         continue
-    preds[name] = {r["id"]: r for r in rows if r["config"] == "rag"}
+    preds[name] = {r["id"]: r for r in rows if r["config"] == (config or "rag")}
 out = {}
 print("| retrieval | gold passage retrieved (top 4) | accuracy [95 % CI] | hallucination [95 % CI] | abstention |")
 print("|---|---:|---:|---:|---:|")
