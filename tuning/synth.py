@@ -105,7 +105,8 @@ class SynthConfig:
     batch_size: int = field(default=4, metadata={"help": "Prompts the teacher generates at once."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest teacher reply, in tokens."})
     max_minutes: float | None = field(default=None, metadata={
-        "help": "Stop after the batch that passes this many minutes (rerun to continue).", "default_help": "no limit"})
+        "help": "Stop before a batch that would end past this many minutes, judged by the slowest batch so far "
+                "(the first always runs; rerun to continue).", "default_help": "no limit"})
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)
@@ -475,7 +476,7 @@ def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool 
     # --- run: batches of chunks, rows appended as they pass ---------------------------------
     from tqdm.auto import tqdm
 
-    t0, stopped = time.perf_counter(), None
+    t0, stopped, slowest = time.perf_counter(), None, 0.0
     bar = tqdm(total=len(planned), initial=len(planned) - len(todo), desc="synth", unit="chunk", disable=not progress)
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i:i + cfg.batch_size]
@@ -502,7 +503,11 @@ def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool 
         report(None)
         bar.update(len(batch))
         bar.set_postfix(kept=counts["kept"], unanswerable=counts["unanswerable_kept"])
-        if cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60 and i + cfg.batch_size < len(todo):
+        # Stop before a batch that would end past the limit, judged by the slowest batch so far, so
+        # that --max-minutes bounds the run instead of being overrun by one batch.
+        slowest = max(slowest, time.perf_counter() - t_batch)
+        if cfg.max_minutes is not None and i + cfg.batch_size < len(todo) and \
+                time.perf_counter() - t0 + slowest > cfg.max_minutes * 60:
             stopped = "max_minutes"
             break
     bar.close()

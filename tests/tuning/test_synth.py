@@ -282,3 +282,42 @@ def test_consistency_accepts_the_same_fact_spelled_differently_and_nothing_else(
     assert same_answer("The limit is 12.", "12 times")  # the number without its unit word
     assert not same_answer("The limit is 120.", "12 times") and not same_answer("8 weeks", "12 months")
     assert not same_answer("14 days", "14 months")  # same number, another unit: a different answer
+
+
+def test_max_minutes_stops_before_a_batch_that_would_overrun(index, tmp_path, round_trip_fails_for_office,
+                                                             monkeypatch):
+    import tuning.synth as synth_mod
+
+    class Clock:  # every teacher call takes a minute of this clock
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock, ends = Clock(), []
+
+    class Slow(Scripted):
+        def chat(self, prompts, max_new_tokens):
+            clock.now += 60.0
+            return super().chat(prompts, max_new_tokens)
+
+    append = synth_mod.append_rows
+
+    def timed_append(path, rows):  # called once a batch for the output file: when each batch ended
+        if path.name.endswith("qa.jsonl"):
+            ends.append(clock.now)
+        return append(path, rows)
+
+    monkeypatch.setattr(synth_mod, "time", clock)
+    monkeypatch.setattr(synth_mod, "append_rows", timed_append)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    whole = synthesize(_cfg(index, tmp_path / "a" / "qa.jsonl", batch_size=3, max_chunks=6), teacher=Slow(),
+                       progress=False, log=lambda m: None)
+    assert whole["stopped"] is None and len(ends) == 2 and ends[0] > 0
+    # the first batch ends at ends[0]; a limit of 1.5 x that leaves room to start the second, not to
+    # finish it (a batch as slow as the first): it is not started
+    clock.now = 0.0
+    rep = synthesize(_cfg(index, tmp_path / "b" / "qa.jsonl", batch_size=3, max_chunks=6,
+                          max_minutes=1.5 * ends[0] / 60), teacher=Slow(), progress=False, log=lambda m: None)
+    assert rep["stopped"] == "max_minutes" and rep["counts"]["chunks"] == 3 and clock.now == ends[0]
