@@ -274,7 +274,7 @@ def merged(cfg: EvalConfig, configs: list[str], rows: list[QARow]) -> dict[tuple
             meta = json.loads((Path(d) / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise InputError(f"--merge {d}: no run.json; pass the --out dir of a 'hybrid eval --shard I/N' run") from None
-        if why := stored_run(meta, cfg, sigs, f"--merge {d}"):
+        if why := stored_run(meta, sigs, f"--merge {d}"):
             raise InputError(f"{why}; merge shards of one run, with its settings")
         for n, p in read_jsonl(Path(d) / "predictions.jsonl", "--merge", "predictions"):
             if not isinstance(p, dict) or not {"config", "id"} <= set(p):
@@ -297,8 +297,9 @@ def signature(cfg: EvalConfig) -> str:
 
 
 def config_signatures(cfg: EvalConfig, configs: list[str]) -> dict[str, str]:
-    """Each configuration's signature: the run's, plus for `rag+NAME` the adapter's dir and training
-    fingerprint, so an eval extended with another adapter keeps the answers it already has."""
+    """Each configuration's signature: the run's (`rag`'s, always present), plus for `rag+NAME` the
+    adapter's dir and training fingerprint, so an eval extended with another adapter keeps the
+    answers it already has."""
     base = signature(cfg)
     out = {}
     for c in configs:
@@ -308,9 +309,9 @@ def config_signatures(cfg: EvalConfig, configs: list[str]) -> dict[str, str]:
     return out
 
 
-def stored_run(meta, cfg: EvalConfig, sigs: dict[str, str], where: str) -> str | None:
-    """Why a run.json's answers cannot be used by this run (None: they can)."""
-    if not isinstance(meta, dict) or meta.get("signature") != signature(cfg) or \
+def stored_run(meta, sigs: dict[str, str], where: str) -> str | None:
+    """Why a run.json's answers cannot be used by a run with these `config_signatures` (None: they can)."""
+    if not isinstance(meta, dict) or meta.get("signature") != sigs["rag"] or \
             not isinstance(meta.get("configs"), dict):
         return f"{where}: holds predictions of a run with other settings (qa, index, limit, seed, k, groups, mode, ...)"
     if changed := [c for c, sig in sigs.items() if c in meta["configs"] and meta["configs"][c] != sig]:
@@ -336,7 +337,7 @@ def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
             meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = {}
-        why = stored_run(meta, cfg, sigs, f"--out {out}")
+        why = stored_run(meta, sigs, f"--out {out}")
         if why or meta.get("shard") != cfg.shard:
             raise InputError(f"{why or f'--out {out}: holds predictions of another shard'}; use another --out or "
                              f"delete it")
@@ -347,7 +348,7 @@ def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
             done[(p["config"], p["id"])] = p
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "run.json", json.dumps({"signature": signature(cfg), "shard": cfg.shard,
+        write_text_atomic(out / "run.json", json.dumps({"signature": sigs["rag"], "shard": cfg.shard,
                                                         "configs": {**stored, **sigs}}))
     return done
 
