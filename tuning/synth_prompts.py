@@ -18,25 +18,39 @@ _WRITER = "You write exam questions about company documents. Reply with exactly 
 _STOP = {"and", "or", "the", "a", "an", "of", "to", "in", "on", "at", "for", "by", "is", "are", "was", "with", "per",
          "from", "as", "be", "it", "that", "this", "than", "after", "before", "each", "every", "if", "not", "no"}
 _UNIT = r"(?:%|°C|[A-Za-z][A-Za-z/.-]{0,14})"
-_SPANS = [  # (pattern, priority): numbers with units first, then codes and dates, then names
-    (re.compile(r"(?<![-\w.])\d(?:[\d,.:]*\d)?(?:\s?" + _UNIT + r"(?:\s(?:per|a|an)\s[a-z]+)?)?"), 0),
+_MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
+_SPANS = [  # (pattern, priority), matched in this order: a span overlapping an earlier one is skipped
+    # codes first: "MR-DEP-2025-0147" holds a year
     (re.compile(r"\b[A-Z][A-Za-z]*-\d[\w-]*\b|\b[A-Z]{2,}\d[\w-]*\b|\b[A-Z]{2,}-[\w-]+\b"), 1),
-    (re.compile(r"\b\d{1,2} (?:January|February|March|April|May|June|July|August|September|October|November|"
-                r"December)(?: \d{4})?\b|\b(?:19|20)\d\d\b"), 1),
+    # whole dates before bare numbers, so "March 30, 1983" is one answer rather than "30" (a day
+    # the teacher then asks about as if it were a year)
+    (re.compile(rf"\b{_MONTH} \d{{1,2}}, \d{{4}}\b|\b\d{{1,2}} {_MONTH}(?: \d{{4}})?\b|\b{_MONTH} \d{{4}}\b"
+                rf"|\b(?:19|20)\d\d\b"), 1),
+    (re.compile(r"(?<![-\w.])\d(?:[\d,.:]*\d)?(?:\s?" + _UNIT + r"(?:\s(?:per|a|an)\s[a-z]+)?)?"), 0),
     (re.compile(r"(?<=[a-z,] )(?:[A-Z][a-z]+ ){1,3}[A-Z][a-z]+\b"), 2),
 ]
+# "the Channel 4 science desk": after a capitalised word inside a sentence, a number is part of a name
+# (a channel, a version), not a quantity, so no unit is read after it
+_NAME_BEFORE = re.compile(r"[\w,] [A-Z][\w-]* $")
 
 
 def candidate_spans(text: str, title: str = "") -> list[tuple[str, int]]:
-    """Answer spans worth asking about, with their priority (0 best), in text order.
+    """Answer spans worth asking about, with their priority (0 best): best first, then in text order.
 
     >>> [s for s, _ in candidate_spans("The battery lasts 14 months and the Kestrel-7 weighs 38 kg.")]
     ['14 months', '38 kg', 'Kestrel-7']
+    >>> [s for s, _ in candidate_spans("Rufai (born 24 August 1963) joined Channel 4 science desk on March 30, 1983.")]
+    ['24 August 1963', 'March 30, 1983']
     """
-    seen, out = set(), []
+    seen, taken, out = set(), [], []
     for pattern, prio in _SPANS:
         for m in pattern.finditer(text):
-            span = m.group(0).strip(" .,;:")
+            if any(m.start() < end and start < m.end() for start, end in taken):
+                continue
+            span = m.group(0)
+            if prio == 0 and _NAME_BEFORE.search(text[: m.start()]):
+                span = re.match(r"[\d,.:]+", span).group(0)
+            span = span.strip(" .,;:")
             words = span.split()
             while words and words[-1].lower() in _STOP:  # "3 and" is a number, not a quantity
                 words.pop()
@@ -47,8 +61,9 @@ def candidate_spans(text: str, title: str = "") -> list[tuple[str, int]]:
             if not key or key in seen or len(words) > MAX_ANSWER_WORDS or key in normalize(title):
                 continue
             seen.add(key)
-            out.append((span, prio))
-    return out
+            taken.append((m.start(), m.end()))
+            out.append((prio, m.start(), span))
+    return [(span, prio) for prio, _, span in sorted(out)]
 
 
 def pick_spans(text: str, title: str, n: int, rng: random.Random) -> list[str]:

@@ -118,6 +118,10 @@ def _cfg(index, out, **kw):
 def test_candidate_spans_and_reply_parsers():
     assert [s for s, _ in candidate_spans("Scope 4:1 at exposed sites; 1. Confirm the 500 kg anchor by 2025.")] == \
         ["4:1", "500 kg", "2025"]
+    # a date is one answer, not a day number; a number after a name is not a quantity with a unit
+    assert [s for s, _ in candidate_spans("Rufai (born 24 August 1963) joined the Channel 4 science desk on "
+                                          "March 30, 1983 and left in May 1990. Allow 24 hours.")] == \
+        ["24 hours", "24 August 1963", "March 30, 1983", "May 1990"]
     assert parse_question('1. Question: "How long does it last?"\nextra') == "How long does it last?"
     assert parse_question("It lasts long.") == ""
     assert parse_pairs("Question: What pays 61000?\nAnswer: band L3.\nQuestion: Bad\nAnswer: x") == \
