@@ -48,7 +48,8 @@ def candidate_spans(text: str, title: str = "") -> list[tuple[str, int]]:
             if any(m.start() < end and start < m.end() for start, end in taken):
                 continue
             span = m.group(0)
-            if prio == 0 and _NAME_BEFORE.search(text[: m.start()]):
+            # the number pattern is the only one with priority 0; the window bounds the look back
+            if prio == 0 and _NAME_BEFORE.search(text, max(0, m.start() - 64), m.start()):
                 span = re.match(r"[\d,.:]+", span).group(0)
             span = span.strip(" .,;:")
             words = span.split()
