@@ -251,10 +251,16 @@ class IndexSnapshot:
                 time.sleep(0.001)
             raise InputError(f"--index {self.dir}: no {MANIFEST_FILE} there; build one with "
                              f"'hybrid index CORPUS_DIR --out {self.dir}'") from None
+        self._pinned: dict[str, int | None] = {}
         try:
             self.manifest = validate_manifest(self._parse_manifest(), str(self.mpath))
+            # Open every file now, in the instant after the manifest: an open file stays readable
+            # when a later swap removes the directory, so the slow part (hashing, FAISS) cannot be
+            # overtaken by builds that replace the index faster than one load takes.
+            for name in self.manifest["files"]:
+                self._pinned[name] = self._open(name)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
 
     def __enter__(self) -> "IndexSnapshot":
@@ -264,6 +270,10 @@ class IndexSnapshot:
         self.close()
 
     def close(self) -> None:
+        for fd in self._pinned.values():
+            if fd is not None:
+                os.close(fd)
+        self._pinned.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -304,7 +314,7 @@ class IndexSnapshot:
 
         The digest is taken over what is read through the returned descriptor, so the file
         checked is the file used. The caller closes the descriptor."""
-        fd = self._open(name)
+        fd = self._pinned.pop(name) if name in self._pinned else self._open(name)
         if fd is None:
             self._fail(f"{self.dir / name}: missing index file; {_REBUILD}")
         digest, blocks = hashlib.sha256(), []
@@ -325,24 +335,30 @@ class IndexSnapshot:
     def connect_store(self) -> sqlite3.Connection:
         """Read-only connection to the verified chunk store of this snapshot.
 
-        SQLite opens by path: /proc/self/fd/N resolves to wherever the verified file is now (its
-        directory may have been swapped out to a stage name), by the index path elsewhere. A
-        path that no longer leads to it fails to open, or `moved()` shows the swap: IndexMoved."""
+        SQLite opens by path: the path the verified file has now (its directory may have been
+        swapped out to a stage name; /proc/self/fd/N tells), else the index path. If that path
+        no longer holds the verified file once SQLite has opened it, SQLite may have opened
+        another build's store: IndexMoved, and the caller takes a new snapshot."""
         fd, _ = self.verified(STORE_FILE)
         try:
-            if os.path.exists(f"/proc/self/fd/{fd}"):
-                uri = f"file:/proc/self/fd/{fd}?mode=ro&immutable=1"
-            else:
-                uri = f"{(self.dir / STORE_FILE).resolve().as_uri()}?mode=ro&immutable=1"
+            mine = os.fstat(fd)
+            try:
+                path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # no /proc
+                path = (self.dir / STORE_FILE).resolve()
             con = None
             try:
-                con = sqlite3.connect(uri, uri=True, check_same_thread=False)
-                con.execute("SELECT 1 FROM chunks LIMIT 1").fetchall()  # opens the file while fd pins it
-            except sqlite3.Error:
+                con = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+                con.execute("SELECT 1 FROM chunks LIMIT 1").fetchall()  # opens the file
+            except (sqlite3.Error, ValueError):
                 if con is not None:
                     con.close()
                 self._fail(f"{self.dir / STORE_FILE}: cannot be opened as a hybrid chunk store; {_REBUILD}")
-            if self.moved():
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
                 con.close()
                 raise IndexMoved()
             return con

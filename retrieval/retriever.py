@@ -162,18 +162,21 @@ class Retriever:
             raise InputError(f"--embedder {embedder.name}: fingerprint {embedder.fingerprint[:12]} differs from the one "
                              f"index {index_dir} was built with ({manifest['embedder']['name']}, {want[:12]}); "
                              f"query with that embedder or rebuild with 'hybrid index ... --embedder {embedder.name}'")
-        fd, data = snap.verified(INDEX_FILE, keep_bytes=True)
-        os.close(fd)
-        try:
-            import faiss  # imported on use: stages that read only JSONL need no FAISS
-
-            # From the verified bytes, not the path: the checked file is the loaded file.
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        except RuntimeError:
-            raise InputError(f"{index_dir / INDEX_FILE}: FAISS cannot read it; rebuild the index with 'hybrid index'") from None
-        del data
+        # The store first: SQLite opens it by path, which a swap can take away; FAISS reads the
+        # descriptor the snapshot pinned, which no swap can.
         con = snap.connect_store()
         try:
+            fd, data = snap.verified(INDEX_FILE, keep_bytes=True)
+            os.close(fd)
+            try:
+                import faiss  # imported on use: stages that read only JSONL need no FAISS
+
+                # From the verified bytes, not the path: the checked file is the loaded file.
+                index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            except RuntimeError:
+                raise InputError(f"{index_dir / INDEX_FILE}: FAISS cannot read it; rebuild the index with "
+                                 f"'hybrid index'") from None
+            del data
             n, lo, hi = con.execute("SELECT COUNT(*), MIN(row), MAX(row) FROM chunks").fetchone()
             # Every FAISS row needs its store row (with its groups), and the manifest must agree.
             consistent = (index.ntotal == n == manifest["counts"]["chunks"] and index.d == manifest["embedder"]["dim"]

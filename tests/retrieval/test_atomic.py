@@ -171,3 +171,31 @@ def test_reader_never_fails_while_the_index_is_rebuilt(tmp_path, tiny_embedder):
 def test_missing_index_is_still_an_input_error(tmp_path, tiny_embedder):
     with pytest.raises(InputError, match="no manifest.json there"):
         Retriever.load(tmp_path / "nope", embedder=tiny_embedder)
+
+
+def test_a_swap_during_the_faiss_load_does_not_restart_the_load(tmp_path, tiny_embedder, swap_mode, monkeypatch):
+    # The snapshot pins its files when it opens and connects the store first, so a build that
+    # replaces (and removes) the directory while FAISS loads leaves this load whole, on the old index.
+    import faiss
+
+    cfg = IndexConfig(chunk_tokens=64, overlap=8)
+    corpus = make_small_corpus(tmp_path / "a")
+    build_index(corpus, tmp_path / "index", cfg, embedder=tiny_embedder)
+    write_doc(corpus, "office.md", "Office guide", "The office opens at 9 am; hours changed in May.")
+    build_index(corpus, tmp_path / "B", cfg, embedder=tiny_embedder)
+    old = read_manifest(tmp_path / "index")
+    loads, real = [], faiss.deserialize_index
+
+    def swap_then_load(data):
+        if not loads:
+            with staged_dir(tmp_path / "index") as stage:
+                for f in (tmp_path / "B").iterdir():
+                    shutil.copy2(f, stage / f.name)
+        loads.append(1)
+        return real(data)
+
+    monkeypatch.setattr(faiss, "deserialize_index", swap_then_load)
+    r = Retriever.load(tmp_path / "index", embedder=tiny_embedder)
+    assert len(loads) == 1 and r.manifest == old
+    assert len(r) == old["counts"]["chunks"] == r.con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    assert read_manifest(tmp_path / "index")["files"] != old["files"]  # the swap did happen
