@@ -173,59 +173,52 @@ def test_missing_index_is_still_an_input_error(tmp_path, tiny_embedder):
         Retriever.load(tmp_path / "nope", embedder=tiny_embedder)
 
 
+
+def _index_and_next_build(tmp_path, embedder):
+    """tmp_path/index (built from a corpus) and tmp_path/B (the same corpus one edit later)."""
+    cfg = IndexConfig(chunk_tokens=64, overlap=8)
+    corpus = make_small_corpus(tmp_path / "a")
+    build_index(corpus, tmp_path / "index", cfg, embedder=embedder)
+    write_doc(corpus, "office.md", "Office guide", "The office opens at 9 am; hours changed in May.")
+    build_index(corpus, tmp_path / "B", cfg, embedder=embedder)
+    return tmp_path / "index", tmp_path / "B"
+
+
+def _swap_once_before(real, target, src, calls):
+    """`real`, wrapped: the first call first swaps a copy of `src` into `target` (as a build does)."""
+    def wrapped(*args, **kwargs):
+        if not calls:
+            with staged_dir(target) as stage:
+                for f in src.iterdir():
+                    shutil.copy2(f, stage / f.name)
+        calls.append(1)
+        return real(*args, **kwargs)
+    return wrapped
+
+
 def test_a_swap_during_the_faiss_load_does_not_restart_the_load(tmp_path, tiny_embedder, swap_mode, monkeypatch):
     # The snapshot pins its files when it opens and connects the store first, so a build that
     # replaces (and removes) the directory while FAISS loads leaves this load whole, on the old index.
     import faiss
 
-    cfg = IndexConfig(chunk_tokens=64, overlap=8)
-    corpus = make_small_corpus(tmp_path / "a")
-    build_index(corpus, tmp_path / "index", cfg, embedder=tiny_embedder)
-    write_doc(corpus, "office.md", "Office guide", "The office opens at 9 am; hours changed in May.")
-    build_index(corpus, tmp_path / "B", cfg, embedder=tiny_embedder)
-    old = read_manifest(tmp_path / "index")
-    loads, real = [], faiss.deserialize_index
-
-    def swap_then_load(data):
-        if not loads:
-            with staged_dir(tmp_path / "index") as stage:
-                for f in (tmp_path / "B").iterdir():
-                    shutil.copy2(f, stage / f.name)
-        loads.append(1)
-        return real(data)
-
-    monkeypatch.setattr(faiss, "deserialize_index", swap_then_load)
-    r = Retriever.load(tmp_path / "index", embedder=tiny_embedder)
+    target, nxt = _index_and_next_build(tmp_path, tiny_embedder)
+    old, loads = read_manifest(target), []
+    monkeypatch.setattr(faiss, "deserialize_index", _swap_once_before(faiss.deserialize_index, target, nxt, loads))
+    r = Retriever.load(target, embedder=tiny_embedder)
     assert len(loads) == 1 and r.manifest == old
     assert len(r) == old["counts"]["chunks"] == r.con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-    assert read_manifest(tmp_path / "index")["files"] != old["files"]  # the swap did happen
+    assert read_manifest(target)["files"] != old["files"]  # the swap did happen
 
 
 def test_a_swap_just_before_sqlite_opens_the_store_is_seen_and_the_load_retried(tmp_path, tiny_embedder, swap_mode,
                                                                                  monkeypatch):
     # SQLite opens the store by path; a swap between the snapshot and that open would hand it the
     # next build's store beside this build's FAISS rows. The path's inode is checked after the open.
-    import sqlite3
-
     from retrieval import index as index_mod
 
-    cfg = IndexConfig(chunk_tokens=64, overlap=8)
-    corpus = make_small_corpus(tmp_path / "a")
-    build_index(corpus, tmp_path / "index", cfg, embedder=tiny_embedder)
-    write_doc(corpus, "office.md", "Office guide", "The office opens at 9 am; hours changed in May.")
-    build_index(corpus, tmp_path / "B", cfg, embedder=tiny_embedder)
-    new = read_manifest(tmp_path / "B")
-    opens, real = [], sqlite3.connect
-
-    def swap_then_connect(*args, **kwargs):
-        if not opens:
-            with staged_dir(tmp_path / "index") as stage:
-                for f in (tmp_path / "B").iterdir():
-                    shutil.copy2(f, stage / f.name)
-        opens.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(index_mod.sqlite3, "connect", swap_then_connect)
-    r = Retriever.load(tmp_path / "index", embedder=tiny_embedder)
+    target, nxt = _index_and_next_build(tmp_path, tiny_embedder)
+    new, opens = read_manifest(nxt), []
+    monkeypatch.setattr(index_mod.sqlite3, "connect", _swap_once_before(index_mod.sqlite3.connect, target, nxt, opens))
+    r = Retriever.load(target, embedder=tiny_embedder)
     assert len(opens) >= 2 and r.manifest == new  # retried, and the whole new index was loaded
     assert len(r) == new["counts"]["chunks"] == r.con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
