@@ -2,10 +2,12 @@
 
 Given a `hybrid eval` predictions.jsonl whose configuration carries the adapter's abstention score
 (`abstain_score`, a calibrated adapter) and, with `--judge`, the judge's answerability
-(`answerable`), this sweeps every cut of each signal — and of their sum after z-scoring — and
-prints, per signal:
+(`answerable`), and with `--confidence` the answers' own confidence
+(`benchmarks/answer_confidence.py`), this sweeps every cut of each signal — and of their sum
+after z-scoring — and prints, per signal:
 
-- its AUROC for answerable vs unanswerable questions;
+- its AUROC for answerable vs unanswerable questions, and for right vs wrong answers among the
+  answerable questions the configuration answered (the misreadings an abstention rule must catch);
 - the best accuracy on answerable questions with hallucination at most `--max-hallucination`
   (default: half of the baseline's);
 - the lowest hallucination with accuracy on answerable questions at least the baseline's.
@@ -81,12 +83,26 @@ def bound(signal: np.ndarray, correct, abstained, answerable, base_acc: float, m
     return {"auroc": auroc(signal, answerable), "best_acc": best_acc, "best_hall": best_hall}
 
 
+def read_confidence(path: str, config: str, ids) -> np.ndarray:
+    """`confidence` per question from an answer_confidence.py file written for `config`, in `ids` order."""
+    try:
+        lines = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        conf = {c["id"]: float(c["confidence"]) for c in lines if c["config"] == config}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"--confidence {path}: not an answer_confidence.py output ({e.__class__.__name__})")
+    if missing := [i for i in ids if i not in conf]:
+        fail(f"--confidence {path}: no {config} answer for {len(missing)} questions (e.g. {missing[0]}); "
+             f"run benchmarks/answer_confidence.py --config {config} on these predictions")
+    return np.array([conf[i] for i in ids])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("predictions")
     p.add_argument("--config", default="rag+raft_dpo", help="the configuration whose answers are cut")
     p.add_argument("--baseline", default="rag")
     p.add_argument("--max-hallucination", type=float, default=None, help="default: half of the baseline's")
+    p.add_argument("--confidence", help="answer_confidence.py output for --config: adds the answers' own confidence")
     args = p.parse_args()
     preds, base = load(args.predictions, args.config, args.baseline)
     col = lambda key: np.array([preds[i][key] for i in preds])  # noqa: E731
@@ -101,23 +117,27 @@ def main() -> None:
         signals["adapter score"] = -col("abstain_score").astype(float)  # higher score = abstain
     if all(preds[i].get("answerable") is not None for i in preds):
         signals["judge answerability"] = col("answerable").astype(float)
-    if len(signals) == 2:
+    if args.confidence:
+        signals["answer confidence"] = read_confidence(args.confidence, args.config, list(preds))
+    if len(signals) >= 2:
         z = [(s - s.mean()) / s.std() for s in signals.values()]
-        signals["sum of both (z-scored)"] = z[0] + z[1]
+        signals["sum of both (z-scored)" if len(z) == 2 else "sum of all (z-scored)"] = np.sum(z, axis=0)
     if not signals:
         fail(f"{args.predictions}: {args.config} has neither abstain_score (calibrate the adapter) "
-             "nor answerable (eval --judge); nothing to sweep")
+             "nor answerable (eval --judge), and no --confidence; nothing to sweep")
     n = len(preds)
     acc0, hall0 = rates(np.ones(n, bool), correct, abstained, answerable)
     print(f"{n} questions ({int(answerable.sum())} answerable). {args.baseline}: accuracy on answerable {base_acc:.3f}, "
           f"hallucination {base_hall:.3f}; {args.config} as generated: {acc0:.3f}, {hall0:.3f}\n")
-    print(f"| signal | AUROC | best accuracy on answerable with hallucination ≤ {max_hall:.3f} "
-          f"| lowest hallucination with accuracy on answerable ≥ {base_acc:.3f} |")
-    print("|---|---:|---:|---:|")
+    answered = answerable & ~abstained  # right vs wrong: the answers a cut could still save or drop
+    print(f"| signal | AUROC answerable vs not | AUROC right vs wrong "
+          f"| best accuracy on answerable with hallucination ≤ {max_hall:.3f} | lowest hallucination with accuracy on answerable ≥ {base_acc:.3f} |")
+    print("|---|---:|---:|---:|---:|")
     fmt = lambda r: "none" if r is None else f"{r[0]:.3f} (hallucination {r[1]:.3f})"  # noqa: E731
     for name, s in signals.items():
         b = bound(s, correct, abstained, answerable, base_acc, max_hall)
-        print(f"| {name} | {b['auroc']:.3f} | {fmt(b['best_acc'])} | {fmt(b['best_hall'])} |")
+        print(f"| {name} | {b['auroc']:.3f} | {auroc(s[answered], correct[answered]):.3f} | {fmt(b['best_acc'])} "
+              f"| {fmt(b['best_hall'])} |")
 
 
 if __name__ == "__main__":
