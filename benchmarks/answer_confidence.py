@@ -36,19 +36,6 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def answer_logprobs(model, tok, messages: list[dict], raw: str):
-    """Log-probability of each token of `raw` (then EOS) after the chat prompt; shape (T,)."""
-    import torch
-
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    c_ids = tok(raw + tok.eos_token, add_special_tokens=False)["input_ids"]
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([p_ids + c_ids], device=model.device)).logits[0, len(p_ids) - 1:-1]
-    logp = torch.log_softmax(logits.float(), -1)
-    return logp.gather(1, torch.tensor(c_ids, device=logp.device)[:, None])[:, 0].cpu().numpy()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("predictions")
@@ -64,6 +51,7 @@ def main() -> None:
     from hybrid.factuality import EvalConfig, row_contexts
     from hybrid.pipeline import Pipeline
     from retrieval.qa import load_qa
+    from tuning.abstention import completion_logprobs
     from tuning.prompting import build_messages
 
     if args.config != "rag" and not (args.adapter and args.adapter.split("=", 1)[0] == args.config.split("+", 1)[1]):
@@ -88,7 +76,7 @@ def main() -> None:
     t0, out = time.perf_counter(), []
     with pipe._active_adapter(adapter):
         for q, r in zip(preds, qa_rows):
-            lp = answer_logprobs(pipe.model, pipe.tok, build_messages(r.question, contexts[r.id]), q["raw"])
+            lp = completion_logprobs(pipe.model, pipe.tok, build_messages(r.question, contexts[r.id]), q["raw"])
             out.append({"id": q["id"], "config": args.config, "confidence": float(lp.mean())})
     Path(args.out).write_text("".join(json.dumps(o) + "\n" for o in out), encoding="utf-8")
     print(f"{len(out)} answers scored in {time.perf_counter() - t0:.0f} s -> {args.out}")

@@ -34,6 +34,22 @@ def calibration_abstains(score: float | None, threshold: float | None) -> bool:
     return score is not None and threshold is not None and bool(score >= threshold)
 
 
+def completion_logprobs(model, tok, messages: list[dict], completion: str) -> np.ndarray:
+    """Log-probability of each token of `completion` (then EOS) after the chat prompt of `messages`.
+
+    One forward pass with the completion teacher-forced; nothing is generated. Shape (T,).
+    """
+    import torch
+
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + c_ids], device=model.device)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float(), -1)
+    return logp.gather(1, torch.tensor(c_ids, device=logp.device)[:, None])[:, 0].cpu().numpy()
+
+
 def abstain_scores(model, tok, questions: list[str], passages_batch: list[list[dict]]) -> np.ndarray:
     """Mean log-probability per token of the abstention completion after each prompt.
 
@@ -46,19 +62,8 @@ def abstain_scores(model, tok, questions: list[str], passages_batch: list[list[d
     Returns:
         float array, shape (N,); higher = the model leans to abstaining.
     """
-    import torch
-
-    completion = abstain_answer() + tok.eos_token
-    out = np.zeros(len(questions))
-    for i, (q, ps) in enumerate(zip(questions, passages_batch)):
-        prompt = tok.apply_chat_template(build_messages(q, ps), add_generation_prompt=True, tokenize=False)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        c_ids = tok(completion, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([p_ids + c_ids], device=model.device)
-        with torch.inference_mode():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float(), -1)
-        out[i] = float(logp.gather(1, torch.tensor(c_ids, device=logp.device)[:, None]).mean())
-    return out
+    return np.array([float(completion_logprobs(model, tok, build_messages(q, ps), abstain_answer()).mean())
+                     for q, ps in zip(questions, passages_batch)])
 
 
 def youden_threshold(scores: np.ndarray, answerable: np.ndarray) -> dict:
