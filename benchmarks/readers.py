@@ -63,16 +63,21 @@ def speed(model, tok) -> dict:
     prompt = tok.apply_chat_template(build_messages("What does the first document say about safety?", passages),
                                      add_generation_prompt=True, tokenize=False)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+    def generate(n: int) -> float:
+        t = time.perf_counter()
+        model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        return time.perf_counter() - t
+
+    # Decode is timed as the difference of two generations from the same prompt, both after a
+    # warm-up: a cold first forward pass can be slower than the prefill inside generate, which
+    # made "total - separate prefill" negative for Qwen 1.5B.
     with torch.inference_mode():
-        t = time.perf_counter()
-        model(input_ids=ids)
-        prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        model.generate(input_ids=ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                       pad_token_id=tok.pad_token_id)
-        total = time.perf_counter() - t
-    return {"prompt_tokens": int(ids.shape[1]), "prefill_tok_s": ids.shape[1] / prefill,
-            "decode_tok_s": 32 / max(total - prefill, 1e-9)}
+        generate(1)  # warm-up
+        first = generate(1)  # prefill + one token
+        total = generate(33)
+    return {"prompt_tokens": int(ids.shape[1]), "prefill_tok_s": ids.shape[1] / first,
+            "decode_tok_s": 32 / (total - first)}
 
 
 def one(args) -> dict:
