@@ -3,8 +3,8 @@
 For each prediction of one configuration in a `hybrid eval` predictions.jsonl, the prompt the
 eval built (the same passages: fixed ones, or the same deterministic retrieval) is followed by
 the answer exactly as generated (`raw`) and the model's log-probability of every answer token is
-read in one forward pass: no sampling, nothing generated. Written as JSONL beside nothing else,
-one line per question: `{"id", "config", "confidence"}` with confidence = mean log-probability
+read in one forward pass: no sampling, nothing generated. Written as JSONL to --out, one line
+per question: `{"id", "config", "confidence"}` with confidence = mean log-probability
 per answer token (higher = surer). `benchmarks/abstention_bound.py --confidence FILE` then asks
 how far a cut on it (alone or with the adapter's abstention score) could take the answers.
 
@@ -54,6 +54,8 @@ def main() -> None:
     from tuning.abstention import completion_logprobs
     from tuning.prompting import build_messages
 
+    if args.config == "rag" and args.adapter:
+        fail("--adapter: --config rag is the base model's answers; name the adapter's configuration, --config rag+NAME")
     if args.config != "rag" and not (args.adapter and args.adapter.split("=", 1)[0] == args.config.split("+", 1)[1]):
         fail(f"--config {args.config}: pass --adapter {args.config.split('+', 1)[-1]}=DIR, the adapter that answered")
     try:
