@@ -27,9 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GROUPS = ["hr", "finance", "security", "engineering"]  # every group of the bundled corpus (the owner's view)
-
-
 def fail(message: str) -> None:
     """Bad input: one line on stderr, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
@@ -50,8 +47,10 @@ def main() -> None:
     args = p.parse_args()
     from hybrid.factuality import EvalConfig, row_contexts
     from hybrid.pipeline import Pipeline
+    from benchmarks.readers import GROUPS  # every group of the bundled corpus (the owner's view)
+    from retrieval.atomic import write_text_atomic
+    from retrieval.errors import InputError
     from retrieval.qa import load_qa
-    from tuning.abstention import completion_logprobs
     from tuning.prompting import build_messages
 
     if args.config == "rag" and args.adapter:
@@ -65,22 +64,25 @@ def main() -> None:
     preds = [q for q in preds if q.get("config") == args.config]
     if not preds:
         fail(f"{args.predictions}: no prediction of --config {args.config}")
-    rows = {r.id: r for r in load_qa(args.qa)}
-    if missing := [q["id"] for q in preds if q["id"] not in rows]:
-        fail(f"--qa {args.qa}: lacks {len(missing)} of the predictions' ids (e.g. {missing[0]}); pass the eval's QA file")
-    groups = GROUPS if args.all_groups else []
-    adapters = dict([args.adapter.split("=", 1)]) if args.adapter else None
-    pipe = Pipeline.load(args.index, adapters, base_model=None if adapters else args.base_model, k=args.k,
-                         groups=groups, calibrated=False)
-    qa_rows = [rows[q["id"]] for q in preds]
-    contexts = row_contexts(qa_rows, EvalConfig(qa=args.qa, index=args.index, k=args.k, groups=groups), pipe)
-    adapter = args.config.split("+", 1)[1] if adapters else None
-    t0, out = time.perf_counter(), []
-    with pipe._active_adapter(adapter):
+    try:
+        rows = {r.id: r for r in load_qa(args.qa)}
+        if missing := [q["id"] for q in preds if q["id"] not in rows]:
+            fail(f"--qa {args.qa}: lacks {len(missing)} of the predictions' ids (e.g. {missing[0]}); "
+                 "pass the eval's QA file")
+        groups = GROUPS if args.all_groups else []
+        adapters = dict([args.adapter.split("=", 1)]) if args.adapter else None
+        pipe = Pipeline.load(args.index, adapters, base_model=None if adapters else args.base_model, k=args.k,
+                             groups=groups, calibrated=False)
+        qa_rows = [rows[q["id"]] for q in preds]
+        contexts = row_contexts(qa_rows, EvalConfig(qa=args.qa, index=args.index, k=args.k, groups=groups), pipe)
+        adapter = args.config.split("+", 1)[1] if adapters else None
+        t0, out = time.perf_counter(), []
         for q, r in zip(preds, qa_rows):
-            lp = completion_logprobs(pipe.model, pipe.tok, build_messages(r.question, contexts[r.id]), q["raw"])
+            lp = pipe.completion_logprobs(build_messages(r.question, contexts[r.id]), q["raw"], adapter=adapter)
             out.append({"id": q["id"], "config": args.config, "confidence": float(lp.mean())})
-    Path(args.out).write_text("".join(json.dumps(o) + "\n" for o in out), encoding="utf-8")
+        write_text_atomic(Path(args.out), "".join(json.dumps(o) + "\n" for o in out))
+    except InputError as e:  # a bad --qa, --index or --adapter: one line, no traceback
+        fail(str(e))
     print(f"{len(out)} answers scored in {time.perf_counter() - t0:.0f} s -> {args.out}")
 
 

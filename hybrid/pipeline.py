@@ -522,6 +522,13 @@ class Pipeline:
         with self._active_adapter(adapter):
             return abstention.abstain_scores(self.model, self.tok, questions, passages_batch)
 
+    def completion_logprobs(self, messages: list[dict], completion: str, adapter: str | None = None):
+        """Log-probability of each token of `completion` after the chat `messages`, under `adapter`
+        (tuning/abstention.py; one forward pass, nothing generated); shape (T,)."""
+        self.check_access(adapter, self.groups)
+        with self._active_adapter(adapter):
+            return abstention.completion_logprobs(self.model, self.tok, messages, completion)
+
     def answer(self, question: str, passages: list[dict], adapter: str | None = None, on_token=None,
                groups=None) -> Answer:
         """Answer one question from your own passages."""

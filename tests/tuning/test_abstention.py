@@ -42,6 +42,19 @@ def test_abstain_score_is_the_mean_log_prob_of_the_abstention(two_adapters):
         assert abstain_scores(model, tok, ["How long does the battery last?"], [ps])[0] != pytest.approx(got[0], abs=1e-6)
 
 
+def test_pipeline_completion_logprobs_are_the_abstain_score_per_token(two_adapters):
+    from hybrid.pipeline import Pipeline
+
+    pipe = Pipeline.load(None, adapters={"a": two_adapters["a"]})
+    ps = [{"text": "The Kestrel-7 battery lasts 14 months."}]
+    msgs = build_messages("How long does the battery last?", ps)
+    per_token = pipe.completion_logprobs(msgs, abstain_answer(), adapter="a")
+    assert per_token.ndim == 1 and per_token.size > 1 and (per_token <= 0).all()
+    assert per_token.mean() == pytest.approx(pipe.abstain_scores(["How long does the battery last?"], [ps], adapter="a")[0])
+    # the adapter is applied: the base model gives other log-probabilities
+    assert pipe.completion_logprobs(msgs, abstain_answer()).mean() != pytest.approx(per_token.mean(), abs=1e-6)
+
+
 def _set_threshold(adapter, t):
     path = adapter / CAL_FILE
     rec = json.loads(path.read_text())
