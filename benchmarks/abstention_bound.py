@@ -131,7 +131,8 @@ def main() -> None:
           f"hallucination {base_hall:.3f}; {args.config} as generated: {acc0:.3f}, {hall0:.3f}\n")
     answered = answerable & ~abstained  # right vs wrong: the answers a cut could still save or drop
     print(f"| signal | AUROC answerable vs not | AUROC right vs wrong "
-          f"| best accuracy on answerable with hallucination ≤ {max_hall:.3f} | lowest hallucination with accuracy on answerable ≥ {base_acc:.3f} |")
+          f"| best accuracy on answerable with hallucination ≤ {max_hall:.3f} "
+          f"| lowest hallucination with accuracy on answerable ≥ {base_acc:.3f} |")
     print("|---|---:|---:|---:|---:|")
     fmt = lambda r: "none" if r is None else f"{r[0]:.3f} (hallucination {r[1]:.3f})"  # noqa: E731
     for name, s in signals.items():

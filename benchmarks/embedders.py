@@ -43,8 +43,8 @@ def main() -> int:
     for name in args.embedders.split(","):
         index = work / name
         if args.reuse:
-            built = json.loads((index / "manifest.json").read_text())["counts"]["chunks"]
-            built = {"chunks": built, "index_s": float("nan"), "chunks_per_s": float("nan")}
+            chunks = json.loads((index / "manifest.json").read_text())["counts"]["chunks"]
+            built = {"chunks": chunks, "index_s": float("nan"), "chunks_per_s": float("nan")}  # not built here
         else:
             shutil.rmtree(index, ignore_errors=True)
             t = time.perf_counter()

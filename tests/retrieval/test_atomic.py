@@ -173,7 +173,6 @@ def test_missing_index_is_still_an_input_error(tmp_path, tiny_embedder):
         Retriever.load(tmp_path / "nope", embedder=tiny_embedder)
 
 
-
 def _index_and_next_build(tmp_path, embedder):
     """tmp_path/index (built from a corpus) and tmp_path/B (the same corpus one edit later)."""
     cfg = IndexConfig(chunk_tokens=64, overlap=8)
