@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ from retrieval.embedder import Embedder, load_embedder
 from retrieval.errors import InputError
 from retrieval.index import INDEX_FILE, STORE_FILE, IndexMoved, IndexSnapshot
 
-_LOAD_ATTEMPTS = 20
+# A load that loses the race with a swap retries for this long. Builds swap once each, so only a storm
+# of back-to-back swaps on a starved machine loses for seconds (CI saw 20 tries in ~1 s all lose).
+_LOAD_PATIENCE_S = 15.0
 MODES = ("dense", "lexical", "hybrid")
 
 
@@ -132,16 +135,19 @@ class Retriever:
                 reranker that is not one or was trained on another corpus's groups.
         """
         index_dir = Path(index_dir)
-        for attempt in range(_LOAD_ATTEMPTS):
+        deadline, attempt = time.monotonic() + _LOAD_PATIENCE_S, 0
+        while True:
             try:
                 with IndexSnapshot(index_dir) as snap:
                     r = cls._from_snapshot(snap, embedder)
                 break
             except IndexMoved:
-                time.sleep(0.005 * attempt)
-        else:
-            raise InputError(f"--index {index_dir}: kept changing while being opened (a build is replacing it); "
-                             f"try again")
+                attempt += 1
+                if time.monotonic() >= deadline:
+                    raise InputError(f"--index {index_dir}: kept changing while being opened (a build is "
+                                     f"replacing it); try again") from None
+                # Jitter, so a reader does not fall into step with a writer that swaps on a fixed beat.
+                time.sleep(random.uniform(0, min(0.1, 0.002 * attempt)))
         if reranker is not None:
             from retrieval.reranker import Reranker
 

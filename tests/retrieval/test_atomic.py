@@ -221,3 +221,29 @@ def test_a_swap_just_before_sqlite_opens_the_store_is_seen_and_the_load_retried(
     r = Retriever.load(target, embedder=tiny_embedder)
     assert len(opens) >= 2 and r.manifest == new  # retried, and the whole new index was loaded
     assert len(r) == new["counts"]["chunks"] == r.con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+
+def test_load_retries_a_moved_index_then_gives_up_by_name(tmp_path, tiny_embedder, monkeypatch):
+    from retrieval import retriever as retriever_mod
+
+    target = tmp_path / "index"
+    build_index(make_small_corpus(tmp_path / "corpus"), target, IndexConfig(chunk_tokens=64, overlap=8),
+                embedder=tiny_embedder)
+    real, moves = retriever_mod.Retriever._from_snapshot, []
+
+    def moved_three_times(snap, embedder):
+        if len(moves) < 3:
+            moves.append(1)
+            raise retriever_mod.IndexMoved()
+        return real(snap, embedder)
+
+    monkeypatch.setattr(retriever_mod.Retriever, "_from_snapshot", staticmethod(moved_three_times))
+    assert Retriever.load(target, embedder=tiny_embedder).search("osprey", k=1) and len(moves) == 3
+
+    def always_moved(snap, embedder):
+        raise retriever_mod.IndexMoved()
+
+    monkeypatch.setattr(retriever_mod.Retriever, "_from_snapshot", staticmethod(always_moved))
+    monkeypatch.setattr(retriever_mod, "_LOAD_PATIENCE_S", 0.05)
+    with pytest.raises(InputError, match=f"--index {target}: kept changing while being opened"):
+        Retriever.load(target, embedder=tiny_embedder)
