@@ -47,7 +47,7 @@ def main() -> None:
     args = p.parse_args()
     from hybrid.factuality import EvalConfig, row_contexts
     from hybrid.pipeline import Pipeline
-    from benchmarks.readers import GROUPS  # every group of the bundled corpus (the owner's view)
+    from benchmarks.bundled_corpus import GROUPS  # the owner's view
     from retrieval.atomic import write_text_atomic
     from retrieval.errors import InputError
     from retrieval.qa import load_qa

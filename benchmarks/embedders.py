@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bundled_corpus import GROUPS  # noqa: E402
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +54,7 @@ def main() -> int:
                               progress=False)
             seconds = time.perf_counter() - t
             built = {"chunks": rep.chunks, "index_s": seconds, "chunks_per_s": rep.chunks / seconds}
-        m = evaluate_retrieval(args.qa, index, groups=["hr", "finance", "security", "engineering"],
+        m = evaluate_retrieval(args.qa, index, groups=GROUPS,
                                mode=args.mode)["configs"]["retrieval"]
         results[name] = {**built, "mode": args.mode or "index default", **m}
         print(json.dumps({name: results[name]}), flush=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bundled_corpus import GROUPS  # noqa: E402
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +49,7 @@ def main() -> int:
         del model
         rep = run_eval(EvalConfig(qa=str(ROOT / "corpora/brindle/qa.jsonl"), index=str(index), closed_book=False,
                                   limit=args.limit, seed=0, k=3, base_model=name, batch_size=4, max_new_tokens=64,
-                                  groups=["hr", "finance", "security", "engineering"], out=str(work / name)),
+                                  groups=GROUPS, out=str(work / name)),
                        progress=False)
         m = rep["configs"]["rag"]
         rows.append({"model": name, "params_m": round(params / 1e6), "vocab": len(tok), "convert_s": convert_s,

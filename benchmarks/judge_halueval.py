@@ -24,11 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import halueval  # noqa: E402
+from benchmarks.bundled_corpus import DOCS, GROUPS, QA  # noqa: E402
 from retrieval.errors import InputError  # noqa: E402
 from tuning.judge import JudgeTuneConfig, qa_pairs, tune_judge, write_pairs  # noqa: E402
 from retrieval.train_settings import TrainSettings  # noqa: E402
-
-BUNDLED = Path(__file__).resolve().parents[1] / "corpora" / "brindle"
 
 
 def build_pairs(args, pairs_dir: Path) -> dict[str, Path]:
@@ -44,7 +43,7 @@ def build_pairs(args, pairs_dir: Path) -> dict[str, Path]:
     files = {"train": halueval.judge_pairs(lines, train_idx, swapped=args.swapped_negatives, seed=args.seed,
                                            neighbours=near, answerability=args.answerability_pairs),
              "halueval_test": halueval.judge_pairs(lines, test_idx),
-             "bundled": qa_pairs(BUNDLED / "qa.jsonl", BUNDLED / "docs")}
+             "bundled": qa_pairs(QA, DOCS)}
     if embedder:
         # the right answer vs the same answer, or the neighbour's, over the neighbour's passage
         files["grounding_test"] = halueval.judge_pairs(lines, test_idx, hallucinated=False, neighbours=test_near)
@@ -54,7 +53,7 @@ def build_pairs(args, pairs_dir: Path) -> dict[str, Path]:
     out = {}
     for name, pairs in files.items():
         out[name] = pairs_dir / f"{name}.jsonl"
-        write_pairs(out[name], pairs, groups=["hr", "finance", "security", "engineering"] if name == "bundled" else [])
+        write_pairs(out[name], pairs, groups=GROUPS if name == "bundled" else [])
     return out
 
 
@@ -81,7 +80,7 @@ def main() -> None:
         cfg = JudgeTuneConfig(out=args.out, pairs=str(files.pop("train")), test_pairs=[str(f) for f in files.values()],
                               train=TrainSettings(learning_rate=3e-5, batch_size=args.batch_size, epochs=args.epochs,
                                                   max_length=256, seed=args.seed,
-                                                  groups=["hr", "finance", "security", "engineering"]))
+                                                  groups=GROUPS))
         report = tune_judge(cfg, progress=False)
     except InputError as exc:
         sys.exit(f"error: {exc}")

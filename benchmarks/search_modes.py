@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bundled_corpus import GROUPS  # noqa: E402
 from retrieval import lexical  # noqa: E402
 from retrieval.metrics import retrieval_metrics  # noqa: E402
 from retrieval.qa import load_qa  # noqa: E402
@@ -32,13 +33,12 @@ from retrieval.retriever import Retriever  # noqa: E402
 
 N = 50
 WEIGHTS = [round(w, 1) for w in np.linspace(0, 1, 11)]
-ALL_GROUPS = ["hr", "finance", "security", "engineering"]  # the owner's view of the bundled corpus
 
 
 def candidates(r: Retriever, questions: list[str]) -> tuple[list, list]:
     """Dense and lexical (score, row) lists per question, N deep, every group visible."""
-    dense = r._dense_rows(r.embedder.encode(questions, batch_size=64), N, ALL_GROUPS)
-    lex = [r._lexical_rows(q, N, ALL_GROUPS) for q in questions]
+    dense = r._dense_rows(r.embedder.encode(questions, batch_size=64), N, GROUPS)
+    lex = [r._lexical_rows(q, N, GROUPS) for q in questions]
     return dense, lex
 
 
@@ -59,7 +59,7 @@ def latency(r: Retriever, questions: list[str], mode: str) -> dict:
     times = []
     for q in questions:
         t = time.perf_counter()
-        r.search(q, k=5, groups=ALL_GROUPS, mode=mode)
+        r.search(q, k=5, groups=GROUPS, mode=mode)
         times.append(time.perf_counter() - t)
     return {"p50_ms": round(1000 * float(np.percentile(times, 50)), 2),
             "p95_ms": round(1000 * float(np.percentile(times, 95)), 2), "n": len(times)}
