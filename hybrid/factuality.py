@@ -50,6 +50,7 @@ from retrieval.qa import QARow, load_qa
 from retrieval.retriever import Retriever
 from tuning import run_record
 from tuning.abstention import calibration_abstains, load_calibration
+from tuning.generator import BASE_MODEL_HELP
 from tuning.grading import classify, token_f1
 from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.judge import fingerprint as judge_fingerprint
@@ -81,7 +82,7 @@ class EvalConfig:
     batch_size: int = field(default=4, metadata={"help": "Questions generated together (greedy, left-padded)."})
     max_new_tokens: int = field(default=96, metadata={"help": "Generation budget per answer."})
     base_model: str | None = field(default=None, metadata={
-        "help": "Generator: smollm2 | gemma3-270m | model dir.", "default_help": "the adapters' base, else smollm2"})
+        "help": f"Generator: {BASE_MODEL_HELP}.", "default_help": "the adapters' base, else smollm2"})
     judge: str | None = field(default=None, metadata={
         "help": "Groundedness judge dir (hybrid tune judge): support of every answer, answerability of every question."})
     gate: bool = field(default=False, metadata={

@@ -37,7 +37,7 @@ from retrieval.errors import InputError
 from retrieval.retriever import MODES, Retriever
 from tuning import abstention, run_record
 from tuning.abstention import calibration_abstains, load_calibration
-from tuning.generator import PrefixCache, generate_batch, generation_kwargs, load_generator
+from tuning.generator import BASE_MODEL_HELP, PrefixCache, generate_batch, generation_kwargs, load_generator
 from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.prompting import ABSTAIN, ANSWER_OPENING, build_messages, chat_text, parse_answer, quote_in
 
@@ -83,7 +83,7 @@ class AskConfig:
     use: str | None = field(default=None, metadata={
         "help": "Which loaded adapter answers; 'base' = none.", "default_help": "the last --adapter"})
     base_model: str | None = field(default=None, metadata={
-        "help": "Generator: smollm2 | gemma3-270m | model dir.", "default_help": "the adapter's base, else smollm2"})
+        "help": f"Generator: {BASE_MODEL_HELP}.", "default_help": "the adapter's base, else smollm2"})
     groups: list[str] = field(default_factory=list, metadata={
         "flag": "--group", "help": "Access group of the caller (repeatable). Without it: public documents only."})
     k: int = field(default=5, metadata={"flag": "-k", "help": "Passages to retrieve."})

@@ -30,6 +30,7 @@ from hybrid.pipeline import Pipeline, parse_adapters
 from hybrid.serve_engine import AdapterPool, Engine, Job, RemoteGenerator, ServeError, served_content
 from hybrid.serve_keys import PUBLIC, Caller, KeyRing, load_keys
 from tuning import run_record
+from tuning.generator import BASE_MODEL_HELP
 from tuning.prompting import ABSTAIN
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -48,7 +49,7 @@ class ServeConfig:
     adapter_dir: str | None = field(default=None, metadata={
         "help": "Directory whose sub-directories are adapters, served by their directory name on first use."})
     base_model: str | None = field(default=None, metadata={
-        "help": "Generator: smollm2 | gemma3-270m | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b | model dir.",
+        "help": f"Generator: {BASE_MODEL_HELP}.",
         "default_help": "the adapters' base, else smollm2"})
     keys: str | None = field(default=None, metadata={
         "help": "keys.yaml: [{name, sha256, groups, adapters?}]. Without it: loopback only, public documents "

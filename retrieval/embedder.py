@@ -44,7 +44,7 @@ def resolve_embedder(spec: str | os.PathLike | None) -> tuple[str, Path]:
     path = Path(spec).expanduser()
     if not path.is_dir() or not ((path / "modules.json").exists() or (path / "config.json").exists()):
         raise InputError(f"--embedder {spec}: not a local sentence-transformers model directory "
-                         f"(no modules.json/config.json); pass a model folder or leave --embedder out for the default")
+                         f"(no modules.json/config.json); pass minilm, mpnet or a model folder")
     return str(path.resolve()), path.resolve()
 
 

@@ -66,7 +66,8 @@ class IndexConfig:
     """
 
     embedder: str | None = field(default=None, metadata={
-        "help": "Local sentence-transformers model dir.", "default_help": "packaged all-MiniLM-L6-v2"})
+        "help": "minilm | mpnet (make models-mpnet) | a local sentence-transformers model dir.",
+        "default_help": "minilm (packaged all-MiniLM-L6-v2)"})
     chunk_tokens: int = field(default=200, metadata={"help": "Max embedder tokens per chunk (the title is added on top)."})
     overlap: int = field(default=32, metadata={"help": "Tokens shared by consecutive chunks."})
     index_type: Literal["auto", "flat", "hnsw", "ivf", "ivfpq"] = field(default="auto", metadata={

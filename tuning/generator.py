@@ -36,6 +36,8 @@ PACKAGED = {
     "qwen2.5-coder-1.5b": (None, None, None, packaged.MODELS["qwen2.5-coder-1.5b"].install),
 }
 DEFAULT_GENERATOR = "smollm2"
+# What a --base-model flag accepts, for its --help (one list: PACKAGED above).
+BASE_MODEL_HELP = " | ".join(PACKAGED) + " | a local Hugging Face model dir"
 
 # Base models without a chat template (Gemma-3-270M base) get PLAIN_TEMPLATE: the same
 # system + documents + question text, then "Answer: ", as plain text. (ChatML markers are not

@@ -33,7 +33,7 @@ from retrieval.retriever import Retriever
 from retrieval.train_settings import TrainSettings, literal_problems
 from retrieval.trainer_output import drop_step_printer, no_dataset_bars
 from tuning import run_record
-from tuning.generator import load_generator, load_tokenizer, resolve_generator
+from tuning.generator import BASE_MODEL_HELP, load_generator, load_tokenizer, resolve_generator
 from tuning.memory_plan import GiB, ModelShape, describe, plan
 from tuning.prompting import sequence_tokens
 from tuning.raft_data import RaftSettings, build_examples, check_rows, load_examples, stats, visible_rows
@@ -49,7 +49,7 @@ class GeneratorTuneConfig:
         "help": "Train on prepared RAFT examples instead of --index/--qa (an adapter's raft_train.jsonl, or a file "
                 "of that form; no index needed)."})
     base_model: str | None = field(default=None, metadata={
-        "help": "smollm2 | gemma3-270m | a local Hugging Face model dir.", "default_help": "smollm2"})
+        "help": BASE_MODEL_HELP, "default_help": "smollm2"})
     strategy: Literal["auto", "full", "lora", "qlora"] = field(default="auto", metadata={
         "help": "auto = QLoRA on CUDA, LoRA on CPU, whichever fits the memory plan."})
     # RAFT data

@@ -132,6 +132,22 @@ def test_help_explains_every_option():
                 assert param.opts[0] in res.stdout, (path, param.opts[0])
 
 
+def test_model_flags_name_every_packaged_model():
+    import typer.main
+
+    from tuning.generator import PACKAGED
+
+    group = typer.main.get_command(app)
+    for path, flag, names in [(["ask"], "--base-model", PACKAGED), (["eval"], "--base-model", PACKAGED),
+                              (["serve"], "--base-model", PACKAGED), (["tune", "generator"], "--base-model", PACKAGED),
+                              (["index"], "--embedder", ["minilm", "mpnet"])]:
+        cmd = group
+        for name in path:
+            cmd = cmd.commands[name]
+        param = next(p for p in cmd.params if flag in p.opts)
+        assert all(n in param.help for n in names), (path, flag, param.help)
+
+
 def test_cli_start_up_loads_no_ml_stack():
     """`hybrid --help` and every bad-flag error stay instant: torch, transformers and FAISS load on use."""
     import subprocess
