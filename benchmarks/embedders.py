@@ -45,6 +45,9 @@ def main() -> int:
     for name in args.embedders.split(","):
         index = work / name
         if args.reuse:
+            if not (index / "manifest.json").is_file():
+                print(f"error: --reuse: no index at {index}; build it first (run without --reuse)", file=sys.stderr)
+                return 2
             chunks = json.loads((index / "manifest.json").read_text())["counts"]["chunks"]
             built = {"chunks": chunks, "index_s": float("nan"), "chunks_per_s": float("nan")}  # not built here
         else:
@@ -54,8 +57,7 @@ def main() -> int:
                               progress=False)
             seconds = time.perf_counter() - t
             built = {"chunks": rep.chunks, "index_s": seconds, "chunks_per_s": rep.chunks / seconds}
-        m = evaluate_retrieval(args.qa, index, groups=GROUPS,
-                               mode=args.mode)["configs"]["retrieval"]
+        m = evaluate_retrieval(args.qa, index, groups=GROUPS, mode=args.mode)["configs"]["retrieval"]
         results[name] = {**built, "mode": args.mode or "index default", **m}
         print(json.dumps({name: results[name]}), flush=True)
     work.mkdir(parents=True, exist_ok=True)
