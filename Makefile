@@ -36,7 +36,7 @@ models-mpnet: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# The main job on the bundled corpus, documents only (~17 min on 2 CPU cores): index, search,
+# The main job on the bundled corpus, documents only (~10 min on 2 CPU cores once installed): index, search,
 # retrieval eval, questions synthesised from the documents by the packaged Qwen 0.5B teacher
 # (bounded by DEMO_SYNTH_MINUTES), embedder tuning and a short RAFT tuning of the default
 # generator on those questions, questions before/after, and the factuality eval on a seeded
