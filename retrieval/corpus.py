@@ -9,10 +9,11 @@ without the suffix, with `/` separators (`policies/travel`).
 Reading is safe by construction: a file either yields documents whose groups are
 exactly what it declares, or it is refused (skipped with a warning, or an
 InputError under `on_bad_file="fail"`); nothing ambiguous is ever read as public.
-Refused, among others: front matter that opens with `---` and never closes, an
-empty or malformed `groups`, a key spelt like a known one (`Groups`, `group`),
-duplicate keys, invalid YAML/JSON, UTF-16/UTF-32 or NUL-bearing text, documents
-over the size limit. Symbolic links that lead outside the corpus directory are
+Refused, among others: front matter that opens with `---` (or a look-alike of it)
+and never closes, an empty or malformed `groups`, any key hybrid does not read
+(`author`, `Groups`, `groups` with a zero-width space or a Cyrillic `о`, `1:`),
+group names with invisible characters, duplicate keys, invalid YAML/JSON,
+UTF-16/UTF-32 or NUL-bearing text, documents over the size limit. Symbolic links that lead outside the corpus directory are
 skipped with a warning; links within it are followed.
 """
 
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,8 @@ _HEADING = re.compile(r"^#\s+(.+?)\s*#*\s*$", re.MULTILINE)
 _INVISIBLE = "\ufeff\u200b\u2060"
 _LEADING_BLANK_LINES = re.compile(rf"(?:(?:[^\S\n]|[{_INVISIBLE}])*\n)*")
 _CLOSER = re.compile(r"^---[ \t]*$", re.MULTILINE)
+# Dashes that render like '-': a first line of them is a look-alike front matter opener.
+_DASHES = str.maketrans(dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\u2500\u2501\u2e3a\u2e3b\ufe58", "-"))
 _FRONT_MATTER_KEYS = ("title", "groups")
 _JSONL_FIELDS = ("id", "title", "text", "groups")
 
@@ -95,18 +99,58 @@ class _Refused(Exception):
         return cls(where + (m.group(1) or ""), msg[m.end():]) if m else cls(where, msg)
 
 
-def _check_spelling(keys, known: tuple[str, ...], where: str, what: str) -> None:
-    """Refuse a key that is a case/separator/singular variant of a known one.
+# Letters that render like Latin ones (after casefold), so `grоups` with a Cyrillic о is named as a
+# look-alike of `groups` in the error. Only the message depends on this map: every key that is not
+# exactly a known one is refused whether or not it is listed here.
+_CONFUSABLES = str.maketrans({
+    "а": "a", "в": "b", "с": "c", "ԁ": "d", "е": "e", "һ": "h", "н": "h", "і": "i", "ј": "j", "к": "k",
+    "ӏ": "l", "м": "m", "о": "o", "р": "p", "ԛ": "q", "ѕ": "s", "т": "t", "у": "y", "х": "x", "ԝ": "w",
+    "ԍ": "g", "ɡ": "g", "ı": "i", "ο": "o", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k",
+    "μ": "u", "ν": "v", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "γ": "y", "ζ": "z", "ω": "w",
+})
+_SHOWN_MAX = 80  # a hostile key or value can be megabytes; an error line quotes at most this much
 
-    `Groups: [hr]` read as an unknown key would leave the document public, so near misses are errors."""
-    for key in keys:
-        if not isinstance(key, str):
+
+def _shown(value) -> str:
+    """`value` for an error line: escaped to ASCII (a zero-width space shows as \\u200b), at most ~80 chars."""
+    text = ascii(value[:_SHOWN_MAX + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= _SHOWN_MAX else text[:_SHOWN_MAX - 3] + "..."
+
+
+def _visible(text: str) -> str:
+    """What a reader sees: NFKC, without format characters (zero-width space, BOM, bidi marks)."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
+
+
+def _fold(key: str) -> str:
+    """The key's skeleton: case, width, separators, invisible and look-alike letters folded away."""
+    folded = unicodedata.normalize("NFKC", _visible(key).casefold())
+    return re.sub(r"[\s_-]+", "", folded).translate(_CONFUSABLES)
+
+
+def _check_keys(mapping: dict, known: tuple[str, ...], where: str, what: str) -> None:
+    """Refuse every key that is not exactly a known one.
+
+    An unread key is never ignored: `groups` spelt with a zero-width space, a Cyrillic letter or
+    full-width letters would otherwise be an unknown key, and the document public. The fold only
+    picks the message: a near miss is told how to spell the key, anything else to delete it."""
+    for key in mapping:
+        if isinstance(key, str) and key in known:
             continue
-        norm = re.sub(r"[\s_-]+", "", key).lower()
-        for canon in known:
-            if key != canon and norm in (canon, canon.rstrip("s")):
-                raise InputError(f"{where}: {what} {key!r} is not {canon!r}; spell it '{canon}' "
-                                 f"(keys are lower-case)")
+        canon = _near_miss(key, known) if isinstance(key, str) else None
+        if canon is None:
+            shown = _shown(key) if isinstance(key, str) else f"{_shown(key)} (type {type(key).__name__}, not a name)"
+            raise InputError(f"{where}: {what} {shown} is not one hybrid reads (it reads {', '.join(known)}); "
+                             f"delete the key")
+        why = "keys are lower-case" if key.isascii() else \
+            "it has look-alike, full-width or invisible characters; type it in plain ASCII"
+        raise InputError(f"{where}: {what} {_shown(key)} is not {canon!r}; spell it '{canon}' ({why})")
+
+
+def _near_miss(key: str, known: tuple[str, ...]) -> str | None:
+    """The known key that `key` folds to (or its singular: `group`), else None."""
+    folded = _fold(key)
+    return next((canon for canon in known if folded in (canon, canon.rstrip("s"))), None)
 
 
 def _groups(mapping: dict, where: str, example: str) -> tuple[str, ...]:
@@ -116,7 +160,7 @@ def _groups(mapping: dict, where: str, example: str) -> tuple[str, ...]:
     value = mapping["groups"]
     if isinstance(value, str):
         if "," in value:
-            raise InputError(f"{where}: 'groups' is the single string {value!r}; write a list, e.g. {example}")
+            raise InputError(f"{where}: 'groups' is the single string {_shown(value)}; write a list, e.g. {example}")
         value = [value]
     if value is None or value == [] or (isinstance(value, list) and all(isinstance(g, str) and not g.strip()
                                                                           for g in value)):
@@ -124,7 +168,28 @@ def _groups(mapping: dict, where: str, example: str) -> tuple[str, ...]:
                          f"to make the document public")
     if not isinstance(value, list) or not all(isinstance(g, str) and g.strip() for g in value):
         raise InputError(f"{where}: 'groups' must be a list of non-empty strings, e.g. {example}")
-    return tuple(sorted({g.strip() for g in value}))
+    names = {g.strip() for g in value}
+    for name in sorted(names):
+        _check_group_name(name, where)
+    return tuple(sorted(names))
+
+
+# Characters no one types into a group name on purpose; a caller's `--group` can never match them.
+_HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def _check_group_name(name: str, where: str) -> None:
+    """Refuse a name that cannot be what the author meant: hidden characters, or not in NFKC form.
+
+    Such a name matches no caller's group, so the document would silently be visible to no one
+    (fail-closed, never a leak); a clear refusal says which name to fix."""
+    if any(unicodedata.category(c) in _HIDDEN_CATEGORIES for c in name):
+        raise InputError(f"{where}: group name {_shown(name)} has invisible or control characters; "
+                         f"type the name in plain text")
+    plain = unicodedata.normalize("NFKC", name)
+    if plain != name:
+        raise InputError(f"{where}: group name {_shown(name)} is not in Unicode NFKC form (full-width, styled, "
+                         f"ligature or decomposed letters); write it as {_shown(plain)}")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -135,7 +200,8 @@ class _YamlLoader(yaml.SafeLoader):
             counts = Counter(k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode))
             dup = sorted(str(k) for k, n in counts.items() if n > 1)
             if dup:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {dup[0]!r}", node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_shown(dup[0])}",
+                                                        node.start_mark)
         return super().construct_mapping(node, deep)
 
 
@@ -173,6 +239,11 @@ def parse_front_matter(raw: str, where: str) -> tuple[dict, str]:
         raise InputError(f"{where}:{lineno}: TOML front matter ('+++') is not supported; write it as YAML "
                          f"between '---' lines")
     if not head.startswith("---"):
+        if _visible(head).translate(_DASHES).lstrip().startswith("---"):
+            # `—--` or `---` after a zero-width joiner: meant as front matter, and its groups would be body text.
+            raise InputError(f"{where}:{lineno}: the first line {_shown(head[:20])} looks like '---' but is not; "
+                             f"front matter opens with a line of exactly three ASCII hyphens '---' (remove the "
+                             f"line if it is a rule)")
         return {}, text
     if head != "---":
         raise InputError(f"{where}:{lineno}: the first line {head[:20]!r} starts with '---' but is not a front "
@@ -195,7 +266,7 @@ def parse_front_matter(raw: str, where: str) -> tuple[dict, str]:
         meta = {}
     if not isinstance(meta, dict):
         raise InputError(f"{where}: front matter must be a YAML mapping (title: ..., groups: [...])")
-    _check_spelling(meta, _FRONT_MATTER_KEYS, where, "front matter key")
+    _check_keys(meta, _FRONT_MATTER_KEYS, where, "front matter key")
     if meta.get("title") is not None and not isinstance(meta["title"], (str, int, float)):
         raise InputError(f"{where}: front matter 'title' must be a string")
     body_at = close.end() + 1
@@ -253,7 +324,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         dup = next(k for k, n in Counter(keys).items() if n > 1)
-        raise ValueError(f"duplicate key {dup!r}")
+        raise ValueError(f"duplicate key {_shown(dup)}")
     return dict(pairs)
 
 
@@ -275,7 +346,7 @@ def _jsonl_document(raw: bytes, where: str, limit_mb: float) -> Document | None:
                          f"one JSON object") from None
     if not isinstance(row, dict):
         raise InputError(f"{where}: each line must be a JSON object with 'id' and 'text'")
-    _check_spelling(row, _JSONL_FIELDS, where, "field")
+    _check_keys(row, _JSONL_FIELDS, where, "field")
     doc_id, text, title = row.get("id"), row.get("text"), row.get("title")
     if not isinstance(doc_id, str) or not doc_id.strip():
         raise InputError(f"{where}: field 'id' must be a non-empty string")
@@ -411,7 +482,7 @@ def load_corpus(corpus_dir: str | Path, on_bad_file: Literal["skip", "fail"] = "
     seen: dict[str, str] = {}
     for doc in docs:
         if doc.id in seen:
-            raise InputError(f"duplicate document id {doc.id!r} in {seen[doc.id]} and {doc.source}; ids must be unique")
+            raise InputError(f"duplicate document id {_shown(doc.id)} in {seen[doc.id]} and {doc.source}; ids must be unique")
         seen[doc.id] = doc.source
     if not docs:
         raise InputError(f"corpus directory {root} holds no non-empty documents")

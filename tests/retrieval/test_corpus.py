@@ -125,6 +125,11 @@ REFUSED = [
     ("utf16.md", FM.encode("utf-16"), "UTF-16"),
     ("utf16le_no_bom.md", FM.encode("utf-16-le"), "NUL"),
     ("utf32.md", FM.encode("utf-32"), "UTF-16/UTF-32"),
+    ("unknown_key.md", b"---\ngroups: [hr]\ndate: 2024-01-01\n---\nSECRET body\n", "'date' is not one hybrid reads"),
+    ("zwj_opener.md", "\u200d---\ngroups: [hr]\n---\nSECRET body\n".encode(), "looks like '---' but is not"),
+    ("em_dash_opener.md", "\u2014--\ngroups: [hr]\n---\nSECRET body\n".encode(), "looks like '---' but is not"),
+    ("minus_opener.md", "\u2212\u2212\u2212\ngroups: [hr]\n---\nSECRET body\n".encode(), "looks like '---'"),
+    ("fullwidth_opener.md", "\uff0d\uff0d\uff0d\ngroups: [hr]\n---\nSECRET body\n".encode(), "looks like '---'"),
 ]
 
 
@@ -221,3 +226,105 @@ def test_documents_over_max_document_mb_are_refused(tmp_path):
     assert [d.id for d in corpus.documents] == ["small"]
     assert sorted(Path(w).name for w, _ in corpus.skipped) == ["big.md", "d.jsonl:1"]
     assert len(load_corpus(tmp_path).documents) == 3  # the default (64 MB) takes them
+
+
+# --- keys: exactly one hybrid reads, or the file (line) is refused; look-alikes of `groups` named ------
+
+FULL_WIDTH_GROUPS = "".join(chr(ord(c) + 0xFEE0) for c in "groups")  # ｇｒｏｕｐｓ
+KEY_REFUSALS = [  # (key as written in YAML, the key as Python reads it, what the line says about it)
+    ("groups\u200b", "groups\u200b", "is not 'groups'; spell it 'groups' (it has look-alike"),
+    ("gr\u043eups", "gr\u043eups", "is not 'groups'; spell it 'groups' (it has look-alike"),
+    (FULL_WIDTH_GROUPS, FULL_WIDTH_GROUPS, "is not 'groups'; spell it 'groups' (it has look-alike"),
+    ("\u200dgroups", "\u200dgroups", "is not 'groups'"),
+    ("gr\u03bfup\u0455", "gr\u03bfup\u0455", "is not 'groups'"),  # Greek omicron, Cyrillic dze
+    ("t\u0456tle", "t\u0456tle", "is not 'title'"),
+    ("author", "author", "is not one hybrid reads (it reads title, groups); delete the key"),
+    ("1", 1, "(type int, not a name) is not one hybrid reads"),
+    ("null", None, "(type NoneType, not a name) is not one hybrid reads"),
+    ("2024-01-01", __import__("datetime").date(2024, 1, 1), "(type date, not a name) is not one hybrid reads"),
+]
+
+
+@pytest.mark.parametrize("written,key,says", KEY_REFUSALS, ids=[ascii(k[0]) for k in KEY_REFUSALS])
+def test_front_matter_keys_hybrid_does_not_read_are_refused(tmp_path, written, key, says):
+    write_doc(tmp_path, "ok.md", "OK", "public text")
+    (tmp_path / "x.md").write_text(f"---\ntitle: T\n{written}: [hr]\n---\nSECRET body\n", encoding="utf-8")
+    corpus = load_corpus(tmp_path)
+    assert [d.id for d in corpus.documents] == ["ok"]
+    [(where, why)] = corpus.skipped
+    assert where.endswith("x.md") and why.startswith(f"front matter key {ascii(key)}") and says in why
+    with pytest.raises(InputError) as exc:
+        load_corpus(tmp_path, on_bad_file="fail")
+    line = str(exc.value)
+    assert line.startswith(f"{tmp_path / 'x.md'}: front matter key {ascii(key)}") and says in line
+    assert "\n" not in line and line.isascii()  # one line, the hidden character shown as \u200b
+
+
+JSONL_KEY_REFUSALS = [(k, says) for _, k, says in KEY_REFUSALS[:6]] + [
+    ("author", "field 'author' is not one hybrid reads (it reads id, title, text, groups); delete the key"),
+    ("1", "field '1' is not one hybrid reads"),  # JSON keys are always strings
+    ("", "field '' is not one hybrid reads"),
+    ("t\u0435xt", "field 't\\u0435xt' is not 'text'"),
+]
+
+
+@pytest.mark.parametrize("key,says", JSONL_KEY_REFUSALS, ids=[ascii(k) for k, _ in JSONL_KEY_REFUSALS])
+def test_jsonl_fields_hybrid_does_not_read_are_refused(tmp_path, key, says):
+    ok = json.dumps({"id": "ok", "text": "public"})
+    bad = json.dumps({"id": "a", "text": "SECRET", key: ["hr"]}, ensure_ascii=False)
+    (tmp_path / "d.jsonl").write_text(f"{ok}\n{bad}\n", encoding="utf-8")
+    corpus = load_corpus(tmp_path)
+    assert [d.id for d in corpus.documents] == ["ok"]
+    [(where, why)] = corpus.skipped
+    assert where == f"{tmp_path / 'd.jsonl'}:2" and why.startswith(f"field {ascii(key)}") and says in why
+    with pytest.raises(InputError) as exc:
+        load_corpus(tmp_path, on_bad_file="fail")
+    assert str(exc.value).startswith(f"{tmp_path / 'd.jsonl'}:2: field {ascii(key)}") and says in str(exc.value)
+
+
+def test_a_canary_under_a_look_alike_groups_key_never_comes_out(tmp_path):
+    canary = "CANARY-7f3e restricted text"
+    spellings = ["groups\u200b", "gr\u043eups", FULL_WIDTH_GROUPS, "gro\u00adups", "\ufeffgroups", "gr\u03bfups",
+                 "Gr\u043eups", "groups\u2060", "group\u0455", "g\u0433oups"]
+    for i, key in enumerate(spellings):
+        (tmp_path / f"fm{i}.md").write_text(f"---\ntitle: T{i}\n{key}: [hr]\n---\n{canary} {i}\n", encoding="utf-8")
+    rows = [{"id": f"j{i}", "text": f"{canary} {i}", key: ["hr"]} for i, key in enumerate(spellings)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows)))
+    write_doc(tmp_path, "public.md", "Public", "nothing secret here")
+    corpus = load_corpus(tmp_path)
+    assert [d.id for d in corpus.documents] == ["public"]
+    assert not any("CANARY" in d.text + d.title + d.id for d in corpus.documents)
+    assert len(corpus.skipped) == 2 * len(spellings)
+
+
+def test_an_error_quotes_at_most_80_characters_of_a_huge_key(tmp_path):
+    key = "groups\u200b" + "x" * 1_000_000
+    (tmp_path / "x.md").write_text(f"---\n? {key}\n: [hr]\n---\nSECRET\n", encoding="utf-8")  # explicit key: no length cap
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "j", "text": "SECRET", key: ["hr"]}) + "\n")
+    for name, what in (("d.jsonl", "field"), ("x.md", "front matter key")):  # files are read in name order
+        with pytest.raises(InputError) as exc:
+            load_corpus(tmp_path, on_bad_file="fail")
+        line = str(exc.value)
+        quoted = re.search(rf"{what} (\S+) is not", line).group(1)
+        assert len(quoted) <= 80 and quoted.startswith("'groups\\u200bxxx") and quoted.endswith("...")
+        assert name in line and len(line) < len(str(tmp_path)) + 300
+        (tmp_path / name).unlink()
+
+
+GROUP_NAME_REFUSALS = [
+    ('["hr\\u200b"]', "group name 'hr\\u200b' has invisible or control characters"),
+    ('["h\\u0000r"]', "group name 'h\\x00r' has invisible or control characters"),
+    ('["hr", "f\\u2028in"]', "group name 'f\\u2028in' has invisible or control characters"),
+    (f'["{chr(0xFF48)}{chr(0xFF52)}"]', "group name '\\uff48\\uff52' is not in Unicode NFKC form"),
+    ('["\\ufb01nance"]', "write it as 'finance'"),  # the ligature fi
+]
+
+
+@pytest.mark.parametrize("value,says", GROUP_NAME_REFUSALS)
+def test_group_names_no_caller_can_type_are_refused(tmp_path, value, says):
+    (tmp_path / "x.md").write_text(f"---\ngroups: {value}\n---\nSECRET\n", encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text(f'{{"id": "j", "text": "SECRET", "groups": {value}}}\n', encoding="utf-8")
+    write_doc(tmp_path, "ok.md", "OK", "public")
+    corpus = load_corpus(tmp_path)
+    assert [d.id for d in corpus.documents] == ["ok"]
+    assert len(corpus.skipped) == 2 and all(says in why for _, why in corpus.skipped)

@@ -3,6 +3,7 @@ and front matter groups are never lost."""
 
 import json
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def test_jsonl_groups_are_kept_or_the_line_is_refused(rows):
     by_line = {int(d.source.rsplit(":", 1)[1]): d for d in out.documents}
     for n, doc in by_line.items():
         row = rows[n - 1]
-        assert isinstance(row, dict) and not {"Groups", "GROUPS", "group", " groups"} & set(row)
+        assert isinstance(row, dict) and set(row) <= {"id", "title", "text", "groups"}
         if "groups" in row:
             want = row["groups"] if isinstance(row["groups"], list) else [row["groups"]]
             assert doc.groups and set(doc.groups) == {g.strip() for g in want}
@@ -92,8 +93,10 @@ def test_jsonl_groups_are_kept_or_the_line_is_refused(rows):
             assert doc.groups == ()
 
 
+# Names a caller can type: NFKC-stable (`ｈｒ`, `ſ` are refused with the name to write instead).
 NAMES = st.text(st.characters(whitelist_categories=("Ll", "Lu", "Nd")), min_size=1, max_size=6).filter(
-    lambda s: s.lower() not in ("yes", "no", "on", "off", "true", "false", "null", "y", "n") and not s.isdigit())
+    lambda s: s.lower() not in ("yes", "no", "on", "off", "true", "false", "null", "y", "n") and not s.isdigit()
+    and unicodedata.normalize("NFKC", s) == s)
 
 
 @st.composite
@@ -103,8 +106,9 @@ def restricted_file(draw):
         gline = "groups: [" + ", ".join(groups) + "]"
     else:
         gline = "groups:\n" + "\n".join(f"  - {g}" for g in groups)
-    meta = [gline] + draw(st.lists(st.sampled_from(["title: T", "date: 2024-01-01", "tags: [a, b]", "# note"]),
-                                   max_size=3, unique=True))
+    # Only keys hybrid reads: any other key (`date:`, `tags:`) gets the file refused.
+    meta = [gline] + draw(st.lists(st.sampled_from(["title: T", "# note", "# date: 2024-01-01"]),
+                                   max_size=2, unique=True))
     meta = draw(st.permutations(meta))
     opener = draw(st.sampled_from(["---", "--- ", "---\t"]))
     closer = draw(st.sampled_from(["---", "---  "]))
