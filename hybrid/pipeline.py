@@ -363,13 +363,24 @@ class Pipeline:
             if (cache := self.prefix_cache.lookup(self.model, enc["input_ids"][0].tolist(), adapter)) is not None:
                 kwargs["cache"] = cache
             streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-            worker = threading.Thread(target=self.model.generate, kwargs={**enc, **kwargs, "streamer": streamer})
+            failed: list[BaseException] = []
+
+            def work():  # a failure inside generate must still end the stream, or its reader waits forever
+                try:
+                    self.model.generate(**enc, **kwargs, streamer=streamer)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+                    failed.append(exc)
+                    streamer.end()
+
+            worker = threading.Thread(target=work, name="hybrid-stream", daemon=True)
             worker.start()
             pieces = []
             for piece in streamer:
                 pieces.append(piece)
                 on_token(piece)
             worker.join()
+            if failed:
+                raise failed[0]
         text = "".join(pieces)
         return [(text, len(self.tok(text, add_special_tokens=False)["input_ids"]))]
 

@@ -16,7 +16,9 @@ its retrieval reads with and the adapters it may use; errors are OpenAI-style JS
 """
 
 import asyncio
+import errno
 import json
+import logging
 import os
 import time
 import uuid
@@ -33,6 +35,7 @@ from tuning import run_record
 from tuning.generator import BASE_MODEL_HELP
 from tuning.prompting import ABSTAIN
 
+log = logging.getLogger("hybrid.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/search")
 ROLES = ("system", "developer", "user", "assistant")
@@ -79,6 +82,10 @@ class ServeConfig:
     rerank: str | None = field(default=None, metadata={"help": "Reranker dir (hybrid tune reranker)."})
     require_support: bool = field(default=False, metadata={
         "help": "Abstain when no quote verifies and the answer is not in the passages (streams the whole answer at once)."})
+    stall_seconds: float = field(default=120.0, metadata={
+        "help": "GET /health answers 503 when the running batch has made no progress (no token) for this long."})
+    drain_seconds: float = field(default=30.0, metadata={
+        "help": "On SIGINT/SIGTERM: how long requests in flight may take to finish before the server stops."})
 
     def problems(self) -> list[str]:
         out = []
@@ -89,7 +96,12 @@ class ServeConfig:
             out.append("--backend openai needs --backend-url URL (the engine's OpenAI-compatible /v1 address)")
         if self.adapter_dir and not Path(self.adapter_dir).is_dir():
             out.append(f"--adapter-dir {self.adapter_dir}: not a directory")
-        for name, value in (("--port", self.port), ("--max-adapters", self.max_adapters), ("-k", self.k),
+        if not 1 <= self.port <= 65535:
+            out.append(f"--port {self.port}: a TCP port is 1 to 65535")
+        for name, seconds in (("--stall-seconds", self.stall_seconds), ("--drain-seconds", self.drain_seconds)):
+            if not seconds > 0:
+                out.append(f"{name} must be > 0, got {seconds}")
+        for name, value in (("--max-adapters", self.max_adapters), ("-k", self.k),
                             ("--max-new-tokens", self.max_new_tokens), ("--max-queue", self.max_queue),
                             ("--max-batch", self.max_batch), ("--max-body-kb", self.max_body_kb)):
             if value < 1:
@@ -154,6 +166,36 @@ class MetricsMiddleware:
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 
+class ErrorsMiddleware:
+    """Whatever fails inside a route is a 500 in OpenAI's error shape and one log line naming the
+    exception's class (never its message, which may quote a request or a passage; never a traceback)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = {"yes": False}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                started["yes"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence of every route
+            log.warning("hybrid serve: %s %s failed (%s)", scope.get("method"), scope["path"] if scope["path"] in
+                        ROUTES else "(other route)", exc.__class__.__name__)
+            if not started["yes"]:
+                body = json.dumps({"error": {"message": f"internal error ({exc.__class__.__name__})",
+                                             "type": "server_error", "code": "internal_error"}}).encode()
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+
+
 # --- building the served pipeline ----------------------------------------------------------------
 def base_id(pipe) -> str:
     """The model id of the base: the packaged name, or a local model directory's name."""
@@ -206,14 +248,33 @@ def _error(exc: ServeError):
                         status_code=exc.status, headers=headers)
 
 
+def _unicode(text: str, where: str) -> str:
+    """`text` if it is valid Unicode; JSON's escapes can spell a lone surrogate ("\\ud800"), which no
+    tokenizer, index or log can encode: a 400 for this request, before it reaches the engine."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise ServeError(400, f"{where}: holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid "
+                              f"Unicode text", code="invalid_text")
+    return text
+
+
 def _text(content, where: str) -> str:
     """A message's content as text: a string, or OpenAI's list of {"type": "text", "text"} parts."""
     if isinstance(content, str):
-        return content
+        return _unicode(content, where)
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
                                          isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return _unicode("".join(p["text"] for p in content), where)
     raise ServeError(400, f"{where}: must be a string or a list of text parts", code="invalid_content")
+
+
+def _shown(name: str, limit: int = 60) -> str:
+    """A caller's string as an error message may quote it: escaped, and cut to `limit` characters."""
+    shown = ascii(name)[1:-1]
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+# Below this a sampled temperature overflows the sampler's logits/temperature (1e-300 is 0 in float32): 0 is greedy.
+MIN_TEMPERATURE = 0.01
 
 
 def parse_chat(body, cfg: ServeConfig) -> dict:
@@ -223,6 +284,7 @@ def parse_chat(body, cfg: ServeConfig) -> dict:
     model, messages = body.get("model"), body.get("messages")
     if not isinstance(model, str) or not model:
         raise ServeError(400, "'model' is required: an adapter name or the base model's (GET /v1/models)")
+    _unicode(model, "'model'")
     if not isinstance(messages, list) or not messages:
         raise ServeError(400, "'messages' must be a non-empty list of {role, content}")
     turns = []
@@ -239,6 +301,9 @@ def parse_chat(body, cfg: ServeConfig) -> dict:
     temperature = 0.0 if body.get("temperature") is None else body["temperature"]
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
         raise ServeError(400, "'temperature' must be a number in [0, 2]")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ServeError(400, f"'temperature' {temperature:g} is too small to sample with; use 0 for greedy "
+                              f"decoding or a value in [{MIN_TEMPERATURE}, 2]")
     k = body.get("k", cfg.k)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 50:
         raise ServeError(400, "'k' must be an integer in [1, 50]")
@@ -267,9 +332,16 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
     from fastapi import FastAPI, Request
     from fastapi.responses import Response, StreamingResponse
 
+    from starlette.exceptions import HTTPException
+
     app = FastAPI(title="hybrid", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(ErrorsMiddleware)  # inside the metrics: a failed request is counted as its 500
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(ServeError, lambda request, exc: _error(exc))
+    # an unknown route or method: the same error shape as every other refusal
+    app.add_exception_handler(HTTPException, lambda request, exc: _error(ServeError(
+        exc.status_code, f"{request.method} {_shown(request.url.path)}: {exc.detail}; the routes are "
+                         f"{', '.join(ROUTES)}", code="not_found" if exc.status_code == 404 else None)))
     base = base_id(pipe)
 
     def caller_of(request: Request) -> Caller:
@@ -288,8 +360,8 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
         if model == base:
             scope, label = pipe.base_scope, f"base model {model}"
         elif pool.path(model) is None:
-            raise ServeError(404, f"model '{model}' not found: GET /v1/models lists the base model and the adapters "
-                                  f"this key may use", code="model_not_found")
+            raise ServeError(404, f"model '{_shown(model)}' not found: GET /v1/models lists the base model and the "
+                                  f"adapters this key may use", code="model_not_found")
         else:
             scope, label = pool.scope(model), f"adapter '{model}'"
             if scope is None:
@@ -316,6 +388,8 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
             return json.loads(data)
         except (ValueError, UnicodeDecodeError):
             raise ServeError(400, "the body is not valid JSON", code="invalid_json") from None
+        except RecursionError:
+            raise ServeError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
 
     def submit(job_kwargs: dict):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -335,6 +409,10 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
 
     @app.get("/health")
     async def health():
+        from fastapi.responses import JSONResponse
+
+        if (why := engine.stalled(cfg.stall_seconds)) is not None:  # a load balancer takes it out of rotation
+            return JSONResponse({"status": "stalled", "reason": why, "model": base}, status_code=503)
         return {"status": "ok", "model": base, "adapters_loaded": list(pool.loaded)}
 
     @app.get("/metrics")
@@ -363,6 +441,7 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
         query, k = (body.get("query"), body.get("k", cfg.k)) if isinstance(body, dict) else (None, None)
         if not isinstance(query, str) or not query.strip():
             raise ServeError(400, "'query' must be a non-empty string")
+        _unicode(query, "'query'")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 50:
             raise ServeError(400, "'k' must be an integer in [1, 50]")
         job, events = submit({"kind": "search", "question": query, "groups": caller.groups, "k": k})
@@ -441,15 +520,49 @@ def build(cfg: ServeConfig):
     return create_app(cfg, pipe, pool, engine, keys, metrics), engine
 
 
+def listen(cfg: ServeConfig):
+    """The listening socket of --host/--port, bound now: a port in use or an address this machine does not
+    have is one line before the model loads (uvicorn then serves on this very socket, so nothing can take
+    the port in between)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InputError(f"--host {_shown(cfg.host)}: not an address of this machine ({exc}); use e.g. 127.0.0.1") \
+            from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = "in use (another server listens there)" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise InputError(f"--port {cfg.port} on {cfg.host}: {why}; pick another --port or stop that server") \
+            from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(cfg: ServeConfig, log=print) -> None:
-    """Load everything, then serve until interrupted (uvicorn)."""
+    """Bind, load everything, then serve until SIGINT/SIGTERM: requests in flight get up to
+    --drain-seconds to finish, queued ones a 503, and the process ends."""
     import uvicorn
 
-    app, engine = build(cfg)
+    sock = listen(cfg)
+    try:
+        app, engine = build(cfg)
+    except BaseException:
+        sock.close()
+        raise
     log(f"serving {base_id(engine.pipe)} with {len(cfg.adapters)} adapter(s) on http://{cfg.host}:{cfg.port}/v1 "
         f"({'keys from ' + cfg.keys if cfg.keys else 'no keys: public documents only'})")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=cfg.drain_seconds))
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        server.run(sockets=[sock])
     finally:
-        engine.stop()
-
+        engine.stop(timeout_s=cfg.drain_seconds)
+        sock.close()

@@ -22,6 +22,7 @@ abstention stay here.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -32,7 +33,10 @@ from typing import Callable, Literal
 
 from retrieval import access
 from retrieval.errors import InputError
+from tuning import run_record
 from tuning.prompting import ABSTAIN, build_messages, parse_answer
+
+log = logging.getLogger("hybrid.serve")
 
 
 class ServeError(Exception):
@@ -60,6 +64,16 @@ class Job:
     stream: bool = False
     prompt_tokens: int = 0  # counted by the engine's context check (0 with a remote engine)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client has gone
+    ended: bool = False  # its "done" or "error" has been sent: nothing more is
+
+    def end(self, event: tuple) -> None:
+        """Send the job's last event ("done", payload) or ("error", ServeError), once: a later one is dropped."""
+        if not self.ended:
+            self.ended = True
+            self.emit(event)
+
+    def fail(self, exc: ServeError) -> None:
+        self.end(("error", exc))
 
 
 class RemoteGenerator:
@@ -113,21 +127,54 @@ class AdapterPool:
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self.loaded: OrderedDict[str, None] = OrderedDict((n, None) for n in pipe.adapters)  # oldest use first
         self.in_use: dict[str, int] = {}
+        self.checked: dict[str, tuple] = {}  # adapter_dir name -> (its files' stamp, problem or None)
 
     def path(self, name: str) -> Path | None:
-        """The adapter's directory: given at start, or `adapter_dir/name` (a plain name, no path)."""
+        """The adapter's directory: given at start, or `adapter_dir/name` (a plain name, no path) that
+        passed its check when found (`usable`); None for anything else."""
         if name in self.known:
             return Path(self.known[name])
-        if self.adapter_dir and name and "/" not in name and "\\" not in name and name not in (".", ".."):
-            d = self.adapter_dir / name
-            if (d / "adapter_config.json").is_file():
-                return d
-        return None
+        if not self.adapter_dir or not plain_name(name):
+            return None
+        d = self.adapter_dir / name
+        return d if self.usable(name, d) else None
 
     def names(self) -> list[str]:
-        found = sorted(d.name for d in self.adapter_dir.iterdir() if (d / "adapter_config.json").is_file()) \
-            if self.adapter_dir and self.adapter_dir.is_dir() else []
-        return list(self.known) + [n for n in found if n not in self.known]
+        """The adapters that may be served: those given at start, then those found in `adapter_dir`
+        (rescanned on every call) that pass their check."""
+        try:
+            found = sorted(d.name for d in self.adapter_dir.iterdir() if plain_name(d.name)) \
+                if self.adapter_dir and self.adapter_dir.is_dir() else []
+        except OSError:
+            found = []
+        return list(self.known) + [n for n in found if n not in self.known and self.usable(n, self.adapter_dir / n)]
+
+    def usable(self, name: str, d: Path) -> bool:
+        """Whether `adapter_dir/name` is an adapter this server can serve: a LoRA adapter with a valid run
+        record, trained on the loaded base, with an access record. Checked when found and again whenever
+        its files change; one that fails is reported once (the server log) and never served."""
+        try:
+            stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None
+                          for f in (d / "adapter_config.json", d / run_record.RUN_FILE, d / access.ACCESS_FILE))
+        except (OSError, ValueError):
+            return False
+        if stamp[0] is None:
+            return False  # not an adapter directory at all: nothing to report
+        if self.checked.get(name, (None,))[0] != stamp:
+            self.checked[name] = (stamp, self._problem(name, d))
+            if self.checked[name][1]:
+                log.warning("hybrid serve: --adapter-dir %s: %s; it is not served", name, self.checked[name][1])
+        return self.checked[name][1] is None
+
+    def _problem(self, name: str, d: Path) -> str | None:
+        label = f"--adapter-dir adapter {name}"
+        try:
+            rec = run_record.read_adapter(name, d, self.pipe.groups)
+            run_record.check_base(name, d, rec, self.pipe.info)
+            access.scope(d)
+        except (InputError, KeyError, TypeError, AttributeError) as exc:
+            return str(exc).replace(f"--adapter {name}={d}", label)[:300]
+        return None
 
     def scope(self, name: str) -> list[str] | None:
         """The adapter's access scope ([] = public), None when it has no access record (then it is never served)."""
@@ -169,6 +216,14 @@ class AdapterPool:
             del self.in_use[name]
 
 
+def plain_name(name) -> bool:
+    """A name that can only mean a direct sub-directory: text, no separator or dot-name, within a file
+    name's limits (a 5,000-character or surrogate-bearing `model` is simply no adapter)."""
+    return isinstance(name, str) and 0 < len(name) <= 200 and name not in (".", "..") and \
+        not any(c in name for c in "/\\\0") and name.isprintable() and \
+        not any(0xD800 <= ord(c) <= 0xDFFF for c in name)
+
+
 def served_content(a) -> str:
     """What the completion's `content` is: the model's own text when it is served as written, the
     abstention sentence when the pipeline replaced or never generated it (gate, calibration,
@@ -187,6 +242,10 @@ class Engine:
         self.max_batch, self.batch_window_s = max_batch, batch_window_s
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._run, name="hybrid-engine", daemon=True)
+        # progress: when the running batch started (None: idle) and when it last moved (a token, a step)
+        self.busy_since: float | None = None
+        self.moved_at = time.monotonic()
+        self.stopping = threading.Event()
 
     def context_limit(self) -> int | None:
         if self.pipe.model is None:
@@ -194,6 +253,9 @@ class Engine:
         return getattr(self.pipe.model.config, "max_position_embeddings", None)
 
     def submit(self, job: Job) -> None:
+        if self.stopping.is_set():
+            raise ServeError(503, "the server is shutting down; retry on another instance", "server_error",
+                             "shutting_down")
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -204,14 +266,42 @@ class Engine:
         self.thread.start()
         return self
 
-    def stop(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=30)
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new jobs, fail the queued ones (503), let the running batch end, bounded by `timeout_s`.
+
+        Never blocks on a full queue: the queue is drained before the stop mark goes in."""
+        self.stopping.set()
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.fail(ServeError(503, "the server is shutting down", "server_error", "shutting_down"))
+        self.queue.put_nowait(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout=timeout_s)
+
+    def moved(self) -> None:
+        """Note progress (called after every generated token, and between the stages of a batch)."""
+        self.moved_at = time.monotonic()
+
+    def stalled(self, after_s: float) -> str | None:
+        """Why the engine is not serving (None when it is): its thread has ended, or the running batch
+        has not moved for `after_s` seconds."""
+        if not self.thread.is_alive():
+            return "the engine thread has stopped"
+        since = self.busy_since
+        if since is not None and time.monotonic() - max(since, self.moved_at) > after_s:
+            return f"the running batch has made no progress for over {after_s:g} s"
+        return None
 
     def _run(self) -> None:
         while True:
             job = self.queue.get()
-            if job is None:
+            if job is None or self.stopping.is_set():
+                if job is not None:
+                    job.fail(ServeError(503, "the server is shutting down", "server_error", "shutting_down"))
                 return
             batch, deadline = [job], time.monotonic() + self.batch_window_s
             while len(batch) < self.max_batch:
@@ -223,43 +313,53 @@ class Engine:
                     self.queue.put(None)
                     break
                 batch.append(nxt)
+            self.busy_since = self.moved_at = time.monotonic()
             try:
                 self.process([j for j in batch if not j.cancelled.is_set()])
-            except Exception as exc:  # the engine keeps serving; these requests get a 500
+            except Exception as exc:  # noqa: BLE001 - the engine keeps serving; unanswered requests get a 500
                 for j in batch:
-                    j.emit(("error", ServeError(500, f"internal error ({exc.__class__.__name__})", "server_error")))
+                    j.fail(_internal(exc))
+            finally:
+                self.busy_since = None
 
     def process(self, batch: list[Job]) -> None:
-        """Retrieve for every job, answer search jobs, then generate per (adapter, groups, decoding) group."""
+        """Retrieve for every job, answer search jobs, then generate per (adapter, groups, decoding) group.
+
+        A failure is its request's alone: a group that fails is retried one request at a time, so
+        only the request that fails alone gets the error, and the engine goes on to the next."""
         by_groups: dict[tuple, list[Job]] = {}
         for j in batch:
             by_groups.setdefault((tuple(j.groups), j.k), []).append(j)
         passages: dict[int, list[dict]] = {}
         for (groups, k), jobs in by_groups.items():
-            try:
-                found = self.pipe.retrieve([j.question for j in jobs], groups=list(groups), k=k)
-            except InputError as exc:  # e.g. a reranker trained on groups these keys lack
-                for j in jobs:
-                    j.emit(("error", ServeError(403, str(exc), "permission_error", "reranker_forbidden")))
-                continue
-            for j, ps in zip(jobs, found):
+            for j, ps in isolated(jobs, lambda js: self._retrieve(js, list(groups), k)):
                 passages[id(j)] = ps
+            self.moved()
         chats: dict[tuple, list[Job]] = {}
         for j in batch:
             if id(j) not in passages:
                 continue
             if j.kind == "search":
-                j.emit(("done", {"passages": passages[id(j)]}))
+                j.end(("done", {"passages": passages[id(j)]}))
             elif not passages[id(j)]:  # nothing visible to this caller: abstain without the model
-                j.emit(("done", {"answer": None, "prompt_tokens": 0}))
+                j.end(("done", {"answer": None, "prompt_tokens": 0}))
             elif (err := self._context_problem(j, passages[id(j)])) is not None:
-                j.emit(("error", err))
+                j.fail(err)
             else:
                 key = (None if self.mixed else j.adapter, tuple(j.groups), j.max_tokens, j.temperature,
                        id(j) if j.stream else None)
                 chats.setdefault(key, []).append(j)
         for (_, groups, max_tokens, temperature, _), jobs in chats.items():
-            self._generate(jobs, list(groups), max_tokens, temperature, passages)
+            for j, a in isolated(jobs, lambda js: self._generate(js, list(groups), max_tokens, temperature,
+                                                                 passages)):
+                j.end(("done", {"answer": a, "prompt_tokens": j.prompt_tokens}))
+            self.moved()
+
+    def _retrieve(self, jobs: list[Job], groups: list[str], k: int) -> list[list[dict]]:
+        try:
+            return self.pipe.retrieve([j.question for j in jobs], groups=groups, k=k)
+        except InputError as exc:  # e.g. a reranker trained on groups these keys lack
+            raise ServeError(403, str(exc), "permission_error", "reranker_forbidden") from None
 
     def _context_problem(self, j: Job, ps: list[dict]) -> ServeError | None:
         limit = self.context_limit()
@@ -275,34 +375,40 @@ class Engine:
                                    f"conversation, lower max_tokens or k", code="context_length_exceeded")
         return None
 
-    def _generate(self, jobs: list[Job], groups, max_tokens, temperature, passages) -> None:
+    def _generate(self, jobs: list[Job], groups, max_tokens, temperature, passages) -> list:
+        """One generate call for `jobs` (their adapters held on the base meanwhile); their answers, in order."""
         rows = [j.adapter for j in jobs]
         needed = [a for a in dict.fromkeys(rows) if a is not None]
         for i, a in enumerate(needed):  # all of them on the base while this batch runs
             try:
                 self.pool.acquire(a)
-            except BaseException:
+            except BaseException as exc:
                 for b in needed[:i]:
                     self.pool.release(b)
+                if isinstance(exc, InputError):  # checked when found, broken since (files changed on disk)
+                    log.warning("hybrid serve: adapter '%s' could not be loaded: %s", a, str(exc)[:300])
+                    raise ServeError(503, f"adapter '{a}' could not be loaded; the server log says why",
+                                     "server_error", "adapter_unavailable") from None
                 raise
         adapter = rows if len(set(rows)) > 1 else rows[0]
+
+        def on_token(t: str) -> None:
+            self.moved()
+            jobs[0].emit(("token", t))
+
+        def should_stop() -> bool:
+            self.moved()  # called after every generated token
+            return self.stopping.is_set() or all(j.cancelled.is_set() for j in jobs)
+
         try:
-            stream = jobs[0].stream
             t0 = time.perf_counter()
             answers = self.pipe.answer_batch(
                 [j.question for j in jobs], [passages[id(j)] for j in jobs], adapter=adapter, groups=groups,
                 histories=[j.history for j in jobs], max_new_tokens=max_tokens, temperature=temperature,
-                on_token=(lambda t: jobs[0].emit(("token", t))) if stream else None,
-                should_stop=lambda: all(j.cancelled.is_set() for j in jobs))
+                on_token=on_token if jobs[0].stream else None, should_stop=should_stop)
             seconds = time.perf_counter() - t0
         except InputError as exc:
-            for j in jobs:
-                j.emit(("error", ServeError(403 if "access group" in str(exc) else 400, str(exc))))
-            return
-        except ServeError as exc:
-            for j in jobs:
-                j.emit(("error", exc))
-            return
+            raise ServeError(403 if "access group" in str(exc) else 400, str(exc)) from None
         finally:
             for a in needed:
                 self.pool.release(a)
@@ -312,5 +418,30 @@ class Engine:
                     sum(a.new_tokens for a, r in zip(answers, rows) if r == model))
             self.metrics.generated(sum(a.new_tokens for a in answers), seconds, len(jobs),
                                    stopped=sum(j.cancelled.is_set() for j in jobs))
-        for j, a in zip(jobs, answers):
-            j.emit(("done", {"answer": a, "prompt_tokens": j.prompt_tokens}))
+        return answers
+
+
+def _internal(exc: BaseException) -> ServeError:
+    """A 500 that names the kind of failure only (its message may quote a request or a document)."""
+    return ServeError(500, f"internal error ({exc.__class__.__name__}); the server goes on serving",
+                      "server_error", "internal_error")
+
+
+def isolated(jobs: list[Job], work: Callable[[list[Job]], list]) -> list[tuple[Job, object]]:
+    """(job, result) for the jobs `work` succeeds on; every other job gets its error, alone.
+
+    `work(jobs)` returns one result per job. When it fails for several jobs it is run again for each
+    job on its own, so one request's bad input or failure never fails the requests batched with it.
+    A ServeError is the request's own answer (a 4xx, a 403, a 502); anything else is a 500 logged in one line.
+    """
+    try:
+        return list(zip(jobs, work(jobs)))
+    except Exception as exc:  # noqa: BLE001 - isolate, then answer each request for itself
+        if len(jobs) > 1:
+            return [pair for j in jobs for pair in isolated([j], work)]
+        if not isinstance(exc, ServeError):  # the class only: a message may quote the request or a passage
+            log.warning("hybrid serve: a request failed inside the engine (%s); the engine goes on",
+                        exc.__class__.__name__)
+        for j in jobs:
+            j.fail(exc if isinstance(exc, ServeError) else _internal(exc))
+        return []

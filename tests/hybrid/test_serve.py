@@ -50,6 +50,12 @@ def write_keys(path):
     return path
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Running:
     """A uvicorn server in a thread on a free loopback port."""
 
@@ -321,17 +327,18 @@ def test_serve_cli_serves_and_refuses_bad_input(env, tmp_path, monkeypatch):
 
     answered = {}
 
-    def fake_run(app, host, port, **kw):  # instead of binding: one request through the built app
-        answered["models"] = TestClient(app).get("/v1/models").json()
-        answered["where"] = (host, port)
+    def fake_run(server, sockets):  # instead of serving: one request through the built app
+        answered["models"] = TestClient(server.config.app).get("/v1/models").json()
+        answered["where"] = sockets[0].getsockname()
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     runner = CliRunner()
+    port = free_port()
     res = runner.invoke(cli, ["serve", "--index", str(env["index"]), "--base-model", str(env["base"]),
-                              "--adapter", f"a={env['adapters']['a']}", "--port", "8123"])
+                              "--adapter", f"a={env['adapters']['a']}", "--port", str(port)])
     assert res.exit_code == 0, res.output
     assert [m["id"] for m in answered["models"]["data"]] == [env["base"].name, "a"] and \
-        answered["where"] == ("127.0.0.1", 8123)
+        answered["where"] == ("127.0.0.1", port)
     hr_judge = tmp_path / "hr_judge"  # a judge that learned from hr documents: it would score public keys' answers
     hr_judge.mkdir()
     (hr_judge / "hybrid_judge.json").write_text(json.dumps({"answerability": True}))
