@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +40,12 @@ from typing import Literal
 
 import numpy as np
 
-from hybrid.report import chart, compare, markdown, summarize
+from hybrid.report import chart, compare, markdown, read_predictions, summarize
 from hybrid.pipeline import Pipeline, best_supported, check_select, deciding_adapter, parse_adapters, passages_for
 from retrieval import access
 from retrieval.atomic import check_writable, write_text_atomic
 from retrieval.errors import InputError
 from retrieval.index import sha256_file
-from retrieval.jsonl import read_jsonl
 from retrieval.qa import QARow, load_qa
 from retrieval.retriever import Retriever
 from tuning import run_record
@@ -102,17 +102,14 @@ class EvalConfig:
         "help": "Report dir of a --shard run (repeat, all N): one report over every question, no generation."})
 
     def shard_of(self) -> tuple[int, int] | None:
-        if self.shard is None:
-            return None
-        i, _, n = self.shard.partition("/")
-        return int(i), int(n)
+        return None if self.shard is None else parse_shard(self.shard)
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)
-        if self.shard is not None:
-            i, _, n = self.shard.partition("/")
-            if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
-                out.append(f"--shard {self.shard}: use I/N with 0 <= I < N, e.g. 0/2")
+        try:
+            self.shard_of()
+        except InputError as exc:
+            out.append(str(exc))
         if self.shard is not None and self.merge:
             out.append("--shard and --merge: run the shards first, then merge them in a run of its own")
         if self.k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
@@ -130,6 +127,16 @@ class EvalConfig:
         except InputError as exc:
             out.append(str(exc))
         return out
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard I/N` as (I, N): the one parser of it. ASCII digits only: str.isdigit() also accepts
+    '²' or '٣', which int() then refuses or reads as another number."""
+    m = re.fullmatch(r"([0-9]+)/([0-9]+)", text)
+    if not m or int(m[1]) >= int(m[2]):
+        raise InputError(f"--shard {json.dumps(text, ensure_ascii=False)}: use I/N (digits 0-9) with 0 <= I < N, "
+                         f"e.g. 0/2")
+    return int(m[1]), int(m[2])
 
 
 def with_gate(p: dict, threshold: float = THRESHOLD) -> dict:
@@ -245,7 +252,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         contexts = contexts or row_contexts(rows, cfg, pipe)
         answer_again(cfg, pipe, again, contexts, done)
     rejudged = judge_all(judge, judge_fp, done, rows, contexts) if rejudge else False
-    if (rejudged or unscored) and out:  # every line rewritten with its scores, other configurations' kept
+    if (rejudged or unscored or cfg.merge) and out:  # every line (re)written: with its scores, or merged
         write_text_atomic(out / "predictions.jsonl", "".join(
             json.dumps(p, ensure_ascii=False) + "\n" for p in done.values()))
     answered = {c: [done.get((f"{c}+answered", r.id)) for r in rows] for c in thresholds}
@@ -277,15 +284,36 @@ def merged(cfg: EvalConfig, configs: list[str], rows: list[QARow]) -> dict[tuple
             raise InputError(f"--merge {d}: no run.json; pass the --out dir of a 'hybrid eval --shard I/N' run") from None
         if why := stored_run(meta, sigs, f"--merge {d}"):
             raise InputError(f"{why}; merge shards of one run, with its settings")
-        for n, p in read_jsonl(Path(d) / "predictions.jsonl", "--merge", "predictions"):
-            if not isinstance(p, dict) or not {"config", "id"} <= set(p):
-                raise InputError(f"--merge {d}/predictions.jsonl:{n}: not a prediction line")
-            done[(p["config"], p["id"])] = p
+        shard = meta.get("shard") if isinstance(meta.get("shard"), str) and meta["shard"].isprintable() else "I/N"
+        # the same loader as a resumed eval's: a merged report holds no line its own run would refuse
+        done.update(read_predictions(Path(d) / "predictions.jsonl", "--merge",
+                                     f"rerun that shard ('hybrid eval --shard {shard}') into an empty --out"))
     missing = [(c, r.id) for c in configs for r in rows if (c, r.id) not in done]
     if missing:
         raise InputError(f"--merge: {len(missing)} answers missing (e.g. {missing[0][1]} in {missing[0][0]}); "
                          f"pass every shard's dir, each run to the end")
-    return done
+    if cfg.out:
+        claim_merge_out(cfg, sigs)
+    # this run's configurations only: other adapters' answers in a shard are not checked against this run
+    return {k: p for k, p in done.items() if k[0].removesuffix("+answered") in configs}
+
+
+def claim_merge_out(cfg: EvalConfig, sigs: dict[str, str]) -> None:
+    """Make a merge's --out a single run's (run.json now, predictions.jsonl with the report), so it
+    re-reports (another judge, --gate) without the shards. Refused where it would replace answers
+    of another run, or a shard's own."""
+    out = Path(cfg.out)
+    if any(out.resolve() == Path(d).resolve() for d in cfg.merge):
+        raise InputError(f"--out {out}: is one of the --merge dirs; write the merged report to a dir of its own")
+    if (out / "predictions.jsonl").is_file() and (out / "predictions.jsonl").stat().st_size:
+        try:
+            meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        if why := stored_run(meta, sigs, f"--out {out}"):
+            raise InputError(f"{why}; use another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "run.json", json.dumps({"signature": sigs["rag"], "shard": None, "configs": sigs}))
 
 
 def signature(cfg: EvalConfig) -> str:
@@ -343,10 +371,7 @@ def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
             raise InputError(f"{why or f'--out {out}: holds predictions of another shard'}; use another --out or "
                              f"delete it")
         stored = meta["configs"]
-        for n, p in read_jsonl(out / "predictions.jsonl", "--out", "predictions"):
-            if not isinstance(p, dict) or not {"config", "id"} <= set(p):
-                raise InputError(f"--out {out}/predictions.jsonl:{n}: not a prediction line; delete the file to start over")
-            done[(p["config"], p["id"])] = p
+        done = read_predictions(out / "predictions.jsonl", "--out", "delete the file to start over")
     if out:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "run.json", json.dumps({"signature": sigs["rag"], "shard": cfg.shard,

@@ -12,11 +12,80 @@ import numpy as np
 
 from hybrid.evaluation import fmt
 from hybrid.statistics import bootstrap_ci, mcnemar_exact, paired_diff_ci
+from retrieval.errors import InputError
+from retrieval.jsonl import read_jsonl
 from retrieval.metrics import retrieval_metrics
 
 RATES = ("accuracy", "abstention_rate", "hallucination_rate")
+LABELS = ("correct", "abstained", "hallucinated")
 COLUMNS = ("n", "accuracy", "abstention_rate", "hallucination_rate", "unsupported_rate", "citation_verified_rate",
            "f1", "recall@5", "mrr@10", "latency_ms_p50", "latency_ms_p95", "tokens_per_s")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _citations(v) -> bool:
+    return isinstance(v, list) and all(isinstance(c, dict) and isinstance(c.get("verified"), bool) for c in v)
+
+
+# The prediction line's contract: every field the report, the derived configurations and a resumed
+# or merged eval read, with what it must hold. A line breaking it would otherwise surface as a
+# traceback, or worse as a report whose rates no longer sum to 1 (an unknown label counts nowhere).
+REQUIRED = {"id": ("a string", lambda v: isinstance(v, str)), "config": ("a string", lambda v: isinstance(v, str)),
+            "question": ("a string", lambda v: isinstance(v, str)), "answers": ("a list of strings", _strings),
+            "gold_ids": ("a list of strings", _strings), "prediction": ("a string", lambda v: isinstance(v, str)),
+            "abstained": ("true or false", lambda v: isinstance(v, bool)),
+            "label": (" | ".join(LABELS), lambda v: v in LABELS), "f1": ("a number", _number),
+            "citations": ("a list of {..., \"verified\": true|false}", _citations),
+            "latency_ms": ("a number", _number),
+            "new_tokens": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))}
+# Added by a judge, a calibration or retrieval; null where there was none.
+OPTIONAL = {"support": ("a number or null", _number), "unsupported": ("true, false or null", lambda v: isinstance(v, bool)),
+            "answerable": ("a number or null", _number), "abstain_score": ("a number or null", _number),
+            "judge_ms": ("a number or null", _number), "retrieved_doc_ids": ("a list of strings or null", _strings)}
+
+
+def prediction_problem(p: dict) -> str | None:
+    """What is wrong with one prediction line (None: nothing), naming the field."""
+    for name, (want, ok) in REQUIRED.items():
+        if name not in p:
+            return f"no '{name}' field (must be {want})"
+        if not ok(p[name]):
+            return f"field '{name}' must be {want}, not {json.dumps(p[name])[:40]}"
+    for name, (want, ok) in OPTIONAL.items():
+        if p.get(name) is not None and not ok(p[name]):
+            return f"field '{name}' must be {want}, not {json.dumps(p[name])[:40]}"
+    if (p["label"] == "abstained") != p["abstained"]:  # one answer, classified once: the two must agree
+        return f"field 'label' is {p['label']} but 'abstained' is {json.dumps(p['abstained'])}"
+    return None
+
+
+def read_predictions(path: Path, flag: str, fix: str) -> dict[tuple[str, str], dict]:
+    """The one loader of predictions.jsonl (a resumed eval's own, and every --merge shard's).
+
+    Args:
+        path: the predictions.jsonl.
+        flag: the option that named its directory, for the error ("--out", "--merge").
+        fix: what the user should do about a bad line.
+
+    Returns:
+        {(config, question id): prediction}, a later line replacing an earlier one.
+
+    Raises:
+        InputError: a line that is not JSON or breaks the contract, named as FILE:LINE and field.
+    """
+    done = {}
+    for n, p in read_jsonl(path, flag, "predictions"):
+        if why := prediction_problem(p):
+            raise InputError(f"{flag} {path}:{n}: {why}; {fix}")
+        done[(p["config"], p["id"])] = p
+    return done
 
 
 def summarize(preds: list[dict], seed: int) -> dict:

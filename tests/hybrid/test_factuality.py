@@ -3,8 +3,9 @@ import json
 import pytest
 
 from hybrid.factuality import EvalConfig, run_eval, summarize
+from retrieval.errors import InputError
 from tuning.grading import classify, token_f1
-from tests.hybrid.test_cli import run
+from tests.hybrid.test_cli import assert_clean_error, run
 from tests.hybrid.test_pipeline import two_adapters  # noqa: F401  (module fixture reused)
 
 
@@ -314,4 +315,111 @@ def test_shards_merged_give_the_single_process_report(tmp_path, fixed_qa, two_ad
     with pytest.raises(Exception, match="other settings"):
         run_eval(dataclasses.replace(base, limit=2, merge=[str(tmp_path / "s0"), str(tmp_path / "s1")]),
                  progress=False)
-    assert "--shard 2/2: use I/N" in "; ".join(dataclasses.replace(base, shard="2/2").problems())
+    assert '--shard "2/2": use I/N' in "; ".join(dataclasses.replace(base, shard="2/2").problems())
+
+
+def write_shard(d, cfg, shard: str, lines: list[dict]) -> None:
+    """A --shard run's --out as the eval writes it: run.json (the run's signatures) and its predictions."""
+    from hybrid.factuality import config_signatures
+
+    sigs = config_signatures(cfg, ["rag"])
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps({"signature": sigs["rag"], "shard": shard, "configs": sigs}))
+    (d / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in lines))
+
+
+@pytest.fixture()
+def shard_dirs(tmp_path, fixed_qa):
+    """Two shard dirs of `eval QA --no-closed-book` over fixed_qa (questions 1, 3 and 2), lines made by
+    the eval's own prediction() from hand-written answers: no model."""
+    from types import SimpleNamespace
+
+    from hybrid.factuality import prediction
+    from retrieval.qa import load_qa
+
+    cfg = EvalConfig(qa=str(fixed_qa), closed_book=False)
+    rows = load_qa(fixed_qa)
+    answers = {"1": ("14 months", False), "2": ("9 am", False), "3": ("I cannot answer", True)}
+    lines = {r.id: prediction("rag", r, list(r.passages), SimpleNamespace(
+        answer=answers[r.id][0], raw=answers[r.id][0], abstained=answers[r.id][1], citations=[], latency_ms=5.0,
+        new_tokens=3)) for r in rows}
+    write_shard(tmp_path / "s0", cfg, "0/2", [lines["1"], lines["3"]])
+    write_shard(tmp_path / "s1", cfg, "1/2", [lines["2"]])
+    return tmp_path / "s0", tmp_path / "s1"
+
+
+def test_merged_hand_written_shards_report_every_question(fixed_qa, shard_dirs):
+    res = run("eval", fixed_qa, "--no-closed-book", "--merge", shard_dirs[0], "--merge", shard_dirs[1], "--json")
+    assert res.exit_code == 0, res.output
+    rag = json.loads(res.stdout)["configs"]["rag"]
+    assert rag["n"] == 3 and (rag["accuracy"], rag["abstention_rate"], rag["hallucination_rate"]) == \
+        pytest.approx((1 / 3, 1 / 3, 1 / 3))
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"label": None}, "no 'label' field"),                                 # missing
+    ({"latency_ms": "fast"}, "field 'latency_ms' must be a number"),       # mistyped
+    ({"abstained": None}, "no 'abstained' field"),
+    ({"label": "maybe"}, "field 'label' must be correct | abstained | hallucinated"),  # once: rates summing to 0.667
+    ({"label": "correct"}, "field 'label' is correct but 'abstained' is true"),  # line 2: question 3, abstained
+    ({"citations": [{"quote": "x"}]}, "field 'citations'"),
+    ({"support": "high"}, "field 'support' must be a number or null"),
+])
+def test_merge_refuses_a_bad_prediction_line_naming_file_line_and_field(fixed_qa, shard_dirs, tmp_path, change,
+                                                                        needle):
+    path = shard_dirs[0] / "predictions.jsonl"
+    first, second = path.read_text().splitlines()
+    bad = {k: v for k, v in {**json.loads(second), **change}.items() if v is not None or k not in change}
+    path.write_text(first + "\n" + json.dumps(bad) + "\n")
+    res = run("eval", fixed_qa, "--no-closed-book", "--merge", shard_dirs[0], "--merge", shard_dirs[1],
+              "--out", tmp_path / "merged")
+    assert_clean_error(res, f"--merge {path}:2: ", needle, "rerun that shard ('hybrid eval --shard 0/2')")
+    assert not (tmp_path / "merged" / "report.json").exists()  # nothing written from it
+
+
+def test_resume_refuses_its_own_bad_prediction_line_with_the_same_loader(fixed_qa, shard_dirs):
+    import dataclasses
+
+    # a --shard run resuming its own --out reads its predictions.jsonl with the loader merging does
+    path = shard_dirs[1] / "predictions.jsonl"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "label": "maybe"}) + "\n")
+    cfg = dataclasses.replace(EvalConfig(qa=str(fixed_qa), closed_book=False), shard="1/2", out=str(shard_dirs[1]))
+    with pytest.raises(InputError, match=f"--out {path}:1: field 'label' must be correct"):
+        run_eval(cfg, progress=False)
+
+
+@pytest.mark.parametrize("shard", ["²/3", "-1/2", "1/0", "a/b", "1/2/3", " 1/2", "2/2", "1/2\n", "/2", "٣/5"])
+def test_bad_shard_is_one_line_error(fixed_qa, shard):
+    res = run("eval", fixed_qa, "--shard", shard)
+    assert_clean_error(res, f"--shard {json.dumps(shard, ensure_ascii=False)}: use I/N (digits 0-9) with 0 <= I < N")
+
+
+def test_shard_is_parsed_in_one_place():
+    from hybrid.factuality import parse_shard
+
+    assert parse_shard("0/2") == (0, 2) and parse_shard("4/5") == (4, 5)
+    assert EvalConfig(qa="q", shard="1/3").shard_of() == (1, 3) and EvalConfig(qa="q").shard_of() is None
+    with pytest.raises(InputError, match="--shard"):
+        EvalConfig(qa="q", shard="²/3").shard_of()
+
+
+def test_merged_out_re_reports_without_the_shards_and_replaces_no_other_answers(fixed_qa, shard_dirs, tmp_path,
+                                                                               monkeypatch):
+    import dataclasses
+
+    base = EvalConfig(qa=str(fixed_qa), closed_book=False)
+    merged = run_eval(dataclasses.replace(base, merge=[str(d) for d in shard_dirs], out=str(tmp_path / "m")),
+                      progress=False)
+    assert len((tmp_path / "m" / "predictions.jsonl").read_text().splitlines()) == 3  # as the CLI's report line says
+    monkeypatch.setattr("hybrid.pipeline.Pipeline.load", lambda *a, **k: pytest.fail("generated again"))
+    again = run_eval(dataclasses.replace(base, out=str(tmp_path / "m")), progress=False)  # a single run's dir now
+    assert again["configs"]["rag"] == merged["configs"]["rag"]
+    with pytest.raises(InputError, match="is one of the --merge dirs"):
+        run_eval(dataclasses.replace(base, merge=[str(d) for d in shard_dirs], out=str(shard_dirs[0])), progress=False)
+    lines = [json.loads(l) for l in (tmp_path / "m" / "predictions.jsonl").read_text().splitlines()]
+    write_shard(tmp_path / "other", dataclasses.replace(base, limit=2), None, lines[:2])  # another run's answers
+    before = (tmp_path / "other" / "predictions.jsonl").read_text()
+    with pytest.raises(InputError, match=f"--out {tmp_path / 'other'}: holds predictions of a run with other settings"):
+        run_eval(dataclasses.replace(base, merge=[str(d) for d in shard_dirs], out=str(tmp_path / "other")),
+                 progress=False)
+    assert (tmp_path / "other" / "predictions.jsonl").read_text() == before  # not replaced
