@@ -9,11 +9,13 @@ without the suffix, with `/` separators (`policies/travel`).
 Reading is safe by construction: a file either yields documents whose groups are
 exactly what it declares, or it is refused (skipped with a warning, or an
 InputError under `on_bad_file="fail"`); nothing ambiguous is ever read as public.
-Refused, among others: front matter that opens with `---` (or a look-alike of it)
-and never closes, an empty or malformed `groups`, any key hybrid does not read
-(`author`, `Groups`, `groups` with a zero-width space or a Cyrillic `о`, `1:`),
-group names with invisible characters, duplicate keys, invalid YAML/JSON,
-UTF-16/UTF-32 or NUL-bearing text, documents over the size limit. Symbolic links that lead outside the corpus directory are
+Refused, among others: front matter that opens with `---` and never closes, a
+first line that only looks like `---` (`—--`, a zero-width joiner before it), an
+empty or malformed `groups`, any key hybrid does not read (`author`, `Groups`,
+`groups` with a zero-width space, a Cyrillic `о` or full-width letters, `1:`),
+group names with invisible or non-NFKC characters, duplicate keys, invalid
+YAML/JSON, UTF-16/UTF-32 or NUL-bearing text, documents over the size limit.
+Symbolic links that lead outside the corpus directory are
 skipped with a warning; links within it are followed.
 """
 
@@ -105,7 +107,7 @@ class _Refused(Exception):
 _CONFUSABLES = str.maketrans({
     "а": "a", "в": "b", "с": "c", "ԁ": "d", "е": "e", "һ": "h", "н": "h", "і": "i", "ј": "j", "к": "k",
     "ӏ": "l", "м": "m", "о": "o", "р": "p", "ԛ": "q", "ѕ": "s", "т": "t", "у": "y", "х": "x", "ԝ": "w",
-    "ԍ": "g", "ɡ": "g", "ı": "i", "ο": "o", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k",
+    "ԍ": "g", "ɡ": "g", "г": "r", "ı": "i", "ο": "o", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k",
     "μ": "u", "ν": "v", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "γ": "y", "ζ": "z", "ω": "w",
 })
 _SHOWN_MAX = 80  # a hostile key or value can be megabytes; an error line quotes at most this much
@@ -226,8 +228,8 @@ def parse_front_matter(raw: str, where: str) -> tuple[dict, str]:
 
     Raises:
         InputError: an opening `---` that never closes (or a first line of dashes that is not
-            exactly `---`, or `+++` TOML front matter), invalid YAML, duplicate or misspelt keys,
-            a non-mapping, a bad `title`.
+            exactly `---`, a look-alike of it, or `+++` TOML front matter), invalid YAML, duplicate
+            keys or any key but `title` and `groups`, a non-mapping, a bad `title`.
     """
     text = _normalise(raw)
     start = _LEADING_BLANK_LINES.match(text).end()
@@ -426,8 +428,9 @@ def load_corpus(corpus_dir: str | Path, on_bad_file: Literal["skip", "fail"] = "
         corpus_dir: directory to read (recursively; hidden files are ignored, symbolic links
             leading outside it are skipped with a warning).
         on_bad_file: what to do with a file (or JSONL line) that cannot be read safely:
-            unreadable, not UTF-8, malformed front matter/JSON/groups, too big, or an empty
-            document: `skip` (warn and count it; never index it) or `fail` (raise InputError).
+            unreadable, not UTF-8, malformed front matter/JSON/groups, a key or field hybrid does
+            not read, too big, or an empty document: `skip` (warn and count it; never index it)
+            or `fail` (raise InputError).
         max_document_mb: largest document (file, or JSONL line) read, in MB.
 
     Returns:

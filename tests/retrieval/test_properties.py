@@ -135,6 +135,92 @@ def test_front_matter_groups_are_never_lost(case):
     assert set(doc.groups) == groups
 
 
+# --- keys: any spelling of `groups` is read exactly or refused, never ignored -------------------------
+
+# Format characters (category Cf) that render as nothing: zero-width space/joiners, soft hyphen, BOM,
+# bidi marks and isolates, invisible operators, a tag letter.
+INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u200e", "\u200f", "\u202e", "\u2066",
+             "\u2063", "\U000e0067"]
+# Cyrillic, Greek and Latin-extension letters that look like the Latin ones of `groups`.
+LOOK_ALIKES = {"g": ["\u0261", "\u050d"], "r": ["\u0433"], "o": ["\u043e", "\u03bf", "\u041e", "\u039f", "0"],
+               "u": ["\u03c5", "\u057d"], "p": ["\u0440", "\u03c1", "\u0420", "\u03a1"], "s": ["\u0455", "\u0405"]}
+
+
+@st.composite
+def groups_spellings(draw):
+    """`groups` (or `group`) with letters swapped for look-alikes, upper-case or full-width ones, and
+    invisible characters or separators inserted."""
+    letters = []
+    for c in draw(st.sampled_from(["groups", "group"])):
+        how = draw(st.sampled_from(["keep", "keep", "upper", "full-width", "look-alike"]))
+        letters.append({"keep": c, "upper": c.upper(), "full-width": chr(ord(c) + 0xFEE0)}.get(how)
+                       or draw(st.sampled_from(LOOK_ALIKES[c])))
+    for _ in range(draw(st.integers(0, 2))):
+        letters.insert(draw(st.integers(0, len(letters))), draw(st.sampled_from(INVISIBLE + ["_", "-", " ", "\t"])))
+    return "".join(letters)
+
+
+# (key, whether it declares groups in some spelling): look-alikes, the real keys, other names, any text.
+KEYS = (groups_spellings().map(lambda k: (k, True))
+        | st.sampled_from(["groups", "title", "author", "date", "tags", "id", "text"]).map(lambda k: (k, k == "groups"))
+        | st.text(max_size=12).map(lambda k: (k, False)))
+YAML_KEYS = KEYS | (st.integers() | st.none() | st.booleans()).map(lambda k: (k, False))  # `1:`, `null:`, `true:`
+VALUES = st.lists(NAMES, min_size=1, max_size=3) | NAMES | JSON
+
+
+def _yaml_line(key, value, style: str) -> str:
+    """One front matter line; `json` keys read back exactly, `plain` ones as YAML sees them (the real attack)."""
+    if style == "plain" and isinstance(key, str):
+        return f"{key}: {json.dumps(value)}"
+    return f"{json.dumps(key, ensure_ascii=style == 'json')}: {json.dumps(value)}"
+
+
+def _public_despite(doc, declared: bool) -> bool:
+    return declared and doc.groups == ()
+
+
+@FAST
+@given(pairs=st.lists(st.tuples(YAML_KEYS, VALUES), min_size=1, max_size=4, unique_by=lambda p: repr(p[0][0])),
+       style=st.sampled_from(["json", "raw", "plain"]), mode=st.sampled_from(["skip", "fail"]),
+       suffix=st.sampled_from([".md", ".txt"]))
+def test_front_matter_keys_are_read_exactly_or_refused(pairs, style, mode, suffix):
+    meta = "\n".join(_yaml_line(key, value, style) for (key, _), value in pairs)
+    raw = f"---\n{meta}\n---\nCANARY restricted body\n".encode("utf-8", errors="replace")
+    out = _load({"doc" + suffix: raw, "ok.md": b"public text"}, on_bad_file=mode)  # only InputError is caught
+    if isinstance(out, InputError):  # under fail: one line naming the file
+        assert mode == "fail" and f"doc{suffix}" in str(out) and "\n" not in str(out)
+        return
+    docs = [d for d in out.documents if d.id == "doc"]
+    assert docs or [Path(w).name.split(":")[0] for w, _ in out.skipped] == ["doc" + suffix]  # where[:LINE]
+    declared = any(groupish for (_, groupish), _ in pairs)
+    for doc in docs:
+        assert not _public_despite(doc, declared), pairs  # any spelling of groups: restricted or refused
+        if style == "json":  # keys read back exactly: only the ones hybrid reads get a document through
+            assert all(isinstance(k, str) and k in ("title", "groups") for (k, _), _ in pairs)
+
+
+@FAST
+@given(rows=st.lists(st.lists(st.tuples(KEYS, VALUES), max_size=3, unique_by=lambda p: p[0][0]), min_size=1,
+                     max_size=4), ascii_only=st.booleans())
+def test_jsonl_fields_are_read_exactly_or_refused(rows, ascii_only):
+    records = []
+    for i, pairs in enumerate(rows):
+        record = {"id": f"d{i}", "text": f"CANARY {i}"}
+        record.update((k, v) for (k, _), v in pairs if k not in ("id", "text"))
+        records.append(record)
+    out = _load({"d.jsonl": "\n".join(json.dumps(r, ensure_ascii=ascii_only) for r in records).encode(),
+                 "ok.md": b"public text"})
+    assert isinstance(out, Corpus)
+    refused = {int(w.rsplit(":", 1)[1]) for w, _ in out.skipped}
+    for doc in out.documents:
+        if doc.id == "ok":
+            continue
+        n = int(doc.source.rsplit(":", 1)[1])
+        assert n not in refused and set(records[n - 1]) <= {"id", "title", "text", "groups"}
+        assert not _public_despite(doc, any(groupish for (_, groupish), _ in rows[n - 1]))
+    assert len(out.documents) - 1 + len(refused) == len(records)
+
+
 @FAST
 @given(data=st.one_of(st.binary(max_size=300), st.lists(JSON, min_size=1, max_size=4).map(
     lambda rows: "\n".join(json.dumps(r) for r in rows).encode()), st.lists(st.fixed_dictionaries(
