@@ -326,7 +326,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     from tuning.peak_memory import PeakMemory
 
     sft_dir = Path(cfg.adapter)
-    sft_run = run_record.read(sft_dir, f"--adapter {sft_dir}")
+    sft_run = run_record.read_sft(sft_dir, f"--adapter {sft_dir}")  # every field read below, checked now
     access.check(sft_dir, cfg.train.groups, f"--adapter {sft_dir}")
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not run_record.exists(out):

@@ -57,6 +57,55 @@ def read(directory: str | Path, label: str) -> dict:
     return record
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What a run continuing an SFT adapter (`hybrid tune dpo`) reads from its record: the SFT run's split
+# (held-out ids and seed, so its held-out questions stay unseen), LoRA shape and strategy.
+SFT_FIELDS = {"strategy": ("a string", lambda v: isinstance(v, str)),
+              "data.held_out_ids": ("a list of question ids", lambda v: isinstance(v, list)
+                                    and all(isinstance(i, str) for i in v)),
+              "config.lora_r": ("an integer", _is_int),
+              "config.target_modules": ("a string", lambda v: isinstance(v, str)),
+              "seed": ("an integer", _is_int)}
+
+
+def _field_problem(record: dict, dotted: str, want: str, ok) -> str | None:
+    """What is wrong with the record's field at a dotted path (None: nothing)."""
+    value, path = record, []
+    for key in dotted.split("."):
+        if not isinstance(value, dict):
+            return f"field {'.'.join(path)} must be an object, not {json.dumps(value)[:40]}"
+        if key not in value:
+            return f"lacks {dotted} ({want})"
+        value = value[key]
+        path.append(key)
+    return None if ok(value) else f"field {dotted} must be {want}, not {json.dumps(value)[:40]}"
+
+
+def read_sft(directory: str | Path, label: str) -> dict:
+    """The validated run record of an SFT adapter that training continues from (`hybrid tune dpo`):
+    `read`'s checks plus every field continuing it reads (SFT_FIELDS).
+
+    Raises:
+        InputError: as `read`; a DPO adapter (continue its SFT adapter instead); a field missing or
+            of another type, named by its dotted path.
+    """
+    record = read(directory, label)
+    if record.get("stage") == "dpo":  # its config is DPO's: no LoRA shape of its own to continue
+        sft = record.get("sft_adapter")
+        raise InputError(f"{label}: a DPO adapter; DPO continues an SFT adapter: pass the one it was trained from "
+                         f"({sft if isinstance(sft, str) and sft.isprintable() else 'made by hybrid tune generator'})")
+    config = record.get("config")
+    # the seed's home moved into `train` (train_settings); older records keep it in `config`
+    seed = "config.train.seed" if not isinstance(config, dict) or "train" in config else "config.seed"
+    for dotted, (want, ok) in SFT_FIELDS.items():
+        if why := _field_problem(record, seed if dotted == "seed" else dotted, want, ok):
+            raise InputError(f"{label}: {RUN_FILE} {why}; retrain it with 'hybrid tune generator'")
+    return record
+
+
 def fingerprint(directory: str | Path) -> str | None:
     """Identity of an adapter's training run (sha256 of its run record); None without one."""
     path = Path(directory) / RUN_FILE

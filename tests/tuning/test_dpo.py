@@ -154,3 +154,25 @@ def test_dpo_plans_pairs_as_double_length_sequences_and_splits_what_does_not_fit
     with pytest.raises(InputError, match="--max-length 1024: one pair of"):
         tune_dpo(config(DPOTuneConfig, out=str(tmp_path / "none"), **common), progress=False, log=quiet)
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("data,needle", [
+    (None, "hybrid_run.json lacks data.held_out_ids (a list of question ids)"),
+    ({"held_out_ids": "q1"}, 'hybrid_run.json field data.held_out_ids must be a list of question ids, not "q1"'),
+])
+def test_dpo_refuses_an_sft_run_record_without_its_split_in_one_line(tmp_path, data, needle):
+    from retrieval import access
+    from tests.hybrid.test_cli import assert_clean_error, run
+    from tests.tuning.test_run_record import SFT_RECORD
+    from tuning import run_record
+
+    sft = tmp_path / "sft"  # an adapter dir as 'tune generator' leaves it, its record broken (no weights needed)
+    sft.mkdir()
+    run_record.write(sft, {k: v for k, v in {**SFT_RECORD, "data": data}.items() if v is not None})
+    access.write(sft, access.record([]))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"id": "q2", "prompt": [{"role": "user", "content": "?"}], '
+                     '"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}\n')
+    res = run("tune", "dpo", "--adapter", sft, "--out", tmp_path / "dpo", "--pairs-file", pairs)
+    assert_clean_error(res, f"error: --adapter {sft}: {needle}; retrain it with 'hybrid tune generator'")
+    assert not (tmp_path / "dpo").exists()
