@@ -358,11 +358,11 @@ def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.ya
             quiet: bool = QUIET):
     """Run the loop's stages in order (index, synth, embedder, generator, dpo, calibrate, eval, serve), skipping
     those up to date (dpo, calibrate and serve only when named in the file's stages or --only)."""
-    from hybrid.loop import load_loop, run_loop
+    from hybrid.loop import load_loop, parse_only, run_loop
 
+    stages = parse_only(only)  # `--only ,` is refused, not read as "every stage"
     cfg = load_loop(config, overrides or [])
-    status = run_loop(cfg, only=[s for s in only.split(",") if s] if only else None, progress=not quiet,
-                      log=_stderr(False))
+    status = run_loop(cfg, only=stages, progress=not quiet, log=_stderr(False))
     typer.echo(", ".join(f"{k}: {v}" for k, v in status.items()))
 
 

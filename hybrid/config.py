@@ -24,6 +24,7 @@ import difflib
 import functools
 import inspect
 import re
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any, List, Literal, Optional, TypeVar, Union
@@ -60,34 +61,95 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+# --- quoting user input in an error line ---------------------------------------------------------
+
+QUOTE_LIMIT = 80  # characters of a user's value quoted in an error: enough to recognise it, never a flood
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = QUOTE_LIMIT
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """`value` as an error line quotes it: its repr, bounded in size (reprlib never builds the whole
+    repr, so a value of any size costs nothing) and escaped (no newline, no lone surrogate)."""
+    return _cut(_REPR.repr(value), QUOTE_LIMIT)
+
+
+def named(text: Any, limit: int = 200) -> str:
+    """A key, flag value or path as an error line names it: as typed when it is plain printable text,
+    else escaped like a repr (a newline or an undecodable byte must not break the one line)."""
+    text = str(text)
+    if not text.isprintable():  # a lone surrogate is not printable either
+        text = repr(text)[1:-1]
+    return _cut(text, limit)
+
+
+# argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape); YAML's "\udcff" too
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogates(text: str) -> bool:
+    return _SURROGATE.search(text) is not None
+
+
+def _strings(value: Any):
+    """Every string inside `value` (keys of mappings included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """The last guard on an InputError's text: one line, printable on any UTF-8 stderr, bounded."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return message if len(message) <= limit else message[:limit - 300] + " ... " + message[-295:]
+
+
 # --- YAML / overrides -> dataclass --------------------------------------------------------------
 
 def _type_problem(where: str, tp: Any, value: Any) -> str | None:
     """Why `value` is not a `tp` (None when it is)."""
+    for text in _strings(value):  # no path, query or name holds these; argv cannot even pass a NUL
+        if _has_surrogates(text):
+            return f"{where}: not valid UTF-8 text; pass UTF-8"
+        if "\0" in text:
+            return f"{where}: contains a NUL character; remove it"
     tp, optional = _strip_optional(tp)
     if value is None:
         return None if optional else f"{where}: expected a value, got null"
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        return None if value in allowed else f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}"
+        return None if value in allowed else f"{where}: expected one of {', '.join(map(str, allowed))}, got {shown(value)}"
     if tp is bool:
-        return None if isinstance(value, bool) else f"{where}: expected true/false, got {value!r}"
+        return None if isinstance(value, bool) else f"{where}: expected true/false, got {shown(value)}"
     if tp is int:
         return None if isinstance(value, int) and not isinstance(value, bool) else \
-            f"{where}: expected an integer, got {value!r}"
+            f"{where}: expected an integer, got {shown(value)}"
     if tp is float:
         return None if isinstance(value, (int, float)) and not isinstance(value, bool) or _float_text(value) else \
-            f"{where}: expected a number, got {value!r}"
+            f"{where}: expected a number, got {shown(value)}"
     if tp is str:
-        return None if isinstance(value, str) else f"{where}: expected a string, got {value!r}"
+        return None if isinstance(value, str) else f"{where}: expected a string, got {shown(value)}"
     if origin is list:
         return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else \
-            f"{where}: expected a list of strings, got {value!r}"
+            f"{where}: expected a list of strings, got {shown(value)}"
     if origin is dict:
         return None if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                       for k, v in value.items()) else \
-            f"{where}: expected a mapping of strings to strings, got {value!r}"
+            f"{where}: expected a mapping of strings to strings, got {shown(value)}"
     return None
 
 
@@ -99,12 +161,29 @@ def _float_text(value: Any) -> bool:
     return isinstance(value, str) and bool(_FLOAT.match(value.strip()))
 
 
-def _unknown(name: str, known: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return prefix + name + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+def _known(cls: type) -> list[str]:
+    """The keys a mapping for `cls` may hold: its fields, and the training settings it may hoist."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    train = _hints(cls).get("train")
+    return names + ([f.name for f in dataclasses.fields(train)] if dataclasses.is_dataclass(train) else [])
 
 
-def _hoist(cls: type, mapping: dict, prefix: str, problems: list[str]) -> dict:
+def _refuse_unknown(source: str, mapping: dict, cls: type, prefix: str, problems: list[str]) -> None:
+    """One problem naming every unknown key of `mapping`, each with its closest known key."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted((k for k in mapping if k not in fields), key=str)
+    if not unknown:
+        return
+
+    def guess(name) -> str:
+        close = difflib.get_close_matches(str(name), _known(cls), n=1, cutoff=0.6)
+        return named(f"{prefix}{name}", QUOTE_LIMIT) + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+
+    problems.append(f"{source}: unknown key(s) {', '.join(guess(u) for u in unknown[:8])}"
+                    f"{' and more' if len(unknown) > 8 else ''}; known: {', '.join(prefix + n for n in fields)}")
+
+
+def _hoist(cls: type, mapping: dict, prefix: str, problems: list[str], source: str) -> dict:
     """A shared training setting written at the section's level (`generator: {max_steps: 80}`,
     `generator.distributed=ddp`) is the nested `train:` one: the one rule for files and overrides."""
     nested = {f.name: _hints(cls)[f.name] for f in dataclasses.fields(cls) if f.name == "train"}
@@ -116,35 +195,50 @@ def _hoist(cls: type, mapping: dict, prefix: str, problems: list[str]) -> dict:
         return mapping
     train = dict(mapping.get("train") or {}) if isinstance(mapping.get("train"), dict) else {}
     if twice := sorted(k for k in moved if k in train):
-        problems.append(f"--config: {', '.join(prefix + k for k in twice)} given both at {prefix.rstrip('.') or 'the top'}"
+        problems.append(f"{source}: {', '.join(prefix + k for k in twice)} given both at {prefix.rstrip('.') or 'the top'}"
                         f"'s level and under {prefix}train; keep one")
     return {**{k: v for k, v in mapping.items() if k not in moved}, "train": {**moved, **train}}
 
 
-def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: list[str]) -> dict[str, Any]:
-    """Constructor kwargs for `cls` from a YAML mapping and flag overrides (both may nest)."""
+def _section(source: str, mapping: dict, name: str, prefix: str, tp: type, problems: list[str]) -> dict | None:
+    """`mapping[name]` for a nested dataclass: a mapping, or None and a problem saying how to set its keys."""
+    sub = mapping.get(name, {})
+    if isinstance(sub, dict):
+        return sub
+    keys = ", ".join(x.name for x in dataclasses.fields(tp))
+    how = f"set its keys as {prefix}{name}.KEY=VALUE" if source == "override" else f"write it as a mapping of {keys}"
+    problems.append(f"{source}: {prefix}{name} is a section, got {shown(sub)}; {how}")
+    return None
+
+
+def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: list[str],
+             keyed: bool = False) -> dict[str, Any]:
+    """Constructor kwargs for `cls` from a YAML mapping and overrides (both may nest).
+
+    `keyed`: the overrides are `KEY=VALUE` pairs (named by their dotted key; an explicit null sets
+    null) rather than flags (named by the flag; None means "not given")."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _hints(cls)
-    loaded, overrides = _hoist(cls, loaded, prefix, problems), _hoist(cls, overrides, prefix, problems)
-    unknown = sorted(set(loaded) - set(fields))
-    if unknown:
-        problems.append(f"--config: unknown key(s) {', '.join(_unknown(u, list(fields), prefix) for u in unknown)}; "
-                        f"known: {', '.join(prefix + n for n in fields)}")
+    source = "override" if keyed else "--config"
+    loaded, overrides = _hoist(cls, loaded, prefix, problems, "--config"), _hoist(cls, overrides, prefix, problems, source)
+    _refuse_unknown("--config", loaded, cls, prefix, problems)
+    _refuse_unknown("override", overrides, cls, prefix, problems)  # flags are all known: only KEY=VALUE gets here
     values: dict[str, Any] = {}
     for name, f in fields.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            sub = loaded.get(name, {})
-            if not isinstance(sub, dict):
-                problems.append(f"--config: {prefix}{name} must be a mapping of {', '.join(x.name for x in dataclasses.fields(tp))}")
-                sub = {}
+            sub = _section("--config", loaded, name, prefix, tp, problems)
+            given = _section(source, overrides, name, prefix, tp, problems)
+            if sub is None or given is None:  # refused: its own keys' problems would only add noise
+                continue
             base = dataclasses.asdict(_default(f)) if _default(f) is not dataclasses.MISSING else {}
-            kwargs = {**base, **_collect(tp, sub, overrides.get(name, {}), f"{prefix}{name}.", problems)}
+            kwargs = {**base, **_collect(tp, sub, given, f"{prefix}{name}.", problems, keyed)}
             values[name] = tp(**kwargs)
             continue
-        if name in overrides and overrides[name] is not None:
+        if name in overrides and (overrides[name] is not None or keyed):
             values[name] = overrides[name]
-            where = f.metadata.get("flag", flag_name(name))
+            where = f"{prefix}{name}" if keyed else name.upper() if f.metadata.get("argument") else \
+                f.metadata.get("flag", flag_name(name))
         elif name in loaded:
             values[name] = loaded[name]
             where = f"--config key {prefix}{name}"
@@ -159,15 +253,70 @@ def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: li
     return values
 
 
+# --- reading YAML ----------------------------------------------------------------------------------
+
+MAX_NODES = 100_000  # values in a document with its aliases expanded: a config has hundreds
+MAX_DEPTH = 64  # nesting; a config has a handful of levels
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document whose aliases expand past MAX_NODES values or nest past
+    MAX_DEPTH ("billion laughs": 600 bytes whose value prints as 44 MB), or that refers to itself.
+    Checked on the composed nodes, where an alias is still one shared node, before anything is built."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set(), 0)
+        return node
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_size(node, sizes: dict, open_: set, depth: int) -> int:
+    """Values under `node` with every alias expanded (memoised per node: the walk itself stays small)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_ or depth > MAX_DEPTH:
+        raise _TooLarge("refers to itself or nests too deeply")
+    open_.add(id(node))
+    children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    size = 1 + sum(_expanded_size(c, sizes, open_, depth + 1) for c in children)
+    open_.discard(id(node))
+    if size > MAX_NODES:
+        raise _TooLarge(f"expands to over {MAX_NODES} values through its aliases (&name / *name)")
+    sizes[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str, where: str, invalid_as_text: bool = False) -> Any:
+    """The value of YAML `text` (InputError naming `where` when invalid or too large once expanded).
+
+    `invalid_as_text`: text that is not YAML is itself the value (a KEY=VALUE override's `a: b`)."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except _TooLarge as exc:
+        raise InputError(f"{where}: {exc}; write the values out") from None
+    except RecursionError:
+        raise InputError(f"{where}: nests too deeply; a config has a few levels") from None
+    except yaml.YAMLError:
+        if invalid_as_text:
+            return text
+        raise InputError(f"{where}: not valid YAML; fix its syntax") from None
+
+
 def read_yaml(path: str | Path, flag: str = "--config") -> Any:
     """The value in a YAML file (InputError naming `flag` and the file when unreadable or invalid)."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{flag} {path}: cannot read it ({exc.__class__.__name__}); pass a UTF-8 YAML file") from None
-    except yaml.YAMLError:
-        raise InputError(f"{flag} {path}: not valid YAML; fix its syntax") from None
+        raise InputError(f"{flag} {named(path)}: cannot read it ({exc.__class__.__name__}); pass a UTF-8 YAML file") \
+            from None
+    return parse_yaml(text, f"{flag} {named(path)}")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -176,29 +325,31 @@ def load_yaml(path: str | Path) -> dict:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
-        raise InputError(f"--config {path}: must be a YAML mapping of settings (field: value)")
+        raise InputError(f"--config {named(path)}: must be a YAML mapping of settings (field: value)")
     return loaded
 
 
-def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: dict | None = None) -> T:
+def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: dict | None = None,
+                 keyed: bool = False) -> T:
     """Make a workflow config from an optional YAML file plus flag values.
 
     Args:
         cls: the workflow's dataclass (it has a `problems()` method).
         yaml_path: YAML mapping whose keys are the dataclass's fields (nested for nested dataclasses).
         overrides: flag values, nested like the dataclass; None means "not given on the command line".
+        keyed: the overrides are `KEY=VALUE` pairs: an unknown key is refused, null is a value.
 
     Raises:
         InputError: unknown keys, wrong types, missing required values or any invalid value (all listed).
     """
     loaded = load_yaml(yaml_path) if yaml_path is not None else {}
     problems: list[str] = []
-    values = _collect(cls, loaded, overrides or {}, "", problems)
+    values = _collect(cls, loaded, overrides or {}, "", problems, keyed)
     if problems:
-        raise InputError("; ".join(problems))
+        raise InputError(one_line("; ".join(problems)))
     cfg = cls(**values)
-    if problems := cfg.problems():
-        raise InputError("; ".join(problems))
+    if problems := cfg.problems():  # each workflow's own checks may quote a value: bounded here
+        raise InputError(one_line("; ".join(problems)))
     return cfg
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from hybrid.config import _hints, _strip_optional, build_config, load_yaml
+from hybrid.config import _hints, _strip_optional, build_config, load_yaml, named, parse_yaml, shown
 from hybrid.calibration import CalibrateConfig
 from hybrid.factuality import EvalConfig
 from hybrid.serve import ServeConfig
@@ -83,31 +83,54 @@ class LoopConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow tracking"})
 
     def problems(self) -> list[str]:
-        out = [f"stages: unknown stage '{s}' (known: {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
-        if not Path(self.corpus).is_dir():
-            out.append(f"corpus: {self.corpus} is not a directory of documents")
-        if self.eval_qa is not None and not Path(self.eval_qa).is_file():
-            out.append(f"eval_qa: {self.eval_qa} does not exist")
+        out = [f"stages: unknown stage {shown(s)} (known: {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
+        if not self.stages:
+            out.append(f"stages: names no stage; list the ones to run, e.g. stages=index,synth")
+        # an empty path is the current directory to Path(""): never what was meant
+        out += [f"{key}: empty; name a directory" for key in ("corpus", "out") if not getattr(self, key).strip()]
+        if self.corpus.strip() and not _is(self.corpus, Path.is_dir):
+            out.append(f"corpus: {named(self.corpus)} is not a directory of documents")
+        if self.eval_qa is not None and not _is(self.eval_qa, Path.is_file):
+            out.append(f"eval_qa: {named(self.eval_qa)} does not exist")
+        out += [f"{key}: an empty group name in {shown(groups)}; list group names (none: public documents only)"
+                for key, groups in (("groups", self.groups), ("tracking.store_groups", self.tracking.store_groups))
+                if not all(g.strip() for g in groups)]
         return out
+
+
+def _is(path: str, test: Callable[[Path], bool]) -> bool:
+    """`test(Path(path))`, False where the file system cannot even look (a name too long, say)."""
+    try:
+        return bool(path.strip()) and test(Path(path))
+    except OSError:
+        return False
 
 
 # --- overrides and the resolved sections -----------------------------------------------------------
 def parse_overrides(pairs: list[str]) -> dict:
     """`generator.max_steps=80` pairs as the nested mapping `build_config` takes (values read as YAML;
-    a training setting may skip its `train.`: `generator.learning_rate=1e-4`, as in the file)."""
+    a training setting may skip its `train.`: `generator.learning_rate=1e-4`, as in the file).
+    A pair that cannot take effect is refused: no key part, no value, a key given twice."""
     nested: dict = {}
     for pair in pairs:
         key, eq, raw = pair.partition("=")
         if not eq or not key:
-            raise InputError(f"override {pair!r}: use KEY=VALUE, e.g. generator.max_steps=80")
+            raise InputError(f"override '{named(pair, 80)}': use KEY=VALUE, e.g. generator.max_steps=80")
         path = key.split(".")  # `generator.max_steps` is generator.train.max_steps: the loader hoists it
+        if not all(p.strip() for p in path):
+            raise InputError(f"override '{named(pair, 80)}': an empty part in the key; use dotted names, e.g. "
+                             f"generator.max_steps=80")
+        if not raw.strip():
+            raise InputError(f"override '{named(pair, 80)}': no value; give one (null unsets an optional key)")
         node = nested
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], 1):
             node = node.setdefault(part, {})
-        try:
-            node[path[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            node[path[-1]] = raw
+            if not isinstance(node, dict):
+                raise InputError(f"override '{named(pair, 80)}': {named('.'.join(path[:depth]), 80)} is given a value "
+                                 f"by another override; give the section's keys or the value, not both")
+        if path[-1] in node:
+            raise InputError(f"override '{named(pair, 80)}': {named(key, 80)} is given twice; keep one")
+        node[path[-1]] = parse_yaml(raw, f"override '{named(pair, 80)}'", invalid_as_text=True)
     return nested
 
 
@@ -124,11 +147,13 @@ def load_loop(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
                  if isinstance(src.get(name), dict) and ("groups" in src[name] or isinstance(src[name].get("train"), dict)
                                                          and "groups" in src[name]["train"])]
     if set_here:
-        raise InputError(f"--config {path}: {', '.join(set_here)} are set by the loop (the paths between stages under "
-                         f"'out', the groups from 'groups'); remove them")
+        raise InputError(f"--config {named(path)}: {', '.join(set_here)} are set by the loop (the paths between stages "
+                         f"under 'out', the groups from 'groups'); remove them")
     for name, keys in WIRED.items():  # placeholders for the required paths; sections() fills them in
-        given.setdefault(name, {}).update({k: "" for k in keys if k in ("index", "out", "qa", "adapter")})
-    return build_config(LoopConfig, path, given)
+        section = given.setdefault(name, {})
+        if isinstance(section, dict):  # a section given a value (synth=5): build_config refuses it, naming it
+            section.update({k: "" for k in keys if k in ("index", "out", "qa", "adapter")})
+    return build_config(LoopConfig, path, given, keyed=True)
 
 
 def last_adapter(cfg: LoopConfig) -> Path:
@@ -257,6 +282,47 @@ def _output(name: str, cfg: LoopConfig) -> Path | None:
                   "dpo": "dpo", "eval": "eval/report.json"}[name]
 
 
+def not_its_own(dest: Path, marker: Path) -> bool:
+    """The rule each stage applies before replacing its output directory (the index: manifest.json,
+    an adapter: hybrid_run.json, here: the file `_output` names): one that exists, holds something
+    and lacks the stage's own file was put there by someone else, and is never replaced."""
+    return dest.exists() and (not dest.is_dir() or (not marker.exists() and any(dest.iterdir())))
+
+
+def _foreign_outputs(cfg: LoopConfig, chosen) -> list[str]:
+    """The swapped-in output directories (synth/, eval/) among `chosen` that are not the loop's own."""
+    out = Path(cfg.out)
+    return [f"{named(out / PARTIAL[n])}: exists and is not the {n} stage's output (no {_output(n, cfg).name} in it); "
+            f"move what is in it, or set another 'out'"
+            for n in PARTIAL if n in chosen and (n != "eval" or cfg.eval_qa) and not_its_own(out / PARTIAL[n], _output(n, cfg))]
+
+
+def read_record(path: Path) -> dict[str, str]:
+    """OUT/hybrid_stages.json: {stage: fingerprint} of what last finished ({} before the first run)."""
+    if not path.is_file():
+        return {}
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        done = None
+    if not isinstance(done, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in done.items()):
+        raise InputError(f"{named(path)}: not the loop's stage record (a mapping of stage to fingerprint; truncated "
+                         f"or edited?); delete it and every stage runs again")
+    return done
+
+
+def parse_only(text: str | None) -> list[str] | None:
+    """`--only index,synth` as stage names (None: not given); text naming no stage is refused, never
+    read as "not given" (which would run every stage)."""
+    if text is None:
+        return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise InputError(f"--only '{named(text, 80)}': names no stage; give one or more, e.g. --only index,synth "
+                         f"(known: {', '.join(STAGES)})")
+    return names
+
+
 def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = True,
              log: Callable[[str], None] = print) -> dict[str, str]:
     """Run the loop's stages in order, skipping those up to date; returns {stage: "ran" | "up to date" | "skipped"}.
@@ -275,12 +341,13 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
                         f"declared for {', '.join(t.store_groups) or 'public artifacts only'} (tracking.store_groups), "
                         f"lacking {', '.join(missing)}: add them only if this store may hold them")
     if only and (bad := [s for s in only if s not in STAGES]):
-        problems.append(f"--only {','.join(bad)}: unknown stage (known: {', '.join(STAGES)})")
+        problems.append(f"--only {named(','.join(bad), 80)}: unknown stage (known: {', '.join(STAGES)})")
+    problems += _foreign_outputs(cfg, chosen)  # before any stage runs, not when its output is swapped in
     if problems:
         raise InputError("; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
     record_file = out / STAGE_FILE
-    done = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    done = read_record(record_file)
     scope = ",".join(sorted(cfg.groups)) or "public"
     tracker = Tracker(cfg.tracking, out, {"hybrid.access_scope": scope, "hybrid.corpus": str(cfg.corpus)}) \
         if cfg.tracking.backend == "mlflow" else None
@@ -312,6 +379,8 @@ def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker)
             log(f"{name}: up to date")
             continue
         partial = out / f"{PARTIAL[name]}.partial" if name in PARTIAL else None
+        if partial is not None and (foreign := _foreign_outputs(cfg, [name])):  # put there while earlier stages ran
+            raise InputError(foreign[0])
         if partial is not None:
             if partial.exists() and done.get(partial.name) != fp:
                 shutil.rmtree(partial)  # a partial run with other settings cannot be resumed

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Literal
 
 from retrieval import access
+from retrieval.atomic import check_writable
 from retrieval.errors import InputError
 
 PARAM_LIMIT = 500  # MLflow refuses longer param values (6000 in recent servers; kept low for any store)
@@ -120,17 +123,76 @@ def log_stage(mlflow, name: str, section, stage_out: Path) -> None:
 
 
 def start(cfg: TrackingConfig, store_dir: Path):
-    """mlflow, pointed at the URI (default a SQLite store in `store_dir`) and the experiment."""
+    """mlflow, pointed at the URI (default a SQLite store in `store_dir`) and the experiment.
+
+    Raises:
+        InputError: the store cannot be reached or opened (within seconds, before any stage runs).
+    """
     import mlflow
 
+    where = "tracking.uri" if cfg.uri else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else \
+        "the tracking store"
     uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(store_dir / 'mlflow.db').resolve()}"
+    check_reachable(uri, where)
     mlflow.set_tracking_uri(uri)
     name = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hybrid"
-    if mlflow.get_experiment_by_name(name) is None:  # artifacts beside the store, not in the cwd
-        store_dir.mkdir(parents=True, exist_ok=True)
-        mlflow.create_experiment(name, artifact_location=(store_dir / "mlartifacts").resolve().as_uri())
-    mlflow.set_experiment(name)
+    with _one_try(uri, where):  # the first call answers whether the store works: no minutes of retries
+        if mlflow.get_experiment_by_name(name) is None:  # artifacts beside the store, not in the cwd
+            store_dir.mkdir(parents=True, exist_ok=True)
+            mlflow.create_experiment(name, artifact_location=(store_dir / "mlartifacts").resolve().as_uri())
+        mlflow.set_experiment(name)
     return mlflow
+
+
+CONNECT_SECONDS = 5
+
+
+def check_reachable(uri: str, where: str) -> None:
+    """Refuse in one line a store that cannot work: an HTTP server nobody answers at, a SQLite file
+    or a file store in a directory that cannot be created or written."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname or "localhost", port), timeout=CONNECT_SECONDS).close()
+        except OSError as exc:
+            raise InputError(f"{where} {_shown_uri(uri)}: cannot reach the tracking server ({exc.strerror or exc.__class__.__name__}"
+                             f"); start it, point {where} at a running one, or set tracking.backend: none") from None
+    elif parts.scheme == "sqlite" and (db := uri.partition(":///")[2]) and db != ":memory:":
+        check_writable(Path(db).parent, f"{where} {uri}:")
+    elif parts.scheme in ("", "file"):
+        check_writable(Path(parts.path if parts.scheme else uri), f"{where} {uri}:")
+
+
+@contextmanager
+def _one_try(uri: str, where: str):
+    """MLflow calls inside fail at once (no HTTP retries, a short timeout), as one InputError."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError  # a SQLite file that is not a database fails as this
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(CONNECT_SECONDS * 2)})
+    try:
+        yield
+    except (MlflowException, OSError, SQLAlchemyError) as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        raise InputError(f"{where} {_shown_uri(uri)}: the tracking store did not answer as an MLflow store ({first}); "
+                         f"fix {where}, or set tracking.backend: none") from None
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _shown_uri(uri: str) -> str:
+    """The URI as an error line shows it: a password in it is not printed."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def track_command(name: str, section, stage_out: Path, groups: list[str], store_dir: Path | None = None) -> str:
