@@ -269,18 +269,22 @@ def test_adapters_in_adapter_dir_are_checked_when_found_and_when_they_change(env
 
 
 # --- any chat body: a 200 or a 4xx in OpenAI's shape, never a 500 -------------------------------------
-TEXT = st.one_of(st.text(max_size=40), st.sampled_from(["\ud800", "a\udfffb", "", " ", QUESTION]))
+SURROGATE = st.sampled_from(["\ud800", "\udfff", "\udc80"])
+TEXT = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", QUESTION]),
+                 st.builds(lambda a, s, b: a + s + b, st.text(max_size=10), SURROGATE, st.text(max_size=10)))
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | TEXT,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=8)
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]),
                                  "content": st.one_of(TEXT, JSON)})
-BODY = st.one_of(JSON, st.fixed_dictionaries({"model": st.one_of(st.sampled_from(["a", "b", "hr", "zzz"]), TEXT, JSON),
-                                              "messages": st.one_of(st.lists(MESSAGE, max_size=3), JSON)},
-                                             optional={"temperature": st.one_of(st.floats(0, 2), JSON),
-                                                       "max_tokens": st.one_of(st.integers(-3, 600), JSON),
-                                                       "k": st.one_of(st.integers(-1, 60), JSON),
-                                                       "stream": st.one_of(st.booleans(), JSON),
-                                                       "n": JSON}))
+QUESTION_TURN = st.fixed_dictionaries({"role": st.just("user"), "content": st.one_of(
+    TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), min_size=1, max_size=2))})
+# mostly well-formed bodies, so that generation is reached, with any field broken or out of range
+BODY = st.one_of(JSON, st.fixed_dictionaries(
+    {"model": st.one_of(st.sampled_from(["a", "b", "hr", "zzz", "tiny_llm0"]), TEXT, JSON),
+     "messages": st.one_of(st.builds(lambda h, q: h + [q], st.lists(MESSAGE, max_size=2), QUESTION_TURN), JSON)},
+    optional={"temperature": st.one_of(st.floats(0, 2), st.floats(0, 1e-3), JSON),
+              "max_tokens": st.one_of(st.integers(-3, 600), JSON), "k": st.one_of(st.integers(-1, 60), JSON),
+              "stream": st.one_of(st.booleans(), JSON), "n": JSON}))
 
 
 @pytest.fixture(scope="module")
