@@ -118,6 +118,9 @@ class EvalConfig:
             out.append("--limit must be >= 0")
         if self.only == "retrieval" and not self.index:
             out.append("--only retrieval needs --index")
+        if self.only == "retrieval" and (self.shard is not None or self.merge):  # they were silently ignored
+            out.append("--only retrieval scores every question in one pass (nothing is generated); drop --shard "
+                       "and --merge")
         if self.gate and not self.judge:
             out.append("--gate needs --judge DIR (the judge decides which questions its passages answer)")
         if not 0 <= self.gate_threshold <= 1:
@@ -225,7 +228,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         raise InputError(f"{cfg.qa}: {len(needs_index)} rows have no 'passages' (e.g. {needs_index[0]}); "
                          f"pass --index to retrieve them")
     configs = (["closed_book"] if cfg.closed_book else []) + ["rag"] + [f"rag+{n}" for n in cfg.adapters]
-    done = merged(cfg, configs, rows) if cfg.merge else resume(cfg, configs)
+    done = merged(cfg, configs, rows) if cfg.merge else resume(cfg, configs, {r.id for r in rows})
     judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate) if cfg.judge else None  # refused now, not later
     calibrations = {n: c for n, d in cfg.adapters.items() if (c := load_calibration(d)) is not None}
     thresholds = {f"rag+{n}": float(c["threshold"]) for n, c in calibrations.items()}
@@ -276,7 +279,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
 def merged(cfg: EvalConfig, configs: list[str], rows: list[QARow]) -> dict[tuple[str, str], dict]:
     """The predictions of `--merge` shard dirs, checked to be runs of these settings that together
     answer every (configuration, question) of this run."""
-    sigs, done = config_signatures(cfg, configs), {}
+    sigs, done, ids = config_signatures(cfg, configs), {}, {r.id for r in rows}
     for d in cfg.merge:
         try:
             meta = json.loads((Path(d) / "run.json").read_text(encoding="utf-8"))
@@ -287,7 +290,7 @@ def merged(cfg: EvalConfig, configs: list[str], rows: list[QARow]) -> dict[tuple
         shard = meta.get("shard") if isinstance(meta.get("shard"), str) and meta["shard"].isprintable() else "I/N"
         # the same loader as a resumed eval's: a merged report holds no line its own run would refuse
         done.update(read_predictions(Path(d) / "predictions.jsonl", "--merge",
-                                     f"rerun that shard ('hybrid eval --shard {shard}') into an empty --out"))
+                                     f"rerun that shard ('hybrid eval --shard {shard}') into an empty --out", ids))
     missing = [(c, r.id) for c in configs for r in rows if (c, r.id) not in done]
     if missing:
         raise InputError(f"--merge: {len(missing)} answers missing (e.g. {missing[0][1]} in {missing[0][0]}); "
@@ -349,7 +352,7 @@ def stored_run(meta, sigs: dict[str, str], where: str) -> str | None:
     return None
 
 
-def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
+def resume(cfg: EvalConfig, configs: list[str], ids: set[str]) -> dict[tuple[str, str], dict]:
     """Plan stage: the predictions an earlier run with the same settings already wrote to --out. A
     run with more adapters than the earlier one keeps its answers and generates only the new
     configurations'.
@@ -371,7 +374,7 @@ def resume(cfg: EvalConfig, configs: list[str]) -> dict[tuple[str, str], dict]:
             raise InputError(f"{why or f'--out {out}: holds predictions of another shard'}; use another --out or "
                              f"delete it")
         stored = meta["configs"]
-        done = read_predictions(out / "predictions.jsonl", "--out", "delete the file to start over")
+        done = read_predictions(out / "predictions.jsonl", "--out", "delete the file to start over", ids)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "run.json", json.dumps({"signature": sigs["rag"], "shard": cfg.shard,

@@ -66,13 +66,15 @@ def prediction_problem(p: dict) -> str | None:
     return None
 
 
-def read_predictions(path: Path, flag: str, fix: str) -> dict[tuple[str, str], dict]:
+def read_predictions(path: Path, flag: str, fix: str, ids: set[str]) -> dict[tuple[str, str], dict]:
     """The one loader of predictions.jsonl (a resumed eval's own, and every --merge shard's).
 
     Args:
         path: the predictions.jsonl.
         flag: the option that named its directory, for the error ("--out", "--merge").
         fix: what the user should do about a bad line.
+        ids: the run's question ids (a line about another question would reach the judge, who has
+            no passages for it).
 
     Returns:
         {(config, question id): prediction}, a later line replacing an earlier one.
@@ -82,7 +84,10 @@ def read_predictions(path: Path, flag: str, fix: str) -> dict[tuple[str, str], d
     """
     done = {}
     for n, p in read_jsonl(path, flag, "predictions"):
-        if why := prediction_problem(p):
+        why = prediction_problem(p)
+        if why is None and p["id"] not in ids:
+            why = f"field 'id' {json.dumps(p['id'])[:40]} is none of this run's questions"
+        if why:
             raise InputError(f"{flag} {path}:{n}: {why}; {fix}")
         done[(p["config"], p["id"])] = p
     return done

@@ -394,6 +394,12 @@ def test_bad_shard_is_one_line_error(fixed_qa, shard):
     assert_clean_error(res, f"--shard {json.dumps(shard, ensure_ascii=False)}: use I/N (digits 0-9) with 0 <= I < N")
 
 
+@pytest.mark.parametrize("split", [["--shard", "0/2"], ["--merge", "s0"]])
+def test_retrieval_only_eval_refuses_a_split_it_would_ignore(fixed_qa, bundled_tiny_index, split):
+    res = run("eval", fixed_qa, "--only", "retrieval", "--index", bundled_tiny_index, *split)
+    assert_clean_error(res, "--only retrieval scores every question in one pass (nothing is generated); drop --shard")
+
+
 def test_shard_is_parsed_in_one_place():
     from hybrid.factuality import parse_shard
 
@@ -423,3 +429,22 @@ def test_merged_out_re_reports_without_the_shards_and_replaces_no_other_answers(
         run_eval(dataclasses.replace(base, merge=[str(d) for d in shard_dirs], out=str(tmp_path / "other")),
                  progress=False)
     assert (tmp_path / "other" / "predictions.jsonl").read_text() == before  # not replaced
+
+
+def test_a_line_about_another_question_is_refused_before_the_judge_sees_it(fixed_qa, shard_dirs, tmp_path,
+                                                                          monkeypatch):
+    import dataclasses
+
+    from tuning import judge as judge_mod
+
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False:
+                                                             cls(CountingJudgeModel())))
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "hybrid_judge.json").write_text("{}")
+    path = shard_dirs[0] / "predictions.jsonl"
+    path.write_text(path.read_text() + json.dumps({**json.loads(path.read_text().splitlines()[0]), "id": "zz"}) + "\n")
+    cfg = EvalConfig(qa=str(fixed_qa), closed_book=False, judge=str(tmp_path / "judge"))
+    with pytest.raises(InputError, match=f"--merge {path}:3: field 'id' \"zz\" is none of this run's questions"):
+        run_eval(dataclasses.replace(cfg, merge=[str(d) for d in shard_dirs]), progress=False)
+    with pytest.raises(InputError, match=f"--out {path}:3: field 'id' \"zz\" is none of this run's questions"):
+        run_eval(dataclasses.replace(cfg, shard="0/2", out=str(shard_dirs[0])), progress=False)  # resuming it
