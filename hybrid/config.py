@@ -193,7 +193,9 @@ def _hoist(cls: type, mapping: dict, prefix: str, problems: list[str], source: s
     moved = {k: v for k, v in mapping.items() if k not in own and k in train_keys}
     if not moved:
         return mapping
-    train = dict(mapping.get("train") or {}) if isinstance(mapping.get("train"), dict) else {}
+    if mapping.get("train") is not None and not isinstance(mapping["train"], dict):
+        return {k: v for k, v in mapping.items() if k not in moved}  # `train: 5` is refused; never silently replaced
+    train = dict(mapping.get("train") or {})
     if twice := sorted(k for k in moved if k in train):
         problems.append(f"{source}: {', '.join(prefix + k for k in twice)} given both at {prefix.rstrip('.') or 'the top'}"
                         f"'s level and under {prefix}train; keep one")

@@ -85,17 +85,30 @@ class LoopConfig:
     def problems(self) -> list[str]:
         out = [f"stages: unknown stage {shown(s)} (known: {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
         if not self.stages:
-            out.append(f"stages: names no stage; list the ones to run, e.g. stages=index,synth")
-        # an empty path is the current directory to Path(""): never what was meant
-        out += [f"{key}: empty; name a directory" for key in ("corpus", "out") if not getattr(self, key).strip()]
-        if self.corpus.strip() and not _is(self.corpus, Path.is_dir):
-            out.append(f"corpus: {named(self.corpus)} is not a directory of documents")
-        if self.eval_qa is not None and not _is(self.eval_qa, Path.is_file):
-            out.append(f"eval_qa: {named(self.eval_qa)} does not exist")
-        out += [f"{key}: an empty group name in {shown(groups)}; list group names (none: public documents only)"
-                for key, groups in (("groups", self.groups), ("tracking.store_groups", self.tracking.store_groups))
-                if not all(g.strip() for g in groups)]
-        return out
+            out.append("stages: names no stage; list the ones to run, e.g. stages=index,synth")
+        return out + _path_problems(self) + _empty_names(self)
+
+
+def _path_problems(cfg: LoopConfig) -> list[str]:
+    # an empty path is the current directory to Path(""): never what was meant
+    out = [f"{key}: empty; name a directory" for key in ("corpus", "out") if not getattr(cfg, key).strip()]
+    if cfg.corpus.strip() and not _is(cfg.corpus, Path.is_dir):
+        out.append(f"corpus: {named(cfg.corpus)} is not a directory of documents")
+    if cfg.eval_qa is not None and not cfg.eval_qa.strip():
+        out.append("eval_qa: empty; name a file of questions, or null to skip the eval stage")
+    elif cfg.eval_qa is not None and not _is(cfg.eval_qa, Path.is_file):
+        out.append(f"eval_qa: {named(cfg.eval_qa)} does not exist")
+    return out
+
+
+def _empty_names(cfg: LoopConfig) -> list[str]:
+    """An empty tracking name would silently mean the default, an empty group no group: refused."""
+    t = cfg.tracking
+    out = [f"tracking.{key}: empty; name one, or null for the default" for key in ("uri", "experiment", "run_name")
+           if getattr(t, key) is not None and not getattr(t, key).strip()]
+    return out + [f"{key}: an empty group name in {shown(groups)}; list group names (none: public documents only)"
+                  for key, groups in (("groups", cfg.groups), ("tracking.store_groups", t.store_groups))
+                  if not all(g.strip() for g in groups)]
 
 
 def _is(path: str, test: Callable[[Path], bool]) -> bool:

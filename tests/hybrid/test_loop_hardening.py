@@ -78,6 +78,7 @@ def test_the_eval_stage_refuses_a_folder_it_did_not_write_and_keeps_what_is_in_i
     (["stages=,"], "error: stages: names no stage; list the ones to run, e.g. stages=index,synth"),
     (["stages=eval", "stages=index"], "error: override 'stages=index': stages is given twice; keep one"),
     (["groups=['']"], "error: groups: an empty group name in ['']; list group names"),
+    (["tracking.uri=''"], "error: tracking.uri: empty; name one, or null for the default"),
     (["--only", ","], "error: --only ',': names no stage; give one or more, e.g. --only index,synth"),
     (["--only", ""], "error: --only '': names no stage"),
 ])
@@ -92,6 +93,8 @@ def test_an_empty_group_or_path_in_the_file_is_refused_as_in_an_override(eval_lo
     assert "groups: an empty group name" in one_error(run(eval_loop))
     eval_loop.write_text(yaml.safe_dump({**doc, "out": ""}))  # Path("") is the current directory
     assert one_error(run(eval_loop)) == "error: out: empty; name a directory"
+    eval_loop.write_text(yaml.safe_dump({**doc, "eval_qa": " "}))
+    assert one_error(run(eval_loop)) == "error: eval_qa: empty; name a file of questions, or null to skip the eval stage"
 
 
 # --- 3. what used to end in a traceback ---------------------------------------------------------------------
@@ -101,6 +104,8 @@ def test_an_empty_group_or_path_in_the_file_is_refused_as_in_an_override(eval_lo
     (["generator=[1,2]"], "error: override: generator is a section, got [1, 2]; set its keys as generator.KEY=VALUE"),
     (["generator=5", "generator.max_steps=3"], "error: override 'generator.max_steps=3': generator is given a value "
                                                "by another override; give the section's keys or the value, not both"),
+    (["generator.train=5", "generator.max_steps=3"],  # the hoisted max_steps never silently replaces train=5
+     "error: override: generator.train is a section, got 5; set its keys as generator.train.KEY=VALUE"),
 ])
 def test_a_value_where_a_section_belongs_is_one_line(eval_loop, args, expected):
     assert one_error(run(eval_loop, *args)) == expected
