@@ -47,8 +47,8 @@ REQUIRED = {"id": ("a string", lambda v: isinstance(v, str)), "config": ("a stri
             "new_tokens": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))}
 # Added by a judge, a calibration or retrieval; null where there was none.
 OPTIONAL = {"support": ("a number or null", _number), "unsupported": ("true, false or null", lambda v: isinstance(v, bool)),
-            "answerable": ("a number or null", _number), "abstain_score": ("a number or null", _number),
-            "judge_ms": ("a number or null", _number), "retrieved_doc_ids": ("a list of strings or null", _strings)}
+            "answerable": ("a number or null", _number), "judge_ms": ("a number or null", _number),
+            "retrieved_doc_ids": ("a list of strings or null", _strings)}
 
 
 def prediction_problem(p: dict) -> str | None:
@@ -61,6 +61,8 @@ def prediction_problem(p: dict) -> str | None:
     for name, (want, ok) in OPTIONAL.items():
         if p.get(name) is not None and not ok(p[name]):
             return f"field '{name}' must be {want}, not {json.dumps(p[name])[:40]}"
+    if "abstain_score" in p and not _number(p["abstain_score"]):  # absent = not scored yet; null would pass unscored
+        return f"field 'abstain_score' must be a number (or absent), not {json.dumps(p['abstain_score'])[:40]}"
     if (p["label"] == "abstained") != p["abstained"]:  # one answer, classified once: the two must agree
         return f"field 'label' is {p['label']} but 'abstained' is {json.dumps(p['abstained'])}"
     return None

@@ -356,20 +356,24 @@ def test_merged_hand_written_shards_report_every_question(fixed_qa, shard_dirs):
         pytest.approx((1 / 3, 1 / 3, 1 / 3))
 
 
+DROP = "<drop the field>"
+
+
 @pytest.mark.parametrize("change,needle", [
-    ({"label": None}, "no 'label' field"),                                 # missing
+    ({"label": DROP}, "no 'label' field"),                                 # missing
     ({"latency_ms": "fast"}, "field 'latency_ms' must be a number"),       # mistyped
-    ({"abstained": None}, "no 'abstained' field"),
+    ({"abstained": DROP}, "no 'abstained' field"),
     ({"label": "maybe"}, "field 'label' must be correct | abstained | hallucinated"),  # once: rates summing to 0.667
     ({"label": "correct"}, "field 'label' is correct but 'abstained' is true"),  # line 2: question 3, abstained
     ({"citations": [{"quote": "x"}]}, "field 'citations'"),
     ({"support": "high"}, "field 'support' must be a number or null"),
+    ({"abstain_score": None}, "field 'abstain_score' must be a number (or absent), not null"),  # would skip scoring
 ])
 def test_merge_refuses_a_bad_prediction_line_naming_file_line_and_field(fixed_qa, shard_dirs, tmp_path, change,
                                                                         needle):
     path = shard_dirs[0] / "predictions.jsonl"
     first, second = path.read_text().splitlines()
-    bad = {k: v for k, v in {**json.loads(second), **change}.items() if v is not None or k not in change}
+    bad = {k: v for k, v in {**json.loads(second), **change}.items() if v is not DROP}
     path.write_text(first + "\n" + json.dumps(bad) + "\n")
     res = run("eval", fixed_qa, "--no-closed-book", "--merge", shard_dirs[0], "--merge", shard_dirs[1],
               "--out", tmp_path / "merged")
