@@ -67,3 +67,22 @@ def test_scientific_notation_is_a_number_and_a_misspelt_key_gets_a_suggestion(tm
     msg = str(err.value)
     assert "lora_rank (did you mean lora_r?)" in msg and "train.learning_rte (did you mean train.learning_rate?)" in msg
     assert "train.max_steps: expected an integer, got '1e3'" in msg  # an integer field takes no float text
+
+
+def test_any_commands_config_refuses_an_alias_bomb_and_text_no_path_holds(tmp_path):
+    """The YAML reader and the value checks are the generic layer: every command's --config gets them."""
+    import pytest
+
+    path = tmp_path / "c.yaml"
+    lines = ["a0: &a0 [" + ", ".join(["x"] * 10) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 8)]
+    path.write_text("\n".join(lines) + "\nlora_r: 8\n")  # 10**8 strings once expanded, 300 bytes as written
+    with pytest.raises(InputError) as err:
+        build_config(GeneratorTuneConfig, path, {"out": "o", "examples": "e.jsonl"})
+    assert str(err.value) == (f"--config {path}: expands to over 100000 values through its aliases (&name / *name); "
+                              f"write the values out")
+    path.write_text('base_model: "a\\0b"\ntrain: {groups: ["\\udcff"]}\n')
+    with pytest.raises(InputError) as err:
+        build_config(GeneratorTuneConfig, path, {"out": "o", "examples": "e.jsonl"})
+    assert str(err.value) == ("--config key base_model: contains a NUL character; remove it; "
+                              "--config key train.groups: not valid UTF-8 text; pass UTF-8")
