@@ -85,8 +85,10 @@ def _offline() -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     # transformers 5 renames (gradient_checkpointing -> activation_checkpointing) warn on every run.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # bitsandbytes warns on import about optional CPU kernels hybrid does not use.
+    # bitsandbytes warns on import about optional CPU kernels hybrid does not use, and `kernels` (which it
+    # imports) that offline mode skips a download check: chatter that made a one-line error two lines.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def cli_errors(fn):

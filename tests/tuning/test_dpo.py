@@ -176,3 +176,25 @@ def test_dpo_refuses_an_sft_run_record_without_its_split_in_one_line(tmp_path, d
     res = run("tune", "dpo", "--adapter", sft, "--out", tmp_path / "dpo", "--pairs-file", pairs)
     assert_clean_error(res, f"error: --adapter {sft}: {needle}; retrain it with 'hybrid tune generator'")
     assert not (tmp_path / "dpo").exists()
+
+
+def test_dpo_bad_run_record_is_one_line_from_the_console_script(tmp_path):
+    """In a fresh process, where importing TRL's stack logs its own warnings, the error is still one line."""
+    import os
+    import subprocess
+    import sys
+
+    from retrieval import access
+    from tests.tuning.test_run_record import SFT_RECORD
+    from tuning import run_record
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    run_record.write(sft, {k: v for k, v in SFT_RECORD.items() if k != "data"})
+    access.write(sft, access.record([]))
+    res = subprocess.run([sys.executable, "-m", "hybrid.cli", "tune", "dpo", "--adapter", str(sft), "--out",
+                          str(tmp_path / "dpo"), "--pairs-file", str(tmp_path / "pairs.jsonl")],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"error: --adapter {sft}: hybrid_run.json lacks data.held_out_ids (a list of question ids); retrain it with "
+        f"'hybrid tune generator'"], res.stderr
