@@ -105,6 +105,9 @@ def load_calibration(adapter_dir: str | Path) -> dict | None:
     if not isinstance(record, dict) or isinstance(record.get("threshold"), bool) or \
             not isinstance(record.get("threshold"), (int, float)):
         raise InputError(f"--adapter {adapter_dir}: {CAL_FILE} lacks a numeric threshold; {fix}")
+    auroc = record.get("auroc")  # decides which adapter calibrates under --select: a number or absent
+    if auroc is not None and (isinstance(auroc, bool) or not isinstance(auroc, (int, float)) or not 0 <= auroc <= 1):
+        raise InputError(f"--adapter {adapter_dir}: {CAL_FILE} field 'auroc' must be a number in [0, 1]; {fix}")
     if record.get("adapter_run") != run_record.fingerprint(adapter_dir):
         raise InputError(f"--adapter {adapter_dir}: {CAL_FILE} was calibrated for another training run; {fix}")
     return record

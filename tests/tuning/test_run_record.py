@@ -39,7 +39,9 @@ def test_calibration_record_is_validated_and_tied_to_its_run(tmp_path):
     run_record.write(tmp_path, {"base_model": {"name": "tiny", "fingerprint": "ab"}})
     assert load_calibration(tmp_path) is None  # never calibrated
     for text, needle in [("{oops", "unreadable"), ('{"threshold": "high"}', "numeric threshold"),
-                         ('{"threshold": true}', "numeric threshold"), ("[]", "numeric threshold")]:
+                         ('{"threshold": true}', "numeric threshold"), ("[]", "numeric threshold"),
+                         ('{"threshold": 1, "auroc": "high"}', "'auroc' must be a number"),
+                         ('{"threshold": 1, "auroc": NaN}', "'auroc' must be a number")]:
         (tmp_path / CAL_FILE).write_text(text)
         with pytest.raises(InputError, match=needle):
             load_calibration(tmp_path)
