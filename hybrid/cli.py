@@ -124,6 +124,16 @@ TRACK = typer.Option("none", "--track", help="mlflow: record this run (settings,
                                              "text) in $MLFLOW_TRACKING_URI, else ./mlflow.db; none: nothing.")
 
 
+def _tracking_ready(track: str) -> None:
+    """`--track mlflow`: the store checked before any work, so an unreachable or unwritable one is one
+    line within seconds, not a failure after an hour of training."""
+    if track == "none" or os.environ.get("RANK", "0") != "0":
+        return
+    from hybrid.tracking import TrackingConfig, start
+
+    start(TrackingConfig(), Path.cwd())
+
+
 def _track(track: str, name: str, cfg, stage_out: str | Path, groups) -> None:
     """`--track mlflow`: the run as hybrid run logs the stage (rank 0 only under a launcher)."""
     if track == "none" or os.environ.get("RANK", "0") != "0":
@@ -146,6 +156,7 @@ def index_cmd(
     track: Literal["none", "mlflow"] = TRACK,
 ):
     """Chunk, embed and index a corpus. Re-running embeds only new or changed documents."""
+    _tracking_ready(track)
     if not quiet:  # progress through long documents is logged at INFO
         logging.getLogger("retrieval").setLevel(logging.INFO)
     rep = build_index(corpus_dir, out, cfg, progress=not quiet)
@@ -181,6 +192,7 @@ def search_cmd(cfg: SearchConfig, as_json: bool = typer.Option(
 def synth_cmd(cfg: SynthConfig, quiet: bool = QUIET, track: Literal["none", "mlflow"] = TRACK):
     """Write training questions from the index's own chunks with a local teacher, each checked against the
     documents (span, round trip, consistency, duplicates); resumes an interrupted run."""
+    _tracking_ready(track)
     synthesize(cfg, progress=not quiet, log=typer.echo)
     _track(track, "synth", cfg, Path(cfg.out).parent, cfg.groups)
 
@@ -190,6 +202,7 @@ def synth_cmd(cfg: SynthConfig, quiet: bool = QUIET, track: Literal["none", "mlf
 @from_config(EmbedderTuneConfig)
 def tune_embedder_cmd(cfg: EmbedderTuneConfig, as_json: bool = AS_JSON, track: Literal["none", "mlflow"] = TRACK):
     """Contrastive fine-tuning of the embedder (MNRL + hard negatives mined from the index)."""
+    _tracking_ready(track)
     res = tune_embedder(cfg, progress=not as_json)
     _track(track, "embedder", cfg, cfg.out, cfg.train.groups)
     if as_json:
@@ -227,6 +240,7 @@ def tune_reranker_cmd(cfg: RerankerTuneConfig, as_json: bool = AS_JSON):
 @from_config(GeneratorTuneConfig)
 def tune_generator_cmd(cfg: GeneratorTuneConfig, quiet: bool = QUIET, track: Literal["none", "mlflow"] = TRACK):
     """RAFT fine-tuning of the generator (LoRA on CPU, QLoRA on CUDA) with a memory plan."""
+    _tracking_ready(track)
     rec = tune_generator(cfg, progress=not quiet, log=_stderr(quiet))
     _track(track, "generator", cfg, cfg.out, cfg.train.groups)
     d = rec["data"]
@@ -241,6 +255,7 @@ def tune_generator_cmd(cfg: GeneratorTuneConfig, quiet: bool = QUIET, track: Lit
 @from_config(DPOTuneConfig)
 def tune_dpo_cmd(cfg: DPOTuneConfig, quiet: bool = QUIET, track: Literal["none", "mlflow"] = TRACK):
     """DPO for factuality: grounded answers preferred over made-up ones, on top of a RAFT adapter."""
+    _tracking_ready(track)
     rec = tune_dpo(cfg, progress=not quiet, log=_stderr(quiet))
     _track(track, "dpo", cfg, cfg.out, cfg.train.groups)
     typer.echo(f"dpo adapter saved to {cfg.out}: {rec['data']['pairs']} pairs {rec['data']['by_source']}, "
@@ -308,6 +323,9 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
 def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
              track: Literal["none", "mlflow"] = TRACK):
     """Factuality benchmark: accuracy, abstention and hallucination rate per configuration, with 95 % CIs."""
+    if track != "none" and (cfg.only == "retrieval" or not cfg.out):  # refused, not a warning after the run
+        raise InputError("--track mlflow records the factuality report: it needs --out DIR and no --only retrieval")
+    _tracking_ready(track)
     if cfg.only == "retrieval":
         report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups, mode=cfg.mode, rerank=cfg.rerank)
         if cfg.out:
@@ -317,8 +335,6 @@ def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help
     report = run_eval(cfg, progress=not as_json)
     if cfg.out:
         _track(track, "eval", cfg, cfg.out, cfg.groups)
-    elif track != "none":
-        typer.echo("warning: --track needs --out (the report is what is tracked); not tracked", err=True)
     if as_json:
         typer.echo(json.dumps(report))
     else:

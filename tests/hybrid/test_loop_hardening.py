@@ -145,6 +145,17 @@ def test_an_unreachable_tracking_store_fails_in_one_line_within_seconds(eval_loo
     assert not (tmp_path / "run" / "eval").exists()  # no stage ran
 
 
+def test_track_on_one_command_checks_the_store_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    out = tmp_path / "index"
+    res = CliRunner().invoke(app, ["index", str(BUNDLED / "docs"), "--out", str(out), "-q", "--track", "mlflow"])
+    assert one_error(res).startswith("error: $MLFLOW_TRACKING_URI http://127.0.0.1:")
+    assert not out.exists()  # refused before the index was built, not after
+    res = CliRunner().invoke(app, ["eval", str(BUNDLED / "qa.jsonl"), "--index", str(out), "--only", "retrieval",
+                                   "--track", "mlflow"])
+    assert one_error(res).startswith("error: --track mlflow records the factuality report")
+
+
 def test_text_that_is_not_utf8_is_refused_naming_the_flag(eval_loop, small_index):
     # argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
     res = CliRunner().invoke(app, ["search", "caf\udce9", "--index", str(small_index)])
