@@ -32,7 +32,7 @@ from hybrid.calibration import CalibrateConfig
 from hybrid.factuality import EvalConfig
 from hybrid.serve import ServeConfig
 from hybrid.tracking import Tracker, TrackingConfig, adapter_scope
-from retrieval.atomic import swap_dir_into_place, write_text_atomic
+from retrieval.atomic import not_its_own, swap_dir_into_place, write_text_atomic
 from retrieval.embedder_tuning import EmbedderTuneConfig
 from retrieval.errors import InputError
 from retrieval.index import IndexConfig
@@ -295,19 +295,13 @@ def _output(name: str, cfg: LoopConfig) -> Path | None:
                   "dpo": "dpo", "eval": "eval/report.json"}[name]
 
 
-def not_its_own(dest: Path, marker: Path) -> bool:
-    """The rule each stage applies before replacing its output directory (the index: manifest.json,
-    an adapter: hybrid_run.json, here: the file `_output` names): one that exists, holds something
-    and lacks the stage's own file was put there by someone else, and is never replaced."""
-    return dest.exists() and (not dest.is_dir() or (not marker.exists() and any(dest.iterdir())))
-
-
 def _foreign_outputs(cfg: LoopConfig, chosen) -> list[str]:
     """The swapped-in output directories (synth/, eval/) among `chosen` that are not the loop's own."""
     out = Path(cfg.out)
     return [f"{named(out / PARTIAL[n])}: exists and is not the {n} stage's output (no {_output(n, cfg).name} in it); "
             f"move what is in it, or set another 'out'"
-            for n in PARTIAL if n in chosen and (n != "eval" or cfg.eval_qa) and not_its_own(out / PARTIAL[n], _output(n, cfg))]
+            for n in PARTIAL if n in chosen and (n != "eval" or cfg.eval_qa)
+            and not_its_own(out / PARTIAL[n], _output(n, cfg).name)]
 
 
 def read_record(path: Path) -> dict[str, str]:

@@ -120,6 +120,14 @@ def staged_dir(dest: str | Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def not_its_own(dest: str | Path, marker: str) -> bool:
+    """The one rule every writer applies before replacing an output directory `dest`: one that exists,
+    holds something and lacks the writer's own file `marker` (an index's manifest.json, an adapter's
+    hybrid_run.json, ...) was put there by someone else, and is never replaced (nor is a file there)."""
+    dest = Path(dest)
+    return dest.exists() and (not dest.is_dir() or (not (dest / marker).exists() and any(dest.iterdir())))
+
+
 def check_writable(directory: str | Path, flag: str) -> None:
     """Refuse, before any work, a directory the caller cannot create or write into (one line naming `flag`)."""
     directory = Path(directory)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval import access, launch
-from retrieval.atomic import staged_dir, write_text_atomic
+from retrieval.atomic import not_its_own, staged_dir, write_text_atomic
 from retrieval.chunking import embed_text
 from retrieval.errors import InputError
 from retrieval.jsonl import write_jsonl
@@ -189,7 +189,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     retriever = Retriever.load(cfg.index)
     base = retriever.embedder
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not (out / "modules.json").exists():
+    if not_its_own(out, "modules.json"):
         raise InputError(f"--out {out}: exists and is not a sentence-transformers model; choose a new directory")
 
     # --- data ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import numpy as np
 
 from retrieval import lexical
 from retrieval.ann import ivfpq_problems, make_faiss_index
-from retrieval.atomic import check_writable, staged_dir
+from retrieval.atomic import check_writable, not_its_own, staged_dir
 from retrieval.chunking import Chunk, chunk_document
 from retrieval.corpus import DEFAULT_MAX_DOCUMENT_MB, load_corpus
 from retrieval.embedder import Embedder, load_embedder
@@ -451,7 +451,7 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
     out_dir = Path(out_dir)
     check_writable(out_dir.parent, "--out")  # before reading the corpus, not after embedding it
     corpus = load_corpus(corpus_dir, on_bad_file=cfg.on_bad_file, max_document_mb=cfg.max_document_mb)
-    if out_dir.exists() and (not out_dir.is_dir() or (not (out_dir / MANIFEST_FILE).exists() and any(out_dir.iterdir()))):
+    if not_its_own(out_dir, MANIFEST_FILE):
         raise InputError(f"--out {out_dir}: exists and is not a hybrid index; choose an empty or new directory")
     emb = embedder or load_embedder(cfg.embedder)
     chunking = {"chunk_tokens": cfg.chunk_tokens, "overlap": cfg.overlap, "tokenizer": type(emb.tokenizer).__name__,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from retrieval import access, launch
-from retrieval.atomic import staged_dir, write_text_atomic
+from retrieval.atomic import not_its_own, staged_dir, write_text_atomic
 from retrieval.chunking import embed_text
 from retrieval.embedder import resolve_embedder
 from retrieval.embedder_tuning import ict_pairs, pair_problems, qa_pairs
@@ -123,7 +123,7 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
     # --- load ------------------------------------------------------------------------------
     retriever = Retriever.load(cfg.index)
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not (out / RERANKER_FILE).exists():
+    if not_its_own(out, RERANKER_FILE):
         raise InputError(f"--out {out}: exists and is not a reranker; choose a new directory")
     index_groups = retriever.index_groups()
     if unknown := sorted(set(cfg.train.groups) - index_groups):

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Literal
 
 from retrieval import access, launch
-from retrieval.atomic import staged_dir
+from retrieval.atomic import not_its_own, staged_dir
 from retrieval.errors import InputError
 from retrieval.jsonl import read_jsonl, write_jsonl
 from retrieval.qa import load_qa, split_rows
@@ -329,7 +329,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     sft_run = run_record.read_sft(sft_dir, f"--adapter {sft_dir}")  # every field read below, checked now
     access.check(sft_dir, cfg.train.groups, f"--adapter {sft_dir}")
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not run_record.exists(out):
+    if not_its_own(out, run_record.RUN_FILE):
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
     if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
         launch.launch(["tune", "dpo"], cfg, "no", log)  # DPO trains in fp32 (bf16=False below)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from retrieval import access, launch
-from retrieval.atomic import staged_dir
+from retrieval.atomic import not_its_own, staged_dir
 from retrieval.errors import InputError
 from retrieval.jsonl import write_jsonl
 from retrieval.qa import id_bucket, load_qa, split_rows
@@ -187,7 +187,7 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         raise InputError("; ".join(problems))
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not run_record.exists(out):
+    if not_its_own(out, run_record.RUN_FILE):
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
     if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
         launch.launch(["tune", "generator"], cfg, "bf16" if _device() == "cuda" and cfg.strategy != "full" else "no", log)
