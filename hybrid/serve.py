@@ -31,6 +31,7 @@ from retrieval.errors import InputError
 from hybrid.pipeline import Pipeline, parse_adapters
 from hybrid.serve_engine import AdapterPool, Engine, Job, RemoteGenerator, ServeError, served_content
 from hybrid.serve_keys import PUBLIC, Caller, KeyRing, load_keys
+from hybrid.serve_requests import error_response, hybrid_fields, parse_chat, shown, unicode_text
 from tuning import run_record
 from tuning.generator import BASE_MODEL_HELP
 from tuning.prompting import ABSTAIN
@@ -38,7 +39,6 @@ from tuning.prompting import ABSTAIN
 log = logging.getLogger("hybrid.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/search")
-ROLES = ("system", "developer", "user", "assistant")
 
 
 @dataclass
@@ -240,93 +240,6 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
 
 
 # --- the app ---------------------------------------------------------------------------------------
-def _error(exc: ServeError):
-    from fastapi.responses import JSONResponse
-
-    headers = {"Retry-After": "1"} if exc.status == 429 else None
-    return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.code}},
-                        status_code=exc.status, headers=headers)
-
-
-def _unicode(text: str, where: str) -> str:
-    """`text` if it is valid Unicode; JSON's escapes can spell a lone surrogate ("\\ud800"), which no
-    tokenizer, index or log can encode: a 400 for this request, before it reaches the engine."""
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
-        raise ServeError(400, f"{where}: holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid "
-                              f"Unicode text", code="invalid_text")
-    return text
-
-
-def _text(content, where: str) -> str:
-    """A message's content as text: a string, or OpenAI's list of {"type": "text", "text"} parts."""
-    if isinstance(content, str):
-        return _unicode(content, where)
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
-                                         isinstance(p.get("text"), str) for p in content):
-        return _unicode("".join(p["text"] for p in content), where)
-    raise ServeError(400, f"{where}: must be a string or a list of text parts", code="invalid_content")
-
-
-def _shown(name: str, limit: int = 60) -> str:
-    """A caller's string as an error message may quote it: escaped, and cut to `limit` characters."""
-    shown = ascii(name)[1:-1]
-    return shown if len(shown) <= limit else shown[:limit] + "..."
-
-
-# Below this a sampled temperature overflows the sampler's logits/temperature (1e-300 is 0 in float32): 0 is greedy.
-MIN_TEMPERATURE = 0.01
-
-
-def parse_chat(body, cfg: ServeConfig) -> dict:
-    """The chat request's fields, validated; ServeError(400) naming the field otherwise."""
-    if not isinstance(body, dict):
-        raise ServeError(400, "the body must be a JSON object")
-    model, messages = body.get("model"), body.get("messages")
-    if not isinstance(model, str) or not model:
-        raise ServeError(400, "'model' is required: an adapter name or the base model's (GET /v1/models)")
-    _unicode(model, "'model'")
-    if not isinstance(messages, list) or not messages:
-        raise ServeError(400, "'messages' must be a non-empty list of {role, content}")
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ServeError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}")
-        turns.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content")})
-    if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
-        raise ServeError(400, "the last message must be a non-empty user message: the question")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = cfg.max_new_tokens if max_tokens is None else max_tokens
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= cfg.max_tokens_limit:
-        raise ServeError(400, f"'max_tokens' must be an integer in [1, {cfg.max_tokens_limit}]")
-    temperature = 0.0 if body.get("temperature") is None else body["temperature"]
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-        raise ServeError(400, "'temperature' must be a number in [0, 2]")
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise ServeError(400, f"'temperature' {temperature:g} is too small to sample with; use 0 for greedy "
-                              f"decoding or a value in [{MIN_TEMPERATURE}, 2]")
-    k = body.get("k", cfg.k)
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 50:
-        raise ServeError(400, "'k' must be an integer in [1, 50]")
-    if body.get("n", 1) != 1:
-        raise ServeError(400, "'n' must be 1")
-    if not isinstance(body.get("stream", False), bool):
-        raise ServeError(400, "'stream' must be true or false")
-    # hybrid's system prompt is the one the adapters were trained with: a client's system turns are dropped
-    history = [t for t in turns[:-1] if t["role"] in ("user", "assistant")]
-    return {"model": model, "question": turns[-1]["content"], "history": history, "max_tokens": max_tokens,
-            "temperature": float(temperature), "k": k, "stream": bool(body.get("stream", False))}
-
-
-def hybrid_fields(a) -> dict:
-    """The completion's extension object (a None answer: nothing visible to this caller, so it abstained)."""
-    if a is None:
-        return {"answer": ABSTAIN, "abstained": True, "citations": [], "passages": [], "support": None,
-                "gated": False, "calibrated_abstain": False, "calibrated_answer": False}
-    return {"answer": a.answer, "abstained": a.abstained, "citations": a.citations, "passages": a.passages,
-            "support": a.support, "gated": a.gated, "calibrated_abstain": a.calibrated_abstain,
-            "calibrated_answer": a.calibrated_answer}
-
-
 def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: KeyRing | None, metrics: Metrics):
     """The FastAPI app; `engine` must be started by the caller (`run` does)."""
     from fastapi import FastAPI, Request
@@ -337,10 +250,10 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
     app = FastAPI(title="hybrid", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(ErrorsMiddleware)  # inside the metrics: a failed request is counted as its 500
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_exception_handler(ServeError, lambda request, exc: _error(exc))
+    app.add_exception_handler(ServeError, lambda request, exc: error_response(exc))
     # an unknown route or method: the same error shape as every other refusal
-    app.add_exception_handler(HTTPException, lambda request, exc: _error(ServeError(
-        exc.status_code, f"{request.method} {_shown(request.url.path)}: {exc.detail}; the routes are "
+    app.add_exception_handler(HTTPException, lambda request, exc: error_response(ServeError(
+        exc.status_code, f"{request.method} {shown(request.url.path)}: {exc.detail}; the routes are "
                          f"{', '.join(ROUTES)}", code="not_found" if exc.status_code == 404 else None)))
     base = base_id(pipe)
 
@@ -360,7 +273,7 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
         if model == base:
             scope, label = pipe.base_scope, f"base model {model}"
         elif pool.path(model) is None:
-            raise ServeError(404, f"model '{_shown(model)}' not found: GET /v1/models lists the base model and the "
+            raise ServeError(404, f"model '{shown(model)}' not found: GET /v1/models lists the base model and the "
                                   f"adapters this key may use", code="model_not_found")
         else:
             scope, label = pool.scope(model), f"adapter '{model}'"
@@ -441,7 +354,7 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
         query, k = (body.get("query"), body.get("k", cfg.k)) if isinstance(body, dict) else (None, None)
         if not isinstance(query, str) or not query.strip():
             raise ServeError(400, "'query' must be a non-empty string")
-        _unicode(query, "'query'")
+        unicode_text(query, "'query'")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 50:
             raise ServeError(400, "'k' must be an integer in [1, 50]")
         job, events = submit({"kind": "search", "question": query, "groups": caller.groups, "k": k})
@@ -529,7 +442,7 @@ def listen(cfg: ServeConfig):
     try:
         infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise InputError(f"--host {_shown(cfg.host)}: not an address of this machine ({exc}); use e.g. 127.0.0.1") \
+        raise InputError(f"--host {shown(cfg.host)}: not an address of this machine ({exc}); use e.g. 127.0.0.1") \
             from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)

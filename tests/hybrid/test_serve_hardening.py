@@ -73,6 +73,7 @@ def process(env, tmp_path_factory):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+    log.close()
 
 
 def test_poisoned_requests_are_refused_alone_then_the_server_answers_and_stops_on_sigterm(process, env):
