@@ -448,14 +448,14 @@ def listen(cfg: ServeConfig):
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
+        sock.bind(address)  # bound, not listening: no client waits in a backlog while the model loads
     except OSError as exc:
         sock.close()
-        why = "in use (another server listens there)" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise InputError(f"--port {cfg.port} on {cfg.host}: {why}; pick another --port or stop that server") \
-            from None
-    sock.set_inheritable(True)
+        if exc.errno == errno.EADDRINUSE:
+            raise InputError(f"--port {cfg.port} on {cfg.host}: in use (another server listens there); pick another "
+                             f"--port or stop that server") from None
+        raise InputError(f"--host {shown(cfg.host)} --port {cfg.port}: cannot bind ({exc.strerror}); use an address "
+                         f"of this machine, e.g. 127.0.0.1") from None
     return sock
 
 
