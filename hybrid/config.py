@@ -24,7 +24,6 @@ import difflib
 import functools
 import inspect
 import re
-import reprlib
 import typing
 from pathlib import Path
 from typing import Any, List, Literal, Optional, TypeVar, Union
@@ -32,7 +31,7 @@ from typing import Any, List, Literal, Optional, TypeVar, Union
 import typer
 import yaml
 
-from retrieval.errors import InputError
+from retrieval.errors import QUOTE_LIMIT, InputError, lone_surrogate, quoted
 
 T = TypeVar("T")
 
@@ -63,21 +62,8 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 # --- quoting user input in an error line ---------------------------------------------------------
 
-QUOTE_LIMIT = 80  # characters of a user's value quoted in an error: enough to recognise it, never a flood
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = QUOTE_LIMIT
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
-_REPR.maxlevel = 2
-
-
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def shown(value: Any) -> str:
-    """`value` as an error line quotes it: its repr, bounded in size (reprlib never builds the whole
-    repr, so a value of any size costs nothing) and escaped (no newline, no lone surrogate)."""
-    return _cut(_REPR.repr(value), QUOTE_LIMIT)
 
 
 def named(text: Any, limit: int = 200) -> str:
@@ -87,14 +73,6 @@ def named(text: Any, limit: int = 200) -> str:
     if not text.isprintable():  # a lone surrogate is not printable either
         text = repr(text)[1:-1]
     return _cut(text, limit)
-
-
-# argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape); YAML's "\udcff" too
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _has_surrogates(text: str) -> bool:
-    return _SURROGATE.search(text) is not None
 
 
 def _strings(value: Any):
@@ -122,7 +100,7 @@ def one_line(message: str, limit: int = 2000) -> str:
 def _type_problem(where: str, tp: Any, value: Any) -> str | None:
     """Why `value` is not a `tp` (None when it is)."""
     for text in _strings(value):  # no path, query or name holds these; argv cannot even pass a NUL
-        if _has_surrogates(text):
+        if lone_surrogate(text):
             return f"{where}: not valid UTF-8 text; pass UTF-8"
         if "\0" in text:
             return f"{where}: contains a NUL character; remove it"
@@ -132,24 +110,24 @@ def _type_problem(where: str, tp: Any, value: Any) -> str | None:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        return None if value in allowed else f"{where}: expected one of {', '.join(map(str, allowed))}, got {shown(value)}"
+        return None if value in allowed else f"{where}: expected one of {', '.join(map(str, allowed))}, got {quoted(value)}"
     if tp is bool:
-        return None if isinstance(value, bool) else f"{where}: expected true/false, got {shown(value)}"
+        return None if isinstance(value, bool) else f"{where}: expected true/false, got {quoted(value)}"
     if tp is int:
         return None if isinstance(value, int) and not isinstance(value, bool) else \
-            f"{where}: expected an integer, got {shown(value)}"
+            f"{where}: expected an integer, got {quoted(value)}"
     if tp is float:
         return None if isinstance(value, (int, float)) and not isinstance(value, bool) or _float_text(value) else \
-            f"{where}: expected a number, got {shown(value)}"
+            f"{where}: expected a number, got {quoted(value)}"
     if tp is str:
-        return None if isinstance(value, str) else f"{where}: expected a string, got {shown(value)}"
+        return None if isinstance(value, str) else f"{where}: expected a string, got {quoted(value)}"
     if origin is list:
         return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else \
-            f"{where}: expected a list of strings, got {shown(value)}"
+            f"{where}: expected a list of strings, got {quoted(value)}"
     if origin is dict:
         return None if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                       for k, v in value.items()) else \
-            f"{where}: expected a mapping of strings to strings, got {shown(value)}"
+            f"{where}: expected a mapping of strings to strings, got {quoted(value)}"
     return None
 
 
@@ -209,7 +187,7 @@ def _section(source: str, mapping: dict, name: str, prefix: str, tp: type, probl
         return sub
     keys = ", ".join(x.name for x in dataclasses.fields(tp))
     how = f"set its keys as {prefix}{name}.KEY=VALUE" if source == "override" else f"write it as a mapping of {keys}"
-    problems.append(f"{source}: {prefix}{name} is a section, got {shown(sub)}; {how}")
+    problems.append(f"{source}: {prefix}{name} is a section, got {quoted(sub)}; {how}")
     return None
 
 
@@ -274,7 +252,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 class _TooLarge(Exception):
-    pass
+    """A YAML document refused by _BoundedLoader; its message says why."""
 
 
 def _expanded_size(node, sizes: dict, open_: set, depth: int) -> int:

@@ -27,14 +27,14 @@ from typing import Any, Callable
 
 import yaml
 
-from hybrid.config import _hints, _strip_optional, build_config, load_yaml, named, parse_yaml, shown
+from hybrid.config import _hints, _strip_optional, build_config, load_yaml, named, parse_yaml
 from hybrid.calibration import CalibrateConfig
 from hybrid.factuality import EvalConfig
 from hybrid.serve import ServeConfig
 from hybrid.tracking import Tracker, TrackingConfig, adapter_scope
 from retrieval.atomic import not_its_own, swap_dir_into_place, write_text_atomic
 from retrieval.embedder_tuning import EmbedderTuneConfig
-from retrieval.errors import InputError
+from retrieval.errors import InputError, quoted
 from retrieval.index import IndexConfig
 from tuning.dpo import DPOTuneConfig
 from tuning.sft import GeneratorTuneConfig
@@ -83,7 +83,7 @@ class LoopConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow tracking"})
 
     def problems(self) -> list[str]:
-        out = [f"stages: unknown stage {shown(s)} (known: {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
+        out = [f"stages: unknown stage {quoted(s)} (known: {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
         if not self.stages:
             out.append("stages: names no stage; list the ones to run, e.g. stages=index,synth")
         return out + _path_problems(self) + _empty_names(self)
@@ -106,7 +106,7 @@ def _empty_names(cfg: LoopConfig) -> list[str]:
     t = cfg.tracking
     out = [f"tracking.{key}: empty; name one, or null for the default" for key in ("uri", "experiment", "run_name")
            if getattr(t, key) is not None and not getattr(t, key).strip()]
-    return out + [f"{key}: an empty group name in {shown(groups)}; list group names (none: public documents only)"
+    return out + [f"{key}: an empty group name in {quoted(groups)}; list group names (none: public documents only)"
                   for key, groups in (("groups", cfg.groups), ("tracking.store_groups", t.store_groups))
                   if not all(g.strip() for g in groups)]
 

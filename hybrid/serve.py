@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Literal
 
 from retrieval import access
-from retrieval.errors import InputError
+from retrieval.errors import InputError, quoted
 from hybrid.pipeline import Pipeline, parse_adapters
 from hybrid.serve_engine import AdapterPool, Engine, Job, RemoteGenerator, ServeError, served_content
 from hybrid.serve_keys import PUBLIC, Caller, KeyRing, load_keys
-from hybrid.serve_requests import error_response, hybrid_fields, parse_chat, shown, unicode_text
+from hybrid.serve_requests import error_response, hybrid_fields, parse_chat, unicode_text
 from tuning import run_record
 from tuning.generator import BASE_MODEL_HELP
 from tuning.prompting import ABSTAIN
@@ -253,7 +253,7 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
     app.add_exception_handler(ServeError, lambda request, exc: error_response(exc))
     # an unknown route or method: the same error shape as every other refusal
     app.add_exception_handler(HTTPException, lambda request, exc: error_response(ServeError(
-        exc.status_code, f"{request.method} {shown(request.url.path)}: {exc.detail}; the routes are "
+        exc.status_code, f"{request.method} {quoted(request.url.path, 60)}: {exc.detail}; the routes are "
                          f"{', '.join(ROUTES)}", code="not_found" if exc.status_code == 404 else None)))
     base = base_id(pipe)
 
@@ -273,7 +273,7 @@ def create_app(cfg: ServeConfig, pipe, pool: AdapterPool, engine: Engine, keys: 
         if model == base:
             scope, label = pipe.base_scope, f"base model {model}"
         elif pool.path(model) is None:
-            raise ServeError(404, f"model '{shown(model)}' not found: GET /v1/models lists the base model and the "
+            raise ServeError(404, f"model {quoted(model, 60)} not found: GET /v1/models lists the base model and the "
                                   f"adapters this key may use", code="model_not_found")
         else:
             scope, label = pool.scope(model), f"adapter '{model}'"
@@ -442,7 +442,7 @@ def listen(cfg: ServeConfig):
     try:
         infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise InputError(f"--host {shown(cfg.host)}: not an address of this machine ({exc}); use e.g. 127.0.0.1") \
+        raise InputError(f"--host {quoted(cfg.host)}: not an address of this machine ({exc}); use e.g. 127.0.0.1") \
             from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
@@ -454,7 +454,7 @@ def listen(cfg: ServeConfig):
         if exc.errno == errno.EADDRINUSE:
             raise InputError(f"--port {cfg.port} on {cfg.host}: in use (another server listens there); pick another "
                              f"--port or stop that server") from None
-        raise InputError(f"--host {shown(cfg.host)} --port {cfg.port}: cannot bind ({exc.strerror}); use an address "
+        raise InputError(f"--host {quoted(cfg.host)} --port {cfg.port}: cannot bind ({exc.strerror}); use an address "
                          f"of this machine, e.g. 127.0.0.1") from None
     return sock
 

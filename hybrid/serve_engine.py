@@ -217,11 +217,10 @@ class AdapterPool:
 
 
 def plain_name(name) -> bool:
-    """A name that can only mean a direct sub-directory: text, no separator or dot-name, within a file
-    name's limits (a 5,000-character or surrogate-bearing `model` is simply no adapter)."""
+    """A name that can only mean a direct sub-directory: printable text (no lone surrogate, no NUL), no
+    separator or dot-name, within a file name's limits (a 5,000-character `model` is simply no adapter)."""
     return isinstance(name, str) and 0 < len(name) <= 200 and name not in (".", "..") and \
-        not any(c in name for c in "/\\\0") and name.isprintable() and \
-        not any(0xD800 <= ord(c) <= 0xDFFF for c in name)
+        name.isprintable() and not any(c in name for c in "/\\")
 
 
 def served_content(a) -> str:

@@ -14,6 +14,7 @@ failure (hybrid/serve_engine.py).
 from __future__ import annotations
 
 from hybrid.serve_engine import ServeError
+from retrieval.errors import lone_surrogate
 from tuning.prompting import ABSTAIN
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -31,7 +32,7 @@ def error_response(exc: ServeError):
 def unicode_text(text: str, where: str) -> str:
     """`text` if it is valid Unicode; JSON's escapes can spell a lone surrogate ("\\ud800"), which no
     tokenizer, index or log can encode: a 400 for this request, before it reaches the engine."""
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+    if lone_surrogate(text):
         raise ServeError(400, f"{where}: holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid "
                               f"Unicode text", code="invalid_text")
     return text
@@ -45,12 +46,6 @@ def _text(content, where: str) -> str:
                                          isinstance(p.get("text"), str) for p in content):
         return unicode_text("".join(p["text"] for p in content), where)
     raise ServeError(400, f"{where}: must be a string or a list of text parts", code="invalid_content")
-
-
-def shown(name: str, limit: int = 60) -> str:
-    """A caller's string as an error message may quote it: escaped, and cut to `limit` characters."""
-    shown = ascii(name)[1:-1]
-    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 # Below this a sampled temperature overflows the sampler's logits/temperature (1e-300 is 0 in float32): 0 is greedy.

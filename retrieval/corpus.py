@@ -35,7 +35,7 @@ from typing import Iterator, Literal
 
 import yaml
 
-from retrieval.errors import InputError
+from retrieval.errors import InputError, quoted
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,6 @@ _CONFUSABLES = str.maketrans({
     "ԍ": "g", "ɡ": "g", "г": "r", "ı": "i", "ο": "o", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k",
     "μ": "u", "ν": "v", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "γ": "y", "ζ": "z", "ω": "w",
 })
-_SHOWN_MAX = 80  # a hostile key or value can be megabytes; an error line quotes at most this much
-
-
-def _shown(value) -> str:
-    """`value` for an error line: escaped to ASCII (a zero-width space shows as \\u200b), at most ~80 chars."""
-    text = ascii(value[:_SHOWN_MAX + 1] if isinstance(value, (str, bytes)) else value)
-    return text if len(text) <= _SHOWN_MAX else text[:_SHOWN_MAX - 3] + "..."
 
 
 def _visible(text: str) -> str:
@@ -141,12 +134,12 @@ def _check_keys(mapping: dict, known: tuple[str, ...], where: str, what: str) ->
             continue
         canon = _near_miss(key, known) if isinstance(key, str) else None
         if canon is None:
-            shown = _shown(key) if isinstance(key, str) else f"{_shown(key)} (type {type(key).__name__}, not a name)"
+            shown = quoted(key) if isinstance(key, str) else f"{quoted(key)} (type {type(key).__name__}, not a name)"
             raise InputError(f"{where}: {what} {shown} is not one hybrid reads (it reads {', '.join(known)}); "
                              f"delete the key")
         why = "keys are lower-case" if key.isascii() else \
             "it has look-alike, full-width or invisible characters; type it in plain ASCII"
-        raise InputError(f"{where}: {what} {_shown(key)} is not {canon!r}; spell it '{canon}' ({why})")
+        raise InputError(f"{where}: {what} {quoted(key)} is not {canon!r}; spell it '{canon}' ({why})")
 
 
 def _near_miss(key: str, known: tuple[str, ...]) -> str | None:
@@ -162,7 +155,7 @@ def _groups(mapping: dict, where: str, example: str) -> tuple[str, ...]:
     value = mapping["groups"]
     if isinstance(value, str):
         if "," in value:
-            raise InputError(f"{where}: 'groups' is the single string {_shown(value)}; write a list, e.g. {example}")
+            raise InputError(f"{where}: 'groups' is the single string {quoted(value)}; write a list, e.g. {example}")
         value = [value]
     if value is None or value == [] or (isinstance(value, list) and all(isinstance(g, str) and not g.strip()
                                                                           for g in value)):
@@ -186,12 +179,12 @@ def _check_group_name(name: str, where: str) -> None:
     Such a name matches no caller's group, so the document would silently be visible to no one
     (fail-closed, never a leak); a clear refusal says which name to fix."""
     if any(unicodedata.category(c) in _HIDDEN_CATEGORIES for c in name):
-        raise InputError(f"{where}: group name {_shown(name)} has invisible or control characters; "
+        raise InputError(f"{where}: group name {quoted(name)} has invisible or control characters; "
                          f"type the name in plain text")
     plain = unicodedata.normalize("NFKC", name)
     if plain != name:
-        raise InputError(f"{where}: group name {_shown(name)} is not in Unicode NFKC form (full-width, styled, "
-                         f"ligature or decomposed letters); write it as {_shown(plain)}")
+        raise InputError(f"{where}: group name {quoted(name)} is not in Unicode NFKC form (full-width, styled, "
+                         f"ligature or decomposed letters); write it as {quoted(plain)}")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -202,7 +195,7 @@ class _YamlLoader(yaml.SafeLoader):
             counts = Counter(k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode))
             dup = sorted(str(k) for k, n in counts.items() if n > 1)
             if dup:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_shown(dup[0])}",
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {quoted(dup[0])}",
                                                         node.start_mark)
         return super().construct_mapping(node, deep)
 
@@ -243,7 +236,7 @@ def parse_front_matter(raw: str, where: str) -> tuple[dict, str]:
     if not head.startswith("---"):
         if _visible(head).translate(_DASHES).lstrip().startswith("---"):
             # `—--` or `---` after a zero-width joiner: meant as front matter, and its groups would be body text.
-            raise InputError(f"{where}:{lineno}: the first line {_shown(head[:20])} looks like '---' but is not; "
+            raise InputError(f"{where}:{lineno}: the first line {quoted(head[:20])} looks like '---' but is not; "
                              f"front matter opens with a line of exactly three ASCII hyphens '---' (remove the "
                              f"line if it is a rule)")
         return {}, text
@@ -326,7 +319,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         dup = next(k for k, n in Counter(keys).items() if n > 1)
-        raise ValueError(f"duplicate key {_shown(dup)}")
+        raise ValueError(f"duplicate key {quoted(dup)}")
     return dict(pairs)
 
 
@@ -485,7 +478,7 @@ def load_corpus(corpus_dir: str | Path, on_bad_file: Literal["skip", "fail"] = "
     seen: dict[str, str] = {}
     for doc in docs:
         if doc.id in seen:
-            raise InputError(f"duplicate document id {_shown(doc.id)} in {seen[doc.id]} and {doc.source}; ids must be unique")
+            raise InputError(f"duplicate document id {quoted(doc.id)} in {seen[doc.id]} and {doc.source}; ids must be unique")
         seen[doc.id] = doc.source
     if not docs:
         raise InputError(f"corpus directory {root} holds no non-empty documents")
