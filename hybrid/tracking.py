@@ -182,7 +182,10 @@ def _one_try(uri: str, where: str):
                          f"fix {where}, or set tracking.backend: none") from None
     finally:
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _shown_uri(uri: str) -> str:
