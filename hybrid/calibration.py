@@ -20,6 +20,7 @@ from hybrid.pipeline import Pipeline
 from retrieval import access
 from retrieval.atomic import write_text_atomic
 from retrieval.errors import InputError
+from retrieval.precision import Precision, option
 from retrieval.index import sha256_file
 from retrieval.qa import load_qa
 from tuning import run_record
@@ -40,6 +41,7 @@ class CalibrateConfig:
     k: int = field(default=5, metadata={"flag": "-k", "help": "Passages per question when retrieving."})
     groups: list[str] = field(default_factory=list, metadata={
         "flag": "--group", "help": "Access group of the caller (repeatable). Without it: public documents only."})
+    precision: Precision = option()
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)
@@ -68,7 +70,7 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
         raise InputError(f"--qa {cfg.qa}: rows without 'passages' need --index to retrieve them")
     # calibrated=False: a stale threshold beside the adapter must not block the recalibration
     pipe = Pipeline.load(cfg.index if needs_index else None, {"adapter": cfg.adapter}, k=cfg.k, groups=cfg.groups,
-                         calibrated=False)
+                         calibrated=False, precision=cfg.precision)
     contexts = row_contexts(rows, EvalConfig(qa=cfg.qa, index=cfg.index, k=cfg.k, groups=cfg.groups), pipe)
     scores = pipe.abstain_scores([r.question for r in rows], [contexts[r.id] for r in rows], adapter="adapter")
     record = {**youden_threshold(scores, labels), "auroc": auroc(-scores, labels), "n": len(rows),

@@ -164,7 +164,7 @@ def index_cmd(
         typer.echo(f"skipped {where}: {why}", err=True)
     typer.echo(f"indexed {rep.documents} documents ({rep.embedded_documents} embedded, {rep.reused_documents} reused, "
                f"{rep.deleted_documents} dropped, {len(rep.skipped_files)} files skipped) -> {rep.chunks} chunks, "
-               f"{rep.index_type} index at {out} in {rep.seconds:.1f}s")
+               f"{rep.index_type} index at {out} in {rep.seconds:.1f}s ({rep.precision})")
     _track(track, "index", cfg, out, [])  # counts only: no text of any group is logged
 
 
@@ -174,7 +174,7 @@ def index_cmd(
 def search_cmd(cfg: SearchConfig, as_json: bool = typer.Option(
         False, "--json", help='Print {"hits": [{"doc_id", "chunk_id", "score", "title", "text"}]}.')):
     """Search an index (access control applied)."""
-    hits = Retriever.load(cfg.index, reranker=cfg.rerank).search(cfg.query, k=cfg.k, groups=cfg.groups or None,
+    hits = Retriever.load(cfg.index, reranker=cfg.rerank, precision=cfg.precision).search(cfg.query, k=cfg.k, groups=cfg.groups or None,
                                                                  mode=cfg.mode)
     if as_json:
         typer.echo(json.dumps({"hits": [h.to_dict() for h in hits]}, ensure_ascii=False))
@@ -294,7 +294,8 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
     """Retrieve, answer from the passages, and verify every quote against them."""
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support, judge=cfg.judge,
-                         groups=cfg.groups, gate_threshold=cfg.gate_threshold, mode=cfg.mode, rerank=cfg.rerank)
+                         groups=cfg.groups, gate_threshold=cfg.gate_threshold, mode=cfg.mode, rerank=cfg.rerank,
+                         precision=cfg.precision)
     streamed = []
     if as_json or cfg.select:
         res = pipe.ask(cfg.question, groups=cfg.groups, adapter=cfg.answering_adapter, select=cfg.select or None)
@@ -327,7 +328,8 @@ def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help
         raise InputError("--track mlflow records the factuality report: it needs --out DIR and no --only retrieval")
     _tracking_ready(track)
     if cfg.only == "retrieval":
-        report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups, mode=cfg.mode, rerank=cfg.rerank)
+        report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups, mode=cfg.mode, rerank=cfg.rerank,
+                                    precision=cfg.precision)
         if cfg.out:
             write_report(report, cfg.out)
         typer.echo(json.dumps(report) if as_json else markdown_table(report["configs"]))

@@ -20,7 +20,7 @@ RETRIEVAL_COLUMNS = ("n", "recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@1
 
 
 def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, depth: int = 50,
-                       mode: str | None = None, rerank: str | Path | None = None) -> dict:
+                       mode: str | None = None, rerank: str | Path | None = None, precision: str = "fp32") -> dict:
     """Retrieval metrics of one index on a QA file.
 
     Args:
@@ -30,6 +30,7 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
         depth: chunks fetched per question before collapsing to distinct documents.
         mode: dense | lexical | hybrid (None = the index's default).
         rerank: reranker dir re-scoring the first stage's top N.
+        precision: auto, fp32 or bf16 for the query encoder and the reranker (retrieval/precision.py).
 
     Returns:
         {"configs": {"retrieval": metrics}, "dataset": path, "index": path, "embedder": name}.
@@ -38,7 +39,7 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
     if not rows:
         raise InputError(f"{qa_path}: no row has 'gold_ids', so there is nothing to score retrieval against; add "
                          f"the ids of each question's gold documents")
-    retriever = Retriever.load(index_dir, reranker=rerank)
+    retriever = Retriever.load(index_dir, reranker=rerank, precision=precision)
     # Absent and restricted look the same here: the caller learns nothing about documents it cannot see.
     visible = {c.doc_id for c in retriever.chunks(groups=access.training_groups(groups))}
     unseen = sorted({g for r in rows for g in r.gold_ids} - visible)
@@ -52,7 +53,8 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
     metrics = retrieval_metrics([[h.doc_id for h in hs] for hs in hits], [set(r.gold_ids) for r in rows])
     return {"configs": {"retrieval": metrics}, "dataset": str(qa_path), "index": str(index_dir),
             "mode": mode or retriever.search_settings["mode"], "rerank": str(rerank) if rerank else None,
-            "embedder": retriever.manifest["embedder"]["name"], "groups": sorted(groups or [])}
+            "embedder": retriever.manifest["embedder"]["name"], "groups": sorted(groups or []),
+            "precision": retriever.embedder.precision}
 
 
 def markdown_table(configs: dict[str, dict], columns=RETRIEVAL_COLUMNS) -> str:

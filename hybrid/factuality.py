@@ -45,6 +45,7 @@ from hybrid.pipeline import Pipeline, best_supported, check_select, deciding_ada
 from retrieval import access
 from retrieval.atomic import check_writable, write_text_atomic
 from retrieval.errors import InputError
+from retrieval.precision import Precision, choose, default_device, option
 from retrieval.index import sha256_file
 from retrieval.qa import QARow, load_qa
 from retrieval.retriever import Retriever
@@ -100,6 +101,7 @@ class EvalConfig:
                 "then --merge the N report dirs."})
     merge: list[str] = field(default_factory=list, metadata={
         "help": "Report dir of a --shard run (repeat, all N): one report over every question, no generation."})
+    precision: Precision = option()
 
     def shard_of(self) -> tuple[int, int] | None:
         return None if self.shard is None else parse_shard(self.shard)
@@ -229,7 +231,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
                          f"pass --index to retrieve them")
     configs = (["closed_book"] if cfg.closed_book else []) + ["rag"] + [f"rag+{n}" for n in cfg.adapters]
     done = merged(cfg, configs, rows) if cfg.merge else resume(cfg, configs, {r.id for r in rows})
-    judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate) if cfg.judge else None  # refused now, not later
+    judge = Judge.load(cfg.judge, groups=cfg.groups, gate=cfg.gate, precision=cfg.precision) if cfg.judge else None
     calibrations = {n: c for n, d in cfg.adapters.items() if (c := load_calibration(d)) is not None}
     thresholds = {f"rag+{n}": float(c["threshold"]) for n, c in calibrations.items()}
     todo = [(c, r) for c in configs for r in rows if (c, r.id) not in done]
@@ -239,7 +241,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     def load_pipe():
         return Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                              max_new_tokens=cfg.max_new_tokens, groups=cfg.groups, calibrated=False, mode=cfg.mode,
-                             rerank=cfg.rerank)
+                             rerank=cfg.rerank, precision=cfg.precision)
 
     pipe = load_pipe() if todo or unscored or not done else None
     contexts = row_contexts(rows, cfg, pipe) if todo or rejudge or unscored else {}  # a finished run needs no retrieval
@@ -264,6 +266,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
               "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
               "n_questions": len(rows), "n_unanswerable": sum(not r.answers for r in rows),
+              "precision": run_precision(cfg),
               "models": {"base": pipe.info.name if pipe else cfg.base_model or "smollm2", "adapters": cfg.adapters,
                          "judge": cfg.judge, "index": cfg.index},
               **({"gate_threshold": cfg.gate_threshold} if cfg.gate else {}),
@@ -279,13 +282,13 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
 def merged(cfg: EvalConfig, configs: list[str], rows: list[QARow]) -> dict[tuple[str, str], dict]:
     """The predictions of `--merge` shard dirs, checked to be runs of these settings that together
     answer every (configuration, question) of this run."""
-    sigs, done, ids = config_signatures(cfg, configs), {}, {r.id for r in rows}
+    sigs, done, ids, precision = config_signatures(cfg, configs), {}, {r.id for r in rows}, run_precision(cfg)
     for d in cfg.merge:
         try:
             meta = json.loads((Path(d) / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise InputError(f"--merge {d}: no run.json; pass the --out dir of a 'hybrid eval --shard I/N' run") from None
-        if why := stored_run(meta, sigs, f"--merge {d}"):
+        if why := stored_run(meta, sigs, f"--merge {d}", precision):
             raise InputError(f"{why}; merge shards of one run, with its settings")
         shard = meta.get("shard") if isinstance(meta.get("shard"), str) and meta["shard"].isprintable() else "I/N"
         # the same loader as a resumed eval's: a merged report holds no line its own run would refuse
@@ -296,12 +299,12 @@ def merged(cfg: EvalConfig, configs: list[str], rows: list[QARow]) -> dict[tuple
         raise InputError(f"--merge: {len(missing)} answers missing (e.g. {missing[0][1]} in {missing[0][0]}); "
                          f"pass every shard's dir, each run to the end")
     if cfg.out:
-        claim_merge_out(cfg, sigs)
+        claim_merge_out(cfg, sigs, precision)
     # this run's configurations only: other adapters' answers in a shard are not checked against this run
     return {k: p for k, p in done.items() if k[0].removesuffix("+answered") in configs}
 
 
-def claim_merge_out(cfg: EvalConfig, sigs: dict[str, str]) -> None:
+def claim_merge_out(cfg: EvalConfig, sigs: dict[str, str], precision: str) -> None:
     """Make a merge's --out a single run's (run.json now, predictions.jsonl with the report), so it
     re-reports (another judge, --gate) without the shards. Refused where it would replace answers
     of another run, or a shard's own."""
@@ -313,10 +316,11 @@ def claim_merge_out(cfg: EvalConfig, sigs: dict[str, str]) -> None:
             meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = {}
-        if why := stored_run(meta, sigs, f"--out {out}"):
+        if why := stored_run(meta, sigs, f"--out {out}", precision):
             raise InputError(f"{why}; use another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "run.json", json.dumps({"signature": sigs["rag"], "shard": None, "configs": sigs}))
+    write_text_atomic(out / "run.json", json.dumps({"signature": sigs["rag"], "shard": None, "configs": sigs,
+                                                    "precision": precision}))
 
 
 def signature(cfg: EvalConfig) -> str:
@@ -341,14 +345,25 @@ def config_signatures(cfg: EvalConfig, configs: list[str]) -> dict[str, str]:
     return out
 
 
-def stored_run(meta, sigs: dict[str, str], where: str) -> str | None:
-    """Why a run.json's answers cannot be used by a run with these `config_signatures` (None: they can)."""
+def run_precision(cfg: EvalConfig) -> str:
+    """The precision this run's answers are made at: in run.json and the report; a resumed or merged
+    run's answers must all have been made at it (bf16 may word an answer differently)."""
+    return choose(cfg.precision, default_device())
+
+
+def stored_run(meta, sigs: dict[str, str], where: str, precision: str) -> str | None:
+    """Why a run.json's answers cannot be used by a run with these `config_signatures` at `precision`
+    (None: they can)."""
     if not isinstance(meta, dict) or meta.get("signature") != sigs["rag"] or \
             not isinstance(meta.get("configs"), dict):
         return f"{where}: holds predictions of a run with other settings (qa, index, limit, seed, k, groups, mode, ...)"
     if changed := [c for c, sig in sigs.items() if c in meta["configs"] and meta["configs"][c] != sig]:
         return (f"{where}: holds {changed[0]} answers of a run with other settings (another adapter dir, or the "
                 f"adapter retrained)")
+    made = meta.get("precision", "fp32")  # run.json written before the precision policy: every model ran in fp32
+    if made != precision:
+        return f"{where}: holds answers made at --precision {made}, and this run computes at {precision} " \
+               f"(pass --precision {made} to resume them)"
     return None
 
 
@@ -361,7 +376,7 @@ def resume(cfg: EvalConfig, configs: list[str], ids: set[str]) -> dict[tuple[str
         InputError: --out holds predictions of a run with other settings.
     """
     out = Path(cfg.out) if cfg.out else None
-    sigs = config_signatures(cfg, configs)
+    sigs, precision = config_signatures(cfg, configs), run_precision(cfg)
     done: dict[tuple[str, str], dict] = {}
     stored: dict[str, str] = {}
     if out and (out / "predictions.jsonl").exists() and (out / "predictions.jsonl").stat().st_size:
@@ -369,7 +384,7 @@ def resume(cfg: EvalConfig, configs: list[str], ids: set[str]) -> dict[tuple[str
             meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = {}
-        why = stored_run(meta, sigs, f"--out {out}")
+        why = stored_run(meta, sigs, f"--out {out}", precision)
         if why or meta.get("shard") != cfg.shard:
             raise InputError(f"{why or f'--out {out}: holds predictions of another shard'}; use another --out or "
                              f"delete it")
@@ -378,7 +393,7 @@ def resume(cfg: EvalConfig, configs: list[str], ids: set[str]) -> dict[tuple[str
     if out:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "run.json", json.dumps({"signature": sigs["rag"], "shard": cfg.shard,
-                                                        "configs": {**stored, **sigs}}))
+                                                        "configs": {**stored, **sigs}, "precision": precision}))
     return done
 
 
@@ -477,7 +492,8 @@ def row_contexts(rows: list[QARow], cfg: EvalConfig, pipe) -> dict[str, list[dic
     out = {r.id: [{"doc_id": str(p.get("id", "")), **p} for p in r.passages] for r in rows if r.passages is not None}
     need = [r for r in rows if r.passages is None]
     if need:
-        retriever = pipe.retriever if pipe is not None else Retriever.load(cfg.index, reranker=cfg.rerank)
+        retriever = pipe.retriever if pipe is not None else Retriever.load(cfg.index, reranker=cfg.rerank,
+                                                                                      precision=cfg.precision)
         out.update(zip([r.id for r in need], passages_for(retriever, [r.question for r in need], cfg.k, cfg.groups,
                                                                  cfg.mode)))
     return out

@@ -34,6 +34,7 @@ from typing import Callable, Literal
 
 from retrieval import access
 from retrieval.errors import InputError
+from retrieval.precision import Precision, option
 from retrieval.retriever import MODES, Retriever
 from tuning import abstention, run_record
 from tuning.abstention import calibration_abstains, load_calibration
@@ -103,6 +104,7 @@ class AskConfig:
         "help": "NAME (repeat, two or more loaded adapters; with --judge): each answers, the judge picks the "
                 "best-supported answer and the best-calibrated adapter decides whether to abstain (eval's "
                 "rag+A|B+cal); the judge picks instead of gating."})
+    precision: Precision = option()
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)
@@ -210,13 +212,14 @@ class Pipeline:
         # values are computed once per adapter, not per question (greedy answers unchanged)
         self.prefix_cache = PrefixCache()
         self.mode: str | None = None  # retrieval mode; None = the index's default
+        self.precision = info.precision if info is not None else "fp32"  # the generator's (retrieval/precision.py)
 
     @classmethod
     def load(cls, index_dir: str | Path | None = None, adapters: dict[str, str] | str | None = None,
              base_model: str | None = None, k: int = 5, max_new_tokens: int = 96,
              require_support: bool = False, device: str | None = None, judge: str | Path | None = None,
              groups=None, gate_threshold: float | None = None, calibrated: bool = True,
-             mode: str | None = None, rerank: str | Path | None = None) -> "Pipeline":
+             mode: str | None = None, rerank: str | Path | None = None, precision: str = "auto") -> "Pipeline":
         """Load retriever, base generator and adapters.
 
         Args:
@@ -237,6 +240,8 @@ class Pipeline:
                 threshold (`hybrid tune calibrate`); False serves the greedy answers as they are.
             mode: retrieval mode, dense | lexical | hybrid (None = the index's default).
             rerank: reranker dir (`hybrid tune reranker`) applied to every retrieval.
+            precision: auto, fp32 or bf16 for every model it runs (retrieval/precision.py); the one
+                chosen is `pipe.precision`.
 
         Raises:
             InputError: missing adapter, an adapter trained on another base model, or an
@@ -257,12 +262,12 @@ class Pipeline:
             raise InputError("--rerank needs --index: it re-orders retrieved passages")
         if mode is not None and mode not in MODES:  # before the first question, not at it
             raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-        retriever = Retriever.load(index_dir, reranker=rerank) if index_dir else None
-        model, tok, info = load_generator(base_model, device=device)
+        retriever = Retriever.load(index_dir, reranker=rerank, precision=precision) if index_dir else None
+        model, tok, info = load_generator(base_model, device=device, precision=precision)
         for name, rec in records.items():
             run_record.check_base(name, adapters[name], rec, info)
         if judge is not None:
-            judge = Judge.load(judge, groups=groups, gate=True)
+            judge = Judge.load(judge, groups=groups, gate=True, precision=precision)
         pipe = cls(retriever, model, tok, info, [], k=k, max_new_tokens=max_new_tokens,
                    require_support=require_support, judge=judge, groups=groups, base_scope=base_scope,
                    gate_threshold=gate_threshold, calibrated=calibrated)
@@ -270,6 +275,7 @@ class Pipeline:
             pipe.add_adapter(name, path)
         pipe.model.eval()
         pipe.mode = mode
+        pipe.precision = info.precision
         return pipe
 
     def add_adapter(self, name: str, path: str | Path) -> None:

@@ -28,6 +28,7 @@ from typing import Literal
 
 from retrieval import access
 from retrieval.errors import InputError, quoted
+from retrieval.precision import Precision, option
 from hybrid.pipeline import Pipeline, parse_adapters
 from hybrid.serve_engine import AdapterPool, Engine, Job, RemoteGenerator, ServeError, served_content
 from hybrid.serve_keys import PUBLIC, Caller, KeyRing, load_keys
@@ -86,6 +87,7 @@ class ServeConfig:
         "help": "GET /health answers 503 when the running batch has made no progress (no token) for this long."})
     drain_seconds: float = field(default=30.0, metadata={
         "help": "On SIGINT/SIGTERM: how long requests in flight may take to finish before the server stops."})
+    precision: Precision = option()
 
     def problems(self) -> list[str]:
         out = []
@@ -212,7 +214,7 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
         from tuning.judge import Judge
 
         try:
-            judge = Judge.load(cfg.judge, groups=shared, gate=True)
+            judge = Judge.load(cfg.judge, groups=shared, gate=True, precision=cfg.precision)
         except InputError as exc:
             raise InputError(f"{exc} (the judge serves every key: train it within the groups all keys in "
                              f"--keys share: {', '.join(shared) or 'public only'})") from None
@@ -222,7 +224,7 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
 
         name = cfg.base_model or next((run_record.read(p, f"--adapter {n}={p}")["base_model"]["name"]
                                        for n, p in cfg.adapters.items()), "smollm2")
-        pipe = Pipeline(Retriever.load(cfg.index, reranker=cfg.rerank), None, None,
+        pipe = Pipeline(Retriever.load(cfg.index, reranker=cfg.rerank, precision=cfg.precision), None, None,
                         GeneratorInfo(name=name, path="", fingerprint=""), [], k=cfg.k,
                         max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support,
                         judge=judge, groups=groups,
@@ -232,7 +234,8 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
         base = cfg.base_model or next((run_record.read_adapter(n, p, groups)["base_model"]["name"]
                                        for n, p in cfg.adapters.items()), None)
         pipe = Pipeline.load(cfg.index, base_model=base, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                             require_support=cfg.require_support, groups=groups, mode=cfg.mode, rerank=cfg.rerank)
+                             require_support=cfg.require_support, groups=groups, mode=cfg.mode, rerank=cfg.rerank,
+                             precision=cfg.precision)
         pipe.judge = judge
     for name, path in cfg.adapters.items():  # refuse a bad --adapter now, not at its first request
         run_record.check_base(name, path, run_record.read_adapter(name, path, groups), pipe.info)

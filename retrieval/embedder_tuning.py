@@ -33,6 +33,7 @@ from retrieval.chunking import embed_text
 from retrieval.errors import InputError
 from retrieval.jsonl import write_jsonl
 from retrieval.metrics import retrieval_metrics
+from retrieval.precision import autocast, choose, device_of
 from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Hit, Retriever
 from retrieval.train_settings import TrainSettings
@@ -151,11 +152,14 @@ def ict_pairs(retriever: Retriever, cfg: EmbedderTuneConfig):
     return pairs, test_q, test_g
 
 
-def rank_docs(model, chunks: list[Hit], queries: list[str], depth: int = 50) -> list[list[str]]:
-    """Rank chunk doc ids for queries by exact inner product under a SentenceTransformer (owner-side eval)."""
+def rank_docs(model, chunks: list[Hit], queries: list[str], depth: int = 50,
+              precision: str = "fp32") -> list[list[str]]:
+    """Rank chunk doc ids for queries by exact inner product under a SentenceTransformer (owner-side eval),
+    encoding at `precision` (fp32, or bf16 autocast)."""
     def encode(texts: list[str]) -> np.ndarray:
-        return np.asarray(model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True),
-                          dtype=np.float32)
+        with autocast(precision, device_of(model)):
+            vecs = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        return np.asarray(vecs, dtype=np.float32)
 
     import faiss  # imported on use, as in retrieval.index
 
@@ -174,8 +178,10 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     """
     if problems := cfg.problems():
         raise InputError("; ".join(problems))
+    precision = choose(cfg.train.precision, "cuda" if _cuda() else "cpu")  # bf16: autocast, fp32 weights
     if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
-        launch.launch(["tune", "embedder"], cfg, "no", log=lambda m: logging.getLogger(__name__).info(m))
+        launch.launch(["tune", "embedder"], cfg, "bf16" if precision == "bf16" else "no",
+                      log=lambda m: logging.getLogger(__name__).info(m))
         return json.loads((Path(cfg.out) / "hybrid_tuning.json").read_text())
     t0 = time.perf_counter()
     from datasets import Dataset
@@ -186,7 +192,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     from retrieval.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
 
     # --- load ------------------------------------------------------------------------------
-    retriever = Retriever.load(cfg.index)
+    retriever = Retriever.load(cfg.index, precision=precision)
     base = retriever.embedder
     out = Path(cfg.out)
     if not_its_own(out, "modules.json"):
@@ -204,10 +210,11 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     corpus_texts = [embed_text(c.title, c.text) for c in all_chunks]
     dataset = Dataset.from_dict({"anchor": [q for q, _, _ in pairs], "positive": [p for _, p, _ in pairs]})
     # Hard negatives from the index's own chunks, scored by the base embedder.
-    mined = util.mine_hard_negatives(
-        dataset, base.model, corpus=corpus_texts, range_max=cfg.mine_range, relative_margin=cfg.relative_margin,
-        num_negatives=cfg.num_negatives, sampling_strategy="top", output_format="n-tuple", use_faiss=True,
-        batch_size=64, verbose=progress)
+    with autocast(precision, device_of(base.model)):
+        mined = util.mine_hard_negatives(
+            dataset, base.model, corpus=corpus_texts, range_max=cfg.mine_range, relative_margin=cfg.relative_margin,
+            num_negatives=cfg.num_negatives, sampling_strategy="top", output_format="n-tuple", use_faiss=True,
+            batch_size=64, verbose=progress)
     if len(mined) < cfg.train.batch_size:  # too few survived the margin: fall back to in-batch negatives only
         mined = dataset
 
@@ -222,7 +229,8 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         max_steps=t.max_steps or -1, per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio,
         batch_sampler=BatchSamplers.NO_DUPLICATES, seed=t.seed, save_strategy="no", report_to="none",
-        logging_steps=10, disable_tqdm=not progress, use_cpu=not _cuda(), dataloader_drop_last=True)
+        logging_steps=10, disable_tqdm=not progress, use_cpu=not _cuda(), dataloader_drop_last=True,
+        bf16=precision == "bf16")
     budget = TimeBudget(t.max_minutes)
     # Under DDP each process embeds its own micro-batch; gathering the embeddings across processes
     # keeps the in-batch negatives those of the global batch, as in one process.
@@ -239,7 +247,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     # --- evaluate base vs tuned on the held-out split ---------------------------------------
     base_rank = [[h.doc_id for h in hits] for hits in retriever.search_vectors(base.encode(test_q), k=50,
                                                                                groups=t.groups)]
-    tuned_rank = rank_docs(model, all_chunks, test_q)
+    tuned_rank = rank_docs(model, all_chunks, test_q, precision=precision)
     result = {
         "base": retrieval_metrics(base_rank, test_g),
         "tuned": retrieval_metrics(tuned_rank, test_g),
@@ -253,6 +261,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "out": str(out),
         "config": asdict(cfg),
+        "precision": precision,
         "access": scope,
     }
 

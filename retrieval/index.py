@@ -38,6 +38,7 @@ from retrieval.chunking import Chunk, chunk_document
 from retrieval.corpus import DEFAULT_MAX_DOCUMENT_MB, load_corpus
 from retrieval.embedder import Embedder, load_embedder
 from retrieval.errors import InputError
+from retrieval.precision import Precision, option
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class IndexConfig:
                 "overrides it): dense (embeddings), lexical (BM25 over FTS5) or hybrid (both, fused)."})
     fusion: Literal["rrf", "convex"] = field(default="convex", metadata={
         "help": "hybrid mode: weighted reciprocal rank fusion, or a convex combination of normalised scores."})
+    precision: Precision = option()
     fusion_weight: float = field(default=0.4, metadata={"help": "hybrid mode: the dense side's weight in [0, 1]."})
     fusion_candidates: int = field(default=50, metadata={"help": "hybrid mode: hits taken from each side before "
                                                                  "fusing."})
@@ -147,6 +149,7 @@ class BuildReport:
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     index_type: str = "flat"
     seconds: float = 0.0
+    precision: str = "fp32"  # what the embedder encoded at (retrieval/precision.py)
 
 
 _READ_ATTEMPTS = 20
@@ -453,7 +456,7 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
     corpus = load_corpus(corpus_dir, on_bad_file=cfg.on_bad_file, max_document_mb=cfg.max_document_mb)
     if not_its_own(out_dir, MANIFEST_FILE):
         raise InputError(f"--out {out_dir}: exists and is not a hybrid index; choose an empty or new directory")
-    emb = embedder or load_embedder(cfg.embedder)
+    emb = embedder or load_embedder(cfg.embedder, precision=cfg.precision)
     chunking = {"chunk_tokens": cfg.chunk_tokens, "overlap": cfg.overlap, "tokenizer": type(emb.tokenizer).__name__,
                 "title_in_embedding": True}
     with build_lock(out_dir):
@@ -507,7 +510,7 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "embedder": {"name": emb.name, "fingerprint": emb.fingerprint, "dim": emb.dim, "normalize": True,
-                             "max_seq_length": emb.max_seq_length},
+                             "max_seq_length": emb.max_seq_length, "precision": emb.precision},
                 "chunking": chunking,
                 "index": params,
                 "counts": {"documents": len(corpus.documents), "chunks": len(rows),
@@ -524,4 +527,5 @@ def build_index(corpus_dir: str | Path, out_dir: str | Path, cfg: IndexConfig | 
     deleted = len(set(old_hashes) - {d.id for d in corpus.documents})
     return BuildReport(index_dir=str(out_dir), documents=len(corpus.documents), chunks=len(rows),
                        embedded_documents=len(fresh), reused_documents=len(reused), deleted_documents=deleted,
-                       skipped_files=corpus.skipped, index_type=params["type"], seconds=time.perf_counter() - t0)
+                       skipped_files=corpus.skipped, index_type=params["type"], seconds=time.perf_counter() - t0,
+                       precision=emb.precision)

@@ -24,6 +24,7 @@ from pathlib import Path
 from retrieval import access
 from retrieval.chunking import embed_text
 from retrieval.errors import InputError
+from retrieval.precision import autocast, choose, default_device, device_of
 
 RERANKER_FILE = "hybrid_reranker.json"
 
@@ -31,12 +32,13 @@ RERANKER_FILE = "hybrid_reranker.json"
 class Reranker:
     """A loaded cross-encoder with its settings and access scope."""
 
-    def __init__(self, path: Path, model, info: dict, scope: list[str]):
-        self.path, self.model, self.info, self.scope = path, model, info, scope
+    def __init__(self, path: Path, model, info: dict, scope: list[str], precision: str = "fp32"):
+        self.path, self.model, self.info, self.scope, self.precision = path, model, info, scope, precision
         self.candidates: int = int(info["candidates"])
 
     @classmethod
-    def load(cls, path: str | Path, index_groups: set[str] | None = None, device: str | None = None) -> "Reranker":
+    def load(cls, path: str | Path, index_groups: set[str] | None = None, device: str | None = None,
+             precision: str = "fp32") -> "Reranker":
         """Open a reranker directory written by `hybrid tune reranker`.
 
         Args:
@@ -44,6 +46,7 @@ class Reranker:
             index_groups: groups of the index it will rerank; a reranker trained on groups the
                 index has no documents of belongs to another corpus and is refused.
             device: torch device (default: CUDA when available, else CPU).
+            precision: auto, fp32 or bf16: scoring under bf16 autocast (retrieval/precision.py).
 
         Raises:
             InputError: not a reranker directory, no access record, or another corpus's groups.
@@ -67,11 +70,9 @@ class Reranker:
                              f"this index with 'hybrid tune reranker --index INDEX_DIR'")
         from sentence_transformers.cross_encoder import CrossEncoder
 
-        import torch
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         model = CrossEncoder(str(path), device=device, local_files_only=True)
-        return cls(path, model, info, scope)
+        return cls(path, model, info, scope, choose(precision, device))
 
     def rerank_batch(self, queries: list[str], hit_lists: list[list], k: int, groups=None,
                      batch_size: int = 64) -> list[list]:
@@ -84,8 +85,9 @@ class Reranker:
         pairs = [(q, embed_text(h.title, h.text)) for q, hits in zip(queries, hit_lists) for h in hits]
         if not pairs:
             return [[] for _ in queries]
-        scores = self.model.predict(pairs, batch_size=batch_size, show_progress_bar=False,
-                                    convert_to_numpy=True, activation_fn=_identity())
+        with autocast(self.precision, device_of(self.model)):
+            scores = self.model.predict(pairs, batch_size=batch_size, show_progress_bar=False,
+                                        convert_to_numpy=True, activation_fn=_identity())
         out, i = [], 0
         for hits in hit_lists:
             scored = [(float(scores[i + j]), j) for j in range(len(hits))]

@@ -30,6 +30,7 @@ from retrieval.chunking import embed_text
 from retrieval.embedder import resolve_embedder
 from retrieval.embedder_tuning import ict_pairs, pair_problems, qa_pairs
 from retrieval.errors import InputError
+from retrieval.precision import choose
 from retrieval.jsonl import write_jsonl
 from retrieval.metrics import retrieval_metrics
 from retrieval.qa import load_qa
@@ -120,8 +121,11 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
 
     from retrieval.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
 
+    cuda = torch.cuda.is_available()
+    precision = choose(cfg.train.precision, "cuda" if cuda else "cpu")  # bf16: autocast, fp32 weights
+
     # --- load ------------------------------------------------------------------------------
-    retriever = Retriever.load(cfg.index)
+    retriever = Retriever.load(cfg.index, precision=precision)
     out = Path(cfg.out)
     if not_its_own(out, RERANKER_FILE):
         raise InputError(f"--out {out}: exists and is not a reranker; choose a new directory")
@@ -155,7 +159,6 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
     dataset = Dataset.from_dict({k: [r[k] for r in rows] for k in ("query", "passage", "label")})
 
     # --- train -----------------------------------------------------------------------------
-    cuda = torch.cuda.is_available()
     model = CrossEncoder(str(base_path), num_labels=1, max_length=cfg.train.max_length,
                          device="cuda" if cuda else "cpu", local_files_only=True)
     t = cfg.train
@@ -164,7 +167,7 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
         output_dir=scratch.name, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio, seed=t.seed, save_strategy="no",
-        report_to="none", logging_steps=10, disable_tqdm=not progress, use_cpu=not cuda)
+        report_to="none", logging_steps=10, disable_tqdm=not progress, use_cpu=not cuda, bf16=precision == "bf16")
     budget = TimeBudget(t.max_minutes)
     # one positive among num_negatives negatives per question: weight it back to balance
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(negatives) / len(pairs)))
@@ -178,7 +181,7 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
     info = {"candidates": cfg.candidates, "mode": cfg.mode or retriever.search_settings["mode"],
             "base": base_name, "index_groups": sorted(index_groups)}
     first = retriever.search_batch(test_q, k=cfg.candidates, groups=t.groups, mode=cfg.mode, rerank=False)
-    reranker = Reranker(out, model, info, access.training_groups(t.groups))
+    reranker = Reranker(out, model, info, access.training_groups(t.groups), precision)
     reranked = reranker.rerank_batch(test_q, first, k=cfg.candidates, groups=t.groups)
     result = {
         **info,
@@ -198,6 +201,7 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
                           "train": round(t_eval - t_train, 1), "evaluate": round(time.perf_counter() - t_eval, 1)},
         "out": str(out),
         "config": asdict(cfg),
+        "precision": precision,
         "access": scope,
     }
 

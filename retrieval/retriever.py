@@ -28,6 +28,7 @@ import numpy as np
 from retrieval import access, lexical
 from retrieval.embedder import Embedder, load_embedder
 from retrieval.errors import InputError
+from retrieval.precision import Precision, option
 from retrieval.index import INDEX_FILE, STORE_FILE, IndexMoved, IndexSnapshot
 
 # A load that loses the race with a swap retries for this long. Builds swap once each, so only a storm
@@ -51,6 +52,7 @@ class SearchConfig:
                                                                                   "'search.mode')"})
     rerank: str | None = field(default=None, metadata={
         "help": "Reranker dir (hybrid tune reranker): re-score the first stage's top N with it."})
+    precision: Precision = option()
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)
@@ -118,7 +120,7 @@ class Retriever:
 
     @classmethod
     def load(cls, index_dir: str | Path, embedder: Embedder | str | None = None,
-             reranker: str | Path | None = None) -> "Retriever":
+             reranker: str | Path | None = None, precision: str = "fp32") -> "Retriever":
         """Open and verify an index.
 
         Everything is read from one snapshot of the directory (IndexSnapshot), so a build that
@@ -129,6 +131,7 @@ class Retriever:
             embedder: a loaded Embedder or a spec; default: the one named in the manifest.
             reranker: a directory from `hybrid tune reranker`; searches then re-score the first
                 stage's top N with it (retrieval/reranker.py).
+            precision: auto, fp32 or bf16 for the query encoder and the reranker (retrieval/precision.py).
 
         Raises:
             InputError: missing/corrupted index, an embedder whose fingerprint differs, or a
@@ -139,7 +142,7 @@ class Retriever:
         while True:
             try:
                 with IndexSnapshot(index_dir) as snap:
-                    r = cls._from_snapshot(snap, embedder)
+                    r = cls._from_snapshot(snap, embedder, precision)
                 break
             except IndexMoved:
                 attempt += 1
@@ -152,17 +155,18 @@ class Retriever:
             from retrieval.reranker import Reranker
 
             try:
-                r.reranker = Reranker.load(reranker, index_groups=r.index_groups())
+                r.reranker = Reranker.load(reranker, index_groups=r.index_groups(), precision=precision)
             except BaseException:
                 r.con.close()
                 raise
         return r
 
     @classmethod
-    def _from_snapshot(cls, snap: IndexSnapshot, embedder: Embedder | str | None) -> "Retriever":
+    def _from_snapshot(cls, snap: IndexSnapshot, embedder: Embedder | str | None, precision: str) -> "Retriever":
         index_dir, manifest = snap.dir, snap.manifest
         if not isinstance(embedder, Embedder):
-            embedder = load_embedder(embedder if embedder is not None else manifest["embedder"]["name"])
+            embedder = load_embedder(embedder if embedder is not None else manifest["embedder"]["name"],
+                                     precision=precision)
         want = manifest["embedder"]["fingerprint"]
         if embedder.fingerprint != want:
             raise InputError(f"--embedder {embedder.name}: fingerprint {embedder.fingerprint[:12]} differs from the one "

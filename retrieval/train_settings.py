@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from retrieval import access
+from retrieval.precision import Precision, option
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TrainSettings:
                 "accelerate launch with the shipped config on CUDA); under one already, it just trains."})
     num_processes: int = field(default=0, metadata={
         "help": "Processes for --distributed; 0 = one per GPU (on CPU give a number)."})
+    precision: Precision = option()
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)

@@ -19,6 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "corpora" / "brindle"
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_bf16_units(monkeypatch):
+    """Every test runs as on a CPU without bf16 units, so `--precision auto` is fp32 on any machine
+    and a test's numbers do not depend on the processor CI draws; tests of the policy pass the flags
+    they mean (retrieval/precision.py `resolve(..., flags=...)`) or ask for bf16 by name."""
+    from retrieval import precision
+
+    monkeypatch.setattr(precision, "_this_cpu", lambda: frozenset({"avx2"}))
+    precision.choose.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_embedder_dir(tmp_path_factory) -> Path:
     """A random 32-dim sentence-transformers model dir (mean pooling + normalise)."""

@@ -49,6 +49,7 @@ from retrieval import access, launch
 from retrieval.atomic import not_its_own, staged_dir
 from retrieval.errors import InputError
 from retrieval.jsonl import read_jsonl, write_jsonl
+from retrieval.precision import choose
 from retrieval.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
 from retrieval.train_settings import TrainSettings, literal_problems
@@ -331,8 +332,10 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     out = Path(cfg.out)
     if not_its_own(out, run_record.RUN_FILE):
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
+    cpu = not torch.cuda.is_available()
+    precision = choose(cfg.train.precision, "cpu" if cpu else "cuda")  # bf16: autocast, fp32 weights and optimizer
     if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
-        launch.launch(["tune", "dpo"], cfg, "no", log)  # DPO trains in fp32 (bf16=False below)
+        launch.launch(["tune", "dpo"], cfg, "bf16" if precision == "bf16" else "no", log)
         return run_record.read(out, f"--out {out}")
 
     held = set(sft_run["data"]["held_out_ids"])
@@ -358,13 +361,12 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     # --- memory plan: a pair is two sequences (chosen, rejected) in one batch; it is planned as
     # one sequence of twice the length, since every per-token term scales with the token count.
     # The base is in float (LoRA, no checkpointing), whatever the SFT run used.
-    cpu = not torch.cuda.is_available()
     longest = min(cfg.train.max_length, max(sequence_tokens(tok, p["prompt"], p[k][0]["content"])[1]
                                       for p in pairs for k in ("chosen", "rejected")))
     sft_cfg = sft_run["config"]
     targets = "all-linear" if sft_cfg["target_modules"] == "all-linear" else sft_cfg["target_modules"].split(",")
     mplan = plan(ModelShape.from_config(base.config), "lora", 2 * longest, cfg.train.batch_size, False, sft_cfg["lora_r"],
-                 targets, "cpu" if cpu else "cuda")
+                 targets, "cpu" if cpu else "cuda", precision=precision)
     if not mplan["fits"]:
         raise InputError(f"--max-length {cfg.train.max_length}: one pair of {longest}-token sequences needs "
                          f"~{mplan['estimates']['lora']['total'] / GiB:.1f} GiB but {mplan['budget'] / GiB:.1f} GiB "
@@ -379,7 +381,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
                      per_device_train_batch_size=mplan["batch"],
                      gradient_accumulation_steps=cfg.train.grad_accum * mplan["accum_factor"],
                      learning_rate=cfg.train.learning_rate, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or -1,
-                     use_cpu=cpu, bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
+                     use_cpu=cpu, bf16=precision == "bf16", gradient_checkpointing=False, logging_steps=1, save_strategy="no",
                      report_to="none", seed=cfg.train.seed, disable_tqdm=not progress, warmup_steps=cfg.train.warmup_ratio)
     ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     budget, peak = TimeBudget(cfg.train.max_minutes), PeakMemory("cpu" if cpu else "cuda")
@@ -396,6 +398,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
     history = trainer.state.log_history
     record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
               "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
+              "precision": precision,
               "access": access.record(cfg.train.groups, sorted({g for p in pairs for g in p["groups"]})),
               "data": {"held_out_ids": sorted(held), "pairs": len(pairs), "skipped_restricted": len(dropped),
                        "by_source": {s: sum(p["source"] == s for p in pairs) for s in _sources(pairs)},

@@ -20,6 +20,7 @@ from retrieval import packaged
 from retrieval.atomic import staged_dir
 from retrieval.embedder import fingerprint_dir
 from retrieval.errors import InputError
+from retrieval.precision import choose, default_device, weights_dtype
 from tuning.prompting import chat_text
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class GeneratorInfo:
     name: str
     path: str
     fingerprint: str
+    precision: str = "fp32"  # the weights' dtype it generates with (not part of its identity)
 
 
 cache_root = packaged.cache_root
@@ -174,17 +176,20 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = "none", device: str | None = None):
-    """Load tokenizer and causal LM (float32 on CPU; optionally a 4-bit NF4 base).
+def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = "none", device: str | None = None,
+                   precision: str = "fp32"):
+    """Load tokenizer and causal LM (float32 weights; bf16 weights to generate at bf16; or a 4-bit NF4 base).
 
     Args:
         spec: see `resolve_generator`.
         quantize: "4bit" loads the base through bitsandbytes NF4 with double quantisation
             (QLoRA); compute dtype bf16 on CUDA, float32 on CPU (bf16 on CPU is ~15x slower).
         device: "cuda" / "cpu"; None picks CUDA when available.
+        precision: the weights' dtype for generation: auto, fp32 or bf16 (retrieval/precision.py).
+            Trainers load fp32 weights and train under autocast instead (their optimizer state stays fp32).
 
     Returns:
-        (model, tokenizer, GeneratorInfo).
+        (model, tokenizer, GeneratorInfo); `info.precision` is the precision chosen.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -192,9 +197,10 @@ def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = 
 
     hf_logging.disable_progress_bar()
     name, path = resolve_generator(spec)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
+    chosen = "fp32" if quantize == "4bit" else choose(precision, device)
     tok = load_tokenizer(path)
-    kwargs: dict = {"dtype": torch.float32}
+    kwargs: dict = {"dtype": weights_dtype(chosen)}
     if quantize == "4bit":
         from transformers import BitsAndBytesConfig
 
@@ -216,7 +222,7 @@ def load_generator(spec: str | None = None, quantize: Literal["none", "4bit"] = 
     if quantize != "4bit":
         model.to(device)
     model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok, GeneratorInfo(name=name, path=str(path), fingerprint=fingerprint_dir(path))
+    return model, tok, GeneratorInfo(name=name, path=str(path), fingerprint=fingerprint_dir(path), precision=chosen)
 
 
 def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,

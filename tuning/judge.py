@@ -37,6 +37,7 @@ from retrieval.embedder import resolve_embedder
 from retrieval.errors import InputError
 from retrieval.index import sha256_file
 from retrieval.jsonl import read_jsonl, write_jsonl
+from retrieval.precision import autocast, choose, device_of
 from retrieval.qa import load_qa
 from retrieval.train_settings import TrainSettings
 from retrieval.trainer_output import drop_step_printer
@@ -73,13 +74,14 @@ class Judge:
     `answerability`: trained with answerability pairs, so `answerable` (the gate's question) means something.
     """
 
-    def __init__(self, model, answerability: bool = True, path: str | Path = "DIR"):
-        self.model, self.answerability, self.path = model, answerability, path
+    def __init__(self, model, answerability: bool = True, path: str | Path = "DIR", precision: str = "fp32"):
+        self.model, self.answerability, self.path, self.precision = model, answerability, path, precision
 
     @classmethod
-    def load(cls, path: str | Path, groups=None, gate: bool = False) -> "Judge":
+    def load(cls, path: str | Path, groups=None, gate: bool = False, precision: str = "fp32") -> "Judge":
         """Load a judge dir for a caller with `groups` (refused if it learned from other groups' documents);
-        with `gate`, also refused unless it can answer the gate's question (before loading weights)."""
+        with `gate`, also refused unless it can answer the gate's question (before loading weights).
+        `precision`: auto, fp32 or bf16 scoring (bf16 autocast; retrieval/precision.py)."""
         path = Path(path)
         record = read_record(path)
         access.check(path, groups, f"--judge {path}")
@@ -89,11 +91,14 @@ class Judge:
         from sentence_transformers import CrossEncoder
 
         judge.model = CrossEncoder(str(path), local_files_only=True)
+        judge.precision = choose(precision, device_of(judge.model))
         return judge
 
     def supported_prob(self, passages: list[str], questions: list[str], answers: list[str]) -> np.ndarray:
         pairs = [(pair_text(q, a), p) for p, q, a in zip(passages, questions, answers)]
-        return np.asarray(self.model.predict(pairs, batch_size=32, show_progress_bar=False), dtype=float)
+        with autocast(self.precision, device_of(self.model)):
+            probs = self.model.predict(pairs, batch_size=32, show_progress_bar=False)
+        return np.asarray(probs, dtype=float)
 
     def support(self, questions: list[str], answers: list[str], contexts: list[list[dict]]) -> np.ndarray:
         """Support of each answer: the highest probability over its passages, shape (N,).
@@ -314,6 +319,7 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
 
     from retrieval.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
 
+    precision = choose(t.precision, "cuda" if torch.cuda.is_available() else "cpu")  # bf16: autocast, fp32 weights
     # --- load ----------------------------------------------------------------------------------
     random.Random(t.seed).shuffle(train)
     n_pos = sum(l for *_, l in train)
@@ -327,7 +333,8 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
             output_dir=str(stage / ".trainer"), num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
             per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
             learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio, seed=t.seed, save_strategy="no",
-            report_to="none", logging_steps=20, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available())
+            report_to="none", logging_steps=20, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
+            bf16=precision == "bf16")
         # Positives are usually outnumbered; weight them so 0.5 stays the threshold.
         loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor((len(train) - n_pos) / n_pos))
         budget = TimeBudget(t.max_minutes)
@@ -336,9 +343,10 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
         trainer.train()
         model.save(str(stage))
         shutil.rmtree(stage / ".trainer", ignore_errors=True)
-        judge = Judge(model, answerability=answerability)
+        judge = Judge(model, answerability=answerability, precision=precision)
         report = {"tests": {name: evaluate(judge, pairs) for name, pairs in tests.items()},
                   "train_pairs": len(train), "answerability": answerability, "config": asdict(cfg),
+                  "precision": precision,
                   "stopped_early": budget.stopped_early, "minutes": round((time.perf_counter() - t0) / 60, 1)}
         write_text_atomic(stage / JUDGE_FILE, json.dumps(report, indent=2))
         # Tagged with the groups of the text it learned from; test pairs are only scored, never learned.

@@ -11,9 +11,12 @@ The estimate adds, in bytes:
               layer's activations (~10 x hidden + 5 x intermediate floats), without it
               every layer's; plus the input of every LoRA-wrapped projection (PEFT
               keeps it for the adapter's backward)
-  logits      per token 5 x vocab floats: logits, log-softmax and its gradient, and
-              the entropy/accuracy metrics TRL computes (with a 49k vocabulary this is
-              the largest term)
+  logits      per scored token: with `scored_tokens` (SFT's loss on the completion only,
+              tuning/completion_loss.py) 3 x vocab fp32 floats for the completion's
+              positions (logits, log-softmax, their gradient); else 5 x vocab for every
+              position (TRL's loss with its entropy/accuracy metrics)
+  precision   bf16 (autocast) halves the activations' bytes; weights and the trainable
+              terms stay fp32 (mixed precision keeps them so)
 On CPU, bitsandbytes' 4-bit path keeps fp32 dequantised copies for backward, so the
 per-token terms of QLoRA are 1.5x LoRA's: on this CPU QLoRA uses *more* memory than
 LoRA for a 135M model, and its only saving is the weights. The constants (runtime,
@@ -32,6 +35,7 @@ RUNTIME_BYTES = {"cpu": int(0.68 * GiB), "cuda": int(0.6 * GiB)}
 QLORA_CPU_WORKSPACE = int(0.14 * GiB)
 QLORA_CPU_TOKEN_FACTOR = 1.5
 LOGIT_COPIES = 5
+COMPLETION_LOGIT_COPIES = 3
 LORA_IN_DIMS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Strategy = Literal["full", "lora", "qlora"]
 
@@ -94,7 +98,8 @@ class Estimate:
 
 
 def estimate(shape: ModelShape, strategy: Strategy, seq_len: int, batch: int, checkpointing: bool,
-             lora_r: int = 8, lora_targets: list[str] | str = ("q_proj", "v_proj"), device: str = "cpu") -> Estimate:
+             lora_r: int = 8, lora_targets: list[str] | str = ("q_proj", "v_proj"), device: str = "cpu",
+             precision: str | None = None, scored_tokens: int | None = None) -> Estimate:
     """Peak bytes for one training configuration.
 
     Args:
@@ -104,6 +109,9 @@ def estimate(shape: ModelShape, strategy: Strategy, seq_len: int, batch: int, ch
         checkpointing: gradient checkpointing on.
         lora_r, lora_targets: LoRA rank and target modules.
         device: "cpu" or "cuda" (compute dtype and runtime overhead).
+        precision: "fp32" or "bf16" (autocast); None = bf16 on CUDA, fp32 on CPU.
+        scored_tokens: positions per sequence the loss projects onto the vocabulary (the longest
+            completion); None = every position.
 
     Returns:
         Estimate with one field per term.
@@ -120,7 +128,8 @@ def estimate(shape: ModelShape, strategy: Strategy, seq_len: int, batch: int, ch
     # LoRA/QLoRA: the adapter's own fp32 weights too (16 B/param).
     trainable = 12 * trainable_params if strategy == "full" else 16 * trainable_params
     tokens = seq_len * batch
-    act_bytes = 2 if device == "cuda" else 4
+    precision = precision or ("bf16" if device == "cuda" else "fp32")
+    act_bytes = 2 if precision == "bf16" else 4
     per_layer = tokens * (10 * shape.hidden + 5 * shape.intermediate) * act_bytes
     if checkpointing:
         activations = shape.layers * tokens * shape.hidden * act_bytes + per_layer
@@ -129,7 +138,9 @@ def estimate(shape: ModelShape, strategy: Strategy, seq_len: int, batch: int, ch
     if strategy != "full":
         dims = _dims(shape)
         activations += shape.layers * tokens * sum(dims[n][0] for n in _targets(lora_targets) if n in dims) * act_bytes
-    logits = LOGIT_COPIES * tokens * shape.vocab * 4  # the loss is computed in fp32
+    # the loss is computed in fp32
+    logits = LOGIT_COPIES * tokens * shape.vocab * 4 if scored_tokens is None else \
+        COMPLETION_LOGIT_COPIES * min(scored_tokens, seq_len) * batch * shape.vocab * 4
     if strategy == "qlora" and device == "cpu":
         activations, logits = int(activations * QLORA_CPU_TOKEN_FACTOR), int(logits * QLORA_CPU_TOKEN_FACTOR)
     return Estimate(strategy=strategy, runtime=RUNTIME_BYTES[device], weights=weights, trainable=trainable,
@@ -157,7 +168,7 @@ def available_bytes(device: str) -> int:
 
 def plan(shape: ModelShape, requested: Literal["auto", "full", "lora", "qlora"], seq_len: int, batch: int,
          checkpointing: bool, lora_r: int, lora_targets, device: str, available: int | None = None,
-         headroom: float = 0.9) -> dict:
+         headroom: float = 0.9, precision: str | None = None, scored_tokens: int | None = None) -> dict:
     """Estimate every strategy, pick one, or explain what to change.
 
     `seq_len` is the longest padded sequence a micro-batch can hold: training pads each batch to
@@ -170,21 +181,23 @@ def plan(shape: ModelShape, requested: Literal["auto", "full", "lora", "qlora"],
     so an optimizer step still sees the same sequences (the update is the same up to numerics).
 
     Returns:
-        {"device", "available", "budget", "estimates": {strategy: {term: bytes, "total"}} (at the
+        {"device", "precision", "available", "budget", "estimates": {strategy: {term: bytes, "total"}} (at the
          micro-batch chosen), "chosen", "fits", "seq_len", "batch" (micro-batch to run),
          "requested_batch", "accum_factor" (multiply gradient accumulation by it)}.
     """
     available = available_bytes(device) if available is None else available
     budget = int(available * headroom)
+    precision = precision or ("bf16" if device == "cuda" else "fp32")
     order = {"auto": ["qlora", "lora"] if device == "cuda" else ["lora", "qlora"]}.get(requested, [requested])
     for micro in [b for b in range(batch, 0, -1) if batch % b == 0]:
-        ests = {s: estimate(shape, s, seq_len, micro, checkpointing, lora_r, lora_targets, device)
+        ests = {s: estimate(shape, s, seq_len, micro, checkpointing, lora_r, lora_targets, device, precision,
+                            scored_tokens)
                 for s in ("full", "lora", "qlora")}
         chosen = next((s for s in order if ests[s].total <= budget), None)
         if chosen:
             break
     # (when nothing fits, the loop ends at one sequence: the estimates say what that needs)
-    return {"device": device, "available": available, "budget": budget,
+    return {"device": device, "precision": precision, "available": available, "budget": budget,
             "estimates": {s: {**asdict(e), "total": e.total} for s, e in ests.items()},
             "requested": requested, "chosen": chosen, "fits": chosen is not None, "order": order,
             "seq_len": seq_len, "batch": micro, "requested_batch": batch, "accum_factor": batch // micro}
@@ -192,7 +205,7 @@ def plan(shape: ModelShape, requested: Literal["auto", "full", "lora", "qlora"],
 
 def describe(p: dict) -> str:
     """A small printed table of the plan."""
-    lines = [f"memory plan ({p['device']}, {p['available'] / GiB:.1f} GiB available, budget {p['budget'] / GiB:.1f} GiB, "
+    lines = [f"memory plan ({p['device']} {p.get('precision', 'fp32')}, {p['available'] / GiB:.1f} GiB available, budget {p['budget'] / GiB:.1f} GiB, "
              f"{p.get('batch', '?')} x {p.get('seq_len', '?')} tokens):"]
     if p.get("accum_factor", 1) > 1:
         lines.append(f"  {p['requested_batch']} sequences at once do not fit: micro-batch {p['batch']}, gradient "

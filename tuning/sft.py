@@ -28,6 +28,7 @@ from retrieval import access, launch
 from retrieval.atomic import not_its_own, staged_dir
 from retrieval.errors import InputError
 from retrieval.jsonl import write_jsonl
+from retrieval.precision import choose
 from retrieval.qa import id_bucket, load_qa, split_rows
 from retrieval.retriever import Retriever
 from retrieval.train_settings import TrainSettings, literal_problems
@@ -123,7 +124,9 @@ def _check_lengths(examples: list[dict], tok, max_length: int) -> dict:
     if too_long:
         raise InputError(f"--max-length {max_length} is smaller than {len(too_long)} of {len(lengths)} examples "
                          f"(longest prompt + answer: {max(too_long)} tokens); raise --max-length or lower --num-distractors")
-    return {"max_tokens": max(f for _, f in lengths), "mean_tokens": sum(f for _, f in lengths) / len(lengths)}
+    return {"max_tokens": max(f for _, f in lengths), "mean_tokens": sum(f for _, f in lengths) / len(lengths),
+            # the positions whose logits the loss needs (tuning/completion_loss.py): the longest completion
+            "scored_tokens": max(f - p for p, f in lengths)}
 
 
 def _prepared_examples(cfg: GeneratorTuneConfig) -> tuple[list[dict], list[dict], list[str]]:
@@ -190,7 +193,7 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     if not_its_own(out, run_record.RUN_FILE):
         raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
     if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
-        launch.launch(["tune", "generator"], cfg, "bf16" if _device() == "cuda" and cfg.strategy != "full" else "no", log)
+        launch.launch(["tune", "generator"], cfg, "bf16" if choose(cfg.train.precision, _device()) == "bf16" else "no", log)
         return run_record.read(out, f"--out {out}")
     ckpt_dir = out.parent / f"{out.name}.checkpoints"
     if ckpt_dir.exists() and not cfg.resume:
@@ -218,7 +221,7 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         "access": access.record(cfg.train.groups, stats(data.train + data.val)["groups_seen"]),
         "data": {"train": stats(data.train), "val": stats(data.val), **lengths, "skipped_restricted": len(data.dropped),
                  "held_out_ids": data.held_ids, "qa": cfg.qa, "index": cfg.index, "examples": cfg.examples},
-        "memory_plan": mplan, "memory_measured": measured, "device": mplan["device"],
+        "memory_plan": mplan, "memory_measured": measured, "device": mplan["device"], "precision": mplan["precision"],
         "train_loss": [h for h in trainer.state.log_history if "loss" in h],
         "val_loss": [h for h in trainer.state.log_history if "eval_loss" in h],
         "final_val_loss": final_eval.get("eval_loss"), "steps": trainer.state.global_step,
@@ -274,8 +277,9 @@ def memory_plan(cfg: GeneratorTuneConfig, data: RaftData) -> tuple[dict, dict]:
     # Batches are padded to their longest sequence, so the longest example (not --max-length)
     # bounds the per-token terms.
     seq_len = min(cfg.train.max_length, lengths["max_tokens"])
+    precision = choose(cfg.train.precision, _device())
     mplan = plan(shape, cfg.strategy, seq_len, cfg.train.batch_size, cfg.gradient_checkpointing, cfg.lora_r,
-                 cfg.targets, _device())
+                 cfg.targets, _device(), precision=precision, scored_tokens=lengths["scored_tokens"])
     if not mplan["fits"]:
         need = min(mplan["estimates"][s]["total"] for s in mplan["order"])
         raise InputError(f"--strategy {cfg.strategy}: needs ~{need / GiB:.1f} GiB for one sequence of {seq_len} tokens "
@@ -285,8 +289,10 @@ def memory_plan(cfg: GeneratorTuneConfig, data: RaftData) -> tuple[dict, dict]:
 
 
 def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir: Path, progress: bool):
-    """Load stage: the base model (fp32, or 4-bit NF4 for QLoRA) inside a TRL SFTTrainer with PEFT LoRA,
-    completion-only loss, NEFTune, gradient accumulation and checkpointing, validation loss.
+    """Load stage: the base model (fp32 weights, or 4-bit NF4 for QLoRA) inside a TRL SFTTrainer with PEFT
+    LoRA, completion-only loss with the LM head on the completion only (tuning/completion_loss.py), bf16
+    autocast where the plan's precision is bf16, NEFTune, gradient accumulation and checkpointing,
+    validation loss.
 
     Returns:
         (trainer, the base model's info, its time budget, its peak-memory meter).
@@ -294,7 +300,9 @@ def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from tuning.completion_loss import CompletionSFTTrainer
 
     from retrieval.time_budget import TimeBudget  # these two import transformers: kept out of CLI start-up
     from tuning.peak_memory import PeakMemory
@@ -316,13 +324,13 @@ def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir
         warmup_steps=t.warmup_ratio, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
         neftune_noise_alpha=cfg.neftune_alpha or None, gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        use_cpu=device == "cpu", bf16=device == "cuda" and strategy != "full", fp16=False,
+        use_cpu=device == "cpu", bf16=mplan["precision"] == "bf16", fp16=False,
         eval_strategy="steps" if val_ds is not None else "no", eval_steps=cfg.save_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=1,
         seed=t.seed, data_seed=t.seed, report_to="none", disable_tqdm=not progress,
         dataloader_num_workers=0, remove_unused_columns=True)
     budget, peak = TimeBudget(t.max_minutes), PeakMemory(device)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+    trainer = CompletionSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tok, peft_config=peft_config, callbacks=[budget, peak])
     drop_step_printer(trainer, progress)
     return trainer, info, budget, peak

@@ -56,6 +56,7 @@ import numpy as np
 from retrieval import access
 from retrieval.atomic import check_writable, write_text_atomic
 from retrieval.errors import InputError
+from retrieval.precision import Precision, option
 from retrieval.retriever import Hit, Retriever
 from tuning.grading import classify
 from tuning.prompting import build_messages, normalize, parse_answer, quote_in
@@ -107,6 +108,7 @@ class SynthConfig:
     max_minutes: float | None = field(default=None, metadata={
         "help": "Stop before a batch that would end past this many minutes, judged by the slowest batch so far "
                 "(the first always runs; rerun to continue).", "default_help": "no limit"})
+    precision: Precision = option()
 
     def problems(self) -> list[str]:
         out = access.group_problems(self.groups)
@@ -135,11 +137,11 @@ class Teacher(Protocol):
 class LocalTeacher:
     """A causal LM loaded by tuning/generator.py, answering chat prompts greedily in batches."""
 
-    def __init__(self, spec: str, batch_size: int):
+    def __init__(self, spec: str, batch_size: int, precision: str = "fp32"):
         from tuning.generator import load_generator  # imports transformers: only when a run starts
 
-        self.model, self.tok, info = load_generator(spec)
-        self.name, self.batch_size = info.name, batch_size
+        self.model, self.tok, info = load_generator(spec, precision=precision)
+        self.name, self.batch_size, self.precision = info.name, batch_size, info.precision
 
     def chat(self, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
         from tuning.generator import generate_batch
@@ -449,7 +451,7 @@ def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool 
     rep = read_report(out, cfg)
     cut_torn_tail(out.parent / DROPPED_FILE)
     # --- load: the index, what this caller may read ------------------------------------------
-    retriever = Retriever.load(cfg.index)
+    retriever = Retriever.load(cfg.index, precision=cfg.precision)
     groups = access.training_groups(cfg.groups)
     visible = retriever.chunks(groups=groups)
     if not visible:
@@ -461,7 +463,7 @@ def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool 
     planned = sample_chunks(visible, cfg.max_chunks, cfg.seed)
     todo = [c for c in planned if c.chunk_id not in done]
     if teacher is None and todo:
-        teacher = LocalTeacher(cfg.teacher, cfg.batch_size)
+        teacher = LocalTeacher(cfg.teacher, cfg.batch_size, cfg.precision)
     name = teacher.name if teacher else (rep or {}).get("teacher", cfg.teacher)
     dedupe = Deduper(retriever.embedder.encode, cfg.dedupe_cosine, [r["question"] for r in rows])
     seen = {g for r in rows for g in r["groups"]}
@@ -469,7 +471,8 @@ def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool 
     def report(stopped: str | None) -> dict:
         rec = {"out": out.name, "index": str(cfg.index), "teacher": name, "settings": cfg.run_settings(),
                "counts": counts, **_summary(counts), "planned_chunks": len(planned), "stopped": stopped,
-               "access": access.record(groups, seen), "chunks_done": sorted(done)}
+               "access": access.record(groups, seen), "chunks_done": sorted(done),
+               "precision": {"teacher": getattr(teacher, "precision", None), "embedder": retriever.embedder.precision}}
         write_text_atomic(out.parent / REPORT_FILE, json.dumps(rec, indent=2, ensure_ascii=False))
         return rec
 

@@ -124,7 +124,7 @@ def test_eval_gate_derives_configs_and_rejudges_without_generating(tmp_path, fix
     for n, d in enumerate(jdirs):
         d.mkdir()
         (d / "hybrid_judge.json").write_text(json.dumps({"run": n}))
-    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False: cls(CountingJudgeModel())))
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False, precision="fp32": cls(CountingJudgeModel())))
     with pytest.raises(Exception, match="--gate needs --judge"):
         run_eval(EvalConfig(qa=str(fixed_qa), gate=True), progress=False)
     cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": two_adapters["a"]}, closed_book=False, max_new_tokens=6,
@@ -202,7 +202,7 @@ def test_gate_refuses_a_judge_without_answerability_pairs(tmp_path, fixed_qa, tw
     assert not (tmp_path / "rep" / "predictions.jsonl").exists()  # refused before generating
     # Without --gate it still scores support; answerability stays absent, never guessed.
     monkeypatch.setattr(judge_mod.Judge, "load", classmethod(
-        lambda cls, path, groups=None, gate=False: cls(CountingJudgeModel(), answerability=False)))
+        lambda cls, path, groups=None, gate=False, precision="fp32": cls(CountingJudgeModel(), answerability=False)))
     cfg.gate = False
     run_eval(cfg, progress=False)
     preds = [json.loads(l) for l in (tmp_path / "rep" / "predictions.jsonl").read_text().splitlines()]
@@ -244,7 +244,7 @@ def test_eval_select_picks_the_best_supported_answer_and_lets_the_best_calibrate
     jdir = tmp_path / "judge"
     jdir.mkdir()
     (jdir / "hybrid_judge.json").write_text("{}")
-    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False: cls(AnswerJudgeModel())))
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False, precision="fp32": cls(AnswerJudgeModel())))
     adapters = {n: str(tmp_path / n) for n in ("a", "b")}
     for n in adapters:
         shutil.copytree(two_adapters[n], adapters[n])
@@ -280,7 +280,7 @@ def test_eval_select_picks_the_best_supported_answer_and_lets_the_best_calibrate
     assert report["configs"]["rag+a|b"]["hallucination_rate"] == pytest.approx(labels.count("hallucinated") / len(ids))
     # Calibrate both (b separates its rows better): b's score decides whether the selected answer is served.
     monkeypatch.undo()
-    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False: cls(AnswerJudgeModel())))
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False, precision="fp32": cls(AnswerJudgeModel())))
     for n, auroc in (("a", 0.6), ("b", 0.9)):
         res = run("tune", "calibrate", "--adapter", adapters[n], "--qa", fixed_qa)
         assert res.exit_code == 0, res.output
@@ -441,7 +441,7 @@ def test_a_line_about_another_question_is_refused_before_the_judge_sees_it(fixed
 
     from tuning import judge as judge_mod
 
-    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False:
+    monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False, precision="fp32":
                                                              cls(CountingJudgeModel())))
     (tmp_path / "judge").mkdir()
     (tmp_path / "judge" / "hybrid_judge.json").write_text("{}")

@@ -231,16 +231,16 @@ def test_load_retries_a_moved_index_then_gives_up_by_name(tmp_path, tiny_embedde
                 embedder=tiny_embedder)
     real, moves = retriever_mod.Retriever._from_snapshot, []
 
-    def moved_three_times(snap, embedder):
+    def moved_three_times(snap, embedder, *rest):
         if len(moves) < 3:
             moves.append(1)
             raise retriever_mod.IndexMoved()
-        return real(snap, embedder)
+        return real(snap, embedder, *rest)
 
     monkeypatch.setattr(retriever_mod.Retriever, "_from_snapshot", staticmethod(moved_three_times))
     assert Retriever.load(target, embedder=tiny_embedder).search("osprey", k=1) and len(moves) == 3
 
-    def always_moved(snap, embedder):
+    def always_moved(snap, embedder, *rest):
         raise retriever_mod.IndexMoved()
 
     monkeypatch.setattr(retriever_mod.Retriever, "_from_snapshot", staticmethod(always_moved))

@@ -153,9 +153,9 @@ def test_merge_exports_a_full_model_equal_to_base_plus_adapter(tmp_path, bundled
 def _on_first_step(monkeypatch, inspect):
     """Call `inspect(trainer, model)` once, at the first loss of the next SFT run (inside the training
     step, the model in training mode, before its forward pass)."""
-    import trl
+    from tuning.completion_loss import CompletionSFTTrainer
 
-    real_loss = trl.SFTTrainer.compute_loss
+    real_loss = CompletionSFTTrainer.compute_loss
     seen = []
 
     def first_loss(self, model, *a, **k):
@@ -163,7 +163,7 @@ def _on_first_step(monkeypatch, inspect):
             seen.append(inspect(self, model))
         return real_loss(self, model, *a, **k)
 
-    monkeypatch.setattr(trl.SFTTrainer, "compute_loss", first_loss)
+    monkeypatch.setattr(CompletionSFTTrainer, "compute_loss", first_loss)
     return seen
 
 
