@@ -119,7 +119,7 @@ def chart(curves: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for p, style in zip(PRECISIONS, ("-", "--")):
         loss = curves[p]["loss"]
-        ax.plot(range(1, len(loss) + 1), loss, style, label=f"{p} ({curves[p]['minutes']} min)")
+        ax.plot(range(1, len(loss) + 1), loss, style, label=p)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (completion tokens)")
     ax.set_title("RAFT on Qwen2.5-Coder-0.5B: fp32 vs bf16")

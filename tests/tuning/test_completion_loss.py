@@ -84,12 +84,24 @@ def test_generation_keeps_the_models_own_forward(lora_model, tiny_llm_dir):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_run_record_names_the_precision_it_trained_at(tmp_path, bundled_tiny_index, tiny_llm_dir, precision):
+def test_a_run_record_names_the_precision_it_trained_at(tmp_path, bundled_tiny_index, tiny_llm_dir, precision,
+                                                        monkeypatch):
     from transformers import AutoConfig
 
+    from tests.tuning.test_sft import _on_first_step
+
+    def watch(trainer, model):  # at the first training step: what a frozen projection computes in
+        dtypes = []
+        base = next(m for n, m in model.named_modules() if n.endswith("q_proj.base_layer"))
+        base.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        return dtypes, {p.dtype for p in model.parameters() if p.requires_grad}
+
+    seen = _on_first_step(monkeypatch, watch)
     rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0,
                                  precision=precision), progress=False, log=lambda *_: None)
     assert rec["precision"] == precision == rec["memory_plan"]["precision"]
+    (dtypes, trainable), = seen  # bf16 matmuls exactly when the run is bf16; trainable weights stay fp32
+    assert dtypes[0] == (torch.bfloat16 if precision == "bf16" else torch.float32) and trainable == {torch.float32}
     assert rec["train_loss"] and all(h["loss"] > 0 for h in rec["train_loss"])
     # the plan's logits term counts the completion's positions only
     assert rec["memory_plan"]["estimates"]["lora"]["logits"] == \
