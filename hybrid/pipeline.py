@@ -275,7 +275,6 @@ class Pipeline:
             pipe.add_adapter(name, path)
         pipe.model.eval()
         pipe.mode = mode
-        pipe.precision = info.precision
         return pipe
 
     def add_adapter(self, name: str, path: str | Path) -> None:

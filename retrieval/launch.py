@@ -49,8 +49,8 @@ def should_launch(train) -> bool:
 def render(kind: str, num_processes: int, mixed_precision: Literal["no", "bf16"]) -> dict:
     """The shipped accelerate config for `kind` with this run's process count and precision.
 
-    The precision follows the trainer's own (bf16 adapters on CUDA, fp32 for full fine-tuning), so
-    the launcher and `TrainingArguments` never disagree.
+    The precision is the one the trainer resolved from `--precision` (retrieval/precision.py), so the
+    launcher and `TrainingArguments` never disagree.
     """
     cfg = yaml.safe_load((CONFIG_DIR / f"{kind}.yaml").read_text())
     cfg["num_processes"] = num_processes

@@ -34,7 +34,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 HELP = ("auto: bf16 where the device has bf16 units (a CUDA GPU with bf16; a CPU with AMX or AVX512-BF16), "
-        "else fp32; fp32; bf16 (mixed: fp32 weights and optimizer state, bf16 matmuls).")
+        "else fp32. bf16: training keeps fp32 weights and optimizer state with bf16 matmuls, generation loads "
+        "bf16 weights, encoders run under bf16 autocast.")
 
 
 log = logging.getLogger(__name__)

@@ -329,8 +329,10 @@ def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=1,
         seed=t.seed, data_seed=t.seed, report_to="none", disable_tqdm=not progress,
         dataloader_num_workers=0, remove_unused_columns=True,
-        # several sequences a micro-batch pad to the longest: batch those of similar length (less padding computed)
-        train_sampling_strategy="group_by_length" if mplan["batch"] > 1 else "random")
+        # several sequences a batch pad to the longest: batch those of similar length (less padding computed).
+        # By the batch asked for, not the micro-batch: the sampler groups an optimizer step's sequences, so a
+        # batch the plan splits still sees the same sequences per step.
+        train_sampling_strategy="group_by_length" if t.batch_size > 1 else "random")
     budget, peak = TimeBudget(t.max_minutes), PeakMemory(device)
     trainer = CompletionSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tok, peft_config=peft_config, callbacks=[budget, peak])

@@ -265,9 +265,11 @@ def test_a_batch_the_plan_cannot_hold_is_split_into_accumulated_micro_batches(tm
     import tuning.memory_plan as mp
 
     log = lambda *_: None  # noqa: E731
+    sampler = _on_first_step(monkeypatch, lambda trainer, model: trainer.args.train_sampling_strategy)
     whole = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, out=str(tmp_path / "whole"), batch_size=2,
                                    max_steps=2, val_fraction=0), progress=False, log=log)
     assert (whole["memory_plan"]["batch"], whole["memory_plan"]["accum_factor"]) == (2, 1)
+    assert sampler == ["group_by_length"]  # two sequences a batch: grouped by length, less padding
     one = whole["memory_plan"]["estimates"]["lora"]["total"]  # two sequences' worth; one sequence needs less
     monkeypatch.setattr(mp, "available_bytes", lambda device: int(one / 0.9) - 1)
     split = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, out=str(tmp_path / "split"), batch_size=2,
