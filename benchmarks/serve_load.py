@@ -65,7 +65,7 @@ def sequential(args, qs) -> dict:
     from hybrid.serve_engine import served_content
 
     pipe = Pipeline.load(args.index, adapters=args.adapters, k=args.k, max_new_tokens=args.max_tokens,
-                         groups=args.groups)
+                         groups=args.groups, precision=args.precision)
     base = Path(pipe.info.name).name
     out, answers = {}, {}
     for scenario in ("one", "spread"):
@@ -98,7 +98,8 @@ def prefill_decode(args, qs: list[str]) -> dict:
     from hybrid.pipeline import Pipeline
     from tuning.prompting import build_messages
 
-    pipe = Pipeline.load(args.index, adapters={"a": args.adapters["a"]}, k=args.k, groups=args.groups)
+    pipe = Pipeline.load(args.index, adapters={"a": args.adapters["a"]}, k=args.k, groups=args.groups,
+                         precision=args.precision)
     pipe.model.set_adapter("a")
     ps = pipe.retrieve(qs[:4], groups=args.groups, k=args.k)
     texts = [pipe.tok.apply_chat_template(build_messages(q, p), add_generation_prompt=True, tokenize=False)
@@ -125,7 +126,8 @@ def start_server(args, keys: Path, batching: str) -> tuple[subprocess.Popen, str
         port = s.getsockname()[1]
     cmd = [str(ROOT / ".venv" / "bin" / "hybrid"), "serve", "--index", args.index, "--keys", str(keys),
            "--port", str(port), "-k", str(args.k), "--max-new-tokens", str(args.max_tokens),
-           "--max-adapters", "2", "--max-batch", str(args.max_batch), "--max-queue", "256", "--batching", batching]
+           "--max-adapters", "2", "--max-batch", str(args.max_batch), "--max-queue", "256", "--batching", batching,
+           "--precision", args.precision]
     for name, path in args.adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
@@ -183,7 +185,7 @@ def adapter_memory(args, n: int) -> dict:
     from tuning import run_record
 
     base = run_record.read(src, "--adapter a")["base_model"]["name"]
-    pipe = Pipeline.load(None, base_model=base, groups=args.groups)
+    pipe = Pipeline.load(None, base_model=base, groups=args.groups, precision=args.precision)
 
     def measure():  # RSS after handing freed heap back (else loading's freed buffers hide the adapters)
         gc.collect()
@@ -224,6 +226,8 @@ def main() -> None:
     ap.add_argument("--wrong-check", type=int, default=6, help="questions every model answers sequentially (the "
                     "references a wrong-adapter answer would equal)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="the server's and the sequential baseline's --precision [default: auto]")
     ap.add_argument("--split-only", action="store_true", help="only the prefill/decode split")
     ap.add_argument("--out")
     args = ap.parse_args()

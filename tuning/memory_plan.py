@@ -15,8 +15,9 @@ The estimate adds, in bytes:
               tuning/completion_loss.py) 3 x vocab fp32 floats for the completion's
               positions (logits, log-softmax, their gradient); else 5 x vocab for every
               position (TRL's loss with its entropy/accuracy metrics)
-  precision   bf16 (autocast) halves the activations' bytes; weights and the trainable
-              terms stay fp32 (mixed precision keeps them so)
+  precision   bf16 (autocast) stores activations in 3 bytes a value on average on a CPU
+              (bf16 matmul outputs, fp32 norms and sums), 2 on CUDA; weights and the
+              trainable terms stay fp32 (mixed precision keeps them so)
 On CPU, bitsandbytes' 4-bit path keeps fp32 dequantised copies for backward, so the
 per-token terms of QLoRA are 1.5x LoRA's: on this CPU QLoRA uses *more* memory than
 LoRA for a 135M model, and its only saving is the weights. The constants (runtime,
@@ -129,7 +130,9 @@ def estimate(shape: ModelShape, strategy: Strategy, seq_len: int, batch: int, ch
     trainable = 12 * trainable_params if strategy == "full" else 16 * trainable_params
     tokens = seq_len * batch
     precision = precision or ("bf16" if device == "cuda" else "fp32")
-    act_bytes = 2 if precision == "bf16" else 4
+    # autocast on a CPU keeps norms, residual sums and softmax in fp32 beside the bf16 matmul outputs:
+    # 3 bytes a value on average centred the errors on SmolLM2 (benchmarks/memory_plan.py --precision bf16)
+    act_bytes = 4 if precision == "fp32" else 2 if device == "cuda" else 3
     per_layer = tokens * (10 * shape.hidden + 5 * shape.intermediate) * act_bytes
     if checkpointing:
         activations = shape.layers * tokens * shape.hidden * act_bytes + per_layer
