@@ -34,7 +34,7 @@ def answers(work: Path, p: str, log) -> list[dict]:
     out = work / f"quality-eval-{p}"
     log(f"  eval rag at {p} -> {out}")
     run_eval(EvalConfig(qa=str(BUNDLED / "qa.jsonl"), index=str(side_index(work, p)), base_model=QWEN, k=3,
-                        groups=GROUPS, precision=p, out=str(out)), progress=False)
+                        groups=GROUPS, precision=p, out=str(out), closed_book=False), progress=False)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line.strip()]
     return sorted((r for r in rows if r["config"] == "rag"), key=lambda r: r["id"])
 
