@@ -43,24 +43,27 @@ test: $(VENV)/.installed
 # subset of the hand-written questions, none of which any training step saw (rag, rag+raft + chart).
 DEMO_SYNTH_MINUTES ?= 3
 DEMO_EVAL_LIMIT ?= 16
+# auto: bf16 where the CPU has AMX / AVX512-BF16, else fp32 (make demo PRECISION=fp32 to compare)
+PRECISION ?= auto
+P := --precision $(PRECISION)
 demo: $(VENV)/.installed models-qwen-0.5b
-	$(HYBRID) index $(CORPUS)/docs --out $(RUNS)/index --chunk-tokens 128 --overlap 16 -q
-	$(HYBRID) search "How long does the Kestrel-7 battery pack last?" --index $(RUNS)/index -k 3 $(GROUPS)
-	$(HYBRID) eval $(CORPUS)/qa.jsonl --index $(RUNS)/index --only retrieval $(GROUPS)
+	$(HYBRID) index $(CORPUS)/docs --out $(RUNS)/index --chunk-tokens 128 --overlap 16 -q $(P)
+	$(HYBRID) search "How long does the Kestrel-7 battery pack last?" --index $(RUNS)/index -k 3 $(GROUPS) $(P)
+	$(HYBRID) eval $(CORPUS)/qa.jsonl --index $(RUNS)/index --only retrieval $(GROUPS) $(P)
 	mkdir -p $(RUNS)/synth
 	$(HYBRID) synth --index $(RUNS)/index --out $(RUNS)/synth/qa.jsonl --teacher qwen2.5-coder-0.5b \
-	  --max-chunks 60 --per-chunk 2 --unanswerable 0.25 --batch-size 8 --max-minutes $(DEMO_SYNTH_MINUTES) -q $(GROUPS)
+	  --max-chunks 60 --per-chunk 2 --unanswerable 0.25 --batch-size 8 --max-minutes $(DEMO_SYNTH_MINUTES) -q $(GROUPS) $(P)
 	$(HYBRID) tune embedder --index $(RUNS)/index --qa $(RUNS)/synth/qa.jsonl --eval-qa $(CORPUS)/qa.jsonl \
-	  --out $(RUNS)/embedder --epochs 1 --batch-size 2 $(GROUPS)
+	  --out $(RUNS)/embedder --epochs 1 --batch-size 2 $(GROUPS) $(P)
 	$(HYBRID) tune generator --index $(RUNS)/index --qa $(RUNS)/synth/qa.jsonl --out $(RUNS)/raft -q \
 	  --no-oracle both --test-fraction 0 --val-fraction 0 --num-distractors 2 --max-steps 10 --grad-accum 2 \
-	  --no-gradient-checkpointing --learning-rate 1e-3 --target-modules all-linear --lora-r 16 --lora-alpha 32 $(GROUPS)
+	  --no-gradient-checkpointing --learning-rate 1e-3 --target-modules all-linear --lora-r 16 --lora-alpha 32 $(GROUPS) $(P)
 	@for qu in "$(Q1)|raft" "$(Q2)|base" "$(Q2)|raft"; do q=$${qu%|*}; use=$${qu##*|}; \
-	  printf '\n== %s: %s\n' "$$use" "$$q"; $(HYBRID) ask "$$q" --index $(RUNS)/index -k 3 --adapter raft=$(RUNS)/raft --use $$use $(GROUPS); \
+	  printf '\n== %s: %s\n' "$$use" "$$q"; $(HYBRID) ask "$$q" --index $(RUNS)/index -k 3 --adapter raft=$(RUNS)/raft --use $$use $(GROUPS) $(P); \
 	done
 	rm -rf $(RUNS)/eval  # the adapter was just retrained: earlier predictions are stale
 	$(HYBRID) eval $(CORPUS)/qa.jsonl --limit $(DEMO_EVAL_LIMIT) --seed 0 --no-closed-book --index $(RUNS)/index -k 3 \
-	  --adapter raft=$(RUNS)/raft $(GROUPS) --out $(RUNS)/eval
+	  --adapter raft=$(RUNS)/raft $(GROUPS) --out $(RUNS)/eval $(P)
 
 clean:
 	rm -rf $(RUNS)
