@@ -45,12 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
+# benchmarks.speed sets the offline and quiet environment on import, before anything imports torch
 from benchmarks.speed import BUNDLED, alternate, bundled_index, clocked_entry_points, raft_examples, ratio, summary  # noqa: E402
 
 SPEED_ROWS = ("matmul", "raft", "smollm2", "prefill", "threads", "eval", "index", "synth")
@@ -124,13 +119,12 @@ def run_steps(work: Path, base_model: str, repeats: int, steps: int, log) -> dic
 
 
 # --- inference -------------------------------------------------------------------------------------
-def raft_prompt(tok, k: int = 5) -> list[dict]:
+def raft_prompt(work: Path, k: int = 5) -> list[dict]:
     """A bundled question with its top-k chunks, as `ask` builds the prompt (~900 tokens at k=5)."""
     from retrieval.retriever import Retriever
     from tuning.prompting import build_messages
 
-    index = bundled_index(Path(os.environ["PRECISION_WORK"]))
-    r = Retriever.load(index)
+    r = Retriever.load(bundled_index(work))
     q = "What scope ratio should be used when mooring a Kestrel-7 at an exposed site?"
     hits = r.search(q, k=k, groups=GROUPS)
     return build_messages(q, [{"doc_id": h.doc_id, "title": h.title, "text": h.text} for h in hits])
@@ -162,7 +156,7 @@ def run_prefill(work: Path, repeats: int, log) -> dict:
     from tuning.generator import load_generator
 
     models = {p: load_generator(QWEN, device="cpu", precision=p)[:2] for p in ("fp32", "bf16")}
-    messages = raft_prompt(models["fp32"][1])
+    messages = raft_prompt(work)
     runs = alternate({p: (lambda p=p: prefill_decode(*models[p], messages)) for p in models}, repeats, log)
     pre = {p: [x[0] for x in v] for p, v in runs.items()}
     dec = {p: [x[1] for x in v] for p, v in runs.items()}
@@ -180,7 +174,7 @@ def run_threads(work: Path, repeats: int, log) -> dict:
 
     model, tok, _ = load_generator(QWEN, device="cpu", precision="bf16")
     emb = load_embedder(None, device="cpu", precision="bf16")
-    messages = raft_prompt(tok)
+    messages = raft_prompt(work)
     texts = [f"passage {i}: " + "the harbour office keeps the tide tables and the mooring rules " * 6
              for i in range(256)]
 
@@ -285,7 +279,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    os.environ["PRECISION_WORK"] = str(work)
     report_file = work / "report.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
     report["machine"] = machine()

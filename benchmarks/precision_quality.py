@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.precision import GROUPS, QWEN, halueval_corpus
-from benchmarks.speed import BUNDLED, raft_examples
+from benchmarks.speed import BUNDLED, bundled_index, raft_examples
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -87,8 +87,6 @@ def recall_at_5(work: Path, log) -> dict:
 def loss_curves(work: Path, steps: int, log) -> dict:
     from retrieval.train_settings import TrainSettings
     from tuning.sft import GeneratorTuneConfig, tune_generator
-
-    from benchmarks.speed import bundled_index
 
     examples = raft_examples(work, bundled_index(work), distractors=2, max_length=1024, n=2 * steps)
     curves = {}
