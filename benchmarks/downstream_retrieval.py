@@ -6,16 +6,16 @@
 
 Each NAME=REPORT_DIR[:CONFIG] reads that dir's predictions.jsonl, configuration CONFIG (default
 `rag`); the runs are paired by question id. Reported: the share
-of questions whose gold document was among the retrieved passages, accuracy, hallucination and
-abstention with 95 % bootstrap intervals, accuracy split by whether the gold document was
-retrieved, and McNemar's exact test on accuracy against the first run.
+of questions whose gold document was among the retrieved passages, accuracy and hallucination
+with 95 % Wilson intervals (as `hybrid eval` reports them), abstention, accuracy split by whether
+the gold document was retrieved, and McNemar's exact test on accuracy against the first run.
 """
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hybrid.statistics import bootstrap_ci, mcnemar_exact  # noqa: E402
+from hybrid.statistics import mcnemar_exact, proportion_ci  # noqa: E402
 
 runs = dict(a.split("=", 1) for a in sys.argv[2:])
 preds = {}
@@ -35,7 +35,7 @@ for name, p in preds.items():
     acc = [int(p[i]["label"] == "correct") for i in ids]
     hal = [int(p[i]["label"] == "hallucinated") for i in ids]
     ab = [int(p[i]["label"] == "abstained") for i in ids]
-    ca, ch = bootstrap_ci(acc), bootstrap_ci(hal)
+    ca, ch = proportion_ci(acc), proportion_ci(hal)
     out[name] = {"n": len(ids), "gold_in_top4": sum(hit) / len(ids), "accuracy": sum(acc) / len(ids), "accuracy_ci": ca,
                  "hallucination": sum(hal) / len(ids), "hallucination_ci": ch, "abstention": sum(ab) / len(ids),
                  "accuracy_when_gold_retrieved": sum(a for a, h in zip(acc, hit) if h) / max(1, sum(hit)),

@@ -10,7 +10,8 @@ configuration on
   - a seeded --bundled-limit subset of the bundled corpus's questions, 3 passages retrieved (all
     groups) from an index of the bundled corpus.
 Reported: accuracy on answerable questions, abstention on unanswerable ones, hallucination (95 %
-bootstrap intervals), and the timings. Needs ../shared (HaluEval) and the HaluEval index of
+intervals as `hybrid eval` reports them: Wilson; rows measured before carry percentile bootstrap
+ones), and the timings. Needs ../shared (HaluEval) and the HaluEval index of
 benchmarks/retrieval_halueval.py (`--skip-throughput --skip-tuning` builds just that).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/readers.py \

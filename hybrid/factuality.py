@@ -42,6 +42,7 @@ import numpy as np
 
 from hybrid.report import chart, compare, markdown, read_predictions, summarize
 from hybrid.pipeline import Pipeline, best_supported, check_select, deciding_adapter, parse_adapters, passages_for
+from hybrid.statistics import INTERVALS
 from retrieval import access
 from retrieval.atomic import check_writable, write_text_atomic
 from retrieval.errors import InputError
@@ -266,6 +267,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
               "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
               "n_questions": len(rows), "n_unanswerable": sum(not r.answers for r in rows),
+              "intervals": dict(INTERVALS),  # what the "ci" lists are: older reports (no key) used the bootstrap
               "precision": run_precision(cfg),
               "models": {"base": pipe.info.name if pipe else cfg.base_model or "smollm2", "adapters": cfg.adapters,
                          "judge": cfg.judge, "index": cfg.index},

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hybrid.evaluation import fmt
-from hybrid.statistics import bootstrap_ci, mcnemar_exact, paired_diff_ci
+from hybrid.statistics import mcnemar_exact, paired_diff_ci, proportion_ci
 from retrieval.errors import InputError
 from retrieval.jsonl import read_jsonl
 from retrieval.metrics import retrieval_metrics
@@ -96,7 +96,8 @@ def read_predictions(path: Path, flag: str, fix: str, ids: set[str]) -> dict[tup
 
 
 def summarize(preds: list[dict], seed: int) -> dict:
-    """Metrics of one configuration from its prediction lines."""
+    """Metrics of one configuration from its prediction lines (`seed` no longer changes them: the
+    rates' intervals are Wilson's, not resampled; it stays so that callers keep working)."""
     n = len(preds)
     labels = [p["label"] for p in preds]
     out: dict = {"n": n}
@@ -124,9 +125,10 @@ def summarize(preds: list[dict], seed: int) -> dict:
     out["latency_ms_p95"] = float(np.percentile(lat, 95)) if lat else None
     secs = sum(lat) / 1000
     out["tokens_per_s"] = sum(p["new_tokens"] for p in preds) / secs if secs else None
-    out["ci"] = {name: list(bootstrap_ci(ind, seed=seed)) for name, ind in indicators.items()}
+    # Every interval here is of a share of 0/1 outcomes: Wilson (hybrid/statistics.py says why).
+    out["ci"] = {name: list(proportion_ci(ind)) for name, ind in indicators.items()}
     if answerable:
-        out["ci"]["accuracy_answerable"] = list(bootstrap_ci([p["label"] == "correct" for p in answerable], seed=seed))
+        out["ci"]["accuracy_answerable"] = list(proportion_ci([p["label"] == "correct" for p in answerable]))
     return out
 
 
@@ -152,11 +154,18 @@ def compare(by_config: dict[str, list[dict]], seed: int) -> list[dict]:
     return out
 
 
+def intervals_line(report: dict) -> str:
+    """What the report's intervals are. A report.json from before the key was written has none:
+    its rates and differences both carry percentile bootstrap intervals."""
+    kind = report.get("intervals", {"rate": "percentile bootstrap", "difference": "paired percentile bootstrap"})
+    return f"Intervals (95 %): rates {kind['rate']}, differences {kind['difference']}."
+
+
 def markdown(report: dict) -> str:
     """report.md: one row per configuration, rates with their 95 % intervals, then the paired tests."""
     lines = [f"# hybrid eval: {report['dataset']}", "",
              f"{report['n_questions']} questions ({report['n_unanswerable']} unanswerable), seed {report['seed']}, "
-             f"models: {json.dumps(report['models'])}", "",
+             f"models: {json.dumps(report['models'])}", "", intervals_line(report), "",
              "| config | n | accuracy | abstention | hallucination | unsupported | citations verified | F1 | "
              "recall@5 | MRR@10 | p50 ms | p95 ms | tok/s |", "|---|" + "---:|" * 12]
     for name, m in report["configs"].items():
