@@ -34,7 +34,8 @@ from typing import Callable, Literal
 from retrieval import access
 from retrieval.errors import InputError
 from tuning import run_record
-from tuning.prompting import ABSTAIN, build_messages, parse_answer
+from tuning.prompting import build_messages
+from hybrid.serve_answers import served_content  # noqa: F401 - benchmarks/serve_load.py imports it from here
 
 log = logging.getLogger("hybrid.serve")
 
@@ -42,17 +43,19 @@ log = logging.getLogger("hybrid.serve")
 class ServeError(Exception):
     """A request the engine refuses: HTTP status and one-line message (the app renders it OpenAI-style)."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
 
 @dataclass
 class Job:
     """One request in the engine's queue. `emit(event)` hands an event back to the request's handler:
-    ("token", text) while streaming, then ("done", payload) or ("error", ServeError)."""
+    ("token", text) while streaming, then ("done", payload) or ("error", ServeError).
+    An "embed" job embeds `inputs` with the index's embedder (`question` unused)."""
 
-    kind: Literal["chat", "search"]
+    kind: Literal["chat", "search", "embed"]
     question: str
     groups: list[str]
     emit: Callable[[tuple], None]
@@ -62,6 +65,7 @@ class Job:
     max_tokens: int = 96
     temperature: float = 0.0
     stream: bool = False
+    inputs: list[str] = field(default_factory=list)
     prompt_tokens: int = 0  # counted by the engine's context check (0 with a remote engine)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client has gone
     ended: bool = False  # its "done" or "error" has been sent: nothing more is
@@ -223,13 +227,6 @@ def plain_name(name) -> bool:
         name.isprintable() and not any(c in name for c in "/\\")
 
 
-def served_content(a) -> str:
-    """What the completion's `content` is: the model's own text when it is served as written, the
-    abstention sentence when the pipeline replaced or never generated it (gate, calibration,
-    --require-support, nothing visible). Streaming sends exactly this, so nothing replaced is streamed."""
-    return a.raw if a.raw and (not a.abstained or parse_answer(a.raw).abstained) else ABSTAIN
-
-
 class Engine:
     """The thread that owns the pipeline (see the module docstring)."""
 
@@ -326,6 +323,10 @@ class Engine:
 
         A failure is its request's alone: a group that fails is retried one request at a time, so
         only the request that fails alone gets the error, and the engine goes on to the next."""
+        for j in [j for j in batch if j.kind == "embed"]:
+            for j, vectors in isolated([j], lambda js: [self._embed(js[0])]):
+                j.end(("done", vectors))
+        batch = [j for j in batch if j.kind != "embed"]
         by_groups: dict[tuple, list[Job]] = {}
         for j in batch:
             by_groups.setdefault((tuple(j.groups), j.k), []).append(j)
@@ -351,8 +352,24 @@ class Engine:
         for (_, groups, max_tokens, temperature, _), jobs in chats.items():
             for j, a in isolated(jobs, lambda js: self._generate(js, list(groups), max_tokens, temperature,
                                                                  passages)):
-                j.end(("done", {"answer": a, "prompt_tokens": j.prompt_tokens}))
+                j.end(("done", {"answer": a, "prompt_tokens": j.prompt_tokens, "titles": titles(passages[id(j)])}))
             self.moved()
+
+    def _embed(self, j: Job) -> dict:
+        """The index's embedder on `j.inputs`: {"vectors": (N, dim) float32, "tokens": per input}. A tuned
+        embedder learned from its groups' documents, so only a caller holding them may use it (as search)."""
+        emb = self.pipe.retriever.embedder
+        try:
+            access.require(self.pipe.retriever._embedder_scope, j.groups, f"the index's embedder {Path(emb.path).name}")
+        except InputError as exc:
+            raise ServeError(403, str(exc), "permission_error", "embedder_forbidden") from None
+        tokens = [len(ids) for ids in emb.tokenizer(j.inputs, add_special_tokens=True)["input_ids"]]
+        # the model would cut a longer input short and embed only its start: refused rather than done quietly
+        if over := [(i, n) for i, n in enumerate(tokens) if n > emb.max_seq_length]:
+            raise ServeError(400, f"input[{over[0][0]}] is {over[0][1]} tokens, over the embedder's "
+                                  f"{emb.max_seq_length}; split it (as the index's chunks are)",
+                             code="context_length_exceeded", param="input")
+        return {"vectors": emb.encode(j.inputs), "tokens": tokens}
 
     def _retrieve(self, jobs: list[Job], groups: list[str], k: int) -> list[list[dict]]:
         try:
@@ -418,6 +435,11 @@ class Engine:
             self.metrics.generated(sum(a.new_tokens for a in answers), seconds, len(jobs),
                                    stopped=sum(j.cancelled.is_set() for j in jobs))
         return answers
+
+
+def titles(passages: list[dict]) -> dict[str, str]:
+    """doc_id -> title of the passages a request was answered from (its own, visible to its caller)."""
+    return {p["doc_id"]: p.get("title") or "" for p in passages if p.get("doc_id")}
 
 
 def _internal(exc: BaseException) -> ServeError:

@@ -8,12 +8,14 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx2 as httpx
 import pytest
 from openai import OpenAI
 
 from hybrid.serve import ServeConfig, build, create_app
+from hybrid.serve_answers import served_content
 from hybrid.serve_engine import AdapterPool, Engine, Job, ServeError
 from retrieval import access
 from retrieval.embedder import fingerprint_dir
@@ -126,8 +128,10 @@ def test_models_and_chat_plain_and_streamed_with_the_extension(server, env):
     r = chat(client, "a")
     ext = r.model_extra["hybrid"]
     assert set(ext) == {"answer", "abstained", "citations", "passages", "support", "gated", "calibrated_abstain",
-                        "calibrated_answer"}
+                        "calibrated_answer", "malformed"}
     assert r.choices[0].message.content and len(ext["passages"]) == 3
+    assert r.choices[0].message.content == served_content(SimpleNamespace(raw="", **{  # the answer, not the template
+        k: ext[k] for k in ("answer", "abstained", "citations")}))
     assert all(set(p) == {"doc_id", "chunk_id", "score"} for p in ext["passages"])
     assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
     assert chat(client, "a", temperature=0.9, max_tokens=5).usage.completion_tokens <= 5  # sampled
@@ -179,7 +183,7 @@ def test_error_codes_are_openai_style(server, env):
     for resp, status, code in cases:
         assert resp.status_code == status, resp.text
         err = resp.json()["error"]
-        assert set(err) == {"message", "type", "code"} and err["message"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
         assert code is None or err["code"] == code
     assert "4096 tokens" in cases[8][0].json()["error"]["message"]
     assert raw(server, "/health", method="GET").json()["status"] == "ok"  # no key needed
@@ -223,7 +227,9 @@ def test_interleaved_requests_for_two_adapters_from_many_threads_get_their_own_a
 
 
 def test_disconnect_mid_stream_stops_generation_and_the_server_goes_on(server):
-    body = {"model": "a", "messages": [{"role": "user", "content": QUESTION}], "stream": True, "max_tokens": 512}
+    # raw content streams token by token (plain content is sent whole once checked)
+    body = {"model": "a", "messages": [{"role": "user", "content": QUESTION}], "stream": True, "max_tokens": 512,
+            "content_format": "raw"}
     before = raw(server, "/metrics", KEYS["pub"], method="GET").text
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEYS['pub']}"}) as resp:

@@ -97,7 +97,7 @@ def test_poisoned_requests_are_refused_alone_then_the_server_answers_and_stops_o
         else:
             r = ask(url, body, key=None)
         assert r.status_code == status, (body if not isinstance(body, bytes) else "nested", r.text[:300])
-        assert set(r.json()["error"]) == {"message", "type", "code"}
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert len(r.text) < 1000  # a 5,000-character model name is not echoed back whole
     # unknown routes answer in the same shape
     r = httpx.get(url + "/v1/nothing", timeout=10)
@@ -169,7 +169,8 @@ def test_a_failure_inside_streamed_generation_ends_that_stream_with_an_error_and
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "generate", broken)
-    with httpx.stream("POST", running.url + "/v1/chat/completions", json=question(stream=True),
+    # raw content streams token by token, so the failure comes after the stream has begun
+    with httpx.stream("POST", running.url + "/v1/chat/completions", json=question(stream=True, content_format="raw"),
                       headers={"Authorization": f"Bearer {KEYS['pub']}"}, timeout=20) as s:
         events = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
     assert any('"error"' in e and "internal_error" in e for e in events) and events[-1] == "data: [DONE]"
@@ -311,4 +312,4 @@ def test_no_chat_body_reaches_a_500(client, body):
                     headers={"Authorization": f"Bearer {KEYS['hr']}"})
     assert r.status_code in (200, 400, 403, 404), (body, r.text[:300])
     if r.status_code != 200 and "text/event-stream" not in r.headers.get("content-type", ""):
-        assert set(r.json()["error"]) == {"message", "type", "code"}
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
