@@ -350,7 +350,8 @@ def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help
 @cli_errors
 @from_config(ServeConfig)
 def serve_cmd(cfg: ServeConfig):
-    """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/search; API keys map to access groups."""
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /v1/search,
+    GET /health (no key) and GET /metrics (Prometheus); API keys map to access groups."""
     from hybrid.serve import run
 
     run(cfg, log=lambda m: typer.echo(m, err=True))
