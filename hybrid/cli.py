@@ -324,14 +324,16 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
 def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
              track: Literal["none", "mlflow"] = TRACK):
     """Factuality benchmark: accuracy, abstention and hallucination rate per configuration, with 95 % CIs."""
-    if track != "none" and (cfg.only == "retrieval" or not cfg.out):  # refused, not a warning after the run
-        raise InputError("--track mlflow records the factuality report: it needs --out DIR and no --only retrieval")
+    if track != "none" and not cfg.out:  # refused, not a warning after the run
+        raise InputError("--track mlflow needs --out DIR: the run records the report written there; add --out DIR "
+                         "or drop --track")
     _tracking_ready(track)
     if cfg.only == "retrieval":
         report = evaluate_retrieval(cfg.qa, cfg.index, groups=cfg.groups, mode=cfg.mode, rerank=cfg.rerank,
                                     precision=cfg.precision)
         if cfg.out:
             write_report(report, cfg.out)
+            _track(track, "eval", cfg, cfg.out, cfg.groups)
         typer.echo(json.dumps(report) if as_json else markdown_table(report["configs"]))
         return
     report = run_eval(cfg, progress=not as_json)
@@ -383,7 +385,7 @@ def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.ya
 
     stages = parse_only(only)  # `--only ,` is refused, not read as "every stage"
     cfg = load_loop(config, overrides or [])
-    status = run_loop(cfg, only=stages, progress=not quiet, log=_stderr(False))
+    status = run_loop(cfg, only=stages, progress=not quiet, log=_stderr(False), overrides=overrides or [])
     typer.echo(", ".join(f"{k}: {v}" for k, v in status.items()))
 
 

@@ -328,7 +328,9 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: d
     if problems:
         raise InputError(one_line("; ".join(problems)))
     cfg = cls(**values)
-    if problems := cfg.problems():  # each workflow's own checks may quote a value: bounded here
+    from hybrid.inert_options import problems as inert  # options its other settings leave without effect
+
+    if problems := cfg.problems() + inert(cfg):  # each workflow's own checks may quote a value: bounded here
         raise InputError(one_line("; ".join(problems)))
     return cfg
 

@@ -1,16 +1,14 @@
-"""`hybrid run hybrid.yaml`: the whole loop from one file, and `hybrid init DIR` to write that file.
+"""`hybrid run hybrid.yaml`: the whole loop from one file (the file itself: hybrid/loop_config.py).
 
-    hybrid init runs/loop                         # runs/loop/hybrid.yaml: every key, its type, default and help
-    hybrid run runs/loop/hybrid.yaml              # index -> synth -> embedder -> generator -> eval
-    hybrid run runs/loop/hybrid.yaml generator.max_steps=80    # redoes generator and eval only
+    hybrid init runs/mine                         # runs/mine/hybrid.yaml: every key, its type, default and help
+    hybrid run runs/mine/hybrid.yaml              # index -> synth -> embedder -> generator -> eval
+    hybrid run runs/mine/hybrid.yaml generator.max_steps=80    # redoes generator and eval only
 
 Each stage is the command of the same name run as a library call, reading the previous stage's
 files under `out` (index/, synth/qa.jsonl, embedder/, generator/, eval/). A stage is skipped when
 its fingerprint — its resolved settings and the fingerprints of what it reads (the corpus files'
 bytes, the upstream stages, the eval questions) — equals the one recorded in
 `out/hybrid_stages.json` when it last finished and its output is there: a Makefile for the loop.
-The file's sections are the commands' own config dataclasses, so a section takes exactly the keys
-that command's `--config` takes, less the paths the loop wires itself.
 """
 
 from __future__ import annotations
@@ -20,155 +18,24 @@ import hashlib
 import json
 import shutil
 import time
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from hybrid.config import _hints, _strip_optional, build_config, load_yaml, named, parse_yaml
-from hybrid.calibration import CalibrateConfig
-from hybrid.factuality import EvalConfig
-from hybrid.serve import ServeConfig
-from hybrid.tracking import Tracker, TrackingConfig, adapter_scope
+from hybrid.config import named
+from hybrid.inert_options import problems as inert
+from hybrid.loop_config import (DEFAULT_STAGES, STAGES, WIRED, LoopConfig, init, init_text,  # noqa: F401 (the loop's API)
+                                load_loop, parse_overrides, provenance, resolved_yaml)
+from hybrid.tracking import Tracker, adapter_scope
 from retrieval.atomic import not_its_own, swap_dir_into_place, write_text_atomic
-from retrieval.embedder_tuning import EmbedderTuneConfig
-from retrieval.errors import InputError, quoted
-from retrieval.index import IndexConfig
-from tuning.dpo import DPOTuneConfig
-from tuning.sft import GeneratorTuneConfig
-from tuning.synth import SynthConfig
+from retrieval.errors import InputError
 
-STAGES = ("index", "synth", "embedder", "generator", "dpo", "calibrate", "eval", "serve")
-# dpo (minutes per step on CPU), calibrate and serve (it does not return) run when named in `stages` or --only
-DEFAULT_STAGES = ("index", "synth", "embedder", "generator", "eval")
 STAGE_FILE = "hybrid_stages.json"
 # stages that write into DIR.partial and are swapped in whole at the end: the last good output stays
 # until the new one is complete, and an interrupted run with the same settings resumes the partial one
 PARTIAL = {"synth": "synth", "eval": "eval"}
-# the fields the loop sets itself in each section (the paths between stages and the caller's groups)
-WIRED = {"synth": {"index", "out", "groups"}, "embedder": {"index", "out", "qa", "eval_qa"},
-         "generator": {"index", "out", "qa", "examples"}, "dpo": {"adapter", "out", "index", "qa", "pairs_file"},
-         "calibrate": {"adapter", "qa", "index", "groups"}, "eval": {"qa", "index", "adapters", "out", "groups"},
-         "serve": {"index", "adapters", "adapter_dir"}}
 
 
-@dataclass
-class LoopConfig:
-    """The whole loop (YAML keys = field names; a section per stage)."""
-
-    corpus: str = field(metadata={"help": "Directory of documents (.md/.txt/.jsonl/.pdf) to learn."})
-    out: str = field(default="runs/loop", metadata={"help": "Run directory: every stage's output goes under it."})
-    eval_qa: str | None = field(default=None, metadata={
-        "help": "Hand-written questions the eval stage scores (none of them is trained on); without it the "
-                "eval stage is skipped and the embedder is scored on held-out synthesised questions."})
-    groups: list[str] = field(default_factory=list, metadata={
-        "flag": "--group", "help": "Access groups every stage may read (and its artifacts are tagged with)."})
-    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={
-        "help": f"Stages to run, in this order: {', '.join(STAGES)} (dpo, calibrate and serve when named)."})
-    index: IndexConfig = field(default_factory=IndexConfig, metadata={"help": "hybrid index"})
-    synth: SynthConfig = field(default_factory=lambda: SynthConfig(index="", out=""), metadata={"help": "hybrid synth"})
-    embedder: EmbedderTuneConfig = field(default_factory=lambda: EmbedderTuneConfig(index="", out=""),
-                                         metadata={"help": "hybrid tune embedder"})
-    generator: GeneratorTuneConfig = field(default_factory=lambda: GeneratorTuneConfig(out=""),
-                                           metadata={"help": "hybrid tune generator"})
-    dpo: DPOTuneConfig = field(default_factory=lambda: DPOTuneConfig(adapter="", out=""), metadata={
-        "help": "hybrid tune dpo (on the generator's adapter, pairs sampled on the synthesised questions)"})
-    calibrate: CalibrateConfig = field(default_factory=lambda: CalibrateConfig(adapter="", qa=""), metadata={
-        "help": "hybrid tune calibrate (the last adapter, on the questions the generator held out)"})
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(qa=""), metadata={"help": "hybrid eval"})
-    serve: ServeConfig = field(default_factory=lambda: ServeConfig(index=""), metadata={
-        "help": "hybrid serve (the index and the last adapter, as 'raft')"})
-    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow tracking"})
-
-    def problems(self) -> list[str]:
-        out = [f"stages: unknown stage {quoted(s)} (known: {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
-        if not self.stages:
-            out.append("stages: names no stage; list the ones to run, e.g. stages=index,synth")
-        return out + _path_problems(self) + _empty_names(self)
-
-
-def _path_problems(cfg: LoopConfig) -> list[str]:
-    # an empty path is the current directory to Path(""): never what was meant
-    out = [f"{key}: empty; name a directory" for key in ("corpus", "out") if not getattr(cfg, key).strip()]
-    if cfg.corpus.strip() and not _is(cfg.corpus, Path.is_dir):
-        out.append(f"corpus: {named(cfg.corpus)} is not a directory of documents")
-    if cfg.eval_qa is not None and not cfg.eval_qa.strip():
-        out.append("eval_qa: empty; name a file of questions, or null to skip the eval stage")
-    elif cfg.eval_qa is not None and not _is(cfg.eval_qa, Path.is_file):
-        out.append(f"eval_qa: {named(cfg.eval_qa)} does not exist")
-    return out
-
-
-def _empty_names(cfg: LoopConfig) -> list[str]:
-    """An empty tracking name would silently mean the default, an empty group no group: refused."""
-    t = cfg.tracking
-    out = [f"tracking.{key}: empty; name one, or null for the default" for key in ("uri", "experiment", "run_name")
-           if getattr(t, key) is not None and not getattr(t, key).strip()]
-    return out + [f"{key}: an empty group name in {quoted(groups)}; list group names (none: public documents only)"
-                  for key, groups in (("groups", cfg.groups), ("tracking.store_groups", t.store_groups))
-                  if not all(g.strip() for g in groups)]
-
-
-def _is(path: str, test: Callable[[Path], bool]) -> bool:
-    """`test(Path(path))`, False where the file system cannot even look (a name too long, say)."""
-    try:
-        return bool(path.strip()) and test(Path(path))
-    except OSError:
-        return False
-
-
-# --- overrides and the resolved sections -----------------------------------------------------------
-def parse_overrides(pairs: list[str]) -> dict:
-    """`generator.max_steps=80` pairs as the nested mapping `build_config` takes (values read as YAML;
-    a training setting may skip its `train.`: `generator.learning_rate=1e-4`, as in the file).
-    A pair that cannot take effect is refused: no key part, no value, a key given twice."""
-    nested: dict = {}
-    for pair in pairs:
-        key, eq, raw = pair.partition("=")
-        if not eq or not key:
-            raise InputError(f"override '{named(pair, 80)}': use KEY=VALUE, e.g. generator.max_steps=80")
-        path = key.split(".")  # `generator.max_steps` is generator.train.max_steps: the loader hoists it
-        if not all(p.strip() for p in path):
-            raise InputError(f"override '{named(pair, 80)}': an empty part in the key; use dotted names, e.g. "
-                             f"generator.max_steps=80")
-        if not raw.strip():
-            raise InputError(f"override '{named(pair, 80)}': no value; give one (null unsets an optional key)")
-        node = nested
-        for depth, part in enumerate(path[:-1], 1):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise InputError(f"override '{named(pair, 80)}': {named('.'.join(path[:depth]), 80)} is given a value "
-                                 f"by another override; give the section's keys or the value, not both")
-        if path[-1] in node:
-            raise InputError(f"override '{named(pair, 80)}': {named(key, 80)} is given twice; keep one")
-        node[path[-1]] = parse_yaml(raw, f"override '{named(pair, 80)}'", invalid_as_text=True)
-    return nested
-
-
-def load_loop(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
-    """The loop's config: the YAML file, then the overrides; unknown keys and wrong types refused (all listed)."""
-    given = parse_overrides(list(overrides))
-    for name in ("groups", "stages"):  # stages=index,synth on the command line
-        if isinstance(given.get(name), str):
-            given[name] = [v for v in given[name].split(",") if v]
-    loaded = load_yaml(path)
-    set_here = [f"{name}.{key}" for name, keys in WIRED.items() for key in sorted(keys)
-                for src in (loaded, given) if isinstance(src.get(name), dict) and key in src[name]]
-    set_here += [f"{name}.train.groups" for name in ("embedder", "generator", "dpo") for src in (loaded, given)
-                 if isinstance(src.get(name), dict) and ("groups" in src[name] or isinstance(src[name].get("train"), dict)
-                                                         and "groups" in src[name]["train"])]
-    if set_here:
-        raise InputError(f"--config {named(path)}: {', '.join(set_here)} are set by the loop (the paths between stages "
-                         f"under 'out', the groups from 'groups'); remove them")
-    for name, keys in WIRED.items():  # placeholders for the required paths; sections() fills them in
-        section = given.setdefault(name, {})
-        if isinstance(section, dict):  # a section given a value (synth=5): build_config refuses it, naming it
-            section.update({k: "" for k in keys if k in ("index", "out", "qa", "adapter")})
-    return build_config(LoopConfig, path, given, keyed=True)
-
-
+# --- the resolved sections -----------------------------------------------------------------------
 def last_adapter(cfg: LoopConfig) -> Path:
     """The adapter the loop ends with: DPO's when dpo is among the stages, else the generator's."""
     return Path(cfg.out) / ("dpo" if "dpo" in cfg.stages else "generator")
@@ -331,33 +198,25 @@ def parse_only(text: str | None) -> list[str] | None:
 
 
 def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, str]:
+             log: Callable[[str], None] = print, overrides: list[str] = ()) -> dict[str, str]:
     """Run the loop's stages in order, skipping those up to date; returns {stage: "ran" | "up to date" | "skipped"}.
+
+    `overrides`: the KEY=VALUE pairs `cfg` was loaded with; one for a stage that will not run is refused.
 
     Raises:
         InputError: a section's own problems (naming the section), or any stage's bad input.
     """
     out = Path(cfg.out)
     resolved = sections(cfg)
-    chosen = only or cfg.stages
-    problems = [f"{name}: {p}" for name in STAGES[1:] if name in chosen and (name != "eval" or cfg.eval_qa)
-                for p in resolved[name].problems()]
-    t = cfg.tracking
-    if t.backend == "mlflow" and t.log_adapters and (missing := sorted(set(cfg.groups) - set(t.store_groups))):
-        problems.append(f"tracking.log_adapters: the adapter will be trained on {', '.join(cfg.groups)}; the store is "
-                        f"declared for {', '.join(t.store_groups) or 'public artifacts only'} (tracking.store_groups), "
-                        f"lacking {', '.join(missing)}: add them only if this store may hold them")
-    if only and (bad := [s for s in only if s not in STAGES]):
-        problems.append(f"--only {named(','.join(bad), 80)}: unknown stage (known: {', '.join(STAGES)})")
-    problems += _foreign_outputs(cfg, chosen)  # before any stage runs, not when its output is swapped in
-    if problems:
+    if problems := _idle_overrides(cfg, overrides, only) + _problems(cfg, resolved, only):
         raise InputError("; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
     record_file = out / STAGE_FILE
     done = read_record(record_file)
     scope = ",".join(sorted(cfg.groups)) or "public"
-    tracker = Tracker(cfg.tracking, out, {"hybrid.access_scope": scope, "hybrid.corpus": str(cfg.corpus)}) \
-        if cfg.tracking.backend == "mlflow" else None
+    # the store is checked here, before any stage; the parent run starts with the first stage that runs
+    tracker = Tracker(cfg.tracking, out, {"hybrid.access_scope": scope, "hybrid.corpus": str(cfg.corpus)},
+                      resolved_yaml(cfg)) if cfg.tracking.backend == "mlflow" else None
     try:
         status = _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker)
     except BaseException:
@@ -366,7 +225,37 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
         raise
     if tracker is not None:
         tracker.end()
+        log(tracker.summary())
     return status
+
+
+def _idle_overrides(cfg: LoopConfig, overrides: list[str], only: list[str] | None) -> list[str]:
+    """Overrides of a stage's section that this run will not run: they would change nothing but the
+    fingerprints downstream (an eval rerun on the old adapter), so they are refused."""
+    chosen = [s for s in only or cfg.stages if s != "eval" or cfg.eval_qa]
+    idle = [pair for pair in overrides if (stage := pair.partition("=")[0].split(".")[0]) in STAGES
+            and stage not in chosen]
+    if not idle:
+        return []
+    shown = ", ".join(named(p, 80) for p in idle[:4]) + (" and more" if len(idle) > 4 else "")
+    why = "" if cfg.eval_qa else "; eval runs only with eval_qa"
+    return [f"override {shown}: its stage does not run here (stages run: {', '.join(chosen) or 'none'}{why}); "
+            f"add the stage to --only or stages, or drop the override"]
+
+
+def _problems(cfg: LoopConfig, resolved: dict, only: list[str] | None) -> list[str]:
+    """Everything wrong with the chosen stages' settings, found before any stage runs."""
+    chosen = only or cfg.stages
+    problems = [f"{name}: {p}" for name in STAGES if name in chosen and (name != "eval" or cfg.eval_qa)
+                for p in (resolved[name].problems() if name != "index" else []) + inert(resolved[name])]
+    t = cfg.tracking
+    if t.backend == "mlflow" and t.log_adapters and (missing := sorted(set(cfg.groups) - set(t.store_groups))):
+        problems.append(f"tracking.log_adapters: the adapter will be trained on {', '.join(cfg.groups)}; the store is "
+                        f"declared for {', '.join(t.store_groups) or 'public artifacts only'} (tracking.store_groups), "
+                        f"lacking {', '.join(missing)}: add them only if this store may hold them")
+    if only and (bad := [s for s in only if s not in STAGES]):
+        problems.append(f"--only {named(','.join(bad), 80)}: unknown stage (known: {', '.join(STAGES)})")
+    return problems + _foreign_outputs(cfg, chosen)  # before any stage runs, not when its output is swapped in
 
 
 def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker) -> dict[str, str]:
@@ -396,6 +285,8 @@ def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker)
             write_text_atomic(record_file, json.dumps(done, indent=2))
         t0 = time.perf_counter()
         log(f"{name}: running")
+        if tracker is not None and name != "serve":  # serving logs nothing: it opens no parent run of its own
+            tracker.begin()
         _run_stage(name, cfg, resolved[name], progress, log)
         if partial is not None:
             swap_dir_into_place(partial, out / PARTIAL[name])
@@ -408,89 +299,3 @@ def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker)
                           adapter_scope(out) if name == "generator" else None)
         log(f"{name}: done in {time.perf_counter() - t0:.1f} s")
     return status
-
-
-def provenance(path: str | Path, overrides: list[str] = ()) -> list[tuple[str, Any, str]]:
-    """Every resolved key of the loop as (dotted key, value, where it came from: default | file | override)."""
-    cfg = load_loop(path, overrides)
-    loaded, given = load_yaml(path), parse_overrides(list(overrides))
-
-    def has(tree, keys) -> bool:
-        for k in keys:
-            if not isinstance(tree, dict) or k not in tree:
-                return False
-            tree = tree[k]
-        return True
-
-    rows = []
-
-    def walk(obj, keys: list[str], skip: set[str]):
-        for f in dataclasses.fields(obj):
-            if f.name in skip:
-                continue
-            value, here = getattr(obj, f.name), keys + [f.name]
-            if dataclasses.is_dataclass(value):
-                walk(value, here, WIRED.get(f.name, set()) if not keys else {"groups"} if f.name == "train" else set())
-                continue
-            # a training setting may be written at its section's level (the loader hoists it)
-            short = [k for k in here if k != "train"]
-            where = "override" if has(given, here) or has(given, short) else \
-                "file" if has(loaded, here) or has(loaded, short) else "default"
-            rows.append((".".join(here), value, where))
-
-    walk(cfg, [], set())
-    return rows
-
-
-# --- hybrid init ---------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    tp, optional = _strip_optional(tp)
-    if typing.get_origin(tp) is typing.Literal:
-        name = "one of " + " | ".join(map(str, typing.get_args(tp)))
-    elif typing.get_origin(tp) in (list, dict):
-        name = {list: "list of names", dict: "mapping of names to paths"}[typing.get_origin(tp)]
-    else:
-        name = getattr(tp, "__name__", str(tp))
-    return name + (" or null" if optional else "")
-
-
-def _yaml_value(v) -> str:
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _section_lines(cls, instance, skip: set[str], indent: str) -> list[str]:
-    lines = []
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        value = getattr(instance, f.name)
-        help_text = " ".join(str(f.metadata.get("help", "")).split())
-        if dataclasses.is_dataclass(hints[f.name]):  # a section (the loop's paths left out) or `train`
-            lines.append(f"{indent}{f.name}:  # {help_text or 'settings'}")
-            wired = WIRED.get(f.name, set()) if cls is LoopConfig else set()
-            lines += _section_lines(hints[f.name], value, wired | ({"groups"} if f.name == "train" else set()),
-                                    indent + "  ")
-            continue
-        lines.append(f"{indent}# {help_text} ({_type_name(hints[f.name])})")
-        lines.append(f"{indent}{f.name}: {_yaml_value(value)}")
-    return lines
-
-
-def init_text(corpus: str = "corpora/brindle/docs", eval_qa: str | None = "corpora/brindle/qa.jsonl") -> str:
-    """hybrid.yaml with every key of every section, commented with its help and type, at its default
-    (generated from the config dataclasses: one source for help, comments and defaults)."""
-    example = LoopConfig(corpus=corpus, eval_qa=eval_qa)
-    head = ["# hybrid.yaml: the whole loop (hybrid run hybrid.yaml [KEY=VALUE ...]). Every key is at its default;",
-            "# the paths between stages are set by the loop. Delete what you do not change.", ""]
-    return "\n".join(head + _section_lines(LoopConfig, example, set(), "")) + "\n"
-
-
-def init(directory: str | Path, corpus: str = "corpora/brindle/docs",
-         eval_qa: str | None = "corpora/brindle/qa.jsonl") -> Path:
-    """Write DIR/hybrid.yaml (refusing to overwrite one)."""
-    path = Path(directory) / "hybrid.yaml"
-    if path.exists():
-        raise InputError(f"{path} exists; edit it, or pass another directory")
-    write_text_atomic(path, init_text(corpus, eval_qa))
-    return path

@@ -1,4 +1,5 @@
-"""Tracking `hybrid run` in MLflow: one parent run per loop, one nested run per stage that ran.
+"""Tracking `hybrid run` in MLflow: one parent run per loop in which a stage ran (holding the resolved
+hybrid.yaml and hybrid's version), one nested run per stage that ran.
 
 Each stage run holds its resolved settings as params (flattened `section.key`; values longer than
 MLflow's limit go whole into `params.json`), the stage's own numbers as metrics (index counts,
@@ -158,7 +159,7 @@ def check_reachable(uri: str, where: str) -> None:
         try:
             socket.create_connection((parts.hostname or "localhost", port), timeout=CONNECT_SECONDS).close()
         except OSError as exc:
-            raise InputError(f"{where} {_shown_uri(uri)}: cannot reach the tracking server ({exc.strerror or exc.__class__.__name__}"
+            raise InputError(f"{where} {shown_uri(uri)}: cannot reach the tracking server ({exc.strerror or exc.__class__.__name__}"
                              f"); start it, point {where} at a running one, or set tracking.backend: none") from None
     elif parts.scheme == "sqlite" and (db := uri.partition(":///")[2]) and db != ":memory:":
         check_writable(Path(db).parent, f"{where} {uri}:")
@@ -178,7 +179,7 @@ def _one_try(uri: str, where: str):
         yield
     except (MlflowException, OSError, SQLAlchemyError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
-        raise InputError(f"{where} {_shown_uri(uri)}: the tracking store did not answer as an MLflow store ({first}); "
+        raise InputError(f"{where} {shown_uri(uri)}: the tracking store did not answer as an MLflow store ({first}); "
                          f"fix {where}, or set tracking.backend: none") from None
     finally:
         for k, v in saved.items():
@@ -188,7 +189,7 @@ def _one_try(uri: str, where: str):
                 os.environ[k] = v
 
 
-def _shown_uri(uri: str) -> str:
+def shown_uri(uri: str) -> str:
     """The URI as an error line shows it: a password in it is not printed."""
     from urllib.parse import urlsplit
 
@@ -211,14 +212,39 @@ def track_command(name: str, section, stage_out: Path, groups: list[str], store_
 
 
 class Tracker:
-    """The loop's MLflow parent run; `stage(...)` logs one finished stage as a nested run."""
+    """The loop's MLflow parent run; `stage(...)` logs one finished stage as a nested run.
 
-    def __init__(self, cfg: TrackingConfig, out: Path, tags: dict[str, str]):
-        self.cfg, self.out = cfg, out
+    The store is opened (and checked) at once, the parent run only by `begin()`, when a stage is about
+    to run: a loop whose every stage is up to date leaves no empty run behind."""
+
+    def __init__(self, cfg: TrackingConfig, out: Path, tags: dict[str, str], config_yaml: str = ""):
+        self.cfg, self.out, self.tags, self.config_yaml = cfg, out, tags, config_yaml
         self.mlflow = start(cfg, out)
-        self.parent = self.mlflow.start_run(run_name=cfg.run_name or "loop", tags=tags)
+        self.parent = None
+
+    def begin(self) -> None:
+        """The parent run, once: tagged with hybrid's version, holding the resolved hybrid.yaml."""
+        if self.parent is not None:
+            return
+        from hybrid import __version__
+
+        self.parent = self.mlflow.start_run(run_name=self.cfg.run_name or "loop",
+                                            tags={**self.tags, "hybrid.version": __version__})
+        if self.config_yaml:
+            self.mlflow.log_text(self.config_yaml, "hybrid.yaml")
+
+    def summary(self) -> str:
+        """The line the loop ends with: where its run is, and how to look at it."""
+        if self.parent is None:
+            return "tracking: every stage was up to date; no MLflow run was recorded"
+        uri = shown_uri(self.mlflow.get_tracking_uri())
+        # a tracking server has its own UI; a local store (SQLite, a folder, a database) needs `mlflow ui`
+        see = f"open {uri}" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+        experiment = self.mlflow.get_experiment(self.parent.info.experiment_id).name
+        return f"tracked: MLflow run {self.parent.info.run_id} (experiment {experiment}); see it: {see}"
 
     def stage(self, name: str, section, fingerprint: str, tags: dict[str, str], adapter_scope=None) -> None:
+        self.begin()
         with self.mlflow.start_run(run_name=name, nested=True, tags={"hybrid.stage": name,
                                                                        "hybrid.fingerprint": fingerprint, **tags}):
             log_stage(self.mlflow, name, section, _stage_dir(name, self.out))
@@ -234,7 +260,8 @@ class Tracker:
         self.mlflow.log_artifacts(str(self.out / "generator"), artifact_path="adapter")
 
     def end(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        if self.parent is not None:
+            self.mlflow.end_run(status=status)
 
 
 def _stage_dir(name: str, out: Path) -> Path:

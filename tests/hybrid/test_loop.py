@@ -1,6 +1,8 @@
 """`hybrid init` and `hybrid run`: one file drives the loop; a rerun redoes only what a change touches."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -98,7 +100,10 @@ def test_init_writes_a_file_that_loads_and_cli_run_only(tmp_path, loop_file):
     res = runner.invoke(app, ["init", str(tmp_path / "new")])
     assert res.exit_code == 0, res.output
     text = (tmp_path / "new" / "hybrid.yaml").read_text()
-    assert text == init_text() and "# Questions offered per chunk. (int)" in text
+    # the command line's paths (the working directory's) written relative to the file's folder
+    assert text == init_text(os.path.relpath("corpora/brindle/docs", tmp_path / "new"),
+                             os.path.relpath("corpora/brindle/qa.jsonl", tmp_path / "new"))
+    assert "# Questions offered per chunk. (int)\n  # per_chunk: 1" in text
     cfg = load_loop(tmp_path / "new" / "hybrid.yaml")  # the shipped example is valid as written
     assert cfg.synth.teacher == "qwen2.5-coder-0.5b" and cfg.generator.train.grad_accum == 4
     assert runner.invoke(app, ["init", str(tmp_path / "new")]).exit_code == 2  # never overwritten
@@ -121,9 +126,10 @@ def test_config_show_says_where_each_value_came_from(loop_file):
     assert not any(l.startswith(("synth.index:", "eval.adapters:", "generator.train.groups:")) for l in lines)
 
 
-def test_the_shipped_example_loads(monkeypatch):
-    monkeypatch.chdir(BUNDLED.parents[1])  # its paths are relative to the repository root
+def test_the_shipped_example_loads(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # its paths are read from its own folder: any working directory will do
     cfg = load_loop(BUNDLED / "hybrid.yaml")
+    assert cfg.corpus == str(BUNDLED / "docs") and cfg.out == str(BUNDLED.parents[1] / "runs" / "loop")
     secs = sections(cfg)
     assert cfg.generator.train.learning_rate == 1e-3 and secs["generator"].train.groups == cfg.groups
     assert secs["eval"].limit == 40 and secs["synth"].max_chunks == 60

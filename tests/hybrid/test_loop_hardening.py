@@ -81,6 +81,12 @@ def test_the_eval_stage_refuses_a_folder_it_did_not_write_and_keeps_what_is_in_i
     (["tracking.uri=''"], "error: tracking.uri: empty; name one, or null for the default"),
     (["--only", ","], "error: --only ',': names no stage; give one or more, e.g. --only index,synth"),
     (["--only", ""], "error: --only '': names no stage"),
+    # a stage's setting when that stage does not run would only change fingerprints downstream
+    (["generator.max_steps=80"], "error: override generator.max_steps=80: its stage does not run here (stages "
+                                 "run: eval); add the stage to --only or stages, or drop the override"),
+    (["tracking.run_name=x", "tracking.log_adapters=true"],
+     "error: tracking.run_name, tracking.log_adapters: tracking.backend is none, so nothing is tracked"),
+    (["eval.gate_threshold=0.3"], "error: eval: --gate-threshold: takes effect only with --gate; drop it"),
 ])
 def test_an_override_that_cannot_take_effect_is_refused(eval_loop, tmp_path, args, expected):
     assert one_error(run(eval_loop, *args)).startswith(expected)
@@ -153,7 +159,60 @@ def test_track_on_one_command_checks_the_store_before_any_work(tmp_path, monkeyp
     assert not out.exists()  # refused before the index was built, not after
     res = CliRunner().invoke(app, ["eval", str(BUNDLED / "qa.jsonl"), "--index", str(out), "--only", "retrieval",
                                    "--track", "mlflow"])
-    assert one_error(res).startswith("error: --track mlflow records the factuality report")
+    assert one_error(res) == ("error: --track mlflow needs --out DIR: the run records the report written there; add "
+                              "--out DIR or drop --track")
+
+
+def test_track_on_a_retrieval_eval_records_its_report(tmp_path, monkeypatch, small_index):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "q1", "question": "How long does the Kestrel buoy battery last?",
+                              "answers": ["14 months"], "gold_ids": ["buoys/kestrel"]}) + "\n")
+    res = CliRunner().invoke(app, ["eval", str(qa), "--index", str(small_index), "--only",
+                                   "retrieval", "--out", str(tmp_path / "rep"), "--track", "mlflow"])
+    assert res.exit_code == 0, res.output
+    client = MlflowClient(uri)
+    (run_,) = client.search_runs([client.get_experiment_by_name("hybrid").experiment_id])
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    name, metrics = next(iter(report["configs"].items()))
+    assert run_.data.metrics[f"{name}.mrr@10".replace("@", "_at_")] == metrics["mrr@10"]
+    assert {a.path for a in client.list_artifacts(run_.info.run_id)} >= {"report.json", "report.md"}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["eval", "qa.jsonl", "--index", "i", "--only", "retrieval", "-k", "3", "--adapter", "a"],
+     "error: --adapter, -k: --only retrieval generates nothing and scores every question; drop them"),
+    (["eval", "qa.jsonl", "--gate-threshold", "0.3"], "error: --gate-threshold: takes effect only with --gate"),
+    (["index", "docs", "--out", "i", "--index-type", "flat", "--hnsw-m", "8", "--ivf-nlist", "4"],
+     "error: --hnsw-m: --index-type flat builds no HNSW graph; drop it; --ivf-nlist: --index-type flat builds no IVF"),
+    (["index", "docs", "--out", "i", "--index-type", "hnsw", "--ann-threshold", "5"],
+     "error: --ann-threshold: --index-type hnsw is used whatever the size; drop it"),
+    (["tune", "generator", "--examples", "e.jsonl", "--out", "o", "--p-oracle", "0.5"],
+     "error: --p-oracle: --examples are prepared RAFT examples"),
+    (["tune", "generator", "--index", "i", "--qa", "q", "--out", "o", "--no-oracle", "both", "--p-oracle", "0.5"],
+     "error: --p-oracle: --no-oracle both writes every question with and without its oracle; drop it"),
+    (["tune", "dpo", "--adapter", "a", "--out", "o", "--pairs-file", "p", "--n-samples", "3"],
+     "error: --n-samples: --pairs-file holds prepared pairs"),
+    (["tune", "dpo", "--adapter", "a", "--out", "o", "--index", "i", "--qa", "q", "--pairs", "contrastive",
+      "--temperature", "0.7"], "error: --temperature: --pairs contrastive samples and scores nothing; drop it"),
+    (["tune", "embedder", "--index", "i", "--out", "o", "--qa", "q", "--eval-qa", "e", "--test-fraction", "0.3"],
+     "error: --test-fraction: --eval-qa is the held-out set; drop it"),
+    (["tune", "reranker", "--index", "i", "--out", "o", "--qa", "q", "--ict-queries-per-chunk", "3"],
+     "error: --ict-queries-per-chunk: --qa gives the training questions; drop it"),
+    (["tune", "judge", "--pairs", "p", "--index", "i", "--out", "o"],
+     "error: --index: --index is read only to build pairs from --qa; drop it"),
+    (["tune", "calibrate", "--adapter", "a", "--qa", "q", "-k", "3"],
+     "error: -k: -k is the passages retrieved from --index; drop it"),
+    (["ask", "why?", "--index", "i", "--gate-threshold", "0.3"], "error: --gate-threshold: takes effect only with --judge"),
+    (["serve", "--index", "i", "--backend-url", "http://x/v1"], "error: --backend-url: used only with --backend openai"),
+])
+def test_an_option_that_cannot_take_effect_is_refused_on_every_command(tmp_path, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)  # nothing is read or written: refused while the options are checked
+    assert one_error(CliRunner().invoke(app, args)).startswith(expected)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_text_that_is_not_utf8_is_refused_naming_the_flag(eval_loop, small_index):
