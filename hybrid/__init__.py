@@ -7,7 +7,12 @@ Library entry points (imported lazily so `import hybrid` stays light):
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+try:  # one version: pyproject.toml's, read from the installed package's metadata
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("hybrid")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "Retriever": "retrieval.retriever",

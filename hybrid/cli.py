@@ -19,17 +19,17 @@ from typing import List, Literal, Optional
 
 import typer
 from typer import _click
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import Abort
 
 from hybrid.calibration import CalibrateConfig, calibrate
-from hybrid.config import from_config
+from hybrid.config import flag_of, from_config, metavar
 from hybrid.evaluation import evaluate_retrieval, markdown_table, write_report
 from hybrid.factuality import EvalConfig, markdown, run_eval
 from hybrid.pipeline import AskConfig, Pipeline
 from hybrid.serve import ServeConfig
 from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
-from retrieval.errors import InputError
+from retrieval.errors import InputError, speaking_flags
 from retrieval.index import IndexConfig, build_index
 from retrieval.reranker_tuning import RerankerTuneConfig, tune_reranker
 from retrieval.retriever import Retriever, SearchConfig
@@ -62,11 +62,60 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-app = typer.Typer(cls=OneLineErrors, help="hybrid: make a retriever and a small LLM learn your documents, and measure "
-                  "how often the answers are made up.", no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False, rich_markup_mode=None)
-tune_app = typer.Typer(help="Fine-tune a stage on your corpus.", no_args_is_help=True, rich_markup_mode=None)
+class ReadableHelp(TyperCommand):
+    """--help naming values as a person reads them: an option without a metavar gets one from its type
+    (`--out PATH`, not Typer's `--out <path>`), and an argument shows its metavar alone (not `QA <str>`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for p in self.params:
+            if p.param_type_name == "option" and not p.is_flag and p.metavar is None:
+                p.metavar = metavar(p.name, p.type_descriptor.annotation)
+
+    @staticmethod
+    def _argument(p) -> str:
+        return (p.metavar or p.name.upper()) + ("..." if p.nargs != 1 else "")
+
+    def collect_usage_pieces(self, ctx: _click.Context) -> list[str]:  # QA, not Typer's {QA}
+        args = [p for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [self.options_metavar] + [self._argument(p) if p.required else f"[{self._argument(p)}]" for p in args]
+
+    def format_options(self, ctx: _click.Context, formatter: _click.HelpFormatter) -> None:
+        params = [p for p in self.get_params(ctx) if not p.hidden]
+        args = [(self._argument(p), p.get_help_record(ctx)[1]) for p in params if p.param_type_name == "argument"]
+        opts = [p.get_help_record(ctx) for p in params if p.param_type_name == "option"]
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+class Commands(typer.Typer):
+    """A Typer whose commands print ReadableHelp."""
+
+    def command(self, *args, **kwargs):
+        return super().command(*args, cls=ReadableHelp, **kwargs)
+
+
+def _version(show: bool) -> None:
+    if show:
+        from hybrid import __version__
+
+        typer.echo(f"hybrid {__version__}")
+        raise typer.Exit(0)
+
+
+app = Commands(cls=OneLineErrors, help="hybrid: make a retriever and a small LLM learn your documents, and measure "
+               "how often the answers are made up.", no_args_is_help=True, pretty_exceptions_enable=False,
+               add_completion=False, rich_markup_mode=None)
+tune_app = Commands(help="Fine-tune a stage on your corpus.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tune_app, name="tune")
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                          help="Print hybrid's version and exit.")) -> None:
+    pass  # only --version: the group's help is the Typer's own
 
 
 def _offline() -> None:
@@ -92,26 +141,31 @@ def _offline() -> None:
 
 
 def cli_errors(fn):
-    """Map InputError to `error: ...` + exit 2, and Ctrl-C to exit 130."""
+    """Map InputError to `error: ...` + exit 2, and Ctrl-C to exit 130; errors name settings as flags."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _offline()
         # force: each command writes to the stderr of its own invocation (CliRunner swaps it per run)
         logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", force=True)
-        try:
-            return fn(*args, **kwargs)
-        except InputError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted; nothing was replaced", err=True)
-            raise typer.Exit(130) from None
-        except OSError as exc:  # the file system said no (disk full, a path through a file, permissions)
-            where = f"{exc.filename}: " if exc.filename else ""
-            typer.echo(f"error: {where}{exc.strerror or exc}; check the path and free space, then rerun "
-                       f"(nothing was replaced)", err=True)
-            raise typer.Exit(2) from None
+        with speaking_flags(flag_of):
+            return _one_line_errors(fn, *args, **kwargs)
     return wrapper
+
+
+def _one_line_errors(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing was replaced", err=True)
+        raise typer.Exit(130) from None
+    except OSError as exc:  # the file system said no (disk full, a path through a file, permissions)
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}; check the path and free space, then rerun "
+                   f"(nothing was replaced)", err=True)
+        raise typer.Exit(2) from None
 
 
 def _stderr(quiet: bool):
@@ -120,7 +174,7 @@ def _stderr(quiet: bool):
 
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Print the summary only (no progress bars, no memory plan).")
-TRACK = typer.Option("none", "--track", help="mlflow: record this run (settings, metrics, small outputs; never document "
+TRACK = typer.Option("none", "--track", metavar="none|mlflow", help="mlflow: record this run (settings, metrics, small outputs; never document "
                                              "text) in $MLFLOW_TRACKING_URI, else ./mlflow.db; none: nothing.")
 
 
@@ -200,10 +254,11 @@ def synth_cmd(cfg: SynthConfig, quiet: bool = QUIET, track: Literal["none", "mlf
 @tune_app.command("embedder")
 @cli_errors
 @from_config(EmbedderTuneConfig)
-def tune_embedder_cmd(cfg: EmbedderTuneConfig, as_json: bool = AS_JSON, track: Literal["none", "mlflow"] = TRACK):
+def tune_embedder_cmd(cfg: EmbedderTuneConfig, quiet: bool = QUIET, as_json: bool = AS_JSON,
+                      track: Literal["none", "mlflow"] = TRACK):
     """Contrastive fine-tuning of the embedder (MNRL + hard negatives mined from the index)."""
     _tracking_ready(track)
-    res = tune_embedder(cfg, progress=not as_json)
+    res = tune_embedder(cfg, progress=not (quiet or as_json))
     _track(track, "embedder", cfg, cfg.out, cfg.train.groups)
     if as_json:
         typer.echo(json.dumps(res))
@@ -217,9 +272,9 @@ def tune_embedder_cmd(cfg: EmbedderTuneConfig, as_json: bool = AS_JSON, track: L
 @tune_app.command("reranker")
 @cli_errors
 @from_config(RerankerTuneConfig)
-def tune_reranker_cmd(cfg: RerankerTuneConfig, as_json: bool = AS_JSON):
+def tune_reranker_cmd(cfg: RerankerTuneConfig, quiet: bool = QUIET, as_json: bool = AS_JSON):
     """Train a cross-encoder that re-scores the first stage's top N (hard negatives mined from the index)."""
-    res = tune_reranker(cfg, progress=not as_json)
+    res = tune_reranker(cfg, progress=not (quiet or as_json))
     if as_json:
         typer.echo(json.dumps(res))
         return
@@ -265,9 +320,9 @@ def tune_dpo_cmd(cfg: DPOTuneConfig, quiet: bool = QUIET, track: Literal["none",
 @tune_app.command("judge")
 @cli_errors
 @from_config(JudgeTuneConfig)
-def tune_judge_cmd(cfg: JudgeTuneConfig, as_json: bool = AS_JSON):
+def tune_judge_cmd(cfg: JudgeTuneConfig, quiet: bool = QUIET, as_json: bool = AS_JSON):
     """Train the groundedness judge on labelled pairs; report accuracy and AUROC on --test-pairs."""
-    rep = tune_judge(cfg, progress=not as_json)
+    rep = tune_judge(cfg, progress=not (quiet or as_json))
     if as_json:
         typer.echo(json.dumps(rep))
         return
@@ -290,7 +345,7 @@ def tune_calibrate_cmd(cfg: CalibrateConfig):
 @from_config(AskConfig)
 def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
         False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", '
-                              '"gated", "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from"}.')):
+                              '"gated", "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from", "malformed"}.')):
     """Retrieve, answer from the passages, and verify every quote against them."""
     pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support, judge=cfg.judge,
@@ -311,6 +366,7 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
             typer.echo("")
     note = f"  (abstained: the judge found no passage answering it, answerability {res.answerable:.2f})" if res.gated else \
         "  (abstained: the adapter's calibrated abstention score)" if res.calibrated_abstain else \
+        "  (malformed completion, served as abstention: it broke the answer template)" if res.malformed else \
         "  (abstained)" if res.abstained else f"  (judge support {res.support:.2f})" if res.support is not None else ""
     typer.echo(f"answer: {res.answer}{note}")
     for c in res.citations:
@@ -321,7 +377,8 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
 @app.command("eval")
 @cli_errors
 @from_config(EvalConfig)
-def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+def eval_cmd(cfg: EvalConfig, quiet: bool = QUIET,
+             as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
              track: Literal["none", "mlflow"] = TRACK):
     """Factuality benchmark: accuracy, abstention and hallucination rate per configuration, with 95 % CIs."""
     if track != "none" and not cfg.out:  # refused, not a warning after the run
@@ -336,7 +393,7 @@ def eval_cmd(cfg: EvalConfig, as_json: bool = typer.Option(False, "--json", help
             _track(track, "eval", cfg, cfg.out, cfg.groups)
         typer.echo(json.dumps(report) if as_json else markdown_table(report["configs"]))
         return
-    report = run_eval(cfg, progress=not as_json)
+    report = run_eval(cfg, progress=not (quiet or as_json))
     if cfg.out:
         _track(track, "eval", cfg, cfg.out, cfg.groups)
     if as_json:
@@ -362,8 +419,9 @@ def serve_cmd(cfg: ServeConfig):
 @app.command("init")
 @cli_errors
 def init_cmd(directory: Path = typer.Argument(..., metavar="DIR", help="Directory to write hybrid.yaml into."),
-             corpus: str = typer.Option("corpora/brindle/docs", "--corpus", help="The documents the loop learns."),
-             eval_qa: Optional[str] = typer.Option("corpora/brindle/qa.jsonl", "--eval-qa",
+             corpus: str = typer.Option("corpora/brindle/docs", "--corpus", metavar="DIR",
+                                        help="The documents the loop learns."),
+             eval_qa: Optional[str] = typer.Option("corpora/brindle/qa.jsonl", "--eval-qa", metavar="FILE",
                                                    help="Hand-written questions the eval stage scores.")):
     """Write DIR/hybrid.yaml: every stage's keys with their help, type and default (for hybrid run)."""
     from hybrid.loop import init
@@ -374,9 +432,9 @@ def init_cmd(directory: Path = typer.Argument(..., metavar="DIR", help="Director
 @app.command("run")
 @cli_errors
 def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.yaml (hybrid init writes one)."),
-            overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+            overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
                                                             help="Dotted overrides, e.g. generator.max_steps=80."),
-            only: Optional[str] = typer.Option(None, "--only", help="Run only these stages (comma-separated; any "
+            only: Optional[str] = typer.Option(None, "--only", metavar="STAGE,...", help="Run only these stages (comma-separated; any "
                                                                     "stage, e.g. --only serve)."),
             quiet: bool = QUIET):
     """Run the loop's stages in order (index, synth, embedder, generator, dpo, calibrate, eval, serve), skipping
@@ -389,14 +447,14 @@ def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.ya
     typer.echo(", ".join(f"{k}: {v}" for k, v in status.items()))
 
 
-config_app = typer.Typer(help="Inspect a loop config.", no_args_is_help=True, rich_markup_mode=None)
+config_app = Commands(help="Inspect a loop config.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
 @cli_errors
 def config_show_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.yaml."),
-                    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                    overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
                                                                     help="Dotted overrides, as for hybrid run.")):
     """Print the resolved loop config, each key with where its value came from (default, file, override)."""
     from hybrid.loop import provenance

@@ -3,8 +3,8 @@ fields are the command's flags.
 
 A field's `metadata` carries its `help` (every field has one), optionally its `flag` (e.g.
 `"--group"` for `groups`, `"-k"`), `argument=True` for a positional argument, `parse` (flag
-values -> field value, e.g. `NAME=DIR` pairs -> a dict) and `default_help` (how to show a None
-default). A field whose type is itself a dataclass (`train: TrainSettings`) is flattened: its
+values -> field value, e.g. `NAME=DIR` pairs -> a dict), `default_help` (how to show a None
+default) and `metavar` (how --help names the value; else `metavar()` picks DIR, FILE, N, X, a|b...). A field whose type is itself a dataclass (`train: TrainSettings`) is flattened: its
 fields are flags of their own and, in YAML, a nested mapping (`train: {learning_rate: ...}`).
 
     @tune_app.command("generator")
@@ -337,6 +337,16 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: d
 
 # --- dataclass -> command-line flags ---------------------------------------------------------------
 
+# field name -> its flag, for every config a command is generated from (filled by from_config)
+_FLAGS: dict[str, str] = {}
+
+
+def flag_of(field: str) -> str:
+    """The flag a command line sets `field` with (`groups` -> `--group`, `k` -> `-k`): how an error
+    raised for a library argument names it to a command-line user (retrieval/errors.py `Arg`)."""
+    return _FLAGS.get(field) or flag_name(field)
+
+
 @dataclasses.dataclass
 class _Flag:
     path: tuple[str, ...]  # ("train", "learning_rate")
@@ -344,6 +354,27 @@ class _Flag:
     annotation: Any
     info: Any  # typer.Option / typer.Argument
     parse: Any = None
+
+
+# What --help shows as a flag's value. A str field is most often a path, so its name says more than
+# its type; a field's own `metavar` metadata wins over both.
+_NAMED_METAVARS = {
+    "index": "DIR", "adapter": "DIR", "adapter_dir": "DIR", "judge": "DIR", "rerank": "DIR", "merge": "DIR",
+    "out": "PATH", "qa": "FILE", "eval_qa": "FILE", "examples": "FILE", "pairs_file": "FILE", "pairs": "FILE",
+    "test_pairs": "FILE", "wrong_answers": "FILE", "keys": "FILE", "groups": "GROUP", "adapters": "[NAME=]DIR",
+    "select": "NAME", "use": "NAME", "base_model": "MODEL", "teacher": "MODEL", "embedder": "MODEL",
+    "base": "MODEL", "shard": "I/N", "host": "HOST", "backend_url": "URL", "target_modules": "NAMES"}
+_TYPE_METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
+
+
+def metavar(name: str, tp: Any, meta: Any = None) -> str:
+    """A flag's value as --help names it: TEXT, PATH, N, X, DIR, GROUP, or its choices a|b|c."""
+    if meta and "metavar" in meta:
+        return meta["metavar"]
+    base, _ = _strip_optional(tp)
+    if typing.get_origin(base) is Literal:
+        return "|".join(map(str, typing.get_args(base)))
+    return _NAMED_METAVARS.get(name) or _TYPE_METAVARS.get(base, "TEXT")
 
 
 def _show(value: Any) -> str:
@@ -368,7 +399,10 @@ def flags_of(cls: type, path: tuple[str, ...] = (), defaults: Any = None) -> lis
             raise TypeError(f"{cls.__name__}.{f.name} has no help in its metadata")
         required = default is dataclasses.MISSING
         shown = meta.get("default_help") or ("" if required or default is None else _show(default))
-        help_text = meta["help"] + (f" [default: {shown}]" if shown else " [required]" if required else "")
+        # an argument's [required] is Typer's own; an option is optional to Typer (it may come from
+        # --config), so its [required] is ours
+        help_text = meta["help"] + (f" [default: {shown}]" if shown else
+                                    " [required]" if required and not meta.get("argument") else "")
         base, _ = _strip_optional(tp)
         decls = [meta["flag"]] if "flag" in meta else [flag_name(f.name)]
         if meta.get("argument"):
@@ -377,14 +411,10 @@ def flags_of(cls: type, path: tuple[str, ...] = (), defaults: Any = None) -> lis
             annotation = Optional[bool]
             info = typer.Option(None, f"{decls[0]}/--no-{decls[0][2:]}", help=help_text, show_default=False)
         else:
-            if typing.get_origin(base) in (list, dict):
-                annotation = Optional[List[str]]
-            elif typing.get_origin(base) is Literal:
-                annotation = Optional[base]
-            else:
-                annotation = Optional[base]
+            annotation = Optional[List[str]] if typing.get_origin(base) in (list, dict) else Optional[base]
             # a required field may come from --config too: build_config names it when neither gives it
-            info = typer.Option(None, *decls, help=help_text, show_default=False)
+            info = typer.Option(None, *decls, help=help_text, show_default=False,
+                                metavar=metavar(f.name, base, meta))
         out.append(_Flag(path + (f.name,), "_".join(path + (f.name,)), annotation, info, meta.get("parse")))
     return out
 
@@ -395,13 +425,16 @@ def from_config(cls: type):
     `fn`'s own parameters (e.g. `--quiet`, `--json`, a positional CORPUS_DIR) are kept as they are.
     """
     specs = flags_of(cls)
+    _FLAGS.update({s.path[-1]: s.info.param_decls[0].split("/")[0] for s in specs
+                   if isinstance(s.info, typer.models.OptionInfo)})
 
     def decorate(fn):
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "cfg"]
         hints = typing.get_type_hints(fn)
+        config_option = typer.Option(None, "--config", metavar="YAML",
+                                     help=f"YAML file with any {cls.__name__} field (flags win).")
         config_param = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                         default=typer.Option(None, "--config", help=f"YAML file with any "
-                                                              f"{cls.__name__} field (flags win)."))
+                                         default=config_option)
         generated = [inspect.Parameter(s.param, inspect.Parameter.KEYWORD_ONLY, default=s.info,
                                        annotation=s.annotation) for s in specs]
         positional = [p for p in generated if isinstance(p.default, typer.models.ArgumentInfo)]

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from retrieval import access
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.precision import Precision, option
 from retrieval.retriever import MODES, Retriever
 from tuning import abstention, run_record
@@ -169,8 +169,8 @@ def passage_refs(passages: list[dict]) -> list[dict]:
 def check_select(select: list[str], adapters, judge) -> None:
     """`--select` needs a judge and two or more distinct adapter names among those given (one-line error)."""
     if select and (not judge or len(set(select)) < 2 or set(select) - set(adapters)):
-        raise InputError(f"--select {' '.join(select)}: needs --judge DIR (it picks the best-supported answer) and "
-                         f"two or more distinct names given with --adapter NAME=DIR")
+        raise InputError(Arg("select", list(select)), ": needs ", Arg("judge"), " (it picks the best-supported "
+                         "answer) and two or more distinct names of adapters given with ", Arg("adapters"))
 
 
 def best_supported(abstained: list[bool], supports: list[float | None]) -> int:
@@ -254,14 +254,14 @@ class Pipeline:
         base_scope = []
         if base_model is not None and (run_record.exists(base_model) or
                                        (Path(base_model) / access.ACCESS_FILE).exists()):
-            access.check(base_model, groups, f"--base-model {base_model}")  # a merged model keeps its tag
+            access.check(base_model, groups, Arg("base_model", base_model))  # a merged model keeps its tag
             base_scope = access.scope(base_model)
         if base_model is None and records:
             base_model = next(iter(records.values()))["base_model"]["name"]
         if rerank is not None and not index_dir:
-            raise InputError("--rerank needs --index: it re-orders retrieved passages")
+            raise InputError(Arg("rerank"), " needs ", Arg("index_dir", field="index"), ": it re-orders retrieved passages")
         if mode is not None and mode not in MODES:  # before the first question, not at it
-            raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+            raise InputError(Arg("mode", mode), f": expected one of {', '.join(MODES)}")
         retriever = Retriever.load(index_dir, reranker=rerank, precision=precision) if index_dir else None
         model, tok, info = load_generator(base_model, device=device, precision=precision)
         for name, rec in records.items():
@@ -305,7 +305,7 @@ class Pipeline:
     def remove_adapter(self, name: str) -> None:
         """Take an adapter off the base (its weights are freed; the base is untouched)."""
         if name not in self.adapters:
-            raise InputError(f"--adapter {name}: not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+            raise InputError(Arg("adapter", name), f": not loaded; loaded: {', '.join(self.adapters) or 'none'}")
         if self.model is not None:
             self.model.delete_adapter(name)
         self.adapters.remove(name)
@@ -315,9 +315,9 @@ class Pipeline:
 
     def check_access(self, adapter: str | None, groups) -> None:
         """Refuse an adapter (or merged base) trained on groups the caller of this call lacks."""
-        access.require(self.base_scope, groups, "--base-model")
+        access.require(self.base_scope, groups, Arg("base_model"))
         if adapter:
-            access.require(self.scopes.get(adapter, []), groups, f"--adapter {adapter}")
+            access.require(self.scopes.get(adapter, []), groups, Arg("adapter", adapter))
 
     # --- generation ------------------------------------------------------------------------
     def _active_adapter(self, adapter: str | None):
@@ -327,7 +327,7 @@ class Pipeline:
         if adapter is None:
             return self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
         if adapter not in self.adapters:
-            raise InputError(f"--adapter {adapter}: not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+            raise InputError(Arg("adapter", adapter), f": not loaded; loaded: {', '.join(self.adapters) or 'none'}")
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
 
@@ -347,7 +347,7 @@ class Pipeline:
             if len(set(adapter)) > 1 and self.remote is None:  # PEFT routes each row through its own adapter
                 for a in set(adapter) - {None}:
                     if a not in self.adapters:
-                        raise InputError(f"--adapter {a}: not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+                        raise InputError(Arg("adapter", a), f": not loaded; loaded: {', '.join(self.adapters) or 'none'}")
                 return generate_batch(self.model, self.tok, messages_batch, budget, temperature, should_stop,
                                       adapter_names=[a or "__base__" for a in adapter])
             adapter = adapter[0]
@@ -553,7 +553,8 @@ class Pipeline:
     def retrieve(self, questions: list[str], groups=None, k: int | None = None) -> list[list[dict]]:
         """Passages for questions from the index (access control applied)."""
         if self.retriever is None:
-            raise InputError("no --index given: pass one, or call answer() with your own passages")
+            raise InputError("no ", Arg("index_dir", field="index"), " given: pass one, or call answer() with your own "
+                             "passages")
         return passages_for(self.retriever, questions, k=k or self.k, groups=groups, mode=self.mode)
 
     def ask(self, question: str, groups=None, adapter: str | None = None, k: int | None = None,

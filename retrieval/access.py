@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from retrieval.atomic import write_text_atomic
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 
 ACCESS_FILE = "hybrid_access.json"
 
@@ -97,28 +97,28 @@ def group_problems(groups) -> list[str]:
     return ["--group must be a non-empty group name (groups: a list of names in YAML)"]
 
 
-def require(scope_groups: list[str], caller_groups, label: str) -> None:
+def require(scope_groups: list[str], caller_groups, label: str | Arg) -> None:
     """Raise InputError naming `label` and the missing groups unless the caller holds every scope group."""
     missing = sorted(set(scope_groups) - set(training_groups(caller_groups)))
     if missing:
-        raise InputError(f"{label}: trained on documents of access group(s) {', '.join(sorted(scope_groups))}; the caller "
-                         f"lacks {', '.join(missing)} (pass --group {' --group '.join(missing)} only if the caller "
-                         f"belongs to them)")
+        raise InputError(label, f": trained on documents of access group(s) {', '.join(sorted(scope_groups))}; the "
+                         f"caller lacks {', '.join(missing)} (pass ", Arg("groups", missing),
+                         " only if the caller belongs to them)")
 
 
-def check(path: str | Path, caller_groups, label: str) -> None:
+def check(path: str | Path, caller_groups, label: str | Arg) -> None:
     """Refuse an artifact the caller may not use.
 
     Args:
         path: artifact dir.
         caller_groups: the caller's access groups (None = public).
-        label: how the user named it, e.g. "--adapter hr=runs/hr" (goes into the error).
+        label: how the user named it, e.g. `Arg("adapters", {"hr": "runs/hr"})` (goes into the error).
 
     Raises:
         InputError: no access record, or scope groups missing from the caller's groups.
     """
     s = scope(path)
     if s is None:
-        raise InputError(f"{label}: no {ACCESS_FILE}, so what it learned from is unknown; retrain it with this "
+        raise InputError(label, f": no {ACCESS_FILE}, so what it learned from is unknown; retrain it with this "
                          f"version of hybrid (artifacts record the access groups of their training data)")
     require(s, caller_groups, label)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from retrieval import access
 from retrieval.chunking import embed_text
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.precision import autocast, choose, default_device, device_of
 
 RERANKER_FILE = "hybrid_reranker.json"
@@ -81,7 +81,7 @@ class Reranker:
         One predict call for every pair of the batch: the model sees full batches even when
         each query has few candidates.
         """
-        access.require(self.scope, groups, f"--rerank {self.path}")
+        access.require(self.scope, groups, Arg("rerank", str(self.path)))
         pairs = [(q, embed_text(h.title, h.text)) for q, hits in zip(queries, hit_lists) for h in hits]
         if not pairs:
             return [[] for _ in queries]

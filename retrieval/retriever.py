@@ -27,7 +27,7 @@ import numpy as np
 
 from retrieval import access, lexical
 from retrieval.embedder import Embedder, load_embedder
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.precision import Precision, option
 from retrieval.index import INDEX_FILE, STORE_FILE, IndexMoved, IndexSnapshot
 
@@ -91,7 +91,7 @@ def _stored_groups(raw: str) -> tuple[str, ...]:
 
 def _check_k(k) -> None:
     if type(k) is not int or k < 1:  # type(): True is not a k
-        raise InputError(f"-k must be a positive integer, got {k}")
+        raise InputError(Arg("k", k), ": must be a positive integer")
 
 
 class Retriever:
@@ -147,8 +147,8 @@ class Retriever:
             except IndexMoved:
                 attempt += 1
                 if time.monotonic() >= deadline:
-                    raise InputError(f"--index {index_dir}: kept changing while being opened (a build is "
-                                     f"replacing it); try again") from None
+                    raise InputError(Arg("index_dir", str(index_dir), field="index"), ": kept changing while being "
+                                     "opened (a build is replacing it); try again") from None
                 # Jitter, so a reader does not fall into step with a writer that swaps on a fixed beat.
                 time.sleep(random.uniform(0, min(0.1, 0.002 * attempt)))
         if reranker is not None:
@@ -267,8 +267,9 @@ class Retriever:
 
     def _lexical_rows(self, query: str, n: int, groups) -> list[tuple[float, int]]:
         if not self.lexical:
-            raise InputError(f"--index {self.index_dir}: built before lexical search existed; re-run 'hybrid index "
-                             f"CORPUS_DIR --out {self.index_dir}' (it adds the lexical table without re-embedding)")
+            raise InputError(Arg("index_dir", str(self.index_dir), field="index"), ": built before lexical search "
+                             f"existed; re-run 'hybrid index CORPUS_DIR --out {self.index_dir}' (it adds the lexical "
+                             f"table without re-embedding)")
         key = access.caller_groups(groups)
         return [(s, r) for s, r in lexical.search(self.con, query, n, groups) if self._visible(r, key)]
 
@@ -321,12 +322,12 @@ class Retriever:
                 raise InputError(f"query {i + 1} is empty; pass a non-empty query")
         mode = self.search_settings["mode"] if mode is None else mode
         if mode not in MODES:
-            raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+            raise InputError(Arg("mode", mode), f": expected one of {', '.join(MODES)}")
         if not queries:
             return []
         if self.reranker is None or not rerank:
             return self._first_stage(queries, k, groups, batch_size, mode)
-        access.require(self.reranker.scope, groups, f"--rerank {self.reranker.path}")  # before any text is read
+        access.require(self.reranker.scope, groups, Arg("rerank", str(self.reranker.path)))  # before any text is read
         n = self.reranker.candidates
         hits = self._first_stage(queries, max(k, n), groups, batch_size, mode)
         top = self.reranker.rerank_batch(queries, [h[:n] for h in hits], k, groups=groups)

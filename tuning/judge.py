@@ -34,7 +34,7 @@ from retrieval import access, launch
 from retrieval.atomic import staged_dir, write_text_atomic
 from retrieval.corpus import load_corpus
 from retrieval.embedder import resolve_embedder
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.index import sha256_file
 from retrieval.jsonl import read_jsonl, write_jsonl
 from retrieval.precision import autocast, choose, device_of
@@ -84,7 +84,7 @@ class Judge:
         `precision`: auto, fp32 or bf16 scoring (bf16 autocast; retrieval/precision.py)."""
         path = Path(path)
         record = read_record(path)
-        access.check(path, groups, f"--judge {path}")
+        access.check(path, groups, Arg("judge", str(path)))
         judge = cls(None, answerability=bool(record["answerability"]), path=path)
         if gate:
             judge.check_can_gate()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from retrieval import access
 from retrieval.atomic import write_text_atomic
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.index import sha256_file
 
 RUN_FILE = "hybrid_run.json"
@@ -31,12 +31,12 @@ def exists(directory: str | Path) -> bool:
     return (Path(directory) / RUN_FILE).is_file()
 
 
-def read(directory: str | Path, label: str) -> dict:
+def read(directory: str | Path, label: str | Arg) -> dict:
     """The validated run record of an adapter (or merged model) directory.
 
     Args:
         directory: the adapter directory.
-        label: how the user named it, for the one-line error (e.g. "--adapter raft=runs/raft").
+        label: how the user named it, for the one-line error (e.g. `Arg("adapters", {"raft": "runs/raft"})`).
 
     Raises:
         InputError: no record, not JSON (e.g. truncated), not an object, or `base_model` lacking
@@ -121,7 +121,7 @@ def train_settings(record: dict) -> dict:
 
 def read_adapter(name: str, path: str | Path, groups) -> dict:
     """The run record of an adapter the caller (`groups`) may load; one-line InputError otherwise."""
-    label = f"--adapter {name}={path}"
+    label = Arg("adapters", {name: str(path)})  # as Pipeline.load(adapters=...) / --adapter NAME=DIR name it
     rec = read(path, label)
     if not (Path(path) / "adapter_config.json").exists():
         raise InputError(f"{label}: not a LoRA adapter (no adapter_config.json); pass a "
@@ -138,6 +138,6 @@ def check_base(name: str, path, rec: dict, info) -> None:
     base = rec["base_model"]
     same = base["fingerprint"] == info.fingerprint if info.fingerprint else base["name"] == info.name
     if not same:
-        raise InputError(f"--adapter {name}={path}: trained on base model {base['name']} "
+        raise InputError(Arg("adapters", {name: str(path)}), f": trained on base model {base['name']} "
                          f"(fingerprint {base['fingerprint'][:12]}), not on {info.name} "
-                         f"({info.fingerprint[:12] or 'remote'}); pass --base-model {base['name']} or retrain")
+                         f"({info.fingerprint[:12] or 'remote'}); pass ", Arg("base_model", base["name"]), " or retrain")

@@ -274,3 +274,95 @@ def test_threads_default_to_one_on_a_busy_small_machine_and_the_callers_value_wi
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
     cli._offline()
     assert cli.os.environ["OMP_NUM_THREADS"] == "2"
+
+
+def test_ask_says_when_a_malformed_completion_was_served_as_the_abstention(monkeypatch):
+    import hybrid.cli
+    from hybrid.pipeline import Answer
+    from tuning.prompting import ABSTAIN
+
+    class Pipe:
+        def ask(self, question, **_):
+            return Answer(answer=ABSTAIN, abstained=True, raw="##Answer: ##begin_quote##", malformed=True)
+
+    monkeypatch.setattr(hybrid.cli.Pipeline, "load", lambda *a, **k: Pipe())
+    res = run("ask", "Where is the office?", "--index", "unused")
+    assert res.exit_code == 0, res.output
+    assert f"answer: {ABSTAIN}  (malformed completion, served as abstention" in res.stdout
+    res = run("ask", "Where is the office?", "--index", "unused", "--json")
+    assert json.loads(res.stdout)["malformed"] is True
+
+
+def test_an_error_names_the_flag_on_the_command_line_and_the_argument_in_the_library(cli_index):
+    """The same refusal in both spellings: `--index DIR` to a shell, `index_dir='DIR'` to Python."""
+    from retrieval.errors import InputError
+    from retrieval.index import MANIFEST_FILE
+    from retrieval.retriever import Retriever
+
+    m = json.loads((cli_index / MANIFEST_FILE).read_text())
+    del m["lexical"], m["search"]  # an index built before lexical search
+    (cli_index / MANIFEST_FILE).write_text(json.dumps(m))
+    assert_clean_error(run("search", "x", "--index", cli_index, "--mode", "lexical"),
+                       f"error: --index {cli_index}: built before lexical search existed")
+    with pytest.raises(InputError, match=f"^index_dir='{cli_index}': built before lexical search existed"):
+        Retriever.load(cli_index).search("x", mode="lexical")
+    with pytest.raises(InputError, match="^k=0: must be a positive integer"):
+        Retriever.load(cli_index).search("x", k=0)
+
+
+def _commands():
+    """(path, click command) for every command of the app, nested groups walked."""
+    import typer.main
+
+    todo = [([], typer.main.get_command(app))]
+    while todo:
+        path, cmd = todo.pop()
+        if hasattr(cmd, "commands"):
+            todo += [(path + [name], sub) for name, sub in cmd.commands.items()]
+        else:
+            yield path, cmd
+
+
+def test_version_is_the_package_metadata():
+    from importlib.metadata import version
+
+    res = run("--version")
+    assert res.exit_code == 0 and res.stdout == f"hybrid {version('hybrid')}\n"
+
+
+def test_every_help_names_values_as_a_person_reads_them():
+    """No Python type names (`<list[str]>`, `<str>`, `<float>`, `{QA}`) and no doubled [required]."""
+    import re
+
+    paths = [path for path, _ in _commands()]
+    assert len(paths) >= 15 and ["tune", "generator"] in paths
+    for path in paths + [[], ["tune"], ["config"]]:
+        res = run(*path, "--help")
+        assert res.exit_code == 0, path
+        assert not re.search(r"<[\w|\[\], .-]+>", res.stdout), (path, re.findall(r"<[\w|\[\], .-]+>", res.stdout))
+        assert "{" not in res.stdout.split("\n", 1)[0], (path, res.stdout.splitlines()[0])  # the Usage line
+        entries = re.split(r"\n  (?=[-A-Z\[])", res.stdout)
+        assert all(e.count("[required]") <= 1 for e in entries), (path, [e for e in entries if e.count("[required]") > 1])
+    assert "--group GROUP " in run("tune", "generator", "--help").stdout
+    assert "  QA  " in run("eval", "--help").stdout
+
+
+def test_every_command_that_shows_progress_takes_quiet():
+    progress = {("index",), ("synth",), ("tune", "embedder"), ("tune", "reranker"), ("tune", "generator"),
+                ("tune", "dpo"), ("tune", "judge"), ("eval",), ("run",)}
+    quiet = {tuple(path) for path, cmd in _commands() if any("-q" in p.opts for p in cmd.params)}
+    assert progress <= quiet, progress - quiet
+
+
+def test_eval_quiet_prints_the_summary_only(tmp_path, bundled_tiny_index, tiny_llm_dir):
+    from tests.conftest import BUNDLED
+
+    args = ["eval", BUNDLED / "qa.jsonl", "--index", bundled_tiny_index, "--base-model", tiny_llm_dir, "--limit", 2,
+            "--no-closed-book", "--max-new-tokens", 4, "-k", 2]
+    loud = run(*args)
+    assert loud.exit_code == 0, loud.output
+    assert "eval:" in loud.stderr  # the progress bar this test is about
+    res = run(*args, "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""  # nothing but the summary (its latency columns vary from run to run)
+    assert res.stdout.splitlines()[:3] == loud.stdout.splitlines()[:3] and "| rag |" in res.stdout

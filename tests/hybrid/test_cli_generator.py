@@ -104,9 +104,9 @@ def test_ask_select_needs_a_judge_and_two_loaded_adapters(cli_adapter, bundled_t
     q = "How long does the Kestrel-7 battery last?"
     two = ["--adapter", f"a={cli_adapter}", "--adapter", f"b={cli_adapter}"]
     assert_clean_error(run("ask", q, "--index", bundled_tiny_index, *two, "--select", "a", "--select", "b"),
-                       "--select a b", "needs --judge DIR (it picks")
+                       "--select a --select b: ", "needs --judge (it picks", "given with --adapter")
     assert_clean_error(run("ask", q, "--index", bundled_tiny_index, *two, "--select", "a", "--select", "c",
-                           "--judge", tmp_path), "--select a c", "two or more distinct names")
+                           "--judge", tmp_path), "--select a --select c", "two or more distinct names")
 
 
 def test_synth_cli_writes_a_qa_file_and_its_report(tmp_path, bundled_tiny_index, tiny_llm_dir):
@@ -127,3 +127,25 @@ def test_synth_cli_writes_a_qa_file_and_its_report(tmp_path, bundled_tiny_index,
                        "does not exist")
     assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--out", tmp_path / "a"),
                        "hybrid synth --index")
+
+
+def test_an_access_refusal_names_the_flag_on_the_command_line_and_the_argument_in_the_library(
+        cli_adapter, bundled_tiny_index, tmp_path):
+    """One message, two readers: `--adapter hr=DIR ... pass --group hr` to a shell, `adapters={...} ...
+    pass groups=['hr']` to Python (retrieval/errors.py Arg)."""
+    import shutil
+
+    from hybrid.pipeline import Pipeline
+    from retrieval import access
+    from retrieval.errors import InputError
+
+    hr = tmp_path / "hr"
+    shutil.copytree(cli_adapter, hr)
+    access.write(hr, access.record(["hr"], ["hr"]))  # as if trained on hr's documents
+    assert_clean_error(run("ask", "Who approves travel?", "--index", bundled_tiny_index, "--adapter", f"hr={hr}"),
+                       f"error: --adapter hr={hr}: trained on documents of access group(s) hr; the caller lacks hr "
+                       f"(pass --group hr only if the caller belongs to them)")
+    with pytest.raises(InputError) as err:
+        Pipeline.load(bundled_tiny_index, adapters={"hr": str(hr)})
+    assert str(err.value) == (f"adapters={{'hr': '{hr}'}}: trained on documents of access group(s) hr; the caller "
+                              f"lacks hr (pass groups=['hr'] only if the caller belongs to them)")

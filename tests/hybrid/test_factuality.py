@@ -249,7 +249,7 @@ def test_eval_select_picks_the_best_supported_answer_and_lets_the_best_calibrate
     for n in adapters:
         shutil.copytree(two_adapters[n], adapters[n])
     for bad in (dict(select=["a", "b"]), dict(select=["a"], judge=str(jdir)), dict(select=["a", "zz"], judge=str(jdir))):
-        with pytest.raises(Exception, match="--select .*needs --judge DIR .* two or more distinct names"):
+        with pytest.raises(Exception, match=r"select=\[.*\]: needs judge= .* two or more distinct names"):
             run_eval(EvalConfig(qa=str(fixed_qa), adapters=adapters, **bad), progress=False)
     cfg = EvalConfig(qa=str(fixed_qa), adapters=adapters, closed_book=False, max_new_tokens=6, batch_size=3,
                      out=str(tmp_path / "rep"))

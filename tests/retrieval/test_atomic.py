@@ -245,5 +245,5 @@ def test_load_retries_a_moved_index_then_gives_up_by_name(tmp_path, tiny_embedde
 
     monkeypatch.setattr(retriever_mod.Retriever, "_from_snapshot", staticmethod(always_moved))
     monkeypatch.setattr(retriever_mod, "_LOAD_PATIENCE_S", 0.05)
-    with pytest.raises(InputError, match=f"--index {target}: kept changing while being opened"):
+    with pytest.raises(InputError, match=f"index_dir='{target}': kept changing while being opened"):
         Retriever.load(target, embedder=tiny_embedder)

@@ -181,5 +181,5 @@ def test_pipeline_passages_come_reranked(setup, tiny_llm_dir):
     pipe = Pipeline.load(setup["index"], base_model=str(tiny_llm_dir), k=2, rerank=setup["public"])
     pipe.retriever.reranker.model = Scripted(prefer="Part 7 is")
     assert pipe.retrieve(["Where are spare units of part 2 kept?"])[0][0]["doc_id"] == "part-7"
-    with pytest.raises(InputError, match="--rerank needs --index"):
+    with pytest.raises(InputError, match="rerank= needs index_dir="):
         Pipeline.load(None, base_model=str(tiny_llm_dir), rerank=setup["public"])

@@ -79,9 +79,9 @@ def test_named_group_enters_training_and_tags_adapter_and_merged_model(acl):
 def test_refusals_in_library_api_multi_adapter_and_merge(acl):
     from hybrid.pipeline import Pipeline
 
-    with pytest.raises(InputError, match=r"--adapter hr=.*access group\(s\) hr; the caller lacks hr"):
+    with pytest.raises(InputError, match=r"adapters=\{'hr': .*access group\(s\) hr; the caller lacks hr \(pass groups=\['hr'\]"):
         Pipeline.load(acl["index"], adapters={"hr": str(acl["hr"])}, max_new_tokens=4)
-    with pytest.raises(InputError, match="--base-model .*merged.*lacks hr"):
+    with pytest.raises(InputError, match="base_model='.*merged.*lacks hr"):
         Pipeline.load(acl["index"], base_model=str(acl["hr"] / "merged"), max_new_tokens=4)
     pipe = Pipeline.load(acl["index"], adapters={"pub": str(acl["public"]), "hr": str(acl["hr"])}, groups=["hr"],
                          max_new_tokens=4)
@@ -89,12 +89,12 @@ def test_refusals_in_library_api_multi_adapter_and_merge(acl):
     hits = pipe.ask("What does salary band L3 pay?", groups=["hr"], adapter="hr", k=50).passages  # all it may see
     assert "salaries" in {p["doc_id"] for p in hits} and "budget" not in {p["doc_id"] for p in hits}
     assert pipe.ask("When does the office open?", adapter="pub").raw  # public adapter, public caller
-    with pytest.raises(InputError, match="--adapter hr: .*lacks hr"):
+    with pytest.raises(InputError, match="adapter='hr': .*lacks hr"):
         pipe.ask("When does the office open?", adapter="hr")  # a public call through the switch
     with pytest.raises(InputError, match="lacks hr"):
         pipe.answer("q", [{"text": "t"}], adapter="hr", groups=[])
     merged = Pipeline.load(acl["index"], base_model=str(acl["hr"] / "merged"), groups=["hr"], max_new_tokens=4)
-    with pytest.raises(InputError, match="--base-model: .*lacks hr"):
+    with pytest.raises(InputError, match="base_model=: .*lacks hr"):
         merged.ask("When does the office open?")
 
 
