@@ -32,7 +32,7 @@ def regraded(p: dict) -> dict:
     """One prediction line graded again from its raw completion (as Pipeline.answer_batch parses it)."""
     parsed = parse_answer(p["raw"])
     answer = ABSTAIN if parsed.abstained else parsed.answer
-    return {**p, "prediction": answer, "abstained": parsed.abstained,
+    return {**p, "prediction": answer, "abstained": parsed.abstained, "malformed": parsed.malformed,
             "label": classify(answer, parsed.abstained, p["answers"]), "f1": token_f1(answer, p["answers"])}
 
 

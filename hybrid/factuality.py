@@ -23,6 +23,8 @@ from answers already generated.
 
 Each answer is classified exactly once, correct | abstained | hallucinated, by the rule
 training uses too (tuning/grading.py), so accuracy + abstention_rate + hallucination_rate = 1.
+A malformed completion (tuning/prompting.py `parse_answer`) is an abstention, counted apart too
+(`malformed` per line, `malformed`/`malformed_rate` per configuration).
 
 predictions.jsonl gets one line per (question, configuration) as soon as it is
 known, so an interrupted eval resumes where it stopped.
@@ -463,7 +465,8 @@ def prediction(config: str, r: QARow, ctx: list[dict], a) -> dict:
             "label": classify(a.answer, a.abstained, r.answers), "f1": token_f1(a.answer, r.answers),
             "citations": a.citations, "support": None, "unsupported": None,
             "retrieved_doc_ids": [c["doc_id"] for c in ctx] if (r.passages is None and ctx) else None,
-            "latency_ms": a.latency_ms, "new_tokens": a.new_tokens}
+            "latency_ms": a.latency_ms, "new_tokens": a.new_tokens,
+            "malformed": getattr(a, "malformed", False)}  # an answer written by hand may not say
 
 
 def derive(cfg: EvalConfig, by_config: dict[str, list[dict]], calibrations: dict[str, dict],

@@ -38,7 +38,8 @@ from retrieval.precision import Precision, option
 from retrieval.retriever import MODES, Retriever
 from tuning import abstention, run_record
 from tuning.abstention import calibration_abstains, load_calibration
-from tuning.generator import BASE_MODEL_HELP, PrefixCache, generate_batch, generation_kwargs, load_generator
+from tuning.generator import (BASE_MODEL_HELP, PrefixCache, TemplateStop, generate_batch, generation_kwargs,
+                              load_generator, opening)
 from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.prompting import ABSTAIN, ANSWER_OPENING, build_messages, chat_text, parse_answer, quote_in
 
@@ -63,13 +64,14 @@ class Answer:
     # answer's opening (the threshold decides both ways)
     calibrated_answer: bool = False
     selected_from: str | None = None  # with select: the adapter whose answer the judge supported most
+    malformed: bool = False  # the completion broke the answer template (parse_answer): served as the abstention
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "abstained": self.abstained, "citations": self.citations,
                 "passages": self.passages, "support": self.support, "answerable": self.answerable,
                 "gated": self.gated, "abstain_score": self.abstain_score,
                 "calibrated_abstain": self.calibrated_abstain, "calibrated_answer": self.calibrated_answer,
-                "selected_from": self.selected_from}
+                "selected_from": self.selected_from, "malformed": self.malformed}
 
 
 @dataclass
@@ -363,7 +365,8 @@ class Pipeline:
         self.tok.padding_side = "left"
         text = chat_text(self.tok, messages_batch[0])
         enc = self.tok([text], return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        kwargs = generation_kwargs(self.tok, budget, temperature, should_stop)
+        kwargs = generation_kwargs(self.tok, budget, temperature, should_stop,
+                                   TemplateStop(self.tok, enc["input_ids"].shape[1], [opening(messages_batch[0])]))
         with self._active_adapter(adapter), torch.inference_mode():
             if (cache := self.prefix_cache.lookup(self.model, enc["input_ids"][0].tolist(), adapter)) is not None:
                 kwargs["cache"] = cache
@@ -529,7 +532,7 @@ class Pipeline:
                     not any(quote_in(parsed.answer, p["text"]) for p in ps):
                 abstained, answer = True, ABSTAIN
             results.append(Answer(answer=answer, abstained=abstained, citations=cites, passages=passage_refs(ps),
-                                  raw=raw, latency_ms=ms, new_tokens=n_new))
+                                  raw=raw, latency_ms=ms, new_tokens=n_new, malformed=parsed.malformed))
         return results
 
     def abstain_scores(self, questions: list[str], passages_batch: list[list[dict]], adapter: str | None = None):

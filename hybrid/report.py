@@ -19,7 +19,7 @@ from retrieval.metrics import retrieval_metrics
 RATES = ("accuracy", "abstention_rate", "hallucination_rate")
 LABELS = ("correct", "abstained", "hallucinated")
 COLUMNS = ("n", "accuracy", "abstention_rate", "hallucination_rate", "unsupported_rate", "citation_verified_rate",
-           "f1", "recall@5", "mrr@10", "latency_ms_p50", "latency_ms_p95", "tokens_per_s")
+           "f1", "recall@5", "mrr@10", "latency_ms_p50", "latency_ms_p95", "tokens_per_s", "malformed")
 
 
 def _number(v) -> bool:
@@ -48,7 +48,8 @@ REQUIRED = {"id": ("a string", lambda v: isinstance(v, str)), "config": ("a stri
 # Added by a judge, a calibration or retrieval; null where there was none.
 OPTIONAL = {"support": ("a number or null", _number), "unsupported": ("true, false or null", lambda v: isinstance(v, bool)),
             "answerable": ("a number or null", _number), "judge_ms": ("a number or null", _number),
-            "retrieved_doc_ids": ("a list of strings or null", _strings)}
+            "retrieved_doc_ids": ("a list of strings or null", _strings),
+            "malformed": ("true, false or null", lambda v: isinstance(v, bool))}  # absent before it was recorded
 
 
 def prediction_problem(p: dict) -> str | None:
@@ -125,6 +126,10 @@ def summarize(preds: list[dict], seed: int) -> dict:
     out["latency_ms_p95"] = float(np.percentile(lat, 95)) if lat else None
     secs = sum(lat) / 1000
     out["tokens_per_s"] = sum(p["new_tokens"] for p in preds) / secs if secs else None
+    # Completions that broke the template: already labelled abstained, counted apart so that it shows
+    # (None: no line records it, predictions written before it was).
+    marked = [p["malformed"] for p in preds if p.get("malformed") is not None]
+    out["malformed"], out["malformed_rate"] = (sum(marked), sum(marked) / len(marked)) if marked else (None, None)
     # Every interval here is of a share of 0/1 outcomes: Wilson (hybrid/statistics.py says why).
     out["ci"] = {name: list(proportion_ci(ind)) for name, ind in indicators.items()}
     if answerable:
@@ -167,7 +172,7 @@ def markdown(report: dict) -> str:
              f"{report['n_questions']} questions ({report['n_unanswerable']} unanswerable), seed {report['seed']}, "
              f"models: {json.dumps(report['models'])}", "", intervals_line(report), "",
              "| config | n | accuracy | abstention | hallucination | unsupported | citations verified | F1 | "
-             "recall@5 | MRR@10 | p50 ms | p95 ms | tok/s |", "|---|" + "---:|" * 12]
+             "recall@5 | MRR@10 | p50 ms | p95 ms | tok/s | malformed |", "|---|" + "---:|" * 13]
     for name, m in report["configs"].items():
         ci = m.get("ci", {})
 

@@ -9,7 +9,8 @@ with probability `p_oracle`, hard distractors otherwise). Each sample is scored:
 +2 correct (gold match), -2 wrong or an answer to an unanswerable / oracle-less
 question, +1 abstaining when the oracle is absent, -1 abstaining when it is
 present, +0.5 per verified quote, -0.5 per unverified quote, and -1 when the judge
-(if given) calls it unsupported. The best sample is preferred over the worst; ties
+(if given) calls it unsupported. A malformed completion (`parse_answer`) scores below
+every other, so it is never preferred. The best sample is preferred over the worst; ties
 are skipped. When the oracle is withheld, the abstention is preferred over a
 fabricated answer; when the oracle is present and a sample abstained, the gold-quoting
 answer is preferred over that abstention (`answer_over_abstain`; without these pairs a weak
@@ -122,9 +123,16 @@ class DPOTuneConfig:
         return out + launch.problems(self.train, allowed=("ddp", "fsdp2", "zero2", "zero3"))
 
 
+# Below any scored completion: one that breaks the template must never be the preferred sample,
+# though as an abstention it would otherwise score +1 without the oracle.
+MALFORMED_SCORE = float("-inf")
+
+
 def score(text: str, golds, passages: list[dict], oracle: bool, unsupported: bool | None) -> float:
     """FactTune-style factuality score of one sampled completion (see module docstring)."""
     parsed = parse_answer(text)
+    if parsed.malformed:
+        return MALFORMED_SCORE
     label = classify(parsed.answer, parsed.abstained, golds if oracle else [])
     s = {"correct": 2.0, "hallucinated": -2.0}.get(label, 1.0 if not oracle or not golds else -1.0)
     for q in parsed.quotes:

@@ -21,7 +21,7 @@ from retrieval.atomic import staged_dir
 from retrieval.embedder import fingerprint_dir
 from retrieval.errors import InputError
 from retrieval.precision import choose, default_device, weights_dtype
-from tuning.prompting import chat_text
+from tuning.prompting import chat_text, repeats_template
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,7 @@ def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens:
     tok.padding_side = "left"
     texts = [chat_text(tok, m) for m in messages_batch]  # a closing assistant message is continued
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    stop = TemplateStop(tok, enc["input_ids"].shape[1], [opening(m) for m in messages_batch])
     with torch.inference_mode():
         extra = {} if adapter_names is None else {"adapter_names": adapter_names}
         if cache_implementation:
@@ -255,7 +256,7 @@ def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens:
             cache = prefix_cache.lookup(model, enc["input_ids"][0].tolist(), prefix_key)
             if cache is not None:
                 extra["cache"] = cache
-        out = model.generate(**enc, **generation_kwargs(tok, max_new_tokens, temperature, should_stop), **extra)
+        out = model.generate(**enc, **generation_kwargs(tok, max_new_tokens, temperature, should_stop, stop), **extra)
     results = []
     for row in out[:, enc["input_ids"].shape[1]:]:
         n = int((row != tok.pad_token_id).sum())
@@ -263,8 +264,42 @@ def generate_batch(model, tok, messages_batch: list[list[dict]], max_new_tokens:
     return results
 
 
-def generation_kwargs(tok, max_new_tokens: int, temperature: float = 0.0, should_stop=None) -> dict:
-    """`model.generate` settings shared by batched and streamed generation."""
+def opening(messages: list[dict]) -> str:
+    """The text a completion continues: a closing assistant message's content (`chat_text`), else ""."""
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+
+
+class TemplateStop:
+    """A stopping criterion: a row stops once its completion repeats the answer template after
+    answering (`repeats_template`: a second `##Answer:`, a quote or reason after the answer).
+    Such a completion is malformed whatever follows, so the tokens after it are not spent.
+
+    Per row, so a batch's other completions go on; `prompt_len` is the padded prompt's length
+    (left padding: every row's new tokens start there); `openings` are the texts the rows continue.
+    A `transformers.StoppingCriteria` by its call (generate only calls it; the class is not
+    imported here so that loading this module does not import transformers).
+    """
+
+    def __init__(self, tok, prompt_len: int, openings: list[str]):
+        self.tok, self.prompt_len, self.openings = tok, prompt_len, openings
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        # A marker is completed only by a token holding its last character (':' or '#'): only
+        # those rows are decoded in full, so a step costs one token's decoding per row.
+        last = self.tok.batch_decode(input_ids[:, -1:], skip_special_tokens=True)
+        for i in [i for i, t in enumerate(last) if "#" in t or ":" in t]:
+            text = self.tok.decode(input_ids[i, self.prompt_len:], skip_special_tokens=True)
+            done[i] = repeats_template(self.openings[i] + text)
+        return done
+
+
+def generation_kwargs(tok, max_new_tokens: int, temperature: float = 0.0, should_stop=None,
+                      template_stop: TemplateStop | None = None) -> dict:
+    """`model.generate` settings shared by batched and streamed generation; `template_stop` ends a
+    row that repeats the answer template."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class _Stop(StoppingCriteria):
@@ -277,8 +312,9 @@ def generation_kwargs(tok, max_new_tokens: int, temperature: float = 0.0, should
                   do_sample=temperature > 0)
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
-    if should_stop is not None:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
+    criteria = ([] if should_stop is None else [_Stop()]) + ([] if template_stop is None else [template_stop])
+    if criteria:
+        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
     return kwargs
 
 

@@ -4,7 +4,8 @@ Answers follow the RAFT chain-of-thought layout (Zhang et al. 2024):
 
     ##Reason: ... ##begin_quote## <sentence copied from a document> ##end_quote## ... ##Answer: <answer>
 
-and an abstention is the fixed sentence `ABSTAIN` after `##Answer:`.
+and an abstention is the fixed sentence `ABSTAIN` after `##Answer:`. A completion that breaks
+this layout where the answer should be is malformed (`parse_answer`): it parses as an abstention.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ SYSTEM = ("Answer the question using only the documents. Copy the sentence that 
           f"contain the answer, write ##Answer: {ABSTAIN}")
 
 _QUOTE = re.compile(r"##begin_quote##(.*?)##end_quote##", re.DOTALL)
-_ANSWER = re.compile(r"##Answer:\s*(.*)", re.DOTALL)
+# The template's markers; none belongs in an answer.
+MARKERS = ("##Answer:", "##Reason:", "##begin_quote##", "##end_quote##")
+# A marker the token budget cut off ("##begin", "##An", "##") at the end of a completion.
+_CUT_MARKER = re.compile(r"##[A-Za-z_:#]*$")
 # Refusals an untuned model writes instead of the exact sentence still count as abstaining.
 _REFUSAL = re.compile(
     r"\b(cannot|can't|can not|unable to|not able to) (answer|find|determine|provide|tell)|"
@@ -87,11 +91,39 @@ def chat_text(tok, messages: list[dict]) -> str:
 
 @dataclass
 class Parsed:
-    """A parsed completion: the final answer, the quotes and whether it abstains."""
+    """A parsed completion: the final answer, the quotes, whether it abstains, and whether it was
+    malformed (then it abstains too, with no answer and no quotes)."""
 
     answer: str
     quotes: list[str] = field(default_factory=list)
     abstained: bool = False
+    malformed: bool = False
+
+
+def repeats_template(text: str) -> bool:
+    """The completion has reached `##Answer:` and then writes a template marker again (a second
+    `##Answer:`, a quote, a reason): nothing after it can make it well-formed, so generation stops."""
+    _, sep, section = text.partition("##Answer:")
+    return bool(sep) and any(m in section for m in MARKERS)
+
+
+def _bare(text: str) -> str:
+    return " ".join(text.replace("<|im_end|>", " ").split()).strip()
+
+
+def _marked(text: str) -> bool:
+    """A template marker in `text`, or one cut off at its end."""
+    text = _bare(text)
+    cut = _CUT_MARKER.search(text)
+    return any(m in text for m in MARKERS) or (cut is not None and any(m.startswith(cut.group()) for m in MARKERS))
+
+
+def _malformed(text: str, quotes: list[str]) -> bool:
+    """The completion breaks the template where its answer should be (the rule: `parse_answer`)."""
+    _, sep, section = text.partition("##Answer:")
+    if sep:
+        return not _bare(section) or _marked(section)
+    return text.count("##Reason:") > 1 or not (_bare(_QUOTE.sub(" ", text).replace("##Reason:", " ")) or quotes)
 
 
 def parse_answer(text: str) -> Parsed:
@@ -101,12 +133,26 @@ def parse_answer(text: str) -> Parsed:
     text minus quote markup, and when that leaves nothing, the last quote (a reader
     that only copies the supporting sentence has answered with it: scoring it as an
     abstention would hide a wrong quote as well as a right one). It abstains when
-    the answer is the abstention sentence, a recognised refusal, or empty.
+    the answer is the abstention sentence or a recognised refusal, and when the
+    completion is malformed.
+
+    Malformed (an abstention with no answer and no quotes, `malformed=True`; never graded as
+    an answer): the answer section, i.e. everything after the first `##Answer:`, is empty or
+    holds a template marker (`##Answer:` again, `##Reason:`, `##begin_quote##`, `##end_quote##`)
+    or ends in the beginning of one (`##begin`, `##`: the budget ran out while the template
+    repeated). Without `##Answer:`, it is malformed when it repeats `##Reason:` or is empty (no
+    text, no quote); otherwise it is graded on its text as before, even when the budget cut it
+    inside a quote (what it quoted stays visible, right or wrong). Other `##` text (a markdown
+    heading) is not a marker.
 
         >>> parse_answer("##begin_quote## The office is in Tarrow. ##end_quote##").answer
         'The office is in Tarrow.'
+        >>> parse_answer("##Answer: ##begin_quote## ##end_quote## ##Answer: ##begin").malformed
+        True
     """
     quotes = [q.strip() for q in _QUOTE.findall(text) if q.strip()]
+    if _malformed(text, quotes):
+        return Parsed(answer="", abstained=True, malformed=True)
     tail = text.rsplit("##Answer:", 1)
     if len(tail) == 2:
         answer = tail[1]

@@ -23,7 +23,7 @@ grounding), `duplicate` (embedding cosine >= `dedupe_cosine` to a kept question)
 Unanswerable rows (share `unanswerable` of the chunks): the teacher asks about a detail the chunk
 does not state; the row is kept only if, shown the top `round_trip_k` chunks the index retrieves
 for it, the teacher abstains or proposes an answer no retrieved chunk contains (`answered_by_index`
-otherwise).
+otherwise, and for a malformed reply, which shows neither).
 
 Rows (hybrid's QA format, retrieval/qa.py, plus provenance):
 
@@ -307,8 +307,11 @@ def consistent(reply: str, offer: Offer) -> tuple[bool, str]:
 
 def answered_by_index(reply: str, retrieved: list[Hit]) -> bool:
     """The teacher, shown what the index retrieves for an 'unanswerable' question, answers it from them:
-    its answer or a quote of it occurs in a retrieved chunk."""
+    its answer or a quote of it occurs in a retrieved chunk. A malformed reply (`parse_answer`) counts
+    as answered: it is no abstention, so it cannot vouch that the index lacks the answer."""
     parsed = parse_answer(reply)
+    if parsed.malformed:
+        return True
     if parsed.abstained:
         return False
     texts = [h.text for h in retrieved]

@@ -452,3 +452,45 @@ def test_a_line_about_another_question_is_refused_before_the_judge_sees_it(fixed
         run_eval(dataclasses.replace(cfg, merge=[str(d) for d in shard_dirs]), progress=False)
     with pytest.raises(InputError, match=f"--out {path}:3: field 'id' \"zz\" is none of this run's questions"):
         run_eval(dataclasses.replace(cfg, shard="0/2", out=str(shard_dirs[0])), progress=False)  # resuming it
+
+
+def test_malformed_completions_are_counted_apart_among_the_abstentions():
+    from hybrid.report import markdown
+
+    preds = [{"id": str(i), "label": l, "abstained": l == "abstained", "malformed": m, "answers": ["a"],
+              "citations": [], "f1": 0.0, "latency_ms": 10.0, "new_tokens": 5}
+             for i, (l, m) in enumerate([("abstained", True), ("abstained", False), ("correct", False),
+                                         ("abstained", True)])]
+    m = summarize(preds, seed=0)
+    assert (m["malformed"], m["malformed_rate"], m["abstention_rate"]) == (2, 0.5, 0.75)
+    old = summarize([{k: v for k, v in p.items() if k != "malformed"} for p in preds], seed=0)
+    assert old["malformed"] is None and old["malformed_rate"] is None  # not recorded: unknown, not 0
+    report = {"dataset": "qa.jsonl", "n_questions": 4, "n_unanswerable": 0, "seed": 0, "models": {},
+              "configs": {"rag": m, "old": old}, "comparisons": []}
+    md = markdown(report)
+    assert "| tok/s | malformed |" in md and md.splitlines()[-2].endswith("| 2 |") and md.splitlines()[-1].endswith("| – |")
+
+
+def test_a_prediction_line_records_a_malformed_completion_served_as_abstention(fixed_qa):
+    from hybrid.factuality import prediction
+    from hybrid.pipeline import Answer
+    from retrieval.qa import load_qa
+    from tuning.prompting import ABSTAIN
+
+    row = load_qa(fixed_qa)[0]
+    p = prediction("rag", row, [], Answer(answer=ABSTAIN, abstained=True, raw="##Answer: ##begin", malformed=True))
+    assert (p["malformed"], p["abstained"], p["label"], p["prediction"]) == (True, True, "abstained", ABSTAIN)
+
+
+def test_prediction_lines_without_malformed_still_read_and_a_mistyped_one_is_refused(fixed_qa, shard_dirs, tmp_path):
+    for d in shard_dirs:  # lines written before the field existed
+        path = d / "predictions.jsonl"
+        lines = [json.loads(l) for l in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "malformed"}) + "\n" for p in lines))
+    res = run("eval", fixed_qa, "--no-closed-book", "--merge", shard_dirs[0], "--merge", shard_dirs[1], "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["configs"]["rag"]["malformed"] is None
+    path = shard_dirs[1] / "predictions.jsonl"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "malformed": "yes"}) + "\n")
+    res = run("eval", fixed_qa, "--no-closed-book", "--merge", shard_dirs[0], "--merge", shard_dirs[1])
+    assert_clean_error(res, f"--merge {path}:1: ", "field 'malformed' must be true, false or null")

@@ -42,7 +42,8 @@ def test_several_adapters_share_one_base_and_switch_per_call(bundled_tiny_index,
         assert torch.allclose(pipe.model(**enc).logits, logits["a"])  # switching back is exact
     res = pipe.answer("How long does the battery last?", passages, adapter="b")
     assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated",
-                                  "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from"}
+                                  "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from",
+                                  "malformed"}
     with pytest.raises(InputError, match="adapter='zzz': not loaded"):
         pipe.answer("q", passages, adapter="zzz")
 
@@ -199,3 +200,31 @@ def test_one_question_at_a_time_reuses_the_system_prompts_cache_with_the_same_an
         assert pipe.prefix_cache.hits >= 2
     pipe.add_adapter("c", two_adapters["b"])  # new weights under a name: nothing cached survives
     assert pipe.prefix_cache.cache is None
+
+
+def test_a_malformed_completion_is_served_as_the_abstention_and_says_so():
+    pipe = Pipeline(None, None, None, None, [])  # no model: the completion is given
+    demo = "##Answer: ##begin_quote## The office is in Tarrow. ##end_quote## ##Answer: ##begin"
+    pipe.generate = lambda msgs, adapter=None, on_token=None: [(demo, 20)] * len(msgs)
+    res = pipe.answer("Where?", [{"doc_id": "d", "text": "The office is in Tarrow."}])
+    assert (res.answer, res.abstained, res.citations, res.malformed, res.raw) == (ABSTAIN, True, [], True, demo)
+    assert res.to_dict()["malformed"] is True
+    pipe.generate = lambda msgs, adapter=None, on_token=None: [("##Answer: Tarrow", 3)] * len(msgs)
+    assert not pipe.answer("Where?", [{"doc_id": "d", "text": "The office is in Tarrow."}]).malformed
+
+
+def test_streamed_generation_stops_where_the_template_repeats(tiny_llm_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tuning.test_generator import scripted
+    from tuning.generator import load_tokenizer
+    from tuning.prompting import build_messages
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
+    tok = load_tokenizer(tiny_llm_dir)
+    pipe = Pipeline(None, model, tok, None, [], max_new_tokens=60)
+    n_script, = scripted(model, tok, ["##Answer: Tarrow ##Answer: Tarrow ##Answer: Tarrow ##Answer: Tarrow"])
+    pieces = []
+    (text, n), = pipe.generate([build_messages("Where?", [])], on_token=pieces.append)
+    assert "".join(pieces) == text and text.startswith("##Answer: Tarrow ##Answer") and n < n_script

@@ -22,6 +22,14 @@ def test_score_prefers_grounded_correct_answers_and_abstention_without_oracle():
     assert score(good, ["14 months"], ps, True, True) < score(good, ["14 months"], ps, True, False)
 
 
+def test_a_malformed_sample_scores_below_every_other_so_it_is_never_preferred():
+    ps = [{"text": "The Kestrel-7 battery lasts 14 months."}]
+    malformed = "##Answer: ##begin_quote## ##end_quote## ##Answer: ##begin"
+    worst = "##Reason: ##begin_quote## It lasts a decade. ##end_quote## ##Answer: 10 years"
+    for oracle in (True, False):  # without the oracle an abstention scores +1: a malformed one must not
+        assert score(malformed, ["14 months"], ps, oracle, None) < score(worst, ["14 months"], ps, oracle, True)
+
+
 def test_dpo_continues_sft_adapter_and_saves_loadable_adapter(tmp_path, bundled_tiny_index, tiny_llm_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -70,3 +70,46 @@ def test_static_cache_option_reaches_generate(tiny_llm_dir):
         generator.generate_batch(model, tok, msgs, 8)
     with pytest.raises(Exception):
         generator.generate_batch(model, tok, msgs, 8, cache_implementation="no-such-cache")
+
+
+def scripted(model, tok, scripts: list[str]):
+    """Make `model.generate` write each row's script token by token (then end of turn), through the real
+    generate loop: a random model never repeats the template on cue."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    ids = [tok(s, add_special_tokens=False)["input_ids"] for s in scripts]
+    real = model.generate
+
+    def force(prompt_len):
+        def step(input_ids, scores):
+            n = input_ids.shape[1] - prompt_len
+            out = torch.full_like(scores, float("-inf"))
+            for i, row in enumerate(ids):
+                out[i, row[n] if n < len(row) else tok.eos_token_id] = 0.0
+            return out
+        return step
+
+    model.generate = lambda **kw: real(**kw, logits_processor=LogitsProcessorList([force(kw["input_ids"].shape[1])]))
+    return [len(row) for row in ids]
+
+
+def test_generation_stops_a_row_that_repeats_the_template_and_lets_a_normal_row_finish(tiny_llm_dir):
+    model, tok = _tiny(tiny_llm_dir)
+    looping = "##Answer: Tarrow ##Answer: Tarrow ##Answer: Tarrow ##Answer: Tarrow"
+    normal = "##Reason: ##begin_quote## The office is in Tarrow. ##end_quote## ##Answer: Tarrow"
+    lengths = scripted(model, tok, [looping, normal])
+    msgs = [build_messages("Where is the office?", [{"text": "The office is in Tarrow."}]),
+            build_messages("Where?", [])]  # prompts of different lengths: left padding
+    (cut, n_cut), (full, n_full) = generator.generate_batch(model, tok, msgs, max(lengths) + 8)
+    assert cut.startswith("##Answer: Tarrow ##Answer") and n_cut < lengths[0]  # stopped at the second marker
+    assert full == normal and n_full == lengths[1] + 1  # the whole answer and its end-of-turn token
+
+
+def test_the_stop_sees_the_opening_a_completion_continues(tiny_llm_dir):
+    model, tok = _tiny(tiny_llm_dir)
+    # one marker in the completion itself: only with the opening it follows an answer
+    lengths = scripted(model, tok, [" Tarrow ##Reason: the office is in Tarrow, the documents say."])
+    msgs = [build_messages("Where?", []) + [{"role": "assistant", "content": "##Answer:"}]]
+    (text, n), = generator.generate_batch(model, tok, msgs, lengths[0] + 8)
+    assert text.startswith(" Tarrow ##Reason") and n < lengths[0]

@@ -15,7 +15,7 @@ from retrieval.retriever import Retriever
 from tests.conftest import write_doc
 from tuning.prompting import ABSTAIN, SYSTEM, cot_answer
 from tuning.raft_data import RaftSettings, build_examples, visible_rows
-from tuning.synth import Deduper, SynthConfig, read_output, sample_chunks, synthesize
+from tuning.synth import Deduper, SynthConfig, answered_by_index, read_output, sample_chunks, synthesize
 from tuning.synth_prompts import candidate_spans, parse_pairs, parse_question
 
 DOCS = {  # name: (title, body, groups)
@@ -325,3 +325,9 @@ def test_max_minutes_stops_before_a_batch_that_would_overrun(index, tmp_path, ro
     rep = synthesize(_cfg(index, tmp_path / "b" / "qa.jsonl", batch_size=3, max_chunks=6,
                           max_minutes=1.5 * ends[0] / 60), teacher=Slow(), progress=False, log=lambda m: None)
     assert rep["stopped"] == "max_minutes" and rep["counts"]["chunks"] == 3 and clock.now == ends[0]
+
+
+def test_a_malformed_reply_does_not_vouch_for_an_unanswerable_question():
+    # parsed as an abstention, the repeated template would have kept the question as unanswerable
+    assert answered_by_index("##Answer: ##begin_quote## ##end_quote## ##Answer: ##begin", [])
+    assert not answered_by_index(f"##Answer: {ABSTAIN}", [])
