@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 
 from retrieval.errors import quoted
@@ -163,13 +164,29 @@ class ErrorsMiddleware:
                 await send({"type": "http.response.body", "body": body})
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a line is logged (not the one at start, which
+    a test runner or a daemoniser may have closed since)."""
+
+    hybrid_serve = True
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def configure_logging(level: str) -> None:
     """`hybrid serve --log-level`: hybrid's server log (the request lines at info) to stderr."""
     logger = logging.getLogger("hybrid.serve")
     logger.setLevel(level.upper())
     if not any(getattr(h, "hybrid_serve", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.hybrid_serve = True
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(_Stderr())
         logger.propagate = False  # one line each, not again through the root logger

@@ -324,7 +324,20 @@ def test_forwarding_to_an_openai_compatible_engine_keeps_acl_and_citations(env):
         engine_srv.stop()
 
 
-def test_serve_cli_serves_and_refuses_bad_input(env, tmp_path, monkeypatch):
+@pytest.fixture()
+def server_log():
+    """hybrid.serve's logger as `run` leaves it (level, handler, propagation) is put back after the test."""
+    import logging
+
+    logger = logging.getLogger("hybrid.serve")
+    saved = logger.level, list(logger.handlers), logger.propagate
+    yield logger
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
+def test_serve_cli_serves_and_refuses_bad_input(env, tmp_path, monkeypatch, server_log):
     from typer.testing import CliRunner
 
     import uvicorn

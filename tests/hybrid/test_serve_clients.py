@@ -20,7 +20,8 @@ import pytest
 
 from hybrid.serve import build
 from hybrid.serve_answers import chunk_url, plain_content
-from tests.hybrid.test_serve import KEYS, QUESTION, Running, config, env, free_port  # noqa: F401 - env: a fixture
+from tests.hybrid.test_serve import (  # noqa: F401 - env and server_log are fixtures
+    KEYS, QUESTION, Running, config, env, free_port, server_log)
 from tuning.prompting import ABSTAIN, abstain_answer, parse_answer
 
 DEGENERATE = "##Answer: ##begin_quote## ##end_quote## ##Answer: 3:1\n##Reason: ##P-2025-0147. ##end_quote## 3:1"
@@ -282,17 +283,6 @@ def test_one_log_line_per_request_naming_the_key_never_the_key_or_text(served, c
         assert secret not in text
 
 
-@pytest.fixture()
-def server_log():
-    """hybrid.serve's logger as `run` leaves it (level, handler, propagation) is put back after the test."""
-    logger = logging.getLogger("hybrid.serve")
-    saved = logger.level, list(logger.handlers), logger.propagate
-    yield logger
-    logger.setLevel(saved[0])
-    logger.handlers[:] = saved[1]
-    logger.propagate = saved[2]
-
-
 def test_serve_help_names_health_and_metrics_and_log_level_is_a_choice(env, monkeypatch, server_log):
     import uvicorn
     from typer.testing import CliRunner
@@ -316,7 +306,8 @@ def test_langchain_chat_openai_gets_the_plain_answer(served):
     from langchain_openai import ChatOpenAI
 
     running, _ = served
-    want = chat(running.client(KEYS["pub"])).choices[0].message.content
+    want = expected(chat(running.client(KEYS["pub"])).model_extra["hybrid"])
+    assert want.startswith("14 months [1]\n\nSources:\n[1] ")
     llm = ChatOpenAI(base_url=running.url + "/v1", api_key=KEYS["pub"], model="a", max_retries=0, timeout=60)
     assert llm.invoke(QUESTION).content == want
     assert "".join(c.content for c in llm.stream(QUESTION)) == want
@@ -326,7 +317,8 @@ def test_llamaindex_openai_like_with_default_settings_gets_the_plain_answer(serv
     from llama_index.llms.openai_like import OpenAILike
 
     running, _ = served
-    want = chat(running.client(KEYS["pub"])).choices[0].message.content
+    want = expected(chat(running.client(KEYS["pub"])).model_extra["hybrid"])
+    assert want.startswith("14 months [1]\n\nSources:\n[1] ")
     llm = OpenAILike(api_base=running.url + "/v1", api_key=KEYS["pub"], model="a", max_retries=0, timeout=60)
     assert not llm.metadata.is_chat_model  # the default: it calls /v1/completions
     assert llm.complete(QUESTION).text == want

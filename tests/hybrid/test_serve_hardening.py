@@ -7,6 +7,7 @@ adapters on purpose and check that only the request concerned fails.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,6 +125,10 @@ def test_poisoned_requests_are_refused_alone_then_the_server_answers_and_stops_o
     text = process["log"].read_text()
     assert "Traceback" not in text, text[-3000:]
     assert "torn" in text and "other" in text and "not served" in text  # reported when found
+    # --log-level info (the default): one line per request, naming no text it carried
+    assert re.search(r"INFO POST /v1/chat/completions 200 \d+\.\dms key=anonymous", text)
+    assert re.search(r"INFO GET \(other\) 404 \d+\.\dms key=-", text) and "nothing" not in text
+    assert "battery" not in text and "m" * 300 not in text
 
 
 def test_a_port_out_of_range_or_in_use_is_one_line_before_the_model_loads(tmp_path):
