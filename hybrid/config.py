@@ -31,25 +31,15 @@ from typing import Any, List, Literal, Optional, TypeVar, Union
 import typer
 import yaml
 
+from hybrid.config_fields import field_default, flag_name
+from hybrid.inert_options import problems as inert  # options their other settings leave without effect
 from retrieval.errors import QUOTE_LIMIT, InputError, lone_surrogate, quoted
 
 T = TypeVar("T")
 
 
-def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -211,7 +201,7 @@ def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: li
             given = _section(source, overrides, name, prefix, tp, problems)
             if sub is None or given is None:  # refused: its own keys' problems would only add noise
                 continue
-            base = dataclasses.asdict(_default(f)) if _default(f) is not dataclasses.MISSING else {}
+            base = dataclasses.asdict(field_default(f)) if field_default(f) is not dataclasses.MISSING else {}
             kwargs = {**base, **_collect(tp, sub, given, f"{prefix}{name}.", problems, keyed)}
             values[name] = tp(**kwargs)
             continue
@@ -228,7 +218,7 @@ def _collect(cls: type, loaded: dict, overrides: dict, prefix: str, problems: li
             problems.append(problem)
         elif _float_text(values[name]) and _strip_optional(tp)[0] is float:
             values[name] = float(values[name])
-    missing = [n for n, f in fields.items() if n not in values and _default(f) is dataclasses.MISSING]
+    missing = [n for n, f in fields.items() if n not in values and field_default(f) is dataclasses.MISSING]
     problems += [f"{fields[n].metadata.get('flag', flag_name(n))} is required" for n in missing]
     return values
 
@@ -328,8 +318,6 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides: d
     if problems:
         raise InputError(one_line("; ".join(problems)))
     cfg = cls(**values)
-    from hybrid.inert_options import problems as inert  # options its other settings leave without effect
-
     if problems := cfg.problems() + inert(cfg):  # each workflow's own checks may quote a value: bounded here
         raise InputError(one_line("; ".join(problems)))
     return cfg
@@ -391,7 +379,7 @@ def flags_of(cls: type, path: tuple[str, ...] = (), defaults: Any = None) -> lis
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp, meta = hints[f.name], f.metadata
-        default = _default(f) if defaults is None else getattr(defaults, f.name)
+        default = field_default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
             out += flags_of(tp, path + (f.name,), default)
             continue

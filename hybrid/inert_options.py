@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from hybrid.config import _default, flag_name
+from hybrid.config_fields import field_default, flag_name
 
 
 def _flag(cfg, name: str) -> str:
@@ -25,7 +25,7 @@ def _flag(cfg, name: str) -> str:
 def moved(cfg, names) -> list[str]:
     """The flags among `names` whose value is not the field's default."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    return [_flag(cfg, n) for n in names if n in fields and getattr(cfg, n) != _default(fields[n])]
+    return [_flag(cfg, n) for n in names if n in fields and getattr(cfg, n) != field_default(fields[n])]
 
 
 def _refuse(cfg, names, why: str) -> list[str]:
