@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import List, Literal, Optional
 
@@ -132,12 +131,8 @@ def _offline() -> None:
     # command starts. A caller's own OMP_NUM_THREADS wins. Set before torch is imported.
     if (os.cpu_count() or 1) <= 2 and os.getloadavg()[0] >= 0.5:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # transformers 5 renames (gradient_checkpointing -> activation_checkpointing) warn on every run.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    # bitsandbytes warns on import about optional CPU kernels hybrid does not use, and `kernels` (which it
-    # imports) that offline mode skips a download check: chatter that made a one-line error two lines.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("kernels").setLevel(logging.ERROR)
+    # Other libraries' notices that tell a user nothing are silenced one by one when `retrieval` is imported,
+    # for library users too: retrieval/quiet_libraries.py.
 
 
 def cli_errors(fn):

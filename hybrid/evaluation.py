@@ -16,6 +16,8 @@ from retrieval.metrics import retrieval_metrics
 from retrieval.qa import load_qa
 from retrieval.retriever import Retriever
 
+# a module logger: the root one printed the warning as `WARNING:root:...` in a library user's process
+log = logging.getLogger(__name__)
 RETRIEVAL_COLUMNS = ("n", "recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
 
@@ -47,8 +49,8 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
         raise InputError(f"{qa_path}: none of its gold_ids is among the documents index {index_dir} shows this caller "
                          f"(e.g. {', '.join(unseen[:3])}); is it the index of this corpus, or do the questions need --group?")
     if unseen:
-        logging.warning(f"{len(unseen)} gold documents are not among those the index shows this caller (absent, or "
-                        f"restricted to groups not given with --group); questions about them count as misses")
+        log.warning(f"{len(unseen)} gold documents are not among those the index shows this caller (absent, or "
+                    f"restricted to groups not given with --group); questions about them count as misses")
     hits = retriever.search_batch([r.question for r in rows], k=depth, groups=groups, mode=mode)
     metrics = retrieval_metrics([[h.doc_id for h in hs] for hs in hits], [set(r.gold_ids) for r in rows])
     return {"configs": {"retrieval": metrics}, "dataset": str(qa_path), "index": str(index_dir),

@@ -39,6 +39,7 @@ from retrieval.retriever import Hit, Retriever
 from retrieval.train_settings import TrainSettings
 from retrieval.trainer_output import drop_step_printer
 
+log = logging.getLogger(__name__)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -181,7 +182,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     precision = choose(cfg.train.precision, "cuda" if _cuda() else "cpu")  # bf16: autocast, fp32 weights
     if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
         launch.launch(["tune", "embedder"], cfg, "bf16" if precision == "bf16" else "no",
-                      log=lambda m: logging.getLogger(__name__).info(m))
+                      log=log.info)
         return json.loads((Path(cfg.out) / "hybrid_tuning.json").read_text())
     t0 = time.perf_counter()
     from datasets import Dataset
@@ -209,14 +210,25 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     scope = access.record(cfg.train.groups, {g for c in all_chunks for g in c.groups})
     corpus_texts = [embed_text(c.title, c.text) for c in all_chunks]
     dataset = Dataset.from_dict({"anchor": [q for q, _, _ in pairs], "positive": [p for _, p, _ in pairs]})
-    # Hard negatives from the index's own chunks, scored by the base embedder.
+    # Hard negatives from the index's own chunks, scored by the base embedder. verbose=False: its report is a
+    # score-statistics table printed to stdout amid hybrid's summary (nan/inf, and torch's "std(): degrees of
+    # freedom is <= 0" warnings, when none are found) in its own parameter names, not hybrid's flags; the one
+    # fact in it a user can act on, pairs that found no negative, is said below in hybrid's words.
     with autocast(precision, device_of(base.model)):
         mined = util.mine_hard_negatives(
             dataset, base.model, corpus=corpus_texts, range_max=cfg.mine_range, relative_margin=cfg.relative_margin,
             num_negatives=cfg.num_negatives, sampling_strategy="top", output_format="n-tuple", use_faiss=True,
-            batch_size=64, verbose=progress)
+            batch_size=64, verbose=False)
+    missing = len(dataset) - len(mined)  # pairs that found fewer than --num-negatives: left out of `mined`
+    where = f"within the top --mine-range {cfg.mine_range} chunks at --relative-margin {cfg.relative_margin}"
+    more = "(a larger --mine-range or a smaller --relative-margin finds more)"
     if len(mined) < cfg.train.batch_size:  # too few survived the margin: fall back to in-batch negatives only
+        log.warning(f"hard negatives: {len(mined)} of {len(dataset)} training pairs found {cfg.num_negatives} {where}, "
+                    f"fewer than --batch-size {cfg.train.batch_size}: training on in-batch negatives only {more}")
         mined = dataset
+    elif missing:
+        log.warning(f"hard negatives: {missing} of {len(dataset)} training pairs found fewer than {cfg.num_negatives} "
+                    f"{where} and are left out of training {more}")
 
     # --- train -----------------------------------------------------------------------------
     model = SentenceTransformer(str(base.path), device="cpu" if not _cuda() else None, local_files_only=True)

@@ -389,7 +389,7 @@ def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
                      per_device_train_batch_size=mplan["batch"],
                      gradient_accumulation_steps=cfg.train.grad_accum * mplan["accum_factor"],
                      learning_rate=cfg.train.learning_rate, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or -1,
-                     use_cpu=cpu, bf16=precision == "bf16", gradient_checkpointing=False, logging_steps=1, save_strategy="no",
+                     use_cpu=cpu, bf16=precision == "bf16", activation_checkpointing=False, logging_steps=1, save_strategy="no",
                      report_to="none", seed=cfg.train.seed, disable_tqdm=not progress, warmup_steps=cfg.train.warmup_ratio)
     ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     budget, peak = TimeBudget(cfg.train.max_minutes), PeakMemory("cpu" if cpu else "cuda")

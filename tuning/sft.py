@@ -39,6 +39,11 @@ from tuning.memory_plan import GiB, ModelShape, describe, plan
 from tuning.prompting import sequence_tokens
 from tuning.raft_data import RaftSettings, build_examples, check_rows, load_examples, stats, visible_rows
 
+# hybrid's own warnings: on a module logger, not the root one, which in a library user's process printed them
+# as `WARNING:root:...` (and set up the root logger for every other library too)
+logger = logging.getLogger(__name__)
+
+
 @dataclass
 class GeneratorTuneConfig:
     """Settings of `hybrid tune generator` (YAML keys = field names; `train:` nests TrainSettings)."""
@@ -201,8 +206,8 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     data = raft_data(cfg)
     mplan, lengths = memory_plan(cfg, data)  # refuses a bad model or a plan that does not fit, before warning
     if data.dropped:
-        logging.warning(f"access: {len(data.dropped)} questions skipped, their gold documents are restricted to groups "
-                        f"not named with --group (e.g. {', '.join(data.dropped[:3])})")
+        logger.warning(f"access: {len(data.dropped)} questions skipped, their gold documents are restricted to groups "
+                       f"not named with --group (e.g. {', '.join(data.dropped[:3])})")
     log(describe(mplan))
     with no_dataset_bars():
         trainer, model_info, budget, peak = load_trainer(cfg, data, mplan, ckpt_dir, progress)
@@ -322,8 +327,9 @@ def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir
         per_device_train_batch_size=mplan["batch"], per_device_eval_batch_size=mplan["batch"],
         gradient_accumulation_steps=t.grad_accum * mplan["accum_factor"], learning_rate=t.learning_rate,
         warmup_steps=t.warmup_ratio, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
-        neftune_noise_alpha=cfg.neftune_alpha or None, gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        # transformers 5's names: the old gradient_checkpointing* warn a FutureWarning on every run
+        neftune_noise_alpha=cfg.neftune_alpha or None, activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         use_cpu=device == "cpu", bf16=mplan["precision"] == "bf16", fp16=False,
         eval_strategy="steps" if val_ds is not None else "no", eval_steps=cfg.save_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=1,
