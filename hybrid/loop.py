@@ -86,18 +86,31 @@ def tree_digest(root: str | Path) -> str:
     return h.hexdigest()
 
 
+def _settings(sec, places: dict[str, str]) -> str:
+    """A stage's settings with the run folder's and the input files' own paths written as names (their
+    contents are fingerprinted apart), so a project moved with its hybrid.yaml (paths are absolute once
+    read) is still up to date."""
+    text = json.dumps(dataclasses.asdict(sec), sort_keys=True, default=str)
+    for path in sorted(places, key=len, reverse=True):  # the longest first: one may lie inside another
+        text = text.replace(path, places[path])
+    return text
+
+
 def fingerprints(cfg: LoopConfig, resolved: dict) -> dict[str, str]:
     """Each stage's fingerprint: its settings and those of everything it reads."""
+    places = {str(Path(p)): name for p, name in ((cfg.out, "OUT"), (cfg.corpus, "CORPUS"), (cfg.eval_qa, "EVAL_QA"))
+              if p}
+    settings = {name: _settings(sec, places) for name, sec in resolved.items()}
     eval_qa = hashlib.sha256(Path(cfg.eval_qa).read_bytes()).hexdigest() if cfg.eval_qa else None
-    fp = {"index": _digest(["index", dataclasses.asdict(resolved["index"]), tree_digest(cfg.corpus)])}
-    fp["synth"] = _digest(["synth", dataclasses.asdict(resolved["synth"]), fp["index"]])
-    fp["embedder"] = _digest(["embedder", dataclasses.asdict(resolved["embedder"]), fp["index"], fp["synth"], eval_qa])
-    fp["generator"] = _digest(["generator", dataclasses.asdict(resolved["generator"]), fp["index"], fp["synth"]])
-    fp["dpo"] = _digest(["dpo", dataclasses.asdict(resolved["dpo"]), fp["index"], fp["synth"], fp["generator"]])
+    fp = {"index": _digest(["index", settings["index"], tree_digest(cfg.corpus)])}
+    fp["synth"] = _digest(["synth", settings["synth"], fp["index"]])
+    fp["embedder"] = _digest(["embedder", settings["embedder"], fp["index"], fp["synth"], eval_qa])
+    fp["generator"] = _digest(["generator", settings["generator"], fp["index"], fp["synth"]])
+    fp["dpo"] = _digest(["dpo", settings["dpo"], fp["index"], fp["synth"], fp["generator"]])
     adapter = fp["dpo"] if "dpo" in cfg.stages else fp["generator"]
-    fp["calibrate"] = _digest(["calibrate", dataclasses.asdict(resolved["calibrate"]), fp["index"], adapter])
+    fp["calibrate"] = _digest(["calibrate", settings["calibrate"], fp["index"], adapter])
     # the eval reads every adapter and, when calibrated, the threshold written beside the last one
-    fp["eval"] = _digest(["eval", dataclasses.asdict(resolved["eval"]), fp["index"], fp["generator"], eval_qa,
+    fp["eval"] = _digest(["eval", settings["eval"], fp["index"], fp["generator"], eval_qa,
                           *([fp["dpo"]] if "dpo" in cfg.stages else []),
                           *([fp["calibrate"]] if "calibrate" in cfg.stages else [])])
     fp["serve"] = ""  # never up to date: serving is not an output

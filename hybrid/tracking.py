@@ -138,11 +138,19 @@ def start(cfg: TrackingConfig, store_dir: Path):
     mlflow.set_tracking_uri(uri)
     name = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hybrid"
     with _one_try(uri, where):  # the first call answers whether the store works: no minutes of retries
-        if mlflow.get_experiment_by_name(name) is None:  # artifacts beside the store, not in the cwd
+        if mlflow.get_experiment_by_name(name) is None:
             store_dir.mkdir(parents=True, exist_ok=True)
-            mlflow.create_experiment(name, artifact_location=(store_dir / "mlartifacts").resolve().as_uri())
+            mlflow.create_experiment(name, artifact_location=artifact_root(uri))
         mlflow.set_experiment(name)
     return mlflow
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a SQLite store, wherever its URI points (MLflow's own default is ./mlartifacts in
+    whatever directory the command ran from); a tracking server or a file store keeps its own default."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
 
 
 CONNECT_SECONDS = 5

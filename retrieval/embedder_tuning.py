@@ -16,6 +16,8 @@ Access: pairs, negatives and the held-out score use public chunks only unless
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import random
@@ -171,6 +173,32 @@ def rank_docs(model, chunks: list[Hit], queries: list[str], depth: int = 50,
     return [[chunks[r].doc_id for r in row if r >= 0] for row in rows]
 
 
+@contextlib.contextmanager
+def _bars(progress: bool, model):
+    """Under -q, sentence-transformers' own progress bars off: the miner's (encoding, the FAISS search) and
+    the model card's widget examples are drawn whatever they are asked, so during the call those modules'
+    tqdm names are disabled ones and `model`'s encoders ignore `show_progress_bar=True`. With progress on,
+    nothing changes."""
+    if progress:
+        yield
+        return
+    from unittest import mock
+
+    from sentence_transformers.base import model_card
+    from sentence_transformers.util import hard_negatives
+    from tqdm import tqdm, trange
+
+    def silent(encode):
+        return lambda *args, **kwargs: encode(*args, **{**kwargs, "show_progress_bar": False})
+
+    off = functools.partial(tqdm, disable=True)
+    with mock.patch.multiple(hard_negatives, trange=functools.partial(trange, disable=True), tqdm=off), \
+            mock.patch.object(model_card, "tqdm", off), \
+            mock.patch.multiple(model, encode_query=silent(model.encode_query),
+                                encode_document=silent(model.encode_document)):
+        yield
+
+
 def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     """Run the whole workflow; see the module docstring.
 
@@ -214,7 +242,7 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     # score-statistics table printed to stdout amid hybrid's summary (nan/inf, and torch's "std(): degrees of
     # freedom is <= 0" warnings, when none are found) in its own parameter names, not hybrid's flags; the one
     # fact in it a user can act on, pairs that found no negative, is said below in hybrid's words.
-    with autocast(precision, device_of(base.model)):
+    with autocast(precision, device_of(base.model)), _bars(progress, base.model):
         mined = util.mine_hard_negatives(
             dataset, base.model, corpus=corpus_texts, range_max=cfg.mine_range, relative_margin=cfg.relative_margin,
             num_negatives=cfg.num_negatives, sampling_strategy="top", output_format="n-tuple", use_faiss=True,
@@ -247,10 +275,12 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     # Under DDP each process embeds its own micro-batch; gathering the embeddings across processes
     # keeps the in-batch negatives those of the global batch, as in one process.
     loss = losses.MultipleNegativesRankingLoss(model, gather_across_devices=launch.under_launcher())
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined, loss=loss, callbacks=[budget])
-    drop_step_printer(trainer, progress)
-    with scratch:
-        trainer.train()
+    with _bars(progress, model):
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined, loss=loss,
+                                             callbacks=[budget])
+        drop_step_printer(trainer, progress)
+        with scratch:
+            trainer.train()
     if trainer.state.global_step == 0:  # the no-duplicates sampler found no full batch: nothing was learnt
         raise InputError(f"no training step ran: {len(mined)} training rows gave no full batch of --batch-size "
                          f"{t.batch_size} without duplicate texts; lower --batch-size or add questions (nothing was saved)")

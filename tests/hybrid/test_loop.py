@@ -204,13 +204,16 @@ def test_training_settings_may_sit_at_the_sections_level_and_distributed_is_vali
 def test_track_on_one_command_logs_what_the_loop_logs_for_its_stage(tmp_path, tiny_embedder_dir, tiny_llm_dir,
                                                                     monkeypatch):
     """`--track mlflow` on `hybrid index` and `hybrid tune generator`: one run each in $MLFLOW_TRACKING_URI,
-    read back with MlflowClient; without --track nothing is written."""
+    read back with MlflowClient; without --track nothing is written. Artifacts lie beside the store the URI
+    names, not in the directory the command ran from."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    uri = f"sqlite:///{tmp_path / 'store' / 'ml.db'}"
+    (tmp_path / "store").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "cmds")
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     runner = CliRunner()
     index = tmp_path / "index"
     res = runner.invoke(app, ["index", str(BUNDLED / "docs"), "--out", str(index), "--embedder", str(tiny_embedder_dir),
@@ -231,6 +234,7 @@ def test_track_on_one_command_logs_what_the_loop_logs_for_its_stage(tmp_path, ti
     assert runs["index"].data.metrics["documents"] == manifest["counts"]["documents"]
     assert runs["index"].data.params["chunk_tokens"] == "96"
     assert "manifest.json" in {a.path for a in client.list_artifacts(runs["index"].info.run_id)}
+    assert list((tmp_path / "store" / "mlartifacts").rglob("manifest.json")) and not list((tmp_path / "cwd").iterdir())
     gen = runs["generator"]
     assert gen.data.tags["hybrid.access_scope"] == "hr" and gen.data.params["train.groups"] == '["hr"]'
     assert [m.step for m in client.get_metric_history(gen.info.run_id, "train_loss.loss")] == [1, 2]

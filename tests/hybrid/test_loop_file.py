@@ -159,3 +159,21 @@ def test_a_password_in_the_tracking_uri_is_not_copied_into_the_store(mine):
     text = resolved_yaml(cfg)
     assert "s3cret" not in text and "postgresql://me:***@db/ml" in text
     assert set(WIRED["eval"]).isdisjoint(yaml.safe_load(text)["eval"])  # the loop's own paths are not the file's
+
+
+def test_a_run_folder_moved_with_its_file_keeps_its_fingerprints(tmp_path):
+    """Paths are absolute once read, so the fingerprints write the run folder's own path as OUT: the same
+    hybrid.yaml in another folder (a project moved or renamed) still finds every stage up to date."""
+    from hybrid.loop import fingerprints, sections
+
+    prints = []
+    for name in ("before", "after"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "docs").symlink_to(BUNDLED / "docs")
+        (folder / "qa.jsonl").write_bytes((BUNDLED / "qa.jsonl").read_bytes())
+        (folder / "hybrid.yaml").write_text("corpus: docs\neval_qa: qa.jsonl\nstages: [index, synth, embedder, "
+                                            "generator, dpo, calibrate, eval]\n")
+        cfg = load_loop(folder / "hybrid.yaml")
+        prints.append(fingerprints(cfg, sections(cfg)))
+    assert prints[0] == prints[1]

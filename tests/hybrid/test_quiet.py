@@ -97,14 +97,14 @@ def test_library_use_prints_only_hybrids_own_warnings(quiet_index, tiny_llm_dir)
 
 
 def test_tune_embedder_says_what_mining_found_in_hybrids_words(quiet_index):
-    """No sentence-transformers mining table on stdout (nor torch's std() warnings it brings on stderr); the
+    """`-q`: no progress bar of the miner's either. No sentence-transformers mining table on stdout (nor torch's std() warnings it brings on stderr); the
     pairs that found no hard negative are one hybrid warning naming hybrid's flags."""
     work, _ = quiet_index
     res = hybrid("tune", "embedder", "--index", work / "idx", "--out", work / "emb", "--batch-size", 2,
-                 "--max-steps", 1, "--test-fraction", 0.34, cwd=work)
+                 "--max-steps", 1, "--test-fraction", 0.34, "-q", cwd=work)
     assert not any(l.startswith(("Metric", "Count", "Mean", "Skipped", "Could not find")) for l in res.stdout.splitlines())
     assert "| base |" in res.stdout and "| tuned |" in res.stdout
-    assert foreign(res.stderr, progress_allowed=True) == []
+    assert foreign(res.stderr) == []  # -q: not even the miner's own progress bars
     assert "warning: hard negatives: " in res.stderr and "--relative-margin" in res.stderr
 
 

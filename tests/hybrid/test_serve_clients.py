@@ -11,6 +11,7 @@ known: it quotes the first passage it is given, so the citation is verified by t
 import json
 import logging
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -272,6 +273,9 @@ def test_one_log_line_per_request_naming_the_key_never_the_key_or_text(served, c
         post(running, "/v1/models", None, key=KEYS["hr"], method="GET")
         post(running, "/v1/models", None, key="my-wrong-secret", method="GET")
         post(running, "/v1/SECRET-PATH", {})
+        deadline = time.monotonic() + 10  # a line is logged once its response is sent: a client may read first
+        while len([r for r in caplog.records if r.name == "hybrid.serve"]) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
     lines = [r.getMessage() for r in caplog.records if r.name == "hybrid.serve"]
     assert re.fullmatch(r"POST /v1/chat/completions 200 \d+\.\dms key=pub", lines[0]), lines
     assert re.fullmatch(r"GET /v1/models 200 \d+\.\dms key=hr", lines[1])
