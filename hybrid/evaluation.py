@@ -11,7 +11,7 @@ from pathlib import Path
 
 from retrieval import access
 from retrieval.atomic import write_text_atomic
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.metrics import retrieval_metrics
 from retrieval.qa import load_qa
 from retrieval.retriever import Retriever
@@ -47,10 +47,10 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
     unseen = sorted({g for r in rows for g in r.gold_ids} - visible)
     if len(unseen) == len({g for r in rows for g in r.gold_ids}):
         raise InputError(f"{qa_path}: none of its gold_ids is among the documents index {index_dir} shows this caller "
-                         f"(e.g. {', '.join(unseen[:3])}); is it the index of this corpus, or do the questions need --group?")
+                         f"(e.g. {', '.join(unseen[:3])}); is it the index of this corpus, or do the questions need {Arg('groups')}?")
     if unseen:
         log.warning(f"{len(unseen)} gold documents are not among those the index shows this caller (absent, or "
-                    f"restricted to groups not given with --group); questions about them count as misses")
+                    f"restricted to groups not given with {Arg('groups')}); questions about them count as misses")
     hits = retriever.search_batch([r.question for r in rows], k=depth, groups=groups, mode=mode)
     metrics = retrieval_metrics([[h.doc_id for h in hs] for hs in hits], [set(r.gold_ids) for r in rows])
     return {"configs": {"retrieval": metrics}, "dataset": str(qa_path), "index": str(index_dir),

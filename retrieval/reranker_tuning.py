@@ -29,7 +29,7 @@ from retrieval.atomic import not_its_own, staged_dir, write_text_atomic
 from retrieval.chunking import embed_text
 from retrieval.embedder import resolve_embedder
 from retrieval.embedder_tuning import ict_pairs, pair_problems, qa_pairs
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.precision import choose
 from retrieval.jsonl import write_jsonl
 from retrieval.metrics import retrieval_metrics
@@ -131,7 +131,7 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
         raise InputError(f"--out {out}: exists and is not a reranker; choose a new directory")
     index_groups = retriever.index_groups()
     if unknown := sorted(set(cfg.train.groups) - index_groups):
-        raise InputError(f"--group {' --group '.join(unknown)}: index {cfg.index} has no documents of it; name only "
+        raise InputError(f"{Arg('groups', unknown)}: index {cfg.index} has no documents of it; name only "
                          f"groups of this corpus")
     try:
         base_name, base_path = resolve_embedder(cfg.base)
@@ -144,7 +144,7 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
     pairs, test_q, test_g = qa_pairs(retriever, cfg) if cfg.qa else ict_pairs(retriever, cfg)
     if not pairs:
         raise InputError("no training pairs: the index shows this trainer no chunks with questions; add questions "
-                         "or pass --group")
+                         f"or pass {Arg('groups')}")
     if not test_q:
         raise InputError("the held-out split is empty; raise --test-fraction or add questions")
     t_mine = time.perf_counter()

@@ -48,7 +48,7 @@ from typing import Literal
 
 from retrieval import access, launch
 from retrieval.atomic import not_its_own, staged_dir
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.jsonl import read_jsonl, write_jsonl
 from retrieval.precision import choose
 from retrieval.qa import load_qa, split_rows
@@ -312,7 +312,7 @@ def load_pairs(path: str | Path, held: set[str], groups) -> list[dict]:
     outside = sorted({g for q in pairs for g in q["groups"]} - set(access.training_groups(groups)))
     if outside:
         raise InputError(f"--pairs-file {path}: pairs hold chunks restricted to group(s) {', '.join(outside)}; "
-                         f"name them with --group or drop those pairs")
+                         f"name them with {Arg('groups')} or drop those pairs")
     return pairs
 
 

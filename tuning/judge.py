@@ -261,7 +261,7 @@ def read_pairs(path: str | Path, flag: str, groups: list[str]) -> tuple[list[Pai
         out.append((obj["passage"], obj["question"], obj["answer"], obj["label"]))
     if outside := seen - set(access.training_groups(groups)):
         raise InputError(f"{flag} {path}: pairs hold text restricted to group(s) {', '.join(sorted(outside))}; "
-                         f"name them with --group or drop those pairs")
+                         f"name them with {Arg('groups')} or drop those pairs")
     return out, seen
 
 

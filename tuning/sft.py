@@ -26,7 +26,7 @@ from typing import Literal
 
 from retrieval import access, launch
 from retrieval.atomic import not_its_own, staged_dir
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.jsonl import write_jsonl
 from retrieval.precision import choose
 from retrieval.qa import id_bucket, load_qa, split_rows
@@ -146,7 +146,7 @@ def _prepared_examples(cfg: GeneratorTuneConfig) -> tuple[list[dict], list[dict]
     outside = sorted({g for e in examples for g in e["groups"]} - allowed)
     if outside:  # the adapter's tag must cover every text its weights may hold
         raise InputError(f"--examples {cfg.examples}: examples hold chunks restricted to group(s) {', '.join(outside)}; "
-                         f"name them with --group or drop those examples")
+                         f"name them with {Arg('groups')} or drop those examples")
     held = {e["id"] for e in examples if id_bucket(e["id"], cfg.train.seed) < cfg.test_fraction}
     val = {e["id"] for e in examples if e["id"] not in held and id_bucket(e["id"], cfg.train.seed + 1) < cfg.val_fraction}
     return [e for e in examples if e["id"] not in held | val], [e for e in examples if e["id"] in val], sorted(held)
@@ -207,7 +207,7 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     mplan, lengths = memory_plan(cfg, data)  # refuses a bad model or a plan that does not fit, before warning
     if data.dropped:
         logger.warning(f"access: {len(data.dropped)} questions skipped, their gold documents are restricted to groups "
-                       f"not named with --group (e.g. {', '.join(data.dropped[:3])})")
+                       f"not named with {Arg('groups')} (e.g. {', '.join(data.dropped[:3])})")
     log(describe(mplan))
     with no_dataset_bars():
         trainer, model_info, budget, peak = load_trainer(cfg, data, mplan, ckpt_dir, progress)

@@ -55,7 +55,7 @@ import numpy as np
 
 from retrieval import access
 from retrieval.atomic import check_writable, write_text_atomic
-from retrieval.errors import InputError
+from retrieval.errors import Arg, InputError
 from retrieval.precision import Precision, option
 from retrieval.retriever import Hit, Retriever
 from tuning.grading import classify
@@ -459,7 +459,7 @@ def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool 
     visible = retriever.chunks(groups=groups)
     if not visible:
         raise InputError(f"--index {cfg.index}: no chunk is visible to {'groups ' + ', '.join(groups) if groups else 'public callers'}"
-                         f"; pass --group for the access groups whose documents the questions may come from")
+                         f"; pass {Arg('groups')} for the access groups whose documents the questions may come from")
     done = set(rep["chunks_done"]) if rep else set()
     done |= {r["source_chunk"] for r in rows}  # rows appended after the last report was written
     counts = rep["counts"] if rep else _new_counts()

@@ -93,7 +93,7 @@ def test_library_use_prints_only_hybrids_own_warnings(quiet_index, tiny_llm_dir)
     # passed by hybrid, `is_gradient_checkpointing` used by peft) and `WARNING:root:access: ...` would be here
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert lines == ["access: 1 questions skipped, their gold documents are restricted to groups not named with "
-                     "--group (e.g. 4)"], res.stderr
+                     "groups= (e.g. 4)"], res.stderr
 
 
 def test_tune_embedder_says_what_mining_found_in_hybrids_words(quiet_index):

@@ -135,7 +135,7 @@ def test_bad_input(setup, tmp_path):
     with pytest.raises(InputError, match="--candidates must be larger"):
         tune_reranker(config(RerankerTuneConfig, index=str(setup["index"]), out=str(tmp_path / "x"), candidates=2,
                              num_negatives=2), progress=False)
-    with pytest.raises(InputError, match="--group finance: index .* has no documents"):
+    with pytest.raises(InputError, match=r"groups=\['finance'\]: index .* has no documents"):
         tune_reranker(config(RerankerTuneConfig, index=str(setup["index"]), out=str(tmp_path / "x"),
                              base=str(setup["base"]), groups=["finance"]), progress=False)
     with pytest.raises(InputError, match="--base nowhere: not a local"):

@@ -50,7 +50,7 @@ def test_examples_with_restricted_groups_need_those_groups(tmp_path, first_run, 
     path = tmp_path / "restricted.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = config(GeneratorTuneConfig, out=str(tmp_path / "o"), examples=str(path), base_model=str(tiny_llm_dir), max_steps=1)
-    with pytest.raises(InputError, match="restricted to group\\(s\\) finance; name them with --group"):
+    with pytest.raises(InputError, match="restricted to group\\(s\\) finance; name them with groups="):
         tune_generator(cfg, progress=False, log=_quiet)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "q1", "prompt": "not messages"}) + "\n")
@@ -115,7 +115,7 @@ def test_load_pairs_names_the_bad_line_and_refuses_restricted_text(tmp_path):
     with pytest.raises(InputError, match=f"--pairs-file {path}:2: not valid JSON"):
         load_pairs(path, set(), None)
     path.write_text(json.dumps({**good, "groups": ["hr"]}) + "\n")
-    with pytest.raises(InputError, match="restricted to group\\(s\\) hr; name them with --group"):
+    with pytest.raises(InputError, match="restricted to group\\(s\\) hr; name them with groups="):
         load_pairs(path, set(), None)
     pairs = load_pairs(path, set(), ["hr"])
     assert pairs[0]["source"] == "file" and pairs[0]["groups"] == ["hr"]

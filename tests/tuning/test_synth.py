@@ -255,7 +255,7 @@ def test_no_visible_chunk_is_refused(tmp_path, tiny_embedder):
     write_doc(tmp_path / "corpus", "secret.md", "Secret", "SECRET-HR pay is 61000 per year.", ["hr"])
     build_index(tmp_path / "corpus", tmp_path / "index", IndexConfig(chunk_tokens=64, overlap=0),
                 embedder=tiny_embedder)
-    with pytest.raises(InputError, match="no chunk is visible to public callers; pass --group"):
+    with pytest.raises(InputError, match="no chunk is visible to public callers; pass groups="):
         synthesize(_cfg(tmp_path / "index", tmp_path / "qa.jsonl"), teacher=Scripted(), progress=False)
 
 
