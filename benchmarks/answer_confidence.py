@@ -45,12 +45,12 @@ def main() -> None:
     p.add_argument("--all-groups", action="store_true", help="retrieve as the bundled corpus's owner (every group)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    from hybrid.factuality import EvalConfig, row_contexts
+    from hybrid.eval import EvalConfig, row_contexts
     from hybrid.pipeline import Pipeline
     from benchmarks.bundled_corpus import GROUPS  # the owner's view
-    from retrieval.atomic import write_text_atomic
-    from retrieval.errors import InputError
-    from retrieval.qa import load_qa
+    from core.atomic import write_text_atomic
+    from core.errors import InputError
+    from core.qa import load_qa
     from tuning.prompting import build_messages
 
     if args.config == "rag" and args.adapter:

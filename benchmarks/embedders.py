@@ -37,7 +37,7 @@ def main() -> int:
     p.add_argument("--mode", choices=["dense", "lexical", "hybrid"], help="search mode [default: the index's]")
     p.add_argument("--reuse", action="store_true", help="score the indexes in --work as built; no rebuild")
     args = p.parse_args()
-    from hybrid.evaluation import evaluate_retrieval
+    from hybrid.eval_retrieval import evaluate_retrieval
     from retrieval.index import IndexConfig, build_index
 
     work = Path(args.work)

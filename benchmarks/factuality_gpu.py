@@ -70,10 +70,10 @@ def fresh(args) -> None:
 def prepare(args) -> None:
     from benchmarks.factuality_halueval import write_fixed_rows
     from benchmarks import halueval
-    from retrieval.qa import QARow
+    from core.qa import QARow
     from retrieval.retriever import Retriever
-    from tuning.dpo import contrastive_pairs
-    from retrieval.jsonl import write_jsonl
+    from tuning.tune_dpo import contrastive_pairs
+    from core.jsonl import write_jsonl
     from tuning.raft_data import RaftSettings, build_examples
 
     work = Path(args.work)
@@ -117,7 +117,7 @@ def pack(args) -> None:
     import subprocess
     import tarfile
 
-    from tuning.generator import PACKAGED, _package_dir
+    from tuning.generation import PACKAGED, _package_dir
 
     work, dest = Path(args.work), Path(args.pack_dir)
     a, b = dest / "a", dest / "b"
@@ -150,11 +150,11 @@ def pack(args) -> None:
 def run(args) -> None:
     import torch
 
-    from hybrid.factuality import EvalConfig, markdown, run_eval
-    from hybrid.calibration import CalibrateConfig, calibrate
+    from hybrid.eval import EvalConfig, markdown, run_eval
+    from hybrid.tune_calibrate import CalibrateConfig, calibrate
     from hybrid.config import build_config
-    from tuning.dpo import DPOTuneConfig, tune_dpo
-    from tuning.sft import GeneratorTuneConfig, tune_generator
+    from tuning.tune_dpo import DPOTuneConfig, tune_dpo
+    from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 
     work = Path(args.work)
     out = Path(args.out)

@@ -138,7 +138,7 @@ def main() -> int:
                                                str(work / "judge"), "--train-questions", str(args.judge_questions),
                                                "--seed", str(args.seed)], check=True))
     if "sft" in steps and not (work / args.sft_out / "hybrid_run.json").exists():
-        from tuning.sft import GeneratorTuneConfig, tune_generator
+        from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 
         stage("sft", lambda: tune_generator(build_config(GeneratorTuneConfig, overrides=dict(
             index=args.index, qa=str(work / "train.jsonl"), out=str(work / args.sft_out), num_distractors=args.distractors,
@@ -147,7 +147,7 @@ def main() -> int:
             train=dict(max_steps=args.sft_steps, grad_accum=2, learning_rate=args.sft_lr, max_length=1024))),
             progress=False))
     if "dpo" in steps and not (work / args.dpo_out / "hybrid_run.json").exists():
-        from tuning.dpo import DPOTuneConfig, tune_dpo
+        from tuning.tune_dpo import DPOTuneConfig, tune_dpo
 
         stage("dpo", lambda: tune_dpo(build_config(DPOTuneConfig, overrides=dict(
             index=args.index, qa=str(work / "train.jsonl"), adapter=str(work / args.dpo_sft), out=str(work / args.dpo_out),
@@ -160,7 +160,7 @@ def main() -> int:
         import numpy as np
 
         from tuning.judge import Judge, auroc
-        from retrieval.qa import load_qa
+        from core.qa import load_qa
 
         retriever = Retriever.load(args.index)
         rows = load_qa(work / "train.jsonl")
@@ -181,7 +181,7 @@ def main() -> int:
         calibration.write_text(json.dumps(cal, indent=2))
         print(f"calibrate: {json.dumps(cal)}", flush=True)
     if "eval" in steps:
-        from hybrid.factuality import EvalConfig, markdown, run_eval
+        from hybrid.eval import EvalConfig, markdown, run_eval
 
         def ev():
             names = args.eval_adapters.split(",") if args.eval_adapters else ["raft", args.dpo_out]

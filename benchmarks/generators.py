@@ -28,9 +28,9 @@ def main() -> int:
     p.add_argument("--work", default="benchmarks/out/generators")
     p.add_argument("--models", default="smollm2,gemma3-270m")
     args = p.parse_args()
-    from hybrid.factuality import EvalConfig, run_eval
+    from hybrid.eval import EvalConfig, run_eval
     from retrieval.index import IndexConfig, build_index
-    from tuning.generator import cache_root, load_generator, resolve_generator
+    from tuning.generation import cache_root, load_generator, resolve_generator
 
     work = Path(args.work)
     index = work / "index"

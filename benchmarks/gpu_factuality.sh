@@ -37,7 +37,7 @@ import sys, torch, transformers, trl, peft, datasets, bitsandbytes
 print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(),
   "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__,
   "datasets", datasets.__version__, "bitsandbytes", bitsandbytes.__version__)
-from tuning.generator import load_generator
+from tuning.generation import load_generator
 model, tok, info = load_generator(None, quantize="4bit")
 print("QLoRA base:", type(model.model.layers[0].self_attn.q_proj).__name__, "base fingerprint", info.fingerprint)
 EOF

@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from retrieval.errors import InputError
+from core.errors import InputError
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "halueval_qa" / "dataset_halueval_qa.jsonl"
 

@@ -47,7 +47,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.retrieval_halueval import out, table  # noqa: E402  (the same Markdown tables)
-from retrieval import jsonl  # noqa: E402
+from core import jsonl  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "out" / "halueval"
 BUILD_HINT = ("build it first (about 5 minutes of embedding on 2 cores): HF_HUB_OFFLINE=1 .venv/bin/python "

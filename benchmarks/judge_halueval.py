@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import halueval  # noqa: E402
 from benchmarks.bundled_corpus import DOCS, GROUPS, QA  # noqa: E402
-from retrieval.errors import InputError  # noqa: E402
+from core.errors import InputError  # noqa: E402
 from tuning.judge import JudgeTuneConfig, qa_pairs, tune_judge, write_pairs  # noqa: E402
-from retrieval.train_settings import TrainSettings  # noqa: E402
+from training.train_settings import TrainSettings  # noqa: E402
 
 
 def build_pairs(args, pairs_dir: Path) -> dict[str, Path]:

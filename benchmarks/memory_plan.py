@@ -1,4 +1,4 @@
-"""Memory plan vs measured peak: does `tuning.memory_plan.estimate` predict real training peaks?
+"""Memory plan vs measured peak: does `training.memory_plan.estimate` predict real training peaks?
 
 For each configuration a fresh subprocess loads the packaged SmolLM2-135M (the default
 generator; `--base-model` another packaged one), runs a few LoRA/QLoRA training steps on synthetic
@@ -51,7 +51,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 from tuning.completion_loss import CompletionSFTTrainer
-from tuning.generator import load_generator
+from tuning.generation import load_generator
 strategy, seq, batch, ckpt, targets, base, precision, loss = {args!r}
 model, tok, _ = load_generator(base, quantize="4bit" if strategy == "qlora" else "none", device="cpu")
 ids = list(range(1000, 1000 + seq))
@@ -83,8 +83,8 @@ def main() -> int:
     args = p.parse_args()
     from transformers import AutoConfig
 
-    from tuning.generator import resolve_generator
-    from tuning.memory_plan import GiB, ModelShape, estimate
+    from tuning.generation import resolve_generator
+    from training.memory_plan import GiB, ModelShape, estimate
 
     _, path = resolve_generator(args.base_model)
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(path)))

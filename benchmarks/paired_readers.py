@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid.statistics import mcnemar_exact, paired_diff_ci  # noqa: E402
-from retrieval.errors import InputError  # noqa: E402
-from retrieval.jsonl import read_jsonl  # noqa: E402
+from core.errors import InputError  # noqa: E402
+from core.jsonl import read_jsonl  # noqa: E402
 
 
 def paired(a_dir: str, b_dir: str, config: str = "rag", seed: int = 0) -> dict:

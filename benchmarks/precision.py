@@ -10,7 +10,7 @@ mean something only on a CPU with amx_bf16 or avx512_bf16 (elsewhere bf16 is emu
 
 Speed rows (seconds or tokens/s; median over steps or repeats, spread = (max - min) / median):
   matmul   GFLOP/s of a 1024x896 @ 896x4864 matmul (a Qwen 0.5B MLP projection), fp32 vs bf16.
-  raft     seconds per optimizer step of `hybrid tune generator` (tuning.sft.tune_generator, its default
+  raft     seconds per optimizer step of `hybrid tune generator` (tuning.tune_generator.tune_generator, its default
            recipe: LoRA r8 q/v, batch 1 x 4 accumulated, 4 distractors, gradient checkpointing, NEFTune) on
            the packaged Qwen2.5-Coder-0.5B, three sides: `today` (fp32, TRL's loss over every position),
            `fp32+head` (fp32, the LM head on the completion only: the saving that needs no bf16 units),
@@ -19,7 +19,7 @@ Speed rows (seconds or tokens/s; median over steps or repeats, spread = (max - m
   prefill  Qwen 0.5B through load_generator: prefill tokens/s of a ~900-token RAFT prompt and greedy decode
            tokens/s, fp32 vs bf16 weights.
   threads  1 vs 2 torch threads at bf16: prefill and decode of Qwen 0.5B, MiniLM encoding.
-  eval     wall seconds of `hybrid eval` (hybrid.factuality.run_eval) of Qwen 0.5B `rag` on 40 bundled
+  eval     wall seconds of `hybrid eval` (hybrid.eval.run_eval) of Qwen 0.5B `rag` on 40 bundled
            questions (k 3, the four groups), model load included, fp32 vs bf16.
   index    wall seconds of `hybrid index` (build_index) of HaluEval's 9,936 passages with MiniLM, fp32 vs bf16.
   synth    rows kept per minute of `hybrid synth` (Qwen 0.5B teacher, 8 chunks x 2), fp32 vs bf16.
@@ -54,7 +54,7 @@ GROUPS = ["hr", "finance", "security", "engineering"]
 
 
 def machine() -> dict:
-    from retrieval.precision import BF16_CPU_FLAGS, cpu_flags, resolve
+    from training.precision import BF16_CPU_FLAGS, cpu_flags, resolve
 
     name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")), platform.processor())
@@ -85,8 +85,8 @@ def raft_side(work: Path, base_model: str, examples: Path, precision: str, head:
     import shutil
 
     import tuning.completion_loss as completion
-    from retrieval.train_settings import TrainSettings
-    from tuning.sft import GeneratorTuneConfig, tune_generator
+    from training.train_settings import TrainSettings
+    from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 
     out = work / "raft-side"
     shutil.rmtree(out, ignore_errors=True)
@@ -153,7 +153,7 @@ def prefill_decode(model, tok, messages, new: int = 32) -> tuple[float, float]:
 
 
 def run_prefill(work: Path, repeats: int, log) -> dict:
-    from tuning.generator import load_generator
+    from tuning.generation import load_generator
 
     models = {p: load_generator(QWEN, device="cpu", precision=p)[:2] for p in ("fp32", "bf16")}
     messages = raft_prompt(work)
@@ -170,7 +170,7 @@ def run_threads(work: Path, repeats: int, log) -> dict:
     import torch
 
     from retrieval.embedder import load_embedder
-    from tuning.generator import load_generator
+    from tuning.generation import load_generator
 
     model, tok, _ = load_generator(QWEN, device="cpu", precision="bf16")
     emb = load_embedder(None, device="cpu", precision="bf16")
@@ -196,7 +196,7 @@ def run_threads(work: Path, repeats: int, log) -> dict:
 
 
 def run_eval_row(work: Path, repeats: int, log) -> dict:
-    from hybrid.factuality import EvalConfig, run_eval
+    from hybrid.eval import EvalConfig, run_eval
 
     index = bundled_index(work)
 

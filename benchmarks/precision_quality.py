@@ -29,7 +29,7 @@ def side_index(work: Path, p: str) -> Path:
 
 
 def answers(work: Path, p: str, log) -> list[dict]:
-    from hybrid.factuality import EvalConfig, run_eval
+    from hybrid.eval import EvalConfig, run_eval
 
     out = work / f"quality-eval-{p}"
     log(f"  eval rag at {p} -> {out}")
@@ -67,7 +67,7 @@ def compare_answers(a: list[dict], b: list[dict]) -> dict:
 
 
 def recall_at_5(work: Path, log) -> dict:
-    from hybrid.evaluation import evaluate_retrieval
+    from hybrid.eval_retrieval import evaluate_retrieval
     from retrieval.index import IndexConfig, build_index
 
     hw = halueval_corpus(work)
@@ -85,8 +85,8 @@ def recall_at_5(work: Path, log) -> dict:
 
 
 def loss_curves(work: Path, steps: int, log) -> dict:
-    from retrieval.train_settings import TrainSettings
-    from tuning.sft import GeneratorTuneConfig, tune_generator
+    from training.train_settings import TrainSettings
+    from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 
     examples = raft_examples(work, bundled_index(work), distractors=2, max_length=1024, n=2 * steps)
     curves = {}

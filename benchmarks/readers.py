@@ -84,8 +84,8 @@ def speed(model, tok) -> dict:
 
 def one(args) -> dict:
     """Everything for one model (run in its own process)."""
-    from hybrid.factuality import EvalConfig, run_eval
-    from tuning.generator import cache_root, load_generator, resolve_generator
+    from hybrid.eval import EvalConfig, run_eval
+    from tuning.generation import cache_root, load_generator, resolve_generator
 
     name, work = args.one, Path(args.work)
     cached = any((cache_root() / "models").glob(f"{name}-*/hybrid_source.json"))

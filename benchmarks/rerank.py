@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bundled_corpus import GROUPS  # noqa: E402
 from retrieval.metrics import retrieval_metrics  # noqa: E402
-from retrieval.qa import load_qa  # noqa: E402
+from core.qa import load_qa  # noqa: E402
 from retrieval.retriever import Retriever  # noqa: E402
 
 ROWS = {"dense": ("dense", False), "lexical": ("lexical", False), "hybrid": ("hybrid", False),

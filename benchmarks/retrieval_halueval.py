@@ -67,8 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from retrieval import jsonl  # noqa: E402
-from retrieval.jsonl import write_jsonl  # noqa: E402
+from core import jsonl  # noqa: E402
+from core.jsonl import write_jsonl  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/halueval_qa/dataset_halueval_qa.jsonl"
 SPLIT_RULE = "order = list(range(n_lines)); random.Random(seed).shuffle(order); test = order[:n_test]; train = rest"
@@ -262,7 +262,7 @@ def ann(retriever, qvecs: np.ndarray, golds: list[set[str]], n_single: int = 200
 def tuning(args, work: Path, base_retriever, qvecs: np.ndarray, test: list[dict]) -> dict:
     """Tune on a subsample of qa_train; tune_embedder scores base and tuned on qa_test (--eval-qa)."""
     from hybrid.config import build_config
-    from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
+    from retrieval.tune_embedder import EmbedderTuneConfig, tune_embedder
 
     test_questions = {r["question"] for r in test}
     # HaluEval repeats a few questions; a train line whose text is a test question is dropped too.

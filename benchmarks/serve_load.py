@@ -182,7 +182,7 @@ def adapter_memory(args, n: int) -> dict:
 
     src = Path(args.adapters["a"])
     tmp = Path(tempfile.mkdtemp(prefix="hybrid_adapters_"))
-    from tuning import run_record
+    from training import run_record
 
     base = run_record.read(src, "--adapter a")["base_model"]["name"]
     pipe = Pipeline.load(None, base_model=base, groups=args.groups, precision=args.precision)

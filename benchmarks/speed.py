@@ -7,13 +7,13 @@ decode against the machine's memory-bandwidth limit. One run, one table of ratio
 
 Rows (each says its settings and the spread over repeats; the two sides of a ratio are
 alternated A B A B within the run, since these machines drift by +-30 % between runs):
-  sft        seconds per optimizer step of `hybrid tune generator` (tuning.sft.tune_generator, its TRL
+  sft        seconds per optimizer step of `hybrid tune generator` (tuning.tune_generator.tune_generator, its TRL
              SFTTrainer path) vs a plain PEFT + torch loop written here: same packaged SmolLM2-135M,
              examples, batch, accumulation, max length, LoRA r/alpha/dropout/targets, gradient
              checkpointing, NEFTune, fp32, AdamW, linear schedule, clipping.
-  dpo        `hybrid tune dpo` (tuning.dpo.tune_dpo) vs TRL's DPOTrainer called directly with the
+  dpo        `hybrid tune dpo` (tuning.tune_dpo.tune_dpo) vs TRL's DPOTrainer called directly with the
              same DPOConfig, the same SFT adapter and the same pairs.
-  embedder   `hybrid tune embedder` (retrieval.embedder_tuning.tune_embedder) vs
+  embedder   `hybrid tune embedder` (retrieval.tune_embedder.tune_embedder) vs
              sentence-transformers' SentenceTransformerTrainer called directly on the very rows the
              hybrid run trained on (its mined hard negatives), same loss, sampler, batch, length.
   generation tokens/s of `hybrid eval`'s path (Pipeline.answer_batch, --batch-size questions at a time) vs
@@ -232,9 +232,9 @@ def step_clock():
 @contextlib.contextmanager
 def clocked_entry_points():
     """Time the optimizer steps of hybrid's own trainers, unchanged: each of them builds its Trainer with
-    `retrieval.time_budget.TimeBudget` (imported at call time), so a subclass that also records step
+    `training.time_budget.TimeBudget` (imported at call time), so a subclass that also records step
     times is put in its place for the block. Yields the list the clocks are appended to."""
-    from retrieval import time_budget
+    from training import time_budget
 
     clocks = []
     original = time_budget.TimeBudget
@@ -281,10 +281,10 @@ def bundled_index(work: Path) -> Path:
 def raft_examples(work: Path, index: Path, distractors: int, max_length: int, n: int) -> Path:
     """RAFT examples mined from the bundled corpus by hybrid's own data stage; the `n` whose token
     length is nearest the median (so step times do not depend on the trainers' different shuffles)."""
-    from retrieval.jsonl import write_jsonl
-    from tuning.generator import load_tokenizer, resolve_generator
+    from core.jsonl import write_jsonl
+    from tuning.generation import load_tokenizer, resolve_generator
     from tuning.prompting import sequence_tokens
-    from tuning.sft import GeneratorTuneConfig, raft_data
+    from tuning.tune_generator import GeneratorTuneConfig, raft_data
 
     path = work / f"raft_d{distractors}_L{max_length}_n{n}.jsonl"
     if path.exists():
@@ -305,8 +305,8 @@ def raft_examples(work: Path, index: Path, distractors: int, max_length: int, n:
 
 
 def example_lengths(path: Path) -> list[int]:
-    from retrieval.jsonl import read_jsonl
-    from tuning.generator import load_tokenizer, resolve_generator
+    from core.jsonl import read_jsonl
+    from tuning.generation import load_tokenizer, resolve_generator
     from tuning.prompting import sequence_tokens
 
     tok = load_tokenizer(resolve_generator(None)[1])
@@ -323,8 +323,8 @@ def halueval_rows(n: int) -> list[dict]:
 
 # --- SFT ---------------------------------------------------------------------------------------------
 def sft_config(work: Path, examples: Path, s: dict, out: Path):
-    from retrieval.train_settings import TrainSettings
-    from tuning.sft import GeneratorTuneConfig
+    from training.train_settings import TrainSettings
+    from tuning.tune_generator import GeneratorTuneConfig
 
     return GeneratorTuneConfig(out=str(out), examples=str(examples), test_fraction=0.0, val_fraction=0.0,
                                save_steps=10_000, strategy="lora",
@@ -344,7 +344,7 @@ def hybrid_steps(entry_point, cfg, **kwargs) -> list[float]:
 
 
 def sft_hybrid(cfg) -> list[float]:
-    from tuning.sft import tune_generator
+    from tuning.tune_generator import tune_generator
 
     return hybrid_steps(tune_generator, cfg, log=lambda *a: None)
 
@@ -354,8 +354,8 @@ def sft_plain(cfg) -> list[float]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from retrieval.jsonl import read_jsonl
-    from tuning.generator import load_generator
+    from core.jsonl import read_jsonl
+    from tuning.generation import load_generator
 
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -431,7 +431,7 @@ def run_sft(work: Path, s: dict, log) -> tuple[dict, Path]:
 def dpo_pairs(work: Path, examples: Path) -> Path:
     """Preference pairs from the SFT examples: the RAFT answer over the abstention (the form
     `hybrid tune dpo --pairs contrastive` writes)."""
-    from retrieval.jsonl import read_jsonl, write_jsonl
+    from core.jsonl import read_jsonl, write_jsonl
     from tuning.prompting import abstain_answer
 
     path = work / f"pairs_{examples.stem}.jsonl"
@@ -443,8 +443,8 @@ def dpo_pairs(work: Path, examples: Path) -> Path:
 
 
 def dpo_config(adapter: Path, pairs: Path, s: dict, out: Path):
-    from retrieval.train_settings import TrainSettings
-    from tuning.dpo import DPOTuneConfig
+    from training.train_settings import TrainSettings
+    from tuning.tune_dpo import DPOTuneConfig
 
     return DPOTuneConfig(adapter=str(adapter), out=str(out), pairs_file=str(pairs),
                          train=TrainSettings(learning_rate=5e-5, batch_size=1, grad_accum=1, max_steps=s["dpo_steps"],
@@ -452,7 +452,7 @@ def dpo_config(adapter: Path, pairs: Path, s: dict, out: Path):
 
 
 def dpo_hybrid(cfg) -> list[float]:
-    from tuning.dpo import tune_dpo
+    from tuning.tune_dpo import tune_dpo
 
     return hybrid_steps(tune_dpo, cfg, log=lambda *a: None)
 
@@ -461,13 +461,13 @@ def dpo_plain(cfg) -> list[float]:
     """TRL's DPOTrainer called directly: the SFT adapter trainable on the base, ref_model=None."""
     import torch
 
-    from retrieval.trainer_output import drop_step_printer
+    from training.trainer_output import drop_step_printer
     from datasets import Dataset
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    from retrieval.jsonl import read_jsonl
-    from tuning.generator import load_generator
+    from core.jsonl import read_jsonl
+    from tuning.generation import load_generator
 
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -507,8 +507,8 @@ def run_dpo(work: Path, s: dict, adapter: Path, log) -> dict:
 
 # --- embedder ----------------------------------------------------------------------------------------
 def embedder_config(index: Path, s: dict, out: Path):
-    from retrieval.embedder_tuning import EmbedderTuneConfig
-    from retrieval.train_settings import TrainSettings
+    from retrieval.tune_embedder import EmbedderTuneConfig
+    from training.train_settings import TrainSettings
 
     return EmbedderTuneConfig(index=str(index), out=str(out), qa=str(BUNDLED / "qa.jsonl"),
                               train=TrainSettings(learning_rate=5e-5, batch_size=s["emb_batch"], epochs=50,
@@ -518,7 +518,7 @@ def embedder_config(index: Path, s: dict, out: Path):
 def embedder_hybrid(cfg, captured: dict) -> list[float]:
     import shutil
 
-    from retrieval.embedder_tuning import tune_embedder
+    from retrieval.tune_embedder import tune_embedder
 
     shutil.rmtree(cfg.out, ignore_errors=True)
     with clocked_entry_points() as clocks:
@@ -534,7 +534,7 @@ def embedder_plain(cfg, captured: dict) -> list[float]:
     from sentence_transformers.training_args import BatchSamplers
 
     from retrieval.embedder import resolve_embedder
-    from retrieval.trainer_output import drop_step_printer
+    from training.trainer_output import drop_step_printer
 
     t = cfg.train
     model = SentenceTransformer(str(resolve_embedder(None)[1]), device="cpu", local_files_only=True)
@@ -707,7 +707,7 @@ def run_threads(work: Path, s: dict, log) -> dict:
     import torch
 
     from retrieval.embedder import load_embedder
-    from tuning.generator import generate_batch, load_generator
+    from tuning.generation import generate_batch, load_generator
     from tuning.prompting import build_messages
 
     emb = load_embedder(None, device="cpu")
@@ -806,9 +806,9 @@ def gemv_floor(model, reps: int = 7) -> dict:
 
 
 def decode_pass(model, tok, rows: list[dict], max_new: int, **generate_kwargs) -> list[dict]:
-    """Greedy answers one question at a time through the `ask` path (tuning.generator.generate_batch,
+    """Greedy answers one question at a time through the `ask` path (tuning.generation.generate_batch,
     batch 1), each with its prefill seconds and decode tokens/s."""
-    from tuning.generator import generate_batch
+    from tuning.generation import generate_batch
     from tuning.prompting import build_messages
 
     records = clock_generate(model)
@@ -851,7 +851,7 @@ def variant_row(name: str, passes: list[list[dict]], reference: list[dict], toda
 def run_limit(work: Path, s: dict, log) -> dict:
     import torch
 
-    from tuning.generator import PrefixCache, load_generator
+    from tuning.generation import PrefixCache, load_generator
 
     rows = halueval_rows(s["limit_rows"])
     n_new = s["limit_tokens"]

@@ -21,20 +21,20 @@ from typer import _click
 from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import Abort
 
-from hybrid.calibration import CalibrateConfig, calibrate
+from hybrid.tune_calibrate import CalibrateConfig, calibrate
 from hybrid.config import flag_of, from_config, metavar
-from hybrid.evaluation import evaluate_retrieval, markdown_table, write_report
-from hybrid.factuality import EvalConfig, markdown, run_eval
+from hybrid.eval_retrieval import evaluate_retrieval, markdown_table, write_report
+from hybrid.eval import EvalConfig, markdown, run_eval
 from hybrid.pipeline import AskConfig, Pipeline
 from hybrid.serve import ServeConfig
-from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
-from retrieval.errors import InputError, speaking_flags
+from retrieval.tune_embedder import EmbedderTuneConfig, tune_embedder
+from core.errors import InputError, speaking_flags
 from retrieval.index import IndexConfig, build_index
-from retrieval.reranker_tuning import RerankerTuneConfig, tune_reranker
+from retrieval.tune_reranker import RerankerTuneConfig, tune_reranker
 from retrieval.retriever import Retriever, SearchConfig
-from tuning.dpo import DPOTuneConfig, tune_dpo
+from tuning.tune_dpo import DPOTuneConfig, tune_dpo
 from tuning.judge import JudgeTuneConfig, tune_judge
-from tuning.sft import GeneratorTuneConfig, tune_generator
+from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 from tuning.synth import SynthConfig, synthesize
 
 class OneLineErrors(TyperGroup):
@@ -132,7 +132,7 @@ def _offline() -> None:
     if (os.cpu_count() or 1) <= 2 and os.getloadavg()[0] >= 0.5:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Other libraries' notices that tell a user nothing are silenced one by one when `retrieval` is imported,
-    # for library users too: retrieval/quiet_libraries.py.
+    # for library users too: core/quiet_libraries.py.
 
 
 def cli_errors(fn):
@@ -419,7 +419,7 @@ def init_cmd(directory: Path = typer.Argument(..., metavar="DIR", help="Director
              eval_qa: Optional[str] = typer.Option("corpora/brindle/qa.jsonl", "--eval-qa", metavar="FILE",
                                                    help="Hand-written questions the eval stage scores.")):
     """Write DIR/hybrid.yaml: every stage's keys with their help, type and default (for hybrid run)."""
-    from hybrid.loop import init
+    from hybrid.run import init
 
     typer.echo(f"wrote {init(directory, corpus, eval_qa)}; run it with: hybrid run {Path(directory) / 'hybrid.yaml'}")
 
@@ -434,7 +434,7 @@ def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.ya
             quiet: bool = QUIET):
     """Run the loop's stages in order (index, synth, embedder, generator, dpo, calibrate, eval, serve), skipping
     those up to date (dpo, calibrate and serve only when named in the file's stages or --only)."""
-    from hybrid.loop import load_loop, parse_only, run_loop
+    from hybrid.run import load_loop, parse_only, run_loop
 
     stages = parse_only(only)  # `--only ,` is refused, not read as "every stage"
     cfg = load_loop(config, overrides or [])
@@ -452,7 +452,7 @@ def config_show_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="h
                     overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
                                                                     help="Dotted overrides, as for hybrid run.")):
     """Print the resolved loop config, each key with where its value came from (default, file, override)."""
-    from hybrid.loop import provenance
+    from hybrid.run import provenance
 
     for key, value, where in provenance(config, overrides or []):
         typer.echo(f"{key}: {json.dumps(value)}  # {where}")

@@ -33,7 +33,7 @@ import yaml
 
 from hybrid.config_fields import field_default, flag_name
 from hybrid.inert_options import problems as inert  # options their other settings leave without effect
-from retrieval.errors import QUOTE_LIMIT, InputError, lone_surrogate, quoted
+from core.errors import QUOTE_LIMIT, InputError, lone_surrogate, quoted
 
 T = TypeVar("T")
 
@@ -331,7 +331,7 @@ _FLAGS: dict[str, str] = {}
 
 def flag_of(field: str) -> str:
     """The flag a command line sets `field` with (`groups` -> `--group`, `k` -> `-k`): how an error
-    raised for a library argument names it to a command-line user (retrieval/errors.py `Arg`)."""
+    raised for a library argument names it to a command-line user (core/errors.py `Arg`)."""
     return _FLAGS.get(field) or flag_name(field)
 
 

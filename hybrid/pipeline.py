@@ -10,7 +10,7 @@ chosen per call (`adapter=None` is the base model: PEFT's adapter switch-off),
 so switching adapters never reloads the base.
 
 Access: an adapter (or merged model, or judge) trained on restricted documents
-carries their groups (retrieval/access.py). `load` refuses any whose groups are
+carries their groups (core/access.py). `load` refuses any whose groups are
 not all among the caller's `groups`, and each call checks the chosen adapter
 against that call's groups, so the multi-adapter switch cannot hand a public
 caller an `hr` adapter.
@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from retrieval import access
-from retrieval.errors import Arg, InputError
-from retrieval.precision import Precision, option
+from core import access
+from core.errors import Arg, InputError
+from training.precision import Precision, option
 from retrieval.retriever import MODES, Retriever
-from tuning import abstention, run_record
+from tuning import abstention
+from training import run_record
 from tuning.abstention import calibration_abstains, load_calibration
-from tuning.generator import (BASE_MODEL_HELP, PrefixCache, TemplateStop, generate_batch, generation_kwargs,
+from tuning.generation import (BASE_MODEL_HELP, PrefixCache, TemplateStop, generate_batch, generation_kwargs,
                               load_generator, opening)
 from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.prompting import ABSTAIN, ANSWER_OPENING, build_messages, chat_text, parse_answer, quote_in
@@ -214,7 +215,7 @@ class Pipeline:
         # values are computed once per adapter, not per question (greedy answers unchanged)
         self.prefix_cache = PrefixCache()
         self.mode: str | None = None  # retrieval mode; None = the index's default
-        self.precision = info.precision if info is not None else "fp32"  # the generator's (retrieval/precision.py)
+        self.precision = info.precision if info is not None else "fp32"  # the generator's (training/precision.py)
 
     @classmethod
     def load(cls, index_dir: str | Path | None = None, adapters: dict[str, str] | str | None = None,
@@ -242,7 +243,7 @@ class Pipeline:
                 threshold (`hybrid tune calibrate`); False serves the greedy answers as they are.
             mode: retrieval mode, dense | lexical | hybrid (None = the index's default).
             rerank: reranker dir (`hybrid tune reranker`) applied to every retrieval.
-            precision: auto, fp32 or bf16 for every model it runs (retrieval/precision.py); the one
+            precision: auto, fp32 or bf16 for every model it runs (training/precision.py); the one
                 chosen is `pipe.precision`.
 
         Raises:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hybrid.evaluation import fmt
+from hybrid.eval_retrieval import fmt
 from hybrid.statistics import mcnemar_exact, paired_diff_ci, proportion_ci
-from retrieval.errors import InputError
-from retrieval.jsonl import read_jsonl
+from core.errors import InputError
+from core.jsonl import read_jsonl
 from retrieval.metrics import retrieval_metrics
 
 RATES = ("accuracy", "abstention_rate", "hallucination_rate")

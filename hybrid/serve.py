@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from retrieval.errors import InputError, quoted
-from retrieval.precision import Precision, option
+from core.errors import InputError, quoted
+from training.precision import Precision, option
 from hybrid.pipeline import Pipeline, parse_adapters
 from hybrid.serve_engine import AdapterPool, Engine, RemoteGenerator
 from hybrid.serve_http import Metrics, configure_logging
 from hybrid.serve_keys import KeyRing, load_keys
 from hybrid.serve_requests import parse_chat  # noqa: F401 - part of this module's API (tests, scripts)
 from hybrid.serve_routes import base_id, create_app
-from tuning import run_record
-from tuning.generator import BASE_MODEL_HELP
+from training import run_record
+from tuning.generation import BASE_MODEL_HELP
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -128,7 +128,7 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
             raise InputError(f"{exc} (the judge serves every key: train it within the groups all keys in "
                              f"--keys share: {', '.join(shared) or 'public only'})") from None
     if cfg.backend == "openai":
-        from tuning.generator import GeneratorInfo
+        from tuning.generation import GeneratorInfo
         from retrieval.retriever import Retriever
 
         name = cfg.base_model or next((run_record.read(p, f"--adapter {n}={p}")["base_model"]["name"]

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from retrieval import access
-from retrieval.errors import InputError
-from tuning import run_record
+from core import access
+from core.errors import InputError
+from training import run_record
 from tuning.prompting import build_messages
 from hybrid.serve_answers import served_content  # noqa: F401 - benchmarks/serve_load.py imports it from here
 

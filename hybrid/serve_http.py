@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 
-from retrieval.errors import quoted
+from core.errors import quoted
 from hybrid.serve_engine import ServeError
 
 log = logging.getLogger("hybrid.serve")

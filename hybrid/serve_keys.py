@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid.config import read_yaml
-from retrieval.errors import InputError
+from core.errors import InputError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 FIELDS = {"name", "sha256", "groups", "adapters"}

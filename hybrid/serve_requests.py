@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from hybrid.serve_answers import FORMATS
 from hybrid.serve_engine import ServeError
-from retrieval.errors import lone_surrogate
+from core.errors import lone_surrogate
 from tuning.prompting import ABSTAIN
 
 ROLES = ("system", "developer", "user", "assistant")

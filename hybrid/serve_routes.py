@@ -14,8 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
-from retrieval import access
-from retrieval.errors import quoted
+from core import access
+from core.errors import quoted
 from hybrid.serve_answers import Shape, annotations, served_content, sse
 from hybrid.serve_engine import AdapterPool, Engine, Job, ServeError
 from hybrid.serve_http import ErrorsMiddleware, Metrics, MetricsMiddleware, error_body, install_error_handlers

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Literal
 
-from retrieval import access
-from retrieval.atomic import check_writable
-from retrieval.errors import InputError
+from core import access
+from core.atomic import check_writable
+from core.errors import InputError
 
 PARAM_LIMIT = 500  # MLflow refuses longer param values (6000 in recent servers; kept low for any store)
 

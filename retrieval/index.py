@@ -33,12 +33,12 @@ import numpy as np
 
 from retrieval import lexical
 from retrieval.ann import ivfpq_problems, make_faiss_index
-from retrieval.atomic import check_writable, not_its_own, staged_dir
+from core.atomic import check_writable, not_its_own, staged_dir, sha256_file
 from retrieval.chunking import Chunk, chunk_document
 from retrieval.corpus import DEFAULT_MAX_DOCUMENT_MB, load_corpus
 from retrieval.embedder import Embedder, load_embedder
-from retrieval.errors import InputError
-from retrieval.precision import Precision, option
+from core.errors import InputError
+from training.precision import Precision, option
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +149,10 @@ class BuildReport:
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     index_type: str = "flat"
     seconds: float = 0.0
-    precision: str = "fp32"  # what the embedder encoded at (retrieval/precision.py)
+    precision: str = "fp32"  # what the embedder encoded at (training/precision.py)
 
 
 _READ_ATTEMPTS = 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -235,7 +227,7 @@ class IndexMoved(Exception):
 class IndexSnapshot:
     """One index directory read through a directory descriptor: a consistent view of one build.
 
-    A build swaps a new directory into place (retrieval.atomic); files opened through the
+    A build swaps a new directory into place (core.atomic); files opened through the
     descriptor all come from the directory that was there when the snapshot was taken, so a
     reader never mixes the manifest of one build with the files of another. A file that cannot
     be read is an InputError, or IndexMoved when the path meanwhile names another directory.

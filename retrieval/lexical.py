@@ -23,8 +23,8 @@ import re
 import sqlite3
 from typing import Literal
 
-from retrieval import access
-from retrieval.errors import InputError
+from core import access
+from core.errors import InputError
 
 TABLE = "lexical"
 TOKENIZE = "porter unicode61"

@@ -1,6 +1,6 @@
 """Document-level retrieval metrics: plain rankings and gold sets in, `dict[str, float]` out
 (the sentence-transformers evaluator shape). `hybrid eval --only retrieval` runs them on an index
-(hybrid/evaluation.py).
+(hybrid/eval_retrieval.py).
 """
 
 from __future__ import annotations

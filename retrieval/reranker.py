@@ -7,7 +7,7 @@
 The first stage (dense, lexical or hybrid) proposes `candidates` chunks; the cross-encoder reads
 each (question, chunk) pair whole and orders them by its logit, which becomes the hit's score.
 The model is a sentence-transformers CrossEncoder trained on the user's own index by
-`hybrid tune reranker` (retrieval/reranker_tuning.py): no reranker weights ship on PyPI.
+`hybrid tune reranker` (retrieval/tune_reranker.py): no reranker weights ship on PyPI.
 
 Access: a reranker trained on restricted chunks may hold their text, so it carries
 `hybrid_access.json` like every trained artifact and serves only callers holding its groups.
@@ -21,10 +21,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from retrieval import access
+from core import access
 from retrieval.chunking import embed_text
-from retrieval.errors import Arg, InputError
-from retrieval.precision import autocast, choose, default_device, device_of
+from core.errors import Arg, InputError
+from training.precision import autocast, choose, default_device, device_of
 
 RERANKER_FILE = "hybrid_reranker.json"
 
@@ -46,7 +46,7 @@ class Reranker:
             index_groups: groups of the index it will rerank; a reranker trained on groups the
                 index has no documents of belongs to another corpus and is refused.
             device: torch device (default: CUDA when available, else CPU).
-            precision: auto, fp32 or bf16: scoring under bf16 autocast (retrieval/precision.py).
+            precision: auto, fp32 or bf16: scoring under bf16 autocast (training/precision.py).
 
         Raises:
             InputError: not a reranker directory, no access record, or another corpus's groups.

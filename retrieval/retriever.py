@@ -25,10 +25,12 @@ from typing import Literal
 
 import numpy as np
 
-from retrieval import access, lexical
+from core import access
+
+from retrieval import lexical
 from retrieval.embedder import Embedder, load_embedder
-from retrieval.errors import Arg, InputError
-from retrieval.precision import Precision, option
+from core.errors import Arg, InputError
+from training.precision import Precision, option
 from retrieval.index import INDEX_FILE, STORE_FILE, IndexMoved, IndexSnapshot
 
 # A load that loses the race with a swap retries for this long. Builds swap once each, so only a storm
@@ -131,7 +133,7 @@ class Retriever:
             embedder: a loaded Embedder or a spec; default: the one named in the manifest.
             reranker: a directory from `hybrid tune reranker`; searches then re-score the first
                 stage's top N with it (retrieval/reranker.py).
-            precision: auto, fp32 or bf16 for the query encoder and the reranker (retrieval/precision.py).
+            precision: auto, fp32 or bf16 for the query encoder and the reranker (training/precision.py).
 
         Raises:
             InputError: missing/corrupted index, an embedder whose fingerprint differs, or a

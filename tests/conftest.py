@@ -23,8 +23,8 @@ BUNDLED = ROOT / "corpora" / "brindle"
 def cpu_without_bf16_units(monkeypatch):
     """Every test runs as on a CPU without bf16 units, so `--precision auto` is fp32 on any machine
     and a test's numbers do not depend on the processor CI draws; tests of the policy pass the flags
-    they mean (retrieval/precision.py `resolve(..., flags=...)`) or ask for bf16 by name."""
-    from retrieval import precision
+    they mean (training/precision.py `resolve(..., flags=...)`) or ask for bf16 by name."""
+    from training import precision
 
     monkeypatch.setattr(precision, "_this_cpu", lambda: frozenset({"avx2"}))
     precision.choose.cache_clear()
@@ -102,7 +102,7 @@ def tiny_llm_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers, decoders
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from tuning.generator import CHATML_TEMPLATE
+    from tuning.generation import CHATML_TEMPLATE
 
     texts = [p.read_text(encoding="utf-8") for p in sorted((BUNDLED / "docs").glob("*.md"))]
     texts.append("##Reason: ##begin_quote## ##end_quote## ##Answer: I cannot answer this from the provided documents.")
@@ -141,7 +141,7 @@ def config(cls, **kwargs):
     groups, ...) go into its `train`, whose other defaults are the workflow's own."""
     import dataclasses
 
-    from retrieval.train_settings import TrainSettings
+    from training.train_settings import TrainSettings
 
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     train = {k: kwargs.pop(k) for k in list(kwargs) if k in names}

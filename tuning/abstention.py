@@ -7,7 +7,7 @@ ranks prompts whose passages do not answer the question higher (HaluEval dev row
 0.88 on CPU after 200 steps, 0.89 at full size on a GPU; an adapter trained with the oracle
 sampled per question, 0.42), yet its greedy decision can lean one way: DPO pushed one such
 adapter to answer almost every question. Like a classifier's cut, the threshold is chosen on
-labelled rows that no training step used (`hybrid tune calibrate`, hybrid/calibration.py): the
+labelled rows that no training step used (`hybrid tune calibrate`, hybrid/tune_calibrate.py): the
 score that maximises TPR - FPR (Youden's J). It is written beside the adapter as
 `hybrid_abstain.json`; `ask` abstains when a prompt scores at or above it and answers below it
 (a greedy abstention there is answered again from the answer's opening), and `eval` reports the
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import InputError
-from tuning import run_record
+from core.errors import InputError
+from training import run_record
 from tuning.prompting import abstain_answer, build_messages
 
 CAL_FILE = "hybrid_abstain.json"

@@ -30,17 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval import access, launch
-from retrieval.atomic import staged_dir, write_text_atomic
+from core import access
+
+from training import launch
+from core.atomic import staged_dir, write_text_atomic
 from retrieval.corpus import load_corpus
 from retrieval.embedder import resolve_embedder
-from retrieval.errors import Arg, InputError
-from retrieval.index import sha256_file
-from retrieval.jsonl import read_jsonl, write_jsonl
-from retrieval.precision import autocast, choose, device_of
-from retrieval.qa import load_qa
-from retrieval.train_settings import TrainSettings
-from retrieval.trainer_output import drop_step_printer
+from core.errors import Arg, InputError
+from core.atomic import sha256_file
+from core.jsonl import read_jsonl, write_jsonl
+from training.precision import autocast, choose, device_of
+from core.qa import load_qa
+from training.train_settings import TrainSettings
+from training.trainer_output import drop_step_printer
 from tuning.prompting import quote_in
 
 THRESHOLD = 0.5
@@ -81,7 +83,7 @@ class Judge:
     def load(cls, path: str | Path, groups=None, gate: bool = False, precision: str = "fp32") -> "Judge":
         """Load a judge dir for a caller with `groups` (refused if it learned from other groups' documents);
         with `gate`, also refused unless it can answer the gate's question (before loading weights).
-        `precision`: auto, fp32 or bf16 scoring (bf16 autocast; retrieval/precision.py)."""
+        `precision`: auto, fp32 or bf16 scoring (bf16 autocast; training/precision.py)."""
         path = Path(path)
         record = read_record(path)
         access.check(path, groups, Arg("judge", str(path)))
@@ -317,7 +319,7 @@ def tune_judge(cfg: JudgeTuneConfig, progress: bool = True) -> dict:
                                                      CrossEncoderTrainingArguments)
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-    from retrieval.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
+    from training.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
 
     precision = choose(t.precision, "cuda" if torch.cuda.is_available() else "cpu")  # bf16: autocast, fp32 weights
     # --- load ----------------------------------------------------------------------------------

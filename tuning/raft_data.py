@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from retrieval.access import may_learn, training_groups
-from retrieval.errors import InputError
-from retrieval.jsonl import read_jsonl
-from retrieval.qa import QARow
+from core.access import may_learn, training_groups
+from core.errors import InputError
+from core.jsonl import read_jsonl
+from core.qa import QARow
 from retrieval.retriever import Hit, Retriever
 from tuning.prompting import abstain_answer, build_messages, cot_answer, quote_in
 

@@ -25,14 +25,14 @@ does not state; the row is kept only if, shown the top `round_trip_k` chunks the
 for it, the teacher abstains or proposes an answer no retrieved chunk contains (`answered_by_index`
 otherwise, and for a malformed reply, which shows neither).
 
-Rows (hybrid's QA format, retrieval/qa.py, plus provenance):
+Rows (hybrid's QA format, core/qa.py, plus provenance):
 
     {"id", "question", "answers": [span] | [], "gold_ids": [doc id] | [], "source_chunk",
      "groups": [the source chunk's access groups], "reason"?: "##Reason: ... ##begin_quote## ...",
      "synth": {"teacher", "method", "kind": "answerable" | "unanswerable"}}
 
 Access: only chunks visible to `--group` (none = public) are read, and each row carries its chunk's
-groups, so a trainer without them skips the row (retrieval/access.py: may_learn).
+groups, so a trainer without them skips the row (core/access.py: may_learn).
 
 Beside the output: `synth_report.json` (every count, the settings, the chunks done) and
 `synth_dropped.jsonl` (each dropped offer with its filter and the teacher's checking reply; same
@@ -53,10 +53,10 @@ from typing import Callable, Literal, Protocol
 
 import numpy as np
 
-from retrieval import access
-from retrieval.atomic import check_writable, write_text_atomic
-from retrieval.errors import Arg, InputError
-from retrieval.precision import Precision, option
+from core import access
+from core.atomic import check_writable, write_text_atomic
+from core.errors import Arg, InputError
+from training.precision import Precision, option
 from retrieval.retriever import Hit, Retriever
 from tuning.grading import classify
 from tuning.prompting import build_messages, normalize, parse_answer, quote_in
@@ -135,16 +135,16 @@ class Teacher(Protocol):
 
 
 class LocalTeacher:
-    """A causal LM loaded by tuning/generator.py, answering chat prompts greedily in batches."""
+    """A causal LM loaded by tuning/generation.py, answering chat prompts greedily in batches."""
 
     def __init__(self, spec: str, batch_size: int, precision: str = "fp32"):
-        from tuning.generator import load_generator  # imports transformers: only when a run starts
+        from tuning.generation import load_generator  # imports transformers: only when a run starts
 
         self.model, self.tok, info = load_generator(spec, precision=precision)
         self.name, self.batch_size, self.precision = info.name, batch_size, info.precision
 
     def chat(self, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
-        from tuning.generator import generate_batch
+        from tuning.generation import generate_batch
 
         out = []
         for i in range(0, len(prompts), self.batch_size):

@@ -41,7 +41,7 @@ def test_verdicts_never_soften_a_miss():
 
 
 def test_clocked_entry_points_time_steps_inside_hybrids_own_budget_callback_and_restore_it():
-    from retrieval import time_budget
+    from training import time_budget
 
     original = time_budget.TimeBudget
     args, state = SimpleNamespace(), SimpleNamespace()
@@ -115,18 +115,18 @@ def test_unknown_row_is_refused():
 
 
 def test_limit_row_runs_end_to_end_on_a_tiny_model(tiny_llm_dir, monkeypatch):
-    from tuning import generator
+    from tuning import generation
 
     def tiny(spec=None, device=None, **kw):
         import torch
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()
-        return model, generator.load_tokenizer(tiny_llm_dir), None
+        return model, generation.load_tokenizer(tiny_llm_dir), None
 
     rows = [{"question": f"How long does buoy {i} last?", "answers": ["14 months"] if i % 2 else [],
              "passages": [{"id": "a", "text": f"Buoy {i} lasts 14 months."}]} for i in range(3)]
-    monkeypatch.setattr(generator, "load_generator", tiny)
+    monkeypatch.setattr(generation, "load_generator", tiny)
     monkeypatch.setattr(speed, "halueval_rows", lambda n: rows[:n])
     real = speed.copy_bandwidth
     monkeypatch.setattr(speed, "copy_bandwidth", lambda: real(mib=8, reps=2))

@@ -3,7 +3,7 @@
 import pytest
 
 from retrieval.corpus import load_corpus
-from retrieval.qa import load_qa
+from core.qa import load_qa
 from tests.conftest import BUNDLED
 
 
@@ -41,7 +41,7 @@ def test_qa_answers_are_verbatim_in_gold_documents(corpus, qa):
 
 def test_packaged_embedder_retrieves_bundled_gold_documents(tmp_path, qa):
     """Real model, real corpus: the default pipeline must find the gold document for most questions."""
-    from hybrid.evaluation import evaluate_retrieval
+    from hybrid.eval_retrieval import evaluate_retrieval
     from retrieval.index import build_index
 
     build_index(BUNDLED / "docs", tmp_path / "idx")

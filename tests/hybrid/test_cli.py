@@ -5,17 +5,17 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from hybrid.calibration import CalibrateConfig
+from hybrid.tune_calibrate import CalibrateConfig
 from hybrid.cli import app
-from hybrid.factuality import EvalConfig
+from hybrid.eval import EvalConfig
 from hybrid.pipeline import AskConfig
-from retrieval.embedder_tuning import EmbedderTuneConfig
+from retrieval.tune_embedder import EmbedderTuneConfig
 from retrieval.index import IndexConfig
-from retrieval.reranker_tuning import RerankerTuneConfig
+from retrieval.tune_reranker import RerankerTuneConfig
 from tests.conftest import write_doc
-from tuning.dpo import DPOTuneConfig
+from tuning.tune_dpo import DPOTuneConfig
 from tuning.judge import JudgeTuneConfig
-from tuning.sft import GeneratorTuneConfig
+from tuning.tune_generator import GeneratorTuneConfig
 
 runner = CliRunner()
 
@@ -135,7 +135,7 @@ def test_help_explains_every_option():
 def test_model_flags_name_every_packaged_model():
     import typer.main
 
-    from tuning.generator import PACKAGED
+    from tuning.generation import PACKAGED
 
     group = typer.main.get_command(app)
     for path, flag, names in [(["ask"], "--base-model", PACKAGED), (["eval"], "--base-model", PACKAGED),
@@ -160,7 +160,7 @@ def test_cli_start_up_loads_no_ml_stack():
 
 def test_yaml_config_is_applied_and_flags_win(tmp_path, small_corpus, tiny_embedder_dir):
     from hybrid.config import build_config
-    from tuning.sft import GeneratorTuneConfig
+    from tuning.tune_generator import GeneratorTuneConfig
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("chunk_tokens: 48\noverlap: 4\n")
@@ -295,7 +295,7 @@ def test_ask_says_when_a_malformed_completion_was_served_as_the_abstention(monke
 
 def test_an_error_names_the_flag_on_the_command_line_and_the_argument_in_the_library(cli_index):
     """The same refusal in both spellings: `--index DIR` to a shell, `index_dir='DIR'` to Python."""
-    from retrieval.errors import InputError
+    from core.errors import InputError
     from retrieval.index import MANIFEST_FILE
     from retrieval.retriever import Retriever
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.hybrid.test_cli import assert_clean_error, run
-from tests.tuning.test_sft import small_qa
+from tests.tuning.test_tune_generator import small_qa
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_generator_bad_inputs(tmp_path, bundled_tiny_index, tiny_llm_dir, cli_ad
     ghost.write_text(json.dumps({"id": "1", "question": "q?", "answers": ["a"], "gold_ids": ["ghost"]}) + "\n")
     assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", ghost, "--out", tmp_path / "o",
                            "--base-model", tiny_llm_dir), "gold_ids not in index", "ghost")
-    import tuning.memory_plan as mp
+    import training.memory_plan as mp
 
     monkeypatch.setattr(mp, "available_bytes", lambda device: 64 * 1024 * 1024)
     assert_clean_error(run("tune", "generator", "--index", bundled_tiny_index, "--qa", qa, "--out", tmp_path / "o",
@@ -132,12 +132,12 @@ def test_synth_cli_writes_a_qa_file_and_its_report(tmp_path, bundled_tiny_index,
 def test_an_access_refusal_names_the_flag_on_the_command_line_and_the_argument_in_the_library(
         cli_adapter, bundled_tiny_index, tmp_path):
     """One message, two readers: `--adapter hr=DIR ... pass --group hr` to a shell, `adapters={...} ...
-    pass groups=['hr']` to Python (retrieval/errors.py Arg)."""
+    pass groups=['hr']` to Python (core/errors.py Arg)."""
     import shutil
 
     from hybrid.pipeline import Pipeline
-    from retrieval import access
-    from retrieval.errors import InputError
+    from core import access
+    from core.errors import InputError
 
     hr = tmp_path / "hr"
     shutil.copytree(cli_adapter, hr)

@@ -6,13 +6,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hybrid.config import build_config
-from retrieval.errors import InputError
-from tuning.dpo import DPOTuneConfig
-from tuning.sft import GeneratorTuneConfig
+from core.errors import InputError
+from tuning.tune_dpo import DPOTuneConfig
+from tuning.tune_generator import GeneratorTuneConfig
 
 import dataclasses
 
-from retrieval.train_settings import TrainSettings
+from training.train_settings import TrainSettings
 
 TOP = [f.name for f in dataclasses.fields(DPOTuneConfig) if f.name != "train"] + ["Groups", "x"]
 TRAIN = [f.name for f in dataclasses.fields(TrainSettings)] + ["batch", "Learning_rate"]

@@ -4,10 +4,10 @@ import json
 import pytest
 
 from hybrid.pipeline import Pipeline, verify
-from retrieval.errors import InputError
+from core.errors import InputError
 from tuning.prompting import ABSTAIN, parse_answer
-from tuning.sft import GeneratorTuneConfig, tune_generator
-from tests.tuning.test_sft import small_qa
+from tuning.tune_generator import GeneratorTuneConfig, tune_generator
+from tests.tuning.test_tune_generator import small_qa
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_answer_selected_serves_the_best_supported_answer_and_the_best_calibrate
 
 
 def test_one_question_at_a_time_reuses_the_system_prompts_cache_with_the_same_answers(two_adapters):
-    from tuning.generator import PrefixCache
+    from tuning.generation import PrefixCache
 
     pipe = Pipeline.load(None, adapters=two_adapters, max_new_tokens=6)
     ps = [{"doc_id": "d", "text": "The office is in Tarrow. It opens at 8 am."}]
@@ -217,8 +217,8 @@ def test_streamed_generation_stops_where_the_template_repeats(tiny_llm_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.tuning.test_generator import scripted
-    from tuning.generator import load_tokenizer
+    from tests.tuning.test_generation import scripted
+    from tuning.generation import load_tokenizer
     from tuning.prompting import build_messages
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir), dtype=torch.float32).eval()

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from hybrid.factuality import EvalConfig, run_eval
-from retrieval import precision
+from hybrid.eval import EvalConfig, run_eval
+from training import precision
 from retrieval.embedder import load_embedder
 from tests.hybrid.test_cli import assert_clean_error, run
-from tests.hybrid.test_factuality import fixed_qa, shard_dirs  # noqa: F401  (fixtures reused)
+from tests.hybrid.test_eval import fixed_qa, shard_dirs  # noqa: F401  (fixtures reused)
 from tests.hybrid.test_pipeline import two_adapters  # noqa: F401  (fixture reused)
-from tuning.generator import load_generator
+from tuning.generation import load_generator
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from retrieval import quiet_libraries
+from core import quiet_libraries
 from tests.conftest import ROOT, make_small_corpus
 
 HYBRID_LINE = re.compile(r"(warning|error|tracked): |(index|synth|embedder|generator|dpo|calibrate|eval|serve): ")

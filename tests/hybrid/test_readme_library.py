@@ -6,8 +6,8 @@ import re
 import pytest
 
 from tests.conftest import ROOT, config
-from tests.tuning.test_sft import small_qa
-from tuning.sft import GeneratorTuneConfig, tune_generator
+from tests.tuning.test_tune_generator import small_qa
+from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 
 DEMO_GROUPS = ["hr", "finance", "security", "engineering"]  # the Makefile's GROUPS
 
@@ -35,16 +35,16 @@ def demo_dir(tmp_path, bundled_tiny_index, tiny_embedder_dir, tiny_llm_dir):
 
 
 def test_the_library_section_runs_against_the_demo_outputs(demo_dir, tiny_llm_dir, monkeypatch):
-    import tuning.generator
-    import tuning.sft
+    import tuning.generation
+    import tuning.tune_generator
 
-    real = tuning.generator.resolve_generator
+    real = tuning.generation.resolve_generator
 
     def tiny_default(spec):  # only the default generator's weights differ from a user's machine
         return ("smollm2", tiny_llm_dir) if spec in (None, "smollm2") else real(spec)
 
-    monkeypatch.setattr(tuning.generator, "resolve_generator", tiny_default)
-    monkeypatch.setattr(tuning.sft, "resolve_generator", tiny_default)
+    monkeypatch.setattr(tuning.generation, "resolve_generator", tiny_default)
+    monkeypatch.setattr(tuning.tune_generator, "resolve_generator", tiny_default)
     monkeypatch.chdir(demo_dir)
     exec(compile(library_block(), "README.md (## Library)", "exec"), {"__name__": "readme"})
     assert (demo_dir / "runs" / "demo" / "raft-more" / "adapter_config.json").exists()

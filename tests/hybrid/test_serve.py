@@ -17,10 +17,10 @@ from openai import OpenAI
 from hybrid.serve import ServeConfig, build, create_app
 from hybrid.serve_answers import served_content
 from hybrid.serve_engine import AdapterPool, Engine, Job, ServeError
-from retrieval import access
+from core import access
 from retrieval.embedder import fingerprint_dir
 from tests.conftest import make_small_corpus
-from tuning import run_record
+from training import run_record
 
 KEYS = {"pub": "pub-key-0123", "hr": "hr-key-4567", "only-a": "a-key-89ab"}
 QUESTION = "How long does the Kestrel buoy battery last?"
@@ -439,7 +439,7 @@ def test_adapters_found_by_name_load_on_first_use_and_the_least_recently_used_go
 
 
 def test_a_retrieval_the_key_may_not_run_is_refused_with_403():
-    from retrieval.errors import InputError
+    from core.errors import InputError
 
     class Refusing:
         remote, adapters = None, []

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hybrid.serve import ServeConfig, build, create_app, listen
 from hybrid.serve_engine import AdapterPool, Engine, Job, ServeError, isolated
 from tests.hybrid.test_serve import KEYS, QUESTION, Running, config, env, free_port, random_adapter  # noqa: F401
-from tuning import run_record
+from training import run_record
 
 ROOT = Path(__file__).resolve().parents[2]
 

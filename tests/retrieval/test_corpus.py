@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from retrieval.corpus import load_corpus, parse_front_matter
-from retrieval.errors import InputError
+from core.errors import InputError
 from tests.conftest import write_doc
 
 

@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval.errors import InputError
+from core.errors import InputError
 from retrieval.index import IndexConfig, build_index, build_lock, make_faiss_index, read_manifest
 from retrieval.retriever import Retriever
 from tests.conftest import ROOT, write_doc
@@ -354,7 +354,7 @@ def test_files_that_disagree_with_the_manifest_are_refused(small_index, tiny_emb
 
 
 def test_chunk_store_that_is_not_sqlite_is_an_input_error(small_index, tiny_embedder):
-    from retrieval.index import sha256_file
+    from core.atomic import sha256_file
 
     store = small_index / "chunks.sqlite"
     store.write_bytes(b"garbage" * 100)

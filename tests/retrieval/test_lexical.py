@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from retrieval.errors import InputError
+from core.errors import InputError
 from retrieval.index import MANIFEST_FILE, IndexConfig, build_index
 from retrieval.lexical import fuse, match_expression
 from retrieval.retriever import Retriever
@@ -152,9 +152,9 @@ def test_the_group_filter_is_inside_the_sql(lexical_index):
 
 
 def test_eval_and_raft_mining_use_the_mode_they_are_given(lexical_index, tmp_path):
-    from hybrid.evaluation import evaluate_retrieval
+    from hybrid.eval_retrieval import evaluate_retrieval
     from hybrid.pipeline import passages_for
-    from retrieval.qa import load_qa
+    from core.qa import load_qa
     from tuning.raft_data import RaftSettings, build_examples
 
     qa = tmp_path / "qa.jsonl"

@@ -12,8 +12,8 @@ hypothesis = pytest.importorskip("hypothesis")  # dev extra; skip rather than br
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from retrieval.corpus import Corpus, load_corpus  # noqa: E402
-from retrieval.errors import InputError  # noqa: E402
-from retrieval.qa import load_qa  # noqa: E402
+from core.errors import InputError  # noqa: E402
+from core.qa import load_qa  # noqa: E402
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])

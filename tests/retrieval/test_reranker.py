@@ -7,10 +7,10 @@ import pytest
 from typer.testing import CliRunner
 
 from hybrid.cli import app
-from retrieval.errors import InputError
+from core.errors import InputError
 from retrieval.index import IndexConfig, build_index
 from retrieval.reranker import Reranker
-from retrieval.reranker_tuning import RerankerTuneConfig, tune_reranker
+from retrieval.tune_reranker import RerankerTuneConfig, tune_reranker
 from retrieval.retriever import Retriever
 from tests.conftest import config, write_doc
 

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from retrieval.errors import InputError
+from core.errors import InputError
 from retrieval.retriever import Retriever
 
 QUERIES = ["salary band", "budget 2027", "battery", "SECRET", "office", "anything at all"]

@@ -4,11 +4,11 @@ import shutil
 import numpy as np
 import pytest
 
-from hybrid.factuality import EvalConfig, run_eval
+from hybrid.eval import EvalConfig, run_eval
 from hybrid.pipeline import Pipeline
-from retrieval.errors import InputError
+from core.errors import InputError
 from tests.hybrid.test_cli import assert_clean_error, run
-from tests.hybrid.test_factuality import fixed_qa  # noqa: F401  (fixture reused)
+from tests.hybrid.test_eval import fixed_qa  # noqa: F401  (fixture reused)
 from tests.hybrid.test_pipeline import two_adapters  # noqa: F401  (module fixture reused)
 from tuning.abstention import CAL_FILE, abstain_scores, youden_threshold
 from tuning.prompting import abstain_answer, build_messages

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from retrieval.errors import InputError
+from core.errors import InputError
 from tests.conftest import make_small_corpus
 from tests.hybrid.test_cli import assert_clean_error, run
-from tuning.sft import GeneratorTuneConfig, tune_generator
+from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 
 CANARY = "SECRET-HR"  # only in the hr-only document (so is the answer 61000)
 ROWS = [
@@ -112,7 +112,7 @@ def test_refusals_in_cli_ask_eval_and_dpo(acl, tmp_path):
 
 
 def test_dpo_default_is_public_and_named_groups_tag_it(acl, tmp_path):
-    from tuning.dpo import DPOTuneConfig, tune_dpo
+    from tuning.tune_dpo import DPOTuneConfig, tune_dpo
 
     def dpo(adapter, out, **kw):
         cfg = config(DPOTuneConfig, index=str(acl["index"]), qa=str(acl["qa"]), adapter=str(adapter), out=str(tmp_path / out),
@@ -134,7 +134,7 @@ def test_dpo_default_is_public_and_named_groups_tag_it(acl, tmp_path):
 
 def test_tuned_embedder_is_tagged_and_its_index_refuses_public_callers(acl, tmp_path, tiny_embedder):
     from retrieval.embedder import load_embedder
-    from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
+    from retrieval.tune_embedder import EmbedderTuneConfig, tune_embedder
     from retrieval.index import IndexConfig, build_index
     from retrieval.retriever import Retriever
 

@@ -5,9 +5,9 @@ naming the precision it ran at."""
 import pytest
 import torch
 
-from tests.tuning.test_sft import cfg_for
+from tests.tuning.test_tune_generator import cfg_for
 from tuning.completion_loss import add_completion_head, completion_loss
-from tuning.sft import tune_generator
+from tuning.tune_generator import tune_generator
 
 
 def _batch(vocab: int, seed: int = 0):
@@ -88,7 +88,7 @@ def test_a_run_record_names_the_precision_it_trained_at(tmp_path, bundled_tiny_i
                                                         monkeypatch):
     from transformers import AutoConfig
 
-    from tests.tuning.test_sft import _on_first_step
+    from tests.tuning.test_tune_generator import _on_first_step
 
     def watch(trainer, model):  # at the first training step: what a frozen projection computes in
         dtypes = []

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from retrieval import access
-from retrieval.errors import InputError
+from core import access
+from core.errors import InputError
 from tests.hybrid.test_cli import assert_clean_error, run
 from tuning.judge import Judge, auroc, gate_abstains, read_pairs, write_pairs
 

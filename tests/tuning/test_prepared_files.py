@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from retrieval.errors import InputError
-from tests.tuning.test_sft import cfg_for
-from tuning.dpo import DPOTuneConfig, tune_dpo
-from tuning.sft import GeneratorTuneConfig, tune_generator
+from core.errors import InputError
+from tests.tuning.test_tune_generator import cfg_for
+from tuning.tune_dpo import DPOTuneConfig, tune_dpo
+from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 
 
 def _quiet(*_):
@@ -103,7 +103,7 @@ def test_max_minutes_stops_training_early_and_saves(tmp_path, bundled_tiny_index
 
 
 def test_load_pairs_names_the_bad_line_and_refuses_restricted_text(tmp_path):
-    from tuning.dpo import load_pairs
+    from tuning.tune_dpo import load_pairs
 
     msg = lambda role, text: [{"role": role, "content": text}]
     good = {"id": "q1", "prompt": msg("user", "q"), "chosen": msg("assistant", "a"), "rejected": msg("assistant", "b")}

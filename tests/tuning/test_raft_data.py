@@ -2,10 +2,10 @@ import dataclasses
 
 import pytest
 
-from retrieval.qa import load_qa
+from core.qa import load_qa
 from retrieval.retriever import Retriever
-from tests.tuning.test_sft import small_qa
-from tuning.dpo import contrastive_pairs
+from tests.tuning.test_tune_generator import small_qa
+from tuning.tune_dpo import contrastive_pairs
 from tuning.prompting import ABSTAIN, abstain_answer
 from tuning.raft_data import RaftSettings, build_examples, visible_rows
 

@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from retrieval.errors import InputError
+from core.errors import InputError
 from retrieval.index import IndexConfig, build_index
-from retrieval.qa import load_qa
+from core.qa import load_qa
 from retrieval.retriever import Retriever
 from tests.conftest import write_doc
 from tuning.prompting import ABSTAIN, SYSTEM, cot_answer

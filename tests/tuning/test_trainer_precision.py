@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import config
-from tests.retrieval.test_embedder_tuning import tune_setup  # noqa: F401  (fixture reused)
+from tests.retrieval.test_tune_embedder import tune_setup  # noqa: F401  (fixture reused)
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def first_step(monkeypatch):
 
 
 def test_embedder_tuning_at_bf16(first_step, tune_setup, tmp_path):  # noqa: F811
-    from retrieval.embedder_tuning import EmbedderTuneConfig, tune_embedder
+    from retrieval.tune_embedder import EmbedderTuneConfig, tune_embedder
 
     corpus, qa, index = tune_setup
     res = tune_embedder(config(EmbedderTuneConfig, index=str(index), out=str(tmp_path / "tuned"), qa=str(qa),
