@@ -31,7 +31,7 @@ from retrieval import lexical
 from retrieval.embedder import Embedder, load_embedder
 from core.errors import Arg, InputError
 from training.precision import Precision, option
-from retrieval.index import INDEX_FILE, STORE_FILE, IndexMoved, IndexSnapshot
+from retrieval.index_snapshot import INDEX_FILE, STORE_FILE, IndexMoved, IndexSnapshot
 
 # A load that loses the race with a swap retries for this long. Builds swap once each, so only a storm
 # of back-to-back swaps on a starved machine loses for seconds (CI saw 20 tries in ~1 s all lose).

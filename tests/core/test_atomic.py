@@ -8,7 +8,8 @@ import pytest
 from core import atomic
 from core.atomic import remove_stale_stages, staged_dir, swap_dir_into_place
 from core.errors import InputError
-from retrieval.index import IndexConfig, build_index, read_manifest
+from retrieval.index import IndexConfig, build_index
+from retrieval.index_snapshot import read_manifest
 from retrieval.retriever import Retriever
 from tests.conftest import make_small_corpus, write_doc
 
@@ -213,11 +214,11 @@ def test_a_swap_just_before_sqlite_opens_the_store_is_seen_and_the_load_retried(
                                                                                  monkeypatch):
     # SQLite opens the store by path; a swap between the snapshot and that open would hand it the
     # next build's store beside this build's FAISS rows. The path's inode is checked after the open.
-    from retrieval import index as index_mod
+    from retrieval import index_snapshot as snapshot_mod
 
     target, nxt = _index_and_next_build(tmp_path, tiny_embedder)
     new, opens = read_manifest(nxt), []
-    monkeypatch.setattr(index_mod.sqlite3, "connect", _swap_once_before(index_mod.sqlite3.connect, target, nxt, opens))
+    monkeypatch.setattr(snapshot_mod.sqlite3, "connect", _swap_once_before(snapshot_mod.sqlite3.connect, target, nxt, opens))
     r = Retriever.load(target, embedder=tiny_embedder)
     assert len(opens) >= 2 and r.manifest == new  # retried, and the whole new index was loaded
     assert len(r) == new["counts"]["chunks"] == r.con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]

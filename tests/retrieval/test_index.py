@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from core.errors import InputError
-from retrieval.index import IndexConfig, build_index, build_lock, make_faiss_index, read_manifest
+from retrieval.index import IndexConfig, build_index, build_lock, make_faiss_index
+from retrieval.index_snapshot import read_manifest
 from retrieval.retriever import Retriever
 from tests.conftest import ROOT, write_doc
 

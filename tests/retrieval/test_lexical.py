@@ -8,7 +8,8 @@ import math
 import pytest
 
 from core.errors import InputError
-from retrieval.index import MANIFEST_FILE, IndexConfig, build_index
+from retrieval.index import IndexConfig, build_index
+from retrieval.index_snapshot import MANIFEST_FILE
 from retrieval.lexical import fuse, match_expression
 from retrieval.retriever import Retriever
 from tests.conftest import write_doc

@@ -257,7 +257,7 @@ def _paths(value, prefix=()):
 @FAST
 @given(data=st.data())
 def test_manifest_loader_gives_a_valid_manifest_or_input_error(index_for_properties, tiny_embedder, data):
-    from retrieval.index import read_manifest, validate_manifest
+    from retrieval.index_snapshot import read_manifest, validate_manifest
     from retrieval.retriever import Retriever
 
     mpath = index_for_properties / "manifest.json"
