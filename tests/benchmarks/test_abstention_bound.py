@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.abstention_bound import bound, main, rates, read_confidence
+from benchmarks.analyses.abstention_bound import bound, main, rates, read_confidence
 
 # 4 answerable (2 correct, 1 wrong, 1 abstained), 2 unanswerable (both answered = hallucinated)
 CORRECT = np.array([True, True, False, False, False, False])

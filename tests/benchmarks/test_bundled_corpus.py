@@ -1,4 +1,4 @@
-from benchmarks.bundled_corpus import DOCS, GROUPS, QA
+from benchmarks.data.bundled_corpus import DOCS, GROUPS, QA
 from retrieval.corpus import load_corpus
 
 

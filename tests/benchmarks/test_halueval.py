@@ -1,8 +1,8 @@
-"""benchmarks/halueval.py: the fixed split and the judge pairs built from HaluEval lines."""
+"""benchmarks/data/halueval.py: the fixed split and the judge pairs built from HaluEval lines."""
 
 import numpy as np
 
-from benchmarks import halueval
+from benchmarks.data import halueval
 
 
 def test_halueval_split_is_fixed_and_disjoint():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from benchmarks.paired_readers import main, paired
+from benchmarks.analyses.paired_readers import main, paired
 
 # id: (answerable?, label of A, label of B)
 ROWS = {"q1": (True, "correct", "correct"), "q2": (True, "hallucinated", "correct"),

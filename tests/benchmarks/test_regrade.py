@@ -1,7 +1,7 @@
-"""benchmarks/regrade.py reads stored completions again with today's parser, hand-checked lines."""
+"""benchmarks/analyses/regrade.py reads stored completions again with today's parser, hand-checked lines."""
 import json
 
-from benchmarks.regrade import regrade_dir
+from benchmarks.analyses.regrade import regrade_dir
 
 
 def line(i, config, raw, label, answers):

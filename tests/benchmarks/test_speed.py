@@ -1,24 +1,19 @@
 """The speed benchmark's harness: statistics, alternation, step clocks, token clocks, the JSON it prints."""
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
-speed = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(speed)
+from benchmarks.performance import alternation, speed, speed_generation, speed_limit, speed_threads, speed_training
 
 
 def test_summary_and_ratio_of_alternated_runs():
-    s = speed.summary([1.0, 2.0, 4.0])
+    s = alternation.summary([1.0, 2.0, 4.0])
     assert s == {"n": 3, "median": 2.0, "min": 1.0, "max": 4.0, "spread": 1.5}
-    assert speed.summary([])["median"] is None
-    r = speed.ratio([[1.1, 1.2, 1.3], [2.2, 2.4]], [[1.0, 1.0, 1.0], [2.0, 2.0]])
+    assert alternation.summary([])["median"] is None
+    r = alternation.ratio([[1.1, 1.2, 1.3], [2.2, 2.4]], [[1.0, 1.0, 1.0], [2.0, 2.0]])
     assert r["per_repeat"] == pytest.approx([1.2, 1.15])  # each hybrid run over the plain run beside it
     assert (r["per_repeat_min"], r["per_repeat_max"]) == pytest.approx((1.15, 1.2))
     assert r["ratio"] == pytest.approx(1.3 / 1.0)  # medians over every step: 1.3 (of 5) over 1.0
@@ -27,17 +22,17 @@ def test_summary_and_ratio_of_alternated_runs():
 
 def test_alternate_runs_the_sides_a_b_a_b():
     order = []
-    out = speed.alternate({"h": lambda: order.append("h") or len(order), "p": lambda: order.append("p") or len(order)},
+    out = alternation.alternate({"h": lambda: order.append("h") or len(order), "p": lambda: order.append("p") or len(order)},
                           3, log=lambda *a: None)
     assert order == ["h", "p", "h", "p", "h", "p"]
     assert out == {"h": [1, 3, 5], "p": [2, 4, 6]}
 
 
 def test_verdicts_never_soften_a_miss():
-    assert speed.verdict(1.05, 1.10, at_most=True) == "met"
-    assert speed.verdict(1.11, 1.10, at_most=True) == "MISSED"
-    assert speed.verdict(1.9, 2.0, at_most=False) == "MISSED"
-    assert speed.verdict(None, 2.0, at_most=False) == "not measured"
+    assert alternation.verdict(1.05, 1.10, at_most=True) == "met"
+    assert alternation.verdict(1.11, 1.10, at_most=True) == "MISSED"
+    assert alternation.verdict(1.9, 2.0, at_most=False) == "MISSED"
+    assert alternation.verdict(None, 2.0, at_most=False) == "not measured"
 
 
 def test_clocked_entry_points_time_steps_inside_hybrids_own_budget_callback_and_restore_it():
@@ -45,7 +40,7 @@ def test_clocked_entry_points_time_steps_inside_hybrids_own_budget_callback_and_
 
     original = time_budget.TimeBudget
     args, state = SimpleNamespace(), SimpleNamespace()
-    with speed.clocked_entry_points() as clocks:
+    with speed_training.clocked_entry_points() as clocks:
         budget = time_budget.TimeBudget(1e-9)  # what the trainers build: now also a clock
         control = SimpleNamespace(should_training_stop=False)
         budget.on_train_begin(args, state, control)
@@ -71,34 +66,34 @@ def test_clock_generate_splits_prefill_from_decode():
             return "out"
 
     model = FakeModel()
-    records = speed.clock_generate(model)
+    records = speed_generation.clock_generate(model)
     assert model.generate() == "out"
     (r,) = records
     assert r["decode_steps"] == 4 and r["prefill_s"] >= 0.2 and 0.035 < r["decode_s"] < r["prefill_s"]
-    speed.unwrap_generate(model)
+    speed_generation.unwrap_generate(model)
     assert "generate" not in model.__dict__
 
 
 def test_busy_process_is_started_and_ended():
-    with speed.busy_process(True) as proc:
+    with speed_threads.busy_process(True) as proc:
         assert proc.poll() is None
     assert proc.poll() is not None
-    with speed.busy_process(False) as none:
+    with speed_threads.busy_process(False) as none:
         assert none is None
 
 
 def test_graded_uses_evals_rule():
     rows = [{"answers": ["Hawaii"]}, {"answers": []}, {"answers": ["1970"]}]
     texts = ["##Answer: Hawaii", "##Answer: I cannot answer this from the provided documents.", "##Answer: 1971"]
-    assert speed.graded(texts, rows) == {"correct": 1, "abstained": 1, "hallucinated": 1}
+    assert speed_limit.graded(texts, rows) == {"correct": 1, "abstained": 1, "hallucinated": 1}
 
 
 def test_json_keys_and_table_from_a_report():
     report = {"loadavg": {"start": (1.0, 1.0, 1.0)},
-              "sft": speed.ratio([[1.0, 1.1]], [[1.0, 1.0]]), "dpo": speed.ratio([[2.0]], [[2.0]]),
-              "embedder": speed.ratio([[3.0]], [[2.0]]),
-              "generation": {"settings": {"batch": 4}, "batched": speed.summary([20.0]),
-                             "sequential": speed.summary([10.0]), "batch_speedup": 2.0, "per_repeat": [2.0]},
+              "sft": alternation.ratio([[1.0, 1.1]], [[1.0, 1.0]]), "dpo": alternation.ratio([[2.0]], [[2.0]]),
+              "embedder": alternation.ratio([[3.0]], [[2.0]]),
+              "generation": {"settings": {"batch": 4}, "batched": alternation.summary([20.0]),
+                             "sequential": alternation.summary([10.0]), "batch_speedup": 2.0, "per_repeat": [2.0]},
               "limit": {"decode_tokens_per_s": 8.0, "fraction_of_bound": 0.4, "best_identical_speedup": 1.05}}
     out = speed.final_json(report)
     assert set(out) >= {"sft_ratio", "dpo_ratio", "embedder_ratio", "generation_batch_speedup",
@@ -127,10 +122,10 @@ def test_limit_row_runs_end_to_end_on_a_tiny_model(tiny_llm_dir, monkeypatch):
     rows = [{"question": f"How long does buoy {i} last?", "answers": ["14 months"] if i % 2 else [],
              "passages": [{"id": "a", "text": f"Buoy {i} lasts 14 months."}]} for i in range(3)]
     monkeypatch.setattr(generation, "load_generator", tiny)
-    monkeypatch.setattr(speed, "halueval_rows", lambda n: rows[:n])
-    real = speed.copy_bandwidth
-    monkeypatch.setattr(speed, "copy_bandwidth", lambda: real(mib=8, reps=2))
-    out = speed.run_limit(None, {"limit_rows": 3, "limit_tokens": 6}, log=lambda *a: None)
+    monkeypatch.setattr(speed_limit, "halueval_rows", lambda n: rows[:n])
+    real = speed_limit.copy_bandwidth
+    monkeypatch.setattr(speed_limit, "copy_bandwidth", lambda: real(mib=8, reps=2))
+    out = speed_limit.run_limit(None, {"limit_rows": 3, "limit_tokens": 6}, log=lambda *a: None)
     names = [v["variant"] for v in out["variants"]]
     assert names == ["today", "prefix", "static", "eager", "int8_dynamic"]
     today = out["variants"][0]

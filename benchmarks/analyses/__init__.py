@@ -1,0 +1,1 @@
+"""Analyses of eval output already written: bounds, pairings, re-grades; nothing is trained."""

@@ -1,0 +1,76 @@
+"""Re-read an eval's stored completions with today's answer parser, without generating again.
+
+Each line of `hybrid eval`'s predictions.jsonl keeps the reader's raw completion (`raw`), so a
+change to the parser (tuning/prompting.py `parse_answer`) can be measured on answers already
+paid for: every line is parsed and graded again exactly as the Pipeline and the eval do it
+(`parse_answer` -> abstained / answer -> `classify`, `token_f1`), and the summary is printed next
+to the stored one. Derived configurations (`+cal`, `+gate`, `+answered`) are left out: they
+depend on scores and thresholds, not on the parse alone.
+
+    .venv/bin/python -m benchmarks.analyses.regrade benchmarks/out/readers/smollm2_halueval60 --json out.json
+
+Prints, per configuration: n, accuracy on answerable, abstention on unanswerable, hallucination
+(stored -> re-read), and how many lines changed label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import benchmarks.harness  # noqa: F401  (first: it sets the offline environment)
+
+from hybrid.report import summarize
+from tuning.grading import classify, token_f1
+from tuning.prompting import ABSTAIN, parse_answer
+
+
+def regraded(p: dict) -> dict:
+    """One prediction line graded again from its raw completion (as Pipeline.answer_batch parses it)."""
+    parsed = parse_answer(p["raw"])
+    answer = ABSTAIN if parsed.abstained else parsed.answer
+    return {**p, "prediction": answer, "abstained": parsed.abstained, "malformed": parsed.malformed,
+            "label": classify(answer, parsed.abstained, p["answers"]), "f1": token_f1(answer, p["answers"])}
+
+
+def regrade_dir(d: Path, seed: int = 0) -> dict:
+    lines = [json.loads(x) for x in (d / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    by_config: dict[str, dict[str, dict]] = {}
+    for p in lines:  # the last line of a (config, id) wins, as when the eval resumes
+        if "+" in p["config"].removeprefix("rag+") or "|" in p["config"]:  # derived: +cal, +gate, +answered, A|B
+            continue
+        by_config.setdefault(p["config"], {})[p["id"]] = p
+    out = {}
+    for config, preds in by_config.items():
+        old = list(preds.values())
+        new = [regraded(p) for p in old]
+        out[config] = {"stored": summarize(old, seed), "reread": summarize(new, seed),
+                       "changed": sum(a["label"] != b["label"] for a, b in zip(old, new)),
+                       "changes": [{"id": a["id"], "raw": a["raw"], "stored": a["label"], "reread": b["label"],
+                                    "answer": b["prediction"], "gold": a["answers"]}
+                                   for a, b in zip(old, new) if a["label"] != b["label"]]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="+", type=Path, help="eval --out directories")
+    ap.add_argument("--json", type=Path, help="write every result (with the changed lines) here")
+    args = ap.parse_args()
+    results = {}
+    for d in args.dirs:
+        results[str(d)] = r = regrade_dir(d)
+        for config, x in r.items():
+            s, n = x["stored"], x["reread"]
+            f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"{d.name} {config}: n={n['n']} accuracy {f(s['accuracy_answerable'])} -> "
+                  f"{f(n['accuracy_answerable'])}, abstention {f(s['abstention_unanswerable'])} -> "
+                  f"{f(n['abstention_unanswerable'])}, hallucination {f(s['hallucination_rate'])} -> "
+                  f"{f(n['hallucination_rate'])} ({x['changed']} lines changed)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data preparation the other benchmarks read: the bundled corpus and HaluEval as hybrid rows."""

@@ -1,0 +1,1 @@
+"""Performance: speed, precision, memory, chunking, index scale and serving load."""
