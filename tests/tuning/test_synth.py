@@ -15,7 +15,8 @@ from retrieval.retriever import Retriever
 from tests.conftest import write_doc
 from tuning.prompting import ABSTAIN, SYSTEM, cot_answer
 from tuning.raft_data import RaftSettings, build_examples, visible_rows
-from tuning.synth import Deduper, SynthConfig, answered_by_index, read_output, sample_chunks, synthesize
+from tuning.synth import SynthConfig, read_output, sample_chunks, synthesize
+from tuning.synth_filters import Deduper, answered_by_index
 from tuning.synth_prompts import candidate_spans, parse_pairs, parse_question
 
 DOCS = {  # name: (title, body, groups)
@@ -280,7 +281,7 @@ def test_raft_targets_use_the_teachers_reason_when_it_quotes_the_oracle(index, t
 
 
 def test_consistency_accepts_the_same_fact_spelled_differently_and_nothing_else():
-    from tuning.synth import same_answer
+    from tuning.synth_filters import same_answer
 
     assert same_answer("The water is 18°C.", "18 °C") and same_answer("It retries 12 times.", "12 times")
     assert same_answer("The limit is 12.", "12 times")  # the number without its unit word
