@@ -6,6 +6,13 @@ from core.errors import InputError
 from core.qa import QARow, load_qa, split_rows
 
 
+def one_line_file(tmp_path, line: str):
+    """A qa.jsonl holding `line` alone: the file the error messages below name."""
+    p = tmp_path / "qa.jsonl"
+    p.write_text(line + "\n")
+    return p
+
+
 def test_load_and_unanswerable(tmp_path):
     p = tmp_path / "qa.jsonl"
     p.write_text(json.dumps({"id": "a", "question": "Q?", "answers": ["x"], "gold_ids": ["d"]}) + "\n\n"
@@ -23,10 +30,8 @@ def test_load_and_unanswerable(tmp_path):
     ('{"id": "a", "question": "q", "answers": [], "passages": [{"text": "t"}]}', "'passages'"),
 ])
 def test_malformed_rows_name_file_line_and_field(tmp_path, line, pattern):
-    p = tmp_path / "qa.jsonl"
-    p.write_text(line + "\n")
     with pytest.raises(InputError, match=pattern):
-        load_qa(p)
+        load_qa(one_line_file(tmp_path, line))
 
 
 def test_duplicate_ids(tmp_path):
@@ -61,10 +66,8 @@ def test_bom_raw_line_separators_and_crlf(tmp_path):
     ('{"id": true, "question": "q", "answers": []}', "qa.jsonl:1: field 'id'"),
 ])
 def test_pathological_lines_are_input_errors(tmp_path, line, pattern):
-    p = tmp_path / "qa.jsonl"
-    p.write_text(line + "\n")
     with pytest.raises(InputError, match=pattern):
-        load_qa(p)
+        load_qa(one_line_file(tmp_path, line))
 
 
 def test_unreadable_qa_file_is_an_input_error(tmp_path, monkeypatch):
