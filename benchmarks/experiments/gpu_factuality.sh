@@ -9,7 +9,7 @@
 # On an H100 the run takes about 11 minutes (SFT 3.3, DPO 1.2, calibration 1.0, test eval ~5, dev
 # eval ~2) and one device call is capped at 10: BUDGET_S stops it in time to pack what is done, and
 # a second call on the still-warm machine finishes the evals (they resume from predictions.jsonl):
-#   PYTHONPATH=/tmp/site:$PWD HYBRID_CACHE=/tmp/hcache HF_HUB_OFFLINE=1 python3 benchmarks/experiments/factuality_gpu.py \
+#   PYTHONPATH=/tmp/site:$PWD HYBRID_CACHE=/tmp/hcache HF_HUB_OFFLINE=1 python3 -m benchmarks.experiments.factuality_gpu \
 #     run --work /tmp/work --out /tmp/res --stages eval_test,eval_dev --eval-batch 128
 # The two device calls as run (part a travels first, alone, because both halves together exceed
 # one transfer):
@@ -41,7 +41,7 @@ from tuning.generation import load_generator
 model, tok, info = load_generator(None, quantize="4bit")
 print("QLoRA base:", type(model.model.layers[0].self_attn.q_proj).__name__, "base fingerprint", info.fingerprint)
 EOF
-  timeout "$BUDGET_S" python3 benchmarks/experiments/factuality_gpu.py run --work /tmp/work --out /tmp/res "$@"
+  timeout "$BUDGET_S" python3 -m benchmarks.experiments.factuality_gpu run --work /tmp/work --out /tmp/res "$@"
   echo "run exit code $?"
   nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
   (cd /tmp/res && tar -cJf "$OUT/results.tar.xz" .)
