@@ -19,12 +19,20 @@ without the file is refused too (its scope is unknown).
 from __future__ import annotations
 
 import json
+from dataclasses import field
 from pathlib import Path
 
 from core.atomic import write_text_atomic
 from core.errors import Arg, InputError
 
 ACCESS_FILE = "hybrid_access.json"
+CALLER_HELP = "Access group of the caller (repeatable). Without it: public documents only."
+
+
+def option(help: str = CALLER_HELP):
+    """The `groups` field of a command's config: flag `--group` (repeatable), YAML key `groups`, a list
+    of names checked by `group_problems`; `help` says what the groups open to that command."""
+    return field(default_factory=list, metadata={"flag": "--group", "help": help})
 
 
 def caller_groups(groups) -> frozenset[str]:

@@ -46,9 +46,8 @@ class SearchConfig:
     query: str = field(metadata={"argument": True, "help": "What to look for."})
     index: str = field(metadata={"help": "Index directory built by 'hybrid index'."})
     k: int = field(default=5, metadata={"flag": "-k", "help": "Number of hits."})
-    groups: list[str] = field(default_factory=list, metadata={
-        "flag": "--group", "help": "Access group of the caller; repeat for several. Without it only public "
-                                   "documents are searched."})
+    groups: list[str] = access.option("Access group of the caller; repeat for several. Without it only public "
+                                      "documents are searched.")
     mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
         "help": "dense, lexical (BM25) or hybrid (both, fused).", "default_help": "the index's (its manifest's "
                                                                                   "'search.mode')"})

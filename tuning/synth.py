@@ -98,9 +98,8 @@ class SynthConfig:
                                                               "alone, gives the same answer."})
     closed_book: bool = field(default=False, metadata={"help": "Drop a row the teacher answers right with no "
                                                                "passage (too generic to teach grounding)."})
-    groups: list[str] = field(default_factory=list, metadata={
-        "flag": "--group", "help": "Access group whose chunks may be read (repeatable). Without it: public "
-                                   "documents only."})
+    groups: list[str] = access.option("Access group whose chunks may be read (repeatable). Without it: public "
+                                      "documents only.")
     seed: int = field(default=0, metadata={"help": "Seed of the chunk sample and span choice."})
     batch_size: int = field(default=4, metadata={"help": "Prompts the teacher generates at once."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest teacher reply, in tokens."})

@@ -40,3 +40,17 @@ def test_a_lone_group_string_is_one_group_not_its_letters():
     for bad in (5, [1], b"hr", {"hr": 1}):
         with pytest.raises(InputError, match="groups must be"):
             access.caller_groups(bad)
+
+
+def test_the_groups_option_is_a_fresh_list_per_config_behind_the_group_flag():
+    from dataclasses import dataclass, fields
+
+    @dataclass
+    class Config:
+        groups: list[str] = access.option()
+
+    a, b = Config(), Config()
+    a.groups.append("hr")
+    assert b.groups == [] and access.group_problems(b.groups) == []
+    (f,) = fields(Config)
+    assert f.metadata == {"flag": "--group", "help": access.CALLER_HELP}
