@@ -182,36 +182,36 @@ def test_track_on_a_retrieval_eval_records_its_report(tmp_path, monkeypatch, sma
     assert {a.path for a in client.list_artifacts(run_.info.run_id)} >= {"report.json", "report.md"}
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["eval", "qa.jsonl", "--index", "i", "--only", "retrieval", "-k", "3", "--adapter", "a"],
+# Each command as a user types it (split on spaces: no argument here holds one).
+@pytest.mark.parametrize("command, expected", [
+    ("eval qa.jsonl --index i --only retrieval -k 3 --adapter a",
      "error: --adapter, -k: --only retrieval generates nothing and scores every question; drop them"),
-    (["eval", "qa.jsonl", "--gate-threshold", "0.3"], "error: --gate-threshold: takes effect only with --gate"),
-    (["index", "docs", "--out", "i", "--index-type", "flat", "--hnsw-m", "8", "--ivf-nlist", "4"],
+    ("eval qa.jsonl --gate-threshold 0.3", "error: --gate-threshold: takes effect only with --gate"),
+    ("index docs --out i --index-type flat --hnsw-m 8 --ivf-nlist 4",
      "error: --hnsw-m: --index-type flat builds no HNSW graph; drop it; --ivf-nlist: --index-type flat builds no IVF"),
-    (["index", "docs", "--out", "i", "--index-type", "hnsw", "--ann-threshold", "5"],
+    ("index docs --out i --index-type hnsw --ann-threshold 5",
      "error: --ann-threshold: --index-type hnsw is used whatever the size; drop it"),
-    (["tune", "generator", "--examples", "e.jsonl", "--out", "o", "--p-oracle", "0.5"],
+    ("tune generator --examples e.jsonl --out o --p-oracle 0.5",
      "error: --p-oracle: --examples are prepared RAFT examples"),
-    (["tune", "generator", "--index", "i", "--qa", "q", "--out", "o", "--no-oracle", "both", "--p-oracle", "0.5"],
+    ("tune generator --index i --qa q --out o --no-oracle both --p-oracle 0.5",
      "error: --p-oracle: --no-oracle both writes every question with and without its oracle; drop it"),
-    (["tune", "dpo", "--adapter", "a", "--out", "o", "--pairs-file", "p", "--n-samples", "3"],
+    ("tune dpo --adapter a --out o --pairs-file p --n-samples 3",
      "error: --n-samples: --pairs-file holds prepared pairs"),
-    (["tune", "dpo", "--adapter", "a", "--out", "o", "--index", "i", "--qa", "q", "--pairs", "contrastive",
-      "--temperature", "0.7"], "error: --temperature: --pairs contrastive samples and scores nothing; drop it"),
-    (["tune", "embedder", "--index", "i", "--out", "o", "--qa", "q", "--eval-qa", "e", "--test-fraction", "0.3"],
+    ("tune dpo --adapter a --out o --index i --qa q --pairs contrastive --temperature 0.7",
+     "error: --temperature: --pairs contrastive samples and scores nothing; drop it"),
+    ("tune embedder --index i --out o --qa q --eval-qa e --test-fraction 0.3",
      "error: --test-fraction: --eval-qa is the held-out set; drop it"),
-    (["tune", "reranker", "--index", "i", "--out", "o", "--qa", "q", "--ict-queries-per-chunk", "3"],
+    ("tune reranker --index i --out o --qa q --ict-queries-per-chunk 3",
      "error: --ict-queries-per-chunk: --qa gives the training questions; drop it"),
-    (["tune", "judge", "--pairs", "p", "--index", "i", "--out", "o"],
+    ("tune judge --pairs p --index i --out o",
      "error: --index: --index is read only to build pairs from --qa; drop it"),
-    (["tune", "calibrate", "--adapter", "a", "--qa", "q", "-k", "3"],
-     "error: -k: -k is the passages retrieved from --index; drop it"),
-    (["ask", "why?", "--index", "i", "--gate-threshold", "0.3"], "error: --gate-threshold: takes effect only with --judge"),
-    (["serve", "--index", "i", "--backend-url", "http://x/v1"], "error: --backend-url: used only with --backend openai"),
+    ("tune calibrate --adapter a --qa q -k 3", "error: -k: -k is the passages retrieved from --index; drop it"),
+    ("ask why? --index i --gate-threshold 0.3", "error: --gate-threshold: takes effect only with --judge"),
+    ("serve --index i --backend-url http://x/v1", "error: --backend-url: used only with --backend openai"),
 ])
-def test_an_option_that_cannot_take_effect_is_refused_on_every_command(tmp_path, monkeypatch, args, expected):
+def test_an_option_that_cannot_take_effect_is_refused_on_every_command(tmp_path, monkeypatch, command, expected):
     monkeypatch.chdir(tmp_path)  # nothing is read or written: refused while the options are checked
-    assert one_error(CliRunner().invoke(app, args)).startswith(expected)
+    assert one_error(CliRunner().invoke(app, command.split())).startswith(expected)
     assert list(tmp_path.iterdir()) == []
 
 
