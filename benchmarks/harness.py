@@ -46,12 +46,20 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **{k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}, **extra}
 
 
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default after its help."""
+
+
 def parser(doc: str | None, *, out: str | None = None, out_help: str = "where the results go",
-           out_required: bool = False, json_help: str = "print the result as one JSON object last") -> argparse.ArgumentParser:
+           out_required: bool = False, out_aliases: tuple[str, ...] = (), defaults_in_help: bool = False,
+           json_help: str = "print the result as one JSON object last") -> argparse.ArgumentParser:
     """An ArgumentParser with the module docstring as its help and the two options every benchmark has:
-    `--out` (a result file or work directory; each script says which) and `--json`."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=out, required=out_required, help=out_help + (f" (default {out})" if out else ""))
+    `--out` (a result file or work directory; each script says which) and `--json`. `out_aliases`
+    keeps an older name of the option working (`--work`), so commands in older pages still run."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=_DefaultsFormatter if defaults_in_help
+                                else argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", *out_aliases, dest="out", default=out, required=out_required,
+                   help=out_help + (f" (default {out})" if out and not defaults_in_help else ""))
     p.add_argument("--json", action="store_true", help=json_help)
     return p
 
@@ -125,6 +133,17 @@ def write_result(path: str | Path, benchmark: str, results: Any, argv: list[str]
     doc = {"schema": SCHEMA, "header": dataclasses.asdict(header(benchmark, argv)), "results": results}
     write_text_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")
     return path
+
+
+def finish(args: argparse.Namespace, benchmark: str, results: Any, argv: list[str] | None = None, *,
+           path: str | Path | None = None) -> Path | None:
+    """The end of every benchmark: write the result file (`path`, else `--out` when that names the file;
+    none when neither is given) and, with `--json`, print `results` as one JSON object, last."""
+    target = path if path is not None else args.out
+    written = write_result(target, benchmark, results, argv) if target else None
+    if args.json:
+        print(json.dumps(results, default=str), flush=True)
+    return written
 
 
 def read_result(path: str | Path) -> Any:

@@ -19,15 +19,17 @@ no threshold will meet it; the answers themselves must change.
 
     .venv/bin/python -m benchmarks.analyses.abstention_bound benchmarks/out/factuality_gpu/judged/predictions.jsonl \
         --config rag+raft_dpo --baseline rag
+
+`--out FILE` writes the numbers as a result file (benchmarks/harness.py's format); `--json` prints them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import numpy as np
 
+from benchmarks.harness import finish, parser  # first: sets the offline environment
 from tuning.judge import auroc
 
 
@@ -96,14 +98,14 @@ def read_confidence(path: str, config: str, ids) -> np.ndarray:
     return np.array([conf[i] for i in ids])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out_help="result file (JSON); none unless given")
     p.add_argument("predictions")
     p.add_argument("--config", default="rag+raft_dpo", help="the configuration whose answers are cut")
     p.add_argument("--baseline", default="rag")
     p.add_argument("--max-hallucination", type=float, default=None, help="default: half of the baseline's")
     p.add_argument("--confidence", help="answer_confidence.py output for --config: adds the answers' own confidence")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     preds, base = load(args.predictions, args.config, args.baseline)
     col = lambda key: np.array([preds[i][key] for i in preds])  # noqa: E731
     answerable = np.array([bool(preds[i]["answers"]) for i in preds])
@@ -135,10 +137,17 @@ def main() -> None:
           f"| lowest hallucination with accuracy on answerable ≥ {base_acc:.3f} |")
     print("|---|---:|---:|---:|---:|")
     fmt = lambda r: "none" if r is None else f"{r[0]:.3f} (hallucination {r[1]:.3f})"  # noqa: E731
+    results = {"predictions": args.predictions, "config": args.config, "baseline": args.baseline, "n": n,
+               "n_answerable": int(answerable.sum()), "baseline_rates": {"accuracy": base_acc, "hallucination": base_hall},
+               "as_generated": {"accuracy": acc0, "hallucination": hall0}, "max_hallucination": max_hall, "signals": {}}
     for name, s in signals.items():
         b = bound(s, correct, abstained, answerable, base_acc, max_hall)
-        print(f"| {name} | {b['auroc']:.3f} | {auroc(s[answered], correct[answered]):.3f} | {fmt(b['best_acc'])} "
-              f"| {fmt(b['best_hall'])} |")
+        right_wrong = auroc(s[answered], correct[answered])
+        print(f"| {name} | {b['auroc']:.3f} | {right_wrong:.3f} | {fmt(b['best_acc'])} | {fmt(b['best_hall'])} |")
+        # best_* are (accuracy on answerable, hallucination) at the best cut, or None when no cut meets the target
+        results["signals"][name] = {"auroc_answerable": b["auroc"], "auroc_right_wrong": right_wrong,
+                                    "best_accuracy": b["best_acc"], "lowest_hallucination": b["best_hall"]}
+    finish(args, "benchmarks.analyses.abstention_bound", results, argv)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,19 @@ it (docs/benchmarks/synth.md), which only the answer itself can show.
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.analyses.answer_confidence benchmarks/out/bundled15/eval181/predictions.jsonl \
         --config rag+raft --adapter raft=benchmarks/out/bundled15/raft --qa corpora/brindle/qa.jsonl \
         --index benchmarks/out/embedders/minilm -k 3 --all-groups --out benchmarks/out/conf/smollm2_raft.jsonl
+
+--out is per-question data for abstention_bound.py (JSONL, like an eval's predictions.jsonl), not a
+result file; `--json` prints the run's summary (answers scored, mean confidence, seconds) as JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-import benchmarks.harness  # noqa: F401  (first: it sets the offline environment)
+from benchmarks.harness import parser  # first: sets the offline environment
+
 
 def fail(message: str) -> None:
     """Bad input: one line on stderr, exit code 2."""
@@ -32,8 +35,9 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out_required=True, out_help="the JSONL of {id, config, confidence} lines to write",
+               json_help="print the summary as one JSON object last")
     p.add_argument("predictions")
     p.add_argument("--config", default="rag", help="rag (the base model) or rag+NAME (the adapter --adapter names)")
     p.add_argument("--adapter", help="NAME=DIR of the configuration's adapter")
@@ -42,9 +46,9 @@ def main() -> None:
     p.add_argument("--index", help="the index the eval retrieved from (rows without fixed passages)")
     p.add_argument("-k", type=int, default=3)
     p.add_argument("--all-groups", action="store_true", help="retrieve as the bundled corpus's owner (every group)")
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-    from hybrid.eval import EvalConfig, row_contexts
+    args = p.parse_args(argv)
+    from hybrid.eval import row_contexts
+    from hybrid.pipeline_settings import PipelineSettings
     from hybrid.pipeline import Pipeline
     from benchmarks.data.bundled_corpus import GROUPS  # the owner's view
     from core.atomic import write_text_atomic
@@ -73,7 +77,7 @@ def main() -> None:
         pipe = Pipeline.load(args.index, adapters, base_model=None if adapters else args.base_model, k=args.k,
                              groups=groups, calibrated=False)
         qa_rows = [rows[q["id"]] for q in preds]
-        contexts = row_contexts(qa_rows, EvalConfig(qa=args.qa, index=args.index, k=args.k, groups=groups), pipe)
+        contexts = row_contexts(qa_rows, PipelineSettings(index=args.index, k=args.k, groups=groups), pipe)
         adapter = args.config.split("+", 1)[1] if adapters else None
         t0, out = time.perf_counter(), []
         for q, r in zip(preds, qa_rows):
@@ -82,7 +86,12 @@ def main() -> None:
         write_text_atomic(Path(args.out), "".join(json.dumps(o) + "\n" for o in out))
     except InputError as e:  # a bad --qa, --index or --adapter: one line, no traceback
         fail(str(e))
-    print(f"{len(out)} answers scored in {time.perf_counter() - t0:.0f} s -> {args.out}")
+    seconds = time.perf_counter() - t0
+    print(f"{len(out)} answers scored in {seconds:.0f} s -> {args.out}")
+    summary = {"config": args.config, "answers": len(out), "out": args.out, "seconds": round(seconds, 1),
+               "mean_confidence": sum(o["confidence"] for o in out) / len(out)}
+    if args.json:  # --out is the JSONL above, not a result file: nothing more is written
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -11,23 +11,24 @@
                  the gold document around the answer
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.analyses.judge_transfer benchmarks/out/factuality/judge
+
+`--out FILE` writes every judge's numbers as a result file (benchmarks/harness.py's format); `--json`
+prints them as one JSON object last.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from benchmarks.harness import ROOT  # first: sets the offline environment
+from benchmarks.harness import ROOT, finish, parser  # first: sets the offline environment
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, out_help="result file (JSON); none unless given")
     p.add_argument("judges", nargs="+", help="judge directories from 'hybrid tune judge'")
     p.add_argument("--swapped-questions", type=int, default=300)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from benchmarks.data import halueval
-    from tuning.judge import Judge, evaluate, qa_pairs
+    from tuning.judge import Judge, evaluate
+    from tuning.tune_judge import qa_pairs
 
     lines = halueval.load_lines()
     _, test = halueval.split(len(lines))
@@ -49,7 +50,7 @@ def main() -> int:
             m = evaluate(judge, pairs)
             out[f"{d}:{name}"] = m
             print(f"| {d} | {name} | {m['n']} | {m['accuracy']:.3f} | {m['auroc']:.3f} |", flush=True)
-    print(json.dumps(out))
+    finish(args, "benchmarks.analyses.judge_transfer", out, argv)
     return 0
 
 

@@ -7,16 +7,16 @@ Each argument is a `hybrid eval --out` directory (its predictions.jsonl); `--con
 configuration (default `rag`). On the questions both answered: accuracy on answerable questions and
 hallucination for each, the difference B − A with its paired 95 % bootstrap interval, the
 discordant counts and McNemar's exact p (hybrid/statistics.py, as `hybrid eval` reports them).
+Printed as a table; `--json` prints the numbers as one JSON object last, `--out FILE` writes them as a
+result file (benchmarks/harness.py's format).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-import benchmarks.harness  # noqa: F401  (first: it sets the offline environment)
+from benchmarks.harness import finish, parser  # first: sets the offline environment
 
 from hybrid.statistics import mcnemar_exact, paired_diff_ci
 from core.errors import InputError
@@ -47,21 +47,34 @@ def paired(a_dir: str, b_dir: str, config: str = "rag", seed: int = 0) -> dict:
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def table(out: dict) -> str:
+    """The paired numbers as a Markdown table: one row per rate."""
+    lines = [f"{out['n']} questions both answered ({out['n_answerable']} answerable)", "",
+             "| rate | A | B | B − A [95 % CI] | A only | B only | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for rate in ("accuracy_answerable", "hallucination_rate"):
+        d = out[rate]
+        lines.append(f"| {rate} | {out['a'][rate]:.3f} | {out['b'][rate]:.3f} | {d['b_minus_a']:+.3f} "
+                     f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {d['a_only']} | {d['b_only']} | {d['mcnemar_p']:.3g} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, out_help="result file (JSON); none unless given")
     p.add_argument("a", help="eval --out directory of reader A")
     p.add_argument("b", help="eval --out directory of reader B")
     p.add_argument("--config", default="rag")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     for d in (args.a, args.b):
         if not (Path(d) / "predictions.jsonl").is_file():
             print(f"error: {d}: no predictions.jsonl there; pass a 'hybrid eval --out' directory", file=sys.stderr)
             return 2
     try:
-        print(json.dumps(paired(args.a, args.b, args.config), indent=1))
+        out = paired(args.a, args.b, args.config)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(table(out))
+    finish(args, "benchmarks.analyses.paired_readers", {"a": args.a, "b": args.b, "config": args.config, **out}, argv)
     return 0
 
 

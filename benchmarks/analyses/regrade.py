@@ -7,19 +7,19 @@ paid for: every line is parsed and graded again exactly as the Pipeline and the 
 to the stored one. Derived configurations (`+cal`, `+gate`, `+answered`) are left out: they
 depend on scores and thresholds, not on the parse alone.
 
-    .venv/bin/python -m benchmarks.analyses.regrade benchmarks/out/readers/smollm2_halueval60 --json out.json
+    .venv/bin/python -m benchmarks.analyses.regrade benchmarks/out/readers/smollm2_halueval60 --out out.json
 
 Prints, per configuration: n, accuracy on answerable, abstention on unanswerable, hallucination
-(stored -> re-read), and how many lines changed label.
+(stored -> re-read), and how many lines changed label. `--out FILE` writes every result (with the
+changed lines) as a result file (benchmarks/harness.py's format); `--json` prints it as one JSON object.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import benchmarks.harness  # noqa: F401  (first: it sets the offline environment)
+from benchmarks.harness import finish, parser  # first: sets the offline environment
 
 from hybrid.report import summarize
 from tuning.grading import classify, token_f1
@@ -53,11 +53,10 @@ def regrade_dir(d: Path, seed: int = 0) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__, out_help="result file: every result, with the changed lines; none unless given")
     ap.add_argument("dirs", nargs="+", type=Path, help="eval --out directories")
-    ap.add_argument("--json", type=Path, help="write every result (with the changed lines) here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     results = {}
     for d in args.dirs:
         results[str(d)] = r = regrade_dir(d)
@@ -68,8 +67,7 @@ def main() -> None:
                   f"{f(n['accuracy_answerable'])}, abstention {f(s['abstention_unanswerable'])} -> "
                   f"{f(n['abstention_unanswerable'])}, hallucination {f(s['hallucination_rate'])} -> "
                   f"{f(n['hallucination_rate'])} ({x['changed']} lines changed)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    finish(args, "benchmarks.analyses.regrade", results, argv)
 
 
 if __name__ == "__main__":

@@ -6,31 +6,33 @@ QA file with passages retrieved from an index of the bundled corpus (k=3): accur
 abstention, hallucination, latency and tokens/s.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.comparisons.generators --limit 30
+
+--out is a work directory: the bundled index, one eval per model, and the result file results.json
+(benchmarks/harness.py's format).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-from benchmarks.harness import ROOT  # first: sets the offline environment
+from benchmarks.harness import ROOT, finish, parser  # first: sets the offline environment
 
 from benchmarks.data.bundled_corpus import GROUPS
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, out="benchmarks/out/generators", out_aliases=("--work",),
+               out_help="work directory: the index, the evals and results.json")
     p.add_argument("--limit", type=int, default=30)
-    p.add_argument("--work", default="benchmarks/out/generators")
     p.add_argument("--models", default="smollm2,gemma3-270m")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from hybrid.eval import EvalConfig, run_eval
     from retrieval.index import IndexConfig, build_index
     from tuning.generation import cache_root, load_generator, resolve_generator
 
-    work = Path(args.work)
+    work = Path(args.out)
     index = work / "index"
     if not (index / "manifest.json").exists():
         build_index(ROOT / "corpora/brindle/docs", index, IndexConfig(chunk_tokens=128, overlap=16))
@@ -61,7 +63,7 @@ def main() -> int:
         print(f"| {r['model']} | {r['params_m']}M | {r['vocab']} | {conv} | {r['load_s']:.1f} | {r['n']} | {r['accuracy']:.3f} | "
               f"{r['abstention_rate']:.3f} | {r['hallucination_rate']:.3f} | {r['f1']:.3f} | {r['latency_ms_p50']:.0f} | "
               f"{r['tokens_per_s']:.1f} |")
-    (work / "results.json").write_text(json.dumps(rows, indent=2))
+    finish(args, "benchmarks.comparisons.generators", rows, argv, path=work / "results.json")
     return 0
 
 

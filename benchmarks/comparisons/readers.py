@@ -16,6 +16,11 @@ benchmarks/experiments/retrieval_halueval.py (`--skip-throughput --skip-tuning` 
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.comparisons.readers \
         --models smollm2,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b --halueval-limit 200 --bundled-limit 40
+
+--out is a work directory: the test rows, the bundled index, one eval per model and set, and the
+result file results.json (benchmarks/harness.py's format), one entry per MODEL@HALUEVAL/BUNDLED
+limits, rewritten after each model. A run adds to the results.json already there (older bare files
+too), so models can be measured one at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import ROOT  # first: sets the offline environment
+from benchmarks.harness import ROOT, finish, parser, read_result, write_result  # first: sets the offline environment
 
 from benchmarks.data.bundled_corpus import GROUPS
 
@@ -86,7 +91,7 @@ def one(args) -> dict:
     from hybrid.eval import EvalConfig, run_eval
     from tuning.generation import cache_root, load_generator, resolve_generator
 
-    name, work = args.one, Path(args.work)
+    name, work = args.one, Path(args.out)
     cached = any((cache_root() / "models").glob(f"{name}-*/hybrid_source.json"))
     t = time.perf_counter()
     resolve_generator(name)
@@ -118,16 +123,35 @@ def one(args) -> dict:
     return row
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def table(results: dict) -> str:
+    """results.json's entries as one Markdown table: a row per model and set."""
+    lines = ["| model | params | load s | peak RSS GiB | prefill tok/s | decode tok/s | set | n | accuracy on answerable "
+             "[95 % CI] | abstention on unanswerable | hallucination [95 % CI] |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in results.values():
+        for what in ("halueval", "bundled"):
+            if what not in r:
+                continue
+            m, ci = r[what], r[what]["ci"]
+            acc = ci.get("accuracy_answerable", [float("nan")] * 2)
+            lines.append(f"| {r['model']} | {r['params_m']}M | {r['load_s']:.1f} | {r['peak_rss_gib']:.1f} | "
+                         f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {what} | {m['n']} | "
+                         f"{m['accuracy_answerable']:.3f} [{acc[0]:.3f}, {acc[1]:.3f}] | "
+                         f"{m['abstention_unanswerable']:.3f} | {m['hallucination_rate']:.3f} "
+                         f"[{ci['hallucination_rate'][0]:.3f}, {ci['hallucination_rate'][1]:.3f}] |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, out="benchmarks/out/readers", out_aliases=("--work",),
+               out_help="work directory: evals, indexes and results.json (added to, not replaced)")
     p.add_argument("--models", default="smollm2,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
     p.add_argument("--halueval-limit", type=int, default=200)
     p.add_argument("--bundled-limit", type=int, default=40)
-    p.add_argument("--work", default="benchmarks/out/readers")
     p.add_argument("--index", default="benchmarks/out/halueval/index", help="the HaluEval index")
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    work = Path(args.work)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: one model, its row as JSON on stdout
+    args = p.parse_args(argv)
+    work = Path(args.out)
     if args.one:
         print(json.dumps(one(args)), flush=True)
         return 0
@@ -137,30 +161,20 @@ def main() -> int:
         build_index(ROOT / "corpora/brindle/docs", work / "bundled_index", IndexConfig(chunk_tokens=128, overlap=16))
     if args.halueval_limit:
         test_rows(work, Path(args.index))
-    results = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
+    result_file = work / "results.json"
+    results = read_result(result_file) if result_file.exists() else {}
     for name in args.models.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.comparisons.readers", "--one", name, "--work", args.work, "--index", args.index,
+        cmd = [sys.executable, "-m", "benchmarks.comparisons.readers", "--one", name, "--out", args.out, "--index", args.index,
                "--halueval-limit", str(args.halueval_limit), "--bundled-limit", str(args.bundled_limit)]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if out.returncode:
             print(f"{name}: failed\n{out.stderr[-2000:]}", flush=True)
             continue
         results[f"{name}@{args.halueval_limit}/{args.bundled_limit}"] = json.loads(out.stdout.strip().splitlines()[-1])
-        (work / "results.json").write_text(json.dumps(results, indent=2))
+        write_result(result_file, "benchmarks.comparisons.readers", results, argv)  # after each model: a crash keeps the rest
         print(json.dumps(results[f"{name}@{args.halueval_limit}/{args.bundled_limit}"]), flush=True)
-    print("\n| model | params | load s | peak RSS GiB | prefill tok/s | decode tok/s | set | n | accuracy on answerable "
-          "[95 % CI] | abstention on unanswerable | hallucination [95 % CI] |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-    for r in results.values():
-        for what in ("halueval", "bundled"):
-            if what not in r:
-                continue
-            m, ci = r[what], r[what]["ci"]
-            acc = ci.get("accuracy_answerable", [float("nan")] * 2)
-            print(f"| {r['model']} | {r['params_m']}M | {r['load_s']:.1f} | {r['peak_rss_gib']:.1f} | "
-                  f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {what} | {m['n']} | "
-                  f"{m['accuracy_answerable']:.3f} [{acc[0]:.3f}, {acc[1]:.3f}] | {m['abstention_unanswerable']:.3f} | "
-                  f"{m['hallucination_rate']:.3f} [{ci['hallucination_rate'][0]:.3f}, {ci['hallucination_rate'][1]:.3f}] |")
+    print("\n" + table(results))
+    finish(args, "benchmarks.comparisons.readers", results, argv, path=result_file)
     return 0
 
 

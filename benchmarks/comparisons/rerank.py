@@ -14,15 +14,12 @@ single query p50 / p95 and batched (32 questions a call) mean per question, on t
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-import benchmarks.harness  # noqa: F401  (first: it sets the offline environment)
+from benchmarks.harness import finish, parser  # first: sets the offline environment
 
 from benchmarks.data.bundled_corpus import GROUPS
 from retrieval.metrics import retrieval_metrics
@@ -48,14 +45,13 @@ def timings(r: Retriever, questions: list[str], mode: str, rerank: bool, batch: 
             "batched_ms_per_query": round(1000 * per_q, 1), "n": len(questions)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__, out_help="result file (benchmarks/harness.py's format); none unless given")
     ap.add_argument("--set", action="append", required=True, help="NAME=INDEX:TEST_QA:RERANKER_DIR")
     ap.add_argument("--latency-queries", type=int, default=100)
     ap.add_argument("--quality-limit", type=int, default=0, help="Score only the first N test questions (0 = all); "
                     "a reranker's own held-out table (hybrid_reranker.json) may already hold the full set.")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     report = {"sets": {}}
     for spec in args.set:
         name, rest = spec.split("=", 1)
@@ -83,8 +79,7 @@ def main() -> None:
             lt = latency[row]
             print(f"| {row} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['recall@10']:.3f} | {m['mrr@10']:.3f} | "
                   f"{m['ndcg@10']:.3f} | {lt['p50_ms']} | {lt['p95_ms']} | {lt['batched_ms_per_query']} |")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    finish(args, "benchmarks.comparisons.rerank", report, argv)
 
 
 if __name__ == "__main__":

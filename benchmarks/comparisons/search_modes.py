@@ -14,15 +14,13 @@ Latency: single-query p50 / p95 per mode on the first set's test questions.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-import benchmarks.harness  # noqa: F401  (first: it sets the offline environment)
+from benchmarks.harness import finish, parser  # first: sets the offline environment
 
 from benchmarks.data.bundled_corpus import GROUPS
 from retrieval import lexical
@@ -64,13 +62,12 @@ def latency(r: Retriever, questions: list[str], mode: str) -> dict:
             "p95_ms": round(1000 * float(np.percentile(times, 95)), 2), "n": len(times)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__, out_help="result file (benchmarks/harness.py's format); none unless given")
     ap.add_argument("--set", action="append", required=True, help="NAME=INDEX:TRAIN_QA:TEST_QA")
     ap.add_argument("--train-limit", type=int, default=2000, help="Training questions used per set (seeded).")
     ap.add_argument("--latency-queries", type=int, default=100)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     sets, train_mrr, report = {}, {}, {"candidates": N, "sets": {}}
     for spec in args.set:
@@ -107,8 +104,7 @@ def main() -> None:
     qs = [x.question for x in test[: args.latency_queries]]
     report["latency"] = {"set": name, **{mode: latency(r, qs, mode) for mode in ("dense", "lexical", "hybrid")}}
     print(json.dumps(report["latency"]))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    finish(args, "benchmarks.comparisons.search_modes", report, argv)
 
 
 if __name__ == "__main__":

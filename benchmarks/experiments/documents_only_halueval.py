@@ -15,18 +15,21 @@ Steps (each reruns on its own; a finished step is skipped when its output exists
          distractors, half withheld) with both adapters: rag, rag+labelled, rag+synth.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.experiments.documents_only_halueval --synth-minutes 30
+
+--out is a work directory: synth/, train.jsonl, raft_synth/, eval/ and the result file timings.json
+(benchmarks/harness.py's format: minutes per step and the train rows kept), added to by each rerun.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import benchmarks.harness  # noqa: F401  (first: it sets the offline environment)
+from benchmarks.harness import finish, parser, read_result, write_result  # first: sets the offline environment
+
 HYBRID = str(Path(sys.executable).parent / "hybrid")
 
 
@@ -35,9 +38,10 @@ def hybrid(*args: str) -> None:
     subprocess.run([HYBRID, *args], check=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="benchmarks/out/documents_only")
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out="benchmarks/out/documents_only", out_aliases=("--work",),
+               out_help="work directory: every step's output and timings.json",
+               json_help="print timings.json's results as one JSON object last")
     p.add_argument("--index", default="benchmarks/out/halueval/index")
     p.add_argument("--labelled", default="benchmarks/out/factuality/raft_both2",
                    help="the adapter trained on HaluEval's questions (factuality_halueval.py --sft-out raft_both2)")
@@ -47,17 +51,20 @@ def main() -> None:
     p.add_argument("--steps-budget", type=int, default=200)
     p.add_argument("--eval-limit", type=int, default=0, help="seeded subset of the test rows (0 = all)")
     p.add_argument("--steps", default="synth,train,sft,eval")
-    args = p.parse_args()
-    steps, work = set(args.steps.split(",")), Path(args.work)
+    args = p.parse_args(argv)
+    steps, work = set(args.steps.split(",")), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     timings_path = work / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = read_result(timings_path) if timings_path.exists() else {}  # a rerun adds to the minutes
+
+    def save():
+        write_result(timings_path, "benchmarks.experiments.documents_only_halueval", timings, argv)
 
     def stage(name, fn):
         t = time.perf_counter()
         fn()
         timings[f"{name}_min"] = round(timings.get(f"{name}_min", 0) + (time.perf_counter() - t) / 60, 1)
-        timings_path.write_text(json.dumps(timings, indent=2))
+        save()
 
     synth = work / "synth" / "qa.jsonl"
     if "synth" in steps:
@@ -80,7 +87,7 @@ def main() -> None:
         timings["train_rows"] = {"synthesised": len(rows), "kept": len(kept),
                                  "answerable": sum(bool(r["answers"]) for r in kept),
                                  "dropped_test_passage": len(rows) - len(kept)}
-        timings_path.write_text(json.dumps(timings, indent=2))
+        save()
         print(f"train: {len(kept)} of {len(rows)} rows (the rest written from test-split passages)", flush=True)
     adapter = work / "raft_synth"
     if "sft" in steps and not (adapter / "hybrid_run.json").exists():
@@ -95,7 +102,9 @@ def main() -> None:
             "eval", args.test, "--no-closed-book", "--max-new-tokens", "64", "--limit", str(args.eval_limit),
             "--seed", "0", "--adapter", f"labelled={args.labelled}", "--adapter", f"synth={adapter}",
             "--out", str(work / "eval")))
-    print(json.dumps(timings), flush=True)
+    if not args.json:  # as before: the timings, one JSON line; --json prints the same object
+        print(json.dumps(timings), flush=True)
+    finish(args, "benchmarks.experiments.documents_only_halueval", timings, argv, path=timings_path)
 
 
 if __name__ == "__main__":

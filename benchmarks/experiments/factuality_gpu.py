@@ -28,18 +28,20 @@ No test line is used by any training step; dev lines are neither trained on nor 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiments.factuality_gpu prepare     # here
     .venv/bin/python -m benchmarks.experiments.factuality_gpu pack                          # here
     bash benchmarks/experiments/gpu_factuality.sh                                          # there (see that file)
+
+--work holds the prepared rows and the adapters; --out (run) is a directory: eval_test/, eval_dev/
+(as `hybrid eval` writes them) and the result files timings.json (each stage's minutes and peak GPU
+memory, the calibrations), sft_run.json and dpo_run.json, in benchmarks/harness.py's format.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 import time
 from pathlib import Path
 
-import benchmarks.harness  # noqa: F401  (first: it sets the offline environment)
+from benchmarks.harness import finish, parser, write_result  # first: sets the offline environment
 
 
 def fresh(args) -> None:
@@ -146,7 +148,7 @@ def pack(args) -> None:
         print(f"pack: {d} {size / 2**20:.1f} MiB", flush=True)
 
 
-def run(args) -> None:
+def run(args) -> dict:
     import torch
 
     from hybrid.eval import EvalConfig, markdown, run_eval
@@ -169,7 +171,7 @@ def run(args) -> None:
         timings[f"{name}_min"] = round((time.perf_counter() - t) / 60, 2)
         if torch.cuda.is_available():
             timings[f"{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        write_result(out / "timings.json", "benchmarks.experiments.factuality_gpu", timings, args.argv)
         print(f"{name}: {timings[f'{name}_min']} min; total {(time.perf_counter() - t_all) / 60:.1f} min", flush=True)
         return result
 
@@ -181,13 +183,13 @@ def run(args) -> None:
             target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=10**6, strategy=args.strategy,
             train=dict(max_steps=args.sft_steps, max_minutes=args.sft_minutes, batch_size=args.batch_size, grad_accum=1,
                        learning_rate=args.sft_lr, max_length=1536))), progress=False))
-        (out / "sft_run.json").write_text(json.dumps({k: v for k, v in sft.items() if k != "train_loss"}, indent=2))
+        write_result(out / "sft_run.json", "benchmarks.experiments.factuality_gpu", {k: v for k, v in sft.record.items() if k != "train_loss"}, args.argv)
     if "dpo" in stages:
         dpo = stage("dpo", lambda: tune_dpo(build_config(DPOTuneConfig, overrides=dict(
             adapter=str(work / "raft"), out=str(work / "raft_dpo"), pairs_file=str(work / "dpo_pairs.jsonl"),
             test_fraction=0.0, train=dict(max_steps=args.dpo_steps, max_minutes=args.dpo_minutes,
                                           batch_size=args.batch_size // 2, grad_accum=1))), progress=False))
-        (out / "dpo_run.json").write_text(json.dumps({k: v for k, v in dpo.items() if k != "train_log"}, indent=2))
+        write_result(out / "dpo_run.json", "benchmarks.experiments.factuality_gpu", {k: v for k, v in dpo.record.items() if k != "train_log"}, args.argv)
     for name, path in adapters.items() if "calibrate" in stages else ():
         cal = stage(f"calibrate_{name}", lambda p=path: calibrate(CalibrateConfig(adapter=p, qa=str(work / "dev.jsonl"))))
         timings[f"calibration_{name}"] = cal
@@ -199,14 +201,15 @@ def run(args) -> None:
             qa=str(work / qa), adapters=configs, closed_book=closed, batch_size=args.eval_batch, max_new_tokens=64,
             seed=0, out=str(out / f"eval_{split}")), progress=False))
         print(markdown(rep), flush=True)
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    return timings
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, out="benchmarks/out/factuality_gpu/results",
+               out_help="run: directory of the evals and the result files (timings.json, sft_run.json, dpo_run.json)",
+               json_help="run: print timings.json's results as one JSON object last")
     p.add_argument("step", choices=["prepare", "pack", "run", "fresh"])
     p.add_argument("--work", default="benchmarks/out/factuality_gpu")
-    p.add_argument("--out", default="benchmarks/out/factuality_gpu/results", help="run: reports and records")
     p.add_argument("--index", default="benchmarks/out/halueval/index")
     p.add_argument("--train-questions", type=int, default=4000)
     p.add_argument("--dpo-questions", type=int, default=1000)
@@ -224,8 +227,13 @@ def main() -> int:
     p.add_argument("--stages", default="sft,dpo,calibrate,eval_test,eval_dev", help="run: which stages, in this order")
     p.add_argument("--pack-dir", default=".gpu", help="pack: ignored folder the device call carries")
     p.add_argument("--part-a-mib", type=int, default=60, help="pack: MiB of the GGUF in the first transfer")
-    args = p.parse_args()
-    {"prepare": prepare, "pack": pack, "run": run, "fresh": fresh}[args.step](args)
+    args = p.parse_args(argv)
+    args.argv = argv  # the result files' header records the command
+    if args.step == "run":
+        timings = run(args)
+        finish(args, "benchmarks.experiments.factuality_gpu", timings, argv, path=Path(args.out) / "timings.json")
+    else:
+        {"prepare": prepare, "pack": pack, "fresh": fresh}[args.step](args)
     return 0
 
 

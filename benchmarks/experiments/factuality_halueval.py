@@ -21,18 +21,21 @@ Steps (each reruns on its own; finished steps are skipped when their output exis
 No test line is used by any training step.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiments.factuality_halueval    # CPU sizes below
+
+--out is a work directory: the rows, the adapters, the judge, the eval (EVAL_OUT/report.json, as
+`hybrid eval` writes it) and two result files in benchmarks/harness.py's format: timings.json (the
+steps' times, added to by each rerun) and calibration_JUDGE.json. `--json` prints timings.json's results.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import ROOT  # first: sets the offline environment
+from benchmarks.harness import ROOT, finish, parser, read_result, write_result  # first: sets the offline environment
 
 
 def write_fixed_rows(path: Path, idx: list[int], withheld: set[int], lines: list[dict], doc_of: dict[str, str],
@@ -55,9 +58,10 @@ def write_fixed_rows(path: Path, idx: list[int], withheld: set[int], lines: list
                                  "gold_ids": [gold] if answers else [], "passages": passages}) + "\n")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="benchmarks/out/factuality")
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, out="benchmarks/out/factuality", out_aliases=("--work",),
+               out_help="work directory: every step's output, timings.json and calibration_JUDGE.json",
+               json_help="print timings.json's results as one JSON object last")
     p.add_argument("--index", default="benchmarks/out/halueval/index")
     p.add_argument("--train-questions", type=int, default=400)
     p.add_argument("--test-questions", type=int, default=100)
@@ -83,11 +87,11 @@ def main() -> int:
     p.add_argument("--eval-adapters", default=None, help="comma-separated adapter dir names under --work to "
                    "evaluate [default: raft and --dpo-out]")
     p.add_argument("--gate", action="store_true", help="also report each passage configuration with the judge as a gate")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     steps = set(args.steps.split(","))
-    work = Path(args.work)
+    work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
+    timings = read_result(work / "timings.json") if (work / "timings.json").exists() else {}
 
     from benchmarks.data import halueval
     from hybrid.config import build_config
@@ -127,7 +131,7 @@ def main() -> int:
         t = time.perf_counter()
         fn()
         timings[f"{name}_min"] = round((time.perf_counter() - t) / 60, 1)
-        (work / "timings.json").write_text(json.dumps(timings, indent=2))
+        write_result(work / "timings.json", "benchmarks.experiments.factuality_halueval", timings, argv)
         print(f"{name}: {timings[f'{name}_min']} min", flush=True)
 
     if "judge" in steps and not (work / "judge" / "hybrid_judge.json").exists():
@@ -177,7 +181,7 @@ def main() -> int:
         cal = {"threshold": best, "auroc": auroc(scores, labels), "n": len(rows),
                "tpr": float((scores[labels] >= best).mean()), "fpr": float((scores[~labels] >= best).mean()),
                "rows": "train.jsonl (HaluEval train split), gold + distractors, half withheld (seed + 1)"}
-        calibration.write_text(json.dumps(cal, indent=2))
+        write_result(calibration, "benchmarks.experiments.factuality_halueval", cal, argv)
         print(f"calibrate: {json.dumps(cal)}", flush=True)
     if "eval" in steps:
         from hybrid.eval import EvalConfig, markdown, run_eval
@@ -186,11 +190,12 @@ def main() -> int:
             names = args.eval_adapters.split(",") if args.eval_adapters else ["raft", args.dpo_out]
             rep = run_eval(EvalConfig(qa=str(work / "test.jsonl"), adapters={n: str(work / n) for n in names},
                                       judge=str(work / args.judge_name), gate=args.gate, seed=args.seed, batch_size=4,
-                                      gate_threshold=json.loads(calibration.read_text())["threshold"]
+                                      gate_threshold=read_result(calibration)["threshold"]
                                       if args.gate and calibration.exists() else 0.5,
                                       max_new_tokens=64, out=str(work / args.eval_out)), progress=False)
             print(markdown(rep))
         stage("eval", ev)
+    finish(args, "benchmarks.experiments.factuality_halueval", timings, argv, path=work / "timings.json")
     return 0
 
 

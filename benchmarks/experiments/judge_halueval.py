@@ -11,22 +11,23 @@ grounding negatives, the right answer or the neighbour's answer over the most si
 passage = unsupported; with answerability pairs, the question with an empty answer over its
 own passage (1) vs that neighbour's (0). Test pairs are built the same way from the test split,
 plus the bundled corpus (gold answer vs another question's answer over the gold passage).
+The test scores are printed and written to OUT/judge_halueval.json (benchmarks/harness.py's format);
+`--json` prints them as one JSON object instead of the indented block.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 from pathlib import Path
 
-import benchmarks.harness  # noqa: F401  (first: it sets the offline environment)
+from benchmarks.harness import finish, parser  # first: sets the offline environment
 
 from benchmarks.data import halueval
 from benchmarks.data.bundled_corpus import DOCS, GROUPS, QA
 from core.errors import InputError
-from tuning.judge import JudgeTuneConfig, qa_pairs, tune_judge, write_pairs
+from tuning.tune_judge import JudgeTuneConfig, qa_pairs, tune_judge, write_pairs
 from training.train_settings import TrainSettings
 
 
@@ -57,9 +58,9 @@ def build_pairs(args, pairs_dir: Path) -> dict[str, Path]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="judge directory to write")
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out_required=True, out_help="judge directory to write (replaced whole); its test scores "
+               "go in it as judge_halueval.json")
     p.add_argument("--halueval", default=None, help=f"HaluEval QA JSONL [default: {halueval.DEFAULT_PATH}]")
     p.add_argument("--train-questions", type=int, default=3000)
     p.add_argument("--n-test", type=int, default=1000)
@@ -69,7 +70,7 @@ def main() -> None:
     p.add_argument("--no-swapped-negatives", dest="swapped_negatives", action="store_false")
     p.add_argument("--no-grounding-negatives", dest="grounding_negatives", action="store_false")
     p.add_argument("--no-answerability-pairs", dest="answerability_pairs", action="store_false")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.answerability_pairs and not args.grounding_negatives:
         sys.exit("error: --answerability-pairs needs --grounding-negatives (its unanswerable side is the neighbour's "
                  "passage); add --no-answerability-pairs")
@@ -84,7 +85,11 @@ def main() -> None:
         report = tune_judge(cfg, progress=False)
     except InputError as exc:
         sys.exit(f"error: {exc}")
-    print(json.dumps(report["tests"], indent=2))
+    if not args.json:
+        print(json.dumps(report.tests, indent=2))
+    # after training: tune_judge replaces the judge directory whole
+    finish(args, "benchmarks.experiments.judge_halueval", report.tests, argv,
+           path=Path(args.out) / "judge_halueval.json")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Data: `../shared/data/halueval_qa/dataset_halueval_qa.jsonl` beside the checkout (10,000 lines of
 {"knowledge", "question", "right_answer", "hallucinated_answer"}); never copied into the repo.
-Everything generated goes under --work (default benchmarks/out/halueval, git-ignored).
+Everything generated goes under --out (a work directory, default benchmarks/out/halueval, git-ignored;
+`--work` is its older name); the numbers go to WORK/results.json, a result file in benchmarks/harness.py's
+format, rewritten after each section. `--json` prints them as one JSON object last.
 
 Line numbers below are 0-based positions in that file.
 
@@ -41,13 +43,13 @@ the 10k corpus is embedded three times - base index, hard-negative mining, tuned
 Add `--threads 1` when other jobs load the CPU (the script warns); the thread count and load average
 are recorded in results.json.
 Smoke run (a minute or two):
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiments.retrieval_halueval --work benchmarks/out/halueval-smoke \
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiments.retrieval_halueval --out benchmarks/out/halueval-smoke \
         --limit-docs 300 --throughput-docs 100 --train-pairs 96 --batch-size 16 --max-steps 3
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -60,7 +62,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # tune_embedder's mining bars; TQDM_DISABLE=0 shows them
-from benchmarks.harness import OUT  # first: sets the offline environment
+from benchmarks.harness import OUT, finish, parser, write_result  # first: sets the offline environment
 
 import faiss
 import numpy as np
@@ -88,7 +90,7 @@ def table(title: str, headers: list[str], rows: list[list]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [obj for _, obj in jsonl.read_jsonl(path, "--work", "rows")]
+    return [obj for _, obj in jsonl.read_jsonl(path, "--out", "rows")]
 
 
 def pct(values, q) -> float:
@@ -278,26 +280,26 @@ def tuning(args, work: Path, base_retriever, qvecs: np.ndarray, test: list[dict]
     t0 = time.perf_counter()
     res = tune_embedder(cfg, progress=False)
     tune_s = time.perf_counter() - t0
-    m = {"base": res["base"], "tuned": res["tuned"]}
+    m = {"base": res.base, "tuned": res.tuned}
     keys = ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"]
     gain = {k: 100 * (m["tuned"][k] - m["base"][k]) for k in keys}
-    table(f"Embedder tuning: base vs tuned on qa_test ({res['test_queries']} questions; trained on "
-          f"{res['train_pairs']} pairs of qa_train, {res['train_rows_with_hard_negatives']} with hard negatives)",
+    table(f"Embedder tuning: base vs tuned on qa_test ({res.test_queries} questions; trained on "
+          f"{res.train_pairs} pairs of qa_train, {res.train_rows_with_hard_negatives} with hard negatives)",
           ["embedder", *keys],
           [["base", *(m["base"][k] for k in keys)], ["tuned", *(m["tuned"][k] for k in keys)],
            ["gain (points)", *(f"{gain[k]:+.1f}" for k in keys)]])
     out(f"target recall@5 gain >= +5 points: {'PASS' if round(gain['recall@5'], 6) >= 5 else 'MISS'} ({gain['recall@5']:+.1f}); "
         f"tune_embedder (mining + training + evaluation) {tune_s / 60:.1f} min; peak RSS {peak_rss_mib():.0f} MiB")
-    return {"test": m, "gain_points": gain, "target_recall@5_gain_points": 5.0, "tune_embedder_report": res,
+    return {"test": m, "gain_points": gain, "target_recall@5_gain_points": 5.0, "tune_embedder_report": dataclasses.asdict(res),
             "tune_s": tune_s, "train_pairs_file": str(sub)}
 
 
 # --- driver -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--work", type=Path, default=OUT / "halueval")
+    p = parser(__doc__, out=str(OUT / "halueval"), out_aliases=("--work",), defaults_in_help=True,
+               out_help="work directory: corpus, questions, index, tuned embedder and the result file results.json",
+               json_help="print results.json's results as one JSON object last")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-docs", type=int, default=None, help="cap the corpus (smoke runs); default all")
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if load > 0.5 * (os.cpu_count() or 1):
         out("WARNING: other jobs are using the CPU: absolute timings (and with >1 thread, single-query latency) "
             "suffer; compare ratios measured within this run, or rerun with --threads 1")
-    work = args.work.resolve()
+    work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"settings": {**vars(args), "work": str(work)},
                      "data": str(DATA), "sections": {},
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "loadavg_1min_at_end": round(os.getloadavg()[0], 2)}
         results["peak_rss_mib"] = peak_rss_mib()
         results["total_minutes"] = round((time.perf_counter() - t_all) / 60, 2)
-        (work / "results.json").write_text(json.dumps(results, indent=2))
+        write_result(work / "results.json", "benchmarks.experiments.retrieval_halueval", results, argv)  # after each section: a crash keeps the rest
 
     t0 = time.perf_counter()
     prep = prepare(work, args.n_test, args.seed, args.limit_docs)
@@ -384,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out(f"results: {work / 'results.json'} (total {results['total_minutes']:.1f} min, "
         f"peak RSS {results['peak_rss_mib']:.0f} MiB)")
+    finish(args, "benchmarks.experiments.retrieval_halueval", results, argv, path=work / "results.json")
     return 0
 
 
