@@ -12,7 +12,7 @@ the gold document was retrieved, and McNemar's exact test on accuracy against th
 """
 import json
 
-from benchmarks.harness import parser, write_result  # first: sets the offline environment
+from benchmarks.harness import finish, parser  # first: sets the offline environment
 from hybrid.statistics import mcnemar_exact, proportion_ci
 
 
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, o in out.items():
         if "accuracy_when_gold_retrieved" in o:
             print(name, "acc | gold retrieved", round(o["accuracy_when_gold_retrieved"], 3), "acc | gold missed", round(o["accuracy_when_gold_missed"], 3))
-    write_result(args.out, "benchmarks.analyses.downstream_retrieval", out, argv)
-    if args.json:
-        print(json.dumps(out))
+    finish(args, "benchmarks.analyses.downstream_retrieval", out, argv)
     return 0
 
 

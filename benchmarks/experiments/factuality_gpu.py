@@ -183,13 +183,15 @@ def run(args) -> dict:
             target_modules="all-linear", lora_r=16, lora_alpha=32, save_steps=10**6, strategy=args.strategy,
             train=dict(max_steps=args.sft_steps, max_minutes=args.sft_minutes, batch_size=args.batch_size, grad_accum=1,
                        learning_rate=args.sft_lr, max_length=1536))), progress=False))
-        write_result(out / "sft_run.json", "benchmarks.experiments.factuality_gpu", {k: v for k, v in sft.record.items() if k != "train_loss"}, args.argv)
+        write_result(out / "sft_run.json", "benchmarks.experiments.factuality_gpu",
+                     {k: v for k, v in sft.record.items() if k != "train_loss"}, args.argv)
     if "dpo" in stages:
         dpo = stage("dpo", lambda: tune_dpo(build_config(DPOTuneConfig, overrides=dict(
             adapter=str(work / "raft"), out=str(work / "raft_dpo"), pairs_file=str(work / "dpo_pairs.jsonl"),
             test_fraction=0.0, train=dict(max_steps=args.dpo_steps, max_minutes=args.dpo_minutes,
                                           batch_size=args.batch_size // 2, grad_accum=1))), progress=False))
-        write_result(out / "dpo_run.json", "benchmarks.experiments.factuality_gpu", {k: v for k, v in dpo.record.items() if k != "train_log"}, args.argv)
+        write_result(out / "dpo_run.json", "benchmarks.experiments.factuality_gpu",
+                     {k: v for k, v in dpo.record.items() if k != "train_log"}, args.argv)
     for name, path in adapters.items() if "calibrate" in stages else ():
         cal = stage(f"calibrate_{name}", lambda p=path: calibrate(CalibrateConfig(adapter=p, qa=str(work / "dev.jsonl"))))
         timings[f"calibration_{name}"] = cal

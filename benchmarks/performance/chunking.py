@@ -9,6 +9,8 @@ so the difference is what chunking itself held at its peak.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.performance.chunking                    # 0.25 .. 50 MB, ~3 min on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.performance.chunking --sizes 0.25 1 2   # quick
+
+`--out FILE` writes the rows as a result file (benchmarks/harness.py's format); `--json` prints them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import platform
 import subprocess
 import sys
 
-from benchmarks.harness import ROOT, child_env  # first: sets the offline environment
+from benchmarks.harness import ROOT, child_env, finish, parser  # first: sets the offline environment
 
 SIZES = [0.25, 1, 2, 10, 50]
 
@@ -54,13 +56,13 @@ def one(size_mb: float, chunk_tokens: int, overlap: int) -> dict:
             "peak_rss_mb": round(_rss_mb())}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__, out_help="result file (JSON); none unless given")
     ap.add_argument("--sizes", type=float, nargs="+", default=SIZES, help="document sizes in MB")
     ap.add_argument("--chunk-tokens", type=int, default=200)
     ap.add_argument("--overlap", type=int, default=32)
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # child mode: one size, JSON on stdout
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.one is not None:
         print(json.dumps(one(args.one, args.chunk_tokens, args.overlap)))
         return
@@ -68,12 +70,15 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print("| MB | seconds | s/MB | chunks | RSS before (MB) | peak RSS (MB) |")
     print("|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for size in args.sizes:
         out = subprocess.run([sys.executable, "-m", "benchmarks.performance.chunking", "--one", str(size), "--chunk-tokens", str(args.chunk_tokens),
                               "--overlap", str(args.overlap)], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(r := json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"| {r['mb']:g} | {r['seconds']:.2f} | {r['seconds'] / r['mb']:.2f} | {r['chunks']} | "
               f"{r['rss_before_mb']} | {r['peak_rss_mb']} |", flush=True)
+    finish(args, "benchmarks.performance.chunking", {"chunk_tokens": args.chunk_tokens, "overlap": args.overlap,
+                                                     "rows": rows}, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """IVF-PQ against exact search on HaluEval's ~10k passages, and the numbers a 10M-100M plan needs.
 
 Reads the flat index that benchmarks/experiments/retrieval_halueval.py builds (WORK/index: 9,981 MiniLM chunks of
-9,936 passages) and its test questions (WORK/qa_test.jsonl); writes nothing but temporary index files.
+9,936 passages) and its test questions (WORK/qa_test.jsonl); writes nothing but temporary index files
+and, with `--out FILE`, the result file (benchmarks/harness.py's format).
 
 Sections (each printed as a Markdown table; `--json` prints one JSON object of everything last):
   grid     for every (nlist, m, nbits): build time (train + add) with `make_faiss_index` on the flat
@@ -27,9 +28,7 @@ for the 1M scale section):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -39,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import OUT  # first: sets the offline environment
+from benchmarks.harness import OUT, finish, parser  # first: sets the offline environment
 
 import faiss
 import numpy as np
@@ -303,8 +302,8 @@ def scale(vecs, qvecs, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, defaults_in_help=True, out_help="result file (JSON); none unless given",
+               json_help="print every number as one JSON object last")
     p.add_argument("--work", type=Path, default=WORK, help="retrieval_halueval.py's work dir (index, qa_test.jsonl)")
     p.add_argument("--nlist", type=ints, default=[64, 255], help="IVF cells (255 = make_faiss_index's cap at 9,981 chunks)")
     p.add_argument("--m", type=ints, default=[24, 48, 96], help="PQ sub-quantizers (divisors of 384)")
@@ -323,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-per-list", type=int, default=64, help="scale: training sample = this x nlist")
     p.add_argument("--noise", type=float, default=0.02, help="scale: per-dimension noise std")
     p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
-    p.add_argument("--json", action="store_true", help="print every number as one JSON object last")
     args = p.parse_args(argv)
     index_dir, qa = args.work / "index", args.work / "qa_test.jsonl"
     if not (index_dir / "manifest.json").is_file() or not qa.is_file():
@@ -367,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     res["machine"]["loadavg_end"] = os.getloadavg()[0]
     res["minutes"] = (time.perf_counter() - t0) / 60
     out(f"\n{res['minutes']:.1f} min; load average at the end {res['machine']['loadavg_end']:.2f}")
-    if args.json:
-        print(json.dumps(res))
+    finish(args, "benchmarks.performance.index_scale", res, argv)
     return 0
 
 

@@ -13,17 +13,16 @@ Target: |estimate - measured| / measured <= 25 %.
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.performance.memory_plan --quick    # 2 configurations
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.performance.memory_plan --base-model qwen2.5-coder-1.5b --only 4
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.performance.memory_plan --precision bf16 --out benchmarks/out/memory_plan_bf16.json
+
+--out is the result file (benchmarks/harness.py's format: one row per configuration); `--json` prints it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
 import sys
-from pathlib import Path
 
-from benchmarks.harness import ROOT, child_env  # first: sets the offline environment
+from benchmarks.harness import ROOT, child_env, finish, parser  # first: sets the offline environment
 
 CONFIGS = [  # (strategy, seq_len, batch, checkpointing, targets)
     ("lora", 512, 1, True, "q_proj,v_proj"),
@@ -69,16 +68,15 @@ print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, out="benchmarks/out/memory_plan.json", out_help="result file (JSON)")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="benchmarks/out/memory_plan.json")
     p.add_argument("--base-model", default=None, help="packaged generator name [default: smollm2]")
     p.add_argument("--only", default=None, help="comma-separated CONFIGS indices to run (0-based)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training precision [default: fp32]")
     p.add_argument("--loss", choices=("completion", "trl"), default="completion",
                    help="hybrid's completion-only head, or TRL's loss over every position [default: completion]")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from transformers import AutoConfig
 
     from tuning.generation import resolve_generator
@@ -113,10 +111,9 @@ def main() -> int:
                         "estimate": est, "measured": peak, "error": err})
         print(f"| {strategy} | {seq} | {batch} | {ckpt} | {targets} | {'yes' if fitted else 'no'} | "
               f"{est / GiB:.2f} | {peak / GiB:.2f} | {err:+.0%} |", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
     worst = max((abs(r["error"]) for r in results), default=float("nan"))
     print(f"\nworst |error| {worst:.0%} (target <= 25 %); results in {args.out}")
+    finish(args, "benchmarks.performance.memory_plan", results, argv)
     return 0
 
 

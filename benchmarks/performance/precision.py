@@ -29,12 +29,13 @@ Quality row (no timing; may run beside other work):
            right/wrong pairs; retrieval recall@5 at both precisions on the bundled questions and HaluEval's
            1,000 test questions; one RAFT run (40 steps) at each precision, loss curves overlaid in
            docs/benchmarks/precision_loss.png.
-Results: WORK/report.json (default benchmarks/out/precision, git-ignored), rows merged run to run.
+Results: OUT/report.json, a result file in benchmarks/harness.py's format (--out is a work directory,
+default benchmarks/out/precision, git-ignored; `--work` is its older name), rows merged run to run
+(an older bare report.json is read too). `--json` prints the whole report as one JSON object last.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -43,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import ROOT  # first: sets the offline environment
+from benchmarks.harness import ROOT, finish, parser, read_result, write_result  # first: sets the offline environment
 from benchmarks.performance.alternation import alternate, ratio, summary
 from benchmarks.performance.speed_inputs import BUNDLED, bundled_index, raft_examples
 from benchmarks.performance.speed_training import clocked_entry_points
@@ -272,15 +273,15 @@ RUNNERS = {"matmul": lambda w, r, log: run_matmul(w, max(r, 3), log),
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, out=str(ROOT / "benchmarks" / "out" / "precision"), out_aliases=("--work",),
+               out_help="work directory: every row's files and report.json")
     p.add_argument("--rows", default=",".join(SPEED_ROWS), help=f"comma-separated: {','.join(SPEED_ROWS)},quality")
     p.add_argument("--repeats", type=int, default=2, help="alternations per side (default 2)")
-    p.add_argument("--work", default=str(ROOT / "benchmarks" / "out" / "precision"))
     args = p.parse_args(argv)
-    work = Path(args.work)
+    work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     report_file = work / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    report = read_result(report_file) if report_file.exists() else {}  # rows merged run to run
     report["machine"] = machine()
     print(json.dumps(report["machine"]), flush=True)
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
@@ -292,8 +293,9 @@ def main(argv=None) -> int:
         else:
             result = RUNNERS[row](work, args.repeats, lambda m: print(m, flush=True))
         report[row] = {**result, "machine": machine()}
-        report_file.write_text(json.dumps(report, indent=1))
+        write_result(report_file, "benchmarks.performance.precision", report, argv)  # after each row: a crash keeps the rest
         print(json.dumps({row: result}, indent=1), flush=True)
+    finish(args, "benchmarks.performance.precision", report, argv, path=report_file)
     return 0
 
 

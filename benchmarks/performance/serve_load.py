@@ -18,11 +18,12 @@ Stages, one after another (never two heavy jobs at once on a small machine):
    (slope = MiB per adapter), beside the adapter's file size.
 0. first, where a request's time goes: prefill seconds and decode ms per step at batch 1 and 4.
 The script stops by itself (bounded request counts); the server binds 127.0.0.1 only.
+The report is printed (indented JSON; `--json`: one line) and, with `--out FILE`, written as a result
+file (benchmarks/harness.py's format).
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import hashlib
@@ -38,7 +39,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.harness import ROOT, child_env  # first: sets the offline environment
+from benchmarks.harness import ROOT, child_env, finish, parser  # first: sets the offline environment
+
 KEY = "bench-key"
 
 
@@ -209,8 +211,16 @@ def adapter_memory(args, n: int) -> dict:
             "adapter_file_mib": round(size, 1)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def report_out(args, report: dict, argv: list[str] | None) -> None:
+    """Print the report (indented, unless --json prints it as one line) and write it to --out if given."""
+    if not args.json:
+        print(json.dumps(report, indent=2))
+    finish(args, "benchmarks.performance.serve_load", report, argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__, out_help="result file (JSON); none unless given",
+                json_help="print the report as one JSON line instead of indented")
     ap.add_argument("--index", required=True)
     ap.add_argument("--adapter", action="append", required=True, help="a=DIR and b=DIR")
     ap.add_argument("--group", action="append", default=[])
@@ -228,8 +238,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="the server's and the sequential baseline's --precision [default: auto]")
     ap.add_argument("--split-only", action="store_true", help="only the prefill/decode split")
-    ap.add_argument("--out")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.adapters = dict(a.split("=", 1) for a in args.adapter)
     args.groups = args.group
     if set(args.adapters) != {"a", "b"}:
@@ -244,9 +253,7 @@ def main() -> None:
     report["prefill_decode"] = prefill_decode(args, qs)
     print(json.dumps(report["prefill_decode"]), file=sys.stderr)
     if args.split_only:
-        if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=2))
-        print(json.dumps(report, indent=2))
+        report_out(args, report, argv)
         return
     print("sequential Pipeline.ask ...", file=sys.stderr)
     seq = sequential(args, qs)
@@ -272,10 +279,7 @@ def main() -> None:
             proc.wait(timeout=60)
     print("adapter memory ...", file=sys.stderr)
     report["adapter_memory"] = adapter_memory(args, args.memory_adapters)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    report_out(args, report, argv)
 
 
 if __name__ == "__main__":

@@ -24,3 +24,4 @@ def test_help_runs(module):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+    assert "--out" in done.stdout and "--json" in done.stdout  # the harness's two options, in every script
