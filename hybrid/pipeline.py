@@ -28,166 +28,22 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from core import access
 from core.errors import Arg, InputError
-from training.precision import Precision, option
+from hybrid.answer import Answer, best_supported, deciding_adapter, passage_refs, passages_for, verify
+from hybrid.pipeline_settings import PipelineSettings, check_select
 from retrieval.retriever import MODES, Retriever
-from tuning import abstention
 from training import run_record
+from tuning import abstention
 from tuning.abstention import calibration_abstains, load_calibration
-from tuning.generation import (BASE_MODEL_HELP, PrefixCache, TemplateStop, generate_batch, generation_kwargs,
-                              load_generator, opening)
+from tuning.generation import PrefixCache, TemplateStop, generate_batch, generation_kwargs, load_generator, opening
 from tuning.judge import THRESHOLD, Judge, gate_abstains
 from tuning.prompting import ABSTAIN, ANSWER_OPENING, build_messages, chat_text, parse_answer, quote_in
 
-
-@dataclass
-class Answer:
-    """What `ask`/`answer` return (`to_dict` is the `--json` schema)."""
-
-    answer: str
-    abstained: bool
-    citations: list[dict] = field(default_factory=list)
-    passages: list[dict] = field(default_factory=list)
-    raw: str = ""
-    latency_ms: float = 0.0
-    new_tokens: int = 0
-    support: float | None = None  # judge: does a passage back this answer (None: no judge, or it abstained)
-    answerable: float | None = None  # judge: does any passage answer the question (the gate's signal)
-    gated: bool = False  # the judge found no passage answering the question, so the pipeline abstained
-    abstain_score: float | None = None  # the adapter's own abstention score (calibrated adapters only)
-    calibrated_abstain: bool = False  # the score reached the adapter's threshold: the pipeline abstains
-    # the score was below the threshold but the greedy completion abstained: answered again from the
-    # answer's opening (the threshold decides both ways)
-    calibrated_answer: bool = False
-    selected_from: str | None = None  # with select: the adapter whose answer the judge supported most
-    malformed: bool = False  # the completion broke the answer template (parse_answer): served as the abstention
-
-    def to_dict(self) -> dict:
-        return {"answer": self.answer, "abstained": self.abstained, "citations": self.citations,
-                "passages": self.passages, "support": self.support, "answerable": self.answerable,
-                "gated": self.gated, "abstain_score": self.abstain_score,
-                "calibrated_abstain": self.calibrated_abstain, "calibrated_answer": self.calibrated_answer,
-                "selected_from": self.selected_from, "malformed": self.malformed}
-
-
-@dataclass
-class AskConfig:
-    """Settings of `hybrid ask` (YAML keys = field names)."""
-
-    question: str = field(metadata={"argument": True, "help": "The question."})
-    index: str = field(metadata={"help": "Index directory to retrieve from."})
-    adapters: dict[str, str] = field(default_factory=dict, metadata={
-        "flag": "--adapter", "parse": lambda values: parse_adapters(values),
-        "help": "Adapter DIR or NAME=DIR; repeat to load several on one base model."})
-    use: str | None = field(default=None, metadata={
-        "help": "Which loaded adapter answers; 'base' = none.", "default_help": "the last --adapter"})
-    base_model: str | None = field(default=None, metadata={
-        "help": f"Generator: {BASE_MODEL_HELP}.", "default_help": "the adapter's base, else smollm2"})
-    groups: list[str] = field(default_factory=list, metadata={
-        "flag": "--group", "help": "Access group of the caller (repeatable). Without it: public documents only."})
-    k: int = field(default=5, metadata={"flag": "-k", "help": "Passages to retrieve."})
-    mode: Literal["dense", "lexical", "hybrid"] | None = field(default=None, metadata={
-        "help": "Retrieval: dense, lexical (BM25) or hybrid (both, fused).", "default_help": "the index's"})
-    rerank: str | None = field(default=None, metadata={
-        "help": "Reranker dir (hybrid tune reranker): re-score the first stage's top N with it."})
-    max_new_tokens: int = field(default=96, metadata={"help": "Generation budget."})
-    require_support: bool = field(default=False, metadata={
-        "help": "Abstain when no quote verifies and the answer is not in the passages (nothing is streamed: the "
-                "decision needs the whole answer)."})
-    judge: str | None = field(default=None, metadata={
-        "help": "Groundedness judge dir (hybrid tune judge): abstain when it finds no passage that answers the question."})
-    gate_threshold: float = field(default=THRESHOLD, metadata={
-        "help": "With --judge: abstain when the best passage's answerability is below this."})
-    select: list[str] = field(default_factory=list, metadata={
-        "help": "NAME (repeat, two or more loaded adapters; with --judge): each answers, the judge picks the "
-                "best-supported answer and the best-calibrated adapter decides whether to abstain (eval's "
-                "rag+A|B+cal); the judge picks instead of gating."})
-    precision: Precision = option()
-
-    def problems(self) -> list[str]:
-        out = access.group_problems(self.groups)
-        if not self.question.strip():
-            out.append("QUESTION is empty; pass the question to answer")
-        if self.k < 1 or self.max_new_tokens < 1:
-            out.append("-k and --max-new-tokens must be >= 1")
-        if not 0 <= self.gate_threshold <= 1:
-            out.append(f"--gate-threshold {self.gate_threshold}: must be in [0, 1]")
-        if self.use not in (None, "base") and self.use not in self.adapters:
-            out.append(f"--use {self.use}: not among the --adapter names ({', '.join(self.adapters) or 'none'}) or 'base'")
-        try:
-            check_select(self.select, self.adapters, self.judge)
-        except InputError as exc:
-            out.append(str(exc))
-        return out
-
-    @property
-    def answering_adapter(self) -> str | None:
-        """The adapter `--use` names (None: the base model); the last `--adapter` by default."""
-        if self.use == "base":
-            return None
-        return self.use or (list(self.adapters)[-1] if self.adapters else None)
-
-
-def parse_adapters(values: list[str]) -> dict[str, str]:
-    """`--adapter` values (`NAME=DIR`, or `DIR` named after its last component) as {name: dir}."""
-    adapters = {}
-    for v in values:
-        name, _, path = v.partition("=") if "=" in v else (Path(v).name, "", v)
-        if not name or not path:
-            raise InputError(f"--adapter {v}: use DIR or NAME=DIR")
-        adapters[name] = path
-    return adapters
-
-
-def verify(parsed, passages: list[dict]) -> list[dict]:
-    """Each quote with the document and chunk it was found in (verbatim, whitespace/case aside), or unverified."""
-    cites = []
-    for q in parsed.quotes:
-        p = next((p for p in passages if quote_in(q, p["text"])), None)
-        doc = None if p is None else p.get("doc_id") or str(p.get("id", ""))
-        cites.append({"doc_id": doc, "chunk_id": None if p is None else p.get("chunk_id"), "quote": q,
-                      "verified": p is not None})
-    return cites
-
-
-def passages_for(retriever: Retriever, questions: list[str], k: int, groups=None,
-                 mode: str | None = None) -> list[list[dict]]:
-    """Top-k visible chunks per question as passage dicts (doc_id, chunk_id, title, text, score)."""
-    hits = retriever.search_batch(questions, k=k, groups=groups, mode=mode)
-    return [[{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "text": h.text, "score": h.score}
-             for h in hs] for hs in hits]
-
-
-def passage_refs(passages: list[dict]) -> list[dict]:
-    """What an Answer says of its passages: document, chunk and retrieval score (no text)."""
-    return [{"doc_id": p.get("doc_id") or str(p.get("id", "")), "chunk_id": p.get("chunk_id", ""),
-             "score": round(p.get("score", 0.0), 6)} for p in passages]
-
-
-def check_select(select: list[str], adapters, judge) -> None:
-    """`--select` needs a judge and two or more distinct adapter names among those given (one-line error)."""
-    if select and (not judge or len(set(select)) < 2 or set(select) - set(adapters)):
-        raise InputError(Arg("select", list(select)), ": needs ", Arg("judge"), " (it picks the best-supported "
-                         "answer) and two or more distinct names of adapters given with ", Arg("adapters"))
-
-
-def best_supported(abstained: list[bool], supports: list[float | None]) -> int:
-    """Which candidate answer to serve under `--select`: the non-abstaining one with the highest
-    judge support (ties: the first listed); the first when all abstained."""
-    live = [i for i, a in enumerate(abstained) if not a]
-    return max(live, key=lambda i: -1.0 if supports[i] is None else supports[i]) if live else 0
-
-
-def deciding_adapter(select: list[str], aurocs: dict[str, float]) -> str | None:
-    """Under `--select`, whose calibrated abstention decides: the calibrated adapter whose score
-    separated its calibration rows best (highest AUROC); None when none is calibrated."""
-    calibrated = [n for n in select if n in aurocs]
-    return max(calibrated, key=lambda n: aurocs[n]) if calibrated else None
+__all__ = ["Answer", "Pipeline", "PipelineSettings", "passages_for", "verify"]  # what a library user imports here
 
 
 class Pipeline:
@@ -218,42 +74,31 @@ class Pipeline:
         self.precision = info.precision if info is not None else "fp32"  # the generator's (training/precision.py)
 
     @classmethod
-    def load(cls, index_dir: str | Path | None = None, adapters: dict[str, str] | str | None = None,
-             base_model: str | None = None, k: int = 5, max_new_tokens: int = 96,
-             require_support: bool = False, device: str | None = None, judge: str | Path | None = None,
-             groups=None, gate_threshold: float | None = None, calibrated: bool = True,
-             mode: str | None = None, rerank: str | Path | None = None, precision: str = "auto") -> "Pipeline":
-        """Load retriever, base generator and adapters.
+    def load(cls, settings: PipelineSettings | str | Path | None = None,
+             adapters: dict[str, str] | str | None = None, **options) -> "Pipeline":
+        """Load retriever, base generator, adapters and judge as `settings` says.
 
-        Args:
-            index_dir: index to retrieve from (None: only `answer` with your own passages).
-            adapters: {name: adapter dir} or one dir (named "default").
-            base_model: generator spec; default: the adapters' base, else the packaged SmolLM2.
-            k: passages per question.
-            max_new_tokens: generation budget.
-            require_support: abstain when the answer has no verified quote and does not occur
-                in the passages (a guard for serving; evaluation measures the raw model).
-            device: "cuda"/"cpu"/None.
-            judge: groundedness judge dir (`hybrid tune judge`): abstain when it finds no
-                passage that answers the question (`hybrid eval --judge DIR --gate` reports NAME+gate).
-            gate_threshold: answerability below which the judge gate abstains [default: 0.5].
-            groups: the caller's access groups (None = public); every adapter, a merged
-                base model and the judge must have been trained within them.
-            calibrated: abstain where a calibrated adapter's own abstention score reaches its
-                threshold (`hybrid tune calibrate`); False serves the greedy answers as they are.
-            mode: retrieval mode, dense | lexical | hybrid (None = the index's default).
-            rerank: reranker dir (`hybrid tune reranker`) applied to every retrieval.
-            precision: auto, fp32 or bf16 for every model it runs (training/precision.py); the one
-                chosen is `pipe.precision`.
+        The commands pass their `PipelineSettings`; a library caller may pass the index dir (or
+        None: only `answer` with your own passages) and the settings' other fields as keywords,
+        `adapters` as {name: adapter dir} or one dir (named "default"), e.g.
+        `Pipeline.load("runs/index", adapters={"raft": "runs/raft"}, groups=["hr"], k=3)`.
+        Every adapter, a merged base model and the judge must have been trained within the
+        settings' groups; the base model defaults to the adapters' base, else the packaged one.
 
         Raises:
             InputError: missing adapter, an adapter trained on another base model, or an
                 artifact trained on documents of groups the caller lacks.
         """
-        if isinstance(adapters, (str, Path)):
-            adapters = {"default": str(adapters)}
-        adapters = dict(adapters or {})
-        records = {name: run_record.read_adapter(name, path, groups) for name, path in adapters.items()}  # fail before loading
+        if not isinstance(settings, PipelineSettings):
+            if isinstance(adapters, (str, Path)):
+                adapters = {"default": str(adapters)}
+            settings = PipelineSettings(index=None if settings is None else str(settings), adapters=dict(adapters or {}),
+                                        **options)
+        elif adapters is not None or options:
+            raise TypeError("Pipeline.load: pass PipelineSettings alone, or the index dir and keywords")
+        s = settings
+        groups, base_model = s.groups, s.base_model
+        records = {name: run_record.read_adapter(name, path, groups) for name, path in s.adapters.items()}  # fail before loading
         base_scope = []
         if base_model is not None and (run_record.exists(base_model) or
                                        (Path(base_model) / access.ACCESS_FILE).exists()):
@@ -261,23 +106,22 @@ class Pipeline:
             base_scope = access.scope(base_model)
         if base_model is None and records:
             base_model = next(iter(records.values()))["base_model"]["name"]
-        if rerank is not None and not index_dir:
+        if s.rerank is not None and not s.index:
             raise InputError(Arg("rerank"), " needs ", Arg("index_dir", field="index"), ": it re-orders retrieved passages")
-        if mode is not None and mode not in MODES:  # before the first question, not at it
-            raise InputError(Arg("mode", mode), f": expected one of {', '.join(MODES)}")
-        retriever = Retriever.load(index_dir, reranker=rerank, precision=precision) if index_dir else None
-        model, tok, info = load_generator(base_model, device=device, precision=precision)
+        if s.mode is not None and s.mode not in MODES:  # before the first question, not at it
+            raise InputError(Arg("mode", s.mode), f": expected one of {', '.join(MODES)}")
+        retriever = Retriever.load(s.index, reranker=s.rerank, precision=s.precision) if s.index else None
+        model, tok, info = load_generator(base_model, device=s.device, precision=s.precision)
         for name, rec in records.items():
-            run_record.check_base(name, adapters[name], rec, info)
-        if judge is not None:
-            judge = Judge.load(judge, groups=groups, gate=True, precision=precision)
-        pipe = cls(retriever, model, tok, info, [], k=k, max_new_tokens=max_new_tokens,
-                   require_support=require_support, judge=judge, groups=groups, base_scope=base_scope,
-                   gate_threshold=gate_threshold, calibrated=calibrated)
-        for name, path in adapters.items():
+            run_record.check_base(name, s.adapters[name], rec, info)
+        judge = Judge.load(s.judge, groups=groups, gate=True, precision=s.precision) if s.judge is not None else None
+        pipe = cls(retriever, model, tok, info, [], k=s.k, max_new_tokens=s.max_new_tokens,
+                   require_support=s.require_support, judge=judge, groups=groups, base_scope=base_scope,
+                   gate_threshold=s.gate_threshold, calibrated=s.calibrated)
+        for name, path in s.adapters.items():
             pipe.add_adapter(name, path)
         pipe.model.eval()
-        pipe.mode = mode
+        pipe.mode = s.mode
         return pipe
 
     def add_adapter(self, name: str, path: str | Path) -> None:

@@ -26,14 +26,15 @@ from typing import Literal
 
 from core.errors import InputError, quoted
 from training.precision import Precision, option
-from hybrid.pipeline import Pipeline, parse_adapters
+from hybrid.pipeline import Pipeline
+from hybrid.pipeline_settings import BASE_MODEL_DEFAULT_HELP, PipelineSettings, parse_adapters
 from hybrid.serve_engine import AdapterPool, Engine, RemoteGenerator
 from hybrid.serve_http import Metrics, configure_logging
 from hybrid.serve_keys import KeyRing, load_keys
 from hybrid.serve_requests import parse_chat  # noqa: F401 - part of this module's API (tests, scripts)
 from hybrid.serve_routes import base_id, create_app
 from training import run_record
-from tuning.generation import BASE_MODEL_HELP
+from tuning.generation import BASE_MODEL_HELP, DEFAULT_GENERATOR
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -49,8 +50,7 @@ class ServeConfig:
     adapter_dir: str | None = field(default=None, metadata={
         "help": "Directory whose sub-directories are adapters, served by their directory name on first use."})
     base_model: str | None = field(default=None, metadata={
-        "help": f"Generator: {BASE_MODEL_HELP}.",
-        "default_help": "the adapters' base, else smollm2"})
+        "help": f"Generator: {BASE_MODEL_HELP}.", "default_help": BASE_MODEL_DEFAULT_HELP})
     keys: str | None = field(default=None, metadata={
         "help": "keys.yaml: [{name, sha256, groups, adapters?}]. Without it: loopback only, public documents "
                 "and public adapters."})
@@ -111,6 +111,13 @@ class ServeConfig:
             out.append(f"--max-new-tokens {self.max_new_tokens} is over --max-tokens-limit {self.max_tokens_limit}")
         return out
 
+    def pipeline_settings(self, groups: list[str], base_model: str | None) -> PipelineSettings:
+        """The served pipeline: the base alone (adapters go on at first use, the judge is loaded for
+        every key's groups), holding what any key may read (`groups`)."""
+        return PipelineSettings(index=self.index, base_model=base_model, k=self.k,
+                                max_new_tokens=self.max_new_tokens, require_support=self.require_support,
+                                groups=groups, mode=self.mode, rerank=self.rerank, precision=self.precision)
+
 
 # --- building the served pipeline ----------------------------------------------------------------
 def load_served(cfg: ServeConfig, keys: KeyRing | None):
@@ -132,7 +139,7 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
         from retrieval.retriever import Retriever
 
         name = cfg.base_model or next((run_record.read(p, f"--adapter {n}={p}")["base_model"]["name"]
-                                       for n, p in cfg.adapters.items()), "smollm2")
+                                       for n, p in cfg.adapters.items()), DEFAULT_GENERATOR)
         pipe = Pipeline(Retriever.load(cfg.index, reranker=cfg.rerank, precision=cfg.precision), None, None,
                         GeneratorInfo(name=name, path="", fingerprint=""), [], k=cfg.k,
                         max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support,
@@ -142,9 +149,7 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
     else:
         base = cfg.base_model or next((run_record.read_adapter(n, p, groups)["base_model"]["name"]
                                        for n, p in cfg.adapters.items()), None)
-        pipe = Pipeline.load(cfg.index, base_model=base, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                             require_support=cfg.require_support, groups=groups, mode=cfg.mode, rerank=cfg.rerank,
-                             precision=cfg.precision)
+        pipe = Pipeline.load(cfg.pipeline_settings(groups, base))
         pipe.judge = judge
     for name, path in cfg.adapters.items():  # refuse a bad --adapter now, not at its first request
         run_record.check_base(name, path, run_record.read_adapter(name, path, groups), pipe.info)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hybrid.eval import EvalConfig, row_contexts
+from hybrid.eval import row_contexts
 from hybrid.pipeline import Pipeline
+from hybrid.pipeline_settings import PipelineSettings
 from core import access
-from core.atomic import write_text_atomic
+from core.atomic import sha256_file, write_text_atomic
 from core.errors import InputError
 from training.precision import Precision, option
-from core.atomic import sha256_file
 from core.qa import load_qa
 from training import run_record
 from tuning.abstention import CAL_FILE, youden_threshold
@@ -49,6 +49,12 @@ class CalibrateConfig:
             out.append("-k must be >= 1")
         return out
 
+    def pipeline_settings(self, needs_index: bool) -> PipelineSettings:
+        """The adapter alone on its base; the index only where rows lack passages. calibrated=False:
+        a stale threshold beside the adapter must not block the recalibration."""
+        return PipelineSettings(index=self.index if needs_index else None, adapters={"adapter": self.adapter},
+                                k=self.k, groups=self.groups, calibrated=False, precision=self.precision)
+
 
 def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     """Score labelled rows with the adapter, choose the threshold, write ADAPTER/hybrid_abstain.json.
@@ -68,10 +74,9 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     needs_index = any(r.passages is None for r in rows)
     if needs_index and not cfg.index:  # checked before any model loads
         raise InputError(f"--qa {cfg.qa}: rows without 'passages' need --index to retrieve them")
-    # calibrated=False: a stale threshold beside the adapter must not block the recalibration
-    pipe = Pipeline.load(cfg.index if needs_index else None, {"adapter": cfg.adapter}, k=cfg.k, groups=cfg.groups,
-                         calibrated=False, precision=cfg.precision)
-    contexts = row_contexts(rows, EvalConfig(qa=cfg.qa, index=cfg.index, k=cfg.k, groups=cfg.groups), pipe)
+    settings = cfg.pipeline_settings(needs_index)
+    pipe = Pipeline.load(settings)
+    contexts = row_contexts(rows, settings, pipe)
     scores = pipe.abstain_scores([r.question for r in rows], [contexts[r.id] for r in rows], adapter="adapter")
     record = {**youden_threshold(scores, labels), "auroc": auroc(-scores, labels), "n": len(rows),
               "n_unanswerable": int((~labels).sum()), "qa": cfg.qa, "qa_sha256": sha256_file(Path(cfg.qa)),

@@ -103,7 +103,7 @@ class CountingJudgeModel:
 
 
 def test_gated_prediction_hand_cases():
-    from hybrid.eval import with_gate as gated
+    from hybrid.eval_derived import with_gate as gated
 
     base = {"id": "1", "config": "rag", "answers": ["14 months"], "prediction": "12 months", "abstained": False,
             "label": "hallucinated", "f1": 0.5, "citations": [{"verified": True}], "latency_ms": 10.0, "judge_ms": 2.0}
@@ -211,7 +211,7 @@ def test_gate_refuses_a_judge_without_answerability_pairs(tmp_path, fixed_qa, tw
 
 
 def test_selected_prediction_hand_cases():
-    from hybrid.eval import picked_by_judge as selected
+    from hybrid.eval_derived import picked_by_judge as selected
 
     def p(config, support, abstained=False, latency=10.0):
         return {"id": "1", "config": config, "support": support, "abstained": abstained, "latency_ms": latency,
@@ -320,7 +320,7 @@ def test_shards_merged_give_the_single_process_report(tmp_path, fixed_qa, two_ad
 
 def write_shard(d, cfg, shard: str, lines: list[dict]) -> None:
     """A --shard run's --out as the eval writes it: run.json (the run's signatures) and its predictions."""
-    from hybrid.eval import config_signatures
+    from hybrid.eval_resume import config_signatures
 
     sigs = config_signatures(cfg, ["rag"])
     d.mkdir()
@@ -405,7 +405,7 @@ def test_retrieval_only_eval_refuses_a_split_it_would_ignore(fixed_qa, bundled_t
 
 
 def test_shard_is_parsed_in_one_place():
-    from hybrid.eval import parse_shard
+    from hybrid.eval_config import parse_shard
 
     assert parse_shard("0/2") == (0, 2) and parse_shard("4/5") == (4, 5)
     assert EvalConfig(qa="q", shard="1/3").shard_of() == (1, 3) and EvalConfig(qa="q").shard_of() is None
