@@ -12,6 +12,10 @@ sentence is the query and its chunk, with the sentence cut out, the positive.
 
 Access: pairs, negatives and the held-out score use public chunks only unless
 `groups` names more; the saved model is tagged with those groups (access.py).
+
+The steps every trainer shares (validation, the launcher, callbacks, arguments, the rank-0 save)
+are training/trainer_run.py's; with `--distributed`, `python -m retrieval.tune_embedder --config
+FILE` is what each launched process runs (the end of this file).
 """
 
 from __future__ import annotations
@@ -23,23 +27,20 @@ import logging
 import random
 import re
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from core import access
-
-from training import launch
-from core.atomic import not_its_own, staged_dir, write_text_atomic
-from retrieval.chunking import embed_text
 from core.errors import InputError
 from core.jsonl import write_jsonl
-from retrieval.metrics import retrieval_metrics
-from training.precision import autocast, choose, device_of
 from core.qa import load_qa, split_rows
+from retrieval.chunking import embed_text
+from retrieval.metrics import retrieval_metrics
 from retrieval.retriever import Hit, Retriever
+from training import launch, trainer_run
+from training.precision import autocast, device_of
 from training.train_settings import TrainSettings
 from training.trainer_output import drop_step_printer
 
@@ -201,35 +202,39 @@ def _bars(progress: bool, model):
         yield
 
 
-def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
+TUNING_FILE = "hybrid_tuning.json"
+
+
+@dataclass(frozen=True)
+class EmbedderTuneResult:
+    """What `hybrid tune embedder` measured and made; saved beside the model as hybrid_tuning.json (`asdict`)."""
+
+    base: dict  # retrieval metrics of the base embedder on the held-out queries (metric name -> value)
+    tuned: dict  # the same for the tuned one
+    pairs_source: str  # "qa" | "inverse_cloze"
+    train_pairs: int
+    train_rows_with_hard_negatives: int  # 0: trained on in-batch negatives only
+    train_steps: int
+    hard_negative_columns: list[str]
+    test_queries: int
+    stopped_early: bool
+    seconds: float
+    out: str
+    config: dict
+    precision: str
+    access: dict
+
+
+def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> EmbedderTuneResult:
     """Run the whole workflow; see the module docstring.
 
-    Returns:
-        {"base": metrics, "tuned": metrics, "train_pairs", "test_queries", "seconds", "out"}.
+    Stages, in order: config -> load -> data (pairs, hard negatives) -> train -> evaluate -> save.
     """
-    if problems := cfg.problems():
-        raise InputError("; ".join(problems))
-    precision = choose(cfg.train.precision, "cuda" if _cuda() else "cpu")  # bf16: autocast, fp32 weights
-    if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
-        launch.launch(["tune", "embedder"], cfg, "bf16" if precision == "bf16" else "no",
-                      log=log.info)
-        return json.loads((Path(cfg.out) / "hybrid_tuning.json").read_text())
-    t0 = time.perf_counter()
-    from datasets import Dataset
-    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments, losses, util)
-    from sentence_transformers.training_args import BatchSamplers
-
-    from training.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
-
-    # --- load ------------------------------------------------------------------------------
-    retriever = Retriever.load(cfg.index, precision=precision)
-    base = retriever.embedder
-    out = Path(cfg.out)
-    if not_its_own(out, "modules.json"):
-        raise InputError(f"--out {out}: exists and is not a sentence-transformers model; choose a new directory")
-
-    # --- data ------------------------------------------------------------------------------
+    run = trainer_run.begin(cfg, progress, "modules.json",
+                            "exists and is not a sentence-transformers model; choose a new directory")
+    if trainer_run.relaunch("retrieval.tune_embedder", cfg, run, log=log.info):  # rank 0 of the N processes wrote OUT
+        return EmbedderTuneResult(**json.loads((run.out / TUNING_FILE).read_text()))
+    retriever = Retriever.load(cfg.index, precision=run.precision)
     pairs, test_q, test_g = qa_pairs(retriever, cfg) if cfg.qa else ict_pairs(retriever, cfg)
     if len(pairs) < cfg.train.batch_size:
         raise InputError(f"only {len(pairs)} training pairs, fewer than --batch-size {cfg.train.batch_size}; "
@@ -238,17 +243,52 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
         raise InputError("the held-out split is empty; raise --test-fraction or add questions")
     all_chunks = retriever.chunks(groups=access.training_groups(cfg.train.groups))  # negatives come from these only
     scope = access.record(cfg.train.groups, {g for c in all_chunks for g in c.groups})
-    corpus_texts = [embed_text(c.title, c.text) for c in all_chunks]
+    dataset, mined = hard_negatives(cfg, run, retriever.embedder, pairs, all_chunks)
+    trainer, model, meters = train(cfg, run, retriever.embedder, mined)
+    # evaluate base vs tuned on the held-out split
+    base_rank = [[h.doc_id for h in hits] for hits in retriever.search_vectors(retriever.embedder.encode(test_q), k=50,
+                                                                               groups=cfg.train.groups)]
+    tuned_rank = rank_docs(model, all_chunks, test_q, precision=run.precision)
+    result = EmbedderTuneResult(
+        base=retrieval_metrics(base_rank, test_g), tuned=retrieval_metrics(tuned_rank, test_g),
+        pairs_source="qa" if cfg.qa else "inverse_cloze", train_pairs=len(pairs),
+        train_rows_with_hard_negatives=len(mined) if mined is not dataset else 0,
+        train_steps=trainer.state.global_step,
+        hard_negative_columns=[c for c in mined.column_names if c.startswith("negative")],
+        test_queries=len(test_q), stopped_early=meters.budget.stopped_early, seconds=run.seconds(),
+        out=str(run.out), config=asdict(cfg), precision=run.precision, access=scope)
+
+    def write(stage: Path) -> None:
+        model.save(str(stage))
+        # The training pairs beside the model, each with its positive chunk's groups (as RAFT does).
+        write_jsonl(stage / "train_pairs.jsonl", [{"query": q, "positive": p, "chunk_id": c.chunk_id,
+                                                    "groups": list(c.groups)} for q, p, c in pairs])
+
+    trainer_run.save(trainer, run, write, TUNING_FILE, asdict(result), scope)
+    return result
+
+
+def hard_negatives(cfg: EmbedderTuneConfig, run: trainer_run.Run, base, pairs, chunks: list[Hit]):
+    """Data stage: hard negatives for each (query, positive) pair from the index's own chunks, scored by
+    the base embedder.
+
+    Returns:
+        (the pairs as a dataset, the rows to train on: with their negatives, or the pairs alone when too
+        few found one).
+    """
+    from datasets import Dataset
+    from sentence_transformers import util
+
     dataset = Dataset.from_dict({"anchor": [q for q, _, _ in pairs], "positive": [p for _, p, _ in pairs]})
-    # Hard negatives from the index's own chunks, scored by the base embedder. verbose=False: its report is a
-    # score-statistics table printed to stdout amid hybrid's summary (nan/inf, and torch's "std(): degrees of
-    # freedom is <= 0" warnings, when none are found) in its own parameter names, not hybrid's flags; the one
-    # fact in it a user can act on, pairs that found no negative, is said below in hybrid's words.
-    with autocast(precision, device_of(base.model)), _bars(progress, base.model):
+    # verbose=False: its report is a score-statistics table printed to stdout amid hybrid's summary
+    # (nan/inf, and torch's "std(): degrees of freedom is <= 0" warnings, when none are found) in its
+    # own parameter names, not hybrid's flags; the one fact in it a user can act on, pairs that found
+    # no negative, is said below in hybrid's words.
+    with autocast(run.precision, device_of(base.model)), _bars(run.progress, base.model):
         mined = util.mine_hard_negatives(
-            dataset, base.model, corpus=corpus_texts, range_max=cfg.mine_range, relative_margin=cfg.relative_margin,
-            num_negatives=cfg.num_negatives, sampling_strategy="top", output_format="n-tuple", use_faiss=True,
-            batch_size=64, verbose=False)
+            dataset, base.model, corpus=[embed_text(c.title, c.text) for c in chunks], range_max=cfg.mine_range,
+            relative_margin=cfg.relative_margin, num_negatives=cfg.num_negatives, sampling_strategy="top",
+            output_format="n-tuple", use_faiss=True, batch_size=64, verbose=False)
     missing = len(dataset) - len(mined)  # pairs that found fewer than --num-negatives: left out of `mined`
     where = f"within the top --mine-range {cfg.mine_range} chunks at --relative-margin {cfg.relative_margin}"
     more = "(a larger --mine-range or a smaller --relative-margin finds more)"
@@ -259,72 +299,46 @@ def tune_embedder(cfg: EmbedderTuneConfig, progress: bool = True) -> dict:
     elif missing:
         log.warning(f"hard negatives: {missing} of {len(dataset)} training pairs found fewer than {cfg.num_negatives} "
                     f"{where} and are left out of training {more}")
+    return dataset, mined
 
-    # --- train -----------------------------------------------------------------------------
-    model = SentenceTransformer(str(base.path), device="cpu" if not _cuda() else None, local_files_only=True)
+
+def train(cfg: EmbedderTuneConfig, run: trainer_run.Run, base, mined):
+    """Train stage: MultipleNegativesRankingLoss (in-batch + hard negatives), no-duplicates batches.
+
+    Returns:
+        (trainer, the tuned SentenceTransformer, the trainer's meters).
+
+    Raises:
+        InputError: no full batch without duplicate texts, so no step ran (nothing is saved).
+    """
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments, losses)
+    from sentence_transformers.training_args import BatchSamplers
+
+    model = SentenceTransformer(str(base.path), device="cpu" if run.device == "cpu" else None, local_files_only=True)
     full_length = model.max_seq_length
     model.max_seq_length = min(cfg.train.max_length, full_length)  # shorter while training: speed
     t = cfg.train
     scratch = tempfile.TemporaryDirectory(prefix="hybrid-embedder-")  # the trainer's output dir; nothing kept
-    args = SentenceTransformerTrainingArguments(
-        output_dir=scratch.name, num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1, per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio,
-        batch_sampler=BatchSamplers.NO_DUPLICATES, seed=t.seed, save_strategy="no", report_to="none",
-        logging_steps=10, disable_tqdm=not progress, use_cpu=not _cuda(), dataloader_drop_last=True,
-        bf16=precision == "bf16")
-    budget = TimeBudget(t.max_minutes)
+    args = SentenceTransformerTrainingArguments(**trainer_run.arguments(
+        t, run, output_dir=scratch.name, batch_sampler=BatchSamplers.NO_DUPLICATES, logging_steps=10,
+        dataloader_drop_last=True))
+    meters = trainer_run.meters(t, run)
     # Under DDP each process embeds its own micro-batch; gathering the embeddings across processes
     # keeps the in-batch negatives those of the global batch, as in one process.
     loss = losses.MultipleNegativesRankingLoss(model, gather_across_devices=launch.under_launcher())
-    with _bars(progress, model):
+    with _bars(run.progress, model):
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=mined, loss=loss,
-                                             callbacks=[budget])
-        drop_step_printer(trainer, progress)
+                                             callbacks=meters.callbacks)
+        drop_step_printer(trainer, run.progress)
         with scratch:
             trainer.train()
     if trainer.state.global_step == 0:  # the no-duplicates sampler found no full batch: nothing was learnt
         raise InputError(f"no training step ran: {len(mined)} training rows gave no full batch of --batch-size "
                          f"{t.batch_size} without duplicate texts; lower --batch-size or add questions (nothing was saved)")
     model.max_seq_length = full_length  # the saved model reads as far as the base did
-
-    # --- evaluate base vs tuned on the held-out split ---------------------------------------
-    base_rank = [[h.doc_id for h in hits] for hits in retriever.search_vectors(base.encode(test_q), k=50,
-                                                                               groups=t.groups)]
-    tuned_rank = rank_docs(model, all_chunks, test_q, precision=precision)
-    result = {
-        "base": retrieval_metrics(base_rank, test_g),
-        "tuned": retrieval_metrics(tuned_rank, test_g),
-        "pairs_source": "qa" if cfg.qa else "inverse_cloze",
-        "train_pairs": len(pairs),
-        "train_rows_with_hard_negatives": len(mined) if mined is not dataset else 0,
-        "train_steps": trainer.state.global_step,
-        "hard_negative_columns": [c for c in mined.column_names if c.startswith("negative")],
-        "test_queries": len(test_q),
-        "stopped_early": budget.stopped_early,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "out": str(out),
-        "config": asdict(cfg),
-        "precision": precision,
-        "access": scope,
-    }
-
-    # --- save (atomic: the previous model stays until this one is complete; rank 0 only) -------
-    if not trainer.is_world_process_zero():
-        trainer.accelerator.wait_for_everyone()
-        return result
-    with staged_dir(out) as stage:
-        model.save(str(stage))
-        access.write(stage, scope)
-        # The training pairs beside the model, each with its positive chunk's groups (as RAFT does).
-        write_jsonl(stage / "train_pairs.jsonl", [{"query": q, "positive": p, "chunk_id": c.chunk_id,
-                                                    "groups": list(c.groups)} for q, p, c in pairs])
-        write_text_atomic(stage / "hybrid_tuning.json", json.dumps(result, indent=2))
-    trainer.accelerator.wait_for_everyone()  # no rank returns before the model is in place
-    return result
+    return trainer, model, meters
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+if __name__ == "__main__":  # one process of a --distributed run (training/launch.py starts it)
+    trainer_run.main(EmbedderTuneConfig, tune_embedder)

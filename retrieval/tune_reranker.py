@@ -8,7 +8,8 @@ CrossEncoder (the packaged MiniLM body plus a fresh one-logit head; binary cross
 positive weighted by the negatives per question) -> score the first stage alone and the first
 stage reranked on the held-out questions -> save a plain CrossEncoder folder.
 
-No reranker weights ship on PyPI, so hybrid trains one, as it trains the judge.
+No reranker weights ship on PyPI, so hybrid trains one, as it trains the judge. The steps every
+trainer shares (validation, callbacks, arguments, the atomic save) are training/trainer_run.py's.
 
 Access: pairs, negatives and the held-out score use public chunks unless `--group` names more;
 the reranker carries `hybrid_access.json` with those groups and the index's groups
@@ -17,7 +18,6 @@ the reranker carries `hybrid_access.json` with those groups and the index's grou
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,19 +25,16 @@ from pathlib import Path
 from typing import Literal
 
 from core import access
-
-from training import launch
-from core.atomic import not_its_own, staged_dir, write_text_atomic
+from core.errors import Arg, InputError
+from core.jsonl import write_jsonl
+from core.qa import load_qa
 from retrieval.chunking import embed_text
 from retrieval.embedder import resolve_embedder
-from retrieval.tune_embedder import ict_pairs, pair_problems, qa_pairs
-from core.errors import Arg, InputError
-from training.precision import choose
-from core.jsonl import write_jsonl
 from retrieval.metrics import retrieval_metrics
-from core.qa import load_qa
 from retrieval.reranker import RERANKER_FILE, Reranker
 from retrieval.retriever import Retriever
+from retrieval.tune_embedder import ict_pairs, pair_problems, qa_pairs
+from training import launch, trainer_run
 from training.train_settings import TrainSettings, literal_problems
 from training.trainer_output import drop_step_printer
 
@@ -106,43 +103,41 @@ def _pair_golds(pairs, cfg: RerankerTuneConfig) -> list[set[str]]:
     return [by_question.get(q, set()) | {c.doc_id} for q, _, c in pairs]
 
 
-def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class RerankerTuneResult:
+    """What `hybrid tune reranker` measured and made; saved as the reranker's hybrid_reranker.json (`asdict`),
+    whose first four fields retrieval/reranker.py reads back."""
+
+    candidates: int
+    mode: str
+    base: str
+    index_groups: list[str]
+    first_stage: dict  # retrieval metrics of the first stage alone on the held-out questions
+    reranked: dict  # the same, reranked
+    # a reranker that orders held-out questions worse than the first stage should not be used
+    worse_than_first_stage: bool
+    pairs_source: str  # "qa" | "inverse_cloze"
+    train_queries: int
+    train_rows: int
+    train_negatives: int
+    train_steps: int
+    test_queries: int
+    stopped_early: bool
+    seconds: float
+    stage_seconds: dict[str, float]
+    out: str
+    config: dict
+    precision: str
+    access: dict
+
+
+def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> RerankerTuneResult:
     """Run the whole workflow; see the module docstring.
 
-    Returns:
-        {"first_stage": metrics, "reranked": metrics, "train_queries", "train_rows", "test_queries",
-         "seconds", "out", ...}; the same dict is saved as the reranker's hybrid_reranker.json.
+    Stages, in order: config -> load -> data (pairs, hard negatives) -> train -> evaluate -> save.
     """
-    if problems := cfg.problems():
-        raise InputError("; ".join(problems))
-    t0 = time.perf_counter()
-    import torch
-    from datasets import Dataset
-    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
-
-    from training.time_budget import TimeBudget  # imports transformers: kept out of CLI start-up
-
-    cuda = torch.cuda.is_available()
-    precision = choose(cfg.train.precision, "cuda" if cuda else "cpu")  # bf16: autocast, fp32 weights
-
-    # --- load ------------------------------------------------------------------------------
-    retriever = Retriever.load(cfg.index, precision=precision)
-    out = Path(cfg.out)
-    if not_its_own(out, RERANKER_FILE):
-        raise InputError(f"--out {out}: exists and is not a reranker; choose a new directory")
-    index_groups = retriever.index_groups()
-    if unknown := sorted(set(cfg.train.groups) - index_groups):
-        raise InputError(f"{Arg('groups', unknown)}: index {cfg.index} has no documents of it; name only "
-                         f"groups of this corpus")
-    try:
-        base_name, base_path = resolve_embedder(cfg.base)
-    except InputError as exc:  # its message names --embedder; here the flag is --base
-        raise InputError(str(exc).replace("--embedder", "--base", 1)) from None
-    if (base_path / access.ACCESS_FILE).exists():  # a tuned embedder as the body brings its scope along
-        access.check(base_path, cfg.train.groups, f"--base {cfg.base}")
-
-    # --- data ------------------------------------------------------------------------------
+    run = trainer_run.begin(cfg, progress, RERANKER_FILE, "exists and is not a reranker; choose a new directory")
+    retriever, base_name, base_path = load(cfg, run)
     pairs, test_q, test_g = qa_pairs(retriever, cfg) if cfg.qa else ict_pairs(retriever, cfg)
     if not pairs:
         raise InputError("no training pairs: the index shows this trainer no chunks with questions; add questions "
@@ -156,65 +151,79 @@ def tune_reranker(cfg: RerankerTuneConfig, progress: bool = True) -> dict:
     if negatives == 0:
         raise InputError(f"--index {cfg.index}: no hard negatives found (every hit is a gold document); the index "
                          f"needs more documents than the questions' gold ones")
-    seen = {g for r in rows for g in r["groups"]}
-    scope = access.record(cfg.train.groups, seen)
-    dataset = Dataset.from_dict({k: [r[k] for r in rows] for k in ("query", "passage", "label")})
-
-    # --- train -----------------------------------------------------------------------------
-    model = CrossEncoder(str(base_path), num_labels=1, max_length=cfg.train.max_length,
-                         device="cuda" if cuda else "cpu", local_files_only=True)
-    t = cfg.train
-    scratch = tempfile.TemporaryDirectory(prefix="hybrid-reranker-")  # the trainer's output dir; nothing kept
-    args = CrossEncoderTrainingArguments(
-        output_dir=scratch.name, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio, seed=t.seed, save_strategy="no",
-        report_to="none", logging_steps=10, disable_tqdm=not progress, use_cpu=not cuda, bf16=precision == "bf16")
-    budget = TimeBudget(t.max_minutes)
-    # one positive among num_negatives negatives per question: weight it back to balance
-    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(negatives) / len(pairs)))
-    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[budget])
-    drop_step_printer(trainer, progress)
-    with scratch:
-        trainer.train()
-
+    scope = access.record(cfg.train.groups, {g for r in rows for g in r["groups"]})
+    trainer, model, meters = train(cfg, run, base_path, rows, negatives / len(pairs))
     t_eval = time.perf_counter()
-    # --- evaluate: first stage alone vs reranked, held-out questions -----------------------
+    # evaluate: first stage alone vs reranked, held-out questions
+    t = cfg.train
     info = {"candidates": cfg.candidates, "mode": cfg.mode or retriever.search_settings["mode"],
-            "base": base_name, "index_groups": sorted(index_groups)}
+            "base": base_name, "index_groups": sorted(retriever.index_groups())}
     first = retriever.search_batch(test_q, k=cfg.candidates, groups=t.groups, mode=cfg.mode, rerank=False)
-    reranker = Reranker(out, model, info, access.training_groups(t.groups), precision)
+    reranker = Reranker(run.out, model, info, access.training_groups(t.groups), run.precision)
     reranked = reranker.rerank_batch(test_q, first, k=cfg.candidates, groups=t.groups)
-    result = {
+    result = RerankerTuneResult(
         **info,
-        "first_stage": retrieval_metrics([[h.doc_id for h in hs] for hs in first], test_g),
-        "reranked": retrieval_metrics([[h.doc_id for h in hs] for hs in reranked], test_g),
-        # a reranker that orders held-out questions worse than the first stage should not be used
-        "worse_than_first_stage": _mrr(reranked, test_g) < _mrr(first, test_g),
-        "pairs_source": "qa" if cfg.qa else "inverse_cloze",
-        "train_queries": len(pairs),
-        "train_rows": len(rows),
-        "train_negatives": negatives,
-        "train_steps": trainer.state.global_step,
-        "test_queries": len(test_q),
-        "stopped_early": budget.stopped_early,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "stage_seconds": {"load_and_pairs": round(t_mine - t0, 1), "mine": round(t_train - t_mine, 1),
-                          "train": round(t_eval - t_train, 1), "evaluate": round(time.perf_counter() - t_eval, 1)},
-        "out": str(out),
-        "config": asdict(cfg),
-        "precision": precision,
-        "access": scope,
-    }
+        first_stage=retrieval_metrics([[h.doc_id for h in hs] for hs in first], test_g),
+        reranked=retrieval_metrics([[h.doc_id for h in hs] for hs in reranked], test_g),
+        worse_than_first_stage=_mrr(reranked, test_g) < _mrr(first, test_g),
+        pairs_source="qa" if cfg.qa else "inverse_cloze", train_queries=len(pairs), train_rows=len(rows),
+        train_negatives=negatives, train_steps=trainer.state.global_step, test_queries=len(test_q),
+        stopped_early=meters.budget.stopped_early, seconds=run.seconds(),
+        stage_seconds={"load_and_pairs": round(t_mine - run.started, 1), "mine": round(t_train - t_mine, 1),
+                       "train": round(t_eval - t_train, 1), "evaluate": round(time.perf_counter() - t_eval, 1)},
+        out=str(run.out), config=asdict(cfg), precision=run.precision, access=scope)
 
-    # --- save (atomic: the previous reranker stays until this one is complete) -------------
-    with staged_dir(out) as stage:
+    def write(stage: Path) -> None:
         model.save(str(stage))
-        access.write(stage, scope)
         # the training rows beside the model, each with its chunk's groups (as RAFT and the embedder do)
         write_jsonl(stage / "train_rows.jsonl", rows)
-        write_text_atomic(stage / RERANKER_FILE, json.dumps(result, indent=2))
+
+    trainer_run.save(trainer, run, write, RERANKER_FILE, asdict(result), scope)
     return result
+
+
+def load(cfg: RerankerTuneConfig, run: trainer_run.Run) -> tuple[Retriever, str, Path]:
+    """Load stage: the index, and the cross-encoder body (its name and directory).
+
+    Raises:
+        InputError: a --group the index has no documents of, an unknown --base, or a tuned body whose
+            access scope the trainer does not hold.
+    """
+    retriever = Retriever.load(cfg.index, precision=run.precision)
+    if unknown := sorted(set(cfg.train.groups) - retriever.index_groups()):
+        raise InputError(f"{Arg('groups', unknown)}: index {cfg.index} has no documents of it; name only "
+                         f"groups of this corpus")
+    try:
+        base_name, base_path = resolve_embedder(cfg.base)
+    except InputError as exc:  # its message names --embedder; here the flag is --base
+        raise InputError(str(exc).replace("--embedder", "--base", 1)) from None
+    if (base_path / access.ACCESS_FILE).exists():  # a tuned embedder as the body brings its scope along
+        access.check(base_path, cfg.train.groups, f"--base {cfg.base}")
+    return retriever, base_name, base_path
+
+
+def train(cfg: RerankerTuneConfig, run: trainer_run.Run, base_path: Path, rows: list[dict], pos_weight: float):
+    """Train stage: a CrossEncoder (the body plus a fresh one-logit head), binary cross-entropy with the
+    positive weighted by `pos_weight` (negatives per question). Returns (trainer, model, meters)."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    dataset = Dataset.from_dict({k: [r[k] for r in rows] for k in ("query", "passage", "label")})
+    model = CrossEncoder(str(base_path), num_labels=1, max_length=cfg.train.max_length, device=run.device,
+                         local_files_only=True)
+    meters = trainer_run.meters(cfg.train, run)
+    with tempfile.TemporaryDirectory(prefix="hybrid-reranker-") as scratch:  # the trainer's output dir; nothing kept
+        args = CrossEncoderTrainingArguments(**trainer_run.arguments(cfg.train, run, output_dir=scratch,
+                                                                     logging_steps=10))
+        # one positive among num_negatives negatives per question: weight it back to balance
+        loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(pos_weight)))
+        trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
+                                      callbacks=meters.callbacks)
+        drop_step_printer(trainer, run.progress)
+        trainer.train()
+    return trainer, model, meters
 
 
 def _mrr(hits, golds) -> float:

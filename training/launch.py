@@ -1,9 +1,10 @@
 """More than one process: DDP, FSDP2 and DeepSpeed ZeRO-2/3 through the launchers that already do it.
 
 A trainer whose `train.distributed` is not `none` and that is not already running under a
-launcher starts itself again under one: its resolved config is written to a YAML file and
-`hybrid <command> --config FILE` runs in N processes — under `accelerate launch` with one of the
-shipped configs (`training/accelerate_configs/`, TRL's presets: `ddp` is TRL's `multi_gpu`) on
+launcher starts itself again under one: its resolved config is written to a YAML file and the
+trainer's own module, `python -m MODULE --config FILE`, runs in N processes (each reads the file
+back with `read_config`, in training/trainer_run.py's `main`), under `accelerate launch` with one
+of the shipped configs (`training/accelerate_configs/`, TRL's presets: `ddp` is TRL's `multi_gpu`) on
 CUDA, under `torchrun` (gloo) on CPU, where only DDP exists. Inside, the HF trainer reads the
 launcher's environment (sharding the data, wrapping the model); the workflow itself writes its
 outputs on rank 0 only.
@@ -23,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -108,23 +110,27 @@ def processes(train) -> int:
     return torch.cuda.device_count()
 
 
-def command(words: list[str], config_file: Path, train, mixed_precision: Literal["no", "bf16"],
+def command(module: str, config_file: Path, train, mixed_precision: Literal["no", "bf16"],
             workdir: Path) -> list[str]:
-    """The launcher command line that runs `hybrid WORDS --config CONFIG_FILE` in N processes."""
+    """The launcher command line that runs `python -m MODULE --config CONFIG_FILE` in N processes.
+
+    MODULE is the trainer's own module (it ends in `trainer_run.main`), so the launched processes
+    enter at the training they run, not through the command line above it.
+    """
     n = processes(train)
     import torch
 
     if not torch.cuda.is_available():  # accelerate's CPU path is one process (or MPI); torchrun does gloo DDP
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                "-m", "hybrid.cli", *words, "--config", str(config_file)]
+                "-m", module, "--config", str(config_file)]
     launch_cfg = workdir / f"accelerate_{train.distributed}.yaml"
     write_text_atomic(launch_cfg, yaml.safe_dump(render(train.distributed, n, mixed_precision), sort_keys=False))
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_cfg),
-            "-m", "hybrid.cli", *words, "--config", str(config_file)]
+            "-m", module, "--config", str(config_file)]
 
 
-def launch(words: list[str], cfg, mixed_precision: Literal["no", "bf16"] = "no", log=print) -> None:
-    """Run `hybrid WORDS` on `cfg` in `cfg.train.num_processes` processes and wait for them.
+def launch(module: str, cfg, mixed_precision: Literal["no", "bf16"] = "no", log=print) -> None:
+    """Run `python -m MODULE` on `cfg` in `cfg.train.num_processes` processes and wait for them.
 
     Raises:
         InputError: a process failed (its output is above, on the terminal).
@@ -132,13 +138,30 @@ def launch(words: list[str], cfg, mixed_precision: Literal["no", "bf16"] = "no",
     with tempfile.TemporaryDirectory(prefix="hybrid-launch-") as tmp:
         config_file = Path(tmp) / "config.yaml"
         write_text_atomic(config_file, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        argv = command(words, config_file, cfg.train, mixed_precision, Path(tmp))
-        log(f"{' '.join(words)}: --distributed {cfg.train.distributed}, {processes(cfg.train)} processes: "
+        argv = command(module, config_file, cfg.train, mixed_precision, Path(tmp))
+        log(f"{module}: --distributed {cfg.train.distributed}, {processes(cfg.train)} processes: "
             f"{' '.join(argv[1:4])} ...")
         done = subprocess.run(argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode:
         raise InputError(f"--distributed {cfg.train.distributed}: the launched processes exited with code "
                          f"{done.returncode} (their error is above)")
+
+
+def read_config(config_type: type, path: str | Path):
+    """The config `launch` wrote (a dataclass, nested dataclasses as mappings), rebuilt as `config_type`."""
+    return _rebuild(config_type, yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+
+
+def _rebuild(config_type: type, values: dict):
+    hints = typing.get_type_hints(config_type)
+    kwargs = {}
+    for f in dataclasses.fields(config_type):
+        if f.name in values:
+            value = values[f.name]
+            if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+                value = _rebuild(hints[f.name], value)
+            kwargs[f.name] = value
+    return config_type(**kwargs)
 
 
 def full_state_dict(trainer):

@@ -35,33 +35,31 @@ copy of the base weights.
 Access: as in SFT, public chunks only unless `groups` names more; the SFT adapter's
 scope must be within those groups (its weights already hold that text), and the
 DPO adapter is tagged with them.
+
+The steps every trainer shares (validation, the launcher, callbacks, arguments, the rank-0 save)
+are training/trainer_run.py's; with `--distributed`, `python -m tuning.tune_dpo --config FILE` is
+what each launched process runs (the end of this file).
 """
 
 from __future__ import annotations
 
 import random
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from core import access
-
-from training import launch
-from core.atomic import not_its_own, staged_dir
 from core.errors import Arg, InputError
 from core.jsonl import read_jsonl, write_jsonl
-from training.precision import choose
 from core.qa import load_qa, split_rows
 from retrieval.retriever import Retriever
+from training import launch, run_record, trainer_run
+from training.memory_plan import GiB, ModelShape, describe, plan
 from training.train_settings import TrainSettings, literal_problems
-from training import run_record
+from training.trainer_output import drop_step_printer, no_dataset_bars
 from tuning.generation import load_generator
 from tuning.grading import classify
 from tuning.judge import Judge
-from training.trainer_output import drop_step_printer, no_dataset_bars
-from training.memory_plan import GiB, ModelShape, describe, plan
 from tuning.prompting import abstain_answer, cot_answer, parse_answer, quote_in, sequence_tokens
 from tuning.raft_data import RaftSettings, build_examples, check_rows, oracle_answer, visible_rows
 
@@ -323,107 +321,130 @@ def _sources(pairs: list[dict]) -> list[str]:
     return known + sorted({p["source"] for p in pairs} - set(known))
 
 
-def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> dict:
-    """Run the workflow; returns the run record written to OUT/hybrid_run.json."""
-    if problems := cfg.problems():
-        raise InputError("; ".join(problems))
-    t0 = time.perf_counter()
-    import torch
-    from datasets import Dataset
-    from peft import PeftModel
-    from trl import DPOConfig, DPOTrainer
+@dataclass(frozen=True)
+class DPOTuneResult:
+    """What `hybrid tune dpo` made: the summary the CLI prints, and the run record as written."""
 
-    from training.time_budget import TimeBudget  # these two import transformers: kept out of CLI start-up
-    from training.peak_memory import PeakMemory
+    out: Path
+    pairs: int
+    by_source: dict[str, int]  # pairs per source: sampled, abstain, answer, dataset (, file)
+    steps: int
+    minutes: float
+    record: dict  # OUT/hybrid_run.json, as written
 
+    @classmethod
+    def from_record(cls, out: Path, record: dict) -> "DPOTuneResult":
+        return cls(out=out, pairs=record["data"]["pairs"], by_source=record["data"]["by_source"],
+                   steps=record["steps"], minutes=record["minutes"], record=record)
+
+
+def tune_dpo(cfg: DPOTuneConfig, progress: bool = True, log=print) -> DPOTuneResult:
+    """Run the workflow; the result holds the run record written to OUT/hybrid_run.json.
+
+    Stages, in order: config -> load -> data -> plan -> train -> save.
+    """
+    run = trainer_run.begin(cfg, progress, run_record.RUN_FILE, "exists and is not a hybrid adapter; choose a new directory")
     sft_dir = Path(cfg.adapter)
     sft_run = run_record.read_sft(sft_dir, f"--adapter {sft_dir}")  # every field read below, checked now
     access.check(sft_dir, cfg.train.groups, f"--adapter {sft_dir}")
-    out = Path(cfg.out)
-    if not_its_own(out, run_record.RUN_FILE):
-        raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
-    cpu = not torch.cuda.is_available()
-    precision = choose(cfg.train.precision, "cpu" if cpu else "cuda")  # bf16: autocast, fp32 weights and optimizer
-    if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
-        launch.launch(["tune", "dpo"], cfg, "bf16" if precision == "bf16" else "no", log)
-        return run_record.read(out, f"--out {out}")
-
+    if trainer_run.relaunch("tuning.tune_dpo", cfg, run, log):  # rank 0 of the N processes wrote OUT
+        return DPOTuneResult.from_record(run.out, run_record.read(run.out, f"--out {run.out}"))
     held = set(sft_run["data"]["held_out_ids"])
     prepared = load_pairs(cfg.pairs_file, held, cfg.train.groups) if cfg.pairs_file else None  # checked before any load
-
-    # --- load: base + the SFT adapter, trainable ---------------------------------------------
-    torch.manual_seed(cfg.train.seed)
-    base, tok, info = load_generator(sft_run["base_model"]["name"])
-    if info.fingerprint != sft_run["base_model"]["fingerprint"]:
-        raise InputError(f"--adapter {sft_dir}: trained on another base model than {info.name}; retrain it")
-    model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
-    model.eval()
-
-    # --- data: the SFT run's training questions only (its held-out questions stay unseen) ----
+    model, tok = load_policy(cfg, sft_dir, sft_run)
+    # data: the SFT run's training questions only (its held-out questions stay unseen)
     if prepared is not None:
         pairs, dropped = prepared, []
     else:
         pairs, dropped = _qa_pairs(cfg, held, sft_run, model, tok)
     if not pairs:
         raise InputError("no preference pairs: every question's samples tied; raise --n-samples or --temperature")
-    questions = len({p["id"] for p in pairs})
+    mplan = memory_plan(cfg, run, pairs, sft_run, model, tok)
+    log(describe(mplan).replace(" tokens):", " tokens, a pair = 2 sequences):", 1))
+    trainer, meters = train(cfg, run, pairs, mplan, model, tok)
+    measured = meters.peak.record(mplan["estimates"]["lora"]["total"])
+    log(f"memory: planned {measured['planned_bytes'] / GiB:.2f} GiB, measured peak {measured['peak_bytes'] / GiB:.2f} "
+        f"GiB ({measured['what']})")
+    record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
+              "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
+              "precision": run.precision,
+              "access": access.record(cfg.train.groups, sorted({g for p in pairs for g in p["groups"]})),
+              "data": {"held_out_ids": sorted(held), "pairs": len(pairs), "skipped_restricted": len(dropped),
+                       "by_source": {s: sum(p["source"] == s for p in pairs) for s in _sources(pairs)},
+                       "questions": len({p["id"] for p in pairs}), "pairs_file": cfg.pairs_file},
+              "train_log": [h for h in trainer.state.log_history if "loss" in h], "steps": trainer.state.global_step,
+              "stopped_early": meters.budget.stopped_early, "memory_plan": mplan, "memory_measured": measured,
+              "minutes": run.minutes()}
+    state = launch.full_state_dict(trainer)  # every rank: a collective when the weights are sharded
 
-    # --- memory plan: a pair is two sequences (chosen, rejected) in one batch; it is planned as
-    # one sequence of twice the length, since every per-token term scales with the token count.
-    # The base is in float (LoRA, no checkpointing), whatever the SFT run used.
+    def write(tmp: Path) -> None:
+        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state)
+        tok.save_pretrained(str(tmp))
+        write_jsonl(tmp / "dpo_pairs.jsonl", pairs)
+
+    trainer_run.save(trainer, run, write, run_record.RUN_FILE, record, record["access"],
+                     scratch=run.out.parent / f"{run.out.name}.checkpoints")
+    return DPOTuneResult.from_record(run.out, record)
+
+
+def load_policy(cfg: DPOTuneConfig, sft_dir: Path, sft_run: dict):
+    """Load stage: the base model with the SFT adapter on it, trainable (TRL keeps that adapter frozen
+    as the reference); refused when the base is not the one the adapter was trained on."""
+    import torch
+    from peft import PeftModel
+
+    torch.manual_seed(cfg.train.seed)
+    base, tok, info = load_generator(sft_run["base_model"]["name"])
+    if info.fingerprint != sft_run["base_model"]["fingerprint"]:
+        raise InputError(f"--adapter {sft_dir}: trained on another base model than {info.name}; retrain it")
+    model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
+    model.eval()
+    return model, tok
+
+
+def memory_plan(cfg: DPOTuneConfig, run: trainer_run.Run, pairs: list[dict], sft_run: dict, model, tok) -> dict:
+    """Plan stage: a pair is two sequences (chosen, rejected) in one batch; it is planned as one
+    sequence of twice the length, since every per-token term scales with the token count. The base
+    is in float (LoRA, no checkpointing), whatever the SFT run used.
+
+    Raises:
+        InputError: not even one pair fits.
+    """
     longest = min(cfg.train.max_length, max(sequence_tokens(tok, p["prompt"], p[k][0]["content"])[1]
-                                      for p in pairs for k in ("chosen", "rejected")))
+                                            for p in pairs for k in ("chosen", "rejected")))
     sft_cfg = sft_run["config"]
     targets = "all-linear" if sft_cfg["target_modules"] == "all-linear" else sft_cfg["target_modules"].split(",")
-    mplan = plan(ModelShape.from_config(base.config), "lora", 2 * longest, cfg.train.batch_size, False, sft_cfg["lora_r"],
-                 targets, "cpu" if cpu else "cuda", precision=precision)
+    mplan = plan(ModelShape.from_config(model.get_base_model().config), "lora", 2 * longest, cfg.train.batch_size, False,
+                 sft_cfg["lora_r"], targets, run.device, precision=run.precision)
     if not mplan["fits"]:
         raise InputError(f"--max-length {cfg.train.max_length}: one pair of {longest}-token sequences needs "
                          f"~{mplan['estimates']['lora']['total'] / GiB:.1f} GiB but {mplan['budget'] / GiB:.1f} GiB "
                          f"is free; lower --max-length (longer pairs are truncated)")
-    log(describe(mplan).replace(" tokens):", " tokens, a pair = 2 sequences):", 1))
+    return mplan
 
-    # --- train -----------------------------------------------------------------------------
+
+def train(cfg: DPOTuneConfig, run: trainer_run.Run, pairs: list[dict], mplan: dict, model, tok):
+    """Train stage: TRL's DPOTrainer on the pairs. Returns (trainer, its meters)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
     model.train()
-    ckpt_dir = out.parent / f"{out.name}.checkpoints"
-    args = DPOConfig(output_dir=str(ckpt_dir), beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.train.max_length,
-                     # the plan may split the micro-batch; accumulation keeps the pairs per optimizer step
-                     per_device_train_batch_size=mplan["batch"],
-                     gradient_accumulation_steps=cfg.train.grad_accum * mplan["accum_factor"],
-                     learning_rate=cfg.train.learning_rate, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or -1,
-                     use_cpu=cpu, bf16=precision == "bf16", activation_checkpointing=False, logging_steps=1, save_strategy="no",
-                     report_to="none", seed=cfg.train.seed, disable_tqdm=not progress, warmup_steps=cfg.train.warmup_ratio)
+    t = cfg.train
+    args = DPOConfig(**trainer_run.arguments(
+        t, run, output_dir=str(run.out.parent / f"{run.out.name}.checkpoints"), beta=cfg.beta,
+        loss_type=[cfg.loss_type], max_length=t.max_length,
+        # the plan may split the micro-batch; accumulation keeps the pairs per optimizer step
+        per_device_train_batch_size=mplan["batch"], gradient_accumulation_steps=t.grad_accum * mplan["accum_factor"],
+        activation_checkpointing=False, logging_steps=1))
     ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    budget, peak = TimeBudget(cfg.train.max_minutes), PeakMemory("cpu" if cpu else "cuda")
+    meters = trainer_run.meters(t, run)
     with no_dataset_bars():
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
-                             callbacks=[budget, peak])
-        drop_step_printer(trainer, progress)
+                             callbacks=meters.callbacks)
+        drop_step_printer(trainer, run.progress)
         trainer.train()
-    measured = peak.record(mplan["estimates"]["lora"]["total"])
-    log(f"memory: planned {measured['planned_bytes'] / GiB:.2f} GiB, measured peak {measured['peak_bytes'] / GiB:.2f} "
-        f"GiB ({measured['what']})")
+    return trainer, meters
 
-    # --- save (atomic; under torchrun / accelerate launch, rank 0 only) -------------------------
-    history = trainer.state.log_history
-    record = {"kind": "hybrid-generator-adapter", "stage": "dpo", "strategy": sft_run["strategy"],
-              "base_model": sft_run["base_model"], "sft_adapter": str(sft_dir), "config": asdict(cfg),
-              "precision": precision,
-              "access": access.record(cfg.train.groups, sorted({g for p in pairs for g in p["groups"]})),
-              "data": {"held_out_ids": sorted(held), "pairs": len(pairs), "skipped_restricted": len(dropped),
-                       "by_source": {s: sum(p["source"] == s for p in pairs) for s in _sources(pairs)},
-                       "questions": questions, "pairs_file": cfg.pairs_file},
-              "train_log": [h for h in history if "loss" in h], "steps": trainer.state.global_step,
-              "stopped_early": budget.stopped_early, "memory_plan": mplan, "memory_measured": measured,
-              "minutes": round((time.perf_counter() - t0) / 60, 2)}
-    state = launch.full_state_dict(trainer)  # every rank: a collective when the weights are sharded
-    if trainer.is_world_process_zero():
-        with staged_dir(out) as tmp:
-            trainer.model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state)
-            tok.save_pretrained(str(tmp))
-            write_jsonl(tmp / "dpo_pairs.jsonl", pairs)
-            run_record.write(tmp, record)
-            access.write(tmp, record["access"])
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    return record
+
+if __name__ == "__main__":  # one process of a --distributed run (training/launch.py starts it)
+    trainer_run.main(DPOTuneConfig, lambda cfg: tune_dpo(cfg, log=trainer_run.stderr))

@@ -5,7 +5,11 @@ RAFT JSONL, `--examples`, which needs no index) -> memory
 plan -> load base (fp32, or 4-bit NF4 for QLoRA) -> TRL SFTTrainer + PEFT LoRA,
 completion-only loss, NEFTune, gradient accumulation/checkpointing, validation
 loss, checkpoints -> save the adapter atomically with its run record and loss
-curve -> optionally a merged full model.
+curve -> optionally a merged full model. The steps every trainer shares (validation, the
+launcher, callbacks, arguments, the rank-0 save) are training/trainer_run.py's.
+
+With `--distributed`, `python -m tuning.tune_generator --config FILE` is what each launched
+process runs (the end of this file).
 
 Questions are split by a seeded hash: `test_fraction` of them are held back
 (never trained on; `hybrid eval` scores them), `val_fraction` of the rest give
@@ -19,25 +23,20 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from core import access
-
-from training import launch
-from core.atomic import not_its_own, staged_dir
 from core.errors import Arg, InputError
 from core.jsonl import write_jsonl
-from training.precision import choose
 from core.qa import id_bucket, load_qa, split_rows
 from retrieval.retriever import Retriever
+from training import launch, run_record, trainer_run
+from training.memory_plan import GiB, ModelShape, describe, plan
 from training.train_settings import TrainSettings, literal_problems
 from training.trainer_output import drop_step_printer, no_dataset_bars
-from training import run_record
 from tuning.generation import BASE_MODEL_HELP, load_generator, load_tokenizer, resolve_generator
-from training.memory_plan import GiB, ModelShape, describe, plan
 from tuning.prompting import sequence_tokens
 from tuning.raft_data import RaftSettings, build_examples, check_rows, load_examples, stats, visible_rows
 
@@ -118,12 +117,6 @@ class GeneratorTuneConfig:
         return "all-linear" if self.target_modules == "all-linear" else [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _check_lengths(examples: list[dict], tok, max_length: int) -> dict:
     """Token lengths of prompt + completion; refuse when a prompt alone does not fit."""
     lengths = [sequence_tokens(tok, e["prompt"], e["completion"][0]["content"]) for e in examples]
@@ -188,37 +181,55 @@ class RaftData:
     dropped: list[str]  # questions whose gold documents the trainer may not read
 
 
-def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -> dict:
-    """Run the whole workflow; returns the run record also written to OUT/hybrid_run.json.
+@dataclass(frozen=True)
+class GeneratorTuneResult:
+    """What `hybrid tune generator` made: the summary the CLI prints, and the run record as written."""
 
-    Stages, in order: data -> plan -> load -> train -> save.
+    out: Path
+    strategy: str
+    steps: int
+    minutes: float
+    examples: int
+    with_oracle: int
+    abstain_targets: int
+    final_val_loss: float | None
+    loss_png: Path
+    record: dict  # OUT/hybrid_run.json, as written
+
+    @classmethod
+    def from_record(cls, out: Path, record: dict) -> "GeneratorTuneResult":
+        train = record["data"]["train"]
+        return cls(out=out, strategy=record["strategy"], steps=record["steps"], minutes=record["minutes"],
+                   examples=train["examples"], with_oracle=train["with_oracle"],
+                   abstain_targets=train["abstain_targets"], final_val_loss=record["final_val_loss"],
+                   loss_png=out / "loss.png", record=record)
+
+
+def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -> GeneratorTuneResult:
+    """Run the whole workflow; the result holds the run record also written to OUT/hybrid_run.json.
+
+    Stages, in order: config -> data -> plan -> load -> train -> save.
     """
-    if problems := cfg.problems():
-        raise InputError("; ".join(problems))
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    if not_its_own(out, run_record.RUN_FILE):
-        raise InputError(f"--out {out}: exists and is not a hybrid adapter; choose a new directory")
-    if launch.should_launch(cfg.train):  # start N processes running this same config, then read what rank 0 wrote
-        launch.launch(["tune", "generator"], cfg, "bf16" if choose(cfg.train.precision, _device()) == "bf16" else "no", log)
-        return run_record.read(out, f"--out {out}")
-    ckpt_dir = out.parent / f"{out.name}.checkpoints"
+    run = trainer_run.begin(cfg, progress, run_record.RUN_FILE, "exists and is not a hybrid adapter; choose a new directory")
+    if trainer_run.relaunch("tuning.tune_generator", cfg, run, log):  # rank 0 of the N processes wrote OUT
+        return GeneratorTuneResult.from_record(run.out, run_record.read(run.out, f"--out {run.out}"))
+    ckpt_dir = run.out.parent / f"{run.out.name}.checkpoints"
     if ckpt_dir.exists() and not cfg.resume:
         shutil.rmtree(ckpt_dir)
     data = raft_data(cfg)
-    mplan, lengths = memory_plan(cfg, data)  # refuses a bad model or a plan that does not fit, before warning
+    mplan, lengths = memory_plan(cfg, data, run)  # refuses a bad model or a plan that does not fit, before warning
     if data.dropped:
         logger.warning(f"access: {len(data.dropped)} questions skipped, their gold documents are restricted to groups "
                        f"not named with {Arg('groups')} (e.g. {', '.join(data.dropped[:3])})")
     log(describe(mplan))
     with no_dataset_bars():
-        trainer, model_info, budget, peak = load_trainer(cfg, data, mplan, ckpt_dir, progress)
+        trainer, model_info, meters = load_trainer(cfg, data, mplan, ckpt_dir, run)
         resume = cfg.resume and any(ckpt_dir.glob("checkpoint-*"))
         if cfg.resume and not resume:
             log(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
         trainer.train(resume_from_checkpoint=True if resume else None)
         final_eval = trainer.evaluate() if data.val else {}
-    measured = peak.record(mplan["estimates"][mplan["chosen"]]["total"])
+    measured = meters.peak.record(mplan["estimates"][mplan["chosen"]]["total"])
     log(f"memory: planned {measured['planned_bytes'] / GiB:.2f} GiB, measured peak "
         f"{measured['peak_bytes'] / GiB:.2f} GiB ({measured['what']})")
     record = {
@@ -232,16 +243,12 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
         "train_loss": [h for h in trainer.state.log_history if "loss" in h],
         "val_loss": [h for h in trainer.state.log_history if "eval_loss" in h],
         "final_val_loss": final_eval.get("eval_loss"), "steps": trainer.state.global_step,
-        "stopped_early": budget.stopped_early, "minutes": round((time.perf_counter() - t0) / 60, 2),
+        "stopped_early": meters.budget.stopped_early, "minutes": run.minutes(),
     }
-    # Under torchrun / accelerate launch every rank trains on its shard of the data (the trainer
-    # shards it); only rank 0 writes the adapter, its run record and its access tag.
     state = launch.full_state_dict(trainer)  # every rank: a collective when the weights are sharded
-    if trainer.is_world_process_zero():
-        save(cfg, trainer, data, record, state)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()  # no rank returns before the adapter is in place
-    return record
+    trainer_run.save(trainer, run, lambda tmp: save(cfg, trainer, data, record, state, tmp), run_record.RUN_FILE,
+                     record, record["access"], scratch=ckpt_dir)
+    return GeneratorTuneResult.from_record(run.out, record)
 
 
 def raft_data(cfg: GeneratorTuneConfig) -> RaftData:
@@ -268,7 +275,7 @@ def raft_data(cfg: GeneratorTuneConfig) -> RaftData:
     return RaftData(settings, train_ex, val_ex, held_out, [r.id for r in held_out], dropped)
 
 
-def memory_plan(cfg: GeneratorTuneConfig, data: RaftData) -> tuple[dict, dict]:
+def memory_plan(cfg: GeneratorTuneConfig, data: RaftData, run: trainer_run.Run) -> tuple[dict, dict]:
     """Plan stage: the strategy and micro-batch that fit this device, and the examples' token lengths.
 
     Raises:
@@ -284,25 +291,24 @@ def memory_plan(cfg: GeneratorTuneConfig, data: RaftData) -> tuple[dict, dict]:
     # Batches are padded to their longest sequence, so the longest example (not --max-length)
     # bounds the per-token terms.
     seq_len = min(cfg.train.max_length, lengths["max_tokens"])
-    precision = choose(cfg.train.precision, _device())
     mplan = plan(shape, cfg.strategy, seq_len, cfg.train.batch_size, cfg.gradient_checkpointing, cfg.lora_r,
-                 cfg.targets, _device(), precision=precision, scored_tokens=lengths["scored_tokens"])
+                 cfg.targets, run.device, precision=run.precision, scored_tokens=lengths["scored_tokens"])
     if not mplan["fits"]:
         need = min(mplan["estimates"][s]["total"] for s in mplan["order"])
         raise InputError(f"--strategy {cfg.strategy}: needs ~{need / GiB:.1f} GiB for one sequence of {seq_len} tokens "
                          f"but {mplan['budget'] / GiB:.1f} GiB is free; lower --max-length, keep "
                          f"--gradient-checkpointing, or use --strategy qlora")
-    return {**mplan, "device": _device()}, lengths
+    return {**mplan, "device": run.device}, lengths
 
 
-def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir: Path, progress: bool):
+def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir: Path, run: trainer_run.Run):
     """Load stage: the base model (fp32 weights, or 4-bit NF4 for QLoRA) inside a TRL SFTTrainer with PEFT
     LoRA, completion-only loss with the LM head on the completion only (tuning/completion_loss.py), bf16
     autocast where the plan's precision is bf16, NEFTune, gradient accumulation and checkpointing,
     validation loss.
 
     Returns:
-        (trainer, the base model's info, its time budget, its peak-memory meter).
+        (trainer, the base model's info, its meters: time budget and peak memory).
     """
     import torch
     from datasets import Dataset
@@ -311,62 +317,58 @@ def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir
 
     from tuning.completion_loss import CompletionSFTTrainer
 
-    from training.time_budget import TimeBudget  # these two import transformers: kept out of CLI start-up
-    from training.peak_memory import PeakMemory
-
-    t, strategy, device = cfg.train, mplan["chosen"], mplan["device"]
+    t, strategy = cfg.train, mplan["chosen"]
     torch.manual_seed(t.seed)
-    model, tok, info = load_generator(cfg.base_model, quantize="4bit" if strategy == "qlora" else "none", device=device)
+    model, tok, info = load_generator(cfg.base_model, quantize="4bit" if strategy == "qlora" else "none", device=run.device)
     cols = ["prompt", "completion"]
     train_ds = Dataset.from_list([{c: e[c] for c in cols} for e in data.train])
     val_ds = Dataset.from_list([{c: e[c] for c in cols} for e in data.val]) if data.val else None
     peft_config = None if strategy == "full" else LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.targets,
         task_type="CAUSAL_LM")
-    args = SFTConfig(
-        output_dir=str(ckpt_dir), max_length=t.max_length, completion_only_loss=True, packing=False,
+    args = SFTConfig(**trainer_run.arguments(
+        t, run, output_dir=str(ckpt_dir), max_length=t.max_length, completion_only_loss=True, packing=False,
         # the plan may split the micro-batch; accumulation keeps the sequences per optimizer step
         per_device_train_batch_size=mplan["batch"], per_device_eval_batch_size=mplan["batch"],
-        gradient_accumulation_steps=t.grad_accum * mplan["accum_factor"], learning_rate=t.learning_rate,
-        warmup_steps=t.warmup_ratio, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        gradient_accumulation_steps=t.grad_accum * mplan["accum_factor"],
         # transformers 5's names: the old gradient_checkpointing* warn a FutureWarning on every run
         neftune_noise_alpha=cfg.neftune_alpha or None, activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        use_cpu=device == "cpu", bf16=mplan["precision"] == "bf16", fp16=False,
+        bf16=mplan["precision"] == "bf16", fp16=False,
         eval_strategy="steps" if val_ds is not None else "no", eval_steps=cfg.save_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=1,
-        seed=t.seed, data_seed=t.seed, report_to="none", disable_tqdm=not progress,
-        dataloader_num_workers=0, remove_unused_columns=True,
+        data_seed=t.seed, dataloader_num_workers=0, remove_unused_columns=True,
         # several sequences a batch pad to the longest: batch those of similar length (less padding computed).
         # By the batch asked for, not the micro-batch: the sampler groups an optimizer step's sequences, so a
         # batch the plan splits still sees the same sequences per step.
-        train_sampling_strategy="group_by_length" if t.batch_size > 1 else "random")
-    budget, peak = TimeBudget(t.max_minutes), PeakMemory(device)
+        train_sampling_strategy="group_by_length" if t.batch_size > 1 else "random"))
+    meters = trainer_run.meters(t, run)
     trainer = CompletionSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tok, peft_config=peft_config, callbacks=[budget, peak])
-    drop_step_printer(trainer, progress)
-    return trainer, info, budget, peak
+                                   processing_class=tok, peft_config=peft_config, callbacks=meters.callbacks)
+    drop_step_printer(trainer, run.progress)
+    return trainer, info, meters
 
 
-def save(cfg: GeneratorTuneConfig, trainer, data: RaftData, record: dict, state: dict | None = None) -> None:
-    """Save stage (atomic: the previous adapter stays until the new one is complete): adapter, tokenizer,
-    the RAFT examples, the held-back questions as a QA file, the loss curve, the run record, the
-    access tag, and optionally a merged full model."""
-    with staged_dir(cfg.out) as tmp:
-        trainer.model.save_pretrained(str(tmp), state_dict=state)  # state: the gathered weights of a launched run
-        trainer.processing_class.save_pretrained(str(tmp))
-        write_jsonl(tmp / "raft_train.jsonl", data.train)
-        # The held-back questions as a QA file, so `hybrid eval OUT/held_out.jsonl` scores unseen questions.
-        if not cfg.examples:
-            write_jsonl(tmp / "held_out.jsonl", [{"id": r.id, "question": r.question, "answers": list(r.answers),
-                                                  "gold_ids": list(r.gold_ids)} for r in data.held_out])
-        if data.val:
-            write_jsonl(tmp / "raft_val.jsonl", data.val)
-        _loss_plot(trainer.state.log_history, tmp / "loss.png")
-        run_record.write(tmp, record)
-        access.write(tmp, record["access"])
-        if cfg.merge:
-            merged = trainer.model.merge_and_unload() if record["strategy"] != "full" else trainer.model
-            merged.save_pretrained(str(tmp / "merged"))
-            trainer.processing_class.save_pretrained(str(tmp / "merged"))
-            access.write(tmp / "merged", record["access"])  # the merged weights hold the same text
+def save(cfg: GeneratorTuneConfig, trainer, data: RaftData, record: dict, state: dict | None, tmp: Path) -> None:
+    """Save stage, into the staging directory (trainer_run.save swaps it in whole, with the run record
+    and access tag): adapter, tokenizer, the RAFT examples, the held-back questions as a QA file, the
+    loss curve, and optionally a merged full model."""
+    trainer.model.save_pretrained(str(tmp), state_dict=state)  # state: the gathered weights of a launched run
+    trainer.processing_class.save_pretrained(str(tmp))
+    write_jsonl(tmp / "raft_train.jsonl", data.train)
+    # The held-back questions as a QA file, so `hybrid eval OUT/held_out.jsonl` scores unseen questions.
+    if not cfg.examples:
+        write_jsonl(tmp / "held_out.jsonl", [{"id": r.id, "question": r.question, "answers": list(r.answers),
+                                              "gold_ids": list(r.gold_ids)} for r in data.held_out])
+    if data.val:
+        write_jsonl(tmp / "raft_val.jsonl", data.val)
+    _loss_plot(trainer.state.log_history, tmp / "loss.png")
+    if cfg.merge:
+        merged = trainer.model.merge_and_unload() if record["strategy"] != "full" else trainer.model
+        merged.save_pretrained(str(tmp / "merged"))
+        trainer.processing_class.save_pretrained(str(tmp / "merged"))
+        access.write(tmp / "merged", record["access"])  # the merged weights hold the same text
+
+
+if __name__ == "__main__":  # one process of a --distributed run (training/launch.py starts it)
+    trainer_run.main(GeneratorTuneConfig, lambda cfg: tune_generator(cfg, log=trainer_run.stderr))

@@ -100,7 +100,7 @@ def loss_curves(work: Path, steps: int, log) -> dict:
             save_steps=10_000, strategy="lora", num_distractors=2,
             train=TrainSettings(learning_rate=2e-4, batch_size=1, grad_accum=2, max_steps=steps, max_length=1024,
                                 precision=p)), progress=False, log=lambda *a: None)
-        curves[p] = {"loss": [h["loss"] for h in rec["train_loss"]], "minutes": rec["minutes"]}
+        curves[p] = {"loss": [h["loss"] for h in rec.record["train_loss"]], "minutes": rec.minutes}
     diffs = [abs(x - y) for x, y in zip(curves["fp32"]["loss"], curves["bf16"]["loss"])]
     chart(curves, ROOT_DOCS / "precision_loss.png")
     return {**curves, "max_abs_diff": max(diffs), "median_abs_diff": statistics.median(diffs)}

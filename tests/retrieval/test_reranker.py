@@ -43,17 +43,17 @@ def setup(tmp_path_factory, tiny_embedder, tiny_embedder_dir):
 def test_training_changes_weights_saves_a_reranker_and_reports_before_after(setup):
     res, out = setup["res"], setup["public"]
     for side in ("first_stage", "reranked"):
-        assert res[side]["n"] == res["test_queries"] > 0
-        assert {"recall@1", "recall@5", "mrr@10", "ndcg@10"} <= set(res[side])
-    assert res["train_steps"] == 4 and res["candidates"] == 6
-    assert res["worse_than_first_stage"] == (res["reranked"]["mrr@10"] < res["first_stage"]["mrr@10"])
+        assert getattr(res, side)["n"] == res.test_queries > 0
+        assert {"recall@1", "recall@5", "mrr@10", "ndcg@10"} <= set(getattr(res, side))
+    assert res.train_steps == 4 and res.candidates == 6
+    assert res.worse_than_first_stage == (res.reranked["mrr@10"] < res.first_stage["mrr@10"])
     saved = json.loads((out / "hybrid_reranker.json").read_text())
-    assert saved["reranked"] == res["reranked"]
+    assert saved["reranked"] == res.reranked
     assert json.loads((out / "hybrid_access.json").read_text()) == {"scope": "public"}
     # every training row: one positive per question, negatives outside its gold document, no restricted text
     rows = [json.loads(line) for line in (out / "train_rows.jsonl").read_text().splitlines()]
-    assert sum(r["label"] == 1.0 for r in rows) == res["train_queries"]
-    assert res["train_negatives"] == sum(r["label"] == 0.0 for r in rows) > 0
+    assert sum(r["label"] == 1.0 for r in rows) == res.train_queries
+    assert res.train_negatives == sum(r["label"] == 0.0 for r in rows) > 0
     assert all(r["groups"] == [] for r in rows)
     for r in rows:
         part = r["query"].rstrip("?").split()[-1]

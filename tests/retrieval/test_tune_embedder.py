@@ -41,10 +41,10 @@ def test_tuning_changes_weights_saves_model_and_reports_before_after(tune_setup,
                              max_steps=3, learning_rate=1e-3, test_fraction=0.25, mine_range=5)
     res = tune_embedder(cfg, progress=False)
     for side in ("base", "tuned"):
-        assert {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"} <= set(res[side])
-        assert res[side]["n"] == res["test_queries"] > 0
-    assert res["pairs_source"] == ("qa" if use_qa else "inverse_cloze")
-    assert json.loads((out / "hybrid_tuning.json").read_text())["tuned"] == res["tuned"]
+        assert {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"} <= set(getattr(res, side))
+        assert getattr(res, side)["n"] == res.test_queries > 0
+    assert res.pairs_source == ("qa" if use_qa else "inverse_cloze")
+    assert json.loads((out / "hybrid_tuning.json").read_text())["tuned"] == res.tuned
     tuned = load_embedder(str(out))
     assert tuned.fingerprint != tiny_embedder.fingerprint
     base_w = dict(tiny_embedder.model.named_parameters())
@@ -86,8 +86,8 @@ def test_hard_negatives_are_mined_from_the_index_and_reach_the_loss(tune_setup, 
                  learning_rate=1e-3, test_fraction=0.25, mine_range=5, relative_margin=0.0)
     res = tune_embedder(cfg, progress=False)
     (ds,) = seen["datasets"]
-    assert ds.column_names == ["anchor", "positive", "negative_1"] and res["hard_negative_columns"] == ["negative_1"]
-    assert len(ds) == res["train_rows_with_hard_negatives"] >= cfg.train.batch_size
+    assert ds.column_names == ["anchor", "positive", "negative_1"] and res.hard_negative_columns == ["negative_1"]
+    assert len(ds) == res.train_rows_with_hard_negatives >= cfg.train.batch_size
     # the negatives are the index's own chunks (public ones: the trainer named no group), never the positive
     retriever = Retriever.load(index)
     public = {embed_text(c.title, c.text) for c in retriever.chunks()}
@@ -126,5 +126,5 @@ def test_the_fallback_to_in_batch_negatives_reports_no_hard_negative_rows(tune_s
     corpus, qa, index = tune_setup  # the random tiny embedder's margin drops every mined negative
     res = tune_embedder(config(EmbedderTuneConfig, index=str(index), out=str(tmp_path / "t"), qa=str(qa), batch_size=4,
                                max_steps=2, test_fraction=0.25, mine_range=5), progress=False)
-    assert res["hard_negative_columns"] == [] and res["train_rows_with_hard_negatives"] == 0
-    assert res["train_steps"] == 2
+    assert res.hard_negative_columns == [] and res.train_rows_with_hard_negatives == 0
+    assert res.train_steps == 2

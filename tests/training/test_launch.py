@@ -94,12 +94,13 @@ def test_launch_command_is_torchrun_on_cpu_and_accelerate_on_cuda(tmp_path, monk
 
     train = _train(distributed="ddp", num_processes=2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpu = launch.command(["tune", "embedder"], tmp_path / "c.yaml", train, "no", tmp_path)
+    cpu = launch.command("retrieval.tune_embedder", tmp_path / "c.yaml", train, "no", tmp_path)
     assert cpu[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--nproc_per_node=2" in cpu
-    assert cpu[-5:] == ["hybrid.cli", "tune", "embedder", "--config", str(tmp_path / "c.yaml")]
+    assert cpu[-4:] == ["-m", "retrieval.tune_embedder", "--config", str(tmp_path / "c.yaml")]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    gpu = launch.command(["tune", "generator"], tmp_path / "c.yaml", _train(distributed="zero2", num_processes=4),
+    gpu = launch.command("tuning.tune_generator", tmp_path / "c.yaml", _train(distributed="zero2", num_processes=4),
                          "bf16", tmp_path)
+    assert gpu[-4:] == ["-m", "tuning.tune_generator", "--config", str(tmp_path / "c.yaml")]
     assert gpu[1:3] == ["-m", "accelerate.commands.launch"]
     written = yaml.safe_load(Path(gpu[gpu.index("--config_file") + 1]).read_text())
     assert written == yaml.safe_load((GOLDEN / "accelerate_zero2.yaml").read_text())
@@ -137,6 +138,44 @@ def test_embedder_self_launches_two_processes_and_rank0_writes_one_model(tmp_pat
     cfg.train = TrainSettings(learning_rate=1e-3, batch_size=2, max_steps=2, max_length=64,
                               distributed="ddp", num_processes=2)
     result = tune_embedder(cfg, progress=False)
-    assert result["train_steps"] == 2 and result["config"]["train"]["distributed"] == "ddp"
+    assert result.train_steps == 2 and result.config["train"]["distributed"] == "ddp"
     assert (out / "model.safetensors").is_file() and (out / "hybrid_tuning.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("tuned")) == ["tuned"]
+
+
+def test_each_trainer_relaunches_its_own_module_and_the_launcher_names_no_upper_floor(tmp_path, monkeypatch):
+    """The launched processes enter at the trainer's module (its `__main__` reads the config file back);
+    training/launch.py itself names no module above the training floor."""
+    import ast
+    import re
+
+    from core.errors import InputError
+    from retrieval.tune_embedder import EmbedderTuneConfig
+    from tuning.tune_generator import GeneratorTuneConfig
+
+    text = (Path(launch.__file__)).read_text(encoding="utf-8")
+    assert not re.search(r"\b(hybrid|tuning|retrieval)\.\w", text)
+    started = []
+    monkeypatch.setattr(launch, "launch", lambda module, cfg, *a, **k: started.append((module, cfg)) or
+                        (_ for _ in ()).throw(InputError("stop")))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("ACCELERATE_PROCESS_ID", raising=False)
+    monkeypatch.setattr(launch, "problems", lambda *a, **k: [])
+    from retrieval.tune_embedder import tune_embedder
+    from tuning.tune_generator import tune_generator
+
+    ddp = _train(distributed="ddp", num_processes=2)
+    for tune, cfg in [(tune_generator, GeneratorTuneConfig(out=str(tmp_path / "g"), examples="x.jsonl", train=ddp)),
+                      (tune_embedder, EmbedderTuneConfig(index="i", out=str(tmp_path / "e"),
+                                                          train=_train(distributed="ddp", num_processes=2,
+                                                                       batch_size=2)))]:
+        with pytest.raises(InputError, match="stop"):
+            tune(cfg, progress=False)
+    assert [m for m, _ in started] == ["tuning.tune_generator", "retrieval.tune_embedder"]
+    for module, _ in started:  # each ends in the entry the launched processes run
+        tree = ast.parse(Path(__import__(module, fromlist=["_"]).__file__).read_text(encoding="utf-8"))
+        assert any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body), module
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(__import__("dataclasses").asdict(started[0][1])))
+    back = launch.read_config(GeneratorTuneConfig, config_file)
+    assert back == started[0][1] and isinstance(back.train, TrainSettings)

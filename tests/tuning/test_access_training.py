@@ -52,7 +52,7 @@ def acl(tmp_path_factory, tiny_embedder, tiny_llm_dir):
 
 def test_default_training_never_sees_restricted_text(acl):
     assert CANARY not in artifact_text(acl["public"]) and "61000" not in artifact_text(acl["public"])
-    assert acl["rec_public"]["access"] == {"scope": "public"} and acl["rec_public"]["data"]["skipped_restricted"] == 1
+    assert acl["rec_public"].record["access"] == {"scope": "public"} and acl["rec_public"].record["data"]["skipped_restricted"] == 1
     assert json.loads((acl["public"] / "hybrid_access.json").read_text()) == {"scope": "public"}
     examples = [json.loads(l) for l in (acl["public"] / "raft_train.jsonl").read_text().splitlines()]
     assert {e["id"] for e in examples} == {"k", "o", "of", "s", "u"}
@@ -63,7 +63,7 @@ def test_default_training_never_sees_restricted_text(acl):
 def test_named_group_enters_training_and_tags_adapter_and_merged_model(acl):
     text = (acl["hr"] / "raft_train.jsonl").read_text()
     assert CANARY in text
-    assert acl["rec_hr"]["access"] == {"scope": ["hr"], "groups_seen": ["hr"]}
+    assert acl["rec_hr"].record["access"] == {"scope": ["hr"], "groups_seen": ["hr"]}
     for d in (acl["hr"], acl["hr"] / "merged"):
         assert json.loads((d / "hybrid_access.json").read_text())["scope"] == ["hr"]
     examples = {e["id"]: e for e in map(json.loads, (acl["hr"] / "raft_train.jsonl").read_text().splitlines())}
@@ -124,9 +124,9 @@ def test_dpo_default_is_public_and_named_groups_tag_it(acl, tmp_path):
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text("".join(json.dumps({"id": r["id"], "wrong_answer": "forty goats"}) + "\n" for r in ROWS))
     rec = dpo(acl["public"], "dpo_public", wrong_answers=str(wrong))
-    assert rec["access"] == {"scope": "public"} and CANARY not in artifact_text(tmp_path / "dpo_public")
+    assert rec.record["access"] == {"scope": "public"} and CANARY not in artifact_text(tmp_path / "dpo_public")
     rec = dpo(acl["hr"], "dpo_hr", wrong_answers=str(wrong), groups=["hr"])
-    assert rec["access"]["scope"] == ["hr"] and CANARY in (tmp_path / "dpo_hr" / "dpo_pairs.jsonl").read_text()
+    assert rec.record["access"]["scope"] == ["hr"] and CANARY in (tmp_path / "dpo_hr" / "dpo_pairs.jsonl").read_text()
     pairs = [json.loads(l) for l in (tmp_path / "dpo_hr" / "dpo_pairs.jsonl").read_text().splitlines()]
     assert {p["id"]: p["groups"] for p in pairs}["hr1"] == ["hr"]  # each pair records its chunks' groups
     assert all(p["groups"] == [] for p in pairs if p["id"] != "hr1")
@@ -140,10 +140,10 @@ def test_tuned_embedder_is_tagged_and_its_index_refuses_public_callers(acl, tmp_
 
     base = dict(index=str(acl["index"]), qa=str(acl["qa"]), test_fraction=0.3, batch_size=2, max_steps=1, mine_range=3)
     res = tune_embedder(config(EmbedderTuneConfig, out=str(tmp_path / "emb_pub"), **base), progress=False)
-    assert res["access"] == {"scope": "public"} and CANARY not in artifact_text(tmp_path / "emb_pub")
+    assert res.access == {"scope": "public"} and CANARY not in artifact_text(tmp_path / "emb_pub")
     assert (tmp_path / "emb_pub" / "train_pairs.jsonl").read_text()  # the checked text includes the pairs
     res = tune_embedder(config(EmbedderTuneConfig, out=str(tmp_path / "emb_hr"), groups=["hr"], **base), progress=False)
-    assert res["access"]["scope"] == ["hr"]
+    assert res.access["scope"] == ["hr"]
     pairs = [json.loads(l) for l in (tmp_path / "emb_hr" / "train_pairs.jsonl").read_text().splitlines()]
     assert all(p["groups"] == (["hr"] if p["chunk_id"].startswith("salaries#") else []) for p in pairs)
     build_index(acl["root"] / "corpus", tmp_path / "idx", IndexConfig(chunk_tokens=64, overlap=8),

@@ -99,10 +99,10 @@ def test_a_run_record_names_the_precision_it_trained_at(tmp_path, bundled_tiny_i
     seen = _on_first_step(monkeypatch, watch)
     rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0,
                                  precision=precision), progress=False, log=lambda *_: None)
-    assert rec["precision"] == precision == rec["memory_plan"]["precision"]
+    assert rec.record["precision"] == precision == rec.record["memory_plan"]["precision"]
     (dtypes, trainable), = seen  # bf16 matmuls exactly when the run is bf16; trainable weights stay fp32
     assert dtypes[0] == (torch.bfloat16 if precision == "bf16" else torch.float32) and trainable == {torch.float32}
-    assert rec["train_loss"] and all(h["loss"] > 0 for h in rec["train_loss"])
+    assert rec.record["train_loss"] and all(h["loss"] > 0 for h in rec.record["train_loss"])
     # the plan's logits term counts the completion's positions only
-    assert rec["memory_plan"]["estimates"]["lora"]["logits"] == \
-        3 * rec["data"]["scored_tokens"] * rec["memory_plan"]["batch"] * AutoConfig.from_pretrained(str(tiny_llm_dir)).vocab_size * 4
+    assert rec.record["memory_plan"]["estimates"]["lora"]["logits"] == \
+        3 * rec.record["data"]["scored_tokens"] * rec.record["memory_plan"]["batch"] * AutoConfig.from_pretrained(str(tiny_llm_dir)).vocab_size * 4

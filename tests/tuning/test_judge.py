@@ -8,7 +8,8 @@ import pytest
 from core import access
 from core.errors import InputError
 from tests.hybrid.test_cli import assert_clean_error, run
-from tuning.judge import Judge, auroc, gate_abstains, read_pairs, write_pairs
+from tuning.judge import Judge, auroc, gate_abstains
+from tuning.tune_judge import read_pairs, write_pairs
 
 NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ida", "Jon", "Kim", "Lea", "Max", "Ned", "Ola", "Pia"]
 CITIES = ["Oslo", "Rome", "Lima", "Kyiv", "Bern", "Riga", "Doha", "Baku", "Agra", "Cork"]
@@ -95,7 +96,7 @@ def test_bad_pairs_and_judge_records_end_in_one_line(tmp_path):
 
 
 def test_judge_pairs_from_a_qa_file_over_the_index_hold_only_what_the_trainer_may_read(tmp_path, small_index):
-    from tuning.judge import index_pairs
+    from tuning.tune_judge import index_pairs
 
     qa = tmp_path / "qa.jsonl"
     qa.write_text("\n".join(json.dumps(r) for r in [

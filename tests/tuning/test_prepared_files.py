@@ -32,9 +32,9 @@ def test_sft_from_examples_needs_no_index_and_keeps_question_pairs_together(tmp_
                               base_model=str(tiny_llm_dir), max_steps=2, save_steps=1, grad_accum=1, learning_rate=1e-2,
                               test_fraction=0.3, val_fraction=0.3, max_length=1024)
     rec = tune_generator(cfg, progress=False, log=_quiet)
-    assert rec["steps"] == 2 and rec["data"]["examples"] == cfg.examples and rec["final_val_loss"] is not None
+    assert rec.record["steps"] == 2 and rec.record["data"]["examples"] == cfg.examples and rec.record["final_val_loss"] is not None
     ids = lambda name: [json.loads(l)["id"] for l in (tmp_path / "again" / name).read_text().splitlines()]
-    train, val, held = set(ids("raft_train.jsonl")), set(ids("raft_val.jsonl")), set(rec["data"]["held_out_ids"])
+    train, val, held = set(ids("raft_train.jsonl")), set(ids("raft_val.jsonl")), set(rec.record["data"]["held_out_ids"])
     source = [json.loads(l)["id"] for l in (adapter / "raft_train.jsonl").read_text().splitlines()]
     assert train and val and held and not (train & val or train & held or val & held)
     assert train | val | held == set(source)
@@ -80,9 +80,9 @@ def test_dpo_from_pairs_file_refuses_held_out_questions_and_trains_otherwise(tmp
     monkeypatch.setitem(sys.modules, "faiss", None)
     again = tune_dpo(config(DPOTuneConfig, adapter=str(adapter), out=str(tmp_path / "dpo2"), pairs_file=str(pairs_path),
                                    max_steps=2, grad_accum=1), progress=False, log=_quiet)
-    assert again["steps"] == 2 and again["data"]["pairs"] == first["data"]["pairs"]
-    assert again["data"]["by_source"] == first["data"]["by_source"] and again["data"]["pairs_file"] == str(pairs_path)
-    held = sft["data"]["held_out_ids"][0]
+    assert again.record["steps"] == 2 and again.record["data"]["pairs"] == first.record["data"]["pairs"]
+    assert again.record["data"]["by_source"] == first.record["data"]["by_source"] and again.record["data"]["pairs_file"] == str(pairs_path)
+    held = sft.record["data"]["held_out_ids"][0]
     leaky = tmp_path / "leaky.jsonl"
     leaky.write_text(pairs_path.read_text() + json.dumps({"id": held, "prompt": [{"role": "user", "content": "q"}],
                                                           "chosen": [{"role": "assistant", "content": "a"}],
@@ -95,11 +95,11 @@ def test_dpo_from_pairs_file_refuses_held_out_questions_and_trains_otherwise(tmp
 def test_max_minutes_stops_training_early_and_saves(tmp_path, bundled_tiny_index, tiny_llm_dir):
     rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=50, val_fraction=0,
                                  max_minutes=1e-6), progress=False, log=_quiet)
-    assert rec["steps"] == 1 and rec["stopped_early"] is True
+    assert rec.record["steps"] == 1 and rec.record["stopped_early"] is True
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     full = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, out=str(tmp_path / "full"), max_steps=2,
                                   val_fraction=0), progress=False, log=_quiet)
-    assert full["steps"] == 2 and full["stopped_early"] is False
+    assert full.record["steps"] == 2 and full.record["stopped_early"] is False
 
 
 def test_load_pairs_names_the_bad_line_and_refuses_restricted_text(tmp_path):

@@ -41,18 +41,18 @@ def test_embedder_tuning_at_bf16(first_step, tune_setup, tmp_path):  # noqa: F81
     res = tune_embedder(config(EmbedderTuneConfig, index=str(index), out=str(tmp_path / "tuned"), qa=str(qa),
                                batch_size=4, max_steps=1, test_fraction=0.25, mine_range=5, precision="bf16"),
                         progress=False)
-    assert res["precision"] == "bf16"
+    assert res.precision == "bf16"
     assert first_step == [(torch.bfloat16, {torch.float32})]
 
 
 def test_judge_tuning_at_bf16(first_step, tmp_path):
     from tests.tuning.test_judge import born_pairs, write_pairs
-    from tuning.judge import JudgeTuneConfig, tune_judge
+    from tuning.tune_judge import JudgeTuneConfig, tune_judge
 
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs, born_pairs(0, 12))
     rep = tune_judge(config(JudgeTuneConfig, out=str(tmp_path / "judge"), pairs=str(pairs), batch_size=8,
                             max_steps=1, max_length=64, precision="bf16"), progress=False)
-    assert rep["precision"] == "bf16"
+    assert rep.precision == "bf16"
     assert first_step == [(torch.bfloat16, {torch.float32})]
     assert json.loads((tmp_path / "judge" / "hybrid_judge.json").read_text())["precision"] == "bf16"

@@ -44,10 +44,10 @@ def test_dpo_continues_sft_adapter_and_saves_loadable_adapter(tmp_path, bundled_
                         out=str(tmp_path / "dpo"), wrong_answers=str(wrong), n_samples=2, max_new_tokens=6,
                         num_distractors=1, max_steps=2, grad_accum=1, learning_rate=1e-2, max_questions=6)
     rec = tune_dpo(cfg, progress=False, log=lambda *_: None)
-    assert rec["steps"] == 2 and rec["data"]["pairs"] >= 1 and rec["data"]["by_source"]["dataset"] >= 1
-    m = rec["memory_measured"]  # planned (a pair = two sequences) and measured
-    assert m["steps"] == 2 and m["peak_bytes"] > 100 * 2**20 and m["planned_bytes"] == rec["memory_plan"]["estimates"]["lora"]["total"]
-    held = set(rec["data"]["held_out_ids"])
+    assert rec.record["steps"] == 2 and rec.record["data"]["pairs"] >= 1 and rec.record["data"]["by_source"]["dataset"] >= 1
+    m = rec.record["memory_measured"]  # planned (a pair = two sequences) and measured
+    assert m["steps"] == 2 and m["peak_bytes"] > 100 * 2**20 and m["planned_bytes"] == rec.record["memory_plan"]["estimates"]["lora"]["total"]
+    held = set(rec.record["data"]["held_out_ids"])
     pairs = [json.loads(l) for l in (tmp_path / "dpo" / "dpo_pairs.jsonl").read_text().splitlines()]
     assert not held & {p["id"] for p in pairs}  # held-out questions never become training pairs
     base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
@@ -100,7 +100,7 @@ def test_dpo_reference_is_the_frozen_sft_adapter_not_the_base_model(tmp_path, bu
                  adapter=str(tmp_path / "adapter"), out=str(tmp_path / "dpo"), pairs="contrastive", num_distractors=1,
                  max_steps=2, warmup_ratio=0, grad_accum=1, batch_size=1, learning_rate=5e-2, max_questions=3, beta=0.5)
     rec = tune_dpo(cfg, progress=False, log=quiet)
-    assert rec["steps"] == 2 and len(steps) == 2
+    assert rec.record["steps"] == 2 and len(steps) == 2
     base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()
     sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm_dir), tmp_path / "adapter").eval()
     for n, st in enumerate(steps):
@@ -114,7 +114,7 @@ def test_dpo_reference_is_the_frozen_sft_adapter_not_the_base_model(tmp_path, bu
     assert [steps[0]["logps/chosen"], steps[0]["logps/rejected"]] == pytest.approx(
         _completion_logps(sft, steps[0]["batch"]), abs=1e-3)
     assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5) and steps[0]["rewards/rejected"] == pytest.approx(0, abs=1e-5)
-    assert rec["train_log"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert rec.record["train_log"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert any(abs(st["rewards/chosen"]) > 1e-3 for st in steps[1:])  # step 2: the policy moved, the reference did not
 
 
@@ -125,7 +125,7 @@ def test_contrastive_dpo_trains_on_flipped_pairs_without_sampling(tmp_path, bund
                         out=str(tmp_path / "dpo"), pairs="contrastive", num_distractors=1, max_steps=1, grad_accum=1,
                         max_questions=6)
     rec = tune_dpo(cfg, progress=False, log=lambda *_: None)
-    by_source = rec["data"]["by_source"]
+    by_source = rec.record["data"]["by_source"]
     assert by_source["answer"] == by_source["abstain"] >= 1 and by_source["sampled"] == 0
     pairs = [json.loads(l) for l in (tmp_path / "dpo" / "dpo_pairs.jsonl").read_text().splitlines()]
     assert {p["id"] for p in pairs if p["source"] == "answer"} == {p["id"] for p in pairs if p["source"] == "abstain"}
@@ -147,15 +147,15 @@ def test_dpo_plans_pairs_as_double_length_sequences_and_splits_what_does_not_fit
     common = dict(index=str(bundled_tiny_index), qa=str(small_qa(tmp_path)), adapter=str(tmp_path / "adapter"),
                   pairs="contrastive", num_distractors=1, max_steps=2, grad_accum=1, max_questions=6, batch_size=2)
     whole = tune_dpo(config(DPOTuneConfig, out=str(tmp_path / "whole"), **common), progress=False, log=quiet)
-    p = whole["memory_plan"]
+    p = whole.record["memory_plan"]
     pairs = [json.loads(l) for l in (tmp_path / "whole" / "dpo_pairs.jsonl").read_text().splitlines()]
     assert p["seq_len"] % 2 == 0 and p["seq_len"] // 2 >= max(len(x["chosen"][0]["content"].split()) for x in pairs)
-    assert (p["batch"], p["accum_factor"]) == (2, 1) and whole["memory_measured"]["planned_bytes"] == p["estimates"]["lora"]["total"]
+    assert (p["batch"], p["accum_factor"]) == (2, 1) and whole.record["memory_measured"]["planned_bytes"] == p["estimates"]["lora"]["total"]
     monkeypatch.setattr(mp, "available_bytes", lambda device: int(p["estimates"]["lora"]["total"] / 0.9) - 1)
     split = tune_dpo(config(DPOTuneConfig, out=str(tmp_path / "split"), **common), progress=False, log=quiet)
-    assert (split["memory_plan"]["batch"], split["memory_plan"]["accum_factor"]) == (1, 2) and split["steps"] == 2
+    assert (split.record["memory_plan"]["batch"], split.record["memory_plan"]["accum_factor"]) == (1, 2) and split.record["steps"] == 2
     # the same pairs reach each optimizer step: same tokens and log-probs per step, the same gradient
-    for a, b in zip(whole["train_log"], split["train_log"], strict=True):
+    for a, b in zip(whole.record["train_log"], split.record["train_log"], strict=True):
         assert a["num_tokens"] == b["num_tokens"] and a["logps/chosen"] == pytest.approx(b["logps/chosen"], rel=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     monkeypatch.setattr(mp, "available_bytes", lambda device: 1)

@@ -33,19 +33,19 @@ def test_lora_sft_trains_adapter_only_and_saves_plain_peft_dir(tmp_path, bundled
 
     rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir), progress=False, log=lambda *_: None)
     out = tmp_path / "adapter"
-    assert rec["strategy"] == "lora" and rec["steps"] == 3
+    assert rec.record["strategy"] == "lora" and rec.record["steps"] == 3
     assert (out / "adapter_config.json").exists() and (out / "loss.png").stat().st_size > 1000
-    assert rec["final_val_loss"] is not None and len(rec["train_loss"]) == 3
-    assert rec["data"]["train"]["examples"] > 0 and rec["data"]["held_out_ids"]
+    assert rec.record["final_val_loss"] is not None and len(rec.record["train_loss"]) == 3
+    assert rec.record["data"]["train"]["examples"] > 0 and rec.record["data"]["held_out_ids"]
     # the plan is sized for the longest example (batches pad to it), not for --max-length 1024
-    assert rec["memory_plan"]["seq_len"] == rec["data"]["max_tokens"] < 1024
+    assert rec.record["memory_plan"]["seq_len"] == rec.record["data"]["max_tokens"] < 1024
     # the plan is checked against the run itself: peak RSS after the steps, beside the plan's total
-    m = rec["memory_measured"]
-    assert m["device"] == "cpu" and m["steps"] == 3 and m["planned_bytes"] == rec["memory_plan"]["estimates"]["lora"]["total"]
+    m = rec.record["memory_measured"]
+    assert m["device"] == "cpu" and m["steps"] == 3 and m["planned_bytes"] == rec.record["memory_plan"]["estimates"]["lora"]["total"]
     assert 100 * 2**20 < m["peak_bytes"] <= process_peak_rss()  # torch alone is over 100 MiB; ru_maxrss only grows
     assert m["planned_over_measured"] == round(m["planned_bytes"] / m["peak_bytes"], 3)
     held = [json.loads(l)["id"] for l in (out / "held_out.jsonl").read_text().splitlines()]
-    assert held == rec["data"]["held_out_ids"]
+    assert held == rec.record["data"]["held_out_ids"]
     trained = {json.loads(l)["id"] for l in (out / "raft_train.jsonl").read_text().splitlines()}
     assert trained and not trained & set(held)
     base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
@@ -120,10 +120,10 @@ def test_interrupted_run_keeps_previous_adapter_and_resume_continues_from_the_ch
     rec = tune_generator(cfg2, progress=False, log=quiet)
     # it continued from the checkpoint: only steps 3 and 4 ran now (ignoring --resume would run 0-3)
     assert started_at == [2, 3]
-    assert rec["steps"] == 4 and [h["step"] for h in rec["train_loss"]] == [1, 2, 3, 4]
-    assert rec["train_loss"][:2] == [h for h in ckpt_log if "loss" in h]  # steps 1-2 restored, not rerun
+    assert rec.record["steps"] == 4 and [h["step"] for h in rec.record["train_loss"]] == [1, 2, 3, 4]
+    assert rec.record["train_loss"][:2] == [h for h in ckpt_log if "loss" in h]  # steps 1-2 restored, not rerun
     # ... and ended where the uninterrupted run did: same losses, same adapter tensors
-    assert [h["loss"] for h in rec["train_loss"]] == pytest.approx([h["loss"] for h in straight["train_loss"]],
+    assert [h["loss"] for h in rec.record["train_loss"]] == pytest.approx([h["loss"] for h in straight.record["train_loss"]],
                                                                    rel=1e-5)
     resumed, ref = _adapter_tensors(out), _adapter_tensors(tmp_path / "straight")
     assert resumed.keys() == ref.keys() and resumed
@@ -133,7 +133,7 @@ def test_interrupted_run_keeps_previous_adapter_and_resume_continues_from_the_ch
 
     previous = load(before)  # and it replaced the previous adapter
     assert any(not torch.equal(resumed[n], previous[n]) for n in ref if "lora_B" in n)
-    assert first["config"]["train"]["learning_rate"] != rec["config"]["train"]["learning_rate"]
+    assert first.record["config"]["train"]["learning_rate"] != rec.record["config"]["train"]["learning_rate"]
 
 
 def test_merge_exports_a_full_model_equal_to_base_plus_adapter(tmp_path, bundled_tiny_index, tiny_llm_dir):
@@ -184,7 +184,7 @@ def test_qlora_trains_only_the_adapter_on_an_nf4_double_quantised_4bit_base(tmp_
     # two steps: the first one's learning rate is 0 (linear warmup starts at 0)
     rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, strategy="qlora", max_steps=2,
                                  val_fraction=0), progress=False, log=lambda *_: None)
-    assert rec["strategy"] == "qlora" == rec["memory_plan"]["chosen"] and rec["steps"] == 2
+    assert rec.record["strategy"] == "qlora" == rec.record["memory_plan"]["chosen"] and rec.record["steps"] == 2
     (s,) = seen
     # every linear layer of the two decoder blocks is a bitsandbytes 4-bit layer: NF4, double
     # quantisation (the absmax statistics are quantised again), float32 compute on CPU
@@ -249,7 +249,7 @@ def test_neftune_noise_and_gradient_checkpointing_are_on_during_training_exactly
     rec = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, max_steps=1, val_fraction=0, **kw),
                          progress=False, log=lambda *_: None)
     (s,) = seen
-    assert s["training"] and rec["steps"] == 1 and len(s["layers_checkpointed"]) == 2
+    assert s["training"] and rec.record["steps"] == 1 and len(s["layers_checkpointed"]) == 2
     if on:  # cfg_for's default --neftune-alpha 5, --gradient-checkpointing on (the CLI default)
         assert s["hooks"] == 1 and s["alpha"] == 5.0
         assert 0 < s["noise"] <= s["bound"] + 1e-6  # alpha / sqrt(seq_len * hidden), NEFTune's scale
@@ -268,15 +268,15 @@ def test_a_batch_the_plan_cannot_hold_is_split_into_accumulated_micro_batches(tm
     sampler = _on_first_step(monkeypatch, lambda trainer, model: trainer.args.train_sampling_strategy)
     whole = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, out=str(tmp_path / "whole"), batch_size=2,
                                    max_steps=2, val_fraction=0), progress=False, log=log)
-    assert (whole["memory_plan"]["batch"], whole["memory_plan"]["accum_factor"]) == (2, 1)
+    assert (whole.record["memory_plan"]["batch"], whole.record["memory_plan"]["accum_factor"]) == (2, 1)
     assert sampler == ["group_by_length"]  # two sequences a batch: grouped by length, less padding
-    one = whole["memory_plan"]["estimates"]["lora"]["total"]  # two sequences' worth; one sequence needs less
+    one = whole.record["memory_plan"]["estimates"]["lora"]["total"]  # two sequences' worth; one sequence needs less
     monkeypatch.setattr(mp, "available_bytes", lambda device: int(one / 0.9) - 1)
     split = tune_generator(cfg_for(tmp_path, bundled_tiny_index, tiny_llm_dir, out=str(tmp_path / "split"), batch_size=2,
                                    max_steps=2, val_fraction=0), progress=False, log=log)
-    assert (split["memory_plan"]["batch"], split["memory_plan"]["accum_factor"]) == (1, 2)
+    assert (split.record["memory_plan"]["batch"], split.record["memory_plan"]["accum_factor"]) == (1, 2)
     # the same sequences per optimizer step: the tokens counted at each step match the unsplit run
-    tokens = lambda rec: [h["num_tokens"] for h in rec["train_loss"]]  # noqa: E731
+    tokens = lambda rec: [h["num_tokens"] for h in rec.record["train_loss"]]  # noqa: E731
     assert tokens(split) == tokens(whole) and len(tokens(whole)) == 2
 
 
