@@ -1,13 +1,17 @@
 """The `hybrid` command line: thin wiring over the library functions.
 
-Each workflow command is built from its config dataclass (`hybrid.config.from_config`): every
-field is a flag with its help and real default, YAML (`--config`) loads into the same
-dataclass, and flags win. Every command turns bad input (`InputError`, and the command line's own
-usage errors) into one line `error: ...` on stderr and exit code 2; no traceback.
+Each command is a row of the commands table (hybrid/commands.py: the name as typed, its config
+dataclass, the function it runs), registered here with `@command(name)` above the body that calls
+the function and prints. A workflow command is built from its config dataclass
+(`hybrid.config.from_config`): every field is a flag with its help and real default, YAML
+(`--config`) loads into the same dataclass, and flags win. Every command turns bad input
+(`InputError`, and the command line's own usage errors) into one line `error: ...` on stderr and
+exit code 2; no traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -22,10 +26,12 @@ from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import Abort
 
 from hybrid.tune_calibrate import CalibrateConfig, calibrate
+from hybrid.commands import COMMANDS
 from hybrid.config import flag_of, from_config, metavar
 from hybrid.eval_retrieval import evaluate_retrieval, markdown_table, write_report
 from hybrid.eval import EvalConfig, markdown, run_eval
-from hybrid.pipeline import AskConfig, Pipeline
+from hybrid.ask import AskConfig
+from hybrid.pipeline import Pipeline
 from hybrid.serve import ServeConfig
 from retrieval.tune_embedder import EmbedderTuneConfig, tune_embedder
 from core.errors import InputError, speaking_flags
@@ -33,7 +39,7 @@ from retrieval.index import IndexConfig, build_index
 from retrieval.tune_reranker import RerankerTuneConfig, tune_reranker
 from retrieval.retriever import Retriever, SearchConfig
 from tuning.tune_dpo import DPOTuneConfig, tune_dpo
-from tuning.judge import JudgeTuneConfig, tune_judge
+from tuning.tune_judge import JudgeTuneConfig, tune_judge
 from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 from tuning.synth import SynthConfig, synthesize
 
@@ -109,6 +115,9 @@ app = Commands(cls=OneLineErrors, help="hybrid: make a retriever and a small LLM
                add_completion=False, rich_markup_mode=None)
 tune_app = Commands(help="Fine-tune a stage on your corpus.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tune_app, name="tune")
+config_app = Commands(help="Inspect a loop config.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(config_app, name="config")
+GROUPS = {None: app, "tune": tune_app, "config": config_app}  # a command's group: its name's first word
 
 
 @app.callback()
@@ -145,6 +154,16 @@ def cli_errors(fn):
         with speaking_flags(flag_of):
             return _one_line_errors(fn, *args, **kwargs)
     return wrapper
+
+
+def command(name: str):
+    """Register the decorated body as the command `name` of the table (hybrid/commands.py): under its
+    group, every field of the row's config dataclass a flag (and `--config` YAML), errors as one line."""
+    row = COMMANDS[name]
+
+    def register(body):
+        return GROUPS[row.group].command(row.leaf)(cli_errors(from_config(row.config)(body) if row.config else body))
+    return register
 
 
 def _one_line_errors(fn, *args, **kwargs):
@@ -194,9 +213,7 @@ def _track(track: str, name: str, cfg, stage_out: str | Path, groups) -> None:
 AS_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
-@app.command("index")
-@cli_errors
-@from_config(IndexConfig)
+@command("index")
 def index_cmd(
     cfg: IndexConfig,
     corpus_dir: Path = typer.Argument(..., metavar="CORPUS_DIR", help="Directory of .md/.txt/.jsonl(/.pdf) documents."),
@@ -217,9 +234,7 @@ def index_cmd(
     _track(track, "index", cfg, out, [])  # counts only: no text of any group is logged
 
 
-@app.command("search")
-@cli_errors
-@from_config(SearchConfig)
+@command("search")
 def search_cmd(cfg: SearchConfig, as_json: bool = typer.Option(
         False, "--json", help='Print {"hits": [{"doc_id", "chunk_id", "score", "title", "text"}]}.')):
     """Search an index (access control applied)."""
@@ -235,9 +250,7 @@ def search_cmd(cfg: SearchConfig, as_json: bool = typer.Option(
         typer.echo("no visible documents")
 
 
-@app.command("synth")
-@cli_errors
-@from_config(SynthConfig)
+@command("synth")
 def synth_cmd(cfg: SynthConfig, quiet: bool = QUIET, track: Literal["none", "mlflow"] = TRACK):
     """Write training questions from the index's own chunks with a local teacher, each checked against the
     documents (span, round trip, consistency, duplicates); resumes an interrupted run."""
@@ -246,9 +259,7 @@ def synth_cmd(cfg: SynthConfig, quiet: bool = QUIET, track: Literal["none", "mlf
     _track(track, "synth", cfg, Path(cfg.out).parent, cfg.groups)
 
 
-@tune_app.command("embedder")
-@cli_errors
-@from_config(EmbedderTuneConfig)
+@command("tune embedder")
 def tune_embedder_cmd(cfg: EmbedderTuneConfig, quiet: bool = QUIET, as_json: bool = AS_JSON,
                       track: Literal["none", "mlflow"] = TRACK):
     """Contrastive fine-tuning of the embedder (MNRL + hard negatives mined from the index)."""
@@ -256,96 +267,80 @@ def tune_embedder_cmd(cfg: EmbedderTuneConfig, quiet: bool = QUIET, as_json: boo
     res = tune_embedder(cfg, progress=not (quiet or as_json))
     _track(track, "embedder", cfg, cfg.out, cfg.train.groups)
     if as_json:
-        typer.echo(json.dumps(res))
+        typer.echo(json.dumps(dataclasses.asdict(res)))
         return
-    typer.echo(f"\n{res['train_pairs']} training pairs ({res['pairs_source']}), {res['test_queries']} held-out queries, "
-               f"{res['seconds']}s; tuned model saved to {cfg.out}\n")
-    typer.echo(markdown_table({"base": res["base"], "tuned": res["tuned"]}))
+    typer.echo(f"\n{res.train_pairs} training pairs ({res.pairs_source}), {res.test_queries} held-out queries, "
+               f"{res.seconds}s; tuned model saved to {cfg.out}\n")
+    typer.echo(markdown_table({"base": res.base, "tuned": res.tuned}))
     typer.echo(f"rebuild the index with it: hybrid index CORPUS_DIR --out INDEX_DIR --embedder {cfg.out}")
 
 
-@tune_app.command("reranker")
-@cli_errors
-@from_config(RerankerTuneConfig)
+@command("tune reranker")
 def tune_reranker_cmd(cfg: RerankerTuneConfig, quiet: bool = QUIET, as_json: bool = AS_JSON):
     """Train a cross-encoder that re-scores the first stage's top N (hard negatives mined from the index)."""
     res = tune_reranker(cfg, progress=not (quiet or as_json))
     if as_json:
-        typer.echo(json.dumps(res))
+        typer.echo(json.dumps(dataclasses.asdict(res)))
         return
-    typer.echo(f"\n{res['train_queries']} training questions ({res['pairs_source']}, {res['train_negatives']} hard "
-               f"negatives), {res['test_queries']} held-out, {res['seconds']}s; reranker saved to {cfg.out}\n")
-    typer.echo(markdown_table({f"{res['mode']} (first stage)": res["first_stage"],
-                               f"{res['mode']} + reranker (top {res['candidates']})": res["reranked"]}))
-    if res["worse_than_first_stage"]:
+    typer.echo(f"\n{res.train_queries} training questions ({res.pairs_source}, {res.train_negatives} hard "
+               f"negatives), {res.test_queries} held-out, {res.seconds}s; reranker saved to {cfg.out}\n")
+    typer.echo(markdown_table({f"{res.mode} (first stage)": res.first_stage,
+                               f"{res.mode} + reranker (top {res.candidates})": res.reranked}))
+    if res.worse_than_first_stage:
         typer.echo("warning: the reranker orders the held-out questions worse than the first stage alone (MRR@10 "
-                   f"{res['reranked']['mrr@10']:.3f} < {res['first_stage']['mrr@10']:.3f}); do not use it: train "
+                   f"{res.reranked['mrr@10']:.3f} < {res.first_stage['mrr@10']:.3f}); do not use it: train "
                    f"longer (--epochs, --max-steps) or on more questions", err=True)
         return
     typer.echo(f"use it: hybrid search QUERY --index {cfg.index} --rerank {cfg.out}")
 
 
-@tune_app.command("generator")
-@cli_errors
-@from_config(GeneratorTuneConfig)
+@command("tune generator")
 def tune_generator_cmd(cfg: GeneratorTuneConfig, quiet: bool = QUIET, track: Literal["none", "mlflow"] = TRACK):
     """RAFT fine-tuning of the generator (LoRA on CPU, QLoRA on CUDA) with a memory plan."""
     _tracking_ready(track)
     rec = tune_generator(cfg, progress=not quiet, log=_stderr(quiet))
     _track(track, "generator", cfg, cfg.out, cfg.train.groups)
-    d = rec["data"]
-    typer.echo(f"{rec['strategy']} adapter saved to {cfg.out}: {rec['steps']} steps in {rec['minutes']} min, "
-               f"{d['train']['examples']} examples ({d['train']['with_oracle']} with oracle, "
-               f"{d['train']['abstain_targets']} abstain targets), final validation loss "
-               f"{rec['final_val_loss'] if rec['final_val_loss'] is not None else '-'}; loss curve {cfg.out}/loss.png")
+    typer.echo(f"{rec.strategy} adapter saved to {cfg.out}: {rec.steps} steps in {rec.minutes} min, "
+               f"{rec.examples} examples ({rec.with_oracle} with oracle, {rec.abstain_targets} abstain targets), "
+               f"final validation loss {rec.final_val_loss if rec.final_val_loss is not None else '-'}; "
+               f"loss curve {cfg.out}/loss.png")
 
 
-@tune_app.command("dpo")
-@cli_errors
-@from_config(DPOTuneConfig)
+@command("tune dpo")
 def tune_dpo_cmd(cfg: DPOTuneConfig, quiet: bool = QUIET, track: Literal["none", "mlflow"] = TRACK):
     """DPO for factuality: grounded answers preferred over made-up ones, on top of a RAFT adapter."""
     _tracking_ready(track)
     rec = tune_dpo(cfg, progress=not quiet, log=_stderr(quiet))
     _track(track, "dpo", cfg, cfg.out, cfg.train.groups)
-    typer.echo(f"dpo adapter saved to {cfg.out}: {rec['data']['pairs']} pairs {rec['data']['by_source']}, "
-               f"{rec['steps']} steps in {rec['minutes']} min")
+    typer.echo(f"dpo adapter saved to {cfg.out}: {rec.pairs} pairs {rec.by_source}, "
+               f"{rec.steps} steps in {rec.minutes} min")
 
 
-@tune_app.command("judge")
-@cli_errors
-@from_config(JudgeTuneConfig)
+@command("tune judge")
 def tune_judge_cmd(cfg: JudgeTuneConfig, quiet: bool = QUIET, as_json: bool = AS_JSON):
     """Train the groundedness judge on labelled pairs; report accuracy and AUROC on --test-pairs."""
     rep = tune_judge(cfg, progress=not (quiet or as_json))
     if as_json:
-        typer.echo(json.dumps(rep))
+        typer.echo(json.dumps(dataclasses.asdict(rep)))
         return
-    for name, m in rep["tests"].items():
+    for name, m in rep.tests.items():
         typer.echo(f"{name}: n={m['n']} accuracy={m['accuracy']:.3f} AUROC={m['auroc']:.3f}")
-    typer.echo(f"judge saved to {cfg.out} ({rep['train_pairs']} training pairs, {rep['minutes']} min"
-               f"{'' if rep['answerability'] else '; no answerability pairs: it cannot gate'})")
+    typer.echo(f"judge saved to {cfg.out} ({rep.train_pairs} training pairs, {rep.minutes} min"
+               f"{'' if rep.answerability else '; no answerability pairs: it cannot gate'})")
 
 
-@tune_app.command("calibrate")
-@cli_errors
-@from_config(CalibrateConfig)
+@command("tune calibrate")
 def tune_calibrate_cmd(cfg: CalibrateConfig):
     """Choose the adapter's abstention threshold on held-out rows; ask and eval then abstain at or above it."""
     calibrate(cfg, log=typer.echo)
 
 
-@app.command("ask")
-@cli_errors
-@from_config(AskConfig)
+@command("ask")
 def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
         False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", '
                               '"gated", "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from", "malformed"}.')):
     """Retrieve, answer from the passages, and verify every quote against them."""
-    pipe = Pipeline.load(cfg.index, adapters=cfg.adapters, base_model=cfg.base_model, k=cfg.k,
-                         max_new_tokens=cfg.max_new_tokens, require_support=cfg.require_support, judge=cfg.judge,
-                         groups=cfg.groups, gate_threshold=cfg.gate_threshold, mode=cfg.mode, rerank=cfg.rerank,
-                         precision=cfg.precision)
+    pipe = Pipeline.load(cfg.pipeline_settings())
     streamed = []
     if as_json or cfg.select:
         res = pipe.ask(cfg.question, groups=cfg.groups, adapter=cfg.answering_adapter, select=cfg.select or None)
@@ -369,9 +364,7 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
     typer.echo("passages: " + ", ".join(p["chunk_id"] for p in res.passages))
 
 
-@app.command("eval")
-@cli_errors
-@from_config(EvalConfig)
+@command("eval")
 def eval_cmd(cfg: EvalConfig, quiet: bool = QUIET,
              as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
              track: Literal["none", "mlflow"] = TRACK):
@@ -400,9 +393,7 @@ def eval_cmd(cfg: EvalConfig, quiet: bool = QUIET,
             typer.echo(f"report: {out}/report.json, {out}/report.md, {out}/chart.png, {out}/predictions.jsonl")
 
 
-@app.command("serve")
-@cli_errors
-@from_config(ServeConfig)
+@command("serve")
 def serve_cmd(cfg: ServeConfig):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /v1/search,
     GET /health (no key) and GET /metrics (Prometheus); API keys map to access groups."""
@@ -411,8 +402,7 @@ def serve_cmd(cfg: ServeConfig):
     run(cfg, log=lambda m: typer.echo(m, err=True))
 
 
-@app.command("init")
-@cli_errors
+@command("init")
 def init_cmd(directory: Path = typer.Argument(..., metavar="DIR", help="Directory to write hybrid.yaml into."),
              corpus: str = typer.Option("corpora/brindle/docs", "--corpus", metavar="DIR",
                                         help="The documents the loop learns."),
@@ -424,8 +414,7 @@ def init_cmd(directory: Path = typer.Argument(..., metavar="DIR", help="Director
     typer.echo(f"wrote {init(directory, corpus, eval_qa)}; run it with: hybrid run {Path(directory) / 'hybrid.yaml'}")
 
 
-@app.command("run")
-@cli_errors
+@command("run")
 def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.yaml (hybrid init writes one)."),
             overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
                                                             help="Dotted overrides, e.g. generator.max_steps=80."),
@@ -442,12 +431,7 @@ def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.ya
     typer.echo(", ".join(f"{k}: {v}" for k, v in status.items()))
 
 
-config_app = Commands(help="Inspect a loop config.", no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(config_app, name="config")
-
-
-@config_app.command("show")
-@cli_errors
+@command("config show")
 def config_show_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.yaml."),
                     overrides: Optional[List[str]] = typer.Argument(None, metavar="KEY=VALUE",
                                                                     help="Dotted overrides, as for hybrid run.")):

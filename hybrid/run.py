@@ -4,10 +4,11 @@
     hybrid run runs/mine/hybrid.yaml              # index -> synth -> embedder -> generator -> eval
     hybrid run runs/mine/hybrid.yaml generator.max_steps=80    # redoes generator and eval only
 
-Each stage is the command of the same name run as a library call, reading the previous stage's
-files under `out` (index/, synth/qa.jsonl, embedder/, generator/, eval/). A stage is skipped when
-its fingerprint — its resolved settings and the fingerprints of what it reads (the corpus files'
-bytes, the upstream stages, the eval questions) — equals the one recorded in
+Each stage is a command of hybrid/commands.py run as a library call, reading the previous stage's
+files under `out` (index/, synth/qa.jsonl, embedder/, generator/, eval/); what the loop adds to the
+command (its paths, what it reads, its output) is the stage's record in hybrid/run_stages.py. A
+stage is skipped when its fingerprint — its resolved settings and the fingerprints of what it reads
+(the corpus files' bytes, the upstream stages, the eval questions) — equals the one recorded in
 `out/hybrid_stages.json` when it last finished and its output is there: a Makefile for the loop.
 """
 
@@ -23,49 +24,25 @@ from typing import Any, Callable
 
 from hybrid.config import named
 from hybrid.inert_options import problems as inert
-from hybrid.run_config import (DEFAULT_STAGES, STAGES, WIRED, LoopConfig, init, init_text,  # noqa: F401 (the loop's API)
-                                load_loop, parse_overrides, provenance, resolved_yaml)
+from hybrid.run_config import (LoopConfig, init, init_text, load_loop, parse_overrides,  # noqa: F401 (the loop's API)
+                                provenance, resolved_yaml)
+from hybrid.run_stages import BY_NAME, DEFAULT_STAGES, STAGE_NAMES, STAGES, Stage, last_adapter  # noqa: F401
 from hybrid.tracking import Tracker, adapter_scope
 from core.atomic import not_its_own, swap_dir_into_place, write_text_atomic
 from core.errors import InputError
 
 STAGE_FILE = "hybrid_stages.json"
-# stages that write into DIR.partial and are swapped in whole at the end: the last good output stays
-# until the new one is complete, and an interrupted run with the same settings resumes the partial one
-PARTIAL = {"synth": "synth", "eval": "eval"}
 
 
 # --- the resolved sections -----------------------------------------------------------------------
-def last_adapter(cfg: LoopConfig) -> Path:
-    """The adapter the loop ends with: DPO's when dpo is among the stages, else the generator's."""
-    return Path(cfg.out) / ("dpo" if "dpo" in cfg.stages else "generator")
-
-
 def sections(cfg: LoopConfig) -> dict[str, Any]:
     """Each stage's config with the loop's paths and groups filled in, each validated by its own rules."""
-    out = Path(cfg.out)
-    adapters = {"raft": str(out / "generator"), **({"dpo": str(out / "dpo")} if "dpo" in cfg.stages else {})}
-    wired = {
-        "synth": {"index": str(out / "index"), "out": str(out / "synth.partial" / "qa.jsonl"), "groups": cfg.groups},
-        "embedder": {"index": str(out / "index"), "out": str(out / "embedder"), "qa": str(out / "synth" / "qa.jsonl"),
-                     "eval_qa": cfg.eval_qa},
-        "generator": {"index": str(out / "index"), "out": str(out / "generator"), "qa": str(out / "synth" / "qa.jsonl"),
-                      "examples": None},
-        "dpo": {"adapter": str(out / "generator"), "out": str(out / "dpo"), "index": str(out / "index"),
-                "qa": str(out / "synth" / "qa.jsonl"), "pairs_file": ""},
-        # the generator's held-out questions: synthesised, answerable and not, never trained on
-        "calibrate": {"adapter": str(last_adapter(cfg)), "qa": str(out / "generator" / "held_out.jsonl"),
-                      "index": str(out / "index"), "groups": cfg.groups},
-        "eval": {"qa": cfg.eval_qa or "", "index": str(out / "index"), "adapters": adapters,
-                 "out": str(out / "eval.partial"), "groups": cfg.groups},
-        "serve": {"index": str(out / "index"), "adapters": {"raft": str(last_adapter(cfg))}, "adapter_dir": None},
-    }
-    resolved = {"index": cfg.index}
-    for name, paths in wired.items():
-        section = dataclasses.replace(getattr(cfg, name), **paths)
-        if name in ("embedder", "generator", "dpo"):
+    resolved = {}
+    for stage in STAGES:
+        section = dataclasses.replace(getattr(cfg, stage.name), **{k: wire(cfg) for k, wire in stage.wire.items()})
+        if stage.trains:
             section.train = dataclasses.replace(section.train, groups=cfg.groups)
-        resolved[name] = section
+        resolved[stage.name] = section
     return resolved
 
 
@@ -102,86 +79,44 @@ def fingerprints(cfg: LoopConfig, resolved: dict) -> dict[str, str]:
               if p}
     settings = {name: _settings(sec, places) for name, sec in resolved.items()}
     eval_qa = hashlib.sha256(Path(cfg.eval_qa).read_bytes()).hexdigest() if cfg.eval_qa else None
-    fp = {"index": _digest(["index", settings["index"], tree_digest(cfg.corpus)])}
-    fp["synth"] = _digest(["synth", settings["synth"], fp["index"]])
-    fp["embedder"] = _digest(["embedder", settings["embedder"], fp["index"], fp["synth"], eval_qa])
-    fp["generator"] = _digest(["generator", settings["generator"], fp["index"], fp["synth"]])
-    fp["dpo"] = _digest(["dpo", settings["dpo"], fp["index"], fp["synth"], fp["generator"]])
-    adapter = fp["dpo"] if "dpo" in cfg.stages else fp["generator"]
-    fp["calibrate"] = _digest(["calibrate", settings["calibrate"], fp["index"], adapter])
-    # the eval reads every adapter and, when calibrated, the threshold written beside the last one
-    fp["eval"] = _digest(["eval", settings["eval"], fp["index"], fp["generator"], eval_qa,
-                          *([fp["dpo"]] if "dpo" in cfg.stages else []),
-                          *([fp["calibrate"]] if "calibrate" in cfg.stages else [])])
-    fp["serve"] = ""  # never up to date: serving is not an output
+    fp: dict[str, str] = {}
+
+    def read(what: str) -> str | None:
+        if what == "corpus":
+            return tree_digest(cfg.corpus)
+        if what == "eval_qa":
+            return eval_qa  # None without eval questions: held as such
+        if what == "adapter":
+            return fp[last_adapter(cfg).name]
+        return fp[what]
+
+    for stage in STAGES:  # in order: what a stage reads is fingerprinted before it
+        reads = [*stage.reads, *(r for r in stage.reads_if_staged if r in cfg.stages)]
+        # a stage without an output (serve) is never up to date
+        fp[stage.name] = _digest([stage.name, settings[stage.name], *map(read, reads)]) if stage.output else ""
     return fp
 
 
 # --- the stages ----------------------------------------------------------------------------------
-def _run_stage(name: str, cfg: LoopConfig, sec, progress: bool, log: Callable[[str], None]) -> None:
-    out = Path(cfg.out)
-    if name == "index":
-        from retrieval.index import build_index
-
-        build_index(cfg.corpus, out / "index", sec, progress=progress)
-    elif name == "synth":
-        # written beside the last good questions; swapped in whole only when it finishes (a rerun
-        # after an interruption resumes the partial file with the same settings)
-        from tuning.synth import synthesize
-
-        synthesize(sec, progress=progress, log=log)
-    elif name == "embedder":
-        from retrieval.tune_embedder import tune_embedder
-
-        tune_embedder(sec, progress=progress)
-    elif name == "generator":
-        from tuning.tune_generator import tune_generator
-
-        tune_generator(sec, progress=progress, log=log)
-    elif name == "dpo":
-        from tuning.tune_dpo import tune_dpo
-
-        tune_dpo(sec, progress=progress, log=log)
-    elif name == "calibrate":
-        from hybrid.tune_calibrate import calibrate
-
-        calibrate(sec, log=log)
-    elif name == "eval":
-        from hybrid.eval import run_eval
-
-        run_eval(sec, progress=progress)
-    elif name == "serve":
-        from hybrid.serve import run
-
-        run(sec, log=log)
+def _can_run(cfg: LoopConfig, name: str) -> bool:
+    """A stage that scores the hand-written questions (eval) runs only when the loop has them (eval_qa)."""
+    return not (name in BY_NAME and BY_NAME[name].needs_eval_qa) or bool(cfg.eval_qa)
 
 
-def _lineage(cfg: LoopConfig, resolved: dict, name: str, fp: dict[str, str]) -> dict[str, str]:
+def _lineage(cfg: LoopConfig, resolved: dict, stage: Stage, fp: dict[str, str]) -> dict[str, str]:
     tags = {"hybrid.access_scope": ",".join(sorted(cfg.groups)) or "public", "hybrid.index_fingerprint": fp["index"]}
-    if name in ("generator", "dpo", "calibrate", "eval"):
+    if stage.on_base_model:
         tags["hybrid.base_model"] = str(resolved["generator"].base_model or "smollm2")
     return tags
-
-
-def _output(name: str, cfg: LoopConfig) -> Path | None:
-    out = Path(cfg.out)
-    if name == "serve":
-        return None
-    if name == "calibrate":
-        from tuning.abstention import CAL_FILE
-
-        return last_adapter(cfg) / CAL_FILE
-    return out / {"index": "index", "synth": "synth/qa.jsonl", "embedder": "embedder", "generator": "generator",
-                  "dpo": "dpo", "eval": "eval/report.json"}[name]
 
 
 def _foreign_outputs(cfg: LoopConfig, chosen) -> list[str]:
     """The swapped-in output directories (synth/, eval/) among `chosen` that are not the loop's own."""
     out = Path(cfg.out)
-    return [f"{named(out / PARTIAL[n])}: exists and is not the {n} stage's output (no {_output(n, cfg).name} in it); "
+    return [f"{named(out / s.name)}: exists and is not the {s.name} stage's output (no {s.output(cfg).name} in it); "
             f"move what is in it, or set another 'out'"
-            for n in PARTIAL if n in chosen and (n != "eval" or cfg.eval_qa)
-            and not_its_own(out / PARTIAL[n], _output(n, cfg).name)]
+            for s in STAGES if s.swapped and s.name in chosen and _can_run(cfg, s.name)
+            and not_its_own(out / s.name, s.output(cfg).name)]
 
 
 def read_record(path: Path) -> dict[str, str]:
@@ -206,7 +141,7 @@ def parse_only(text: str | None) -> list[str] | None:
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise InputError(f"--only '{named(text, 80)}': names no stage; give one or more, e.g. --only index,synth "
-                         f"(known: {', '.join(STAGES)})")
+                         f"(known: {', '.join(STAGE_NAMES)})")
     return names
 
 
@@ -245,8 +180,8 @@ def run_loop(cfg: LoopConfig, only: list[str] | None = None, progress: bool = Tr
 def _idle_overrides(cfg: LoopConfig, overrides: list[str], only: list[str] | None) -> list[str]:
     """Overrides of a stage's section that this run will not run: they would change nothing but the
     fingerprints downstream (an eval rerun on the old adapter), so they are refused."""
-    chosen = [s for s in only or cfg.stages if s != "eval" or cfg.eval_qa]
-    idle = [pair for pair in overrides if (stage := pair.partition("=")[0].split(".")[0]) in STAGES
+    chosen = [s for s in only or cfg.stages if _can_run(cfg, s)]
+    idle = [pair for pair in overrides if (stage := pair.partition("=")[0].split(".")[0]) in STAGE_NAMES
             and stage not in chosen]
     if not idle:
         return []
@@ -259,35 +194,36 @@ def _idle_overrides(cfg: LoopConfig, overrides: list[str], only: list[str] | Non
 def _problems(cfg: LoopConfig, resolved: dict, only: list[str] | None) -> list[str]:
     """Everything wrong with the chosen stages' settings, found before any stage runs."""
     chosen = only or cfg.stages
-    problems = [f"{name}: {p}" for name in STAGES if name in chosen and (name != "eval" or cfg.eval_qa)
+    problems = [f"{name}: {p}" for name in STAGE_NAMES if name in chosen and _can_run(cfg, name)
                 for p in (resolved[name].problems() if name != "index" else []) + inert(resolved[name])]
     t = cfg.tracking
     if t.backend == "mlflow" and t.log_adapters and (missing := sorted(set(cfg.groups) - set(t.store_groups))):
         problems.append(f"tracking.log_adapters: the adapter will be trained on {', '.join(cfg.groups)}; the store is "
                         f"declared for {', '.join(t.store_groups) or 'public artifacts only'} (tracking.store_groups), "
                         f"lacking {', '.join(missing)}: add them only if this store may hold them")
-    if only and (bad := [s for s in only if s not in STAGES]):
-        problems.append(f"--only {named(','.join(bad), 80)}: unknown stage (known: {', '.join(STAGES)})")
+    if only and (bad := [s for s in only if s not in STAGE_NAMES]):
+        problems.append(f"--only {named(','.join(bad), 80)}: unknown stage (known: {', '.join(STAGE_NAMES)})")
     return problems + _foreign_outputs(cfg, chosen)  # before any stage runs, not when its output is swapped in
 
 
 def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker) -> dict[str, str]:
     status = {}
-    for name in [s for s in STAGES if s in cfg.stages or only and s in only]:
+    for stage in [s for s in STAGES if s.name in cfg.stages or only and s.name in only]:
+        name = stage.name
         if only and name not in only:
             status[name] = "skipped"
             continue
-        if name == "eval" and not cfg.eval_qa:
+        if not _can_run(cfg, name):
             status[name] = "skipped"
-            log("eval: skipped (no eval_qa: no hand-written questions to score)")
+            log(f"{name}: skipped (no eval_qa: no hand-written questions to score)")
             continue
         fps = fingerprints(cfg, resolved)  # recomputed: an upstream stage that just ran changed its inputs
         fp = fps[name]
-        if name != "serve" and done.get(name) == fp and _output(name, cfg).exists():
+        if stage.output is not None and done.get(name) == fp and stage.output(cfg).exists():
             status[name] = "up to date"
             log(f"{name}: up to date")
             continue
-        partial = out / f"{PARTIAL[name]}.partial" if name in PARTIAL else None
+        partial = out / f"{name}.partial" if stage.swapped else None
         if partial is not None and (foreign := _foreign_outputs(cfg, [name])):  # put there while earlier stages ran
             raise InputError(foreign[0])
         if partial is not None:
@@ -298,17 +234,17 @@ def _stages(cfg, resolved, out, done, record_file, only, progress, log, tracker)
             write_text_atomic(record_file, json.dumps(done, indent=2))
         t0 = time.perf_counter()
         log(f"{name}: running")
-        if tracker is not None and name != "serve":  # serving logs nothing: it opens no parent run of its own
+        if tracker is not None and stage.tracked != "no":  # serving logs nothing: it opens no parent run of its own
             tracker.begin()
-        _run_stage(name, cfg, resolved[name], progress, log)
+        stage.run(cfg, resolved[name], progress, log)
         if partial is not None:
-            swap_dir_into_place(partial, out / PARTIAL[name])
+            swap_dir_into_place(partial, out / name)
             done.pop(partial.name)
         done[name] = fp
         write_text_atomic(record_file, json.dumps(done, indent=2))
         status[name] = "ran"
-        if tracker is not None and name not in ("serve", "calibrate"):  # calibrate's numbers: in the eval's report
-            tracker.stage(name, resolved[name], fp, _lineage(cfg, resolved, name, fps),
+        if tracker is not None and stage.tracked == "stage":
+            tracker.stage(name, resolved[name], fp, _lineage(cfg, resolved, stage, fps),
                           adapter_scope(out) if name == "generator" else None)
         log(f"{name}: done in {time.perf_counter() - t0:.1f} s")
     return status

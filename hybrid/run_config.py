@@ -9,7 +9,7 @@ from any working directory; a path given on the command line (an override) again
 directory, as every command's flags are. Both are stored absolute, which is what `config show`
 prints and what the stages' fingerprints hold. The sections are the commands' own config
 dataclasses, so a section takes exactly the keys that command's `--config` takes, less the paths
-the loop wires itself (WIRED).
+the loop wires itself (each stage's record: hybrid/run_stages.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import yaml
 from hybrid.tune_calibrate import CalibrateConfig
 from hybrid.config import _collect, _hints, _strip_optional, load_yaml, named, one_line, parse_yaml
 from hybrid.eval import EvalConfig
+from hybrid.run_stages import DEFAULT_STAGES, STAGE_NAMES, STAGES
 from hybrid.serve import ServeConfig
 from hybrid.tracking import TrackingConfig, shown_uri
 from core.atomic import write_text_atomic
@@ -36,14 +37,9 @@ from tuning.tune_dpo import DPOTuneConfig
 from tuning.tune_generator import GeneratorTuneConfig
 from tuning.synth import SynthConfig
 
-STAGES = ("index", "synth", "embedder", "generator", "dpo", "calibrate", "eval", "serve")
-# dpo (minutes per step on CPU), calibrate and serve (it does not return) run when named in `stages` or --only
-DEFAULT_STAGES = ("index", "synth", "embedder", "generator", "eval")
-# the fields the loop sets itself in each section (the paths between stages and the caller's groups)
-WIRED = {"synth": {"index", "out", "groups"}, "embedder": {"index", "out", "qa", "eval_qa"},
-         "generator": {"index", "out", "qa", "examples"}, "dpo": {"adapter", "out", "index", "qa", "pairs_file"},
-         "calibrate": {"adapter", "qa", "index", "groups"}, "eval": {"qa", "index", "adapters", "out", "groups"},
-         "serve": {"index", "adapters", "adapter_dir"}}
+# the fields the loop sets itself in each section (the paths between stages and the caller's groups): a
+# view of the stages' records, hybrid/run_stages.py
+WIRED = {s.name: s.wired for s in STAGES if s.wired}
 # the keys that name files or folders (test_every_path_key_is_resolved checks this list against the help texts)
 PATH_KEYS = ("corpus", "out", "eval_qa", "dpo.wrong_answers", "dpo.judge", "eval.rerank", "eval.judge", "eval.merge",
              "serve.keys", "serve.judge", "serve.rerank")
@@ -64,7 +60,7 @@ class LoopConfig:
     groups: list[str] = field(default_factory=list, metadata={
         "flag": "--group", "help": "Access groups every stage may read (and its artifacts are tagged with)."})
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={
-        "help": f"Stages to run, in this order: {', '.join(STAGES)} (dpo, calibrate and serve when named)."})
+        "help": f"Stages to run, in this order: {', '.join(STAGE_NAMES)} (dpo, calibrate and serve when named)."})
     index: IndexConfig = field(default_factory=IndexConfig, metadata={"help": "hybrid index"})
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(index="", out=""), metadata={"help": "hybrid synth"})
     embedder: EmbedderTuneConfig = field(default_factory=lambda: EmbedderTuneConfig(index="", out=""),
@@ -81,7 +77,8 @@ class LoopConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow tracking"})
 
     def problems(self) -> list[str]:
-        out = [f"stages: unknown stage {quoted(s)} (known: {', '.join(STAGES)})" for s in self.stages if s not in STAGES]
+        out = [f"stages: unknown stage {quoted(s)} (known: {', '.join(STAGE_NAMES)})" for s in self.stages
+               if s not in STAGE_NAMES]
         if not self.stages:
             out.append("stages: names no stage; list the ones to run, e.g. stages=index,synth")
         empty = _empty_names(self)  # an empty tracking name is refused as such, not also as idle
@@ -237,7 +234,8 @@ def _given(overrides: list[str]) -> dict:
 def _refuse_wired(path, loaded: dict, given: dict) -> None:
     set_here = [f"{name}.{key}" for name, keys in WIRED.items() for key in sorted(keys)
                 for src in (loaded, given) if isinstance(src.get(name), dict) and key in src[name]]
-    set_here += [f"{name}.train.groups" for name in ("embedder", "generator", "dpo") for src in (loaded, given)
+    trainers = [stage.name for stage in STAGES if stage.trains]
+    set_here += [f"{name}.train.groups" for name in trainers for src in (loaded, given)
                  if isinstance(src.get(name), dict) and ("groups" in src[name] or isinstance(src[name].get("train"), dict)
                                                          and "groups" in src[name]["train"])]
     if set_here:
