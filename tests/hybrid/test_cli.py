@@ -8,13 +8,13 @@ from typer.testing import CliRunner
 from hybrid.tune_calibrate import CalibrateConfig
 from hybrid.cli import app
 from hybrid.eval import EvalConfig
-from hybrid.pipeline import AskConfig
+from hybrid.ask import AskConfig
 from retrieval.tune_embedder import EmbedderTuneConfig
 from retrieval.index import IndexConfig
 from retrieval.tune_reranker import RerankerTuneConfig
 from tests.conftest import write_doc
 from tuning.tune_dpo import DPOTuneConfig
-from tuning.judge import JudgeTuneConfig
+from tuning.tune_judge import JudgeTuneConfig
 from tuning.tune_generator import GeneratorTuneConfig
 
 runner = CliRunner()
