@@ -55,3 +55,14 @@ def test_no_import_circle():
     # package __init__ re-exports (retrieval -> retrieval.retriever -> retrieval) are not circles of modules
     circles = [c for c in circles if not any(part in LAYERS for part in c.split(" -> "))]
     assert circles == []
+
+
+def test_every_name_hybrid_exports_resolves():
+    """`from hybrid import X` is lazy: a module moved or a name renamed would fail only at a user's import."""
+    import importlib
+
+    import hybrid
+
+    missing = [f"{name} (from {module})" for name, module in hybrid._EXPORTS.items()
+               if not hasattr(importlib.import_module(module), name)]
+    assert missing == []
