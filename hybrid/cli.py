@@ -136,7 +136,7 @@ def _offline() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # On two cores or fewer, one torch thread beat two whenever anything else ran (training 0.14-0.57x,
     # generating 0.21-0.50x with two), while on an idle machine two won (training 1.40x, encoding 1.82x;
-    # benchmarks/speed.py, docs/benchmarks/speed.md): one thread unless the machine is idle when the
+    # benchmarks/performance/speed.py, docs/benchmarks/speed.md): one thread unless the machine is idle when the
     # command starts. A caller's own OMP_NUM_THREADS wins. Set before torch is imported.
     if (os.cpu_count() or 1) <= 2 and os.getloadavg()[0] >= 0.5:
         os.environ.setdefault("OMP_NUM_THREADS", "1")

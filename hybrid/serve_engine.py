@@ -35,7 +35,6 @@ from core import access
 from core.errors import InputError
 from training import run_record
 from tuning.prompting import build_messages
-from hybrid.serve_answers import served_content  # noqa: F401 - benchmarks/serve_load.py imports it from here
 
 log = logging.getLogger("hybrid.serve")
 

@@ -2,7 +2,7 @@
 
 Every `tune generator` / `tune dpo` run then checks the plan: the run record holds
 `memory_measured` next to `memory_plan`, so an estimate that drifts from reality on some card or
-stack shows up in the user's own runs, not only in benchmarks/memory_plan.py.
+stack shows up in the user's own runs, not only in benchmarks/performance/memory_plan.py.
 
 What is measured, per device:
   cuda  torch.cuda.max_memory_allocated / max_memory_reserved, reset when training begins and

@@ -9,7 +9,7 @@ labels is refused as a gate.
 
 `hybrid tune judge --pairs PAIRS.jsonl` trains it. Pairs are a plain JSONL hand-off, one object
 a line: `{"passage", "question", "answer", "label": 0 | 1, "groups": [..]?}`;
-`benchmarks/judge_halueval.py` writes them from HaluEval's train split (right vs hallucinated
+`benchmarks/experiments/judge_halueval.py` writes them from HaluEval's train split (right vs hallucinated
 answers, swapped answers, grounding and answerability pairs), `qa_pairs` from a QA file
 and its corpus, and `index_pairs` (`tune judge --qa QA --index DIR`) from a QA file, such as
 `hybrid synth`'s, over the index's chunks: a judge of the user's own documents.

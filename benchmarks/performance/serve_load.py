@@ -63,7 +63,7 @@ def plan(scenario: str, qs: list[str], base: str) -> list[tuple[str, str]]:
 
 def sequential(args, qs) -> dict:
     from hybrid.pipeline import Pipeline
-    from hybrid.serve_engine import served_content
+    from hybrid.serve_answers import served_content
 
     pipe = Pipeline.load(args.index, adapters=args.adapters, k=args.k, max_new_tokens=args.max_tokens,
                          groups=args.groups, precision=args.precision)

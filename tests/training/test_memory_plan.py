@@ -21,7 +21,7 @@ def test_estimate_orders_strategies_and_knobs():
     qlora = estimate(shape, "qlora", 512, 1, False, device="cuda")
     assert full.total > lora.total > qlora.total
     assert qlora.weights < lora.weights / 2
-    # On CPU, 4-bit saves the weights but costs more per token (measured: benchmarks/memory_plan.py).
+    # On CPU, 4-bit saves the weights but costs more per token (measured: benchmarks/performance/memory_plan.py).
     cpu_q = estimate(shape, "qlora", 512, 1, True)
     assert cpu_q.weights < lora.weights and cpu_q.activations > estimate(shape, "lora", 512, 1, True).activations
     assert estimate(shape, "lora", 512, 1, True).activations < lora.activations
