@@ -47,6 +47,7 @@ from hybrid.eval_configuration import Configuration, planned
 from hybrid.eval_derived import derive, needs_answer
 from hybrid.eval_resume import merged, resume, run_precision
 from hybrid.pipeline import Pipeline
+from hybrid.prediction import Prediction
 from hybrid.eval_config import EvalConfig
 from hybrid.pipeline_settings import PipelineSettings
 from hybrid.report import chart, compare, markdown, summarize
@@ -89,9 +90,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     calibrations = {n: c for n, d in cfg.adapters.items() if (c := load_calibration(d)) is not None}
     thresholds = {c: float(calibrations[c.adapter]["threshold"]) for c in configs if c.adapter in calibrations}
     todo = [(c, r) for c in configs for r in rows if (c.label, r.id) not in done]
-    unscored = [(c, p) for c in thresholds for p in done.values() if p["config"] == c.label and "abstain_score" not in p]
+    unscored = [(c, p) for c in thresholds for p in done.values() if p.config == c.label and p.abstain_score is None]
     judge_fp = judge_fingerprint(cfg.judge)
-    rejudge = judge is not None and (bool(todo) or any(p.get("judge") != judge_fp for p in done.values()))
+    rejudge = judge is not None and (bool(todo) or any(p.judge != judge_fp for p in done.values()))
     pipe = Pipeline.load(settings) if todo or unscored or not done else None
     contexts = row_contexts(rows, settings, pipe) if todo or rejudge or unscored else {}  # a finished run: no retrieval
     sink = out / "predictions.jsonl" if out else None
@@ -99,7 +100,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     # generate: every configuration's greedy answers, then those a calibrated threshold overrules
     generate(pipe, rows, configs, contexts, thresholds, done, cfg.batch_size, sink, progress)
     for c, p in unscored:  # calibrated after these answers were written
-        p["abstain_score"] = float(pipe.abstain_scores([p["question"]], [contexts[p["id"]]], adapter=c.adapter)[0])
+        done[(p.config, p.id)] = replace(p, abstain_score=float(
+            pipe.abstain_scores([p.question], [contexts[p.id]], adapter=c.adapter)[0]))
     again = [(c, r) for c, t in thresholds.items() for r in rows
              if needs_answer(done[(c.label, r.id)], t) and (answered_label(c), r.id) not in done]
     if again:  # a new threshold may overrule other abstentions: only those are generated
@@ -111,7 +113,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     rejudged = judge_all(judge, judge_fp, done, rows, contexts) if rejudge else False
     if (rejudged or unscored or cfg.merge) and out:  # every line (re)written: with its scores, or merged
         write_text_atomic(out / "predictions.jsonl", "".join(
-            json.dumps(p, ensure_ascii=False) + "\n" for p in done.values()))
+            json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in done.values()))
 
     # derive and report
     answered = {c.label: [done.get((answered_label(c), r.id)) for r in rows] for c in thresholds}
@@ -152,8 +154,8 @@ def answered_label(c: Configuration) -> str:
 
 
 def generate(pipe, rows: list[QARow], configs: list[Configuration], contexts: dict[str, list[dict]],
-             thresholds: dict[Configuration, float], done: dict, batch_size: int, sink: Path | None,
-             progress: bool) -> None:
+             thresholds: dict[Configuration, float], done: dict[tuple[str, str], Prediction], batch_size: int,
+             sink: Path | None, progress: bool) -> None:
     """Generate stage: answer every (configuration, question) not done yet; each prediction line is
     appended to `sink` (predictions.jsonl) as soon as it is known, so an interrupted eval resumes there."""
     from tqdm.auto import tqdm
@@ -174,10 +176,10 @@ def generate(pipe, rows: list[QARow], configs: list[Configuration], contexts: di
                 for r, ctx, a, score in zip(batch, ctxs, answers, scores):
                     p = prediction(config.label, r, ctx, a)
                     if config in thresholds:
-                        p["abstain_score"] = float(score)
+                        p = replace(p, abstain_score=float(score))
                     done[(config.label, r.id)] = p
                     if lines:
-                        lines.write(json.dumps(p, ensure_ascii=False) + "\n")
+                        lines.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
                         lines.flush()
                 bar.update(len(batch))
     finally:
@@ -186,8 +188,8 @@ def generate(pipe, rows: list[QARow], configs: list[Configuration], contexts: di
             lines.close()
 
 
-def answer_again(pipe, again: list[tuple[Configuration, QARow]], contexts: dict, done: dict, batch_size: int,
-                 sink: Path | None) -> None:
+def answer_again(pipe, again: list[tuple[Configuration, QARow]], contexts: dict,
+                 done: dict[tuple[str, str], Prediction], batch_size: int, sink: Path | None) -> None:
     """The questions whose greedy abstention a calibrated threshold overrules, answered from the
     answer's opening; stored as `CONFIG+answered` lines (appended, so a resumed eval keeps them)."""
     lines = open(sink, "a", encoding="utf-8") if sink else None
@@ -201,22 +203,22 @@ def answer_again(pipe, again: list[tuple[Configuration, QARow]], contexts: dict,
                 for r, ctx, a in zip(batch, ctxs, answers):
                     p = done[(label, r.id)] = prediction(label, r, ctx, a)
                     if lines:
-                        lines.write(json.dumps(p, ensure_ascii=False) + "\n")
+                        lines.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
                         lines.flush()
     finally:
         if lines:
             lines.close()
 
 
-def prediction(config: str, r: QARow, ctx: list[dict], a) -> dict:
+def prediction(config: str, r: QARow, ctx: list[dict], a) -> Prediction:
     """One line of predictions.jsonl: the answer as served, graded once."""
-    return {"id": r.id, "config": config, "question": r.question, "answers": list(r.answers),
-            "gold_ids": list(r.gold_ids), "prediction": a.answer, "raw": a.raw, "abstained": a.abstained,
-            "label": classify(a.answer, a.abstained, r.answers), "f1": token_f1(a.answer, r.answers),
-            "citations": a.citations, "support": None, "unsupported": None,
-            "retrieved_doc_ids": [c["doc_id"] for c in ctx] if (r.passages is None and ctx) else None,
-            "latency_ms": a.latency_ms, "new_tokens": a.new_tokens,
-            "malformed": getattr(a, "malformed", False)}  # an answer written by hand may not say
+    return Prediction(id=r.id, config=config, question=r.question, answers=list(r.answers),
+                      gold_ids=list(r.gold_ids), prediction=a.answer, raw=a.raw, abstained=a.abstained,
+                      label=classify(a.answer, a.abstained, r.answers), f1=token_f1(a.answer, r.answers),
+                      citations=a.citations,
+                      retrieved_doc_ids=[c["doc_id"] for c in ctx] if (r.passages is None and ctx) else None,
+                      latency_ms=a.latency_ms, new_tokens=a.new_tokens,
+                      malformed=getattr(a, "malformed", False))  # an answer written by hand may not say
 
 
 def row_contexts(rows: list[QARow], settings: PipelineSettings, pipe=None) -> dict[str, list[dict]]:
@@ -233,8 +235,10 @@ def row_contexts(rows: list[QARow], settings: PipelineSettings, pipe=None) -> di
     return out
 
 
-def judge_all(judge, fingerprint: str, done: dict, rows: list[QARow], contexts: dict[str, list[dict]]) -> bool:
-    """Add the judge's scores to every prediction it has not scored yet (in place).
+def judge_all(judge, fingerprint: str, done: dict[tuple[str, str], Prediction], rows: list[QARow],
+              contexts: dict[str, list[dict]]) -> bool:
+    """Add the judge's scores to every prediction it has not scored yet (`done`'s records replaced
+    by scored ones).
 
     Each prediction gets `support` (best-passage probability that the passages support its
     answer; None when it abstained or had no passages), `unsupported`, and `answerable` (does any
@@ -244,23 +248,23 @@ def judge_all(judge, fingerprint: str, done: dict, rows: list[QARow], contexts: 
     Returns:
         Whether any prediction changed.
     """
-    stale = [p for p in done.values() if p.get("judge") != fingerprint]
+    stale = [p for p in done.values() if p.judge != fingerprint]
     if not stale:
         return False
     by_id = {r.id: r for r in rows}
     t0 = time.perf_counter()
-    rag = [p for p in stale if p["config"] != "closed_book"]
-    ask = sorted({p["id"] for p in rag}) if judge.answerability else []
+    rag = [p for p in stale if p.config != "closed_book"]
+    ask = sorted({p.id for p in rag}) if judge.answerability else []
     answerable = dict(zip(ask, judge.answerable([by_id[i].question for i in ask], [contexts[i] for i in ask]))) \
         if ask else {}
-    live = [p for p in rag if not p["abstained"]]
-    support = judge.support([p["question"] for p in live], [p["prediction"] for p in live],
-                            [contexts[p["id"]] for p in live]) if live else []
+    live = [p for p in rag if not p.abstained]
+    support = judge.support([p.question for p in live], [p.prediction for p in live],
+                            [contexts[p.id] for p in live]) if live else []
+    supported = {(p.config, p.id): float(sup) for p, sup in zip(live, support)}
     per = (time.perf_counter() - t0) * 1000 / len(stale)
     for p in stale:
-        p.update(support=None, unsupported=None, answerable=None, judge=fingerprint, judge_ms=per)
-        if p["id"] in answerable and p["config"] != "closed_book":
-            p["answerable"] = float(answerable[p["id"]])
-    for p, sup in zip(live, support):
-        p["support"], p["unsupported"] = float(sup), bool(sup < THRESHOLD)
+        sup = supported.get((p.config, p.id))
+        done[(p.config, p.id)] = replace(
+            p, support=sup, unsupported=None if sup is None else bool(sup < THRESHOLD), judge=fingerprint,
+            judge_ms=per, answerable=float(answerable[p.id]) if p.id in answerable and p.config != "closed_book" else None)
     return True

@@ -14,12 +14,13 @@ from core.errors import InputError
 from core.qa import QARow
 from hybrid.eval_config import EvalConfig
 from hybrid.eval_configuration import Configuration
+from hybrid.prediction import Prediction
 from hybrid.report import read_predictions
 from training import run_record
 from training.precision import choose, default_device
 
 
-def merged(cfg: EvalConfig, configs: list[Configuration], rows: list[QARow]) -> dict[tuple[str, str], dict]:
+def merged(cfg: EvalConfig, configs: list[Configuration], rows: list[QARow]) -> dict[tuple[str, str], Prediction]:
     """The predictions of `--merge` shard dirs, checked to be runs of these settings that together
     answer every (configuration, question) of this run."""
     sigs, done, ids, precision = config_signatures(cfg, configs), {}, {r.id for r in rows}, run_precision(cfg)
@@ -108,7 +109,7 @@ def stored_run(meta, sigs: dict[str, str], where: str, precision: str) -> str | 
     return None
 
 
-def resume(cfg: EvalConfig, configs: list[Configuration], ids: set[str]) -> dict[tuple[str, str], dict]:
+def resume(cfg: EvalConfig, configs: list[Configuration], ids: set[str]) -> dict[tuple[str, str], Prediction]:
     """Plan stage: the predictions an earlier run with the same settings already wrote to --out. A
     run with more adapters than the earlier one keeps its answers and generates only the new
     configurations'.
@@ -118,7 +119,7 @@ def resume(cfg: EvalConfig, configs: list[Configuration], ids: set[str]) -> dict
     """
     out = Path(cfg.out) if cfg.out else None
     sigs, precision = config_signatures(cfg, configs), run_precision(cfg)
-    done: dict[tuple[str, str], dict] = {}
+    done: dict[tuple[str, str], Prediction] = {}
     stored: dict[str, str] = {}
     if out and (out / "predictions.jsonl").exists() and (out / "predictions.jsonl").stat().st_size:
         try:

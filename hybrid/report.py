@@ -1,6 +1,6 @@
 """The report stage of `hybrid eval`: metrics per configuration with 95 % intervals, paired tests,
-report.md and chart.png, all from prediction lines (plain dicts), so a report can be redone from
-predictions.jsonl without generating.
+report.md and chart.png, all from `Prediction` records (hybrid/prediction.py), so a report can be
+redone from predictions.jsonl without generating.
 """
 
 from __future__ import annotations
@@ -14,62 +14,15 @@ from hybrid.eval_retrieval import fmt
 from hybrid.statistics import mcnemar_exact, paired_diff_ci, proportion_ci
 from core.errors import InputError
 from core.jsonl import read_jsonl
+from hybrid.prediction import Prediction
 from retrieval.metrics import retrieval_metrics
 
 RATES = ("accuracy", "abstention_rate", "hallucination_rate")
-LABELS = ("correct", "abstained", "hallucinated")
 COLUMNS = ("n", "accuracy", "abstention_rate", "hallucination_rate", "unsupported_rate", "citation_verified_rate",
            "f1", "recall@5", "mrr@10", "latency_ms_p50", "latency_ms_p95", "tokens_per_s", "malformed")
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _strings(v) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _citations(v) -> bool:
-    return isinstance(v, list) and all(isinstance(c, dict) and isinstance(c.get("verified"), bool) for c in v)
-
-
-# The prediction line's contract: every field the report, the derived configurations and a resumed
-# or merged eval read, with what it must hold. A line breaking it would otherwise surface as a
-# traceback, or worse as a report whose rates no longer sum to 1 (an unknown label counts nowhere).
-REQUIRED = {"id": ("a string", lambda v: isinstance(v, str)), "config": ("a string", lambda v: isinstance(v, str)),
-            "question": ("a string", lambda v: isinstance(v, str)), "answers": ("a list of strings", _strings),
-            "gold_ids": ("a list of strings", _strings), "prediction": ("a string", lambda v: isinstance(v, str)),
-            "abstained": ("true or false", lambda v: isinstance(v, bool)),
-            "label": (" | ".join(LABELS), lambda v: v in LABELS), "f1": ("a number", _number),
-            "citations": ("a list of {..., \"verified\": true|false}", _citations),
-            "latency_ms": ("a number", _number),
-            "new_tokens": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))}
-# Added by a judge, a calibration or retrieval; null where there was none.
-OPTIONAL = {"support": ("a number or null", _number), "unsupported": ("true, false or null", lambda v: isinstance(v, bool)),
-            "answerable": ("a number or null", _number), "judge_ms": ("a number or null", _number),
-            "retrieved_doc_ids": ("a list of strings or null", _strings),
-            "malformed": ("true, false or null", lambda v: isinstance(v, bool))}  # absent before it was recorded
-
-
-def prediction_problem(p: dict) -> str | None:
-    """What is wrong with one prediction line (None: nothing), naming the field."""
-    for name, (want, ok) in REQUIRED.items():
-        if name not in p:
-            return f"no '{name}' field (must be {want})"
-        if not ok(p[name]):
-            return f"field '{name}' must be {want}, not {json.dumps(p[name])[:40]}"
-    for name, (want, ok) in OPTIONAL.items():
-        if p.get(name) is not None and not ok(p[name]):
-            return f"field '{name}' must be {want}, not {json.dumps(p[name])[:40]}"
-    if "abstain_score" in p and not _number(p["abstain_score"]):  # absent = not scored yet; null would pass unscored
-        return f"field 'abstain_score' must be a number (or absent), not {json.dumps(p['abstain_score'])[:40]}"
-    if (p["label"] == "abstained") != p["abstained"]:  # one answer, classified once: the two must agree
-        return f"field 'label' is {p['label']} but 'abstained' is {json.dumps(p['abstained'])}"
-    return None
-
-
-def read_predictions(path: Path, flag: str, fix: str, ids: set[str]) -> dict[tuple[str, str], dict]:
+def read_predictions(path: Path, flag: str, fix: str, ids: set[str]) -> dict[tuple[str, str], Prediction]:
     """The one loader of predictions.jsonl (a resumed eval's own, and every --merge shard's).
 
     Args:
@@ -83,74 +36,77 @@ def read_predictions(path: Path, flag: str, fix: str, ids: set[str]) -> dict[tup
         {(config, question id): prediction}, a later line replacing an earlier one.
 
     Raises:
-        InputError: a line that is not JSON or breaks the contract, named as FILE:LINE and field.
+        InputError: a line that is not JSON or breaks the contract (`Prediction.from_json`), named
+            as FILE:LINE and field.
     """
     done = {}
-    for n, p in read_jsonl(path, flag, "predictions"):
-        why = prediction_problem(p)
-        if why is None and p["id"] not in ids:
-            why = f"field 'id' {json.dumps(p['id'])[:40]} is none of this run's questions"
-        if why:
-            raise InputError(f"{flag} {path}:{n}: {why}; {fix}")
-        done[(p["config"], p["id"])] = p
+    for n, line in read_jsonl(path, flag, "predictions"):
+        try:
+            p = Prediction.from_json(line)
+        except ValueError as exc:
+            raise InputError(f"{flag} {path}:{n}: {exc}; {fix}") from None
+        if p.id not in ids:
+            raise InputError(f"{flag} {path}:{n}: field 'id' {json.dumps(p.id)[:40]} is none of this run's "
+                             f"questions; {fix}")
+        done[(p.config, p.id)] = p
     return done
 
 
-def summarize(preds: list[dict], seed: int) -> dict:
+def summarize(preds: list[Prediction], seed: int) -> dict:
     """Metrics of one configuration from its prediction lines (`seed` no longer changes them: the
     rates' intervals are Wilson's, not resampled; it stays so that callers keep working)."""
     n = len(preds)
-    labels = [p["label"] for p in preds]
+    labels = [p.label for p in preds]
     out: dict = {"n": n}
     indicators = {"accuracy": [l == "correct" for l in labels], "abstention_rate": [l == "abstained" for l in labels],
                   "hallucination_rate": [l == "hallucinated" for l in labels]}
     for name, ind in indicators.items():
         out[name] = float(np.mean(ind)) if n else float("nan")
-    judged = [p["unsupported"] for p in preds if p.get("unsupported") is not None and p["label"] != "abstained"]
+    judged = [p.unsupported for p in preds if p.unsupported is not None and p.label != "abstained"]
     out["unsupported_rate"] = float(np.mean(judged)) if judged else None
-    cites = [c["verified"] for p in preds for c in p["citations"]]
+    cites = [c["verified"] for p in preds for c in p.citations]
     out["citation_verified_rate"] = float(np.mean(cites)) if cites else None
-    out["f1"] = float(np.mean([p["f1"] for p in preds])) if n else float("nan")
-    answerable = [p for p in preds if p["answers"]]
-    out["accuracy_answerable"] = float(np.mean([p["label"] == "correct" for p in answerable])) if answerable else None
-    unans = [p for p in preds if not p["answers"]]
-    out["abstention_unanswerable"] = float(np.mean([p["label"] == "abstained" for p in unans])) if unans else None
-    ranked = [p for p in preds if p.get("retrieved_doc_ids") is not None and p.get("gold_ids")]
+    out["f1"] = float(np.mean([p.f1 for p in preds])) if n else float("nan")
+    answerable = [p for p in preds if p.answers]
+    out["accuracy_answerable"] = float(np.mean([p.label == "correct" for p in answerable])) if answerable else None
+    unans = [p for p in preds if not p.answers]
+    out["abstention_unanswerable"] = float(np.mean([p.label == "abstained" for p in unans])) if unans else None
+    ranked = [p for p in preds if p.retrieved_doc_ids is not None and p.gold_ids]
     if ranked:
-        m = retrieval_metrics([p["retrieved_doc_ids"] for p in ranked], [set(p["gold_ids"]) for p in ranked])
+        m = retrieval_metrics([p.retrieved_doc_ids for p in ranked], [set(p.gold_ids) for p in ranked])
         out["recall@5"], out["mrr@10"] = m["recall@5"], m["mrr@10"]
     else:
         out["recall@5"] = out["mrr@10"] = None
-    lat = [p["latency_ms"] for p in preds]
+    lat = [p.latency_ms for p in preds]
     out["latency_ms_p50"] = float(np.percentile(lat, 50)) if lat else None
     out["latency_ms_p95"] = float(np.percentile(lat, 95)) if lat else None
     secs = sum(lat) / 1000
-    out["tokens_per_s"] = sum(p["new_tokens"] for p in preds) / secs if secs else None
+    out["tokens_per_s"] = sum(p.new_tokens for p in preds) / secs if secs else None
     # Completions that broke the template: already labelled abstained, counted apart so that it shows
     # (None: no line records it, predictions written before it was).
-    marked = [p["malformed"] for p in preds if p.get("malformed") is not None]
+    marked = [p.malformed for p in preds if p.malformed is not None]
     out["malformed"], out["malformed_rate"] = (sum(marked), sum(marked) / len(marked)) if marked else (None, None)
     # Every interval here is of a share of 0/1 outcomes: Wilson (hybrid/statistics.py says why).
     out["ci"] = {name: list(proportion_ci(ind)) for name, ind in indicators.items()}
     if answerable:
-        out["ci"]["accuracy_answerable"] = list(proportion_ci([p["label"] == "correct" for p in answerable]))
+        out["ci"]["accuracy_answerable"] = list(proportion_ci([p.label == "correct" for p in answerable]))
     return out
 
 
-def compare(by_config: dict[str, list[dict]], seed: int) -> list[dict]:
+def compare(by_config: dict[str, list[Prediction]], seed: int) -> list[dict]:
     """Paired tests between every pair of configurations on their common questions."""
     names = list(by_config)
     out = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            pa = {p["id"]: p for p in by_config[a]}
-            pb = {p["id"]: p for p in by_config[b]}
+            pa = {p.id: p for p in by_config[a]}
+            pb = {p.id: p for p in by_config[b]}
             ids = sorted(set(pa) & set(pb))
             row = {"a": a, "b": b, "n": len(ids)}
             for rate, label in (("hallucination_rate", "hallucinated"), ("accuracy", "correct"),
                                 ("abstention_rate", "abstained")):
-                xa = [pa[q]["label"] == label for q in ids]
-                xb = [pb[q]["label"] == label for q in ids]
+                xa = [pa[q].label == label for q in ids]
+                xb = [pb[q].label == label for q in ids]
                 diff, low, high = paired_diff_ci(xa, xb, seed=seed)
                 test = mcnemar_exact(xa, xb)
                 row[rate] = {"diff_b_minus_a": diff, "ci": [low, high], "mcnemar_p": test["p_value"],

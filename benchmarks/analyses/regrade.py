@@ -17,39 +17,42 @@ changed lines) as a result file (benchmarks/harness.py's format); `--json` print
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.harness import finish, parser  # first: sets the offline environment
 
+from hybrid.prediction import Prediction
 from hybrid.report import summarize
 from tuning.grading import classify, token_f1
 from tuning.prompting import ABSTAIN, parse_answer
 
 
-def regraded(p: dict) -> dict:
+def regraded(p: Prediction) -> Prediction:
     """One prediction line graded again from its raw completion (as Pipeline.answer_batch parses it)."""
-    parsed = parse_answer(p["raw"])
+    parsed = parse_answer(p.raw)
     answer = ABSTAIN if parsed.abstained else parsed.answer
-    return {**p, "prediction": answer, "abstained": parsed.abstained, "malformed": parsed.malformed,
-            "label": classify(answer, parsed.abstained, p["answers"]), "f1": token_f1(answer, p["answers"])}
+    return replace(p, prediction=answer, abstained=parsed.abstained, malformed=parsed.malformed,
+                   label=classify(answer, parsed.abstained, p.answers), f1=token_f1(answer, p.answers))
 
 
 def regrade_dir(d: Path, seed: int = 0) -> dict:
-    lines = [json.loads(x) for x in (d / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
-    by_config: dict[str, dict[str, dict]] = {}
+    lines = [Prediction.from_json(json.loads(x))
+             for x in (d / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    by_config: dict[str, dict[str, Prediction]] = {}
     for p in lines:  # the last line of a (config, id) wins, as when the eval resumes
-        if "+" in p["config"].removeprefix("rag+") or "|" in p["config"]:  # derived: +cal, +gate, +answered, A|B
+        if "+" in p.config.removeprefix("rag+") or "|" in p.config:  # derived: +cal, +gate, +answered, A|B
             continue
-        by_config.setdefault(p["config"], {})[p["id"]] = p
+        by_config.setdefault(p.config, {})[p.id] = p
     out = {}
     for config, preds in by_config.items():
         old = list(preds.values())
         new = [regraded(p) for p in old]
         out[config] = {"stored": summarize(old, seed), "reread": summarize(new, seed),
-                       "changed": sum(a["label"] != b["label"] for a, b in zip(old, new)),
-                       "changes": [{"id": a["id"], "raw": a["raw"], "stored": a["label"], "reread": b["label"],
-                                    "answer": b["prediction"], "gold": a["answers"]}
-                                   for a, b in zip(old, new) if a["label"] != b["label"]]}
+                       "changed": sum(a.label != b.label for a, b in zip(old, new)),
+                       "changes": [{"id": a.id, "raw": a.raw, "stored": a.label, "reread": b.label,
+                                    "answer": b.prediction, "gold": a.answers}
+                                   for a, b in zip(old, new) if a.label != b.label]}
     return out
 
 

@@ -1,8 +1,10 @@
 import json
+from dataclasses import replace
 
 import pytest
 
 from hybrid.eval import EvalConfig, run_eval, summarize
+from hybrid.prediction import Prediction
 from core.errors import InputError
 from tuning.grading import classify, token_f1
 from tests.hybrid.test_cli import assert_clean_error, run
@@ -29,9 +31,16 @@ def test_token_f1_hand_computed():
     assert token_f1("anything", []) == 0.0
 
 
+def made(label: str = "correct", **fields) -> Prediction:
+    """A prediction with the fields a test sets; the others hold what none of its assertions reads."""
+    defaults = dict(id="1", config="rag", question="q", answers=[], gold_ids=[], prediction="x",
+                    abstained=label == "abstained", f1=0.0, citations=[], latency_ms=0.0, new_tokens=0)
+    return Prediction(**{**defaults, "label": label, **fields})
+
+
 def test_rates_sum_to_one_with_intervals():
-    preds = [{"id": str(i), "label": l, "answers": ["a"] if i % 2 else [], "citations": [], "f1": 0.0,
-              "latency_ms": 10.0, "new_tokens": 5} for i, l in enumerate(["correct", "abstained", "hallucinated"] * 5)]
+    preds = [made(id=str(i), label=l, answers=["a"] if i % 2 else [], citations=[], f1=0.0,
+                  latency_ms=10.0, new_tokens=5) for i, l in enumerate(["correct", "abstained", "hallucinated"] * 5)]
     m = summarize(preds, seed=0)
     assert m["accuracy"] + m["abstention_rate"] + m["hallucination_rate"] == pytest.approx(1.0)
     assert m["unsupported_rate"] is None  # no judge: absent, never guessed
@@ -105,14 +114,14 @@ class CountingJudgeModel:
 def test_gated_prediction_hand_cases():
     from hybrid.eval_derived import with_gate as gated
 
-    base = {"id": "1", "config": "rag", "answers": ["14 months"], "prediction": "12 months", "abstained": False,
-            "label": "hallucinated", "f1": 0.5, "citations": [{"verified": True}], "latency_ms": 10.0, "judge_ms": 2.0}
-    g = gated({**base, "answerable": 0.1})
-    assert (g["config"], g["label"], g["abstained"], g["f1"], g["latency_ms"]) == ("rag+gate", "abstained", True, 0.0, 12.0)
-    kept = gated({**base, "answerable": 0.8})
-    assert (kept["label"], kept["prediction"], kept["latency_ms"]) == ("hallucinated", "12 months", 12.0)
-    assert gated({**base, "abstained": True, "label": "abstained", "answerable": 0.1})["label"] == "abstained"
-    assert gated({**base, "answerable": 0.8}, threshold=0.85)["label"] == "abstained"  # a stricter calibrated cut
+    base = made(id="1", config="rag", answers=["14 months"], prediction="12 months", abstained=False,
+                label="hallucinated", f1=0.5, citations=[{"verified": True}], latency_ms=10.0, judge_ms=2.0)
+    g = gated(replace(base, answerable=0.1))
+    assert (g.config, g.label, g.abstained, g.f1, g.latency_ms) == ("rag+gate", "abstained", True, 0.0, 12.0)
+    kept = gated(replace(base, answerable=0.8))
+    assert (kept.label, kept.prediction, kept.latency_ms) == ("hallucinated", "12 months", 12.0)
+    assert gated(replace(base, abstained=True, label="abstained", answerable=0.1)).label == "abstained"
+    assert gated(replace(base, answerable=0.8), threshold=0.85).label == "abstained"  # a stricter calibrated cut
     with pytest.raises(Exception, match="--gate-threshold 1.5"):
         run_eval(EvalConfig(qa="unused.jsonl", judge="j", gate=True, gate_threshold=1.5), progress=False)
 
@@ -214,16 +223,16 @@ def test_selected_prediction_hand_cases():
     from hybrid.eval_derived import picked_by_judge as selected
 
     def p(config, support, abstained=False, latency=10.0):
-        return {"id": "1", "config": config, "support": support, "abstained": abstained, "latency_ms": latency,
-                "judge_ms": 1.0, "new_tokens": 5, "label": "abstained" if abstained else "correct"}
+        return made(id="1", config=config, support=support, abstained=abstained, latency_ms=latency,
+                    judge_ms=1.0, new_tokens=5, label="abstained" if abstained else "correct")
 
     s = selected([p("rag+a", 0.4), p("rag+b", 0.7)], "rag+a|b")
-    assert (s["config"], s["selected_from"], s["support"]) == ("rag+a|b", "rag+b", 0.7)
-    assert (s["latency_ms"], s["new_tokens"]) == (22.0, 10)  # both were generated and judged
-    assert selected([p("rag+a", 0.5), p("rag+b", 0.5)], "x")["selected_from"] == "rag+a"  # ties: the first listed
-    assert selected([p("rag+a", None, abstained=True), p("rag+b", 0.1)], "x")["selected_from"] == "rag+b"
+    assert (s.config, s.selected_from, s.support) == ("rag+a|b", "rag+b", 0.7)
+    assert (s.latency_ms, s.new_tokens) == (22.0, 10)  # both were generated and judged
+    assert selected([p("rag+a", 0.5), p("rag+b", 0.5)], "x").selected_from == "rag+a"  # ties: the first listed
+    assert selected([p("rag+a", None, abstained=True), p("rag+b", 0.1)], "x").selected_from == "rag+b"
     both = selected([p("rag+a", None, abstained=True), p("rag+b", None, abstained=True)], "x")
-    assert both["abstained"] and both["selected_from"] == "rag+a"
+    assert both.abstained and both.selected_from == "rag+a"
 
 
 class AnswerJudgeModel:
@@ -342,7 +351,7 @@ def shard_dirs(tmp_path, fixed_qa):
     answers = {"1": ("14 months", False), "2": ("9 am", False), "3": ("I cannot answer", True)}
     lines = {r.id: prediction("rag", r, list(r.passages), SimpleNamespace(
         answer=answers[r.id][0], raw=answers[r.id][0], abstained=answers[r.id][1], citations=[], latency_ms=5.0,
-        new_tokens=3)) for r in rows}
+        new_tokens=3)).to_json() for r in rows}
     write_shard(tmp_path / "s0", cfg, "0/2", [lines["1"], lines["3"]])
     write_shard(tmp_path / "s1", cfg, "1/2", [lines["2"]])
     return tmp_path / "s0", tmp_path / "s1"
@@ -457,13 +466,13 @@ def test_a_line_about_another_question_is_refused_before_the_judge_sees_it(fixed
 def test_malformed_completions_are_counted_apart_among_the_abstentions():
     from hybrid.report import markdown
 
-    preds = [{"id": str(i), "label": l, "abstained": l == "abstained", "malformed": m, "answers": ["a"],
-              "citations": [], "f1": 0.0, "latency_ms": 10.0, "new_tokens": 5}
+    preds = [made(id=str(i), label=l, abstained=l == "abstained", malformed=m, answers=["a"],
+                  citations=[], f1=0.0, latency_ms=10.0, new_tokens=5)
              for i, (l, m) in enumerate([("abstained", True), ("abstained", False), ("correct", False),
                                          ("abstained", True)])]
     m = summarize(preds, seed=0)
     assert (m["malformed"], m["malformed_rate"], m["abstention_rate"]) == (2, 0.5, 0.75)
-    old = summarize([{k: v for k, v in p.items() if k != "malformed"} for p in preds], seed=0)
+    old = summarize([replace(p, malformed=None) for p in preds], seed=0)
     assert old["malformed"] is None and old["malformed_rate"] is None  # not recorded: unknown, not 0
     report = {"dataset": "qa.jsonl", "n_questions": 4, "n_unanswerable": 0, "seed": 0, "models": {},
               "configs": {"rag": m, "old": old}, "comparisons": []}
@@ -479,7 +488,7 @@ def test_a_prediction_line_records_a_malformed_completion_served_as_abstention(f
 
     row = load_qa(fixed_qa)[0]
     p = prediction("rag", row, [], Answer(answer=ABSTAIN, abstained=True, raw="##Answer: ##begin", malformed=True))
-    assert (p["malformed"], p["abstained"], p["label"], p["prediction"]) == (True, True, "abstained", ABSTAIN)
+    assert (p.malformed, p.abstained, p.label, p.prediction) == (True, True, "abstained", ABSTAIN)
 
 
 def test_prediction_lines_without_malformed_still_read_and_a_mistyped_one_is_refused(fixed_qa, shard_dirs, tmp_path):

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from hybrid.prediction import Prediction
 from hybrid.report import markdown, summarize
 from hybrid.statistics import INTERVALS, mcnemar_exact, paired_diff_ci, proportion_ci
 
@@ -40,9 +41,10 @@ def test_proportion_ci_takes_only_outcomes():
         proportion_ci([0.5, 1.0])  # e.g. a mean F1: not a binomial proportion
 
 
-def pred(i: int, label: str) -> dict:
-    return {"id": str(i), "label": label, "answers": ["a"], "citations": [], "f1": 0.0, "latency_ms": 10.0,
-            "new_tokens": 5}
+def pred(i: int, label: str) -> Prediction:
+    return Prediction(id=str(i), config="rag", question="q", answers=["a"], gold_ids=[], prediction="x",
+                      abstained=label == "abstained", label=label, citations=[], f1=0.0, latency_ms=10.0,
+                      new_tokens=5)
 
 
 def test_report_rates_carry_wilson_intervals():
