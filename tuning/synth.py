@@ -339,7 +339,31 @@ def _summary(counts: dict) -> dict:
             if counts["kept"] + counts["unanswerable_kept"] else None}
 
 
-def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool = True, log=print) -> dict:
+@dataclass
+class SynthReport:
+    """What a synth run did: synth_report.json beside the output (to_json: its keys, in its order).
+
+    `counts` stays a mapping: filter name -> count, read and resumed as the file holds it.
+    """
+
+    out: str  # the output file's name (the report sits beside it)
+    index: str
+    teacher: str
+    settings: dict  # SynthConfig.run_settings(): a resumed run must match these
+    counts: dict  # chunks, offered, kept, dropped{filter}, unanswerable_*, seconds, ...
+    round_trip_rate: float | None  # share of offers the round-trip check let through (None: none tested)
+    seconds_per_kept_row: float | None
+    planned_chunks: int
+    stopped: str | None  # "max_minutes" when the time limit ended the run early; None when it finished
+    access: dict  # core/access.py record: scope and groups seen
+    chunks_done: list[str]
+    precision: dict  # {"teacher", "embedder"}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool = True, log=print) -> SynthReport:
     """Write (or continue) a synthetic QA file from the index's chunks; returns the report.
 
     Args:
@@ -378,12 +402,13 @@ def synthesize(cfg: SynthConfig, teacher: Teacher | None = None, progress: bool 
     dedupe = Deduper(retriever.embedder.encode, cfg.dedupe_cosine, [r["question"] for r in rows])
     seen = {g for r in rows for g in r["groups"]}
 
-    def report(stopped: str | None) -> dict:
-        rec = {"out": out.name, "index": str(cfg.index), "teacher": name, "settings": cfg.run_settings(),
-               "counts": counts, **_summary(counts), "planned_chunks": len(planned), "stopped": stopped,
-               "access": access.record(groups, seen), "chunks_done": sorted(done),
-               "precision": {"teacher": getattr(teacher, "precision", None), "embedder": retriever.embedder.precision}}
-        write_text_atomic(out.parent / REPORT_FILE, json.dumps(rec, indent=2, ensure_ascii=False))
+    def report(stopped: str | None) -> SynthReport:
+        rec = SynthReport(out=out.name, index=str(cfg.index), teacher=name, settings=cfg.run_settings(),
+                          counts=counts, **_summary(counts), planned_chunks=len(planned), stopped=stopped,
+                          access=access.record(groups, seen), chunks_done=sorted(done),
+                          precision={"teacher": getattr(teacher, "precision", None),
+                                     "embedder": retriever.embedder.precision})
+        write_text_atomic(out.parent / REPORT_FILE, json.dumps(rec.to_json(), indent=2, ensure_ascii=False))
         return rec
 
     # --- run: batches of chunks, rows appended as they pass ---------------------------------

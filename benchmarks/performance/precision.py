@@ -255,7 +255,7 @@ def run_synth(work: Path, repeats: int, log) -> dict:
                                      per_chunk=2, batch_size=8, groups=GROUPS, precision=p),
                          progress=False, log=lambda *a: None)
         minutes = (time.perf_counter() - t) / 60
-        return (rep["counts"]["kept"] + rep["counts"]["unanswerable_kept"]) / minutes
+        return (rep.counts["kept"] + rep.counts["unanswerable_kept"]) / minutes
 
     runs = alternate({"fp32": lambda: side("fp32"), "bf16": lambda: side("bf16")}, repeats, log)
     return {"chunks": 8, "rows_kept_per_minute": {p: summary(v) for p, v in runs.items()},

@@ -132,7 +132,7 @@ def test_candidate_spans_and_reply_parsers():
 def test_each_filter_drops_exactly_the_rows_it_should(index, tmp_path, round_trip_fails_for_office):
     out = tmp_path / "qa.jsonl"
     rep = synthesize(_cfg(index, out), teacher=Scripted(), progress=False, log=lambda m: None)
-    c = rep["counts"]
+    c = rep.counts
     assert c["chunks"] == 6  # the public documents only
     assert c["offered"] == 6 and c["dropped"] == {"unparsed": 1, "not_a_span": 0, "answer_in_question": 1,
                                                   "round_trip": 1, "inconsistent": 1, "closed_book": 0,
@@ -150,10 +150,19 @@ def test_each_filter_drops_exactly_the_rows_it_should(index, tmp_path, round_tri
     assert row["groups"] == [] and row["synth"] == {"teacher": "scripted", "method": "answer-first",
                                                     "kind": "answerable"}
     assert "##begin_quote##" in row["reason"] and row["answers"][0] in row["reason"]
-    assert rep["round_trip_rate"] == pytest.approx(3 / 4)  # office failed among the four tested
+    assert rep.round_trip_rate == pytest.approx(3 / 4)  # office failed among the four tested
     # the file is a QA file every command reads as it is
     (qa,) = load_qa(out)
     assert qa.answers == tuple(row["answers"]) and qa.reason == row["reason"] and qa.groups == ()
+
+
+def test_the_returned_report_is_synth_report_json(index, tmp_path):
+    """synthesize returns a typed SynthReport; the file beside the output holds its fields, keys in today's order."""
+    rep = synthesize(_cfg(index, tmp_path / "qa.jsonl"), teacher=Scripted(), progress=False, log=lambda m: None)
+    on_disk = json.loads((tmp_path / "synth_report.json").read_text())
+    assert on_disk == rep.to_json() and list(on_disk) == [
+        "out", "index", "teacher", "settings", "counts", "round_trip_rate", "seconds_per_kept_row", "planned_chunks",
+        "stopped", "access", "chunks_done", "precision"]
 
 
 def test_question_first_drops_answers_that_are_not_spans(index, tmp_path, round_trip_fails_for_office):
@@ -161,8 +170,8 @@ def test_question_first_drops_answers_that_are_not_spans(index, tmp_path, round_
                               "Osprey": "Question: Who makes the Osprey buoy?\nAnswer: Brindle Marine"})
     rep = synthesize(_cfg(index, tmp_path / "qa.jsonl", method="question-first"), teacher=teacher, progress=False,
                      log=lambda m: None)
-    d = rep["counts"]["dropped"]
-    assert d["not_a_span"] == 1 and d["unparsed"] == 4 and rep["counts"]["kept"] == 1
+    d = rep.counts["dropped"]
+    assert d["not_a_span"] == 1 and d["unparsed"] == 4 and rep.counts["kept"] == 1
 
 
 def test_closed_book_drops_questions_the_teacher_answers_without_the_passage(index, tmp_path,
@@ -172,7 +181,7 @@ def test_closed_book_drops_questions_the_teacher_answers_without_the_passage(ind
                      progress=False, log=lambda m: None)
     # Kestrel's question is answered closed book; Heron's identical question is not ("14 months" is not its
     # answer), so it is kept and the duplicate filter has nothing left to drop
-    assert rep["counts"]["dropped"]["closed_book"] == 1 and rep["counts"]["dropped"]["duplicate"] == 0
+    assert rep.counts["dropped"]["closed_book"] == 1 and rep.counts["dropped"]["duplicate"] == 0
     rows = load_qa(tmp_path / "qa.jsonl")
     assert [r.answers for r in rows] == [("11 months",)]
 
@@ -183,7 +192,7 @@ def test_unanswerable_rows_are_kept_only_when_no_retrieved_chunk_answers_them(in
                                      "Osprey": "How long does the Kestrel buoy battery last?"})  # the index answers it
     rep = synthesize(_cfg(index, tmp_path / "qa.jsonl", unanswerable=1.0), teacher=teacher, progress=False,
                      log=lambda m: None)
-    c = rep["counts"]
+    c = rep.counts
     assert c["unanswerable_offered"] == 6
     assert c["unanswerable_dropped"] == {"unparsed": 4, "answered_by_index": 1, "duplicate": 0}
     rows = [r for r in load_qa(tmp_path / "qa.jsonl") if not r.answers]
@@ -202,7 +211,7 @@ def test_restricted_text_never_reaches_a_default_synth_file(index, tmp_path, rou
     rows = load_qa(hr)
     salary = [r for r in rows if r.gold_ids == ("salaries",)]
     unanswerable = [r for r in rows if not r.answers]
-    assert salary and salary[0].groups == ("hr",) and rep["access"] == {"scope": ["hr"], "groups_seen": ["hr"]}
+    assert salary and salary[0].groups == ("hr",) and rep.access == {"scope": ["hr"], "groups_seen": ["hr"]}
     assert [r.groups for r in unanswerable] == [("hr",)] and "SECRET-HR" in unanswerable[0].question
     # a public trainer skips both rows written from hr text (the unanswerable one has no gold document to
     # give it away); an hr trainer keeps them
@@ -217,13 +226,13 @@ def test_resume_continues_without_duplicates_and_refuses_other_files(index, tmp_
     cfg = _cfg(index, out, unanswerable=0.5, batch_size=1)
     first = synthesize(_cfg(index, out, unanswerable=0.5, batch_size=1, max_chunks=3), teacher=Scripted(),
                        progress=False, log=lambda m: None)
-    assert first["counts"]["chunks"] == 3
+    assert first.counts["chunks"] == 3
     with open(out, "a") as fh:  # an append torn by a crash
         fh.write('{"id": "synth:torn", "question": "Half')
     again = Scripted()
     rep = synthesize(cfg, teacher=again, progress=False, log=lambda m: None)
-    assert rep["counts"]["chunks"] == 6 and len(rep["chunks_done"]) == 6
-    titles_done = {DOCS[c.split("#")[0] + ".md"][0] for c in first["chunks_done"]}
+    assert rep.counts["chunks"] == 6 and len(rep.chunks_done) == 6
+    titles_done = {DOCS[c.split("#")[0] + ".md"][0] for c in first.chunks_done}
     assert len(titles_done) == 3 and not any(p.startswith(f"Document: {t}\n") for t in titles_done for p in again.prompts)
     rows = read_output(out)
     ids = [r["id"] for r in rows]
@@ -233,7 +242,7 @@ def test_resume_continues_without_duplicates_and_refuses_other_files(index, tmp_
     whole.parent.mkdir()
     one = synthesize(_cfg(index, whole, unanswerable=0.5, batch_size=1), teacher=Scripted(), progress=False,
                      log=lambda m: None)
-    assert [r["id"] for r in read_output(whole)] == ids and one["counts"]["dropped"] == rep["counts"]["dropped"]
+    assert [r["id"] for r in read_output(whole)] == ids and one.counts["dropped"] == rep.counts["dropped"]
     with pytest.raises(InputError, match="--method: .* was written with method='answer-first'"):
         synthesize(_cfg(index, out, unanswerable=0.5, method="question-first"), teacher=Scripted(), progress=False)
     other = tmp_path / "plain" / "qa.jsonl"
@@ -319,13 +328,13 @@ def test_max_minutes_stops_before_a_batch_that_would_overrun(index, tmp_path, ro
         (tmp_path / d).mkdir()
     whole = synthesize(_cfg(index, tmp_path / "a" / "qa.jsonl", batch_size=3, max_chunks=6), teacher=Slow(),
                        progress=False, log=lambda m: None)
-    assert whole["stopped"] is None and len(ends) == 2 and ends[0] > 0
+    assert whole.stopped is None and len(ends) == 2 and ends[0] > 0
     # the first batch ends at ends[0]; a limit of 1.5 x that leaves room to start the second, not to
     # finish it (a batch as slow as the first): it is not started
     clock.now = 0.0
     rep = synthesize(_cfg(index, tmp_path / "b" / "qa.jsonl", batch_size=3, max_chunks=6,
                           max_minutes=1.5 * ends[0] / 60), teacher=Slow(), progress=False, log=lambda m: None)
-    assert rep["stopped"] == "max_minutes" and rep["counts"]["chunks"] == 3 and clock.now == ends[0]
+    assert rep.stopped == "max_minutes" and rep.counts["chunks"] == 3 and clock.now == ends[0]
 
 
 def test_a_malformed_reply_does_not_vouch_for_an_unanswerable_question():
