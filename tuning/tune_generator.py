@@ -212,7 +212,8 @@ def tune_generator(cfg: GeneratorTuneConfig, progress: bool = True, log=print) -
     """
     run = trainer_run.begin(cfg, progress, run_record.RUN_FILE, "exists and is not a hybrid adapter; choose a new directory")
     if trainer_run.relaunch("tuning.tune_generator", cfg, run, log):  # rank 0 of the N processes wrote OUT
-        return GeneratorTuneResult.from_record(run.out, run_record.read(run.out, f"--out {run.out}"))
+        written = run_record.read(run.out, f"--out {run.out}")
+        return GeneratorTuneResult.from_record(run.out, written)
     ckpt_dir = run.out.parent / f"{run.out.name}.checkpoints"
     if ckpt_dir.exists() and not cfg.resume:
         shutil.rmtree(ckpt_dir)
@@ -268,8 +269,9 @@ def raft_data(cfg: GeneratorTuneConfig) -> RaftData:
     seed = cfg.train.seed
     train_rows, held_out = split_rows(rows, cfg.test_fraction, seed) if cfg.test_fraction else (rows, [])
     train_rows, val_rows = split_rows(train_rows, cfg.val_fraction, seed + 1) if cfg.val_fraction else (train_rows, [])
-    train_ex = build_examples(train_rows, retriever, settings, groups=cfg.train.groups)
-    val_ex = build_examples(val_rows, retriever, settings, groups=cfg.train.groups) if val_rows else []
+    # one call per split: each split's examples draw from their own seeded stream, whatever the other split holds
+    train_ex, val_ex = (build_examples(split, retriever, settings, groups=cfg.train.groups) if split else []
+                        for split in (train_rows, val_rows))
     if not train_ex:
         raise InputError(f"--qa {cfg.qa}: no training questions left after the held-out split")
     return RaftData(settings, train_ex, val_ex, held_out, [r.id for r in held_out], dropped)
@@ -351,10 +353,11 @@ def load_trainer(cfg: GeneratorTuneConfig, data: RaftData, mplan: dict, ckpt_dir
 
 def save(cfg: GeneratorTuneConfig, trainer, data: RaftData, record: dict, state: dict | None, tmp: Path) -> None:
     """Save stage, into the staging directory (trainer_run.save swaps it in whole, with the run record
-    and access tag): adapter, tokenizer, the RAFT examples, the held-back questions as a QA file, the
-    loss curve, and optionally a merged full model."""
+    and access tag): adapter, tokenizer, the loss curve, the RAFT examples, the held-back questions as a
+    QA file, and optionally a merged full model."""
     trainer.model.save_pretrained(str(tmp), state_dict=state)  # state: the gathered weights of a launched run
     trainer.processing_class.save_pretrained(str(tmp))
+    _loss_plot(trainer.state.log_history, tmp / "loss.png")
     write_jsonl(tmp / "raft_train.jsonl", data.train)
     # The held-back questions as a QA file, so `hybrid eval OUT/held_out.jsonl` scores unseen questions.
     if not cfg.examples:
@@ -362,7 +365,6 @@ def save(cfg: GeneratorTuneConfig, trainer, data: RaftData, record: dict, state:
                                               "gold_ids": list(r.gold_ids)} for r in data.held_out])
     if data.val:
         write_jsonl(tmp / "raft_val.jsonl", data.val)
-    _loss_plot(trainer.state.log_history, tmp / "loss.png")
     if cfg.merge:
         merged = trainer.model.merge_and_unload() if record["strategy"] != "full" else trainer.model
         merged.save_pretrained(str(tmp / "merged"))
