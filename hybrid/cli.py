@@ -379,7 +379,7 @@ def eval_cmd(cfg: EvalConfig, quiet: bool = QUIET,
         if cfg.out:
             write_report(report, cfg.out)
             _track(track, "eval", cfg, cfg.out, cfg.groups)
-        typer.echo(json.dumps(report) if as_json else markdown_table(report["configs"]))
+        typer.echo(json.dumps(report.to_json()) if as_json else markdown_table({"retrieval": report.metrics}))
         return
     report = run_eval(cfg, progress=not (quiet or as_json))
     if cfg.out:

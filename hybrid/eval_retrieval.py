@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from core import access
@@ -21,8 +22,30 @@ log = logging.getLogger(__name__)
 RETRIEVAL_COLUMNS = ("n", "recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
 
+@dataclass
+class RetrievalReport:
+    """What `hybrid eval --only retrieval` measured: report.json (to_json: today's keys, in today's order)."""
+
+    metrics: dict[str, float]  # n, recall@1/5/10, mrr@10, ndcg@10 (retrieval/metrics.py); report.json's configs.retrieval
+    dataset: str  # the QA file
+    index: str
+    mode: str  # dense | lexical | hybrid, as searched (the index's default when none was given)
+    rerank: str | None  # the reranker dir, when one re-scored the first stage
+    embedder: str
+    groups: list[str]  # the caller's access groups, sorted
+    precision: str  # of the query encoder, as run
+
+    def to_json(self) -> dict:
+        # "configs" keeps the factuality report's shape ({config: metrics}), so report readers
+        # (hybrid/tracking.py, the tables) read either report.json alike
+        return {"configs": {"retrieval": self.metrics}, "dataset": self.dataset, "index": self.index,
+                "mode": self.mode, "rerank": self.rerank, "embedder": self.embedder, "groups": self.groups,
+                "precision": self.precision}
+
+
 def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, depth: int = 50,
-                       mode: str | None = None, rerank: str | Path | None = None, precision: str = "fp32") -> dict:
+                       mode: str | None = None, rerank: str | Path | None = None,
+                       precision: str = "fp32") -> RetrievalReport:
     """Retrieval metrics of one index on a QA file.
 
     Args:
@@ -35,7 +58,7 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
         precision: auto, fp32 or bf16 for the query encoder and the reranker (training/precision.py).
 
     Returns:
-        {"configs": {"retrieval": metrics}, "dataset": path, "index": path, "embedder": name}.
+        RetrievalReport: the metrics and what was measured (index, mode, reranker, embedder, groups, precision).
     """
     rows = [r for r in load_qa(qa_path) if r.gold_ids]
     if not rows:
@@ -53,10 +76,10 @@ def evaluate_retrieval(qa_path: str | Path, index_dir: str | Path, groups=None, 
                     f"restricted to groups not given with {Arg('groups')}); questions about them count as misses")
     hits = retriever.search_batch([r.question for r in rows], k=depth, groups=groups, mode=mode)
     metrics = retrieval_metrics([[h.doc_id for h in hs] for hs in hits], [set(r.gold_ids) for r in rows])
-    return {"configs": {"retrieval": metrics}, "dataset": str(qa_path), "index": str(index_dir),
-            "mode": mode or retriever.search_settings["mode"], "rerank": str(rerank) if rerank else None,
-            "embedder": retriever.manifest["embedder"]["name"], "groups": sorted(groups or []),
-            "precision": retriever.embedder.precision}
+    return RetrievalReport(metrics=metrics, dataset=str(qa_path), index=str(index_dir),
+                           mode=mode or retriever.search_settings["mode"], rerank=str(rerank) if rerank else None,
+                           embedder=retriever.manifest["embedder"]["name"], groups=sorted(groups or []),
+                           precision=retriever.embedder.precision)
 
 
 def markdown_table(configs: dict[str, dict], columns=RETRIEVAL_COLUMNS) -> str:
@@ -75,8 +98,8 @@ def fmt(v) -> str:
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}"
 
 
-def write_report(report: dict, out_dir: str | Path) -> None:
+def write_report(report: RetrievalReport, out_dir: str | Path) -> None:
     """report.json and report.md in `out_dir` (atomic writes)."""
     out = Path(out_dir)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
-    write_text_atomic(out / "report.md", f"# hybrid eval: {report['dataset']}\n\n" + markdown_table(report["configs"]))
+    write_text_atomic(out / "report.json", json.dumps(report.to_json(), indent=2))
+    write_text_atomic(out / "report.md", f"# hybrid eval: {report.dataset}\n\n" + markdown_table({"retrieval": report.metrics}))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +56,32 @@ class CalibrateConfig:
                                 k=self.k, groups=self.groups, calibrated=False, precision=self.precision)
 
 
-def calibrate(cfg: CalibrateConfig, log=print) -> dict:
+@dataclass
+class Calibration:
+    """The chosen threshold and how well the score separates the rows: ADAPTER/hybrid_abstain.json
+    (to_json: its keys, in its order; tuning/abstention.py's load_calibration reads it back)."""
+
+    threshold: float  # abstain at or above this score, answer below it (Youden's J on the rows)
+    tpr: float  # answerable rows kept (answered) at the threshold
+    fpr: float  # unanswerable rows answered at the threshold
+    auroc: float
+    n: int
+    n_unanswerable: int
+    qa: str
+    qa_sha256: str
+    adapter_run: str  # run_record fingerprint: a threshold is refused for another training run
+    score: str  # what the threshold is on, in words
+    minutes: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(cfg: CalibrateConfig, log=print) -> Calibration:
     """Score labelled rows with the adapter, choose the threshold, write ADAPTER/hybrid_abstain.json.
 
     Rows with `answers: []` are the unanswerable ones; rows use their fixed `passages`, else
-    the top -k retrieved from `index` for the caller's groups.
+    the top -k retrieved from `index` for the caller's groups. Returns the Calibration it wrote.
     """
     if problems := cfg.problems():
         raise InputError("; ".join(problems))
@@ -78,11 +99,12 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     pipe = Pipeline.load(settings)
     contexts = row_contexts(rows, settings, pipe)
     scores = pipe.abstain_scores([r.question for r in rows], [contexts[r.id] for r in rows], adapter="adapter")
-    record = {**youden_threshold(scores, labels), "auroc": auroc(-scores, labels), "n": len(rows),
-              "n_unanswerable": int((~labels).sum()), "qa": cfg.qa, "qa_sha256": sha256_file(Path(cfg.qa)),
-              "adapter_run": run_record.fingerprint(cfg.adapter), "score": "mean log-prob per token of the abstention",
-              "minutes": round((time.perf_counter() - t0) / 60, 2)}
-    write_text_atomic(Path(cfg.adapter) / CAL_FILE, json.dumps(record, indent=2))
-    log(f"calibrated {cfg.adapter}: threshold {record['threshold']:.4f}, AUROC {record['auroc']:.3f}, "
-        f"answerable kept {record['tpr']:.2f}, unanswerable answered {record['fpr']:.2f} ({len(rows)} rows)")
+    record = Calibration(**youden_threshold(scores, labels), auroc=auroc(-scores, labels), n=len(rows),
+                         n_unanswerable=int((~labels).sum()), qa=cfg.qa, qa_sha256=sha256_file(Path(cfg.qa)),
+                         adapter_run=run_record.fingerprint(cfg.adapter),
+                         score="mean log-prob per token of the abstention",
+                         minutes=round((time.perf_counter() - t0) / 60, 2))
+    write_text_atomic(Path(cfg.adapter) / CAL_FILE, json.dumps(record.to_json(), indent=2))
+    log(f"calibrated {cfg.adapter}: threshold {record.threshold:.4f}, AUROC {record.auroc:.3f}, "
+        f"answerable kept {record.tpr:.2f}, unanswerable answered {record.fpr:.2f} ({len(rows)} rows)")
     return record

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                               progress=False)
             seconds = time.perf_counter() - t
             built = {"chunks": rep.chunks, "index_s": seconds, "chunks_per_s": rep.chunks / seconds}
-        m = evaluate_retrieval(args.qa, index, groups=GROUPS, mode=args.mode)["configs"]["retrieval"]
+        m = evaluate_retrieval(args.qa, index, groups=GROUPS, mode=args.mode).metrics
         results[name] = {**built, "mode": args.mode or "index default", **m}
         print(json.dumps({name: results[name]}), flush=True)
     print("\n| embedder | chunks | index s | chunks/s | n | recall@1 | recall@5 | recall@10 | MRR@10 |")

@@ -194,7 +194,7 @@ def run(args) -> dict:
                      {k: v for k, v in dpo.record.items() if k != "train_log"}, args.argv)
     for name, path in adapters.items() if "calibrate" in stages else ():
         cal = stage(f"calibrate_{name}", lambda p=path: calibrate(CalibrateConfig(adapter=p, qa=str(work / "dev.jsonl"))))
-        timings[f"calibration_{name}"] = cal
+        timings[f"calibration_{name}"] = cal.to_json()  # hybrid_abstain.json's record
     for split, qa, configs, closed in (("test", "test.jsonl", adapters, True), ("dev", "dev.jsonl", adapters, False)):
         if f"eval_{split}" not in stages:
             continue

@@ -75,13 +75,13 @@ def recall_at_5(work: Path, log) -> dict:
     out = {"bundled": {}, "halueval_test": {}}
     for p in PRECISIONS:
         out["bundled"][p] = evaluate_retrieval(BUNDLED / "qa.jsonl", side_index(work, p), groups=GROUPS,
-                                               precision=p)["configs"]["retrieval"]["recall@5"]
+                                               precision=p).metrics["recall@5"]
         index = work / f"halueval-index-{p}"  # the index row's, when it ran
         if not (index / "manifest.json").exists():
             log(f"  index HaluEval at {p}")
             build_index(hw / "corpus", index, IndexConfig(index_type="flat", precision=p), progress=False)
         out["halueval_test"][p] = evaluate_retrieval(hw / "qa_test.jsonl", index,
-                                                     precision=p)["configs"]["retrieval"]["recall@5"]
+                                                     precision=p).metrics["recall@5"]
     return out
 
 

@@ -48,7 +48,7 @@ def test_packaged_embedder_retrieves_bundled_gold_documents(tmp_path, qa):
     qa_file = tmp_path / "qa.jsonl"
     qa_file.write_text((BUNDLED / "qa.jsonl").read_text())
     all_groups = ["hr", "finance", "security", "engineering"]
-    m = evaluate_retrieval(qa_file, tmp_path / "idx", groups=all_groups)["configs"]["retrieval"]
+    m = evaluate_retrieval(qa_file, tmp_path / "idx", groups=all_groups).metrics
     assert m["recall@5"] >= 0.9 and m["mrr@10"] >= 0.75
-    public = evaluate_retrieval(qa_file, tmp_path / "idx")["configs"]["retrieval"]
+    public = evaluate_retrieval(qa_file, tmp_path / "idx").metrics
     assert public["recall@5"] < m["recall@5"]  # restricted gold documents are invisible without groups

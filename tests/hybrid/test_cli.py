@@ -78,6 +78,20 @@ def test_eval_retrieval_json_and_report_files(cli_index, tmp_path):
     assert "| retrieval |" in (tmp_path / "rep" / "report.md").read_text()
 
 
+def test_eval_retrieval_returns_the_report_it_writes(cli_index, tmp_path):
+    """evaluate_retrieval returns a typed RetrievalReport; report.json is its to_json, keys in today's order."""
+    from hybrid.eval_retrieval import evaluate_retrieval, write_report
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "1", "question": "battery of Kestrel", "answers": ["14 months"],
+                              "gold_ids": ["buoys/kestrel"]}) + "\n")
+    rep = evaluate_retrieval(qa, cli_index)
+    write_report(rep, tmp_path)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == rep.to_json() and on_disk["configs"] == {"retrieval": rep.metrics}
+    assert list(on_disk) == ["configs", "dataset", "index", "mode", "rerank", "embedder", "groups", "precision"]
+
+
 def test_tune_embedder_prints_before_after_table(cli_index, tmp_path, small_corpus):
     res = run("tune", "embedder", "--index", cli_index, "--out", tmp_path / "emb", "--batch-size", 2,
               "--max-steps", 1, "--test-fraction", 0.34)

@@ -163,8 +163,8 @@ def test_eval_and_raft_mining_use_the_mode_they_are_given(lexical_index, tmp_pat
                               "gold_ids": ["c"]}) + "\n")
     r = Retriever.load(lexical_index)
     rep = evaluate_retrieval(qa, lexical_index, mode="lexical")
-    assert rep["mode"] == "lexical" and rep["configs"]["retrieval"]["recall@1"] == 1.0
-    assert evaluate_retrieval(qa, lexical_index)["mode"] == "hybrid"  # the index's default
+    assert rep.mode == "lexical" and rep.metrics["recall@1"] == 1.0
+    assert evaluate_retrieval(qa, lexical_index).mode == "hybrid"  # the index's default
     lex = r.search("Where is the green frog?", k=3, mode="lexical")
     assert [p["chunk_id"] for p in passages_for(r, ["Where is the green frog?"], 3, mode="lexical")[0]] == \
         [h.chunk_id for h in lex]

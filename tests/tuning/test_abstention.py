@@ -87,6 +87,19 @@ def test_calibrate_writes_threshold_that_ask_and_eval_apply(tmp_path, two_adapte
     assert rep["configs"]["rag+a+cal"]["abstention_rate"] == 0.0
 
 
+def test_calibrate_returns_the_record_it_writes(tmp_path, two_adapters, fixed_qa):
+    """calibrate returns a typed Calibration; hybrid_abstain.json is its to_json, keys in today's order."""
+    from hybrid.tune_calibrate import CalibrateConfig, calibrate
+
+    adapter = tmp_path / "a"
+    shutil.copytree(two_adapters["a"], adapter)
+    rec = calibrate(CalibrateConfig(adapter=str(adapter), qa=str(fixed_qa)), log=lambda m: None)
+    on_disk = json.loads((adapter / CAL_FILE).read_text())
+    assert on_disk == rec.to_json() and list(on_disk) == [
+        "threshold", "tpr", "fpr", "auroc", "n", "n_unanswerable", "qa", "qa_sha256", "adapter_run", "score", "minutes"]
+    assert rec.n == 3 and rec.n_unanswerable == 1
+
+
 def test_calibration_of_another_training_run_is_refused(tmp_path, two_adapters, fixed_qa):
     adapter = tmp_path / "a"
     shutil.copytree(two_adapters["a"], adapter)
