@@ -385,7 +385,7 @@ def eval_cmd(cfg: EvalConfig, quiet: bool = QUIET,
     if cfg.out:
         _track(track, "eval", cfg, cfg.out, cfg.groups)
     if as_json:
-        typer.echo(json.dumps(report))
+        typer.echo(json.dumps(report.to_json()))
     else:
         typer.echo(markdown(report))
         if cfg.out:

@@ -50,7 +50,7 @@ from hybrid.pipeline import Pipeline
 from hybrid.prediction import Prediction
 from hybrid.eval_config import EvalConfig
 from hybrid.pipeline_settings import PipelineSettings
-from hybrid.report import chart, compare, markdown, summarize
+from hybrid.report import EvalReport, chart, compare, markdown, summarize
 from hybrid.statistics import INTERVALS
 from retrieval.retriever import Retriever
 from tuning.abstention import load_calibration
@@ -67,7 +67,7 @@ def sample_rows(rows: list[QARow], limit: int, seed: int) -> list[QARow]:
     return [r for i, r in enumerate(rows) if i in keep]
 
 
-def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
+def run_eval(cfg: EvalConfig, progress: bool = True) -> EvalReport:
     """Evaluate every configuration; see the module docstring.
 
     Stages, in order: plan and resume -> generate -> score (calibration, judge) -> derive
@@ -119,18 +119,19 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     answered = {c.label: [done.get((answered_label(c), r.id)) for r in rows] for c in thresholds}
     by_config, decider = derive({c.label: [done[(c.label, r.id)] for r in rows] for c in configs}, calibrations,
                                 cfg.gate_threshold if cfg.gate else None, cfg.select, answered)
-    report = {"configs": {c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
-              "comparisons": compare(by_config, cfg.seed), "dataset": cfg.qa, "seed": cfg.seed,
-              "n_questions": len(rows), "n_unanswerable": sum(not r.answers for r in rows),
-              "intervals": dict(INTERVALS),  # what the "ci" lists are: older reports (no key) used the bootstrap
-              "precision": run_precision(cfg),
-              "models": {"base": pipe.info.name if pipe else cfg.base_model or DEFAULT_GENERATOR,
-                         "adapters": cfg.adapters, "judge": cfg.judge, "index": cfg.index},
-              **({"gate_threshold": cfg.gate_threshold} if cfg.gate else {}),
-              **({"abstain_thresholds": {c.label: t for c, t in thresholds.items()}} if thresholds else {}),
-              **({"select": {"adapters": cfg.select, "abstention_by": decider}} if cfg.select else {})}
+    report = EvalReport(
+        configs={c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
+        comparisons=compare(by_config, cfg.seed), dataset=cfg.qa, seed=cfg.seed,
+        n_questions=len(rows), n_unanswerable=sum(not r.answers for r in rows),
+        intervals=dict(INTERVALS),  # what the "ci" lists are: older reports (no key) used the bootstrap
+        precision=run_precision(cfg),
+        models={"base": pipe.info.name if pipe else cfg.base_model or DEFAULT_GENERATOR,
+                "adapters": cfg.adapters, "judge": cfg.judge, "index": cfg.index},
+        gate_threshold=cfg.gate_threshold if cfg.gate else None,
+        abstain_thresholds={c.label: t for c, t in thresholds.items()} if thresholds else None,
+        select={"adapters": cfg.select, "abstention_by": decider} if cfg.select else None)
     if out:
-        write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+        write_text_atomic(out / "report.json", json.dumps(report.to_json(), indent=2))
         write_text_atomic(out / "report.md", markdown(report))
         chart(report, out / "chart.png")
     return report

@@ -6,6 +6,7 @@ redone from predictions.jsonl without generating.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,41 @@ from retrieval.metrics import retrieval_metrics
 RATES = ("accuracy", "abstention_rate", "hallucination_rate")
 COLUMNS = ("n", "accuracy", "abstention_rate", "hallucination_rate", "unsupported_rate", "citation_verified_rate",
            "f1", "recall@5", "mrr@10", "latency_ms_p50", "latency_ms_p95", "tokens_per_s", "malformed")
+
+
+@dataclass
+class EvalReport:
+    """What `hybrid eval` measured: report.json. to_json writes today's keys in today's order (the
+    last three only when set); from_json reads today's files and older ones (no intervals, no precision)."""
+
+    configs: dict[str, dict]  # configuration label -> summarize()'s metrics with their "ci" intervals
+    comparisons: list[dict]  # compare()'s paired tests between configurations
+    dataset: str  # the QA file
+    seed: int
+    n_questions: int
+    n_unanswerable: int
+    intervals: dict | None  # what the "ci" lists are; None: a report from before the key (bootstrap both)
+    precision: str | None  # as run (None: a report from before the key)
+    models: dict  # {"base", "adapters", "judge", "index"}
+    gate_threshold: float | None = None  # with --gate
+    abstain_thresholds: dict[str, float] | None = None  # calibrated adapters: label -> threshold
+    select: dict | None = None  # with --select: {"adapters", "abstention_by"}
+
+    def to_json(self) -> dict:
+        out = {"configs": self.configs, "comparisons": self.comparisons, "dataset": self.dataset, "seed": self.seed,
+               "n_questions": self.n_questions, "n_unanswerable": self.n_unanswerable, "intervals": self.intervals,
+               "precision": self.precision, "models": self.models}
+        for key in ("gate_threshold", "abstain_thresholds", "select"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> EvalReport:
+        return cls(configs=d["configs"], comparisons=d["comparisons"], dataset=d["dataset"], seed=d["seed"],
+                   n_questions=d["n_questions"], n_unanswerable=d["n_unanswerable"], intervals=d.get("intervals"),
+                   precision=d.get("precision"), models=d["models"], gate_threshold=d.get("gate_threshold"),
+                   abstain_thresholds=d.get("abstain_thresholds"), select=d.get("select"))
 
 
 def read_predictions(path: Path, flag: str, fix: str, ids: set[str]) -> dict[tuple[str, str], Prediction]:
@@ -115,21 +151,21 @@ def compare(by_config: dict[str, list[Prediction]], seed: int) -> list[dict]:
     return out
 
 
-def intervals_line(report: dict) -> str:
+def intervals_line(report: EvalReport) -> str:
     """What the report's intervals are. A report.json from before the key was written has none:
     its rates and differences both carry percentile bootstrap intervals."""
-    kind = report.get("intervals", {"rate": "percentile bootstrap", "difference": "paired percentile bootstrap"})
+    kind = report.intervals or {"rate": "percentile bootstrap", "difference": "paired percentile bootstrap"}
     return f"Intervals (95 %): rates {kind['rate']}, differences {kind['difference']}."
 
 
-def markdown(report: dict) -> str:
+def markdown(report: EvalReport) -> str:
     """report.md: one row per configuration, rates with their 95 % intervals, then the paired tests."""
-    lines = [f"# hybrid eval: {report['dataset']}", "",
-             f"{report['n_questions']} questions ({report['n_unanswerable']} unanswerable), seed {report['seed']}, "
-             f"models: {json.dumps(report['models'])}", "", intervals_line(report), "",
+    lines = [f"# hybrid eval: {report.dataset}", "",
+             f"{report.n_questions} questions ({report.n_unanswerable} unanswerable), seed {report.seed}, "
+             f"models: {json.dumps(report.models)}", "", intervals_line(report), "",
              "| config | n | accuracy | abstention | hallucination | unsupported | citations verified | F1 | "
              "recall@5 | MRR@10 | p50 ms | p95 ms | tok/s | malformed |", "|---|" + "---:|" * 13]
-    for name, m in report["configs"].items():
+    for name, m in report.configs.items():
         ci = m.get("ci", {})
 
         def rate(key):
@@ -138,10 +174,10 @@ def markdown(report: dict) -> str:
 
         lines.append(f"| {name} | {m['n']} | {rate('accuracy')} | {rate('abstention_rate')} | {rate('hallucination_rate')} | "
                      + " | ".join(fmt(m.get(c)) for c in COLUMNS[4:]) + " |")
-    if report["comparisons"]:
+    if report.comparisons:
         lines += ["", "Paired comparisons (b − a on the same questions; McNemar exact p):", "",
                   "| a | b | Δ hallucination [95 % CI] | p | Δ accuracy [95 % CI] | p |", "|---|---|---:|---:|---:|---:|"]
-        for c in report["comparisons"]:
+        for c in report.comparisons:
             h, a = c["hallucination_rate"], c["accuracy"]
             lines.append(f"| {c['a']} | {c['b']} | {h['diff_b_minus_a']:+.3f} [{h['ci'][0]:+.3f}, {h['ci'][1]:+.3f}] | "
                          f"{h['mcnemar_p']:.3g}{' *' if h['significant'] else ''} | {a['diff_b_minus_a']:+.3f} "
@@ -149,27 +185,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict, path: Path) -> None:
+def chart(report: EvalReport, path: Path) -> None:
     """PNG: accuracy, abstention and hallucination per configuration with 95 % intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["configs"])
+    names = list(report.configs)
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) + 2), 3.8))
     width = 0.26
     colors = {"accuracy": "#2a9d8f", "abstention_rate": "#8d99ae", "hallucination_rate": "#e63946"}
     for j, rate in enumerate(RATES):
-        vals = [report["configs"][n][rate] for n in names]
-        cis = [report["configs"][n]["ci"][rate] for n in names]
+        vals = [report.configs[n][rate] for n in names]
+        cis = [report.configs[n]["ci"][rate] for n in names]
         err = np.array([[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]])
         ax.bar(np.arange(len(names)) + (j - 1) * width, vals, width, yerr=err, capsize=3, color=colors[rate],
                label=rate.replace("_", " "))
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of questions")
-    ax.set_title(f"hybrid eval: {Path(report['dataset']).name} (n={report['n_questions']}, 95 % CI)")
+    ax.set_title(f"hybrid eval: {Path(report.dataset).name} (n={report.n_questions}, 95 % CI)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

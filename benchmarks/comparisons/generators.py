@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                   limit=args.limit, seed=0, k=3, base_model=name, batch_size=4, max_new_tokens=64,
                                   groups=GROUPS, out=str(work / name)),
                        progress=False)
-        m = rep["configs"]["rag"]
+        m = rep.configs["rag"]
         rows.append({"model": name, "params_m": round(params / 1e6), "vocab": len(tok), "convert_s": convert_s,
                      "load_s": load_s, **{k: m[k] for k in ("n", "accuracy", "abstention_rate", "hallucination_rate",
                                                              "f1", "latency_ms_p50", "tokens_per_s")}})

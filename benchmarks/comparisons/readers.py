@@ -114,7 +114,7 @@ def one(args) -> dict:
                                       out=str(work / f"{name}_bundled{args.bundled_limit}"))
     for what, cfg in evals.items():
         t = time.perf_counter()
-        m = run_eval(cfg, progress=False)["configs"]["rag"]
+        m = run_eval(cfg, progress=False).configs["rag"]
         row[what] = {k: m.get(k) for k in ("n", "accuracy", "accuracy_answerable", "abstention_unanswerable",
                                            "hallucination_rate", "latency_ms_p50", "tokens_per_s")}
         row[what]["ci"] = m["ci"]

@@ -66,11 +66,11 @@ def test_eval_end_to_end_resumes_and_writes_reports(tmp_path, fixed_qa, two_adap
     cfg = EvalConfig(qa=str(fixed_qa), index=str(bundled_tiny_index), adapters={"a": two_adapters["a"]},
                      max_new_tokens=6, batch_size=2, out=str(out))
     report = run_eval(cfg, progress=False)
-    assert list(report["configs"]) == ["closed_book", "rag", "rag+a"]
-    for m in report["configs"].values():
+    assert list(report.configs) == ["closed_book", "rag", "rag+a"]
+    for m in report.configs.values():
         assert m["n"] == 3
         assert m["accuracy"] + m["abstention_rate"] + m["hallucination_rate"] == pytest.approx(1.0)
-    assert {(c["a"], c["b"]) for c in report["comparisons"]} == {("closed_book", "rag"), ("closed_book", "rag+a"),
+    assert {(c["a"], c["b"]) for c in report.comparisons} == {("closed_book", "rag"), ("closed_book", "rag+a"),
                                                                   ("rag", "rag+a")}
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 9
@@ -83,13 +83,31 @@ def test_eval_end_to_end_resumes_and_writes_reports(tmp_path, fixed_qa, two_adap
     second = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
     key = lambda p: (p["config"], p["id"])  # noqa: E731
     assert sorted((key(p), p["prediction"]) for p in first) == sorted((key(p), p["prediction"]) for p in second)
-    for name, m in report["configs"].items():  # greedy decoding: same answers, same rates (latency aside)
+    for name, m in report.configs.items():  # greedy decoding: same answers, same rates (latency aside)
         assert {k: m[k] for k in ("accuracy", "abstention_rate", "hallucination_rate", "f1")} == \
-            {k: again["configs"][name][k] for k in ("accuracy", "abstention_rate", "hallucination_rate", "f1")}
+            {k: again.configs[name][k] for k in ("accuracy", "abstention_rate", "hallucination_rate", "f1")}
     # A different run into the same dir is refused rather than mixed.
     cfg.limit = 2
     with pytest.raises(Exception, match="other settings"):
         run_eval(cfg, progress=False)
+
+
+def test_run_eval_returns_the_report_it_writes_and_older_reports_read(tmp_path, fixed_qa):
+    """run_eval returns a typed EvalReport; report.json is its to_json (today's keys, in today's order, the
+    optional ones only when set) and reads back into the same record; a report without the later keys reads too."""
+    from hybrid.report import EvalReport
+
+    report = run_eval(EvalConfig(qa=str(fixed_qa), closed_book=False, max_new_tokens=4, out=str(tmp_path)),
+                      progress=False)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == report.to_json() and EvalReport.from_json(on_disk) == report
+    assert list(on_disk) == ["configs", "comparisons", "dataset", "seed", "n_questions", "n_unanswerable",
+                             "intervals", "precision", "models"]
+    gated = replace(report, gate_threshold=0.5, abstain_thresholds={"rag+a": -1.0},
+                                select={"adapters": ["a", "b"], "abstention_by": None})
+    assert list(gated.to_json())[-3:] == ["gate_threshold", "abstain_thresholds", "select"]
+    old = {k: v for k, v in on_disk.items() if k not in ("intervals", "precision")}
+    assert EvalReport.from_json(old).intervals is None and EvalReport.from_json(old).precision is None
 
 
 def test_eval_cli_retrieves_when_no_passages(tmp_path, two_adapters, bundled_tiny_index):
@@ -139,7 +157,7 @@ def test_eval_gate_derives_configs_and_rejudges_without_generating(tmp_path, fix
     cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": two_adapters["a"]}, closed_book=False, max_new_tokens=6,
                      batch_size=3, judge=str(jdirs[0]), gate=True, out=str(tmp_path / "rep"))
     report = run_eval(cfg, progress=False)
-    assert list(report["configs"]) == ["rag", "rag+a", "rag+gate", "rag+a+gate"]
+    assert list(report.configs) == ["rag", "rag+a", "rag+gate", "rag+a+gate"]
     path = tmp_path / "rep" / "predictions.jsonl"
     preds = {(p["config"], p["id"]): p for p in map(json.loads, path.read_text().splitlines())}
     assert len(preds) == 6  # the +gate configs generate nothing
@@ -148,7 +166,7 @@ def test_eval_gate_derives_configs_and_rejudges_without_generating(tmp_path, fix
         assert p["answerable"] == (0.2 if qid == "3" else 0.9)
         if not p["abstained"]:
             assert p["support"] == p["answerable"] and p["unsupported"] == (qid == "3")
-    rag, gate = report["configs"]["rag"], report["configs"]["rag+gate"]
+    rag, gate = report.configs["rag"], report.configs["rag+gate"]
     expected_shift = 0 if preds[("rag", "3")]["abstained"] else 1 / 3  # the unanswerable q3's answer is gated
     assert gate["hallucination_rate"] == pytest.approx(rag["hallucination_rate"] - expected_shift)
     assert gate["accuracy"] == rag["accuracy"]
@@ -160,7 +178,7 @@ def test_eval_gate_derives_configs_and_rejudges_without_generating(tmp_path, fix
     rejudged = [json.loads(l) for l in path.read_text().splitlines()]
     assert len(rejudged) == 6 and len({p["judge"] for p in rejudged}) == 1
     assert {p["judge"] for p in rejudged} != {p["judge"] for p in preds.values()}
-    assert again["configs"]["rag+gate"]["hallucination_rate"] == gate["hallucination_rate"]
+    assert again.configs["rag+gate"]["hallucination_rate"] == gate["hallucination_rate"]
 
 
 def test_eval_refuses_to_mix_predictions_of_a_retrained_adapter(tmp_path, fixed_qa, two_adapters):
@@ -187,7 +205,7 @@ def test_eval_extended_with_an_adapter_keeps_its_answers(tmp_path, fixed_qa, two
     report = run_eval(cfg, progress=False)
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert lines[:3] == first  # the rag answers kept as written (latency included), not generated again
-    assert [json.loads(l)["config"] for l in lines[3:]] == ["rag+a"] * 3 and list(report["configs"]) == ["rag", "rag+a"]
+    assert [json.loads(l)["config"] for l in lines[3:]] == ["rag+a"] * 3 and list(report.configs) == ["rag", "rag+a"]
     cfg.adapters = {"a": two_adapters["b"]}  # the same name, another adapter: its answers would be mixed
     with pytest.raises(Exception, match="holds rag\\+a answers of a run with other settings"):
         run_eval(cfg, progress=False)
@@ -276,7 +294,7 @@ def test_eval_select_picks_the_best_supported_answer_and_lets_the_best_calibrate
     monkeypatch.setattr("hybrid.pipeline.Pipeline.load", lambda *a, **k: pytest.fail("generated again"))
     cfg.judge, cfg.select = str(jdir), ["a", "b"]
     report = run_eval(cfg, progress=False)
-    assert list(report["configs"]) == ["rag", "rag+a", "rag+b", "rag+a|b"] and report["select"]["abstention_by"] is None
+    assert list(report.configs) == ["rag", "rag+a", "rag+b", "rag+a|b"] and report.select["abstention_by"] is None
     preds = {(p["config"], p["id"]): p for p in map(json.loads, path.read_text().splitlines())}
     ids = sorted({i for _, i in preds})
     chosen = {}
@@ -285,8 +303,8 @@ def test_eval_select_picks_the_best_supported_answer_and_lets_the_best_calibrate
         chosen[i] = max(live, key=lambda p: p["support"])["config"] if live else "rag+a"
     assert set(chosen.values()) == {"rag+a", "rag+b"} and chosen["2"] == "rag+b"  # a abstained on 2: b's answer
     labels = [preds[(chosen[i], i)]["label"] for i in ids]
-    assert report["configs"]["rag+a|b"]["accuracy"] == pytest.approx(labels.count("correct") / len(ids))
-    assert report["configs"]["rag+a|b"]["hallucination_rate"] == pytest.approx(labels.count("hallucinated") / len(ids))
+    assert report.configs["rag+a|b"]["accuracy"] == pytest.approx(labels.count("correct") / len(ids))
+    assert report.configs["rag+a|b"]["hallucination_rate"] == pytest.approx(labels.count("hallucinated") / len(ids))
     # Calibrate both (b separates its rows better): b's score decides whether the selected answer is served.
     monkeypatch.undo()
     monkeypatch.setattr(judge_mod.Judge, "load", classmethod(lambda cls, path, groups=None, gate=False, precision="fp32": cls(AnswerJudgeModel())))
@@ -298,11 +316,11 @@ def test_eval_select_picks_the_best_supported_answer_and_lets_the_best_calibrate
     again = run_eval(cfg, progress=False)  # scores added to the stored answers; nothing generated again
     preds = {(p["config"], p["id"]): p for p in map(json.loads, path.read_text().splitlines())}
     t = json.loads((tmp_path / "b" / CAL_FILE).read_text())["threshold"]
-    assert again["select"]["abstention_by"] == "b" and "rag+a|b+cal" in again["configs"]
+    assert again.select["abstention_by"] == "b" and "rag+a|b+cal" in again.configs
     served = [("abstained" if preds[(chosen[i], i)]["abstained"] or preds[("rag+b", i)]["abstain_score"] >= t
                else preds[(chosen[i], i)]["label"]) for i in ids]
-    assert again["configs"]["rag+a|b+cal"]["abstention_rate"] == pytest.approx(served.count("abstained") / len(ids))
-    assert again["configs"]["rag+a|b+cal"]["accuracy"] == pytest.approx(served.count("correct") / len(ids))
+    assert again.configs["rag+a|b+cal"]["abstention_rate"] == pytest.approx(served.count("abstained") / len(ids))
+    assert again.configs["rag+a|b+cal"]["accuracy"] == pytest.approx(served.count("correct") / len(ids))
 
 
 def test_shards_merged_give_the_single_process_report(tmp_path, fixed_qa, two_adapters, bundled_tiny_index):
@@ -313,14 +331,14 @@ def test_shards_merged_give_the_single_process_report(tmp_path, fixed_qa, two_ad
     whole = run_eval(dataclasses.replace(base, out=str(tmp_path / "whole")), progress=False)
     for i in (0, 1):
         part = run_eval(dataclasses.replace(base, shard=f"{i}/2", out=str(tmp_path / f"s{i}")), progress=False)
-        assert part["n_questions"] == (2 if i == 0 else 1)  # rows 0, 2 and row 1
+        assert part.n_questions == (2 if i == 0 else 1)  # rows 0, 2 and row 1
     with pytest.raises(Exception, match="1 answers missing|answers missing"):
         run_eval(dataclasses.replace(base, merge=[str(tmp_path / "s0")]), progress=False)
     merged = run_eval(dataclasses.replace(base, merge=[str(tmp_path / "s0"), str(tmp_path / "s1")],
                                           out=str(tmp_path / "merged")), progress=False)
     strip = lambda r: {c: {k: v for k, v in m.items() if not k.startswith("latency") and k != "tokens_per_s"}  # noqa: E731
-                       for c, m in r["configs"].items()}
-    assert strip(merged) == strip(whole) and merged["comparisons"] == whole["comparisons"]
+                       for c, m in r.configs.items()}
+    assert strip(merged) == strip(whole) and merged.comparisons == whole.comparisons
     with pytest.raises(Exception, match="other settings"):
         run_eval(dataclasses.replace(base, limit=2, merge=[str(tmp_path / "s0"), str(tmp_path / "s1")]),
                  progress=False)
@@ -432,7 +450,7 @@ def test_merged_out_re_reports_without_the_shards_and_replaces_no_other_answers(
     assert len((tmp_path / "m" / "predictions.jsonl").read_text().splitlines()) == 3  # as the CLI's report line says
     monkeypatch.setattr("hybrid.pipeline.Pipeline.load", lambda *a, **k: pytest.fail("generated again"))
     again = run_eval(dataclasses.replace(base, out=str(tmp_path / "m")), progress=False)  # a single run's dir now
-    assert again["configs"]["rag"] == merged["configs"]["rag"]
+    assert again.configs["rag"] == merged.configs["rag"]
     with pytest.raises(InputError, match="is one of the --merge dirs"):
         run_eval(dataclasses.replace(base, merge=[str(d) for d in shard_dirs], out=str(shard_dirs[0])), progress=False)
     lines = [json.loads(l) for l in (tmp_path / "m" / "predictions.jsonl").read_text().splitlines()]
@@ -464,7 +482,7 @@ def test_a_line_about_another_question_is_refused_before_the_judge_sees_it(fixed
 
 
 def test_malformed_completions_are_counted_apart_among_the_abstentions():
-    from hybrid.report import markdown
+    from hybrid.report import EvalReport, markdown
 
     preds = [made(id=str(i), label=l, abstained=l == "abstained", malformed=m, answers=["a"],
                   citations=[], f1=0.0, latency_ms=10.0, new_tokens=5)
@@ -476,7 +494,7 @@ def test_malformed_completions_are_counted_apart_among_the_abstentions():
     assert old["malformed"] is None and old["malformed_rate"] is None  # not recorded: unknown, not 0
     report = {"dataset": "qa.jsonl", "n_questions": 4, "n_unanswerable": 0, "seed": 0, "models": {},
               "configs": {"rag": m, "old": old}, "comparisons": []}
-    md = markdown(report)
+    md = markdown(EvalReport.from_json(report))
     assert "| tok/s | malformed |" in md and md.splitlines()[-2].endswith("| 2 |") and md.splitlines()[-1].endswith("| – |")
 
 

@@ -76,14 +76,14 @@ def test_eval_reports_its_precision_and_refuses_to_resume_another(tmp_path, fixe
     out = tmp_path / "rep"
     cfg = EvalConfig(qa=str(fixed_qa), base_model=str(tiny_llm_dir), closed_book=False, max_new_tokens=2,
                      batch_size=3, out=str(out), precision="fp32")
-    assert run_eval(cfg, progress=False)["precision"] == "fp32"
+    assert run_eval(cfg, progress=False).precision == "fp32"
     assert json.loads((out / "run.json").read_text())["precision"] == "fp32"
     cfg.precision = "bf16"
     with pytest.raises(Exception, match=r"holds answers made at --precision fp32, and this run computes at bf16 "
                                         r"\(pass --precision fp32 to resume them\)"):
         run_eval(cfg, progress=False)
     cfg.precision = "auto"  # auto is fp32 on this (AVX2-only) CPU: the same answers, resumed
-    assert run_eval(cfg, progress=False)["precision"] == "fp32"
+    assert run_eval(cfg, progress=False).precision == "fp32"
 
 
 def test_merge_refuses_shards_made_at_another_precision(fixed_qa, shard_dirs, tmp_path):  # noqa: F811
@@ -91,7 +91,7 @@ def test_merge_refuses_shards_made_at_another_precision(fixed_qa, shard_dirs, tm
         meta = json.loads((d / "run.json").read_text())
         assert "precision" not in meta
     cfg = EvalConfig(qa=str(fixed_qa), closed_book=False, merge=[str(d) for d in shard_dirs])
-    assert run_eval(cfg, progress=False)["precision"] == "fp32"
+    assert run_eval(cfg, progress=False).precision == "fp32"
     cfg.precision = "bf16"
     with pytest.raises(Exception, match="holds answers made at --precision fp32"):
         run_eval(cfg, progress=False)

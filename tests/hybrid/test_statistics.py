@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hybrid.prediction import Prediction
-from hybrid.report import markdown, summarize
+from hybrid.report import EvalReport, markdown, summarize
 from hybrid.statistics import INTERVALS, mcnemar_exact, paired_diff_ci, proportion_ci
 
 Z = 1.959963984540054  # the 97.5 % point of the standard normal
@@ -57,8 +57,10 @@ def test_report_rates_carry_wilson_intervals():
 def test_report_md_names_its_intervals_old_reports_included():
     report = {"dataset": "qa.jsonl", "n_questions": 4, "n_unanswerable": 0, "seed": 0, "models": {},
               "configs": {"rag": summarize([pred(i, "correct") for i in range(4)], seed=0)}, "comparisons": []}
-    assert "rates percentile bootstrap" in markdown(report)  # a report.json written before the key existed
-    assert "rates wilson, differences paired percentile bootstrap" in markdown({**report, "intervals": INTERVALS})
+    # a report.json written before the key existed
+    assert "rates percentile bootstrap" in markdown(EvalReport.from_json(report))
+    assert "rates wilson, differences paired percentile bootstrap" in \
+        markdown(EvalReport.from_json({**report, "intervals": INTERVALS}))
 
 
 def discordant(a_only: int, b_only: int, both: int = 3, neither: int = 2):

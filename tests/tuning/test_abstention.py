@@ -79,12 +79,12 @@ def test_calibrate_writes_threshold_that_ask_and_eval_apply(tmp_path, two_adapte
 
     rep = run_eval(EvalConfig(qa=str(fixed_qa), adapters={"a": str(adapter)}, closed_book=False, max_new_tokens=4,
                               out=str(tmp_path / "rep")), progress=False)
-    assert rep["configs"]["rag+a+cal"]["abstention_rate"] == 1.0 and rep["abstain_thresholds"] == {"rag+a": -1e9}
-    assert rep["configs"]["rag+a"]["n"] == rep["configs"]["rag+a+cal"]["n"] == 3
+    assert rep.configs["rag+a+cal"]["abstention_rate"] == 1.0 and rep.abstain_thresholds == {"rag+a": -1e9}
+    assert rep.configs["rag+a"]["n"] == rep.configs["rag+a+cal"]["n"] == 3
     _set_threshold(adapter, 1e9)  # recalibrated: nothing reaches it, so every question is answered (the greedy
     rep = run_eval(EvalConfig(qa=str(fixed_qa), adapters={"a": str(adapter)}, closed_book=False, max_new_tokens=4,
                               out=str(tmp_path / "rep")), progress=False)  # abstentions again, from the opening)
-    assert rep["configs"]["rag+a+cal"]["abstention_rate"] == 0.0
+    assert rep.configs["rag+a+cal"]["abstention_rate"] == 0.0
 
 
 def test_calibrate_returns_the_record_it_writes(tmp_path, two_adapters, fixed_qa):
@@ -184,7 +184,7 @@ def test_eval_cal_answers_again_only_where_the_threshold_overrules_a_greedy_abst
     cfg = EvalConfig(qa=str(fixed_qa), adapters={"a": str(adapter)}, closed_book=False, max_new_tokens=4,
                      out=str(tmp_path / "rep"))
     (adapter / CAL_FILE).rename(tmp_path / "cal.json")  # first an uncalibrated run: no scores, nothing again
-    assert "rag+a+cal" not in run_eval(cfg, progress=False)["configs"] and opened == []
+    assert "rag+a+cal" not in run_eval(cfg, progress=False).configs and opened == []
     (tmp_path / "cal.json").rename(adapter / CAL_FILE)
     _set_threshold(adapter, -2.0)  # calibrated afterwards: only the battery question scores below it
     rep = run_eval(cfg, progress=False)  # scores added (the file rewritten), the overruled one answered again
@@ -192,12 +192,12 @@ def test_eval_cal_answers_again_only_where_the_threshold_overrules_a_greedy_abst
     preds = [json.loads(l) for l in (tmp_path / "rep" / "predictions.jsonl").read_text().splitlines()]
     again = [p for p in preds if p["config"] == "rag+a+answered"]
     assert [p["id"] for p in again] == ["1"] and not again[0]["abstained"]
-    assert rep["configs"]["rag+a"]["abstention_rate"] == 1.0
-    assert rep["configs"]["rag+a+cal"]["abstention_rate"] == pytest.approx(2 / 3)
+    assert rep.configs["rag+a"]["abstention_rate"] == 1.0
+    assert rep.configs["rag+a+cal"]["abstention_rate"] == pytest.approx(2 / 3)
     opened.clear()
-    assert run_eval(cfg, progress=False)["configs"]["rag+a+cal"] == rep["configs"]["rag+a+cal"]
+    assert run_eval(cfg, progress=False).configs["rag+a+cal"] == rep.configs["rag+a+cal"]
     assert opened == []  # resumed: nothing generated again
     _set_threshold(adapter, -0.9)  # recalibrated: the office question is overruled too, and only it is generated
     rep = run_eval(cfg, progress=False)
     assert opened == ["When does the office open?"]
-    assert rep["configs"]["rag+a+cal"]["abstention_rate"] == pytest.approx(1 / 3)
+    assert rep.configs["rag+a+cal"]["abstention_rate"] == pytest.approx(1 / 3)
