@@ -26,7 +26,7 @@ RETRIEVAL_COLUMNS = ("n", "recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@1
 class RetrievalReport:
     """What `hybrid eval --only retrieval` measured: report.json (to_json: today's keys, in today's order)."""
 
-    metrics: dict[str, float]  # n, recall@1/5/10, mrr@10, ndcg@10 (retrieval/metrics.py); report.json's configs.retrieval
+    metrics: dict[str, float]  # n, recall@1/5/10, mrr@10, ndcg@10: report.json's configs.retrieval
     dataset: str  # the QA file
     index: str
     mode: str  # dense | lexical | hybrid, as searched (the index's default when none was given)
@@ -102,4 +102,5 @@ def write_report(report: RetrievalReport, out_dir: str | Path) -> None:
     """report.json and report.md in `out_dir` (atomic writes)."""
     out = Path(out_dir)
     write_text_atomic(out / "report.json", json.dumps(report.to_json(), indent=2))
-    write_text_atomic(out / "report.md", f"# hybrid eval: {report.dataset}\n\n" + markdown_table({"retrieval": report.metrics}))
+    write_text_atomic(out / "report.md",
+                      f"# hybrid eval: {report.dataset}\n\n" + markdown_table({"retrieval": report.metrics}))
