@@ -22,21 +22,29 @@ from pathlib import Path
 
 from benchmarks.harness import finish, parser  # first: sets the offline environment
 
+from core.qa import load_qa
 from hybrid.prediction import Prediction
 from hybrid.report import summarize
 from tuning.grading import classify, token_f1
 from tuning.prompting import ABSTAIN, parse_answer
 
 
-def regraded(p: Prediction) -> Prediction:
-    """One prediction line graded again from its raw completion (as Pipeline.answer_batch parses it)."""
+def regraded(p: Prediction, golds: dict[str, list[str]] | None = None) -> Prediction:
+    """One prediction line graded again from its raw completion (as Pipeline.answer_batch parses it),
+    against `golds[p.id]` where given (a QA file's answers, e.g. with aliases added), else its own."""
     parsed = parse_answer(p.raw)
     answer = ABSTAIN if parsed.abstained else parsed.answer
-    return replace(p, prediction=answer, abstained=parsed.abstained, malformed=parsed.malformed,
-                   label=classify(answer, parsed.abstained, p.answers), f1=token_f1(answer, p.answers))
+    answers = (golds or {}).get(p.id, p.answers)
+    return replace(p, prediction=answer, abstained=parsed.abstained, malformed=parsed.malformed, answers=answers,
+                   label=classify(answer, parsed.abstained, answers), f1=token_f1(answer, answers))
 
 
-def regrade_dir(d: Path, seed: int = 0) -> dict:
+def qa_answers(path: Path) -> dict[str, list[str]]:
+    """{id: answers} of a QA file; an id whose answerability changed is refused (that is another test set)."""
+    return {r.id: list(r.answers) for r in load_qa(path)}
+
+
+def regrade_dir(d: Path, seed: int = 0, golds: dict[str, list[str]] | None = None) -> dict:
     lines = [Prediction.from_json(json.loads(x))
              for x in (d / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
     by_config: dict[str, dict[str, Prediction]] = {}
@@ -47,7 +55,9 @@ def regrade_dir(d: Path, seed: int = 0) -> dict:
     out = {}
     for config, preds in by_config.items():
         old = list(preds.values())
-        new = [regraded(p) for p in old]
+        new = [regraded(p, golds) for p in old]
+        if golds and any(bool(a.answers) != bool(b.answers) for a, b in zip(old, new)):
+            raise SystemExit(f"error: --qa changes which questions of {d} are answerable; aliases only")
         out[config] = {"stored": summarize(old, seed), "reread": summarize(new, seed),
                        "changed": sum(a.label != b.label for a, b in zip(old, new)),
                        "changes": [{"id": a.id, "raw": a.raw, "stored": a.label, "reread": b.label,
@@ -59,10 +69,13 @@ def regrade_dir(d: Path, seed: int = 0) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__, out_help="result file: every result, with the changed lines; none unless given")
     ap.add_argument("dirs", nargs="+", type=Path, help="eval --out directories")
+    ap.add_argument("--qa", type=Path, help="grade against this QA file's answers (by id), e.g. with aliases added; "
+                                            "default: the answers stored on each line")
     args = ap.parse_args(argv)
+    golds = qa_answers(args.qa) if args.qa else None
     results = {}
     for d in args.dirs:
-        results[str(d)] = r = regrade_dir(d)
+        results[str(d)] = r = regrade_dir(d, golds=golds)
         for config, x in r.items():
             s, n = x["stored"], x["reread"]
             f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731

@@ -23,3 +23,24 @@ def test_a_bare_quote_is_read_as_the_answer_and_derived_lines_are_left_out(tmp_p
                                                                                          ("1", "hallucinated")}
     assert rag["stored"]["accuracy_answerable"] == 0.5 and rag["reread"]["accuracy_answerable"] == 1.0
     assert rag["stored"]["hallucination_rate"] == 0.0 and rag["reread"]["hallucination_rate"] == 1 / 3
+
+
+def test_a_qa_file_with_aliases_grades_the_stored_answers_again(tmp_path):
+    """`--qa`: the same completions graded against a QA file's answers (an alias added by the grader audit's
+    rule); a QA file that turns a question unanswerable is another test set and is refused."""
+    import pytest
+
+    from benchmarks.analyses.regrade import qa_answers
+
+    lines = [line(0, "rag", "##Reason: x ##Answer: up to 12 retries", "hallucinated", ["12 times"]),
+             line(1, "rag", "##Reason: x ##Answer: 14 months", "correct", ["14 months"])]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in lines))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "0", "question": "How many retries?", "answers": ["12 times", "12 retries"]}) + "\n"
+                  + json.dumps({"id": "1", "question": "How long?", "answers": ["14 months"]}) + "\n")
+    assert regrade_dir(tmp_path)["rag"]["changed"] == 0  # the stored golds: no alias
+    rag = regrade_dir(tmp_path, golds=qa_answers(qa))["rag"]
+    assert [(c["id"], c["stored"], c["reread"]) for c in rag["changes"]] == [("0", "hallucinated", "correct")]
+    qa.write_text(json.dumps({"id": "0", "question": "How many retries?", "answers": []}) + "\n")
+    with pytest.raises(SystemExit, match="answerable"):
+        regrade_dir(tmp_path, golds=qa_answers(qa))

@@ -52,3 +52,20 @@ def test_packaged_embedder_retrieves_bundled_gold_documents(tmp_path, qa):
     assert m["recall@5"] >= 0.9 and m["mrr@10"] >= 0.75
     public = evaluate_retrieval(qa_file, tmp_path / "idx").metrics
     assert public["recall@5"] < m["recall@5"]  # restricted gold documents are invisible without groups
+
+
+def test_a_how_many_question_counts_in_its_own_noun():
+    """The grader audit's alias rule (docs/benchmarks/grader-audit.md): a "how many NOUN" question whose gold
+    counts in another word ("12 times" for "how many retries") also holds the number with the question's noun,
+    so an answer in the question's own words is not graded wrong by containment."""
+    import re
+
+    from core.qa import load_qa
+
+    missing = []
+    for r in load_qa(BUNDLED / "qa.jsonl"):
+        m = re.search(r"\bhow many ((?:[a-z-]+ )*?[a-z-]+?)s?\b(?= (?:in|can|may|does|do|are|is|were|must|should|"
+                      r"trigger|going|besides|of|per|on|after|a|an|the|will|would|did|has|have|had)\b|\?)", r.question, re.I)
+        if m and r.answers and not any(m.group(1).split()[-1].lower() in a.lower() for a in r.answers):
+            missing.append(f"{r.id}: {r.question} {list(r.answers)}")
+    assert missing == []
