@@ -36,7 +36,7 @@ from core.errors import InputError
 from core.jsonl import read_jsonl
 from core.qa import QARow
 from retrieval.retriever import Hit, Retriever
-from tuning.prompting import abstain_answer, build_messages, cot_answer, quote_in
+from tuning.prompting import abstain_answer, build_messages, cot_answer, normalize, quote_in
 
 # Sentence ends: punctuation + space, a newline, or punctuation glued to the next sentence's
 # capital ("...Caremark.Longs Drugs is...": concatenated paragraphs, as in HaluEval's knowledge);
@@ -84,6 +84,13 @@ def reasoned_answer(row: QARow, oracle_text: str, answer: str) -> str | None:
         return None
     reason = row.reason if row.reason.startswith("##Reason:") else f"##Reason: {row.reason}"
     return f"{reason.strip()} ##Answer: {answer.strip()}"
+
+
+def states_answer(text: str, answers) -> bool:
+    """Whether `text` holds one of `answers` as whole words after normalisation (so "3" is not found in
+    "2023", nor "Orange" in "orangery")."""
+    padded = f" {normalize(text)} "
+    return any((na := normalize(a)) and f" {na} " in padded for a in answers)
 
 
 def _passage(h: Hit) -> dict:
@@ -162,7 +169,10 @@ def build_examples(rows: list[QARow], retriever: Retriever, settings: RaftSettin
     for i, row in enumerate(rows):
         hits, best = mined[i], oracles[i]
         gold = set(row.gold_ids)
-        distractors = [h for h in hits if h.doc_id not in gold][: k + 1]
+        # A distractor is a passage that does not answer: one from another document that states a gold
+        # answer (a near-duplicate, a summary page) would teach abstaining, or quoting "the wrong" document,
+        # with the answer in view.
+        distractors = [h for h in hits if h.doc_id not in gold and not states_answer(h.text, row.answers)][: k + 1]
         oracle: list[Hit] = []
         quote = answer = ""
         if best is not None:

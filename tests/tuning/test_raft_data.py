@@ -95,3 +95,24 @@ def test_quote_is_the_shortest_sentence_holding_the_answer_even_in_glued_paragra
         "Tags have the form `gw-4.3.0-rc.N` for Gullwing."  # a version string is not a sentence end
     # no sentence holds the answer: the one sharing most words with question + answer
     assert quote_for("Joe and Tom Long", "Who founded Longs in 1938?", text).startswith("It was founded in 1938")
+
+
+def test_no_distractor_states_a_gold_answer(tmp_path, bundled_tiny_index):
+    """A passage from another document that states the answer is no distractor (it would teach abstaining,
+    or quoting the wrong document, with the answer in view): give a question, as an extra gold answer, a
+    phrase of one of its distractors, and that chunk leaves its contexts; words inside other words do not count."""
+    from tuning.raft_data import states_answer
+
+    retriever = Retriever.load(bundled_tiny_index)
+    rows, _ = visible_rows(load_qa(small_qa(tmp_path)), retriever)
+    chunks = {h.chunk_id: h for h in retriever.chunks()}
+    row = next(r for r in rows if r.answers)
+    settings = RaftSettings(num_distractors=2, no_oracle="both")
+    first = build_examples([row], retriever, settings)
+    taken = next(c for c in first[1]["chunk_ids"] if chunks[c].doc_id not in row.gold_ids)
+    phrase = " ".join(chunks[taken].text.split()[3:7])
+    again = build_examples([dataclasses.replace(row, answers=(*row.answers, phrase))], retriever, settings)
+    assert all(taken not in ex["chunk_ids"] for ex in again)
+    assert all(not states_answer(chunks[c].text, (*row.answers, phrase)) for ex in again for c in ex["chunk_ids"]
+               if chunks[c].doc_id not in row.gold_ids)
+    assert states_answer("bolts to 12 N·m on the Kestrel-9", ["12 N·m"]) and not states_answer("in 2023", ["3"])
