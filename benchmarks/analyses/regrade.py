@@ -17,11 +17,13 @@ changed lines) as a result file (benchmarks/harness.py's format); `--json` print
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.harness import finish, parser  # first: sets the offline environment
 
+from core.errors import InputError
 from core.qa import load_qa
 from hybrid.prediction import Prediction
 from hybrid.report import summarize
@@ -57,7 +59,7 @@ def regrade_dir(d: Path, seed: int = 0, golds: dict[str, list[str]] | None = Non
         old = list(preds.values())
         new = [regraded(p, golds) for p in old]
         if golds and any(bool(a.answers) != bool(b.answers) for a, b in zip(old, new)):
-            raise SystemExit(f"error: --qa changes which questions of {d} are answerable; aliases only")
+            raise InputError(f"--qa changes which questions of {d} are answerable; give a QA file that only adds aliases")
         out[config] = {"stored": summarize(old, seed), "reread": summarize(new, seed),
                        "changed": sum(a.label != b.label for a, b in zip(old, new)),
                        "changes": [{"id": a.id, "raw": a.raw, "stored": a.label, "reread": b.label,
@@ -72,10 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--qa", type=Path, help="grade against this QA file's answers (by id), e.g. with aliases added; "
                                             "default: the answers stored on each line")
     args = ap.parse_args(argv)
-    golds = qa_answers(args.qa) if args.qa else None
     results = {}
+    try:
+        golds = qa_answers(args.qa) if args.qa else None
+        for d in args.dirs:
+            results[str(d)] = regrade_dir(d, golds=golds)
+    except InputError as exc:  # bad input: one line, exit 2, as hybrid's own commands do
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     for d in args.dirs:
-        results[str(d)] = r = regrade_dir(d, golds=golds)
+        r = results[str(d)]
         for config, x in r.items():
             s, n = x["stored"], x["reread"]
             f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731

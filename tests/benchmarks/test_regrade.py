@@ -31,6 +31,7 @@ def test_a_qa_file_with_aliases_grades_the_stored_answers_again(tmp_path):
     import pytest
 
     from benchmarks.analyses.regrade import qa_answers
+    from core.errors import InputError
 
     lines = [line(0, "rag", "##Reason: x ##Answer: up to 12 retries", "hallucinated", ["12 times"]),
              line(1, "rag", "##Reason: x ##Answer: 14 months", "correct", ["14 months"])]
@@ -42,5 +43,16 @@ def test_a_qa_file_with_aliases_grades_the_stored_answers_again(tmp_path):
     rag = regrade_dir(tmp_path, golds=qa_answers(qa))["rag"]
     assert [(c["id"], c["stored"], c["reread"]) for c in rag["changes"]] == [("0", "hallucinated", "correct")]
     qa.write_text(json.dumps({"id": "0", "question": "How many retries?", "answers": []}) + "\n")
-    with pytest.raises(SystemExit, match="answerable"):
+    with pytest.raises(InputError, match="answerable"):
         regrade_dir(tmp_path, golds=qa_answers(qa))
+
+
+def test_a_missing_qa_file_is_one_line_and_exit_2(tmp_path, capsys):
+    import pytest
+
+    from benchmarks.analyses.regrade import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--qa", str(tmp_path / "nope.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "nope.jsonl" in err[0]
