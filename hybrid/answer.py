@@ -32,13 +32,18 @@ class Answer:
     calibrated_answer: bool = False
     selected_from: str | None = None  # with select: the adapter whose answer the judge supported most
     malformed: bool = False  # the completion broke the answer template (parse_answer): served as the abstention
+    probe_answerable: float | None = None  # the probe: P(the passages answer the question) (None: no probe for this reader)
+    probe_score: float | None = None  # the probe's rule: P(this answer is not made up) (None: nothing was answered)
+    probe_decided: str | None = None  # the probe refused: "before" generating (answerability) or "after" (the rule)
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "abstained": self.abstained, "citations": self.citations,
                 "passages": self.passages, "support": self.support, "answerable": self.answerable,
                 "gated": self.gated, "abstain_score": self.abstain_score,
                 "calibrated_abstain": self.calibrated_abstain, "calibrated_answer": self.calibrated_answer,
-                "selected_from": self.selected_from, "malformed": self.malformed}
+                "selected_from": self.selected_from, "malformed": self.malformed,
+                "probe_answerable": self.probe_answerable, "probe_score": self.probe_score,
+                "probe_decided": self.probe_decided}
 
 
 def verify(parsed, passages: list[dict]) -> list[dict]:

@@ -44,6 +44,10 @@ class AskConfig:
         "help": "NAME (repeat, two or more loaded adapters; with --judge): each answers, the judge picks the "
                 "best-supported answer and the best-calibrated adapter decides whether to abstain (eval's "
                 "rag+A|B+cal); the judge picks instead of gating."})
+    probe: str | None = field(default=None, metadata={
+        "metavar": "DIR", "help": "Answerability probe (hybrid tune probe) of the reader that answers: refuse before "
+                                  "generating where the passages do not answer, and after where its rule finds the "
+                                  "answer likely made up (nothing is streamed)."})
     precision: Precision = option()
 
     def problems(self) -> list[str]:
@@ -61,7 +65,7 @@ class AskConfig:
         return PipelineSettings(index=self.index, adapters=self.adapters, base_model=self.base_model, k=self.k,
                                 max_new_tokens=self.max_new_tokens, require_support=self.require_support,
                                 judge=self.judge, gate_threshold=self.gate_threshold, groups=self.groups,
-                                mode=self.mode, rerank=self.rerank, precision=self.precision)
+                                mode=self.mode, rerank=self.rerank, precision=self.precision, probe=self.probe)
 
     @property
     def answering_adapter(self) -> str | None:

@@ -40,6 +40,7 @@ from retrieval.tune_reranker import RerankerTuneConfig, tune_reranker
 from retrieval.retriever import Retriever, SearchConfig
 from tuning.tune_dpo import DPOTuneConfig, tune_dpo
 from tuning.tune_judge import JudgeTuneConfig, tune_judge
+from tuning.tune_probe import ProbeTuneConfig, tune_probe
 from tuning.tune_generator import GeneratorTuneConfig, tune_generator
 from tuning.synth import SynthConfig, synthesize
 
@@ -335,10 +336,22 @@ def tune_calibrate_cmd(cfg: CalibrateConfig):
     calibrate(cfg, log=typer.echo)
 
 
+@command("tune probe")
+def tune_probe_cmd(cfg: ProbeTuneConfig, quiet: bool = QUIET):
+    """Train the answerability probe on the reader's hidden states, from questions on your documents; choose
+    the rule that decides when to answer on held-out rows."""
+    rep = tune_probe(cfg, progress=_stderr(quiet))
+    typer.echo(f"probe saved to {cfg.out}: {rep.rows} contexts ({rep.held_out} held out), cross-validated AUROC "
+               f"answerable {rep.answerable_auroc:.3f}, right {rep.right_auroc:.3f}; held out: made-up answers "
+               f"{rep.held_out_hallucination:.3f} -> {rep.held_out_hallucination_ruled:.3f} with "
+               f"{rep.held_out_answered:.2f} answered ({rep.minutes} min)")
+
+
 @command("ask")
 def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
         False, "--json", help='Print {"answer", "abstained", "citations", "passages", "support", "answerable", '
-                              '"gated", "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from", "malformed"}.')):
+                              '"gated", "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from", "malformed", '
+                              '"probe_answerable", "probe_score", "probe_decided"}.')):
     """Retrieve, answer from the passages, and verify every quote against them."""
     pipe = Pipeline.load(cfg.pipeline_settings())
     streamed = []
@@ -356,6 +369,10 @@ def ask_cmd(cfg: AskConfig, as_json: bool = typer.Option(
             typer.echo("")
     note = f"  (abstained: the judge found no passage answering it, answerability {res.answerable:.2f})" if res.gated else \
         "  (abstained: the adapter's calibrated abstention score)" if res.calibrated_abstain else \
+        f"  (abstained: the probe finds the passages do not answer it, answerability {res.probe_answerable:.2f})" \
+        if res.probe_decided == "before" else \
+        f"  (abstained: the probe's rule finds the answer likely made up, score {res.probe_score:.2f})" \
+        if res.probe_decided == "after" else \
         "  (malformed completion, served as abstention: it broke the answer template)" if res.malformed else \
         "  (abstained)" if res.abstained else f"  (judge support {res.support:.2f})" if res.support is not None else ""
     typer.echo(f"answer: {res.answer}{note}")

@@ -27,6 +27,7 @@ from tuning.synth import SynthConfig
 from tuning.tune_dpo import DPOTuneConfig
 from tuning.tune_generator import GeneratorTuneConfig
 from tuning.tune_judge import JudgeTuneConfig
+from tuning.tune_probe import ProbeTuneConfig
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("tune dpo", DPOTuneConfig, "tuning.tune_dpo:tune_dpo"),
     Command("tune judge", JudgeTuneConfig, "tuning.tune_judge:tune_judge"),
     Command("tune calibrate", CalibrateConfig, "hybrid.tune_calibrate:calibrate"),
+    Command("tune probe", ProbeTuneConfig, "tuning.tune_probe:tune_probe"),
     Command("ask", AskConfig, "hybrid.pipeline:Pipeline.ask"),
     # `eval --only retrieval` runs hybrid.eval_retrieval:evaluate_retrieval instead (the command's body decides)
     Command("eval", EvalConfig, "hybrid.eval:run_eval"),

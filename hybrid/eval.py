@@ -45,6 +45,7 @@ from core.qa import QARow, load_qa
 from hybrid.answer import passages_for
 from hybrid.eval_configuration import Configuration, planned
 from hybrid.eval_derived import derive, needs_answer
+from hybrid.eval_probe import probe_target, risk_chart, risk_coverage, score_all, with_probe
 from hybrid.eval_resume import merged, resume, run_precision
 from hybrid.pipeline import Pipeline
 from hybrid.prediction import Prediction
@@ -93,8 +94,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> EvalReport:
     unscored = [(c, p) for c in thresholds for p in done.values() if p.config == c.label and p.abstain_score is None]
     judge_fp = judge_fingerprint(cfg.judge)
     rejudge = judge is not None and (bool(todo) or any(p.judge != judge_fp for p in done.values()))
-    pipe = Pipeline.load(settings) if todo or unscored or not done else None
-    contexts = row_contexts(rows, settings, pipe) if todo or rejudge or unscored else {}  # a finished run: no retrieval
+    probe, probed, probe_fp = probe_target(cfg.probe, cfg.adapters, cfg.groups) if cfg.probe else (None, None, None)
+    reprobe = probe is not None and (any(c == probed for c, _ in todo) or any(
+        p.config == probed.label and p.probe != probe_fp for p in done.values()))
+    pipe = Pipeline.load(settings) if todo or unscored or reprobe or not done else None
+    # a finished run: no retrieval
+    contexts = row_contexts(rows, settings, pipe) if todo or rejudge or unscored or reprobe else {}
     sink = out / "predictions.jsonl" if out else None
 
     # generate: every configuration's greedy answers, then those a calibrated threshold overrules
@@ -111,7 +116,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> EvalReport:
 
     # score: the judge's support and answerability, added to the lines without generating
     rejudged = judge_all(judge, judge_fp, done, rows, contexts) if rejudge else False
-    if (rejudged or unscored or cfg.merge) and out:  # every line (re)written: with its scores, or merged
+    reprobed = score_all(pipe, cfg.probe, probed, probe_fp, done, contexts) if reprobe else False
+    if (rejudged or reprobed or unscored or cfg.merge) and out:  # every line (re)written: with its scores, or merged
         write_text_atomic(out / "predictions.jsonl", "".join(
             json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in done.values()))
 
@@ -119,6 +125,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> EvalReport:
     answered = {c.label: [done.get((answered_label(c), r.id)) for r in rows] for c in thresholds}
     by_config, decider = derive({c.label: [done[(c.label, r.id)] for r in rows] for c in configs}, calibrations,
                                 cfg.gate_threshold if cfg.gate else None, cfg.select, answered)
+    if probe is not None:
+        by_config[replace(probed, probe=True).label] = [with_probe(p, probe) for p in by_config[probed.label]]
     report = EvalReport(
         configs={c: summarize(ps, cfg.seed) for c, ps in by_config.items()},
         comparisons=compare(by_config, cfg.seed), dataset=cfg.qa, seed=cfg.seed,
@@ -129,11 +137,16 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> EvalReport:
                 "adapters": cfg.adapters, "judge": cfg.judge, "index": cfg.index},
         gate_threshold=cfg.gate_threshold if cfg.gate else None,
         abstain_thresholds={c.label: t for c, t in thresholds.items()} if thresholds else None,
-        select={"adapters": cfg.select, "abstention_by": decider} if cfg.select else None)
+        select={"adapters": cfg.select, "abstention_by": decider} if cfg.select else None,
+        probe={"dir": cfg.probe, "scores": probed.label, "threshold": probe.threshold, "before": probe.before}
+        if probe is not None else None,
+        risk_coverage={c: risk_coverage(ps) for c, ps in by_config.items()})
     if out:
         write_text_atomic(out / "report.json", json.dumps(report.to_json(), indent=2))
         write_text_atomic(out / "report.md", markdown(report))
         chart(report, out / "chart.png")
+        risk_chart(report.risk_coverage, out / "risk_coverage.png",
+                   f"hybrid eval: {Path(cfg.qa).name} (n={len(rows)}), ranked by the probe's rule score")
     return report
 
 

@@ -52,6 +52,10 @@ class EvalConfig:
     select: list[str] = field(default_factory=list, metadata={
         "help": "NAME (repeat, two or more; with --judge): also report rag+A|B, each question answered by the adapter "
                 "whose answer the judge finds best supported (+cal: abstaining where the best-calibrated one would)."})
+    probe: str | None = field(default=None, metadata={
+        "metavar": "DIR", "help": "Answerability probe (hybrid tune probe): score the answers of the configuration "
+                                  "whose reader it was trained on, report it as CONFIG+probe (its rule applied), "
+                                  "and draw risk-coverage curves."})
     out: str | None = field(default=None, metadata={
         "help": "Report dir: report.json, report.md, chart.png, predictions.jsonl (resumable)."})
     shard: str | None = field(default=None, metadata={

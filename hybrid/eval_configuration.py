@@ -4,21 +4,22 @@ rendered here and parsed here, the one place the label's grammar lives.
 Labels are what report.json, report.md and predictions.jsonl name configurations by, so their
 form does not change: `closed_book`, `rag`, `rag+NAME`, `rag+A|B` (the judge picks among the
 adapters' answers), then `+answered` (stored lines: abstentions a threshold overruled, answered
-again), `+gate` (the judge gate on top) or `+cal` (the calibrated threshold on top).
+again), `+gate` (the judge gate on top), `+cal` (the calibrated threshold on top) or `+probe` (the probe's
+rule on top).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-SUFFIXES = {"answered": "answered", "gate": "gate", "cal": "calibrated"}  # label suffix -> field, in label order
+SUFFIXES = {"answered": "answered", "gate": "gate", "cal": "calibrated", "probe": "probe"}  # label suffix -> field, in label order
 
 
 @dataclass(frozen=True)
 class Configuration:
     """Who answers, from what, and which decider is applied on top of the greedy answers.
 
-    A new decider (a probe, say) is one more flag here, one more suffix in `label`/`parse`.
+    A new decider is one more flag here, one more suffix in `label`/`parse`.
     """
 
     closed_book: bool = False  # no passages
@@ -26,6 +27,7 @@ class Configuration:
     answered: bool = False  # answers written again from the answer's opening (calibrated thresholds)
     gate: bool = False  # the judge gate: abstain where no passage answers the question
     calibrated: bool = False  # the adapter's calibrated threshold decides whether to abstain
+    probe: bool = False  # the probe's rule decides whether to answer (tuning/probe.py)
 
     @property
     def adapter(self) -> str | None:
@@ -35,7 +37,7 @@ class Configuration:
     @property
     def generated(self) -> "Configuration":
         """The configuration whose generated answers this one derives from (itself when it has no decider)."""
-        return replace(self, gate=False, calibrated=False)
+        return replace(self, gate=False, calibrated=False, probe=False)
 
     @property
     def label(self) -> str:

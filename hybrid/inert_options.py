@@ -33,8 +33,8 @@ def _refuse(cfg, names, why: str) -> list[str]:
     return [f"{', '.join(flags)}: {why}; drop {'it' if len(flags) == 1 else 'them'}"] if flags else []
 
 
-GENERATION = ("adapters", "closed_book", "judge", "gate", "gate_threshold", "select", "batch_size", "max_new_tokens",
-              "base_model", "limit", "seed", "k")
+GENERATION = ("adapters", "closed_book", "judge", "gate", "gate_threshold", "select", "probe", "batch_size",
+              "max_new_tokens", "base_model", "limit", "seed", "k")
 
 
 def _eval(cfg) -> list[str]:

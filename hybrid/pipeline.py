@@ -19,6 +19,11 @@ Calibrated abstention: an adapter calibrated with `hybrid tune calibrate` carrie
 threshold on its own abstention score (tuning/abstention.py); the pipeline abstains
 when a prompt scores at or above it (`calibrated=False` serves the greedy answer as is).
 
+The probe (`probe=DIR`, `hybrid tune probe`): for the reader it was trained on (the base model or
+one adapter), a question whose passages it finds not answering it is refused before anything is
+generated, and an answer its rule scores below the cut is refused after (tuning/probe.py); the
+Answer says which (`probe_decided`).
+
 Selection (`ask(select=[...])`, with a judge): several adapters answer, the answer the judge
 finds best supported by the passages is served, and the best-calibrated of them decides whether
 to abstain: what `hybrid eval --select` reports as rag+A|B+cal.
@@ -41,6 +46,7 @@ from tuning import abstention
 from tuning.abstention import calibration_abstains, load_calibration
 from tuning.generation import PrefixCache, TemplateStop, generate_batch, generation_kwargs, load_generator, opening
 from tuning.judge import THRESHOLD, Judge, gate_abstains
+from tuning.probe import Probe, read_states
 from tuning.prompting import ABSTAIN, ANSWER_OPENING, build_messages, chat_text, parse_answer, quote_in
 
 __all__ = ["Answer", "Pipeline", "PipelineSettings", "passages_for", "verify"]  # what a library user imports here
@@ -67,6 +73,9 @@ class Pipeline:
         self.aurocs = aurocs or {}  # adapter name -> its calibration AUROC (which one decides under select)
         self.calibrated = calibrated
         self.openings: dict[str, str] = {}  # adapter name -> how its answers begin (its training format)
+        self.runs: dict[str, str | None] = {}  # adapter name -> its training run's fingerprint (a probe reads one)
+        self.probe: Probe | None = None
+        self.probe_reader: str | None = None  # the adapter whose states the probe reads (None: the base model)
         # one question at a time (ask, the server's single requests): the system prompt's keys and
         # values are computed once per adapter, not per question (greedy answers unchanged)
         self.prefix_cache = PrefixCache()
@@ -120,6 +129,8 @@ class Pipeline:
                    gate_threshold=s.gate_threshold, calibrated=s.calibrated)
         for name, path in s.adapters.items():
             pipe.add_adapter(name, path)
+        if s.probe is not None:
+            pipe.set_probe(s.probe)
         pipe.model.eval()
         pipe.mode = s.mode
         return pipe
@@ -143,11 +154,26 @@ class Pipeline:
         self.adapters.append(name)
         self.prefix_cache.clear()  # a name may now stand for other weights
         self.scopes[name] = access.scope(path)
+        self.runs[name] = run_record.fingerprint(path)
         self.openings[name] = ANSWER_OPENING[(rec.get("config") or {}).get("answer_format") or "cot"]
         cal = load_calibration(path) if self.calibrated and self.model is not None else None
         self.thresholds[name] = cal and float(cal["threshold"])
         if cal:
             self.aurocs[name] = float(cal.get("auroc") or 0.0)
+
+    def set_probe(self, path: str | Path) -> None:
+        """Use the probe at `path` for the reader it was trained on: the base model, or the loaded
+        adapter of that training run. Refused (one line) when it is out of the load groups' scope,
+        read another base model's states, or its adapter is not loaded."""
+        label = Arg("probe", str(path))
+        probe = Probe.load(path, self.groups, label)
+        run = probe.record.get("adapter_run")
+        reader = next((n for n, f in self.runs.items() if f == run), None) if run is not None else None
+        if run is not None and reader is None:
+            raise InputError(label, f": reads the states of adapter {probe.record.get('adapter')}; load that adapter "
+                             "too (", Arg("adapters"), ")")
+        probe.check_reader(self.info, run, label)
+        self.probe, self.probe_reader = probe, reader
 
     def remove_adapter(self, name: str) -> None:
         """Take an adapter off the base (its weights are freed; the base is untouched)."""
@@ -157,7 +183,9 @@ class Pipeline:
             self.model.delete_adapter(name)
         self.adapters.remove(name)
         self.prefix_cache.clear()
-        for table in (self.scopes, self.thresholds, self.aurocs, self.openings):
+        if self.probe is not None and name == self.probe_reader:
+            self.probe = self.probe_reader = None  # it read this adapter's states
+        for table in (self.scopes, self.thresholds, self.aurocs, self.openings, self.runs):
             table.pop(name, None)
 
     def check_access(self, adapter: str | None, groups) -> None:
@@ -273,11 +301,14 @@ class Pipeline:
             if cal or gated:
                 results[i] = Answer(answer=ABSTAIN, abstained=True, passages=passage_refs(passages_batch[i]),
                                     gated=gated, calibrated_abstain=cal)
+        probed = [i for i in range(n) if self.probe is not None and rows[i] == self.probe_reader]
+        answerable_p = self._probe_before(questions, passages_batch, [i for i in probed if results[i] is None], results)
         todo = [i for i in range(n) if results[i] is None]
         todo_adapter = [rows[i] for i in todo] if isinstance(adapter, list) else adapter
         histories = histories or [None] * n
-        # a calibrated row may be answered again below, so only uncalibrated rows stream
-        streams = not self.require_support and all(thresholds[i] is None for i in todo)
+        # a calibrated row may be answered again below, and the probe's rule reads the whole answer,
+        # so only rows neither decides stream
+        streams = not self.require_support and all(thresholds[i] is None for i in todo) and not probed
         generated = self._generated([questions[i] for i in todo], [passages_batch[i] for i in todo], todo_adapter,
                                     on_token if streams else None, groups, [histories[i] for i in todo],
                                     opening=opening, **decoding) if todo else []
@@ -292,6 +323,7 @@ class Pipeline:
                                        opening=True, **decoding)
             for i, a in zip(again, answered):
                 results[i], a.calibrated_answer = a, True
+        self._probe_after(questions, passages_batch, [i for i in probed if i in todo], results)
         live = [i for i in todo if not results[i].abstained]
         if self.judge is not None and live:
             support = self.judge.support([questions[i] for i in live], [results[i].answer for i in live],
@@ -299,11 +331,44 @@ class Pipeline:
             for i, sup in zip(live, support):
                 results[i].support = float(sup)
         ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
+        for i, p in answerable_p.items():
+            results[i].probe_answerable = p
         for a, score, ans in zip(results, scores, answerable):
             a.latency_ms = ms
             a.abstain_score = None if score is None else float(score)
             a.answerable = None if ans is None else float(ans)
         return results
+
+    def _probe_before(self, questions, passages_batch, idx: list[int], results: list) -> dict[int, float]:
+        """The probe's answerability of rows `idx`; those below its cut abstain now (in `results`),
+        nothing generated. Returns {row: P answerable}."""
+        if not idx:
+            return {}
+        p, _ = self.probe.score(self.probe_states([questions[i] for i in idx], [passages_batch[i] for i in idx],
+                                                  [None] * len(idx)))
+        for i, v in zip(idx, p):
+            if self.probe.decide(float(v)) == "before":
+                results[i] = Answer(answer=ABSTAIN, abstained=True, passages=passage_refs(passages_batch[i]),
+                                    probe_decided="before")
+        return {i: float(v) for i, v in zip(idx, p)}
+
+    def _probe_after(self, questions, passages_batch, idx: list[int], results: list) -> None:
+        """The rule's score of the answers of rows `idx`; those below its cut become the abstention."""
+        idx = [i for i in idx if not results[i].abstained]
+        if not idx:
+            return
+        _, score = self.probe.score(self.probe_states([questions[i] for i in idx], [passages_batch[i] for i in idx],
+                                                      [results[i].raw for i in idx]))
+        for i, v in zip(idx, score):
+            a = results[i]
+            a.probe_score = float(v)
+            if self.probe.decide(1.0, float(v)) == "after":
+                a.answer, a.abstained, a.citations, a.probe_decided = ABSTAIN, True, [], "after"
+
+    def probe_states(self, questions: list[str], passages_batch: list[list[dict]], completions: list[str | None]):
+        """The probe reader's hidden states for (question, passages, completion) rows (tuning/probe.py)."""
+        with self._active_adapter(self.probe_reader):
+            return read_states(self.model, self.tok, questions, passages_batch, completions)
 
     def _calibrate(self, questions: list[str], passages_batch: list[list[dict]], answers: list[Answer],
                    adapter: str) -> None:

@@ -33,6 +33,8 @@ class PipelineSettings:
         gate_threshold: answerability below which the judge gate abstains (None: tuning/judge.py's THRESHOLD).
         groups: the caller's access groups (empty = public).
         calibrated: abstain where a calibrated adapter's own score reaches its threshold.
+        probe: answerability probe dir (hybrid tune probe): its rule decides, for the reader it was
+            trained on (the base model or one adapter), whether to answer (tuning/probe.py).
         mode: retrieval mode, dense | lexical | hybrid (None: the index's).
         rerank: reranker dir applied to every retrieval.
         precision: auto, fp32 or bf16 for every model it runs (training/precision.py).
@@ -49,6 +51,7 @@ class PipelineSettings:
     gate_threshold: float | None = None
     groups: list[str] = field(default_factory=list)
     calibrated: bool = True
+    probe: str | None = None
     mode: str | None = None
     rerank: str | None = None
     precision: str = "auto"

@@ -54,9 +54,12 @@ OPTIONAL = {"support": ("a number or null", _number), "unsupported": ("true, fal
             "retrieved_doc_ids": ("a list of strings or null", _strings),
             "malformed": ("true, false or null", _bool), "raw": ("a string or null", _string),
             "judge": ("a string or null", _string),
+            "probe_answerable": ("a number or null", _number), "probe_score": ("a number or null", _number),
+            "probe": ("a string or null", _string),
             # the derived configurations' marks: in memory only, never in a stored line
             "gated": ("true, false or null", _bool), "calibrated_abstain": ("true, false or null", _bool),
-            "calibrated_answer": ("true, false or null", _bool), "selected_from": ("a string or null", _string)}
+            "calibrated_answer": ("true, false or null", _bool), "selected_from": ("a string or null", _string),
+            "probe_decided": ("before, after or null", lambda v: v in ("before", "after"))}
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,15 @@ class Prediction:
     answerable: float | None = None  # judge: does any passage answer the question (the gate's signal)
     judge: str | None = None  # fingerprint of the judge that scored this line (rescored when it changes)
     judge_ms: float | None = None  # the judge's time per answer; None (with the two above absent): not judged
+    probe_answerable: float | None = None  # the probe: P(the passages answer the question)
+    probe_score: float | None = None  # the probe's rule: P(this answer is not made up); None: abstained
+    probe: str | None = None  # fingerprint of the probe that scored this line (rescored when it changes)
     # derived configurations only (hybrid/eval_derived.py): what decided the served answer
     gated: bool = False
     calibrated_abstain: bool = False
     calibrated_answer: bool = False
     selected_from: str | None = None
+    probe_decided: str | None = None  # the probe refused the answer: "before" or "after" generating
 
     @property
     def judged(self) -> bool:
@@ -110,11 +117,15 @@ class Prediction:
             line["abstain_score"] = self.abstain_score
         if self.judged:
             line.update(answerable=self.answerable, judge=self.judge, judge_ms=self.judge_ms)
+        if self.probe is not None:
+            line.update(probe_answerable=self.probe_answerable, probe_score=self.probe_score, probe=self.probe)
         for name in ("gated", "calibrated_abstain", "calibrated_answer"):  # written only where they hold
             if getattr(self, name):
                 line[name] = True
         if self.selected_from is not None:
             line["selected_from"] = self.selected_from
+        if self.probe_decided is not None:
+            line["probe_decided"] = self.probe_decided
         return line
 
     @classmethod

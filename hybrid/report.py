@@ -40,12 +40,14 @@ class EvalReport:
     gate_threshold: float | None = None  # with --gate
     abstain_thresholds: dict[str, float] | None = None  # calibrated adapters: label -> threshold
     select: dict | None = None  # with --select: {"adapters", "abstention_by"}
+    probe: dict | None = None  # with --probe: {"dir", "scores" (the configuration it reads), "threshold", "before"}
+    risk_coverage: dict[str, dict] | None = None  # label -> hybrid/eval_probe.py risk_coverage()
 
     def to_json(self) -> dict:
         out = {"configs": self.configs, "comparisons": self.comparisons, "dataset": self.dataset, "seed": self.seed,
                "n_questions": self.n_questions, "n_unanswerable": self.n_unanswerable, "intervals": self.intervals,
                "precision": self.precision, "models": self.models}
-        for key in ("gate_threshold", "abstain_thresholds", "select"):
+        for key in ("gate_threshold", "abstain_thresholds", "select", "probe", "risk_coverage"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -55,7 +57,8 @@ class EvalReport:
         return cls(configs=d["configs"], comparisons=d["comparisons"], dataset=d["dataset"], seed=d["seed"],
                    n_questions=d["n_questions"], n_unanswerable=d["n_unanswerable"], intervals=d.get("intervals"),
                    precision=d.get("precision"), models=d["models"], gate_threshold=d.get("gate_threshold"),
-                   abstain_thresholds=d.get("abstain_thresholds"), select=d.get("select"))
+                   abstain_thresholds=d.get("abstain_thresholds"), select=d.get("select"), probe=d.get("probe"),
+                   risk_coverage=d.get("risk_coverage"))
 
 
 def read_predictions(path: Path, flag: str, fix: str, ids: set[str]) -> dict[tuple[str, str], Prediction]:
@@ -182,6 +185,13 @@ def markdown(report: EvalReport) -> str:
             lines.append(f"| {c['a']} | {c['b']} | {h['diff_b_minus_a']:+.3f} [{h['ci'][0]:+.3f}, {h['ci'][1]:+.3f}] | "
                          f"{h['mcnemar_p']:.3g}{' *' if h['significant'] else ''} | {a['diff_b_minus_a']:+.3f} "
                          f"[{a['ci'][0]:+.3f}, {a['ci'][1]:+.3f}] | {a['mcnemar_p']:.3g}{' *' if a['significant'] else ''} |")
+    if report.risk_coverage:
+        lines += ["", "Risk–coverage (risk_coverage.png): made-up answers against the share answered, answers ranked "
+                  "by the probe's rule score; the area under the curve (lower is better) where they are scored:", "",
+                  "| config | answered | hallucination | area |", "|---|---:|---:|---:|"]
+        for name, c in report.risk_coverage.items():
+            if c["coverage"]:
+                lines.append(f"| {name} | {c['coverage'][-1]:.3f} | {c['hallucination'][-1]:.3f} | {fmt(c['area'])} |")
     return "\n".join(lines) + "\n"
 
 

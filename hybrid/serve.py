@@ -56,6 +56,9 @@ class ServeConfig:
                 "and public adapters."})
     judge: str | None = field(default=None, metadata={
         "help": "Groundedness judge dir: a 'support' score in every answer, and the gate (abstain when no passage answers)."})
+    probe: str | None = field(default=None, metadata={
+        "metavar": "DIR", "help": "Answerability probe (hybrid tune probe) of the base model: its rule decides "
+                                  "whether the base model's answers are served (adapters' answers are not probed)."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (non-loopback needs --keys)."})
     port: int = field(default=8000, metadata={"help": "Port to bind."})
     max_adapters: int = field(default=4, metadata={
@@ -93,6 +96,8 @@ class ServeConfig:
         if self.keys is None and self.host not in LOOPBACK:
             out.append(f"--host {self.host}: without --keys anyone who reaches it is served; bind to 127.0.0.1 or "
                        f"pass --keys keys.yaml")
+        if self.backend == "openai" and self.probe:
+            out.append("--probe reads the reader's hidden states: it needs --backend local (the weights here)")
         if self.backend == "openai" and not self.backend_url:
             out.append("--backend openai needs --backend-url URL (the engine's OpenAI-compatible /v1 address)")
         if self.adapter_dir and not Path(self.adapter_dir).is_dir():
@@ -151,6 +156,15 @@ def load_served(cfg: ServeConfig, keys: KeyRing | None):
                                        for n, p in cfg.adapters.items()), None)
         pipe = Pipeline.load(cfg.pipeline_settings(groups, base))
         pipe.judge = judge
+        if cfg.probe:  # like the judge, it decides for every key: only what all keys read
+            from tuning.probe import Probe
+
+            try:
+                Probe.load(cfg.probe, groups=shared, label=f"--probe {cfg.probe}")
+            except InputError as exc:
+                raise InputError(f"{exc} (the probe serves every key: train it within the groups all keys in "
+                                 f"--keys share: {', '.join(shared) or 'public only'})") from None
+            pipe.set_probe(cfg.probe)
     for name, path in cfg.adapters.items():  # refuse a bad --adapter now, not at its first request
         run_record.check_base(name, path, run_record.read_adapter(name, path, groups), pipe.info)
     return pipe, AdapterPool(pipe, cfg.adapters, cfg.adapter_dir, cfg.max_adapters)

@@ -177,9 +177,12 @@ def hybrid_fields(a) -> dict:
     """The completion's extension object (a None answer: nothing visible to this caller, so it abstained)."""
     if a is None:
         return {"answer": ABSTAIN, "abstained": True, "citations": [], "passages": [], "support": None,
-                "gated": False, "calibrated_abstain": False, "calibrated_answer": False, "malformed": False}
+                "gated": False, "calibrated_abstain": False, "calibrated_answer": False, "malformed": False,
+                "probe_decided": None}
     return {"answer": a.answer, "abstained": a.abstained, "citations": a.citations, "passages": a.passages,
             "support": a.support, "gated": a.gated, "calibrated_abstain": a.calibrated_abstain,
             "calibrated_answer": a.calibrated_answer,
             # the completion broke the answer template, so it was served as the abstention (tuning/prompting.py)
-            "malformed": bool(getattr(a, "malformed", False))}
+            "malformed": bool(getattr(a, "malformed", False)),
+            # the probe refused it: "before" generating (answerability) or "after" (its rule); None: it did not
+            "probe_decided": getattr(a, "probe_decided", None)}

@@ -26,7 +26,8 @@ def test_ask_json_schema(cli_adapter, bundled_tiny_index):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert set(out) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated",
-                        "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from", "malformed"}
+                        "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from", "malformed",
+                        "probe_answerable", "probe_score", "probe_decided"}
     assert out["abstain_score"] is None and out["calibrated_abstain"] is False  # not calibrated
     assert len(out["passages"]) == 3 and all(set(p) == {"doc_id", "chunk_id", "score"} for p in out["passages"])
     assert isinstance(out["abstained"], bool)

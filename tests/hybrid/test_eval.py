@@ -102,12 +102,13 @@ def test_run_eval_returns_the_report_it_writes_and_older_reports_read(tmp_path, 
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == report.to_json() and EvalReport.from_json(on_disk) == report
     assert list(on_disk) == ["configs", "comparisons", "dataset", "seed", "n_questions", "n_unanswerable",
-                             "intervals", "precision", "models"]
+                             "intervals", "precision", "models", "risk_coverage"]
     gated = replace(report, gate_threshold=0.5, abstain_thresholds={"rag+a": -1.0},
                                 select={"adapters": ["a", "b"], "abstention_by": None})
-    assert list(gated.to_json())[-3:] == ["gate_threshold", "abstain_thresholds", "select"]
-    old = {k: v for k, v in on_disk.items() if k not in ("intervals", "precision")}
+    assert list(gated.to_json())[-4:] == ["gate_threshold", "abstain_thresholds", "select", "risk_coverage"]
+    old = {k: v for k, v in on_disk.items() if k not in ("intervals", "precision", "risk_coverage")}
     assert EvalReport.from_json(old).intervals is None and EvalReport.from_json(old).precision is None
+    assert EvalReport.from_json(old).risk_coverage is None
 
 
 def test_eval_cli_retrieves_when_no_passages(tmp_path, two_adapters, bundled_tiny_index):

@@ -43,7 +43,7 @@ def test_several_adapters_share_one_base_and_switch_per_call(bundled_tiny_index,
     res = pipe.answer("How long does the battery last?", passages, adapter="b")
     assert set(res.to_dict()) == {"answer", "abstained", "citations", "passages", "support", "answerable", "gated",
                                   "abstain_score", "calibrated_abstain", "calibrated_answer", "selected_from",
-                                  "malformed"}
+                                  "malformed", "probe_answerable", "probe_score", "probe_decided"}
     with pytest.raises(InputError, match="adapter='zzz': not loaded"):
         pipe.answer("q", passages, adapter="zzz")
 

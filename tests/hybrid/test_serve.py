@@ -128,7 +128,7 @@ def test_models_and_chat_plain_and_streamed_with_the_extension(server, env):
     r = chat(client, "a")
     ext = r.model_extra["hybrid"]
     assert set(ext) == {"answer", "abstained", "citations", "passages", "support", "gated", "calibrated_abstain",
-                        "calibrated_answer", "malformed"}
+                        "calibrated_answer", "malformed", "probe_decided"}
     assert r.choices[0].message.content and len(ext["passages"]) == 3
     assert r.choices[0].message.content == served_content(SimpleNamespace(raw="", **{  # the answer, not the template
         k: ext[k] for k in ("answer", "abstained", "citations")}))
