@@ -14,7 +14,8 @@ Contexts, so the heads see the near-miss kind of unanswerable question, not only
 The reader answers every context greedily (graded by tuning/grading.py: an answer where the
 passages hold none is made up); its answers are what the `right` head and the rule learn from.
 Nothing here reads a test question: the cuts are chosen on the held-out share of these rows.
-Completions are cached in OUT.answers.jsonl as they are generated, so an interrupted run resumes.
+Completions are cached in OUT.answers.jsonl (owner-only: it holds text of the documents read) as they
+are generated, so an interrupted run resumes; the cache is removed once the probe is saved.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def answer_rows(model, tok, rows: list[ProbeRow], cache: Path, batch_size: int, 
             rec = json.loads(line)
             done[rec["id"]] = rec["completion"]
     todo = [r for r in rows if r.id not in done]
+    cache.touch(mode=0o600)
     with open(cache, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -233,7 +235,8 @@ def tune_probe(cfg: ProbeTuneConfig, progress=print) -> ProbeTuneResult:
     model.eval()
 
     # the reader's answers, then its states
-    answer_rows(model, tok, items, Path(f"{cfg.out}.answers.jsonl"), cfg.batch_size, cfg.max_new_tokens, progress)
+    cache = Path(f"{cfg.out}.answers.jsonl")
+    answer_rows(model, tok, items, cache, cfg.batch_size, cfg.max_new_tokens, progress)
     progress(f"reading states of {len(items)} contexts")
     states = read_states(model, tok, [r.question for r in items], [r.passages for r in items],
                          [None if r.abstained else r.completion for r in items])
@@ -273,5 +276,6 @@ def tune_probe(cfg: ProbeTuneConfig, progress=print) -> ProbeTuneResult:
         probe.save(stage)
         access.write(stage, access.record(groups, sorted({g for r in items for p in r.passages
                                                           for g in p.get("groups", [])})))
+    cache.unlink(missing_ok=True)  # the probe is saved: nothing left to resume
     return ProbeTuneResult(cfg.out, len(items), int(ho.sum()), ans.cv_auroc, right.cv_auroc, round(own, 4),
                            round(ruled, 4), round(float(served.mean()), 4), threshold, minutes)

@@ -101,9 +101,23 @@ def test_tune_probe_end_to_end(tmp_path, monkeypatch, probe_qa, bundled_tiny_ind
     probe = Probe.load(tmp_path / "probe")
     assert probe.record["base_model"]["name"] and probe.record["adapter_run"] is None
     assert rep.held_out_hallucination_ruled <= max(rep.held_out_hallucination / 2, 0) + 1e-9
+    assert not (tmp_path / "probe.answers.jsonl").exists()  # saved: the answers' cache is gone
     # an interrupted run resumes from its cached answers: nothing is generated again
+    cache = tmp_path / "again.answers.jsonl"
+    cfg.out = str(tmp_path / "again")
+    real = tp.answer_rows
+
+    def interrupted(model, tok, rows, path, *a):
+        real(model, tok, rows, path, *a)
+        raise KeyboardInterrupt  # after every answer was cached, before the probe is saved
+
+    monkeypatch.setattr(tp, "answer_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune_probe(cfg, progress=lambda m: None)
+    assert cache.stat().st_mode & 0o077 == 0 and not (tmp_path / "again" / "hybrid_probe.json").exists()
+    monkeypatch.setattr(tp, "answer_rows", real)
     monkeypatch.setattr("tuning.generation.generate_batch", lambda *a, **k: pytest.fail("generated again"))
-    tune_probe(cfg, progress=lambda m: None)
+    assert tune_probe(cfg, progress=lambda m: None).rows == rep.rows
 
 
 def test_probe_for_another_scope_or_reader_is_refused(tmp_path, monkeypatch, probe_qa, bundled_tiny_index,
