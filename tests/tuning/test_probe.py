@@ -186,3 +186,27 @@ def test_cli_tune_probe_and_ask_with_it(tmp_path, monkeypatch, probe_qa, bundled
     assert "abstained: the probe finds the passages do not answer it" in res.stdout
     assert_clean_error(run("tune", "probe", "--index", bundled_tiny_index, "--qa", probe_qa, "--out", tmp_path / "p2",
                            "--held-out-fraction", 0.9), "--held-out-fraction")
+
+
+def test_head_reads_a_separable_signal_from_the_tiny_models_states(tiny_llm_dir):
+    """On the tiny model's own states: passages that hold the asked fact vs passages that do not."""
+    from tuning.generation import load_generator
+    from tuning.probe import read_states
+
+    model, tok, _ = load_generator(str(tiny_llm_dir), precision="fp32")
+    rng = np.random.default_rng(0)
+    words = ["battery", "mooring", "anchor", "sensor", "hull", "office", "depot", "coating"]
+    questions, passages, labels = [], [], []
+    for i in range(48):
+        w = words[i % len(words)]
+        holds = i % 2 == 0
+        text = f"The {w} lasts 14 months." if holds else f"The {rng.choice(words)} was painted in {2000 + i}."
+        questions.append(f"How long does the {w} last?")
+        passages.append([{"title": "Doc", "text": text}])
+        labels.append(holds)
+    states = read_states(model, tok, questions, passages, [None] * len(questions))
+    y = np.array(labels)
+    head = fit_head(states.prompt, states.layers, y, np.arange(len(y)), seed=0)
+    assert head.cv_auroc > 0.9
+    shuffled = states.prompt[np.random.default_rng(1).permutation(len(y))]
+    assert fit_head(shuffled, states.layers, y, np.arange(len(y)), seed=0).cv_auroc < 0.75
