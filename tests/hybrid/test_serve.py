@@ -19,7 +19,9 @@ from hybrid.serve_answers import served_content
 from hybrid.serve_engine import AdapterPool, Engine, Job, ServeError
 from core import access
 from retrieval.embedder import fingerprint_dir
+from core.errors import InputError
 from tests.conftest import make_small_corpus
+from tests.tuning.test_probe import probe_qa, tiny_probe  # noqa: F401  (fixtures reused)
 from training import run_record
 
 KEYS = {"pub": "pub-key-0123", "hr": "hr-key-4567", "only-a": "a-key-89ab"}
@@ -450,3 +452,31 @@ def test_a_retrieval_the_key_may_not_run_is_refused_with_403():
     got = []
     Engine(Refusing(), None).process([Job(kind="search", question="q", groups=[], emit=got.append)])
     assert got[0][0] == "error" and got[0][1].status == 403 and "lacks hr" in got[0][1].message
+
+
+def test_a_probe_refuses_the_base_models_answer_and_says_so(env, tiny_probe, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tuning.prompting import ABSTAIN
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for f in tiny_probe.iterdir():
+        (probe / f.name).write_bytes(f.read_bytes())
+    rec = json.loads((probe / "hybrid_probe.json").read_text())
+    (probe / "hybrid_probe.json").write_text(json.dumps({**rec, "rule": {**rec["rule"], "before": 2.0}}))
+    app, engine = build(config(env, probe=str(probe)))
+    try:
+        client = TestClient(app)
+        headers = {"Authorization": f"Bearer {KEYS['pub']}"}
+        base = {"model": env["base"].name, "messages": [{"role": "user", "content": QUESTION}]}
+        got = client.post("/v1/chat/completions", headers=headers, json=base).json()
+        assert got["hybrid"]["probe_decided"] == "before" and got["choices"][0]["message"]["content"] == ABSTAIN
+        # an adapter's answers are not the probe's to judge: it read the base model's states
+        got = client.post("/v1/chat/completions", headers=headers, json={**base, "model": "a"}).json()
+        assert got["hybrid"]["probe_decided"] is None
+    finally:
+        engine.stop()
+    (probe / "hybrid_access.json").write_text(json.dumps({"scope": ["hr"], "groups_seen": ["hr"]}))
+    with pytest.raises(InputError, match="the probe serves every key"):
+        build(config(env, probe=str(probe)))
