@@ -187,7 +187,8 @@ def markdown(report: EvalReport) -> str:
                          f"[{a['ci'][0]:+.3f}, {a['ci'][1]:+.3f}] | {a['mcnemar_p']:.3g}{' *' if a['significant'] else ''} |")
     if report.risk_coverage:
         lines += ["", "Risk–coverage (risk_coverage.png): made-up answers against the share answered, answers ranked "
-                  "by the probe's rule score; the area under the curve (lower is better) where they are scored:", "",
+                  "by the probe's rule score; the area under the curve up to the share it answers (lower is better; "
+                  "compare configurations that answer the same share), where they are scored:", "",
                   "| config | answered | hallucination | area |", "|---|---:|---:|---:|"]
         for name, c in report.risk_coverage.items():
             if c["coverage"]:
