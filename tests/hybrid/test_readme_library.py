@@ -1,13 +1,15 @@
 """README.md's "## Library" block, run as written against a directory laid out like `make demo`'s
 outputs (built on the tests' tiny random models), so the README cannot drift from the library."""
 
+import json
 import re
 
 import pytest
 
-from tests.conftest import ROOT, config
+from tests.conftest import ROOT
+from tests.tuning.test_probe import ANSWERS, fake_reader, probe_qa  # noqa: F401  (fixture reused)
 from tests.tuning.test_tune_generator import small_qa
-from tuning.tune_generator import GeneratorTuneConfig, tune_generator
+from tuning.tune_probe import ProbeTuneConfig, tune_probe
 
 DEMO_GROUPS = ["hr", "finance", "security", "engineering"]  # the Makefile's GROUPS
 
@@ -20,17 +22,20 @@ def library_block() -> str:
 
 
 @pytest.fixture()
-def demo_dir(tmp_path, bundled_tiny_index, tiny_embedder_dir, tiny_llm_dir):
-    """runs/demo as `make demo` leaves it: index, embedder, synth/qa.jsonl and raft (the four groups)."""
+def demo_dir(tmp_path, bundled_tiny_index, tiny_embedder_dir, tiny_llm_dir, probe_qa):
+    """runs/demo as `make demo` leaves it: index, embedder, synth/qa.jsonl and probe (the four groups)."""
     runs = tmp_path / "runs" / "demo"
     (runs / "synth").mkdir(parents=True)
     (runs / "index").symlink_to(bundled_tiny_index)
     (runs / "embedder").symlink_to(tiny_embedder_dir)
     small_qa(runs / "synth")
-    tune_generator(config(GeneratorTuneConfig, index=str(runs / "index"), qa=str(runs / "synth" / "qa.jsonl"),
-                          out=str(runs / "raft"), base_model=str(tiny_llm_dir), num_distractors=2, max_steps=1,
-                          grad_accum=1, test_fraction=0, val_fraction=0, groups=DEMO_GROUPS),
-                   progress=False, log=lambda *_: None)
+    with pytest.MonkeyPatch.context() as mp:  # the tiny model cannot read: the fake reader answers for it
+        fake_reader(mp)
+        ANSWERS[:] = sorted({a for line in probe_qa.read_text().splitlines() for a in json.loads(line)["answers"]},
+                            key=len, reverse=True)
+        tune_probe(ProbeTuneConfig(out=str(runs / "probe"), index=str(runs / "index"), qa=str(probe_qa),
+                                   base_model=str(tiny_llm_dir), held_out_fraction=0.5, batch_size=4,
+                                   precision="fp32", groups=DEMO_GROUPS), progress=lambda m: None)
     return tmp_path
 
 
@@ -41,10 +46,12 @@ def test_the_library_section_runs_against_the_demo_outputs(demo_dir, tiny_llm_di
     real = tuning.generation.resolve_generator
 
     def tiny_default(spec):  # only the default generator's weights differ from a user's machine
-        return ("smollm2", tiny_llm_dir) if spec in (None, "smollm2") else real(spec)
+        return ("smollm2", tiny_llm_dir) if spec in (None, "smollm2", "qwen2.5-coder-0.5b") else real(spec)
 
     monkeypatch.setattr(tuning.generation, "resolve_generator", tiny_default)
     monkeypatch.setattr(tuning.tune_generator, "resolve_generator", tiny_default)
     monkeypatch.chdir(demo_dir)
-    exec(compile(library_block(), "README.md (## Library)", "exec"), {"__name__": "readme"})
+    ns = {"__name__": "readme"}
+    exec(compile(library_block(), "README.md (## Library)", "exec"), ns)
+    assert ns["pipe"].probe is not None and ns["r"].probe_answerable is not None  # the base model answers: probed
     assert (demo_dir / "runs" / "demo" / "raft-more" / "adapter_config.json").exists()
