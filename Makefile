@@ -40,9 +40,10 @@ test: $(VENV)/.installed
 # installed; longer without bf16 units): index, search, retrieval eval, questions synthesised from the
 # documents by the packaged Qwen 0.5B teacher (DEMO_SYNTH_CHUNKS chunks: the same questions on a fast or
 # a slow CPU, enough for the probe's held-out rows; DEMO_SYNTH_MINUTES=N caps the time instead),
-# embedder tuning, the answerability probe of the Qwen 0.5B reader trained on those questions (its rule chosen on their held-out share), two questions asked, and the
-# factuality eval on a seeded subset of the hand-written questions, none of which any training step
-# saw (rag, rag+probe, risk-coverage curves).
+# embedder tuning, the answerability probe of the Qwen 0.5B reader trained on those questions (its
+# rule chosen on their held-out share), two questions asked, and the factuality eval on a seeded
+# subset of the hand-written questions, none of which any training step saw (rag, rag+probe,
+# risk-coverage curves).
 DEMO_SYNTH_CHUNKS ?= 40
 DEMO_SYNTH_MINUTES ?=
 DEMO_PROBE_ROWS ?= 0
