@@ -362,7 +362,7 @@ class Pipeline:
         for i, v in zip(idx, score):
             a = results[i]
             a.probe_score = float(v)
-            if self.probe.decide(1.0, float(v)) == "after":
+            if self.probe.decide(None, float(v)) == "after":
                 a.answer, a.abstained, a.citations, a.probe_decided = ABSTAIN, True, [], "after"
 
     def probe_states(self, questions: list[str], passages_batch: list[list[dict]], completions: list[str | None]):

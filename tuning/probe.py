@@ -56,6 +56,7 @@ class States:
     answer: np.ndarray  # (N, n_layers_read, H): the state at the answer's last token (zeros: no answer)
     confidence: np.ndarray  # (N,): mean log-probability of the answer's tokens (0: no answer)
     layers: list[int]
+    answered: np.ndarray  # (N,) bool: a completion was read
 
 
 def read_states(model, tok, questions: list[str], passages_batch: list[list[dict]],
@@ -86,7 +87,8 @@ def read_states(model, tok, questions: list[str], passages_batch: list[list[dict
         else:
             answers.append(np.zeros_like(prompts[-1]))
             conf.append(0.0)
-    return States(np.stack(prompts), np.stack(answers), np.array(conf), layers)
+    return States(np.stack(prompts), np.stack(answers), np.array(conf), layers,
+                  np.array([bool(c) for c in completions]))
 
 
 @dataclass
@@ -169,13 +171,13 @@ class Probe:
         a_logit = self.answerable.logit(states.prompt, states.layers)
         r_logit = self.right.logit(states.answer, states.layers)
         z = rule_features(a_logit, r_logit, states.confidence) @ self.rule_coef + self.rule_bias
-        has_answer = np.abs(states.answer).sum(axis=(1, 2)) > 0
-        return 1 / (1 + np.exp(-a_logit)), np.where(has_answer, 1 / (1 + np.exp(-z)), np.nan)
+        return 1 / (1 + np.exp(-a_logit)), np.where(states.answered, 1 / (1 + np.exp(-z)), np.nan)
 
-    def decide(self, answerable: float, score: float | None = None) -> str | None:
+    def decide(self, answerable: float | None, score: float | None = None) -> str | None:
         """Who refuses this answer: "before" (answerability, nothing generated), "after" (the rule
-        on the answer) or None (it is served). `score` None: only the first question is asked."""
-        if answerable < self.before:
+        on the answer) or None (it is served). `score` None: only the first question is asked;
+        `answerable` None: only the second (it was asked before generating)."""
+        if answerable is not None and answerable < self.before:
             return "before"
         if score is not None and not math.isnan(score) and score < self.threshold:
             return "after"

@@ -29,7 +29,7 @@ import numpy as np
 
 from core import access
 from core.atomic import check_writable, sha256_file, staged_dir
-from core.errors import InputError
+from core.errors import Arg, InputError
 from core.qa import QARow, load_qa, split_rows
 from training import run_record
 from training.precision import Precision, option
@@ -214,7 +214,10 @@ def tune_probe(cfg: ProbeTuneConfig, progress=print) -> ProbeTuneResult:
     check_writable(Path(cfg.out), "--out")
     t0 = time.perf_counter()
     groups = access.training_groups(cfg.groups)
-    adapter_rec = run_record.read_adapter("probe", cfg.adapter, groups) if cfg.adapter else None
+    adapter_rec = None
+    if cfg.adapter:  # checked before any model loads
+        adapter_rec = run_record.read(cfg.adapter, Arg("adapter", cfg.adapter))
+        access.check(cfg.adapter, groups, Arg("adapter", cfg.adapter))
 
     # rows: the caller's view only, a seeded sample, split by question
     retriever = Retriever.load(cfg.index, precision=cfg.precision)
@@ -230,7 +233,7 @@ def tune_probe(cfg: ProbeTuneConfig, progress=print) -> ProbeTuneResult:
     if cfg.adapter:
         from peft import PeftModel
 
-        run_record.check_base("probe", cfg.adapter, adapter_rec, info)
+        run_record.check_base("probe", cfg.adapter, adapter_rec, info)  # another base model: one line
         model = PeftModel.from_pretrained(model, cfg.adapter)
     model.eval()
 
