@@ -340,7 +340,7 @@ def tune_calibrate_cmd(cfg: CalibrateConfig):
 def tune_probe_cmd(cfg: ProbeTuneConfig, quiet: bool = QUIET):
     """Train the answerability probe on the reader's hidden states, from questions on your documents; choose
     the rule that decides when to answer on held-out rows."""
-    rep = tune_probe(cfg, progress=_stderr(quiet))
+    rep = tune_probe(cfg, progress=not quiet, log=_stderr(False))
     typer.echo(f"probe saved to {cfg.out}: {rep.rows} contexts ({rep.held_out} held out), cross-validated AUROC "
                f"answerable {rep.answerable_auroc:.3f}, right {rep.right_auroc:.3f}; held out: made-up answers "
                f"{rep.held_out_hallucination:.3f} -> {rep.held_out_hallucination_ruled:.3f} with "

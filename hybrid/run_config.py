@@ -36,6 +36,7 @@ from retrieval.index import IndexConfig
 from tuning.tune_dpo import DPOTuneConfig
 from tuning.tune_generator import GeneratorTuneConfig
 from tuning.synth import SynthConfig
+from tuning.tune_probe import ProbeTuneConfig
 
 # the fields the loop sets itself in each section (the paths between stages and the caller's groups): a
 # view of the stages' records, hybrid/run_stages.py
@@ -60,7 +61,8 @@ class LoopConfig:
     groups: list[str] = field(default_factory=list, metadata={
         "flag": "--group", "help": "Access groups every stage may read (and its artifacts are tagged with)."})
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={
-        "help": f"Stages to run, in this order: {', '.join(STAGE_NAMES)} (dpo, calibrate and serve when named)."})
+        "help": f"Stages to run, in this order: {', '.join(STAGE_NAMES)} (dpo, calibrate, probe and serve when "
+                f"named)."})
     index: IndexConfig = field(default_factory=IndexConfig, metadata={"help": "hybrid index"})
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(index="", out=""), metadata={"help": "hybrid synth"})
     embedder: EmbedderTuneConfig = field(default_factory=lambda: EmbedderTuneConfig(index="", out=""),
@@ -71,6 +73,8 @@ class LoopConfig:
         "help": "hybrid tune dpo (on the generator's adapter, pairs sampled on the synthesised questions)"})
     calibrate: CalibrateConfig = field(default_factory=lambda: CalibrateConfig(adapter="", qa=""), metadata={
         "help": "hybrid tune calibrate (the last adapter, on the questions the generator held out)"})
+    probe: ProbeTuneConfig = field(default_factory=lambda: ProbeTuneConfig(out="", index="", qa=""), metadata={
+        "help": "hybrid tune probe (the eval's base model, on the synthesised questions)"})
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(qa=""), metadata={"help": "hybrid eval"})
     serve: ServeConfig = field(default_factory=lambda: ServeConfig(index=""), metadata={
         "help": "hybrid serve (the index and the last adapter, as 'raft')"})
@@ -240,7 +244,8 @@ def _refuse_wired(path, loaded: dict, given: dict) -> None:
                                                          and "groups" in src[name]["train"])]
     if set_here:
         raise InputError(f"--config {named(path)}: {', '.join(set_here)} are set by the loop (the paths between stages "
-                         f"under 'out', the groups from 'groups'); remove them")
+                         f"under 'out', the groups from 'groups', the probe's reader and k from the eval's); "
+                         f"remove them")
 
 
 def load_loop(path: str | Path, overrides: list[str] = ()) -> LoopConfig:

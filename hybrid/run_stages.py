@@ -6,7 +6,8 @@ record: the section's paths it sets from the run folder (`wire`), what the stage
 besides its own settings (`reads`), the file or folder that must exist for it to be up to date
 (`output`), and how it is written, tracked and chosen.
 
-    out/index  ->  out/synth/qa.jsonl  ->  out/embedder, out/generator  ->  out/dpo  ->  calibration  ->  out/eval
+    out/index  ->  out/synth/qa.jsonl  ->  out/embedder, out/generator  ->  out/dpo  ->  calibration
+               ->  out/probe (the eval's reader, on the synthesised questions)  ->  out/eval
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ class LoopConfig(Protocol):
     eval_qa: str | None
     groups: list[str]
     stages: list[str]
+    generator: Any  # GeneratorTuneConfig: its base_model
+    eval: Any  # EvalConfig: its base_model and k
 
 # What a fingerprint holds besides the stage's settings: an upstream stage's fingerprint (by its name),
 # the corpus files' bytes, the eval questions' bytes, or `adapter`: the fingerprint of the adapter the
 # loop ends with (dpo's when dpo is among the stages, else the generator's).
-Read = Literal["corpus", "eval_qa", "adapter", "index", "synth", "embedder", "generator", "dpo", "calibrate"]
+Read = Literal["corpus", "eval_qa", "adapter", "index", "synth", "embedder", "generator", "dpo", "calibrate", "probe"]
 Wiring = Mapping[str, Callable[[LoopConfig], Any]]
 
 
@@ -101,6 +104,25 @@ def _groups(cfg: LoopConfig) -> list[str]:
     return cfg.groups
 
 
+def reader(cfg: LoopConfig) -> str:
+    """The base model the eval's `rag` answers with, which the probe stage reads: eval.base_model, else
+    the generator's base (its adapters' base), else the pipeline's default."""
+    from tuning.generation import DEFAULT_GENERATOR
+
+    return cfg.eval.base_model or cfg.generator.base_model or DEFAULT_GENERATOR
+
+
+def _adapters(cfg: LoopConfig) -> dict[str, str]:
+    """The adapters the eval scores: the generator's as `raft` and DPO's as `dpo`, each when staged."""
+    out = Path(cfg.out)
+    return {**({"raft": str(out / "generator")} if "generator" in cfg.stages else {}),
+            **({"dpo": str(out / "dpo")} if "dpo" in cfg.stages else {})}
+
+
+def _probe(cfg: LoopConfig) -> str | None:
+    return str(Path(cfg.out) / "probe") if "probe" in cfg.stages else None
+
+
 def _calibration(cfg: LoopConfig) -> Path:
     from tuning.abstention import CAL_FILE
 
@@ -129,15 +151,22 @@ STAGES: tuple[Stage, ...] = (
           optional=True, tracked="parent", on_base_model=True,
           wire={"adapter": lambda cfg: str(last_adapter(cfg)), "qa": _at("generator/held_out.jsonl"), "index": INDEX,
                 "groups": _groups}),
-    # the eval reads every adapter and, when calibrated, the threshold written beside the last one
-    Stage("eval", COMMANDS["eval"], reads=("index", "generator", "eval_qa"), reads_if_staged=("dpo", "calibrate"),
+    # the answerability probe of the reader the eval's `rag` and the server's base model answer with, at the
+    # eval's k (an adapter's probe: `hybrid tune probe --adapter`), trained on the synthesised questions alone
+    Stage("probe", COMMANDS["tune probe"], reads=("index", "synth"), optional=True, on_base_model=True,
+          wire={"index": INDEX, "out": _at("probe"), "qa": QA, "groups": _groups, "base_model": reader,
+                "k": lambda cfg: cfg.eval.k, "adapter": _fixed(None)},
+          output=lambda cfg: Path(cfg.out) / "probe"),
+    # the eval reads every staged adapter, the probe when staged and, when calibrated, the threshold beside the
+    # last adapter
+    Stage("eval", COMMANDS["eval"], reads=("index", "eval_qa"), reads_if_staged=("generator", "dpo", "calibrate", "probe"),
           takes=("progress",), swapped=True, needs_eval_qa=True, on_base_model=True,
           wire={"qa": lambda cfg: cfg.eval_qa or "", "index": INDEX, "out": _at("eval.partial"), "groups": _groups,
-                "adapters": lambda cfg: {"raft": str(Path(cfg.out) / "generator"),
-                                         **({"dpo": str(Path(cfg.out) / "dpo")} if "dpo" in cfg.stages else {})}},
+                "adapters": _adapters, "probe": _probe},
           output=lambda cfg: Path(cfg.out) / "eval" / "report.json"),
     Stage("serve", COMMANDS["serve"], reads=(), output=None, takes=("log",), optional=True, tracked="no",
-          wire={"index": INDEX, "adapters": lambda cfg: {"raft": str(last_adapter(cfg))}, "adapter_dir": _fixed(None)}),
+          wire={"index": INDEX, "adapter_dir": _fixed(None), "probe": _probe,
+                "adapters": lambda cfg: {"raft": str(last_adapter(cfg))} if "generator" in cfg.stages else {}}),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 DEFAULT_STAGES = tuple(s.name for s in STAGES if not s.optional)

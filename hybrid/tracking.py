@@ -94,14 +94,19 @@ def stage_metrics(name: str, stage_out: Path) -> dict[str, float]:
         rec = json.loads((stage_out / "hybrid_run.json").read_text())
         numbers({k: rec[k] for k in ("steps", "minutes", "final_val_loss") if rec.get(k) is not None}, "")
         numbers(rec.get("memory_measured") or {}, "memory.")  # plan vs measured peak
+    elif name == "probe":  # the held-out figures and the heads' cross-validated AUROC (no weights, no text)
+        rec = json.loads((stage_out / "hybrid_probe.json").read_text())
+        numbers({k: rec[k] for k in ("rows", "held_out_rows", "target_hallucination", "minutes")}, "")
+        numbers(rec["held_out"], "held_out.")
+        numbers({h: {"cv_auroc": v["cv_auroc"], "layer": v["layer"]} for h, v in rec["heads"].items()}, "heads.")
     elif name == "eval":
         numbers(json.loads((stage_out / "report.json").read_text())["configs"], "")
     return metrics
 
 
 ARTIFACTS = {"index": ["manifest.json"], "synth": ["synth_report.json"], "embedder": [],
-             "generator": ["hybrid_run.json", "loss.png"], "dpo": ["hybrid_run.json"],
-             "eval": ["report.md", "report.json", "chart.png"]}
+             "generator": ["hybrid_run.json", "loss.png"], "dpo": ["hybrid_run.json"], "probe": ["hybrid_probe.json"],
+             "eval": ["report.md", "report.json", "chart.png", "risk_coverage.png"]}
 
 
 def log_stage(mlflow, name: str, section, stage_out: Path) -> None:

@@ -203,8 +203,9 @@ def fit_rule(a_logit, r_logit, conf, labels: list[str], groups: np.ndarray, seed
     return m.coef_[0], float(m.intercept_[0]), oof
 
 
-def tune_probe(cfg: ProbeTuneConfig, progress=print) -> ProbeTuneResult:
-    """Train and save a probe as the module docstring says; returns its figures."""
+def tune_probe(cfg: ProbeTuneConfig, progress: bool = True, log=print) -> ProbeTuneResult:
+    """Train and save a probe as the module docstring says; returns its figures. `log` takes the
+    progress lines when `progress` is on."""
     from retrieval.retriever import Retriever
     from tuning.generation import load_generator
 
@@ -238,9 +239,10 @@ def tune_probe(cfg: ProbeTuneConfig, progress=print) -> ProbeTuneResult:
     model.eval()
 
     # the reader's answers, then its states
+    say = log if progress else (lambda m: None)
     cache = Path(f"{cfg.out}.answers.jsonl")
-    answer_rows(model, tok, items, cache, cfg.batch_size, cfg.max_new_tokens, progress)
-    progress(f"reading states of {len(items)} contexts")
+    answer_rows(model, tok, items, cache, cfg.batch_size, cfg.max_new_tokens, say)
+    say(f"reading states of {len(items)} contexts")
     states = read_states(model, tok, [r.question for r in items], [r.passages for r in items],
                          [None if r.abstained else r.completion for r in items])
     qid = np.array([r.id.rsplit(":", 1)[0] for r in items])

@@ -35,7 +35,7 @@ def demo_dir(tmp_path, bundled_tiny_index, tiny_embedder_dir, tiny_llm_dir, prob
                             key=len, reverse=True)
         tune_probe(ProbeTuneConfig(out=str(runs / "probe"), index=str(runs / "index"), qa=str(probe_qa),
                                    base_model=str(tiny_llm_dir), held_out_fraction=0.5, batch_size=4,
-                                   precision="fp32", groups=DEMO_GROUPS), progress=lambda m: None)
+                                   precision="fp32", groups=DEMO_GROUPS), progress=False)
     return tmp_path
 
 

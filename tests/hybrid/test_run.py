@@ -131,8 +131,10 @@ def test_the_shipped_example_loads(monkeypatch, tmp_path):
     cfg = load_loop(BUNDLED / "hybrid.yaml")
     assert cfg.corpus == str(BUNDLED / "docs") and cfg.out == str(BUNDLED.parents[1] / "runs" / "loop")
     secs = sections(cfg)
-    assert cfg.generator.train.learning_rate == 1e-3 and secs["generator"].train.groups == cfg.groups
-    assert secs["eval"].limit == 40 and secs["synth"].max_chunks == 60
+    assert cfg.stages == ["index", "synth", "embedder", "probe", "eval"]  # make demo's recipe
+    assert secs["probe"].base_model == secs["eval"].base_model == "qwen2.5-coder-0.5b" and secs["probe"].k == 3
+    assert secs["eval"].limit == 60 and secs["synth"].max_chunks == 40 and secs["eval"].probe == secs["probe"].out
+    assert secs["embedder"].train.groups == cfg.groups
 
 
 def test_mlflow_holds_each_stage_params_metrics_artifacts_and_scope(loop_file, tmp_path):
@@ -295,3 +297,64 @@ def test_dpo_calibrate_and_serve_are_wired_to_the_last_adapter_and_rerun_with_it
                       only=["serve"], progress=False, log=lambda m: None)
     assert status["serve"] == "ran" and [s for s, _ in seen] == ["serve"]
     assert seen[0][1].adapters == {"raft": str(run / "dpo")} and seen[0][1].index == str(run / "index")
+
+
+def test_the_probe_stage_reads_the_evals_reader_and_feeds_eval_and_serve(loop_file, tmp_path, monkeypatch):
+    """The probe recipe as a loop (index, synth, probe, eval): the probe is trained on the synthesised
+    questions for the base model the eval's rag answers with, and the eval and the server read it; no
+    generator staged, no adapter scored. The probe's own work is tested in tests/tuning/test_probe.py."""
+    import hybrid.eval
+    import hybrid.serve
+    import tuning.tune_probe
+
+    seen = []
+
+    def fake_probe(cfg, progress=True, log=print):
+        seen.append(("probe", cfg))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        Path(cfg.out, "hybrid_probe.json").write_text(json.dumps({
+            "rows": 40, "held_out_rows": 12, "target_hallucination": 0.2, "minutes": 0.5,
+            "held_out": {"hallucination": 0.4, "hallucination_ruled": 0.2, "answered": 0.6},
+            "heads": {"answerable": {"layer": 2, "cv_auroc": 0.9}, "right": {"layer": 1, "cv_auroc": 0.7}}}))
+
+    def fake_eval(cfg, progress=True):
+        seen.append(("eval", cfg))
+        Path(cfg.out, "report.json").write_text(json.dumps({"configs": {}}))
+
+    monkeypatch.setattr(tuning.tune_probe, "tune_probe", fake_probe)
+    monkeypatch.setattr(hybrid.eval, "run_eval", fake_eval)
+    monkeypatch.setattr(hybrid.serve, "run", lambda cfg, log=print: seen.append(("serve", cfg)))
+    path, _ = loop_file
+    stages = "stages=index,synth,probe,eval"
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    tracked = ["tracking.backend=mlflow", f"tracking.uri={uri}", "tracking.experiment=p"]
+    status = run_loop(load_loop(path, [stages, *tracked]), progress=False, log=lambda m: None)
+    assert status == {s: "ran" for s in ("index", "synth", "probe", "eval")}
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    probe_run = next(r for r in client.search_runs([client.get_experiment_by_name("p").experiment_id])
+                     if r.info.run_name == "probe")
+    assert probe_run.data.metrics["held_out.hallucination_ruled"] == 0.2
+    assert probe_run.data.metrics["heads.answerable.cv_auroc"] == 0.9
+    assert "hybrid_probe.json" in {a.path for a in client.list_artifacts(probe_run.info.run_id)}
+    by, run = dict(seen), tmp_path / "run"
+    reader = yaml.safe_load(path.read_text())["eval"]["base_model"]
+    assert by["probe"].base_model == reader and by["probe"].adapter is None and by["probe"].k == by["eval"].k
+    assert (by["probe"].index, by["probe"].qa, by["probe"].out) == (
+        str(run / "index"), str(run / "synth" / "qa.jsonl"), str(run / "probe"))
+    assert by["eval"].probe == str(run / "probe") and by["eval"].adapters == {}
+
+    seen.clear()  # a probe setting redoes the probe and the eval only
+    status = run_loop(load_loop(path, [stages, *tracked, "probe.max_rows=40"]), progress=False, log=lambda m: None)
+    assert status == {"index": "up to date", "synth": "up to date", "probe": "ran", "eval": "ran"}
+    assert dict(seen)["probe"].max_rows == 40
+
+    seen.clear()
+    run_loop(load_loop(path, [stages, *tracked, "probe.max_rows=40"]), only=["serve"], progress=False,
+             log=lambda m: None)
+    assert seen[0][1].probe == str(run / "probe") and seen[0][1].adapters == {}
+    # without the stage, nothing reads a probe
+    assert sections(load_loop(path))["eval"].probe is None
+    with pytest.raises(InputError, match=r"probe.base_model, probe.k are set by the loop .*reader and k from the eval's"):
+        load_loop(path, [stages, "probe.base_model=smollm2", "probe.k=5"])

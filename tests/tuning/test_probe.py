@@ -95,7 +95,7 @@ def test_tune_probe_end_to_end(tmp_path, monkeypatch, probe_qa, bundled_tiny_ind
     fake_reader(monkeypatch)
     cfg = ProbeTuneConfig(out=str(tmp_path / "probe"), index=str(bundled_tiny_index), qa=str(probe_qa),
                           base_model=str(tiny_llm_dir), held_out_fraction=0.5, batch_size=4, precision="fp32")
-    rep = tune_probe(cfg, progress=lambda m: None)
+    rep = tune_probe(cfg, progress=False)
     # each answerable question twice (with its chunk, withheld), each unanswerable once; public view only
     assert rep.rows > 40 and (rep.rows - 8) % 2 == 0 and 0 < rep.held_out < rep.rows
     probe = Probe.load(tmp_path / "probe")
@@ -113,11 +113,11 @@ def test_tune_probe_end_to_end(tmp_path, monkeypatch, probe_qa, bundled_tiny_ind
 
     monkeypatch.setattr(tp, "answer_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        tune_probe(cfg, progress=lambda m: None)
+        tune_probe(cfg, progress=False)
     assert cache.stat().st_mode & 0o077 == 0 and not (tmp_path / "again" / "hybrid_probe.json").exists()
     monkeypatch.setattr(tp, "answer_rows", real)
     monkeypatch.setattr("tuning.generation.generate_batch", lambda *a, **k: pytest.fail("generated again"))
-    assert tune_probe(cfg, progress=lambda m: None).rows == rep.rows
+    assert tune_probe(cfg, progress=False).rows == rep.rows
 
 
 def test_probe_for_another_scope_or_reader_is_refused(tmp_path, monkeypatch, probe_qa, bundled_tiny_index,
@@ -128,7 +128,7 @@ def test_probe_for_another_scope_or_reader_is_refused(tmp_path, monkeypatch, pro
     cfg = ProbeTuneConfig(out=str(tmp_path / "probe"), index=str(bundled_tiny_index), qa=str(probe_qa),
                           base_model=str(tiny_llm_dir), held_out_fraction=0.5, batch_size=4, precision="fp32",
                           groups=["hr"])
-    tune_probe(cfg, progress=lambda m: None)
+    tune_probe(cfg, progress=False)
     with pytest.raises(InputError, match="hr"):
         Probe.load(tmp_path / "probe", groups=[])
     probe = Probe.load(tmp_path / "probe", groups=["hr"])
@@ -154,7 +154,7 @@ def tiny_probe(tmp_path_factory, probe_qa, bundled_tiny_index, tiny_llm_dir):
         fake_reader(mp)
         tune_probe(ProbeTuneConfig(out=str(out), index=str(bundled_tiny_index), qa=str(probe_qa),
                                    base_model=str(tiny_llm_dir), held_out_fraction=0.5, batch_size=4,
-                                   precision="fp32"), progress=lambda m: None)
+                                   precision="fp32"), progress=False)
     return out
 
 
