@@ -32,6 +32,37 @@ _SPANS = [  # (pattern, priority), matched in this order: a span overlapping an 
 # "the Channel 4 science desk": after a capitalised word inside a sentence, a number is part of a name
 # (a channel, a version), not a quantity, so no unit is read after it
 _NAME_BEFORE = re.compile(r"[\w,] [A-Z][\w-]* $")
+# words that qualify a noun rather than name a unit: "5 working" is half of "5 working days", and a
+# reader taught to answer "5 working" learns to stop mid-phrase
+_MODIFIERS = {"working", "business", "calendar", "active", "consecutive", "full", "paid", "unpaid", "additional",
+              "extra", "separate", "written", "minimum", "maximum", "free", "missed", "failed", "open", "new"}
+_TOKEN_END = " \t\n.,;:)!?\"'*|"
+_NEXT_WORD = re.compile(r" ([A-Za-z][\w-]*)")
+
+
+def whole_end(text: str, start: int, end: int) -> int:
+    """Where the span text[start:end] ends once it is whole: never inside a token ("15 N" of "15 N·m",
+    "30" of "30-day"), and a number's qualifier followed by its noun ("5 working days", "100 active alert
+    rules", "14 Chandlers Row"), up to two more words, stopping at punctuation or a stop word.
+
+    >>> t = "Allow 5 working days; bolts at 15 N·m and 100 active alert rules per account."
+    >>> [t[s:whole_end(t, s, s + n)] for s, n in ((6, 9), (31, 4), (42, 10))]
+    ['5 working days', '15 N·m', '100 active alert rules']
+    """
+    while end < len(text) and text[end] not in _TOKEN_END:
+        end += 1
+    words = text[start:end].split()
+    if len(words) != 2 or not re.match(r"\d", words[0]):
+        return end
+    capital = words[1][0].isupper()  # an address or a name: "14 Chandlers Row"
+    if words[1].lower() not in _MODIFIERS and not capital:
+        return end
+    for _ in range(2):
+        m = _NEXT_WORD.match(text, end)
+        if not m or m.group(1).lower() in _STOP or m.group(1)[0].isupper() != capital:
+            break
+        end = m.end()
+    return end
 
 
 def candidate_spans(text: str, title: str = "") -> list[tuple[str, int]]:
@@ -51,6 +82,9 @@ def candidate_spans(text: str, title: str = "") -> list[tuple[str, int]]:
             # the number pattern is the only one with priority 0; the window bounds the look back
             if prio == 0 and _NAME_BEFORE.search(text, max(0, m.start() - 64), m.start()):
                 span = re.match(r"[\d,.:]+", span).group(0)
+            span = text[m.start():whole_end(text, m.start(), m.start() + len(span.rstrip()))]
+            if any(m.start() < end and start < m.start() + len(span) for start, end in taken):
+                continue
             span = span.strip(" .,;:")
             words = span.split()
             while words and words[-1].lower() in _STOP:  # "3 and" is a number, not a quantity
@@ -62,7 +96,7 @@ def candidate_spans(text: str, title: str = "") -> list[tuple[str, int]]:
             if not key or key in seen or len(words) > MAX_ANSWER_WORDS or key in normalize(title):
                 continue
             seen.add(key)
-            taken.append((m.start(), m.end()))
+            taken.append((m.start(), max(m.end(), m.start() + len(span))))
             out.append((prio, m.start(), span))
     return [(span, prio) for prio, _, span in sorted(out)]
 

@@ -123,6 +123,12 @@ def test_candidate_spans_and_reply_parsers():
     assert [s for s, _ in candidate_spans("Rufai (born 24 August 1963) joined the Channel 4 science desk on "
                                           "March 30, 1983 and left in May 1990. Allow 24 hours.")] == \
         ["24 hours", "24 August 1963", "March 30, 1983", "May 1990"]
+    # a span ends where its fact does: never inside a token, a qualifier with its noun (a reader taught
+    # "5 working" answers "5 working" and is graded wrong against "5 working days")
+    assert [s for s, _ in candidate_spans(
+        "Requests take 5 working days. Torque the bolts to 15 N·m before use. The office is at 14 Chandlers Row, "
+        "Harrowgate. Start a 30-day trial. After 3 consecutive missed transmissions, alert. Allow 24 hours.")] == \
+        ["5 working days", "15 N·m", "14 Chandlers Row", "30-day", "3 consecutive missed transmissions", "24 hours"]
     assert parse_question('1. Question: "How long does it last?"\nextra') == "How long does it last?"
     assert parse_question("It lasts long.") == ""
     assert parse_pairs("Question: What pays 61000?\nAnswer: band L3.\nQuestion: Bad\nAnswer: x") == \
