@@ -40,16 +40,21 @@ _TOKEN_END = " \t\n.,;:)!?\"'*|"
 _NEXT_WORD = re.compile(r" ([A-Za-z][\w-]*)")
 
 
+def _inside_number(text: str, i: int) -> bool:
+    """A '.', ',' or ':' between digits ("17:00", "3,600", "2.5") is inside the token, not its end."""
+    return text[i] in ".,:" and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()
+
+
 def whole_end(text: str, start: int, end: int) -> int:
     """Where the span text[start:end] ends once it is whole: never inside a token ("15 N" of "15 N·m",
     "30" of "30-day"), and a number's qualifier followed by its noun ("5 working days", "100 active alert
     rules", "14 Chandlers Row"), up to two more words, stopping at punctuation or a stop word.
 
-    >>> t = "Allow 5 working days; bolts at 15 N·m and 100 active alert rules per account."
-    >>> [t[s:whole_end(t, s, s + n)] for s, n in ((6, 9), (31, 4), (42, 10))]
-    ['5 working days', '15 N·m', '100 active alert rules']
+    >>> t = "Allow 5 working days; bolts at 15 N·m and 100 active alert rules, 08:00–17:00 daily."
+    >>> [t[s:whole_end(t, s, s + n)] for s, n in ((6, 9), (31, 4), (42, 10), (66, 6))]
+    ['5 working days', '15 N·m', '100 active alert rules', '08:00–17:00']
     """
-    while end < len(text) and text[end] not in _TOKEN_END:
+    while end < len(text) and (text[end] not in _TOKEN_END or _inside_number(text, end)):
         end += 1
     words = text[start:end].split()
     if len(words) != 2 or not re.match(r"\d", words[0]):

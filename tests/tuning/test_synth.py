@@ -127,8 +127,10 @@ def test_candidate_spans_and_reply_parsers():
     # "5 working" answers "5 working" and is graded wrong against "5 working days")
     assert [s for s, _ in candidate_spans(
         "Requests take 5 working days. Torque the bolts to 15 N·m before use. The office is at 14 Chandlers Row, "
-        "Harrowgate. Start a 30-day trial. After 3 consecutive missed transmissions, alert. Allow 24 hours.")] == \
-        ["5 working days", "15 N·m", "14 Chandlers Row", "30-day", "3 consecutive missed transmissions", "24 hours"]
+        "Harrowgate. Start a 30-day trial. After 3 consecutive missed transmissions, alert. Allow 24 hours. "
+        "Open 08:00–17:00 daily.")] == \
+        ["5 working days", "15 N·m", "14 Chandlers Row", "30-day", "3 consecutive missed transmissions", "24 hours",
+         "08:00–17:00"]
     assert parse_question('1. Question: "How long does it last?"\nextra') == "How long does it last?"
     assert parse_question("It lasts long.") == ""
     assert parse_pairs("Question: What pays 61000?\nAnswer: band L3.\nQuestion: Bad\nAnswer: x") == \
