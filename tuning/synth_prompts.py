@@ -37,6 +37,7 @@ _NAME_BEFORE = re.compile(r"[\w,] [A-Z][\w-]* $")
 _MODIFIERS = {"working", "business", "calendar", "active", "consecutive", "full", "paid", "unpaid", "additional",
               "extra", "separate", "written", "minimum", "maximum", "free", "missed", "failed", "open", "new"}
 _TOKEN_END = " \t\n.,;:)!?\"'*|"
+_SIGNS = "€$£¥−"
 _NEXT_WORD = re.compile(r" ([A-Za-z][\w-]*)")
 
 
@@ -87,8 +88,11 @@ def candidate_spans(text: str, title: str = "") -> list[tuple[str, int]]:
             # the number pattern is the only one with priority 0; the window bounds the look back
             if prio == 0 and _NAME_BEFORE.search(text, max(0, m.start() - 64), m.start()):
                 span = re.match(r"[\d,.:]+", span).group(0)
-            span = text[m.start():whole_end(text, m.start(), m.start() + len(span.rstrip()))]
-            if any(m.start() < end and start < m.start() + len(span) for start, end in taken):
+            # whole: a currency or minus sign before the number (€450, −120 dBm), the token's and phrase's end
+            begin = m.start() - (m.start() > 0 and text[m.start() - 1] in _SIGNS)
+            stop = whole_end(text, m.start(), m.start() + len(span.rstrip()))
+            span = text[begin:stop]
+            if any(begin < end and start < stop for start, end in taken):
                 continue
             span = span.strip(" .,;:")
             words = span.split()
@@ -101,7 +105,7 @@ def candidate_spans(text: str, title: str = "") -> list[tuple[str, int]]:
             if not key or key in seen or len(words) > MAX_ANSWER_WORDS or key in normalize(title):
                 continue
             seen.add(key)
-            taken.append((m.start(), max(m.end(), m.start() + len(span))))
+            taken.append((begin, max(m.end(), stop)))
             out.append((prio, m.start(), span))
     return [(span, prio) for prio, _, span in sorted(out)]
 

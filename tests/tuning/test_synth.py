@@ -128,9 +128,9 @@ def test_candidate_spans_and_reply_parsers():
     assert [s for s, _ in candidate_spans(
         "Requests take 5 working days. Torque the bolts to 15 N·m before use. The office is at 14 Chandlers Row, "
         "Harrowgate. Start a 30-day trial. After 3 consecutive missed transmissions, alert. Allow 24 hours. "
-        "Open 08:00–17:00 daily.")] == \
+        "Open 08:00–17:00 daily. The fee is €450; below −120 dBm it drops.")] == \
         ["5 working days", "15 N·m", "14 Chandlers Row", "30-day", "3 consecutive missed transmissions", "24 hours",
-         "08:00–17:00"]
+         "08:00–17:00", "€450", "−120 dBm"]
     assert parse_question('1. Question: "How long does it last?"\nextra') == "How long does it last?"
     assert parse_question("It lasts long.") == ""
     assert parse_pairs("Question: What pays 61000?\nAnswer: band L3.\nQuestion: Bad\nAnswer: x") == \
