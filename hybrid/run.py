@@ -105,8 +105,11 @@ def _can_run(cfg: LoopConfig, name: str) -> bool:
 
 def _lineage(cfg: LoopConfig, resolved: dict, stage: Stage, fp: dict[str, str]) -> dict[str, str]:
     tags = {"hybrid.access_scope": ",".join(sorted(cfg.groups)) or "public", "hybrid.index_fingerprint": fp["index"]}
-    if stage.on_base_model:
-        tags["hybrid.base_model"] = str(resolved["generator"].base_model or "smollm2")
+    if stage.on_base_model:  # the stage's own reader where it names one (eval, probe), else the generator's
+        from tuning.generation import DEFAULT_GENERATOR
+
+        tags["hybrid.base_model"] = str(getattr(resolved[stage.name], "base_model", None)
+                                        or resolved["generator"].base_model or DEFAULT_GENERATOR)
     return tags
 
 

@@ -159,8 +159,8 @@ STAGES: tuple[Stage, ...] = (
           output=lambda cfg: Path(cfg.out) / "probe"),
     # the eval reads every staged adapter, the probe when staged and, when calibrated, the threshold beside the
     # last adapter
-    Stage("eval", COMMANDS["eval"], reads=("index", "eval_qa"), reads_if_staged=("generator", "dpo", "calibrate", "probe"),
-          takes=("progress",), swapped=True, needs_eval_qa=True, on_base_model=True,
+    Stage("eval", COMMANDS["eval"], reads=("index", "eval_qa"),
+          reads_if_staged=("generator", "dpo", "calibrate", "probe"), takes=("progress",), swapped=True, needs_eval_qa=True, on_base_model=True,
           wire={"qa": lambda cfg: cfg.eval_qa or "", "index": INDEX, "out": _at("eval.partial"), "groups": _groups,
                 "adapters": _adapters, "probe": _probe},
           output=lambda cfg: Path(cfg.out) / "eval" / "report.json"),

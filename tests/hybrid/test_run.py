@@ -325,11 +325,15 @@ def test_the_probe_stage_reads_the_evals_reader_and_feeds_eval_and_serve(loop_fi
     monkeypatch.setattr(hybrid.eval, "run_eval", fake_eval)
     monkeypatch.setattr(hybrid.serve, "run", lambda cfg, log=print: seen.append(("serve", cfg)))
     path, _ = loop_file
+    doc = yaml.safe_load(path.read_text())
+    doc["generator"]["base_model"] = "smollm2"  # not staged: the probe reads the eval's reader, not this one
+    path.write_text(yaml.safe_dump(doc))
     stages = "stages=index,synth,probe,eval"
     uri = f"sqlite:///{tmp_path / 'ml.db'}"
     tracked = ["tracking.backend=mlflow", f"tracking.uri={uri}", "tracking.experiment=p"]
     status = run_loop(load_loop(path, [stages, *tracked]), progress=False, log=lambda m: None)
     assert status == {s: "ran" for s in ("index", "synth", "probe", "eval")}
+    reader = yaml.safe_load(path.read_text())["eval"]["base_model"]
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -337,9 +341,9 @@ def test_the_probe_stage_reads_the_evals_reader_and_feeds_eval_and_serve(loop_fi
                      if r.info.run_name == "probe")
     assert probe_run.data.metrics["held_out.hallucination_ruled"] == 0.2
     assert probe_run.data.metrics["heads.answerable.cv_auroc"] == 0.9
+    assert probe_run.data.tags["hybrid.base_model"] == reader  # the probe's reader, not the generator's default
     assert "hybrid_probe.json" in {a.path for a in client.list_artifacts(probe_run.info.run_id)}
     by, run = dict(seen), tmp_path / "run"
-    reader = yaml.safe_load(path.read_text())["eval"]["base_model"]
     assert by["probe"].base_model == reader and by["probe"].adapter is None and by["probe"].k == by["eval"].k
     assert (by["probe"].index, by["probe"].qa, by["probe"].out) == (
         str(run / "index"), str(run / "synth" / "qa.jsonl"), str(run / "probe"))
