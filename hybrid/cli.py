@@ -438,8 +438,8 @@ def run_cmd(config: Path = typer.Argument(..., metavar="CONFIG", help="hybrid.ya
             only: Optional[str] = typer.Option(None, "--only", metavar="STAGE,...", help="Run only these stages (comma-separated; any "
                                                                     "stage, e.g. --only serve)."),
             quiet: bool = QUIET):
-    """Run the loop's stages in order (index, synth, embedder, generator, dpo, calibrate, eval, serve), skipping
-    those up to date (dpo, calibrate and serve only when named in the file's stages or --only)."""
+    """Run the loop's stages in order (index, synth, embedder, generator, dpo, calibrate, probe, eval, serve),
+    skipping those up to date (dpo, calibrate, probe and serve only when named in the file's stages or --only)."""
     from hybrid.run import load_loop, parse_only, run_loop
 
     stages = parse_only(only)  # `--only ,` is refused, not read as "every stage"

@@ -20,7 +20,7 @@ import pytest
 from core import quiet_libraries
 from tests.conftest import ROOT, make_small_corpus
 
-HYBRID_LINE = re.compile(r"(warning|error|tracked): |(index|synth|embedder|generator|dpo|calibrate|eval|serve): ")
+HYBRID_LINE = re.compile(r"(warning|error|tracked): |(index|synth|embedder|generator|dpo|calibrate|probe|eval|serve): ")
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar
 
 
