@@ -380,3 +380,19 @@ def test_eval_quiet_prints_the_summary_only(tmp_path, bundled_tiny_index, tiny_l
     assert res.exit_code == 0, res.output
     assert res.stderr == ""  # nothing but the summary (its latency columns vary from run to run)
     assert res.stdout.splitlines()[:3] == loud.stdout.splitlines()[:3] and "| rag |" in res.stdout
+
+
+@pytest.mark.parametrize("command", [["eval", "qa.jsonl"], ["ask", "Who?", "--index", "idx"]])
+@pytest.mark.parametrize("spec", ["s50_p0.8=some/dir", "runs/lr2e-4_p0.8"])
+def test_an_adapter_name_with_a_dot_is_refused_in_one_line(command, spec):
+    # PEFT turns the name into a torch module name and fails with a traceback deep in loading
+    assert_clean_error(run(*command, "--adapter", spec), "--adapter", "contains '.'", "_p0_8=DIR")
+
+
+def test_the_library_refuses_an_adapter_name_with_a_dot():
+    from hybrid.pipeline import Pipeline
+    from retrieval import InputError
+
+    pipe = Pipeline.__new__(Pipeline)
+    with pytest.raises(InputError, match="contains '.'"):
+        pipe.add_adapter("a.b", "some/dir")
