@@ -39,7 +39,7 @@ from typing import Callable
 from core import access
 from core.errors import Arg, InputError
 from hybrid.answer import Answer, best_supported, deciding_adapter, passage_refs, passages_for, verify
-from hybrid.pipeline_settings import PipelineSettings, check_adapter_name, check_select
+from hybrid.pipeline_settings import PipelineSettings, check_select
 from retrieval.retriever import MODES, Retriever
 from training import run_record
 from tuning import abstention
@@ -141,7 +141,6 @@ class Pipeline:
         Validated as at `load`: a run record on this base model, an access record within the groups
         given to `load`. Its calibration, if any, comes with it.
         """
-        check_adapter_name(name, f"adapter {name}={path}")
         rec = run_record.read_adapter(name, path, self.groups)
         run_record.check_base(name, path, rec, self.info)
         if self.model is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import Arg, InputError
+from training import run_record
 from tuning.generation import DEFAULT_GENERATOR
 
 # How a --base-model flag's --help names its default (the generator itself: tuning/generation.py).
@@ -65,17 +66,9 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
         name, _, path = v.partition("=") if "=" in v else (Path(v).name, "", v)
         if not name or not path:
             raise InputError(f"--adapter {v}: use DIR or NAME=DIR")
-        check_adapter_name(name, f"--adapter {v}")
+        run_record.check_name(name, f"--adapter {v}")  # before any model loads
         adapters[name] = path
     return adapters
-
-
-def check_adapter_name(name: str, where: str) -> None:
-    """An adapter's name becomes a torch module name in PEFT, where a "." is refused deep inside
-    loading; refuse it here in one line instead."""
-    if "." in name:
-        raise InputError(f"{where}: adapter name {name!r} contains '.'; give a name without one "
-                         f"(NAME=DIR, e.g. {name.replace('.', '_')}=DIR)")
 
 
 def check_select(select: list[str], adapters, judge) -> None:

@@ -122,12 +122,21 @@ def train_settings(record: dict) -> dict:
 def read_adapter(name: str, path: str | Path, groups) -> dict:
     """The run record of an adapter the caller (`groups`) may load; one-line InputError otherwise."""
     label = Arg("adapters", {name: str(path)})  # as Pipeline.load(adapters=...) / --adapter NAME=DIR name it
+    check_name(name, label)
     rec = read(path, label)
     if not (Path(path) / "adapter_config.json").exists():
         raise InputError(f"{label}: not a LoRA adapter (no adapter_config.json); pass a "
                          f"directory made by 'hybrid tune generator' or 'hybrid tune dpo'")
     access.check(path, groups, label)
     return rec
+
+
+def check_name(name: str, label) -> None:
+    """An adapter's name becomes a torch module name in PEFT, which refuses a "." deep inside loading
+    (a traceback); refuse it in one line instead."""
+    if "." in name:
+        raise InputError(label, f": adapter name {name!r} contains '.'; give a name without one "
+                         f"(NAME=DIR, e.g. {name.replace('.', '_')}=DIR)")
 
 
 def check_base(name: str, path, rec: dict, info) -> None:

@@ -39,9 +39,11 @@ def question(**kw):
 
 
 def damaged_adapters(env, root: Path) -> Path:
-    """An --adapter-dir with one good adapter, one whose run record is cut short, one of another base."""
+    """An --adapter-dir with one good adapter, one whose run record is cut short, one of another base,
+    and a sound one whose name has a '.' (PEFT cannot load it under that name)."""
     d = root / "adapter_dir"
     random_adapter(env["base"], d / "good", 5)
+    random_adapter(env["base"], d / "good.v2", 8)
     (random_adapter(env["base"], d / "torn", 6) / run_record.RUN_FILE).write_text('{"workflow": "sft", "base_mo')
     other = random_adapter(env["base"], d / "other", 7)
     rec = json.loads((other / run_record.RUN_FILE).read_text())
@@ -114,7 +116,7 @@ def test_poisoned_requests_are_refused_alone_then_the_server_answers_and_stops_o
     # the damaged adapters of --adapter-dir were reported and are never served; the good one is
     models = [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
     assert models == [base, "good"]
-    for name in ("torn", "other"):
+    for name in ("torn", "other", "good.v2"):
         assert ask(url, question(model=name), key=None).status_code == 404
     assert ask(url, question(model="good"), key=None).status_code == 200
     # SIGTERM: the process drains and ends within a bound, with no traceback in its log
@@ -273,6 +275,7 @@ def test_adapters_in_adapter_dir_are_checked_when_found_and_when_they_change(env
     pool = engine.pool
     try:
         assert pool.names() == ["good"] and pool.path("torn") is None and pool.path("other") is None
+        assert "contains '.'" in pool.checked["good.v2"][1]
         (d / "torn" / run_record.RUN_FILE).write_text((d / "good" / run_record.RUN_FILE).read_text())
         assert pool.names() == ["good", "torn"]  # repaired on disk: found again at the next scan
         for name in ("x" * 300, "x" * 5000, "a\ud800", "../good", "", "\x00"):
