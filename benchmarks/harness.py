@@ -41,6 +41,12 @@ OUT = ROOT / "benchmarks" / "out"  # git-ignored: work files and fresh results
 SCHEMA = "hybrid-benchmark-result/1"
 
 
+def fail(message: str) -> None:
+    """Bad input: one line `error: MESSAGE` on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a benchmark's subprocess: this one's, offline and quiet, plus `extra`."""
     return {**os.environ, **{k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}, **extra}

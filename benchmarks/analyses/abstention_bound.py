@@ -25,18 +25,11 @@ no threshold will meet it; the answers themselves must change.
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 
-from benchmarks.harness import finish, parser  # first: sets the offline environment
+from benchmarks.harness import fail, finish, parser  # first: sets the offline environment
 from tuning.judge import auroc
-
-
-def fail(message: str) -> None:
-    """Bad input: one line on stderr, exit code 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def load(path: str, config: str, baseline: str) -> tuple[dict, dict]:

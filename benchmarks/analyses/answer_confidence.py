@@ -22,17 +22,10 @@ result file; `--json` prints the run's summary (answers scored, mean confidence,
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import parser  # first: sets the offline environment
-
-
-def fail(message: str) -> None:
-    """Bad input: one line on stderr, exit code 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+from benchmarks.harness import fail, parser  # first: sets the offline environment
 
 
 def main(argv: list[str] | None = None) -> None:

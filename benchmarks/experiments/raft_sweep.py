@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.harness import child_env, finish, parser  # first: sets the offline environment
+from benchmarks.harness import child_env, fail, finish, parser  # first: sets the offline environment
 
 GROUPS = ["hr", "finance", "security", "engineering"]
 UNTUNED = "rag"
@@ -41,19 +41,18 @@ def recipe(adapter: Path) -> dict:
             "final_val_loss": rec["final_val_loss"], "held_out_ids": sorted(rec["data"]["held_out_ids"])}
 
 
-def selection_rows(adapters: dict[str, Path], synth: Path) -> list[dict]:
+def selection_rows(adapters: dict[str, Path], recipes: dict[str, dict], synth: Path) -> list[dict]:
     """The held-out answerable rows all adapters share, plus --synth's unanswerable rows."""
-    recipes = {name: recipe(d) for name, d in adapters.items()}
     held = {tuple(r["held_out_ids"]) for r in recipes.values()}
     if len(held) != 1:
-        raise SystemExit("error: the adapters held out different rows; train every --adapter on the same --qa "
+        fail("the adapters held out different rows; train every --adapter on the same --qa "
                          "with the same --seed and --test-fraction")
     first = next(iter(adapters.values()))
     rows = [json.loads(line) for line in (first / "held_out.jsonl").read_text(encoding="utf-8").splitlines() if line]
     synth_rows = [json.loads(line) for line in synth.read_text(encoding="utf-8").splitlines() if line]
     trained_on = {Path(r["qa"]).resolve() for r in recipes.values()}
     if synth.resolve() in trained_on:
-        raise SystemExit(f"error: --synth {synth} is the file the adapters trained on; give the synth output that "
+        fail(f"--synth {synth} is the file the adapters trained on; give the synth output that "
                          "also holds the unanswerable rows")
     rows += [{k: r[k] for k in ("id", "question", "answers", "gold_ids")} for r in synth_rows
              if r.get("synth", {}).get("kind") == "unanswerable"]
@@ -89,19 +88,22 @@ def main(argv: list[str] | None = None) -> None:
     adapters = {}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
-        if not sep or not (Path(path) / "hybrid_run.json").exists():
-            raise SystemExit(f"error: --adapter {spec}: give NAME=DIR of a hybrid tune generator output")
+        if not sep or "." in name or not (Path(path) / "hybrid_run.json").exists():
+            fail(f"--adapter {spec}: give NAME=DIR of a hybrid tune generator output, "
+                             "the name without '.'")
         adapters[name] = Path(path)
+    recipes = {name: recipe(d) for name, d in adapters.items()}
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    rows = selection_rows(adapters, Path(args.synth))
+    rows = selection_rows(adapters, recipes, Path(args.synth))
     sel = work / "selection.jsonl"
     sel.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cmd = [sys.executable, "-m", "hybrid", "eval", str(sel), "--index", args.index, "-k", str(args.k),
            "--base-model", args.base_model, "--no-closed-book", "--out", str(work / "eval"), "-q",
            *[a for g in GROUPS for a in ("--group", g)],
            *[a for n, d in adapters.items() for a in ("--adapter", f"{n}={d}")]]
-    subprocess.run(cmd, check=True, env=child_env())
+    if subprocess.run(cmd, env=child_env()).returncode:
+        fail("hybrid eval on the selection rows failed (its error is above)")
     report = json.loads((work / "eval" / "report.json").read_text(encoding="utf-8"))
     keys = ("accuracy_answerable", "abstention_unanswerable", "hallucination_rate", "accuracy")
     configs = {name: {k: c[k] for k in keys} for name, c in report["configs"].items()}
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {"rule": f"lowest hallucination with accuracy on answerable >= rag's - {args.max_accuracy_drop}",
                "selection_rows": {"answerable": sum(bool(r["answers"]) for r in rows),
                                   "unanswerable": sum(not r["answers"] for r in rows)},
-               "recipes": {n: {k: v for k, v in recipe(d).items() if k != "held_out_ids"} for n, d in adapters.items()},
+               "recipes": {n: {k: v for k, v in r.items() if k != "held_out_ids"} for n, r in recipes.items()},
                "configs": configs, "chosen": chosen, "base_model": args.base_model, "precision": report["precision"]}
     for name, c in configs.items():
         print(f"{name:24s} accuracy on answerable {c['accuracy_answerable']:.3f}  abstained on unanswerable "

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from benchmarks.experiments.raft_sweep import choose, selection_rows
+from benchmarks.experiments.raft_sweep import choose, recipe, selection_rows
 
 
 def _cfg(acc: float, halluc: float) -> dict:
@@ -34,6 +34,10 @@ def _adapter(tmp_path, name: str, held: list[str], qa: str) -> tuple[str, object
     return name, d
 
 
+def _rows(adapters, synth):
+    return selection_rows(adapters, {n: recipe(d) for n, d in adapters.items()}, synth)
+
+
 def _synth(tmp_path):
     rows = [{"id": "s:a#0:0", "question": "asked?", "answers": ["y"], "gold_ids": ["doc"], "synth": {"kind": "answerable"}},
             {"id": "s:a#0:u", "question": "never said?", "answers": [], "gold_ids": [], "groups": [],
@@ -47,20 +51,22 @@ def test_selection_rows_are_the_shared_held_out_rows_and_the_synthesised_unanswe
     synth = _synth(tmp_path)
     adapters = dict([_adapter(tmp_path, "a", ["h1", "h2"], str(tmp_path / "answerable.jsonl")),
                      _adapter(tmp_path, "b", ["h2", "h1"], str(tmp_path / "answerable.jsonl"))])
-    rows = selection_rows(adapters, synth)
+    rows = _rows(adapters, synth)
     assert [r["id"] for r in rows] == ["h1", "h2", "s:a#0:u"]
     assert rows[-1] == {"id": "s:a#0:u", "question": "never said?", "answers": [], "gold_ids": []}
 
 
-def test_selection_rows_refuse_adapters_that_held_out_different_rows(tmp_path):
+def test_selection_rows_refuse_adapters_that_held_out_different_rows(tmp_path, capsys):
     synth = _synth(tmp_path)
     adapters = dict([_adapter(tmp_path, "a", ["h1", "h2"], "x.jsonl"), _adapter(tmp_path, "b", ["h1", "h3"], "x.jsonl")])
-    with pytest.raises(SystemExit, match="held out different rows"):
-        selection_rows(adapters, synth)
+    with pytest.raises(SystemExit) as e:
+        _rows(adapters, synth)
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: the adapters held out different rows")
 
 
-def test_selection_rows_refuse_the_file_the_adapters_trained_on(tmp_path):
+def test_selection_rows_refuse_the_file_the_adapters_trained_on(tmp_path, capsys):
     synth = _synth(tmp_path)
     adapters = dict([_adapter(tmp_path, "a", ["h1"], str(synth))])
-    with pytest.raises(SystemExit, match="the file the adapters trained on"):
-        selection_rows(adapters, synth)
+    with pytest.raises(SystemExit) as e:
+        _rows(adapters, synth)
+    assert e.value.code == 2 and "is the file the adapters trained on" in capsys.readouterr().err
